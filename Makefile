@@ -1,0 +1,61 @@
+# One task runner, the same locally and in CI. `make demo` and `make test` set everything up.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+REDIS_URL ?= redis://127.0.0.1:6379/0
+export REDIS_URL
+
+.PHONY: setup system redis demo test lint format bench clean
+
+setup: $(STAMP) system redis
+
+# The venv is rebuilt only when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@echo "installing formwork and its dev tools into $(VENV)"
+	@( $(PY) -m pip install --disable-pip-version-check --upgrade pip \
+	  && $(PY) -m pip install --disable-pip-version-check -e '.[dev]' ) > $(VENV)/install.log 2>&1 \
+	  || { tail -n 30 $(VENV)/install.log; exit 1; }
+	@touch $(STAMP)
+
+# Debian's Chromium and Redis: installed when missing and we are root; otherwise say how.
+system:
+	@need=""; \
+	if [ -z "$$FORMWORK_CHROMIUM" ] && ! command -v chromium >/dev/null 2>&1; then need="$$need chromium"; fi; \
+	if ! command -v redis-server >/dev/null 2>&1; then need="$$need redis-server"; fi; \
+	if [ -n "$$need" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing$$need with apt-get"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need >/dev/null; \
+	  else \
+	    echo "missing:$$need. Run: sudo apt-get install -y$$need"; exit 1; \
+	  fi; \
+	fi
+
+# Start a local Redis when none answers at REDIS_URL (waits until it answers).
+redis: $(STAMP)
+	@$(PY) -m worker.localredis "$(REDIS_URL)"
+
+demo: setup
+	@$(BIN)/formwork demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check worker fixtures tests bench
+	$(BIN)/ruff format --check worker fixtures tests bench
+	$(BIN)/mypy worker fixtures
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix worker fixtures tests bench
+	$(BIN)/ruff format worker fixtures tests bench
+
+test: setup lint
+	$(BIN)/formwork validate
+	$(BIN)/pytest
+
+bench: setup
+	$(PY) bench/overhead.py
+
+clean:
+	rm -rf $(VENV) artifacts .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,218 @@
+"""Running scripts in real Chromium against the real billing fixture site."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageChops, ImageStat
+
+from worker.artifacts import LocalArtifacts
+from worker.contract import BrowserJob, FailureCode, JobReport, JobStatus, StepStatus
+from worker.executor import Runtime, run_job
+from worker.script import ScriptStore
+from worker.secretstore import SecretStore
+
+from .conftest import CREDIT_INPUTS, SCRIPTS, SELECTORS, Site
+
+
+def credit_job(site: Site, job_id: str = "job-1", **inputs: str) -> BrowserJob:
+    return BrowserJob(
+        job_id=job_id,
+        script="billing/issue_credit",
+        inputs={**CREDIT_INPUTS, **inputs},
+        site_url=site.url,
+    )
+
+
+async def test_issue_credit_succeeds_with_exactly_one_credit(
+    billing: Site, runtime: Runtime
+) -> None:
+    report = await run_job(credit_job(billing), runtime)
+
+    assert report.status == JobStatus.succeeded, report.error
+    assert [s.status for s in report.steps] == [StepStatus.succeeded] * len(report.steps)
+    credits = billing.credits()
+    assert len(credits) == 1
+    assert credits[0]["reference"] == "T-88812"
+    assert credits[0]["amount"] == "15.00"
+    assert credits[0]["account_id"] == "AC-10231"
+    assert report.outputs == {"confirmation_number": credits[0]["confirmation"]}
+    # Every step has its own screenshot, a real image on disk.
+    root = runtime.artifacts.root
+    shots = [s.screenshot for s in report.steps]
+    assert all(shots) and len(set(shots)) == len(shots)
+    for shot in shots:
+        assert shot is not None
+        with Image.open(root / shot) as image:
+            assert image.size == (1280, 800)
+    # The selector that matched is recorded, and the primary candidate was used.
+    amount = next(s for s in report.steps if s.id == "amount")
+    assert amount.selector is not None
+    assert (amount.selector.element, amount.selector.index) == ("credit.amount", 0)
+    assert amount.url is not None and amount.url.endswith("/accounts/AC-10231/credits/new")
+    # The report on disk is the report returned.
+    assert report.artifacts is not None
+    on_disk = JobReport.model_validate_json((root / report.artifacts.report).read_text())
+    assert on_disk == report
+    assert report.inputs["amount"] == "15.00"
+
+
+def _masked_crop(image_path: Path, box: dict[str, float]) -> Image.Image:
+    with Image.open(image_path) as image:
+        return image.convert("RGB").crop(
+            (
+                int(box["x"]) + 2,
+                int(box["y"]) + 2,
+                int(box["x"] + box["width"]) - 2,
+                int(box["y"] + box["height"]) - 2,
+            )
+        )
+
+
+async def test_secrets_never_reach_report_logs_or_pixels(
+    billing: Site,
+    runtime: Runtime,
+    fixture_secrets: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    report = await run_job(credit_job(billing), runtime)
+    assert report.status == JobStatus.succeeded
+
+    password = fixture_secrets["billing_password"]
+    username = fixture_secrets["billing_username"]
+    everything = report.model_dump_json() + caplog.text
+    assert password not in everything and username not in everything
+    for file in runtime.artifacts.root.rglob("*"):
+        if file.is_file():
+            assert password.encode() not in file.read_bytes()
+
+    # Pixels: render the same filled login form unmasked, and compare the field regions.
+    step = next(s for s in report.steps if s.id == "login.password")
+    assert step.screenshot is not None
+    worker_image = runtime.artifacts.root / step.screenshot
+    assert runtime.browser.browser is not None
+    context = await runtime.browser.browser.new_context(viewport={"width": 1280, "height": 800})
+    try:
+        page = await context.new_page()
+        await page.goto(billing.url + "/login")
+        await page.fill("#username", username)
+        await page.fill("#password", password)
+        unmasked_path = runtime.artifacts.root / "unmasked.png"
+        await page.screenshot(path=unmasked_path)
+        boxes = {f: await page.locator(f).bounding_box() for f in ("#username", "#password")}
+    finally:
+        await context.close()
+    for field, box in boxes.items():
+        assert box is not None
+        masked = _masked_crop(worker_image, box)
+        clear = _masked_crop(unmasked_path, box)
+        # The unmasked field shows its value (varied pixels); the worker's is a flat mask.
+        assert max(ImageStat.Stat(clear.convert("L")).stddev) > 10, field
+        assert max(ImageStat.Stat(masked.convert("L")).stddev) < 4, field
+        difference = ImageStat.Stat(ImageChops.difference(masked, clear).convert("L")).mean[0]
+        assert difference > 40, field
+
+
+async def test_invalid_inputs_are_rejected_before_any_browser_work(
+    billing: Site, runtime: Runtime
+) -> None:
+    assert runtime.browser.browser is not None
+    contexts_before = len(runtime.browser.browser.contexts)
+    report = await run_job(credit_job(billing, amount="900", account_id="nope"), runtime)
+
+    assert report.status == JobStatus.rejected
+    assert report.error is not None
+    assert report.error.code == FailureCode.input_invalid
+    assert report.error.field == "inputs.account_id"
+    assert "input 'amount'" in report.error.message
+    assert report.steps == []
+    assert len(runtime.browser.browser.contexts) == contexts_before
+    assert billing.state()["requests"] == 0
+
+    missing = await run_job(
+        BrowserJob(job_id="j2", script="billing/issue_credit", inputs={}, site_url=billing.url),
+        runtime,
+    )
+    assert missing.status == JobStatus.rejected
+    assert missing.error is not None and "Field required" in missing.error.message
+    assert billing.state()["requests"] == 0
+
+
+async def test_missing_secret_is_rejected(billing: Site, runtime: Runtime) -> None:
+    runtime.secrets = SecretStore(None, environ={})
+    report = await run_job(credit_job(billing), runtime)
+    assert report.status == JobStatus.rejected
+    assert report.error is not None and report.error.code == FailureCode.secret_missing
+    assert "billing_password" in report.error.message
+    assert billing.state()["requests"] == 0
+
+
+async def test_selector_matching_nothing_fails_that_step_and_skips_the_rest(
+    billing: Site, runtime: Runtime, tmp_path: Path
+) -> None:
+    # A registry whose "Issue credit" link no longer exists on the page, with a short timeout.
+    shutil.copytree(SCRIPTS, tmp_path / "scripts")
+    shutil.copytree(SELECTORS, tmp_path / "selectors")
+    registry = tmp_path / "selectors" / "billing.yaml"
+    text = registry.read_text()
+    start = text.index("  account.issue_credit:")
+    end = text.index("\n", start)
+    registry.write_text(text[:start] + '  account.issue_credit: [{css: "a#gone"}]' + text[end:])
+    script = tmp_path / "scripts" / "billing" / "issue_credit.yaml"
+    script.write_text(
+        script.read_text().replace("site: billing\n", "site: billing\ntimeout_ms: 1500\n", 1)
+    )
+    runtime.scripts = ScriptStore(tmp_path / "scripts", tmp_path / "selectors")
+
+    report = await run_job(credit_job(billing), runtime)
+
+    assert report.status == JobStatus.failed
+    statuses = {s.id: s.status for s in report.steps}
+    assert statuses["open_account"] == StepStatus.succeeded
+    assert statuses["open_form"] == StepStatus.failed
+    later = [
+        s
+        for s in report.steps
+        if s.id not in {"open_form", "open_account"} and not s.id.startswith("login.")
+    ]
+    assert later and all(s.status == StepStatus.skipped for s in later)
+    failed = next(s for s in report.steps if s.id == "open_form")
+    assert failed.failure is not None
+    assert failed.failure.code == FailureCode.selector_not_found
+    assert (
+        "account.issue_credit" in failed.failure.message and "css=a#gone" in failed.failure.message
+    )
+    assert failed.screenshot is not None  # the failed state is evidence too
+    assert report.error is not None and report.error.step_id == "open_form"
+    assert billing.credits() == []
+
+
+async def test_site_validation_error_is_reported_with_the_page_text(
+    billing: Site, runtime: Runtime
+) -> None:
+    billing.faults(
+        reject_value=[{"field": "amount", "value": "15.00", "message": "Amount needs approval"}]
+    )
+    report = await run_job(credit_job(billing), runtime)
+
+    assert report.status == JobStatus.failed
+    review = next(s for s in report.steps if s.id == "review")
+    assert review.failure is not None
+    assert review.failure.code == FailureCode.validation_rejected
+    assert (
+        review.failure.evidence is not None and "Amount needs approval" in review.failure.evidence
+    )
+    assert billing.credits() == []
+
+
+def test_artifact_paths_stay_inside_the_root(tmp_path: Path) -> None:
+    artifacts = LocalArtifacts(tmp_path)
+    path, rel = artifacts.step_image("../../etc", 1, "a/b", ".jpg")
+    assert path.resolve().is_relative_to(tmp_path.resolve())
+    assert ".." not in Path(rel).parts
+    assert json.loads(artifacts.describe("x").model_dump_json())["path"] == "x"

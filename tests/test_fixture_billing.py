@@ -1,0 +1,616 @@
+"""The billing fixture site over real HTTP: pages, ground truth and every fault kind.
+
+No browser here: a small cookie-keeping ``urllib`` client stands in for one, so these tests pin
+the HTML contract and fault behaviour the browser-driven worker tests rely on.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from email.message import Message
+from html.parser import HTMLParser
+from http.cookiejar import CookieJar
+from threading import Barrier
+from typing import Any
+
+import pytest
+
+from fixtures import SITES, FixtureServer, start_fixture
+from fixtures.credentials import credentials_for
+
+ACCOUNT = "AC-10231"
+CLOSED_ACCOUNT = "AC-30001"
+CREDIT = {"amount": "15.00", "reason": "damaged item", "reference": "T-88812"}
+TIMEOUT_S = 10
+
+# --- a minimal HTML model: enough to find elements by tag/attributes and read their text ----
+
+_VOID_TAGS = frozenset({"input", "link", "meta", "br", "img", "hr"})
+
+
+@dataclass
+class Element:
+    """One element of a parsed page, in document order."""
+
+    tag: str
+    attrs: dict[str, str]
+    text: str = ""
+
+    @property
+    def clean_text(self) -> str:
+        """Text content with whitespace collapsed, as a user would read it."""
+        return " ".join(self.text.split())
+
+
+class _ElementCollector(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.elements: list[Element] = []
+        self._open: list[Element] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        element = Element(tag, {name: value or "" for name, value in attrs})
+        self.elements.append(element)
+        if tag not in _VOID_TAGS:
+            self._open.append(element)
+
+    def handle_endtag(self, tag: str) -> None:
+        for index in range(len(self._open) - 1, -1, -1):
+            if self._open[index].tag == tag:
+                del self._open[index:]
+                return
+
+    def handle_data(self, data: str) -> None:
+        for element in self._open:
+            element.text += data
+
+
+@dataclass
+class Page:
+    """A response as the test client saw it (after redirects unless told otherwise)."""
+
+    status: int
+    url: str
+    headers: Message
+    body: str
+    elements: list[Element] = field(init=False)
+
+    def __post_init__(self) -> None:
+        collector = _ElementCollector()
+        collector.feed(self.body)
+        collector.close()
+        self.elements = collector.elements
+
+    @property
+    def path(self) -> str:
+        """Path and query of the final URL."""
+        parts = urllib.parse.urlsplit(self.url)
+        return f"{parts.path}?{parts.query}" if parts.query else parts.path
+
+    def find(self, tag: str | None = None, **attrs: str) -> list[Element]:
+        """Elements matching ``tag`` and exact attribute values (``_`` in names means ``-``)."""
+        wanted = {name.rstrip("_").replace("_", "-"): value for name, value in attrs.items()}
+        return [
+            element
+            for element in self.elements
+            if (tag is None or element.tag == tag)
+            and all(element.attrs.get(name) == value for name, value in wanted.items())
+        ]
+
+    def one(self, tag: str | None = None, **attrs: str) -> Element:
+        """The single element matching; fails the test when there is not exactly one."""
+        matches = self.find(tag, **attrs)
+        assert len(matches) == 1, f"expected one <{tag} {attrs}>, found {len(matches)}"
+        return matches[0]
+
+    def text_of(self, element_id: str) -> str:
+        """Clean text of the element with ``element_id``."""
+        return self.one(id=element_id).clean_text
+
+    def index_of(self, element: Element) -> int:
+        """Document position of ``element`` (for "A is above B" assertions)."""
+        return next(i for i, candidate in enumerate(self.elements) if candidate is element)
+
+
+# --- a browser-like HTTP client ------------------------------------------------------------
+
+
+class _DontFollow(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        # Returning None makes urllib surface the 3xx itself, so a test can inspect Location.
+        return None
+
+
+class Browser:
+    """Keeps cookies (session and visitor) across requests like one browser context."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.jar = CookieJar()
+        cookies = urllib.request.HTTPCookieProcessor(self.jar)
+        self._following = urllib.request.build_opener(cookies)
+        self._not_following = urllib.request.build_opener(cookies, _DontFollow())
+
+    def get(self, path: str, *, follow: bool = True) -> Page:
+        """GET ``path`` (relative to the site)."""
+        return self._open(urllib.request.Request(self.base_url + path), follow)
+
+    def post(self, path: str, fields: dict[str, str], *, follow: bool = True) -> Page:
+        """POST ``fields`` as an ordinary urlencoded HTML form."""
+        data = urllib.parse.urlencode(fields).encode()
+        return self._open(urllib.request.Request(self.base_url + path, data=data), follow)
+
+    def login(self, next_path: str = "/") -> Page:
+        """Sign in with the credentials the fixture accepts."""
+        credentials = credentials_for("billing")
+        query = urllib.parse.urlencode({"next": next_path})
+        fields = {"username": credentials.username, "password": credentials.password}
+        page = self.post(f"/login?{query}", fields)
+        assert page.status == 200
+        return page
+
+    def cookie(self, name: str) -> str | None:
+        """The value of cookie ``name``, if the site has set it."""
+        return next((cookie.value for cookie in self.jar if cookie.name == name), None)
+
+    def _open(self, request: urllib.request.Request, follow: bool) -> Page:
+        opener = self._following if follow else self._not_following
+        try:
+            with opener.open(request, timeout=TIMEOUT_S) as response:
+                return Page(response.status, response.url, response.headers, _text(response))
+        except urllib.error.HTTPError as error:  # 3xx (not followed), 4xx and 5xx
+            try:
+                return Page(error.code, error.url, error.headers, _text(error))
+            finally:
+                error.close()
+
+
+def _text(response: Any) -> str:
+    return bytes(response.read()).decode("utf-8")
+
+
+def control(base_url: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    """Call a ``/_fixture`` JSON endpoint; returns (status, decoded JSON)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(
+        base_url + path,
+        data=None if body is None else data,
+        method=method,
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        try:
+            return error.code, json.loads(error.read())
+        finally:
+            error.close()
+
+
+def set_faults(base_url: str, **faults: Any) -> None:
+    status, body = control(base_url, "POST", "/_fixture/faults", faults)
+    assert status == 200, body
+
+
+def state(base_url: str) -> dict[str, Any]:
+    status, body = control(base_url, "GET", "/_fixture/state")
+    assert status == 200
+    result: dict[str, Any] = body
+    return result
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """Re-check ``condition`` (itself an HTTP round trip) until true; no fixed sleeps."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+
+
+def submit_credit(browser: Browser, account: str = ACCOUNT, **overrides: str) -> Page:
+    """Walk form -> review -> commit; returns the page the commit ends on."""
+    fields = {**CREDIT, **overrides}
+    review = browser.post(f"/accounts/{account}/credits/review", fields)
+    assert review.status == 200
+    assert review.find("h1")[0].clean_text == "Confirm credit", review.body
+    hidden = {
+        element.attrs["name"]: element.attrs["value"]
+        for element in review.find("input", type="hidden")
+    }
+    return browser.post(f"/accounts/{account}/credits", hidden)
+
+
+# --- fixtures --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fixture_server() -> Iterator[FixtureServer]:
+    with start_fixture("billing") as server:
+        yield server
+
+
+@pytest.fixture
+def base_url(fixture_server: FixtureServer) -> str:
+    status, _ = control(fixture_server.url, "POST", "/_fixture/reset")
+    assert status == 200
+    return fixture_server.url
+
+
+@pytest.fixture
+def browser(base_url: str) -> Browser:
+    """A signed-in browser."""
+    signed_in = Browser(base_url)
+    signed_in.login()
+    return signed_in
+
+
+# --- server lifecycle ------------------------------------------------------------------------
+
+
+def test_server_reports_the_real_port(fixture_server: FixtureServer) -> None:
+    assert fixture_server.port != 0
+    assert fixture_server.url == f"http://127.0.0.1:{fixture_server.port}"
+    assert "billing" in SITES
+
+
+def test_unknown_site_is_rejected_naming_known_sites() -> None:
+    with pytest.raises(ValueError, match="billing"):
+        start_fixture("no-such-site")
+
+
+def test_start_fails_loudly_when_the_port_is_taken(fixture_server: FixtureServer) -> None:
+    with pytest.raises(RuntimeError, match="failed to start"):
+        start_fixture("billing", port=fixture_server.port)
+
+
+def test_password_can_be_overridden_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FIXTURE_BILLING_PASSWORD", "from-the-env")
+    with start_fixture("billing") as server:
+        browser = Browser(server.url)
+        fields = {"username": "formwork-bot", "password": "correct-horse-battery-7"}
+        assert browser.post("/login", fields).find(class_="alert alert-danger")
+        assert browser.login().path == "/"  # login() reads the same overridden credentials
+
+
+def test_stop_ends_a_hanging_request_promptly() -> None:
+    server = start_fixture("billing")
+    try:
+        set_faults(server.url, latency_ms=30_000, latency_path_contains="/login")
+        with ThreadPoolExecutor(1) as pool:
+            hanging = pool.submit(Browser(server.url).get, "/login")
+            wait_until(lambda: state(server.url)["requests"] == 1)
+            started = time.monotonic()
+            server.stop()
+            assert time.monotonic() - started < 5
+            # Whatever the client saw (an answer or a dropped connection), it is not stuck.
+            hanging.exception(timeout=TIMEOUT_S)
+    finally:
+        server.stop()
+
+
+# --- sign-in ---------------------------------------------------------------------------------
+
+
+def test_pages_redirect_to_login_and_back(base_url: str) -> None:
+    browser = Browser(base_url)
+    redirect = browser.get(f"/accounts/{ACCOUNT}", follow=False)
+    assert redirect.status == 303
+    assert redirect.headers["Location"] == f"/login?next=/accounts/{ACCOUNT}"
+
+    searched = browser.get(f"/accounts/search?account_id={ACCOUNT}", follow=False)
+    next_path = urllib.parse.parse_qs(urllib.parse.urlsplit(searched.headers["Location"]).query)
+    assert next_path["next"] == [f"/accounts/search?account_id={ACCOUNT}"]
+
+    login = browser.get(f"/accounts/{ACCOUNT}")
+    assert login.path == f"/login?next=/accounts/{ACCOUNT}"
+    login.one("form", id="login", method="post")
+    login.one("label", for_="username")
+    login.one("input", id="username", name="username")
+    login.one("input", id="password", name="password", type="password")
+    assert login.one("button", type="submit").clean_text == "Sign in"
+
+    landed = browser.login(next_path=f"/accounts/{ACCOUNT}")
+    assert landed.path == f"/accounts/{ACCOUNT}"
+    assert browser.cookie("BILLSESSID")
+    assert state(base_url)["logins"] == 1
+
+
+def test_bad_login_is_refused_and_counted(base_url: str) -> None:
+    browser = Browser(base_url)
+    page = browser.post("/login", {"username": "formwork-bot", "password": "wrong"})
+    assert page.status == 200
+    assert page.one(class_="alert alert-danger").clean_text == "Invalid username or password."
+    assert browser.cookie("BILLSESSID") is None
+    snapshot = state(base_url)
+    assert (snapshot["logins"], snapshot["failed_logins"]) == (0, 1)
+
+
+def test_login_never_redirects_off_site(base_url: str) -> None:
+    page = Browser(base_url).login(next_path="//evil.example/steal")
+    assert page.path == "/"
+
+
+def test_logout_ends_the_session(browser: Browser) -> None:
+    assert browser.get("/logout").path == "/login"
+    assert browser.get("/", follow=False).status == 303
+
+
+def test_dashboard_lookup_and_stylesheet(browser: Browser) -> None:
+    dashboard = browser.get("/")
+    assert dashboard.find("h1")[0].clean_text == "Billing console"
+    assert dashboard.text_of("signed-in-user") == "Support Automation"
+    dashboard.one("form", id="lookup", method="get", action="/accounts/search")
+    dashboard.one("input", id="lookup-account", name="account_id")
+    assert dashboard.one("button", type="submit").clean_text == "Find account"
+    assert dashboard.one("link", rel="stylesheet").attrs["href"] == "/static/legacy.css"
+
+    assert browser.get(f"/accounts/search?account_id={ACCOUNT}").path == f"/accounts/{ACCOUNT}"
+    missing = browser.get("/accounts/search?account_id=AC-99999")
+    assert missing.one(class_="alert alert-danger").clean_text == "No account found for AC-99999"
+
+    css = Browser(browser.base_url).get("/static/legacy.css")  # no session needed
+    assert (css.status, css.headers.get_content_type()) == (200, "text/css")
+
+
+def test_unknown_account_is_a_404_page(browser: Browser) -> None:
+    page = browser.get("/accounts/AC-00000")
+    assert page.status == 404
+    assert page.one(class_="alert alert-danger").clean_text == "Account not found"
+
+
+# --- the credit flow -------------------------------------------------------------------------
+
+
+def test_full_credit_flow_creates_exactly_one_credit(browser: Browser, base_url: str) -> None:
+    account = browser.get(f"/accounts/{ACCOUNT}")
+    assert account.text_of("account-header") == f"Account {ACCOUNT}"
+    assert account.text_of("account-name") == "Jane Doe"
+    assert account.text_of("account-balance") == "$120.00"
+    assert account.text_of("account-status") == "Active"
+    assert account.one("tbody").clean_text == "No credits"
+    link = account.one("a", id="issue-credit")
+    assert link.clean_text == "Issue credit"
+
+    form = browser.get(link.attrs["href"])
+    form.one("form", id="credit", method="post", action=f"/accounts/{ACCOUNT}/credits/review")
+    for input_id, name in (("amount", "amount"), ("reason", "reason"), ("reference", "reference")):
+        form.one("label", for_=f"credit-{input_id}")
+        form.one("input", id=f"credit-{input_id}", name=name)
+    assert form.one("button", type="submit").clean_text == "Review credit"
+
+    review = browser.post(f"/accounts/{ACCOUNT}/credits/review", CREDIT)
+    assert review.text_of("review-amount") == "$15.00"
+    assert review.text_of("review-reason") == "damaged item"
+    assert review.text_of("review-reference") == "T-88812"
+    review.one("form", id="credit-confirm", action=f"/accounts/{ACCOUNT}/credits")
+    assert review.one("button", type="submit").clean_text == "Issue credit"
+    review.one("a", href=f"/accounts/{ACCOUNT}/credits/new")
+    assert state(base_url)["credits"] == []  # reviewing creates nothing
+
+    done = submit_credit(browser)
+    assert done.path == f"/accounts/{ACCOUNT}/credits/CN-100001"
+    assert done.text_of("credit-confirmation") == "Credit issued"
+    assert done.text_of("confirmation-number") == "CN-100001"
+
+    (credit,) = state(base_url)["credits"]
+    assert {key: credit[key] for key in ("confirmation", "account_id", "amount")} == {
+        "confirmation": "CN-100001",
+        "account_id": ACCOUNT,
+        "amount": "15.00",
+    }
+    assert (credit["reason"], credit["reference"]) == ("damaged item", "T-88812")
+    assert credit["created_at"]
+
+    row = browser.get(f"/accounts/{ACCOUNT}").one("tr", data_reference="T-88812")
+    assert row.clean_text.startswith("CN-100001")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field_name", "message"),
+    [
+        ({"amount": "500.01"}, "amount", "Amount exceeds the 500.00 credit limit"),
+        ({"amount": "0"}, "amount", "Amount must be greater than 0.00"),
+        ({"amount": "12.345"}, "amount", "Amount must have at most 2 decimal places"),
+        ({"amount": ""}, "amount", "Amount is required"),
+        ({"reason": "  "}, "reason", "Reason is required"),
+        ({"reference": "R" * 41}, "reference", "Reference must be at most 40 characters"),
+    ],
+)
+def test_review_validation_errors(
+    browser: Browser, base_url: str, overrides: dict[str, str], field_name: str, message: str
+) -> None:
+    fields = {**CREDIT, **overrides}
+    page = browser.post(f"/accounts/{ACCOUNT}/credits/review", fields)
+    assert page.status == 200
+    assert page.one(class_="alert alert-danger").clean_text == "Please correct the errors below."
+    assert page.one("span", class_="field-error", data_field=field_name).clean_text == message
+    assert page.one("input", id="credit-reason").attrs["value"] == fields["reason"].strip()
+    assert state(base_url)["credits"] == []
+
+
+def test_closed_account_refuses_credits(browser: Browser, base_url: str) -> None:
+    page = browser.post(f"/accounts/{CLOSED_ACCOUNT}/credits/review", CREDIT)
+    banner = page.one(class_="alert alert-danger")
+    assert banner.clean_text == "Credits cannot be issued to a closed account"
+    commit = browser.post(f"/accounts/{CLOSED_ACCOUNT}/credits", CREDIT)
+    assert commit.find(class_="alert alert-danger")
+    assert state(base_url)["credits"] == []
+
+
+def test_submitting_twice_creates_two_credits(browser: Browser, base_url: str) -> None:
+    first = browser.post(f"/accounts/{ACCOUNT}/credits", CREDIT)
+    second = browser.post(f"/accounts/{ACCOUNT}/credits", CREDIT)
+    assert first.text_of("confirmation-number") == "CN-100001"
+    assert second.text_of("confirmation-number") == "CN-100002"
+    assert [credit["reference"] for credit in state(base_url)["credits"]] == ["T-88812"] * 2
+    assert len(browser.get(f"/accounts/{ACCOUNT}").find("tr", data_reference="T-88812")) == 2
+
+
+# --- faults ----------------------------------------------------------------------------------
+
+
+def test_fail_fault_fires_n_times_then_recovers(browser: Browser, base_url: str) -> None:
+    rule = {"path_contains": f"/accounts/{ACCOUNT}", "method": "GET", "status": 502, "times": 2}
+    set_faults(base_url, fail=[rule])
+    for _ in range(2):
+        page = browser.get(f"/accounts/{ACCOUNT}")
+        assert page.status == 502
+        assert page.one("h1", class_="server-error").clean_text == "502 Bad Gateway"
+        alert = page.one(class_="alert alert-danger").clean_text
+        assert alert == "The server encountered a temporary error."
+    assert browser.get(f"/accounts/{ACCOUNT}").status == 200
+    _, faults = control(base_url, "GET", "/_fixture/faults")
+    assert faults["fail"][0]["times"] == 0
+
+
+def test_commit_drop_with_create_records_the_credit(browser: Browser, base_url: str) -> None:
+    set_faults(base_url, commit_drop={"create": True, "mode": "error", "status": 502})
+    page = submit_credit(browser)
+    assert page.status == 502
+    assert page.one("h1", class_="server-error").clean_text == "502 Bad Gateway"
+    assert [credit["confirmation"] for credit in state(base_url)["credits"]] == ["CN-100001"]
+
+
+def test_commit_drop_without_create_records_nothing(browser: Browser, base_url: str) -> None:
+    set_faults(base_url, commit_drop={"create": False, "mode": "error", "status": 503})
+    page = submit_credit(browser)
+    assert page.status == 503
+    assert page.one("h1", class_="server-error").clean_text == "503 Service Unavailable"
+    assert state(base_url)["credits"] == []
+    # times=1 is used up: the retry goes through normally.
+    assert submit_credit(browser).text_of("confirmation-number") == "CN-100001"
+
+
+def test_commit_drop_hang_ends_in_a_gateway_timeout(browser: Browser, base_url: str) -> None:
+    set_faults(base_url, commit_drop={"create": True, "mode": "hang", "hang_ms": 50})
+    page = submit_credit(browser)
+    assert page.status == 504
+    assert page.one("h1", class_="server-error").clean_text == "504 Gateway Timeout"
+    assert len(state(base_url)["credits"]) == 1
+
+
+def test_session_expiry_redirects_to_login_with_notice(base_url: str) -> None:
+    set_faults(base_url, session_expiry_after=2)
+    browser = Browser(base_url)
+    browser.login()  # the redirect to "/" is authenticated page request 1
+    assert browser.get(f"/accounts/{ACCOUNT}").status == 200  # request 2
+    expired = browser.get(f"/accounts/{ACCOUNT}", follow=False)
+    assert expired.status == 303
+    assert expired.headers["Location"] == f"/login?next=/accounts/{ACCOUNT}&expired=1"
+    login = browser.get(expired.headers["Location"])
+    notice = login.one(class_="alert alert-info").clean_text
+    assert notice == "Your session has expired. Please sign in again."
+    assert browser.login(next_path=f"/accounts/{ACCOUNT}").path == f"/accounts/{ACCOUNT}"
+
+
+def test_skin_v2_changes_the_credit_markup(browser: Browser, base_url: str) -> None:
+    set_faults(base_url, skin="v2")
+    account = browser.get(f"/accounts/{ACCOUNT}")
+    assert account.find(id="issue-credit") == []
+    link = account.one("a", class_="btn-credit")
+    assert link.clean_text == "New credit"
+
+    form = browser.get(link.attrs["href"])
+    assert form.find(id="credit") == []
+    form.one("form", id="credit-v2")
+    labels = {label.attrs["for"]: label.clean_text for label in form.find("label")}
+    assert labels == {"amt": "Credit amount", "rsn": "Credit reason", "ref": "External reference"}
+    button = form.one("button", type="submit")
+    assert button.clean_text == "Continue"
+    assert form.index_of(button) < form.index_of(form.one("input", id="amt", name="amount"))
+
+    invalid = browser.post(f"/accounts/{ACCOUNT}/credits/review", {**CREDIT, "reason": ""})
+    assert (
+        invalid.one(class_="notice notice-error").clean_text == "Please correct the errors below."
+    )
+    assert invalid.one("p", class_="error-text", data_field="reason").clean_text
+    assert invalid.find(class_="field-error") == []
+
+    review = browser.post(f"/accounts/{ACCOUNT}/credits/review", CREDIT)
+    assert review.one("form", id="confirm-v2").attrs["action"] == f"/accounts/{ACCOUNT}/credits"
+    assert review.one("button", type="submit").clean_text == "Confirm and issue"
+
+    done = submit_credit(browser)
+    assert done.text_of("credit-confirmation") == "Credit issued"
+    assert done.text_of("confirmation-number") == "CN-100001"
+
+
+def test_reject_value_fails_review_with_the_message(browser: Browser, base_url: str) -> None:
+    message = "Reference T-88812 was already used"
+    set_faults(
+        base_url, reject_value=[{"field": "reference", "value": "T-88812", "message": message}]
+    )
+    page = browser.post(f"/accounts/{ACCOUNT}/credits/review", CREDIT)
+    assert page.one("span", class_="field-error", data_field="reference").clean_text == message
+    accepted = browser.post(
+        f"/accounts/{ACCOUNT}/credits/review", {**CREDIT, "reference": "T-88813"}
+    )
+    assert accepted.text_of("review-reference") == "T-88813"
+    assert state(base_url)["credits"] == []
+
+
+def test_concurrent_visitors_are_counted_distinctly(base_url: str) -> None:
+    set_faults(base_url, latency_ms=300, latency_path_contains="/login")
+    start_together = Barrier(2, timeout=TIMEOUT_S)
+
+    def slow_get(browser: Browser) -> int:
+        start_together.wait()
+        return browser.get("/login").status
+
+    one_visitor = Browser(base_url)
+    one_visitor.get("/static/legacy.css")  # static responses carry no visitor cookie ...
+    assert one_visitor.cookie("visitor") is None
+    assert one_visitor.get("/", follow=False).status == 303  # ... any page response does
+    assert one_visitor.cookie("visitor")
+    with ThreadPoolExecutor(2) as pool:
+        # Two overlapping requests from the same visitor are one visitor.
+        assert list(pool.map(slow_get, [one_visitor, one_visitor])) == [200, 200]
+    assert state(base_url)["max_concurrent_visitors"] == 1
+
+    with ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(slow_get, [Browser(base_url), Browser(base_url)])) == [200, 200]
+    snapshot = state(base_url)
+    assert snapshot["max_concurrent_visitors"] >= 2
+    assert snapshot["requests"] == 5  # pages only: static and /_fixture calls are not counted
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b'{"latency": 100}',
+        b'{"fail": [{"path_contains": "/", "status": 404}]}',
+        b'{"skin": "v3"}',
+        b'{"commit_drop": {"mode": "explode"}}',
+    ],
+)
+def test_invalid_faults_are_rejected_with_400(base_url: str, body: bytes) -> None:
+    set_faults(base_url, skin="v2")
+    status, response = control(base_url, "POST", "/_fixture/faults", body)
+    assert status == 400
+    assert response["errors"]
+    assert state(base_url)["faults"]["skin"] == "v2"  # the previous faults stay in force
+
+
+def test_faults_never_touch_fixture_or_static_paths(base_url: str) -> None:
+    set_faults(base_url, fail=[{"path_contains": "/", "status": 500, "times": 5}])
+    assert Browser(base_url).get("/static/legacy.css").status == 200
+    assert state(base_url)["faults"]["fail"][0]["times"] == 5
+
+
+def test_reset_restores_a_clean_site(browser: Browser, base_url: str) -> None:
+    submit_credit(browser)
+    set_faults(base_url, skin="v2", session_expiry_after=1)
+    status, snapshot = control(base_url, "POST", "/_fixture/reset")
+    assert status == 200
+    assert snapshot["credits"] == []
+    assert (snapshot["logins"], snapshot["failed_logins"], snapshot["requests"]) == (0, 0, 0)
+    assert snapshot["faults"]["skin"] == "v1"
+    assert browser.get("/", follow=False).status == 303  # sessions are gone too

@@ -1,0 +1,148 @@
+"""The script DSL: good scripts load; each kind of broken script fails naming file, step, field."""
+
+from __future__ import annotations
+
+import shutil
+import textwrap
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from worker.errors import InputInvalid, ScriptInvalid, ScriptNotFound
+from worker.script import ScriptStore
+from worker.templating import TemplateError, references, render
+
+from .conftest import CREDIT_INPUTS, SCRIPTS, SELECTORS
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """A scripts/ + selectors/ tree holding the real billing files, to add broken ones to."""
+    shutil.copytree(SCRIPTS, tmp_path / "scripts")
+    shutil.copytree(SELECTORS, tmp_path / "selectors")
+    return tmp_path
+
+
+def write(tree: Path, name: str, body: str) -> Path:
+    path = tree / "scripts" / "billing" / f"{name}.yaml"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+HEADER = """\
+name: billing/{name}
+version: 1
+site: billing
+inputs:
+  account_id: {{type: string}}
+steps:
+"""
+
+
+def load_broken(tree: Path, name: str, steps: str) -> str:
+    write(tree, name, HEADER.format(name=name) + textwrap.dedent(steps))
+    with pytest.raises(ScriptInvalid) as info:
+        ScriptStore(tree / "scripts", tree / "selectors").load(f"billing/{name}")
+    return info.value.message
+
+
+def test_issue_credit_loads_with_login_subflow_inlined(script_store: ScriptStore) -> None:
+    loaded = script_store.load("billing/issue_credit")
+    ids = [p.id for p in loaded.plan]
+    assert ids[:4] == ["login.open", "login.username", "login.password", "login.submit"]
+    assert ids[-1] == "confirmation"
+    assert loaded.secret_names() == {"billing_username", "billing_password"}
+    assert len(loaded.digest) == 64
+
+
+def test_pinned_version_that_does_not_exist_is_not_found(script_store: ScriptStore) -> None:
+    with pytest.raises(ScriptNotFound, match=r"no version 7 \(available: 1\)"):
+        script_store.load("billing/issue_credit", 7)
+    with pytest.raises(ScriptNotFound, match="no script 'billing/nope'"):
+        script_store.load("billing/nope")
+
+
+def test_unknown_action_names_file_line_and_step(tree: Path) -> None:
+    message = load_broken(tree, "bad_action", "  - {id: go, clik: credit.submit}\n")
+    assert "bad_action.yaml:7" in message
+    assert "step 'go'" in message
+    assert "exactly one action" in message
+
+
+def test_missing_target_names_the_step_and_registry(tree: Path) -> None:
+    message = load_broken(tree, "bad_target", "  - {id: press_it, click: credit.nonexistent}\n")
+    assert "bad_target.yaml:7" in message
+    assert "step 'press_it'" in message
+    assert "'credit.nonexistent' is not in selectors/billing.yaml" in message
+
+
+def test_undeclared_input_is_refused(tree: Path) -> None:
+    message = load_broken(
+        tree,
+        "bad_input",
+        '  - {id: amt, fill: {target: credit.amount, value: "{{ inputs.amount }}"}}\n',
+    )
+    assert "step 'amt'" in message
+    assert "inputs.amount" in message and "not a declared input" in message
+
+
+def test_template_with_code_is_refused(tree: Path) -> None:
+    message = load_broken(
+        tree,
+        "bad_template",
+        "  - {id: amt, fill: {target: credit.amount, "
+        'value: "{{ inputs.account_id.__class__ }}"}}\n',
+    )
+    assert "step 'amt'" in message and "bad template" in message
+
+
+def test_output_used_before_it_is_extracted_is_refused(tree: Path) -> None:
+    message = load_broken(
+        tree, "bad_output", '  - {id: go, goto: "/credits/{{ outputs.confirmation_number }}"}\n'
+    )
+    assert "not extracted by an earlier step" in message
+
+
+def test_field_error_names_the_field(tree: Path) -> None:
+    message = load_broken(tree, "bad_field", "  - {id: amt, fill: {target: credit.amount}}\n")
+    assert "step 'amt'" in message and "fill > value" in message and "Field required" in message
+
+
+def test_duplicate_step_ids_and_bad_subflow_are_refused(tree: Path) -> None:
+    message = load_broken(tree, "dupes", "  - {id: a, goto: /}\n  - {id: a, goto: /}\n")
+    assert "step id 'a' is used twice" in message
+    message = load_broken(tree, "bad_use", "  - {id: signin, use: billing/no_such_flow}\n")
+    assert "step 'signin'" in message and "billing/no_such_flow" in message
+
+
+def test_subflow_cycle_is_refused(tree: Path) -> None:
+    message = load_broken(tree, "loop", "  - {id: again, use: billing/loop}\n")
+    assert "cycle" in message
+
+
+def test_not_yaml_is_refused(tree: Path) -> None:
+    write(tree, "broken", "name: [unclosed\n")
+    with pytest.raises(ScriptInvalid, match=r"broken\.yaml: not valid YAML"):
+        ScriptStore(tree / "scripts", tree / "selectors").load("billing/broken")
+
+
+def test_inputs_are_typed_and_checked(script_store: ScriptStore) -> None:
+    loaded = script_store.load("billing/issue_credit")
+    assert loaded.validate_inputs(CREDIT_INPUTS)["amount"] == Decimal("15.00")
+    with pytest.raises(InputInvalid) as info:
+        loaded.validate_inputs({**CREDIT_INPUTS, "account_id": "AC-1", "amount": "900", "x": "1"})
+    message = info.value.message
+    assert "input 'account_id'" in message and "pattern" in message
+    assert "input 'amount'" in message and "less than or equal to 500" in message
+    assert "input 'x': not declared by the script" in message
+    assert info.value.field == "inputs.account_id"
+
+
+def test_templates_render_only_references() -> None:
+    context = {"inputs": {"a": Decimal("15.00")}, "secrets": {}, "outputs": {}}
+    assert render("/accounts/{{ inputs.a }}", context) == "/accounts/15.00"
+    assert [r.name for r in references("{{ inputs.a }}-{{ outputs.b }}")] == ["a", "b"]
+    for bad in ("{{ inputs.a | upper }}", "{% if x %}y{% endif %}", "{{ 1 + 1 }}", "{{ x }}"):
+        with pytest.raises(TemplateError):
+            references(bad)

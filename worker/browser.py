@@ -1,0 +1,102 @@
+"""One headless Chromium per worker process; a fresh, isolated context per job.
+
+Launching Chromium costs hundreds of milliseconds and tens of megabytes; a context costs a few
+milliseconds. So the browser is shared and long-lived, every job gets its own context (cookies,
+storage and cache never leak between jobs), and a browser that died is relaunched on demand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from playwright.async_api import Browser, BrowserContext, Playwright, async_playwright
+
+log = logging.getLogger("formwork.browser")
+
+# Flags that work on these machines: no sandbox as root, no GPU, and none of Chromium's
+# background network chatter (the network is closed; those connections fail noisily).
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+VIEWPORT = {"width": 1280, "height": 800}
+
+
+def find_chromium() -> str | None:
+    """`FORMWORK_CHROMIUM`, then the system Chromium; None lets Playwright use its own build."""
+    configured = os.environ.get("FORMWORK_CHROMIUM")
+    if configured:
+        return configured
+    for candidate in (
+        "/usr/bin/chromium",
+        shutil.which("chromium"),
+        shutil.which("chromium-browser"),
+    ):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    return None
+
+
+class BrowserHost:
+    """Owns Playwright and the Chromium process; hands out isolated contexts."""
+
+    def __init__(self, executable: str | None = None, *, headless: bool = True) -> None:
+        self.executable = executable if executable is not None else find_chromium()
+        self.headless = headless
+        self.launches = 0
+        self._playwright: Playwright | None = None
+        self._browser: Browser | None = None
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        await self._ensure_browser()
+
+    async def _ensure_browser(self) -> Browser:
+        async with self._lock:
+            if self._browser is not None and self._browser.is_connected():
+                return self._browser
+            if self._playwright is None:
+                self._playwright = await async_playwright().start()
+            if self._browser is not None:
+                log.warning("chromium disconnected; relaunching")
+            self._browser = await self._playwright.chromium.launch(
+                executable_path=self.executable, headless=self.headless, args=CHROMIUM_ARGS
+            )
+            self.launches += 1
+            return self._browser
+
+    async def new_context(self, **options: Any) -> BrowserContext:
+        browser = await self._ensure_browser()
+        options.setdefault("viewport", VIEWPORT)
+        return await browser.new_context(**options)
+
+    @property
+    def browser(self) -> Browser | None:
+        return self._browser
+
+    async def stop(self) -> None:
+        async with self._lock:
+            if self._browser is not None:
+                await self._browser.close()
+                self._browser = None
+            if self._playwright is not None:
+                await self._playwright.stop()
+                self._playwright = None
+
+    async def __aenter__(self) -> BrowserHost:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

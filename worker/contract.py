@@ -1,0 +1,199 @@
+"""The wire contract: what an orchestrator sends (`BrowserJob`) and gets back (`JobReport`).
+
+Field names here are a public contract shared with orchestrators written in other languages
+(`formwork schema` exports them as JSON Schema): rename nothing without a new contract version.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+CONTRACT_VERSION = 1
+
+# A script reference is `site/name` with an optional pinned version: `billing/issue_credit@3`.
+SCRIPT_REF = re.compile(r"^(?P<name>[a-z0-9_]+/[a-z0-9_]+)(?:@(?P<version>[0-9]+))?$")
+JOB_ID = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+
+
+class _Model(BaseModel):
+    # Unknown fields are an error on the wire: a typo in an orchestrator must not be ignored.
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class JobStatus(StrEnum):
+    """Where a job is. Terminal statuses never change again."""
+
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    rejected = "rejected"  # refused before any browser work: bad payload, script or inputs
+    cancelled = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self not in (JobStatus.queued, JobStatus.running)
+
+
+class StepStatus(StrEnum):
+    pending = "pending"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    skipped = "skipped"
+
+
+class FailureCode(StrEnum):
+    """Stable, machine-readable failure codes: the value an orchestrator branches on."""
+
+    # Refused before the browser: the job, script, inputs or secrets are wrong.
+    job_invalid = "job_invalid"
+    script_invalid = "script_invalid"
+    script_not_found = "script_not_found"
+    input_invalid = "input_invalid"
+    secret_missing = "secret_missing"
+    # Transient: worth retrying.
+    timeout = "timeout"
+    network_error = "network_error"
+    server_error = "server_error"
+    browser_crashed = "browser_crashed"
+    # The page did not do what the script expected.
+    selector_not_found = "selector_not_found"
+    expectation_failed = "expectation_failed"
+    navigation_failed = "navigation_failed"
+    navigation_blocked = "navigation_blocked"
+    validation_rejected = "validation_rejected"
+    auth_expired = "auth_expired"
+    unexpected_page = "unexpected_page"
+    outcome_unknown = "outcome_unknown"
+    script_error = "script_error"
+    cancelled = "cancelled"
+
+
+class Failure(_Model):
+    """Why a step or a job failed: a code to branch on, a message for people, page evidence."""
+
+    code: FailureCode
+    message: str
+    evidence: str | None = Field(
+        default=None, description="Text read from the page that shows the failure, if any."
+    )
+    step_id: str | None = None
+    field: str | None = Field(
+        default=None, description="For rejected jobs: the payload or input field at fault."
+    )
+
+
+class BrowserJob(_Model):
+    """One request from an orchestrator: run a scripted form action with these inputs."""
+
+    job_id: str = Field(pattern=JOB_ID)
+    script: str = Field(description="`site/name`, optionally pinned: `billing/issue_credit@1`.")
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    site_url: str | None = Field(
+        default=None, description="Base URL override for the script's site (tests, staging)."
+    )
+    idempotency_key: str | None = Field(
+        default=None,
+        max_length=200,
+        description="The orchestrator's reference for the effect (e.g. its ticket id); "
+        "the same key is never executed twice.",
+    )
+    deadline: datetime | None = Field(
+        default=None, description="Past this instant the job is not started (or is stopped)."
+    )
+    correlation: dict[str, str] = Field(
+        default_factory=dict,
+        description="The orchestrator's own ids (conversation, ticket, agent run), echoed back.",
+    )
+
+    @field_validator("script")
+    @classmethod
+    def _script_ref(cls, value: str) -> str:
+        if not SCRIPT_REF.match(value):
+            raise ValueError("must look like 'site/name' or 'site/name@version'")
+        return value
+
+    @field_validator("site_url")
+    @classmethod
+    def _site_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an absolute http(s) URL")
+        return value.rstrip("/") if value else value
+
+    @property
+    def script_name(self) -> str:
+        match = SCRIPT_REF.match(self.script)
+        assert match  # validated above
+        return match["name"]
+
+    @property
+    def script_version(self) -> int | None:
+        match = SCRIPT_REF.match(self.script)
+        assert match
+        return int(match["version"]) if match["version"] else None
+
+
+class MatchedSelector(_Model):
+    """Which candidate of a logical element matched on the page."""
+
+    element: str
+    candidate: str
+    index: int = Field(description="0 = the primary candidate; higher = a fallback was used.")
+
+
+class StepReport(_Model):
+    """The precise state of one step."""
+
+    id: str
+    action: str
+    status: StepStatus = StepStatus.pending
+    attempts: int = 0
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    duration_ms: float | None = None
+    selector: MatchedSelector | None = None
+    url_before: str | None = None
+    url: str | None = Field(default=None, description="The page URL after the step.")
+    screenshot: str | None = Field(
+        default=None, description="Path of the step's screenshot, relative to the artifacts root."
+    )
+    failure: Failure | None = None
+
+
+class Artifacts(_Model):
+    root: str = Field(description="Absolute path of the artifacts root on the worker.")
+    path: str = Field(description="This job's directory, relative to the root.")
+    report: str = Field(description="The report file, relative to the root.")
+
+
+class JobReport(_Model):
+    """Everything an orchestrator needs to know about one job, step by step."""
+
+    contract_version: int = CONTRACT_VERSION
+    job_id: str
+    status: JobStatus
+    script: str
+    script_version: int | None = None
+    inputs: dict[str, Any] = Field(
+        default_factory=dict, description="The inputs used, secret ones replaced by '***'."
+    )
+    outputs: dict[str, str] = Field(default_factory=dict)
+    steps: list[StepReport] = Field(default_factory=list)
+    artifacts: Artifacts | None = None
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    duration_ms: float | None = None
+    error: Failure | None = None
+    correlation: dict[str, str] = Field(default_factory=dict)
+
+
+def contract_schemas() -> dict[str, Any]:
+    """JSON Schemas of every model on the wire, keyed by model name."""
+    models: list[type[BaseModel]] = [BrowserJob, JobReport, StepReport]
+    return {model.__name__: model.model_json_schema() for model in models}

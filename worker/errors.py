@@ -1,0 +1,77 @@
+"""Formwork's one exception hierarchy. Every class carries a stable `FailureCode`.
+
+    FormworkError                  base; `.code`, `.message`, `.to_failure()`
+    ├── RejectedError              refused before any browser work (job status `rejected`)
+    │   ├── JobInvalid             the payload is not a valid BrowserJob
+    │   ├── ScriptInvalid          a script or selector registry fails to load (file, step, field)
+    │   ├── ScriptNotFound         no such script or version
+    │   ├── InputInvalid           inputs fail the script's input schema
+    │   └── SecretMissing          a secret the script needs is not configured on this worker
+    └── StepError                  a step failed on the page (`.code` says how)
+
+Playwright's own exceptions are translated into `StepError` in exactly one place:
+`worker.failures.translate_playwright_error`.
+"""
+
+from __future__ import annotations
+
+from worker.contract import Failure, FailureCode
+
+
+class FormworkError(Exception):
+    code: FailureCode = FailureCode.script_error
+
+    def __init__(self, message: str, *, code: FailureCode | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def to_failure(self, step_id: str | None = None) -> Failure:
+        return Failure(code=self.code, message=self.message, step_id=step_id)
+
+
+class RejectedError(FormworkError):
+    """The job cannot run as given; retrying it unchanged cannot help."""
+
+    def __init__(
+        self, message: str, *, code: FailureCode | None = None, field: str | None = None
+    ) -> None:
+        super().__init__(message, code=code)
+        self.field = field
+
+    def to_failure(self, step_id: str | None = None) -> Failure:
+        return Failure(code=self.code, message=self.message, step_id=step_id, field=self.field)
+
+
+class JobInvalid(RejectedError):
+    code = FailureCode.job_invalid
+
+
+class ScriptInvalid(RejectedError):
+    code = FailureCode.script_invalid
+
+
+class ScriptNotFound(RejectedError):
+    code = FailureCode.script_not_found
+
+
+class InputInvalid(RejectedError):
+    code = FailureCode.input_invalid
+
+
+class SecretMissing(RejectedError):
+    code = FailureCode.secret_missing
+
+
+class StepError(FormworkError):
+    """A step failed on the page. `evidence` is text read from the page, if any."""
+
+    def __init__(self, code: FailureCode, message: str, *, evidence: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.evidence = evidence
+
+    def to_failure(self, step_id: str | None = None) -> Failure:
+        return Failure(
+            code=self.code, message=self.message, evidence=self.evidence, step_id=step_id
+        )

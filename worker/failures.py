@@ -1,0 +1,109 @@
+"""The failure taxonomy in action: translate browser errors, classify what the page shows.
+
+`translate_playwright_error` is the one place Playwright's exceptions become Formwork's.
+`classify` is a pure function from a failed step and an observed page state to the final code:
+a step that timed out waiting for the confirmation is really a `validation_rejected` when the
+page shows a field error, or `auth_expired` when it shows a login form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from playwright.async_api import Error as PlaywrightError
+from playwright.async_api import Page
+from playwright.async_api import TimeoutError as PlaywrightTimeoutError
+
+from worker.contract import FailureCode
+from worker.errors import StepError
+from worker.selectors import Detectors
+
+# Codes that only say "the expected thing did not happen": what the page shows may explain why.
+_VAGUE = {
+    FailureCode.timeout,
+    FailureCode.selector_not_found,
+    FailureCode.expectation_failed,
+    FailureCode.navigation_failed,
+}
+_NETWORK_MARKERS = ("net::ERR_", "NS_ERROR_", "ECONNREFUSED", "Connection refused")
+_CRASH_MARKERS = (
+    "Target page, context or browser has been closed",
+    "Target crashed",
+    "Browser has been closed",
+    "browser has disconnected",
+)
+_EVIDENCE_LIMIT = 500
+
+
+def translate_playwright_error(exc: PlaywrightError, *, doing: str) -> StepError:
+    """Map a Playwright exception to a StepError: the most specific class wins."""
+    first_line = (exc.message or str(exc)).strip().splitlines()[0] if str(exc) else "error"
+    if isinstance(exc, PlaywrightTimeoutError):
+        return StepError(FailureCode.timeout, f"{doing}: timed out ({first_line})")
+    text = str(exc)
+    if any(marker in text for marker in _CRASH_MARKERS):
+        return StepError(FailureCode.browser_crashed, f"{doing}: browser gone ({first_line})")
+    if any(marker in text for marker in _NETWORK_MARKERS):
+        return StepError(FailureCode.network_error, f"{doing}: {first_line}")
+    return StepError(FailureCode.script_error, f"{doing}: {first_line}")
+
+
+@dataclass(frozen=True)
+class PageState:
+    """What the page showed when a step failed: plain data, so classification is testable."""
+
+    url: str = ""
+    status: int | None = None  # HTTP status of the last document response
+    login_page: bool = False
+    validation_errors: list[str] = field(default_factory=list)
+    error_banners: list[str] = field(default_factory=list)
+
+
+def classify(code: FailureCode, state: PageState) -> tuple[FailureCode, str | None]:
+    """Refine a vague failure code by what the page shows; return (code, evidence)."""
+    if code not in _VAGUE:
+        return code, None
+    if state.login_page:
+        return FailureCode.auth_expired, f"redirected to a login page ({state.url})"
+    if state.status is not None and state.status >= 500:
+        return FailureCode.server_error, _evidence(state.error_banners) or f"HTTP {state.status}"
+    if state.validation_errors:
+        return FailureCode.validation_rejected, _evidence(state.validation_errors)
+    if state.error_banners:
+        return code, _evidence(state.error_banners)
+    return code, None
+
+
+def _evidence(texts: list[str]) -> str | None:
+    joined = " | ".join(t for t in (" ".join(t.split()) for t in texts) if t)
+    return joined[:_EVIDENCE_LIMIT] or None
+
+
+async def observe_page(page: Page, detectors: Detectors, status: int | None) -> PageState:
+    """Read the detectors off the live page (the thin shell around `classify`)."""
+
+    async def texts(selectors: list[str]) -> list[str]:
+        found: list[str] = []
+        for selector in selectors:
+            try:
+                found += await page.locator(selector).filter(visible=True).all_inner_texts()
+            except PlaywrightError:
+                continue
+        return found
+
+    async def any_visible(selectors: list[str]) -> bool:
+        for selector in selectors:
+            try:
+                if await page.locator(selector).filter(visible=True).count():
+                    return True
+            except PlaywrightError:
+                continue
+        return False
+
+    return PageState(
+        url=page.url,
+        status=status,
+        login_page=await any_visible(detectors.login_page),
+        validation_errors=await texts(detectors.validation_error),
+        error_banners=await texts(detectors.error_banner),
+    )

@@ -1,0 +1,74 @@
+"""Make sure a Redis answers at REDIS_URL, starting a local one if needed (dev and CI only).
+
+`python -m worker.localredis [URL]` — used by `make setup`; production workers are pointed at
+a managed Redis and never start one.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from urllib.parse import urlsplit
+
+import redis
+
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+START_TIMEOUT_S = 10.0
+
+
+def answers(url: str) -> bool:
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        return False
+
+
+def ensure(url: str) -> str:
+    """Return a line saying what was found or started; raise SystemExit when impossible."""
+    if answers(url):
+        return f"redis: answering at {url}"
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 6379
+    if host not in LOCAL_HOSTS:
+        raise SystemExit(f"redis: nothing answers at {url}, and it is not local to start it")
+    server = shutil.which("redis-server")
+    if server is None:
+        raise SystemExit("redis: redis-server is not installed (apt-get install redis-server)")
+    subprocess.run(
+        [
+            server,
+            "--daemonize",
+            "yes",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not answers(url):  # poll the condition itself: the daemon forks before it listens
+        if time.monotonic() > deadline:
+            raise SystemExit(f"redis: started redis-server but nothing answers at {url}")
+        time.sleep(0.05)
+    return f"redis: started a local redis-server on port {port}"
+
+
+def main() -> None:
+    url = sys.argv[1] if len(sys.argv) > 1 else "redis://127.0.0.1:6379/0"
+    print(ensure(url))
+
+
+if __name__ == "__main__":
+    main()

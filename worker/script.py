@@ -1,0 +1,676 @@
+"""The scripted-form-action DSL: YAML files under `scripts/<site>/<name>.yaml`.
+
+A script declares typed inputs, the secrets it needs (by name), and steps. Each step has an id
+and exactly one action key (`goto`, `fill`, `click`, …); any step may add an `expect:`
+postcondition. `use: site/flow` inlines another script (a sub-flow such as a login) whose step
+ids are prefixed with the using step's id.
+
+Loading checks everything that can be checked without a browser, so a broken script fails at
+load time naming the file, line, step and field — never half-way through a customer's refund.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from decimal import Decimal
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StringConstraints,
+    Tag,
+    ValidationError,
+    create_model,
+    model_validator,
+)
+
+from worker.contract import SCRIPT_REF
+from worker.errors import InputInvalid, ScriptInvalid, ScriptNotFound
+from worker.selectors import SiteRegistry, WaitState, load_registry
+from worker.templating import Reference, TemplateError, references
+from worker.yamlfile import describe_loc, line_of, load_model, read_yaml
+
+STEP_ID = r"^[a-z][a-z0-9_]*$"
+TargetName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+# ---------------------------------------------------------------- inputs
+
+
+class InputType(StrEnum):
+    string = "string"
+    decimal = "decimal"
+    int = "int"
+    bool = "bool"
+    enum = "enum"
+
+
+class InputSpec(_Strict):
+    """One typed input of a script."""
+
+    type: InputType = InputType.string
+    description: str | None = None
+    required: bool = True
+    default: str | int | bool | Decimal | None = None
+    pattern: str | None = None
+    min_length: int | None = None
+    max_length: int | None = None
+    min: Decimal | None = None
+    max: Decimal | None = None
+    values: list[str] | None = Field(default=None, description="The choices of an enum input.")
+    secret: bool = Field(default=False, description="Masked in screenshots, reports and logs.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> InputSpec:
+        if self.type == InputType.enum and not self.values:
+            raise ValueError("an enum input needs 'values'")
+        if self.values and self.type != InputType.enum:
+            raise ValueError("'values' only goes with type 'enum'")
+        if (self.min is not None or self.max is not None) and self.type not in (
+            InputType.decimal,
+            InputType.int,
+        ):
+            raise ValueError("'min'/'max' only go with type 'decimal' or 'int'")
+        if self.pattern is not None:
+            if self.type != InputType.string:
+                raise ValueError("'pattern' only goes with type 'string'")
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(f"'pattern' is not a valid regular expression: {exc}") from exc
+        return self
+
+    def annotation(self) -> Any:
+        if self.type == InputType.string:
+            return Annotated[
+                str,
+                StringConstraints(
+                    pattern=self.pattern, min_length=self.min_length, max_length=self.max_length
+                ),
+            ]
+        if self.type == InputType.decimal:
+            return Annotated[Decimal, Field(ge=self.min, le=self.max, allow_inf_nan=False)]
+        if self.type == InputType.int:
+            return Annotated[int, Field(ge=self.min, le=self.max)]
+        if self.type == InputType.bool:
+            return bool
+        assert self.values is not None
+        return Literal[tuple(self.values)]
+
+
+# ---------------------------------------------------------------- postconditions
+
+
+class TextExpectation(_Strict):
+    target: TargetName
+    equals: str | None = None
+    contains: str | None = None
+    matches: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> TextExpectation:
+        if sum(v is not None for v in (self.equals, self.contains, self.matches)) != 1:
+            raise ValueError("give exactly one of 'equals', 'contains', 'matches'")
+        return self
+
+
+class Expectation(_Strict):
+    """What must hold after a step (or, as an `expect` step, right now)."""
+
+    visible: TargetName | None = None
+    hidden: TargetName | None = None
+    text: TextExpectation | None = None
+    url: str | None = Field(default=None, description="A regular expression searched in the URL.")
+
+    @model_validator(mode="after")
+    def _one(self) -> Expectation:
+        given = [k for k in ("visible", "hidden", "text", "url") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of visible, hidden, text, url (got {given})")
+        if self.url is not None:
+            try:
+                re.compile(self.url)
+            except re.error as exc:
+                raise ValueError(f"'url' is not a valid regular expression: {exc}") from exc
+        return self
+
+    def targets(self) -> list[str]:
+        names = [self.visible, self.hidden, self.text.target if self.text else None]
+        return [n for n in names if n]
+
+    def templates(self) -> list[str]:
+        if self.text is None:
+            return []
+        return [t for t in (self.text.equals, self.text.contains) if t is not None]
+
+
+# ---------------------------------------------------------------- steps
+
+
+class _Step(_Strict):
+    action: str  # each concrete step narrows this to a Literal with its default
+    id: str = Field(pattern=STEP_ID)
+    description: str | None = None
+    expect: Expectation | None = None
+    timeout_ms: int | None = Field(default=None, gt=0, le=600_000)
+
+    def targets(self) -> list[str]:
+        """Logical elements this step acts on (for load-time checks)."""
+        return []
+
+    def templates(self) -> list[str]:
+        """Templated strings of this step, in the order they are rendered."""
+        return []
+
+    def acted_target(self) -> str | None:
+        targets = self.targets()
+        return targets[0] if targets else None
+
+
+class GotoStep(_Step):
+    goto: str = Field(description="A path on the site (joined to its base URL) or a full URL.")
+    action: Literal["goto"] = "goto"
+
+    def templates(self) -> list[str]:
+        return [self.goto]
+
+
+class FillSpec(_Strict):
+    target: TargetName
+    value: str
+
+
+class FillStep(_Step):
+    fill: FillSpec
+    action: Literal["fill"] = "fill"
+
+    def targets(self) -> list[str]:
+        return [self.fill.target]
+
+    def templates(self) -> list[str]:
+        return [self.fill.value]
+
+
+class SelectSpec(_Strict):
+    target: TargetName
+    value: str | None = None
+    label: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> SelectSpec:
+        if (self.value is None) == (self.label is None):
+            raise ValueError("give exactly one of 'value', 'label'")
+        return self
+
+
+class SelectStep(_Step):
+    select: SelectSpec
+    action: Literal["select"] = "select"
+
+    def targets(self) -> list[str]:
+        return [self.select.target]
+
+    def templates(self) -> list[str]:
+        return [t for t in (self.select.value, self.select.label) if t is not None]
+
+
+class CheckSpec(_Strict):
+    target: TargetName
+    checked: bool = True
+
+
+class CheckStep(_Step):
+    check: CheckSpec
+    action: Literal["check"] = "check"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        # `check: terms.accept` is short for `check: {target: terms.accept}`.
+        if isinstance(data, dict) and isinstance(data.get("check"), str):
+            return {**data, "check": {"target": data["check"]}}
+        return data
+
+    def targets(self) -> list[str]:
+        return [self.check.target]
+
+
+class ClickStep(_Step):
+    click: TargetName
+    action: Literal["click"] = "click"
+
+    def targets(self) -> list[str]:
+        return [self.click]
+
+
+class PressSpec(_Strict):
+    key: str
+    target: TargetName | None = None
+
+
+class PressStep(_Step):
+    press: PressSpec
+    action: Literal["press"] = "press"
+
+    def targets(self) -> list[str]:
+        return [self.press.target] if self.press.target else []
+
+
+class WaitSpec(_Strict):
+    target: TargetName | None = None
+    state: WaitState = "visible"
+    url: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> WaitSpec:
+        if (self.target is None) == (self.url is None):
+            raise ValueError("give exactly one of 'target', 'url'")
+        return self
+
+
+class WaitForStep(_Step):
+    wait_for: WaitSpec
+    action: Literal["wait_for"] = "wait_for"
+
+    def targets(self) -> list[str]:
+        return [self.wait_for.target] if self.wait_for.target else []
+
+
+class ExpectStep(_Step):
+    """A step that only asserts: `{id: on_account, expect: {visible: account.header}}`."""
+
+    expect: Expectation
+    action: Literal["expect"] = "expect"
+
+    def targets(self) -> list[str]:
+        return self.expect.targets()
+
+
+class ExtractSpec(_Strict):
+    target: TargetName
+    attribute: str | None = None
+    pattern: str | None = Field(
+        default=None, description="A regular expression; its first group (or match) is kept."
+    )
+
+
+class ExtractStep(_Step):
+    extract: dict[Annotated[str, StringConstraints(pattern=STEP_ID)], ExtractSpec]
+    action: Literal["extract"] = "extract"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        # `extract: {confirmation_number: credit.confirmation_number}` names the target only.
+        if isinstance(data, dict) and isinstance(data.get("extract"), dict):
+            specs = {
+                name: {"target": spec} if isinstance(spec, str) else spec
+                for name, spec in data["extract"].items()
+            }
+            return {**data, "extract": specs}
+        return data
+
+    def targets(self) -> list[str]:
+        return [spec.target for spec in self.extract.values()]
+
+
+class ScreenshotSpec(_Strict):
+    full_page: bool = True
+
+
+class ScreenshotStep(_Step):
+    screenshot: ScreenshotSpec = Field(default_factory=ScreenshotSpec)
+    action: Literal["screenshot"] = "screenshot"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("screenshot") is None:
+            return {**data, "screenshot": {}}
+        return data
+
+
+class UseStep(_Step):
+    use: str = Field(pattern=SCRIPT_REF.pattern)
+    with_: dict[str, str] = Field(default_factory=dict, alias="with")
+    action: Literal["use"] = "use"
+
+    def templates(self) -> list[str]:
+        return list(self.with_.values())
+
+
+ACTIONS = (
+    "goto",
+    "fill",
+    "select",
+    "check",
+    "click",
+    "press",
+    "wait_for",
+    "extract",
+    "screenshot",
+    "use",
+)
+
+
+def _action_of(data: Any) -> str | None:
+    if isinstance(data, BaseModel):
+        return str(getattr(data, "action", None))
+    if not isinstance(data, dict):
+        return None
+    present = [key for key in ACTIONS if key in data]
+    if len(present) == 1:
+        return present[0]
+    if not present and "expect" in data:
+        return "expect"
+    return None
+
+
+Step = Annotated[
+    Annotated[GotoStep, Tag("goto")]
+    | Annotated[FillStep, Tag("fill")]
+    | Annotated[SelectStep, Tag("select")]
+    | Annotated[CheckStep, Tag("check")]
+    | Annotated[ClickStep, Tag("click")]
+    | Annotated[PressStep, Tag("press")]
+    | Annotated[WaitForStep, Tag("wait_for")]
+    | Annotated[ExpectStep, Tag("expect")]
+    | Annotated[ExtractStep, Tag("extract")]
+    | Annotated[ScreenshotStep, Tag("screenshot")]
+    | Annotated[UseStep, Tag("use")],
+    Discriminator(
+        _action_of,
+        custom_error_type="unknown_action",
+        custom_error_message=(
+            "a step needs exactly one action: " + ", ".join((*ACTIONS, "expect"))
+        ),
+    ),
+]
+
+
+class Script(_Strict):
+    """One YAML script file."""
+
+    name: str = Field(pattern=r"^[a-z0-9_]+/[a-z0-9_]+$")
+    version: int = Field(ge=1)
+    site: str = Field(pattern=r"^[a-z0-9_]+$")
+    description: str | None = None
+    inputs: dict[Annotated[str, StringConstraints(pattern=STEP_ID)], InputSpec] = Field(
+        default_factory=dict
+    )
+    secrets: list[Annotated[str, StringConstraints(pattern=STEP_ID)]] = Field(default_factory=list)
+    timeout_ms: int = Field(default=10_000, gt=0, le=600_000)
+    steps: list[Step] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> Script:
+        seen: set[str] = set()
+        for step in self.steps:
+            if step.id in seen:
+                raise ValueError(f"step id {step.id!r} is used twice")
+            seen.add(step.id)
+        if not self.name.startswith(f"{self.site}/"):
+            raise ValueError(f"name {self.name!r} must start with its site '{self.site}/'")
+        return self
+
+
+# ---------------------------------------------------------------- the loaded plan
+
+
+@dataclass(frozen=True, eq=False)
+class Frame:
+    """The namespace a step runs in: the top script, or a sub-flow called by a `use` step."""
+
+    script: Script
+    path: Path
+    bindings: dict[str, str] = field(default_factory=dict)  # sub-flow input -> parent template
+    parent: Frame | None = None
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    id: str  # qualified: `login.password` for step `password` of the flow used by step `login`
+    step: _Step
+    frame: Frame
+
+    @property
+    def action(self) -> str:
+        return str(self.step.action)
+
+
+@dataclass(frozen=True)
+class LoadedScript:
+    """A validated script, its sub-flows and site registry, flattened into executable steps."""
+
+    script: Script
+    path: Path
+    registry: SiteRegistry
+    plan: list[PlannedStep]
+    digest: str
+
+    @property
+    def name(self) -> str:
+        return self.script.name
+
+    def secret_names(self) -> set[str]:
+        return {name for planned in self.plan for name in planned.frame.script.secrets}
+
+    def validate_inputs(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """Typed inputs, or InputInvalid naming every bad field."""
+        return validate_inputs(self.script, raw)
+
+    def redacted_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        specs = self.script.inputs
+        return {
+            k: ("***" if k in specs and specs[k].secret else _jsonable(v))
+            for k, v in inputs.items()
+        }
+
+
+def _jsonable(value: Any) -> Any:
+    return str(value) if isinstance(value, Decimal) else value
+
+
+def input_model(script: Script) -> type[BaseModel]:
+    fields: dict[str, Any] = {}
+    for name, spec in script.inputs.items():
+        if spec.default is not None:
+            fields[name] = (spec.annotation(), spec.default)
+        elif spec.required:
+            fields[name] = (spec.annotation(), ...)
+        else:
+            fields[name] = (spec.annotation() | None, None)
+    return create_model(
+        f"Inputs_{script.name.replace('/', '_')}",
+        __config__=ConfigDict(extra="forbid"),
+        **fields,
+    )
+
+
+def validate_inputs(script: Script, raw: dict[str, Any]) -> dict[str, Any]:
+    try:
+        model = input_model(script).model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        first_field: str | None = None
+        for item in exc.errors():
+            name = ".".join(str(p) for p in item["loc"]) or "(inputs)"
+            first_field = first_field or name
+            secret = name in script.inputs and script.inputs[name].secret
+            # Never echo a secret input's value back in an error.
+            shown = "" if secret or item["type"] == "missing" else f" (got {item['input']!r})"
+            msg = "not declared by the script" if item["type"] == "extra_forbidden" else item["msg"]
+            problems.append(f"input {name!r}: {msg}{shown}")
+        raise InputInvalid(
+            f"inputs rejected by {script.name}@{script.version}: " + "; ".join(problems),
+            field=f"inputs.{first_field}" if first_field else "inputs",
+        ) from exc
+    return {k: v for k, v in model.model_dump().items() if v is not None}
+
+
+class ScriptStore:
+    """Finds and loads scripts by name (`billing/issue_credit`) from a scripts directory.
+
+    Versions live side by side: `issue_credit.yaml` and `issue_credit@2.yaml`; without a pin the
+    highest version wins.
+    """
+
+    def __init__(self, scripts_dir: Path, selectors_dir: Path) -> None:
+        self.scripts_dir = scripts_dir
+        self.selectors_dir = selectors_dir
+
+    def versions(self, name: str) -> dict[int, Path]:
+        site, _, short = name.partition("/")
+        folder = self.scripts_dir / site
+        found: dict[int, Path] = {}
+        for path in sorted([*folder.glob(f"{short}.yaml"), *folder.glob(f"{short}@*.yaml")]):
+            data, _ = read_yaml(path)
+            version = data.get("version") if isinstance(data, dict) else None
+            if isinstance(version, int):
+                found[version] = path
+        return found
+
+    def path_of(self, name: str, version: int | None = None) -> Path:
+        versions = self.versions(name)
+        if not versions:
+            raise ScriptNotFound(f"no script {name!r} under {self.scripts_dir}", field="script")
+        if version is None:
+            return versions[max(versions)]
+        if version not in versions:
+            known = ", ".join(str(v) for v in sorted(versions))
+            raise ScriptNotFound(
+                f"script {name!r} has no version {version} (available: {known})", field="script"
+            )
+        return versions[version]
+
+    def load(self, name: str, version: int | None = None) -> LoadedScript:
+        return self.load_path(self.path_of(name, version))
+
+    def load_path(self, path: Path) -> LoadedScript:
+        script = load_model(path, Script)
+        expected = f"{path.parent.name}/{path.name.removesuffix('.yaml').split('@')[0]}"
+        if script.name != expected:
+            raise ScriptInvalid(
+                f"{path}: name {script.name!r} does not match its file ({expected})"
+            )
+        registry = load_registry(self.selectors_dir, script.site)
+        digest = hashlib.sha256()
+        digest.update((self.selectors_dir / f"{script.site}.yaml").read_bytes())
+        plan = list(self._flatten(script, path, Frame(script, path), "", [script.name], digest))
+        _check_plan(registry, plan)
+        return LoadedScript(script, path, registry, plan, digest.hexdigest())
+
+    def _flatten(
+        self,
+        script: Script,
+        path: Path,
+        frame: Frame,
+        prefix: str,
+        stack: list[str],
+        digest: Any,
+    ) -> Iterator[PlannedStep]:
+        digest.update(path.read_bytes())
+        for step in script.steps:
+            if not isinstance(step, UseStep):
+                yield PlannedStep(prefix + step.id, step, frame)
+                continue
+            where = _step_where(path, step.id)
+            flow_name, _, pinned = step.use.partition("@")
+            if flow_name in stack:
+                raise ScriptInvalid(f"{where}: 'use: {step.use}' is a cycle ({' > '.join(stack)})")
+            try:
+                flow_path = self.path_of(flow_name, int(pinned) if pinned else None)
+            except ScriptNotFound as exc:
+                raise ScriptInvalid(f"{where}: use: {exc.message}") from exc
+            flow = load_model(flow_path, Script)
+            if flow.site != script.site:
+                raise ScriptInvalid(f"{where}: sub-flow {flow.name} is for site {flow.site!r}")
+            unknown = sorted(set(step.with_) - set(flow.inputs))
+            missing = sorted(
+                n
+                for n, s in flow.inputs.items()
+                if s.required and s.default is None and n not in step.with_
+            )
+            if unknown:
+                raise ScriptInvalid(f"{where}: with: {flow.name} has no input(s) {unknown}")
+            if missing:
+                raise ScriptInvalid(f"{where}: with: {flow.name} needs input(s) {missing}")
+            child = Frame(flow, flow_path, dict(step.with_), frame)
+            yield from self._flatten(
+                flow, flow_path, child, f"{prefix}{step.id}.", [*stack, flow_name], digest
+            )
+            # The `use` step's own expectation applies once the whole sub-flow has run.
+            if step.expect is not None:
+                yield PlannedStep(
+                    f"{prefix}{step.id}", ExpectStep(id=step.id, expect=step.expect), frame
+                )
+
+
+def _step_where(path: Path, step_id: str) -> str:
+    data, node = read_yaml(path)
+    steps = data.get("steps", []) if isinstance(data, dict) else []
+    for index, raw in enumerate(steps):
+        if isinstance(raw, dict) and raw.get("id") == step_id:
+            loc: tuple[int | str, ...] = ("steps", index)
+            return f"{path}:{line_of(node, loc)}: {describe_loc(data, loc)}"
+    return f"{path}: step {step_id!r}"
+
+
+def _check_plan(registry: SiteRegistry, plan: list[PlannedStep]) -> None:
+    """Targets exist in the registry; templates only reference declared names."""
+    produced: set[str] = set()
+    for planned in plan:
+        step, frame = planned.step, planned.frame
+
+        def fail(message: str, step_id: str = step.id, frame: Frame = frame) -> None:
+            raise ScriptInvalid(f"{_step_where(frame.path, step_id)}: {message}")
+
+        targets = step.targets() + (step.expect.targets() if step.expect else [])
+        for target in targets:
+            if target not in registry.elements:
+                fail(f"target {target!r} is not in selectors/{registry.site}.yaml")
+        templates = step.templates() + (step.expect.templates() if step.expect else [])
+        for source in templates:
+            try:
+                refs = references(source)
+            except TemplateError as exc:
+                fail(str(exc))
+            for ref in refs:
+                problem = _undeclared(ref, frame.script, produced)
+                if problem:
+                    fail(problem)
+        if isinstance(step, ExtractStep):
+            produced.update(step.extract)
+    # Sub-flow bindings are templates in the parent's namespace.
+    for planned in plan:
+        parent = planned.frame.parent
+        if parent is None:
+            continue
+        for source in planned.frame.bindings.values():
+            for ref in references(source):
+                problem = _undeclared(ref, parent.script, produced)
+                if problem:
+                    where = _step_where(parent.path, planned.id.split(".")[-2])
+                    raise ScriptInvalid(f"{where}: with: {problem}")
+
+
+def _undeclared(ref: Reference, script: Script, produced: set[str]) -> str | None:
+    if ref.namespace == "inputs" and ref.name not in script.inputs:
+        return f"'{{{{ inputs.{ref.name} }}}}' is not a declared input of {script.name}"
+    if ref.namespace == "secrets" and ref.name not in script.secrets:
+        return f"'{{{{ secrets.{ref.name} }}}}' is not in the 'secrets' list of {script.name}"
+    if ref.namespace == "outputs" and ref.name not in produced:
+        return f"'{{{{ outputs.{ref.name} }}}}' is not extracted by an earlier step"
+    return None

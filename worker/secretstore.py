@@ -1,0 +1,82 @@
+"""Where secrets come from, and how their values are kept out of everything Formwork writes.
+
+Scripts name secrets (`billing_password`); values come only from the worker's side — the
+environment (`FORMWORK_SECRET_BILLING_PASSWORD`) or a YAML secrets file
+(`FORMWORK_SECRETS_FILE`) — never from a job payload, so an orchestrator (or whoever can write
+to the queue) never handles credentials.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import yaml
+
+from worker.errors import SecretMissing
+
+ENV_PREFIX = "FORMWORK_SECRET_"
+MASK = "***"
+
+
+class SecretStore:
+    """Resolves secret names: environment first, then the secrets file."""
+
+    def __init__(self, file: Path | None = None, environ: Mapping[str, str] | None = None) -> None:
+        self._environ = os.environ if environ is None else environ
+        self._file_values: dict[str, str] = {}
+        self.file = file
+        if file is not None:
+            self._file_values = _read_secrets_file(file)
+
+    def get(self, name: str) -> str | None:
+        value = self._environ.get(ENV_PREFIX + name.upper())
+        return value if value is not None else self._file_values.get(name)
+
+    def resolve(self, names: Iterable[str], *, script: str) -> dict[str, str]:
+        """Values of `names`; SecretMissing naming every one that is not configured."""
+        values = {name: self.get(name) for name in sorted(set(names))}
+        missing = [name for name, value in values.items() if not value]
+        if missing:
+            where = f"{ENV_PREFIX}<NAME>" + (f" or {self.file}" if self.file else "")
+            raise SecretMissing(
+                f"{script} needs secret(s) {missing}, not configured on this worker ({where})",
+                field="secrets",
+            )
+        return {name: value for name, value in values.items() if value}
+
+
+def _read_secrets_file(path: Path) -> dict[str, str]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        # The message names the file only: a YAML error would quote the line, i.e. a value.
+        raise SecretMissing(f"secrets file {path} cannot be read as YAML") from exc
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise SecretMissing(f"secrets file {path} must be a mapping of name: value")
+    return {k: str(v) for k, v in data.items() if v is not None}
+
+
+class Redactor:
+    """Replaces known secret values in text. Defence in depth: values are never written on
+    purpose, but a page or an error message may echo one back."""
+
+    def __init__(self, values: Iterable[str] = ()) -> None:
+        self._values: set[str] = set()
+        self._pattern: re.Pattern[str] | None = None
+        self.add(values)
+
+    def add(self, values: Iterable[str]) -> None:
+        # Very short values would redact ordinary text everywhere; they are masked in
+        # screenshots like any other, but not scrubbed from prose.
+        self._values.update(v for v in values if len(v) >= 4)
+        if self._values:
+            ordered = sorted(self._values, key=len, reverse=True)
+            self._pattern = re.compile("|".join(re.escape(v) for v in ordered))
+
+    def __call__(self, text: str | None) -> str | None:
+        if text is None or self._pattern is None:
+            return text
+        return self._pattern.sub(MASK, text)

@@ -1,0 +1,181 @@
+"""Per-site selector registries: logical element names, their ordered candidates, detectors.
+
+Scripts name logical elements (`credit.amount`), never raw CSS, so a markup change is fixed once
+in `selectors/<site>.yaml` and every script of that site follows. Candidates are tried in order;
+the step report records which one matched, so a fallback in use is visible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from playwright.async_api import Error as PlaywrightError
+from playwright.async_api import Locator, Page
+from playwright.async_api import TimeoutError as PlaywrightTimeoutError
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
+
+from worker.contract import FailureCode, MatchedSelector
+from worker.errors import ScriptInvalid, StepError
+from worker.yamlfile import load_model
+
+ELEMENT_NAME = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$"
+_KINDS = ("role", "label", "placeholder", "test_id", "text", "css")
+
+
+class Candidate(BaseModel):
+    """One way to find an element. Exactly one of the locator kinds is given."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: str | None = None
+    name: str | None = Field(default=None, description="Accessible name, with `role`.")
+    label: str | None = None
+    placeholder: str | None = None
+    test_id: str | None = None
+    text: str | None = None
+    css: str | None = None
+    exact: bool = True
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Candidate:
+        given = [kind for kind in _KINDS if getattr(self, kind) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(_KINDS)} (got {given or 'none'})")
+        if self.name is not None and self.role is None:
+            raise ValueError("'name' only goes with 'role'")
+        return self
+
+    def describe(self) -> str:
+        if self.role is not None:
+            return f"role={self.role}" + (f"[name={self.name!r}]" if self.name else "")
+        kind = next(k for k in _KINDS if getattr(self, k) is not None)
+        return f"{kind}={getattr(self, kind)}"
+
+    def locator(self, page: Page) -> Locator:
+        if self.role is not None:
+            # Playwright types the role as a Literal of ARIA roles; the registry holds plain text.
+            return page.get_by_role(self.role, name=self.name, exact=self.exact)  # type: ignore[arg-type]
+        if self.label is not None:
+            return page.get_by_label(self.label, exact=self.exact)
+        if self.placeholder is not None:
+            return page.get_by_placeholder(self.placeholder, exact=self.exact)
+        if self.test_id is not None:
+            return page.get_by_test_id(self.test_id)
+        if self.text is not None:
+            return page.get_by_text(self.text, exact=self.exact)
+        assert self.css is not None
+        return page.locator(self.css)
+
+
+class Detectors(BaseModel):
+    """CSS selectors that reveal how the site shows trouble."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    validation_error: list[str] = Field(default_factory=list)
+    login_page: list[str] = Field(default_factory=list)
+    error_banner: list[str] = Field(default_factory=list)
+
+
+class SiteRegistry(BaseModel):
+    """`selectors/<site>.yaml`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    site: str = Field(pattern=r"^[a-z0-9_]+$")
+    base_url: HttpUrl
+    allowed_hosts: list[str] = Field(min_length=1)
+    elements: dict[str, list[Candidate]]
+    detectors: Detectors = Field(default_factory=Detectors)
+
+    @model_validator(mode="after")
+    def _elements(self) -> SiteRegistry:
+        import re
+
+        for name, candidates in self.elements.items():
+            if not re.match(ELEMENT_NAME, name):
+                raise ValueError(f"element name {name!r} must be dotted lower_case words")
+            if not candidates:
+                raise ValueError(f"element {name!r} has no candidates")
+        return self
+
+    def candidates(self, element: str) -> list[Candidate]:
+        try:
+            return self.elements[element]
+        except KeyError:
+            raise StepError(
+                FailureCode.script_error, f"element {element!r} is not in the {self.site} registry"
+            ) from None
+
+
+def load_registry(selectors_dir: Path, site: str) -> SiteRegistry:
+    path = selectors_dir / f"{site}.yaml"
+    if not path.is_file():
+        raise ScriptInvalid(f"{path}: no selector registry for site {site!r}")
+    registry = load_model(path, SiteRegistry)
+    if registry.site != site:
+        raise ScriptInvalid(f"{path}: declares site {registry.site!r}, expected {site!r}")
+    return registry
+
+
+@dataclass(frozen=True)
+class Resolved:
+    locator: Locator
+    matched: MatchedSelector
+
+
+WaitState = Literal["attached", "detached", "visible", "hidden"]
+
+
+async def resolve(
+    page: Page,
+    registry: SiteRegistry,
+    element: str,
+    *,
+    timeout_ms: float,
+    state: WaitState = "visible",
+) -> Resolved:
+    """Wait until some candidate of `element` is in `state`; return the first that is.
+
+    One combined wait (`or_`) instead of polling each candidate: a fallback that is present
+    right away is found without first waiting out the primary's timeout.
+    """
+    candidates = registry.candidates(element)
+    locators = [candidate.locator(page) for candidate in candidates]
+    combined = locators[0]
+    for other in locators[1:]:
+        combined = combined.or_(other)
+    tried = ", ".join(c.describe() for c in candidates)
+    try:
+        await combined.first.wait_for(state=state, timeout=timeout_ms)
+    except PlaywrightTimeoutError as exc:
+        raise StepError(
+            FailureCode.selector_not_found,
+            f"element {element!r} not {state} within {timeout_ms / 1000:g}s; tried {tried}",
+        ) from exc
+    # The page may change between the combined wait and the per-candidate checks (a script
+    # re-rendering the form), so look a few times before giving up.
+    for _ in range(3):
+        for index, (candidate, locator) in enumerate(zip(candidates, locators, strict=True)):
+            try:
+                if await _in_state(locator.first, state):
+                    matched = MatchedSelector(
+                        element=element, candidate=candidate.describe(), index=index
+                    )
+                    return Resolved(locator=locator.first, matched=matched)
+            except PlaywrightError:
+                continue
+        await asyncio.sleep(0)
+    raise StepError(FailureCode.selector_not_found, f"element {element!r} vanished; tried {tried}")
+
+
+async def _in_state(locator: Locator, state: WaitState) -> bool:
+    if state == "visible":
+        return await locator.is_visible()
+    if state == "hidden":
+        return await locator.is_hidden()
+    count = await locator.count()
+    return count > 0 if state == "attached" else count == 0
