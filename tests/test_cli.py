@@ -1,0 +1,113 @@
+"""The `formwork` command as a user runs it: a real process, a real fixture site."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from worker.contract import JobReport, JobStatus
+
+from .conftest import ROOT, SECRETS_FILE, Site
+
+RUN_INPUTS = [
+    "--input", "account_id=AC-10231", "--input", "amount=15.00",
+    "--input", "reason=damaged item", "--input", "reference=T-88812",
+]  # fmt: skip
+
+
+def formwork(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "FORMWORK_SECRETS_FILE": str(SECRETS_FILE),
+        "FORMWORK_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+
+
+def test_run_prints_every_step_and_exits_zero(billing: Site, tmp_path: Path) -> None:
+    result = formwork(
+        "run",
+        "scripts/billing/issue_credit.yaml",
+        "--site-url",
+        billing.url,
+        *RUN_INPUTS,
+        tmp_path=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for step in ("login.open", "login.password", "open_account", "review", "submit"):
+        assert f" {step} " in result.stdout
+    assert "succeeded" in result.stdout
+    credits = billing.credits()
+    assert len(credits) == 1
+    assert f"output confirmation_number = {credits[0]['confirmation']}" in result.stdout
+    assert "report:" in result.stdout and "screenshots:" in result.stdout
+
+
+def test_run_json_prints_the_report(billing: Site, tmp_path: Path) -> None:
+    result = formwork(
+        "run",
+        "billing/issue_credit",
+        "--site-url",
+        billing.url,
+        "--json",
+        "--job-id",
+        "cli-1",
+        *RUN_INPUTS,
+        tmp_path=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    report = JobReport.model_validate_json(result.stdout)
+    assert report.job_id == "cli-1" and report.status == JobStatus.succeeded
+    assert (tmp_path / "artifacts" / "cli-1" / "report.json").is_file()
+
+
+def test_failed_step_is_named_and_exit_is_nonzero(billing: Site, tmp_path: Path) -> None:
+    billing.faults(reject_value=[{"field": "amount", "value": "15.00", "message": "Too much"}])
+    result = formwork(
+        "run", "billing/issue_credit", "--site-url", billing.url, *RUN_INPUTS, tmp_path=tmp_path
+    )
+    assert result.returncode == 1
+    assert "validation_rejected at step review" in result.stdout
+    assert "Too much" in result.stdout
+    assert billing.credits() == []
+
+
+def test_bad_input_is_rejected_with_exit_two(billing: Site, tmp_path: Path) -> None:
+    result = formwork(
+        "run", "billing/issue_credit", "--site-url", billing.url,
+        "--input", "account_id=AC-1", tmp_path=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "rejected" in result.stdout and "input 'account_id'" in result.stdout
+    assert billing.state()["requests"] == 0
+
+
+def test_schema_exports_the_public_field_names(tmp_path: Path) -> None:
+    result = formwork("schema", tmp_path=tmp_path)
+    assert result.returncode == 0
+    schemas = json.loads(result.stdout)
+    report = schemas["JobReport"]["properties"]
+    assert {"job_id", "status", "outputs", "steps", "artifacts", "error"} <= set(report)
+    step = schemas["StepReport"]["properties"]
+    assert {"id", "action", "status", "attempts", "duration_ms", "selector", "url",
+            "screenshot", "failure"} <= set(step)  # fmt: skip
+    assert {"job_id", "script", "inputs", "site_url", "idempotency_key", "deadline"} <= set(
+        schemas["BrowserJob"]["properties"]
+    )
+
+
+def test_validate_checks_every_script(tmp_path: Path) -> None:
+    result = formwork("validate", tmp_path=tmp_path)
+    assert result.returncode == 0, result.stdout
+    assert "ok    billing/issue_credit@1" in result.stdout
