@@ -5,18 +5,23 @@ from __future__ import annotations
 import json
 import os
 import urllib.request
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from arq import Worker
 
 from fixtures import FixtureServer, start_fixture
 from worker.artifacts import LocalArtifacts
 from worker.browser import BrowserHost
+from worker.client import FormworkClient
 from worker.executor import Runtime
+from worker.queue import running_worker
 from worker.script import ScriptStore
 from worker.secretstore import SecretStore
+from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
@@ -106,3 +111,67 @@ def fixture_secrets() -> dict[str, str]:
 
     values: dict[str, str] = yaml.safe_load(SECRETS_FILE.read_text())
     return values
+
+
+# ---------------------------------------------------------------- the queue: real Redis
+
+TEST_REDIS_URL = os.environ.get("FORMWORK_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """A real Redis (started if none answers), on a database of its own, emptied per session."""
+    import redis as redis_sync
+
+    from worker.localredis import ensure
+
+    ensure(TEST_REDIS_URL)
+    client = redis_sync.Redis.from_url(TEST_REDIS_URL)
+    client.flushdb()
+    client.close()
+    return TEST_REDIS_URL
+
+
+@pytest.fixture
+def settings(redis_url: str, tmp_path: Path) -> Settings:
+    """Worker settings isolated per test by a key prefix of their own."""
+    return Settings(
+        redis_url=redis_url,
+        key_prefix=f"t{uuid.uuid4().hex[:10]}",
+        artifacts_dir=tmp_path / "artifacts",
+        scripts_dir=SCRIPTS,
+        selectors_dir=SELECTORS,
+        secrets_file=SECRETS_FILE,
+        max_jobs=4,
+        shutdown_grace_s=0,
+    )
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[FormworkClient]:
+    async with FormworkClient(settings.redis_url, key_prefix=settings.key_prefix) as c:
+        yield c
+
+
+@pytest.fixture
+async def worker(settings: Settings, browser_host: BrowserHost) -> AsyncIterator[Worker]:
+    """An in-process worker sharing the session's Chromium."""
+    async with running_worker(settings, browser_host) as w:
+        yield w
+
+
+def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """Environment for a `formwork worker` process with these settings."""
+    env = {
+        **os.environ,
+        "REDIS_URL": settings.redis_url,
+        "FORMWORK_KEY_PREFIX": settings.key_prefix,
+        "FORMWORK_ARTIFACTS_DIR": str(settings.artifacts_dir),
+        "FORMWORK_SCRIPTS_DIR": str(settings.scripts_dir),
+        "FORMWORK_SELECTORS_DIR": str(settings.selectors_dir),
+        "FORMWORK_SECRETS_FILE": str(settings.secrets_file),
+        "FORMWORK_MAX_JOBS": str(settings.max_jobs),
+        "FORMWORK_SHUTDOWN_GRACE": str(settings.shutdown_grace_s),
+    }
+    env.update(extra)
+    return env

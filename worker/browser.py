@@ -14,7 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from playwright.async_api import Browser, BrowserContext, Playwright, async_playwright
+from playwright.async_api import Browser, BrowserContext, Page, Playwright, async_playwright
+from playwright.async_api import Error as PlaywrightError
 
 log = logging.getLogger("formwork.browser")
 
@@ -51,10 +52,14 @@ def find_chromium() -> str | None:
 class BrowserHost:
     """Owns Playwright and the Chromium process; hands out isolated contexts."""
 
-    def __init__(self, executable: str | None = None, *, headless: bool = True) -> None:
+    def __init__(
+        self, executable: str | None = None, *, headless: bool = True, keep_warm: bool = False
+    ) -> None:
         self.executable = executable if executable is not None else find_chromium()
         self.headless = headless
+        self.keep_warm = keep_warm
         self.launches = 0
+        self._warm: asyncio.Task[tuple[BrowserContext, Page]] | None = None
         self._playwright: Playwright | None = None
         self._browser: Browser | None = None
         self._lock = asyncio.Lock()
@@ -81,11 +86,37 @@ class BrowserHost:
         options.setdefault("viewport", VIEWPORT)
         return await browser.new_context(**options)
 
+    async def open_page(self) -> tuple[BrowserContext, Page]:
+        """A fresh context with one page. With `keep_warm`, the pair was made ahead of time,
+        so a job does not pay context and page creation on its critical path."""
+        warm, self._warm = self._warm, None
+        if self.keep_warm:
+            self._warm = asyncio.create_task(self._fresh_page(), name="warm-page")
+        if warm is not None:
+            try:
+                context, page = await warm
+                if context.browser is not None and context.browser.is_connected():
+                    return context, page
+            except PlaywrightError as exc:
+                log.warning("warm page unusable (%s); making a fresh one", exc.message)
+        return await self._fresh_page()
+
+    async def _fresh_page(self) -> tuple[BrowserContext, Page]:
+        context = await self.new_context()
+        return context, await context.new_page()
+
     @property
     def browser(self) -> Browser | None:
         return self._browser
 
     async def stop(self) -> None:
+        if self._warm is not None:
+            warm, self._warm = self._warm, None
+            try:
+                context, _ = await warm
+                await context.close()
+            except PlaywrightError:
+                log.debug("warm context already gone at stop")
         async with self._lock:
             if self._browser is not None:
                 await self._browser.close()

@@ -18,6 +18,8 @@ from worker.artifacts import LocalArtifacts
 from worker.browser import BrowserHost
 from worker.contract import (
     BrowserJob,
+    EventKind,
+    JobEvent,
     JobReport,
     JobStatus,
     StepReport,
@@ -153,6 +155,110 @@ async def _run(args: argparse.Namespace) -> int:
     return 2 if report.status == JobStatus.rejected else 1
 
 
+def _worker(args: argparse.Namespace) -> int:
+    from worker.queue import build_worker
+
+    settings = Settings.from_env(
+        max_jobs=args.max_jobs, artifacts_dir=args.artifacts, secrets_file=args.secrets_file
+    )
+    worker = build_worker(settings, burst=args.burst)
+    print(
+        f"formwork worker: queue {worker.queue_name} on {settings.redis_url}, "
+        f"max {settings.max_jobs} jobs",
+        flush=True,
+    )
+    worker.run()
+    return 0
+
+
+def format_event(event_id: str, event: JobEvent) -> str:
+    if event.kind == EventKind.step and event.step is not None:
+        if event.step.status == StepStatus.running:
+            return f"{event.seq:>4} step {event.step.id} running"
+        return f"{event.seq:>4}" + format_step(event.step)[1:]
+    line = f"{event.seq:>4} job {event.status}"
+    return line + (f": {event.message}" if event.message else "")
+
+
+async def _enqueue(args: argparse.Namespace) -> int:
+    from worker.client import FormworkClient
+
+    settings = Settings.from_env()
+    try:
+        job = BrowserJob(
+            job_id=args.job_id or f"job-{uuid.uuid4().hex[:12]}",
+            script=args.script,
+            inputs=_parse_inputs(args.input),
+            site_url=args.site_url,
+            idempotency_key=args.idempotency_key,
+        )
+    except ValidationError as exc:
+        print(f"formwork: invalid job: {exc}", file=sys.stderr)
+        return 2
+    async with FormworkClient(settings.redis_url, key_prefix=settings.key_prefix) as client:
+        handle = await client.enqueue(job)
+        print(handle.job_id)
+        if not handle.created:
+            print(f"(already enqueued as {handle.job_id}; not queued again)", file=sys.stderr)
+        if args.watch:
+            return await _follow(client, handle.job_id, "0-0")
+    return 0
+
+
+async def _follow(client: Any, job_id: str, after: str) -> int:
+    handle = client.handle(job_id)
+    if await handle.status() is None:
+        print(f"formwork: no job {job_id}", file=sys.stderr)
+        return 2
+    async for event_id, event in handle.events(after=after):
+        print(format_event(event_id, event), flush=True)
+    report = await handle.report()
+    if report is not None:
+        print_summary(report, sys.stdout)
+        return 0 if report.status == JobStatus.succeeded else 1
+    return 1
+
+
+async def _watch(args: argparse.Namespace) -> int:
+    from worker.client import FormworkClient
+
+    settings = Settings.from_env()
+    async with FormworkClient(settings.redis_url, key_prefix=settings.key_prefix) as client:
+        return await _follow(client, args.job_id, args.after)
+
+
+async def _status(args: argparse.Namespace) -> int:
+    from worker.client import FormworkClient
+
+    settings = Settings.from_env()
+    async with FormworkClient(settings.redis_url, key_prefix=settings.key_prefix) as client:
+        handle = client.handle(args.job_id)
+        status = await handle.status()
+        if status is None:
+            print(f"formwork: no job {args.job_id}", file=sys.stderr)
+            return 2
+        report = await handle.report()
+        if args.json:
+            print(report.model_dump_json(indent=2) if report else json.dumps({"status": status}))
+        elif report is not None:
+            print_summary(report, sys.stdout)
+        else:
+            print(f"job {args.job_id}: {status}")
+    return 0
+
+
+async def _abort(args: argparse.Namespace) -> int:
+    from worker.client import FormworkClient
+
+    settings = Settings.from_env()
+    async with FormworkClient(settings.redis_url, key_prefix=settings.key_prefix) as client:
+        if await client.abort(args.job_id, args.reason):
+            print(f"abort requested for {args.job_id}")
+            return 0
+    print(f"formwork: job {args.job_id} is unknown or already ended", file=sys.stderr)
+    return 1
+
+
 def _schema(args: argparse.Namespace) -> int:
     schemas = contract_schemas()
     if args.out:
@@ -230,6 +336,37 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8811)
     serve.add_argument("--host", default="127.0.0.1")
     serve.set_defaults(handler=_fixtures)
+
+    worker = sub.add_parser("worker", help="run a queue worker (arq on Redis)")
+    worker.add_argument("--max-jobs", type=int, help="jobs at once (FORMWORK_MAX_JOBS)")
+    worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    worker.add_argument("--artifacts", type=Path)
+    worker.add_argument("--secrets-file", type=Path)
+    worker.set_defaults(handler=_worker)
+
+    enqueue = sub.add_parser("enqueue", help="queue a job; prints its id")
+    enqueue.add_argument("script", help="billing/issue_credit[@1]")
+    enqueue.add_argument("--input", action="append", default=[], metavar="KEY=VALUE")
+    enqueue.add_argument("--site-url")
+    enqueue.add_argument("--job-id")
+    enqueue.add_argument("--idempotency-key")
+    enqueue.add_argument("--watch", action="store_true", help="then print events until it ends")
+    enqueue.set_defaults(handler=lambda a: asyncio.run(_enqueue(a)))
+
+    watch = sub.add_parser("watch", help="print a job's events until it ends")
+    watch.add_argument("job_id")
+    watch.add_argument("--after", default="0-0", help="resume after this event id")
+    watch.set_defaults(handler=lambda a: asyncio.run(_watch(a)))
+
+    status = sub.add_parser("status", help="a job's status and report")
+    status.add_argument("job_id")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=lambda a: asyncio.run(_status(a)))
+
+    abort = sub.add_parser("abort", help="stop a job between steps")
+    abort.add_argument("job_id")
+    abort.add_argument("--reason", default="aborted from the command line")
+    abort.set_defaults(handler=lambda a: asyncio.run(_abort(a)))
 
     demo = sub.add_parser("demo", help="run the billing demo end to end")
     demo.set_defaults(handler=_demo)

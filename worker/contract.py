@@ -111,6 +111,7 @@ class BrowserJob(_Model):
         default_factory=dict,
         description="The orchestrator's own ids (conversation, ticket, agent run), echoed back.",
     )
+    webhook: WebhookTarget | None = None
 
     @field_validator("script")
     @classmethod
@@ -133,10 +134,20 @@ class BrowserJob(_Model):
         return match["name"]
 
     @property
+    def site(self) -> str:
+        return self.script_name.split("/", 1)[0]
+
+    @property
     def script_version(self) -> int | None:
         match = SCRIPT_REF.match(self.script)
         assert match
         return int(match["version"]) if match["version"] else None
+
+
+class WebhookTarget(_Model):
+    """Where to POST this job's events, signed with the worker's webhook secret."""
+
+    url: str = Field(pattern=r"^https?://[^/\s]+")
 
 
 class MatchedSelector(_Model):
@@ -193,7 +204,31 @@ class JobReport(_Model):
     correlation: dict[str, str] = Field(default_factory=dict)
 
 
+class EventKind(StrEnum):
+    job = "job"
+    step = "step"
+
+
+class JobEvent(_Model):
+    """One transition of a job or one of its steps, as published on the job's event stream."""
+
+    seq: int = Field(description="1, 2, 3… per job: monotonically increasing, no gaps.")
+    job_id: str
+    kind: EventKind
+    status: str = Field(description="The JobStatus or StepStatus after the transition.")
+    at: datetime
+    step: StepReport | None = None
+    report: JobReport | None = Field(
+        default=None, description="The full report, on the job's terminal event only."
+    )
+    message: str | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.kind == EventKind.job and JobStatus(self.status).terminal
+
+
 def contract_schemas() -> dict[str, Any]:
     """JSON Schemas of every model on the wire, keyed by model name."""
-    models: list[type[BaseModel]] = [BrowserJob, JobReport, StepReport]
+    models: list[type[BaseModel]] = [BrowserJob, JobReport, StepReport, JobEvent]
     return {model.__name__: model.model_json_schema() for model in models}

@@ -1,24 +1,29 @@
-"""`make demo`: the billing fixture, one real credit issued end to end, the report printed."""
+"""`make demo`: the whole path a real deployment takes, on this machine.
+
+The billing fixture site, a `formwork worker` process on Redis, an orchestrator (this process)
+that enqueues "issue a $15 credit to AC-10231" with the client, prints every event as it
+arrives, then the report, the audit trail's location and the site's own ground truth.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import sys
 import urllib.request
 import uuid
 from pathlib import Path
 
 from fixtures import start_fixture
-from worker.artifacts import LocalArtifacts
-from worker.browser import BrowserHost
-from worker.cli import _Printer, print_summary
+from worker.cli import format_event, print_summary
+from worker.client import FormworkClient
 from worker.contract import BrowserJob, JobStatus
-from worker.executor import Runtime, run_job
-from worker.script import ScriptStore
-from worker.secretstore import SecretStore
+from worker.localredis import ensure
 from worker.settings import Settings
 
+DEMO_PREFIX = "formwork-demo"
 DEMO_INPUTS = {
     "account_id": "AC-10231",
     "amount": "15.00",
@@ -29,32 +34,46 @@ DEMO_INPUTS = {
 
 async def demo() -> int:
     settings = Settings.from_env()
+    print(ensure(settings.redis_url))
     secrets_file = settings.secrets_file or Path("fixtures/secrets.yaml")
+    env = {
+        **os.environ,
+        "REDIS_URL": settings.redis_url,
+        "FORMWORK_KEY_PREFIX": DEMO_PREFIX,
+        "FORMWORK_SECRETS_FILE": str(secrets_file),
+    }
     with start_fixture("billing") as site:
         print(f"billing fixture site: {site.url}")
-        job = BrowserJob(
-            job_id=f"demo-{uuid.uuid4().hex[:8]}",
-            script="billing/issue_credit",
-            inputs=DEMO_INPUTS,
-            site_url=site.url,
-            idempotency_key="T-88812",
+        worker = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "worker.cli", "worker", env=env
         )
-        runtime = Runtime(
-            scripts=ScriptStore(settings.scripts_dir, settings.selectors_dir),
-            browser=BrowserHost(settings.chromium),
-            artifacts=LocalArtifacts(settings.artifacts_dir),
-            secrets=SecretStore(secrets_file),
-        )
-        print(f"running {job.script} as job {job.job_id}")
         try:
-            report = await run_job(job, runtime, _Printer(sys.stdout))
+            job = BrowserJob(
+                job_id=f"demo-{uuid.uuid4().hex[:8]}",
+                script="billing/issue_credit",
+                inputs=DEMO_INPUTS,
+                site_url=site.url,
+                correlation={"ticket": "T-88812", "agent_run": "demo"},
+            )
+            async with FormworkClient(settings.redis_url, key_prefix=DEMO_PREFIX) as client:
+                handle = await client.enqueue(job)
+                print(f"enqueued {job.script} as job {handle.job_id}; events as they arrive:")
+                async with asyncio.timeout(120):
+                    async for event_id, event in handle.events():
+                        print(format_event(event_id, event), flush=True)
+                report = await handle.report()
         finally:
-            await runtime.browser.stop()
+            worker.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(worker.wait(), 60)
+        if report is None:
+            print("no report: the job did not finish")
+            return 1
+        print()
         print_summary(report, sys.stdout)
         credits = await asyncio.to_thread(_ground_truth, site.url)
         print(
-            f"fixture ground truth: {len(credits)} credit(s): "
-            + ", ".join(f"{c['confirmation']} {c['amount']} ref {c['reference']}" for c in credits)
+            f"  fixture ground truth: {len(credits)} credit(s): "
+            + ", ".join(f"{c['confirmation']} ${c['amount']} ref {c['reference']}" for c in credits)
         )
     return 0 if report.status == JobStatus.succeeded else 1
 

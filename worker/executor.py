@@ -11,6 +11,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -87,6 +88,8 @@ class Runtime:
 
 # Asked between steps; returning a reason stops the job as `cancelled`.
 StopCheck = Callable[[], Awaitable[str | None]]
+# Entered after intake and before any browser work (the per-site capacity slot).
+Gate = Callable[[LoadedScript], AbstractAsyncContextManager[None]]
 
 
 def now() -> datetime:
@@ -103,6 +106,7 @@ async def run_job(
     listener: RunListener | None = None,
     *,
     stop_check: StopCheck | None = None,
+    gate: Gate | None = None,
 ) -> JobReport:
     """Execute `job` end to end and return its report (also written to the artifacts)."""
     listener = listener or NullListener()
@@ -116,13 +120,17 @@ async def run_job(
         started_at=now(),
         artifacts=runtime.artifacts.describe(job.job_id),
     )
+    reason = await stop_check() if stop_check is not None else None
+    if reason is not None:
+        report.status = JobStatus.cancelled
+        report.error = Failure(code=FailureCode.cancelled, message=reason)
+        return await _finish(report, started, runtime, listener)
     try:
         loaded, inputs, secrets = intake(job, runtime)
     except RejectedError as exc:
-        log.info("job %s rejected: %s", job.job_id, exc.code)
-        report.status = JobStatus.rejected
-        report.error = exc.to_failure()
-        return await _finish(report, started, runtime, listener)
+        return await reject(
+            job.job_id, job.script_name, exc, runtime, listener, correlation=job.correlation
+        )
 
     report.script_version = loaded.script.version
     report.inputs = loaded.redacted_inputs(inputs)
@@ -130,18 +138,60 @@ async def run_job(
     await listener.job_changed(report)
 
     run = _Run(job, loaded, inputs, secrets, runtime, report, listener)
-    context = await runtime.browser.new_context()
-    try:
-        context.set_default_timeout(loaded.script.timeout_ms)
-        run.page = await context.new_page()
-        run.page.on("response", run.on_response)
-        await run.steps(stop_check)
-    finally:
+    async with gate(loaded) if gate is not None else nullcontext():
+        context, run.page = await runtime.browser.open_page()
         try:
-            await context.close()
-        except PlaywrightError:
-            log.warning("job %s: context already gone at close", job.job_id)
+            context.set_default_timeout(loaded.script.timeout_ms)
+            run.page.on("response", run.on_response)
+            await run.steps(stop_check)
+        finally:
+            try:
+                await context.close()
+            except PlaywrightError:
+                log.warning("job %s: context already gone at close", job.job_id)
     return await _finish(report, started, runtime, listener)
+
+
+async def reject(
+    job_id: str,
+    script: str,
+    error: RejectedError,
+    runtime: Runtime,
+    listener: RunListener | None = None,
+    *,
+    correlation: dict[str, str] | None = None,
+) -> JobReport:
+    """The report of a job refused before any browser work."""
+    log.info("job %s rejected: %s", job_id, error.code)
+    report = JobReport(
+        job_id=job_id,
+        status=JobStatus.rejected,
+        script=script,
+        correlation=correlation or {},
+        started_at=now(),
+        artifacts=runtime.artifacts.describe(job_id),
+        error=error.to_failure(),
+    )
+    return await _finish(report, time.perf_counter(), runtime, listener or NullListener())
+
+
+async def fail_internally(
+    job: BrowserJob, error: Exception, runtime: Runtime, listener: RunListener
+) -> JobReport:
+    """The report of a job that Formwork itself failed (a bug, not the site)."""
+    report = JobReport(
+        job_id=job.job_id,
+        status=JobStatus.failed,
+        script=job.script_name,
+        correlation=job.correlation,
+        started_at=now(),
+        artifacts=runtime.artifacts.describe(job.job_id),
+        error=Failure(
+            code=FailureCode.script_error,
+            message=f"internal error in the worker: {type(error).__name__}",
+        ),
+    )
+    return await _finish(report, time.perf_counter(), runtime, listener)
 
 
 def intake(

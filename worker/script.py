@@ -530,17 +530,31 @@ class ScriptStore:
     def __init__(self, scripts_dir: Path, selectors_dir: Path) -> None:
         self.scripts_dir = scripts_dir
         self.selectors_dir = selectors_dir
+        # Loaded scripts by path, valid while none of the files they were built from changed:
+        # a worker parses YAML once per script change, not once per job.
+        self._cache: dict[Path, tuple[tuple[tuple[Path, int], ...], LoadedScript]] = {}
+        self._versions: dict[Path, tuple[int, int | None]] = {}
 
     def versions(self, name: str) -> dict[int, Path]:
         site, _, short = name.partition("/")
         folder = self.scripts_dir / site
         found: dict[int, Path] = {}
         for path in sorted([*folder.glob(f"{short}.yaml"), *folder.glob(f"{short}@*.yaml")]):
-            data, _ = read_yaml(path)
-            version = data.get("version") if isinstance(data, dict) else None
-            if isinstance(version, int):
+            version = self._version_of(path)
+            if version is not None:
                 found[version] = path
         return found
+
+    def _version_of(self, path: Path) -> int | None:
+        stamp = _mtime(path)
+        cached = self._versions.get(path)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        data, _ = read_yaml(path)
+        version = data.get("version") if isinstance(data, dict) else None
+        result = version if isinstance(version, int) else None
+        self._versions[path] = (stamp, result)
+        return result
 
     def path_of(self, name: str, version: int | None = None) -> Path:
         versions = self.versions(name)
@@ -559,6 +573,16 @@ class ScriptStore:
         return self.load_path(self.path_of(name, version))
 
     def load_path(self, path: Path) -> LoadedScript:
+        cached = self._cache.get(path)
+        if cached is not None and all(_mtime(p) == m for p, m in cached[0]):
+            return cached[1]
+        loaded = self._load_path(path)
+        sources = {path, self.selectors_dir / f"{loaded.script.site}.yaml"}
+        sources.update(planned.frame.path for planned in loaded.plan)
+        self._cache[path] = (tuple((p, _mtime(p)) for p in sorted(sources)), loaded)
+        return loaded
+
+    def _load_path(self, path: Path) -> LoadedScript:
         script = load_model(path, Script)
         expected = f"{path.parent.name}/{path.name.removesuffix('.yaml').split('@')[0]}"
         if script.name != expected:
@@ -616,6 +640,13 @@ class ScriptStore:
                 yield PlannedStep(
                     f"{prefix}{step.id}", ExpectStep(id=step.id, expect=step.expect), frame
                 )
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return -1
 
 
 def _step_where(path: Path, step_id: str) -> str:

@@ -80,6 +80,15 @@ class Detectors(BaseModel):
     error_banner: list[str] = Field(default_factory=list)
 
 
+class SiteLimits(BaseModel):
+    """How hard all workers together may drive the site."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_concurrent_jobs: int | None = Field(default=None, ge=1)
+    min_interval_ms: int | None = Field(default=None, ge=1, description="Between job starts.")
+
+
 class SiteRegistry(BaseModel):
     """`selectors/<site>.yaml`."""
 
@@ -90,6 +99,7 @@ class SiteRegistry(BaseModel):
     allowed_hosts: list[str] = Field(min_length=1)
     elements: dict[str, list[Candidate]]
     detectors: Detectors = Field(default_factory=Detectors)
+    limits: SiteLimits = Field(default_factory=SiteLimits)
 
     @model_validator(mode="after")
     def _elements(self) -> SiteRegistry:

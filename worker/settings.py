@@ -21,9 +21,13 @@ class Settings(BaseModel):
     selectors_dir: Path = Path("selectors")
     secrets_file: Path | None = None
     chromium: str | None = None
-    poll_delay_s: float = Field(default=0.05, gt=0, le=10)
+    # arq polls its queue; 20 ms keeps enqueue-to-start latency low at ~50 cheap reads a second.
+    poll_delay_s: float = Field(default=0.02, gt=0, le=10)
+    shutdown_grace_s: int = Field(default=30, ge=0)
     job_timeout_s: int = Field(default=600, gt=0)
-    queue_name: str = "formwork:queue"
+    key_prefix: str = Field(default="formwork", pattern=r"^[A-Za-z0-9:_-]+$")
+    webhook_secret: str | None = Field(default=None, repr=False)
+    webhook_hosts: list[str] | None = None  # None: any host; else only these
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -38,8 +42,12 @@ class Settings(BaseModel):
             "chromium": "FORMWORK_CHROMIUM",
             "poll_delay_s": "FORMWORK_POLL_DELAY",
             "job_timeout_s": "FORMWORK_JOB_TIMEOUT",
-            "queue_name": "FORMWORK_QUEUE",
+            "shutdown_grace_s": "FORMWORK_SHUTDOWN_GRACE",
+            "key_prefix": "FORMWORK_KEY_PREFIX",
+            "webhook_secret": "FORMWORK_WEBHOOK_SECRET",
         }
         values: dict[str, object] = {f: env[v] for f, v in names.items() if env.get(v)}
+        if env.get("FORMWORK_WEBHOOK_HOSTS"):
+            values["webhook_hosts"] = [h.strip() for h in env["FORMWORK_WEBHOOK_HOSTS"].split(",")]
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.model_validate(values)

@@ -1,0 +1,288 @@
+"""The queue-driven worker: real Redis, real Chromium, the real billing fixture site."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from arq import Worker
+from redis.asyncio import Redis
+
+from worker.browser import BrowserHost
+from worker.client import FormworkClient
+from worker.contract import BrowserJob, EventKind, JobEvent, JobStatus, StepStatus
+from worker.keys import ARQ_JOB_PREFIX, JOB_FUNCTION
+from worker.queue import running_worker
+from worker.settings import Settings
+from worker.webhooks import SIGNATURE_HEADER, verify_signature
+
+from .conftest import CREDIT_INPUTS, SCRIPTS, SELECTORS, Site
+
+
+def credit_job(site: Site, job_id: str, **overrides: Any) -> BrowserJob:
+    inputs = {**CREDIT_INPUTS, **overrides.pop("inputs", {})}
+    return BrowserJob(
+        job_id=job_id, script="billing/issue_credit", inputs=inputs, site_url=site.url,
+        **overrides,
+    )  # fmt: skip
+
+
+async def collect(client: FormworkClient, job_id: str, after: str = "0-0") -> list[JobEvent]:
+    return [event async for _, event in client.handle(job_id).events(after=after)]
+
+
+async def test_enqueue_streams_every_transition_in_order_then_the_report(
+    billing: Site, client: FormworkClient, worker: Worker
+) -> None:
+    handle = await client.enqueue(credit_job(billing, "q-order"))
+    assert handle.created
+    events = await asyncio.wait_for(collect(client, handle.job_id), 60)
+
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert [(e.kind, e.status) for e in events[:2]] == [
+        (EventKind.job, "queued"),
+        (EventKind.job, "running"),
+    ]
+    assert (events[-1].kind, events[-1].status) == (EventKind.job, "succeeded")
+    step_events = [e for e in events if e.kind == EventKind.step]
+    # Each step: one "running" event, then one final event, in plan order.
+    assert all(e.step is not None for e in step_events)
+    pairs = [(e.step.id, e.status) for e in step_events if e.step is not None]
+    ids = [step_id for step_id, status in pairs if status == "running"]
+    assert pairs == [p for step_id in ids for p in ((step_id, "running"), (step_id, "succeeded"))]
+    assert ids[0] == "login.open" and ids[-1] == "confirmation"
+
+    report = await handle.report()
+    assert report is not None and report.status == JobStatus.succeeded
+    assert events[-1].report == report
+    assert await handle.status() == JobStatus.succeeded
+    credits = billing.credits()
+    assert len(credits) == 1
+    assert report.outputs["confirmation_number"] == credits[0]["confirmation"]
+
+
+async def test_duplicate_enqueue_runs_once_even_after_arq_forgets_the_job(
+    billing: Site, client: FormworkClient, worker: Worker, settings: Settings
+) -> None:
+    first = await client.enqueue(credit_job(billing, "q-dup", idempotency_key="T-88812"))
+    again = await client.enqueue(credit_job(billing, "q-dup"))
+    other_id = await client.enqueue(credit_job(billing, "q-dup-2", idempotency_key="T-88812"))
+    assert first.created and not again.created and not other_id.created
+    assert again.job_id == other_id.job_id == "q-dup"
+    report = await first.wait(60)
+    assert report.status == JobStatus.succeeded
+
+    # arq's own records expire (its result after an hour); ours outlive them.
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        await redis.delete("arq:result:q-dup", ARQ_JOB_PREFIX + "q-dup")
+    finally:
+        await redis.aclose()
+    late = await client.enqueue(credit_job(billing, "q-dup"))
+    assert not late.created
+    assert await client.queue_depth() == 0
+    assert len(billing.credits()) == 1
+
+
+async def raw_enqueue(settings: Settings, job_id: str, envelope: bytes) -> None:
+    """What an orchestrator in another language does: two plain Redis commands."""
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        await redis.set(ARQ_JOB_PREFIX + job_id, envelope)
+        await redis.zadd(f"{settings.key_prefix}:queue", {job_id: int(time.time() * 1000)})
+    finally:
+        await redis.aclose()
+
+
+def raw_envelope(payload: Any) -> bytes:
+    body = {"t": 1, "f": JOB_FUNCTION, "a": [payload], "k": {}, "et": int(time.time() * 1000)}
+    return json.dumps(body).encode()
+
+
+async def test_plain_redis_enqueue_without_arq_runs(
+    billing: Site, client: FormworkClient, worker: Worker, settings: Settings
+) -> None:
+    payload = credit_job(billing, "q-raw").model_dump(mode="json", exclude_none=True)
+    await raw_enqueue(settings, "q-raw", raw_envelope(payload))
+    events = await asyncio.wait_for(collect(client, "q-raw"), 60)
+    assert events[-1].status == "succeeded"
+    assert len(billing.credits()) == 1
+
+
+async def test_malformed_payloads_are_rejected_and_the_worker_keeps_serving(
+    billing: Site, client: FormworkClient, worker: Worker, settings: Settings
+) -> None:
+    good = credit_job(billing, "x").model_dump(mode="json", exclude_none=True)
+    bad: dict[str, tuple[bytes, str, str]] = {
+        "q-notjson": (b"{not json", "job_invalid", "not JSON"),
+        "q-envelope": (b'{"hello": 1}', "job_invalid", "not an arq job envelope"),
+        "q-func": (
+            json.dumps({"t": 1, "f": "os.system", "a": [good], "k": {}, "et": 0}).encode(),
+            "job_invalid", "unknown job function 'os.system'",
+        ),
+        "q-noscript": (
+            raw_envelope({"job_id": "q-noscript", "inputs": {}}),
+            "job_invalid", "script: Field required",
+        ),
+        "q-unknown": (
+            raw_envelope({**good, "job_id": "q-unknown", "script": "billing/nope"}),
+            "script_not_found", "no script 'billing/nope'",
+        ),
+        "q-version": (
+            raw_envelope({**good, "job_id": "q-version", "script": "billing/issue_credit@9"}),
+            "script_not_found", "no version 9",
+        ),
+        "q-inputs": (
+            raw_envelope({**good, "job_id": "q-inputs", "inputs": {"amount": "lots"}}),
+            "input_invalid", "input 'amount'",
+        ),
+        "q-mismatch": (raw_envelope({**good, "job_id": "other"}), "job_invalid", "differs"),
+    }  # fmt: skip
+    for job_id, (envelope, _, _) in bad.items():
+        await raw_enqueue(settings, job_id, envelope)
+    await client.enqueue(credit_job(billing, "q-after-bad"))
+
+    for job_id, (_, code, text) in bad.items():
+        events = await asyncio.wait_for(collect(client, job_id), 30)
+        assert events[-1].status == "rejected", job_id
+        report = events[-1].report
+        assert report is not None and report.error is not None
+        assert report.error.code == code, job_id
+        assert text in report.error.message, (job_id, report.error.message)
+    after = await client.handle("q-after-bad").wait(60)
+    assert after.status == JobStatus.succeeded
+    assert len(billing.credits()) == 1  # only the good job touched the site
+
+
+async def test_abort_stops_the_job_between_steps(
+    billing: Site, client: FormworkClient, worker: Worker
+) -> None:
+    billing.faults(latency_ms=150)  # slow enough that abort lands mid-job
+    handle = await client.enqueue(credit_job(billing, "q-abort"))
+    async for _, event in handle.events():
+        if event.step is not None and event.step.id == "open_account":
+            assert await client.abort(handle.job_id, "customer withdrew the request")
+            break
+    report = await handle.wait(60)
+    assert report.status == JobStatus.cancelled
+    assert report.error is not None and "customer withdrew" in report.error.message
+    status = {s.id: s.status for s in report.steps}
+    assert status["login.submit"] == StepStatus.succeeded
+    assert status["submit"] == StepStatus.skipped
+    assert billing.credits() == []
+    assert not await client.abort(handle.job_id)  # already ended
+
+
+async def test_a_reconnecting_watcher_misses_nothing(
+    billing: Site, client: FormworkClient, worker: Worker
+) -> None:
+    handle = await client.enqueue(credit_job(billing, "q-resume"))
+    seen: list[JobEvent] = []
+    last_id = "0-0"
+    async for event_id, event in handle.events():
+        seen.append(event)
+        last_id = event_id
+        if len(seen) == 5:
+            break  # the orchestrator disconnects here
+    async for _, event in handle.events(after=last_id):
+        seen.append(event)
+    assert [e.seq for e in seen] == list(range(1, len(seen) + 1))
+    assert seen[-1].status == "succeeded"
+    assert seen == await collect(client, handle.job_id)
+
+
+async def test_site_cap_is_never_exceeded(
+    billing: Site,
+    client: FormworkClient,
+    settings: Settings,
+    browser_host: BrowserHost,
+    tmp_path: Path,
+) -> None:
+    shutil.copytree(SCRIPTS, tmp_path / "scripts")
+    shutil.copytree(SELECTORS, tmp_path / "selectors")
+    registry = tmp_path / "selectors" / "billing.yaml"
+    registry.write_text(
+        registry.read_text().replace("max_concurrent_jobs: 4", "max_concurrent_jobs: 2")
+    )
+    capped = settings.model_copy(
+        update={"selectors_dir": tmp_path / "selectors", "scripts_dir": tmp_path / "scripts"}
+    )
+    billing.faults(latency_ms=60)  # overlapping requests, so a breach would be seen
+    async with running_worker(capped, browser_host):
+        handles = [
+            await client.enqueue(credit_job(billing, f"q-cap-{i}", inputs={"reference": f"T-{i}"}))
+            for i in range(5)
+        ]
+        reports = await asyncio.wait_for(asyncio.gather(*(h.wait(120) for h in handles)), 150)
+    assert all(r.status == JobStatus.succeeded for r in reports)
+    assert len(billing.credits()) == 5
+    # Ground truth from the site: never more than two browsers on it at the same moment —
+    # though four worker slots were free — and the cap was actually reached.
+    assert billing.state()["max_concurrent_visitors"] == 2
+
+
+async def test_webhook_events_are_signed_and_verifiable(
+    billing: Site, client: FormworkClient, settings: Settings, browser_host: BrowserHost
+) -> None:
+    secret = "whsec-test-7731"
+    received: list[tuple[str, bytes]] = []
+    done = asyncio.Event()
+
+    async def hook(request: web.Request) -> web.Response:
+        body = await request.read()
+        received.append((request.headers[SIGNATURE_HEADER], body))
+        if json.loads(body).get("status") == "succeeded":
+            done.set()
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    signed = settings.model_copy(update={"webhook_secret": secret})
+    try:
+        async with running_worker(signed, browser_host):
+            job = credit_job(billing, "q-hook", webhook={"url": f"http://127.0.0.1:{port}/hook"})
+            await (await client.enqueue(job)).wait(60)
+            await asyncio.wait_for(done.wait(), 30)
+    finally:
+        await runner.cleanup()
+
+    # Every event after "queued" (the worker's), in order, each signed with the shared secret.
+    seqs = [json.loads(body)["seq"] for _, body in received]
+    assert seqs == list(range(2, len(seqs) + 2))
+    for header, body in received:
+        assert verify_signature(secret, header, body)
+        assert not verify_signature("wrong-secret", header, body)
+        assert not verify_signature(secret, header, body + b" ")
+        assert not verify_signature(secret, header, body, now=time.time() + 3600)
+
+
+async def test_webhook_failure_never_changes_the_outcome(
+    billing: Site, client: FormworkClient, settings: Settings, browser_host: BrowserHost
+) -> None:
+    signed = settings.model_copy(update={"webhook_secret": "s3"})
+    async with running_worker(signed, browser_host):
+        # Nothing listens on port 9: every delivery fails.
+        job = credit_job(billing, "q-hook-down", webhook={"url": "http://127.0.0.1:9/hook"})
+        report = await (await client.enqueue(job)).wait(90)
+    assert report.status == JobStatus.succeeded
+    assert len(billing.credits()) == 1
+
+
+async def test_webhook_without_a_worker_secret_is_rejected(
+    billing: Site, client: FormworkClient, worker: Worker
+) -> None:
+    job = credit_job(billing, "q-hook-nosecret", webhook={"url": "http://127.0.0.1:9/x"})
+    report = await (await client.enqueue(job)).wait(30)
+    assert report.status == JobStatus.rejected
+    assert report.error is not None and report.error.field == "webhook"
+    assert billing.state()["requests"] == 0

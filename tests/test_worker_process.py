@@ -1,0 +1,103 @@
+"""`formwork worker` processes: several share a queue; SIGTERM is graceful."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from worker.client import FormworkClient
+from worker.contract import BrowserJob, EventKind, JobStatus
+from worker.settings import Settings
+
+from .conftest import CREDIT_INPUTS, ROOT, Site, worker_env
+
+
+@contextmanager
+def worker_process(settings: Settings, log: Path, **env: str) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "-v", "worker"],
+            cwd=ROOT, env=worker_env(settings, **env), stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+
+
+def job(site: Site, job_id: str, reference: str) -> BrowserJob:
+    return BrowserJob(
+        job_id=job_id,
+        script="billing/issue_credit",
+        inputs={**CREDIT_INPUTS, "reference": reference},
+        site_url=site.url,
+    )
+
+
+async def test_twenty_jobs_across_two_worker_processes_each_run_exactly_once(
+    billing: Site, client: FormworkClient, settings: Settings, tmp_path: Path
+) -> None:
+    settings = settings.model_copy(update={"max_jobs": 2})
+    with (
+        worker_process(settings, tmp_path / "w1.log"),
+        worker_process(settings, tmp_path / "w2.log"),
+    ):
+        handles = [await client.enqueue(job(billing, f"p-{i}", f"T-{i:03d}")) for i in range(20)]
+        reports = await asyncio.wait_for(asyncio.gather(*(h.wait(240) for h in handles)), 260)
+
+    assert [r.status for r in reports] == [JobStatus.succeeded] * 20
+    credits = billing.credits()
+    assert sorted(c["reference"] for c in credits) == [f"T-{i:03d}" for i in range(20)]
+    for handle in handles:
+        events = [e async for _, e in handle.events(follow=False)]
+        starts = [e for e in events if e.kind == EventKind.job and e.status == "running"]
+        assert len(starts) == 1, handle.job_id  # ran once, on one worker
+    logs = [(tmp_path / name).read_text() for name in ("w1.log", "w2.log")]
+    assert all("browser_job" in text for text in logs), "both workers took jobs"
+
+
+async def test_sigterm_lets_the_running_job_finish(
+    billing: Site, client: FormworkClient, settings: Settings, tmp_path: Path
+) -> None:
+    billing.faults(latency_ms=100)
+    settings = settings.model_copy(update={"shutdown_grace_s": 60})
+    with worker_process(settings, tmp_path / "w.log") as proc:
+        handle = await client.enqueue(job(billing, "p-term", "T-1"))
+        async for _, event in handle.events():
+            if event.step is not None and event.step.id == "open_account":
+                proc.send_signal(signal.SIGTERM)
+                break
+        report = await handle.wait(120)
+        assert await asyncio.to_thread(proc.wait, 60) == 0
+    assert report.status == JobStatus.succeeded
+    assert len(billing.credits()) == 1
+
+
+async def test_sigterm_past_the_grace_period_requeues_the_job_for_another_worker(
+    billing: Site, client: FormworkClient, settings: Settings, tmp_path: Path
+) -> None:
+    billing.faults(latency_ms=400)  # each page takes long enough to outlast a 1 s grace
+    settings = settings.model_copy(update={"shutdown_grace_s": 1})
+    handle = await client.enqueue(job(billing, "p-requeue", "T-2"))
+    with worker_process(settings, tmp_path / "w1.log") as first:
+        async for _, event in handle.events():
+            if event.step is not None and event.step.id == "login.username":
+                first.send_signal(signal.SIGTERM)
+                break
+        await asyncio.to_thread(first.wait, 60)
+    events = [e async for _, e in handle.events(follow=False)]
+    assert events[-1].status == "queued" and "will run again" in (events[-1].message or "")
+    assert billing.credits() == []
+
+    billing.faults()  # back to normal speed
+    with worker_process(settings, tmp_path / "w2.log"):
+        report = await handle.wait(120)
+    assert report.status == JobStatus.succeeded
+    assert len(billing.credits()) == 1

@@ -1,0 +1,193 @@
+"""The orchestrator's side: enqueue browser jobs, follow their events, read reports, abort.
+
+    async with FormworkClient("redis://127.0.0.1:6379/0") as client:
+        handle = await client.enqueue(BrowserJob(job_id="t-88812", script="billing/issue_credit",
+                                                 inputs={...}))
+        async for event_id, event in handle.events():
+            ...                                 # every job and step transition, in order
+        report = await handle.report()
+
+Enqueueing is idempotent and durable: the same job_id — or the same idempotency key — is
+accepted once and answered with the existing handle for as long as the job record lives
+(7 days), long after arq's own result has expired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, cast
+
+from redis.asyncio import Redis
+
+from worker.contract import BrowserJob, EventKind, JobEvent, JobReport, JobStatus
+from worker.keys import ARQ_JOB_PREFIX, RECORD_TTL_S, Keys
+from worker.queue import envelope
+
+# KEYS: job record, idempotency key, arq job key, queue, job stream, global stream.
+# ARGV: job id, envelope, score ms, script, ttl s, enqueued-at, has-idempotency-key,
+#       arq job key ttl ms, queued event JSON, job stream maxlen.
+# Returns {created (1/0), owning job id}.
+_ENQUEUE = """
+local job_id = ARGV[1]
+if redis.call('EXISTS', KEYS[1]) == 1 then return {0, job_id} end
+if ARGV[7] == '1' then
+  local owner = redis.call('GET', KEYS[2])
+  if owner then return {0, owner} end
+  redis.call('SET', KEYS[2], job_id, 'EX', tonumber(ARGV[5]))
+end
+redis.call('HSET', KEYS[1], 'status', 'queued', 'script', ARGV[4], 'enqueued_at', ARGV[6], 'seq', 1)
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[10], '*', 'event', ARGV[9])
+redis.call('EXPIRE', KEYS[5], tonumber(ARGV[5]))
+redis.call('XADD', KEYS[6], 'MAXLEN', '~', '100000', '*', 'event', ARGV[9])
+redis.call('SET', KEYS[3], ARGV[2], 'PX', tonumber(ARGV[8]))
+redis.call('ZADD', KEYS[4], tonumber(ARGV[3]), job_id)
+return {1, job_id}
+"""
+ARQ_JOB_TTL_MS = 24 * 3600 * 1000  # arq's own default expiry for a queued job
+
+
+class JobHandle:
+    """A job on the queue, seen from the orchestrator."""
+
+    def __init__(self, client: FormworkClient, job_id: str, *, created: bool = True) -> None:
+        self.client = client
+        self.job_id = job_id
+        self.created = created  # False: this enqueue was a duplicate of an existing job
+
+    def __repr__(self) -> str:
+        return f"<JobHandle {self.job_id} created={self.created}>"
+
+    async def status(self) -> JobStatus | None:
+        value = await cast(
+            "Any", self.client.redis.hget(self.client.keys.job(self.job_id), "status")
+        )
+        return JobStatus(value.decode()) if value is not None else None
+
+    async def report(self) -> JobReport | None:
+        value = await cast(
+            "Any", self.client.redis.hget(self.client.keys.job(self.job_id), "report")
+        )
+        return JobReport.model_validate_json(value) if value else None
+
+    async def events(
+        self, after: str = "0-0", *, follow: bool = True, block_ms: int = 1000
+    ) -> AsyncIterator[tuple[str, JobEvent]]:
+        """(event id, event) pairs after `after` — pass the last id seen to resume without a
+        gap. With `follow`, waits for new events and stops after the job's terminal one."""
+        key = self.client.keys.events(self.job_id)
+        last = after
+        redis = self.client.redis
+        while True:
+            response = await redis.xread({key: last}, count=100, block=block_ms if follow else None)
+            if not response:
+                if not follow:
+                    return
+                status = await self.status()
+                if status is None or status.terminal:
+                    # Finished before we looked (and we are past its last event), or unknown.
+                    return
+                continue
+            for _, entries in response:
+                for raw_id, fields in entries:
+                    last = raw_id.decode()
+                    event = JobEvent.model_validate_json(fields[b"event"])
+                    yield last, event
+                    if follow and event.terminal:
+                        return
+
+    async def wait(self, timeout_s: float = 300) -> JobReport:
+        """Follow the job to its end and return the final report."""
+        async with asyncio.timeout(timeout_s):
+            async for _, event in self.events():
+                if event.terminal and event.report is not None:
+                    return event.report
+            report = await self.report()
+        if report is None:
+            raise LookupError(f"job {self.job_id} has no report (unknown job?)")
+        return report
+
+
+class FormworkClient:
+    """Async client for orchestrators (Python); other languages use the wire protocol
+    documented in the README."""
+
+    def __init__(
+        self, redis_url: str = "redis://127.0.0.1:6379/0", *, key_prefix: str = "formwork"
+    ) -> None:
+        self.redis = Redis.from_url(redis_url)
+        self.keys = Keys(key_prefix)
+        self._enqueue: Any = self.redis.register_script(_ENQUEUE)
+
+    async def __aenter__(self) -> FormworkClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    def handle(self, job_id: str) -> JobHandle:
+        return JobHandle(self, job_id, created=False)
+
+    async def enqueue(self, job: BrowserJob) -> JobHandle:
+        """Queue `job` once. A job with a job_id or idempotency key seen before is not queued
+        again: the existing job's handle comes back, with `created=False`."""
+        now_ms = int(time.time() * 1000)
+        queued = JobEvent(
+            seq=1,
+            job_id=job.job_id,
+            kind=EventKind.job,
+            status=JobStatus.queued,
+            at=datetime.now(UTC),
+        ).model_dump_json(exclude_none=True)
+        keys = self.keys
+        idem = job.idempotency_key or ""
+        created, owner = await self._enqueue(
+            keys=[
+                keys.job(job.job_id),
+                keys.idempotency(idem) if idem else keys.idempotency("-"),
+                ARQ_JOB_PREFIX + job.job_id,
+                keys.queue,
+                keys.events(job.job_id),
+                keys.all_events,
+            ],
+            args=[
+                job.job_id,
+                envelope(job),
+                now_ms,
+                job.script,
+                RECORD_TTL_S,
+                datetime.now(UTC).isoformat(),
+                "1" if idem else "0",
+                ARQ_JOB_TTL_MS,
+                queued,
+                2000,
+            ],
+        )
+        owner_id = owner.decode() if isinstance(owner, bytes) else str(owner)
+        return JobHandle(self, owner_id, created=bool(created))
+
+    async def abort(self, job_id: str, reason: str = "aborted by the orchestrator") -> bool:
+        """Ask the job to stop between steps (or before it starts). False if it already ended
+        or is unknown."""
+        handle = self.handle(job_id)
+        status = await handle.status()
+        if status is None or status.terminal:
+            return False
+        await self.redis.set(self.keys.abort(job_id), reason, ex=RECORD_TTL_S)
+        return True
+
+    async def queue_depth(self) -> int:
+        depth: int = await self.redis.zcard(self.keys.queue)
+        return depth

@@ -1,0 +1,55 @@
+"""Every Redis key, stream and queue name Formwork uses — spelled here and nowhere else.
+
+arq's own keys (`arq:job:<id>`, `arq:in-progress:<id>`, `arq:result:<id>`, `arq:retry:<id>`)
+are fixed by arq; ours share one configurable prefix so deployments (and tests) can share a
+Redis without sharing state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "formwork"
+ARQ_JOB_PREFIX = "arq:job:"  # arq.constants.job_key_prefix: the plain-Redis wire protocol uses it
+JOB_FUNCTION = "browser_job"  # the arq function name a raw enqueuer writes into the payload
+
+RECORD_TTL_S = 7 * 24 * 3600  # job records, de-duplication keys and event streams
+JOB_STREAM_MAXLEN = 2_000
+GLOBAL_STREAM_MAXLEN = 100_000
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = DEFAULT_PREFIX
+
+    @property
+    def queue(self) -> str:
+        """The arq queue (a sorted set of job ids scored by run-at time in ms)."""
+        return f"{self.prefix}:queue"
+
+    def job(self, job_id: str) -> str:
+        """Hash: status, script, site, seq, report (JSON), enqueued_at."""
+        return f"{self.prefix}:job:{job_id}"
+
+    def idempotency(self, key: str) -> str:
+        """String: the job id that owns an idempotency key."""
+        return f"{self.prefix}:idem:{key}"
+
+    def events(self, job_id: str) -> str:
+        """Stream: this job's events, in order."""
+        return f"{self.prefix}:events:{job_id}"
+
+    @property
+    def all_events(self) -> str:
+        """Stream: every job's events, for monitoring."""
+        return f"{self.prefix}:events"
+
+    def abort(self, job_id: str) -> str:
+        return f"{self.prefix}:abort:{job_id}"
+
+    def site_slots(self, site: str) -> str:
+        """Sorted set: lease id -> lease expiry (ms), the per-site concurrency semaphore."""
+        return f"{self.prefix}:site:{site}:slots"
+
+    def site_last_start(self, site: str) -> str:
+        return f"{self.prefix}:site:{site}:last-start"

@@ -1,0 +1,305 @@
+"""The queue side: arq's WorkerSettings, the job function, and the JSON wire format.
+
+Jobs and results cross Redis as JSON, never pickle: an orchestrator in any language can enqueue,
+and whoever can write to Redis cannot make a worker run code. The job function never raises for
+a bad job — a malformed payload, an unknown script or bad inputs end as a `rejected` report — so
+one bad message can neither kill the worker nor be retried forever.
+
+Run a worker with `formwork worker`, or `arq worker.queue.WorkerSettings`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import aiohttp
+from arq import Worker
+from arq.connections import RedisSettings
+from arq.worker import func
+from pydantic import ValidationError
+from redis.asyncio import Redis
+
+from worker.artifacts import LocalArtifacts
+from worker.browser import BrowserHost
+from worker.capacity import SiteCapacity
+from worker.contract import BrowserJob, JobReport, JobStatus
+from worker.errors import JobInvalid, RejectedError
+from worker.events import EventListener, JobEvents
+from worker.executor import Runtime, fail_internally, reject, run_job
+from worker.keys import JOB_FUNCTION, Keys
+from worker.script import LoadedScript, ScriptStore
+from worker.secretstore import SecretStore
+from worker.settings import Settings
+from worker.webhooks import WebhookSender, check_target
+
+log = logging.getLogger("formwork.queue")
+
+ENVELOPE_KEYS = {"t", "f", "a", "k", "et"}
+
+
+# ---------------------------------------------------------------- wire format
+
+
+def dumps(value: Any) -> bytes:
+    return json.dumps(value, default=str, separators=(",", ":")).encode()
+
+
+def loads(data: bytes) -> Any:
+    """Decode an arq envelope. A malformed one is not an error here: it becomes a call of the
+    job function with a `__malformed__` marker, so the job ends `rejected` with a report
+    (arq itself would drop it with nothing but a log line)."""
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return _malformed(f"the message is not JSON ({exc})")
+    if isinstance(value, dict) and {"s", "r"} <= value.keys():
+        return value  # a stored result, not a job
+    if not isinstance(value, dict) or not value.keys() >= ENVELOPE_KEYS:
+        missing = sorted(ENVELOPE_KEYS - set(value)) if isinstance(value, dict) else "all"
+        return _malformed(f"the message is not an arq job envelope (missing {missing})")
+    if value["f"] != JOB_FUNCTION:
+        return _malformed(f"unknown job function {value['f']!r} (expected {JOB_FUNCTION!r})")
+    args = value["a"]
+    if not (isinstance(args, list) and len(args) == 1 and not value["k"]):
+        return _malformed("the envelope's 'a' must hold exactly one BrowserJob object")
+    return value
+
+
+def _malformed(reason: str) -> dict[str, Any]:
+    now_ms = int(time.time() * 1000)
+    return {"t": 1, "f": JOB_FUNCTION, "a": [{"__malformed__": reason}], "k": {}, "et": now_ms}
+
+
+def envelope(job: BrowserJob) -> bytes:
+    """The bytes stored at `arq:job:<job_id>` for `job`."""
+    payload = job.model_dump(mode="json", exclude_none=True)
+    return dumps(
+        {"t": 1, "f": JOB_FUNCTION, "a": [payload], "k": {}, "et": int(time.time() * 1000)}
+    )
+
+
+# ---------------------------------------------------------------- the worker
+
+
+@dataclass
+class WorkerState:
+    """What every job on this worker shares; lives in arq's ctx as `ctx["formwork"]`."""
+
+    settings: Settings
+    keys: Keys
+    redis: Redis
+    runtime: Runtime
+    capacity: SiteCapacity
+    http: aiohttp.ClientSession
+    owns_browser: bool = True
+    running: set[str] = field(default_factory=set)
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    settings: Settings = ctx.get("settings") or Settings.from_env()
+    browser: BrowserHost | None = ctx.get("browser")
+    owns_browser = browser is None
+    if browser is None:
+        browser = BrowserHost(settings.chromium, keep_warm=True)
+    await browser.start()
+    if browser.keep_warm:
+        # Make the first warm page now, not when the first job arrives.
+        context, _ = await browser.open_page()
+        await context.close()
+    redis = cast(Redis, ctx["redis"])
+    keys = Keys(settings.key_prefix)
+    ctx["formwork"] = WorkerState(
+        settings=settings,
+        keys=keys,
+        redis=redis,
+        runtime=Runtime(
+            scripts=ScriptStore(settings.scripts_dir, settings.selectors_dir),
+            browser=browser,
+            artifacts=LocalArtifacts(settings.artifacts_dir),
+            secrets=SecretStore(settings.secrets_file),
+        ),
+        capacity=SiteCapacity(redis, keys),
+        http=aiohttp.ClientSession(),
+        owns_browser=owns_browser,
+    )
+    log.info("worker ready: max_jobs=%s queue=%s", settings.max_jobs, keys.queue)
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    state: WorkerState | None = ctx.get("formwork")
+    if state is None:
+        return
+    await state.http.close()
+    if state.owns_browser:
+        await state.runtime.browser.stop()
+
+
+async def browser_job(ctx: dict[str, Any], payload: Any) -> dict[str, Any]:
+    """The arq job function: run one BrowserJob; return its report as JSON-able data."""
+    state: WorkerState = ctx["formwork"]
+    report = await execute(state, str(ctx["job_id"]), payload)
+    return report.model_dump(mode="json")
+
+
+async def execute(state: WorkerState, job_id: str, payload: Any) -> JobReport:
+    redis, keys = state.redis, state.keys
+    stored = await cast("Any", redis.hmget(keys.job(job_id), ["status", "report"]))
+    if stored[0] is not None and JobStatus(stored[0].decode()).terminal and stored[1]:
+        # Delivered again after it ended (a raw re-enqueue, a retry after a lost result):
+        # the job ran once; answer with what happened then.
+        log.info("job %s already %s; not running it again", job_id, stored[0].decode())
+        return JobReport.model_validate_json(stored[1])
+
+    events = await JobEvents.open(redis, keys, job_id)
+    listener = EventListener(events)
+    try:
+        job = _parse(job_id, payload)
+        if job.webhook is not None:
+            check_target(
+                job.webhook.url, state.settings.webhook_secret, state.settings.webhook_hosts
+            )
+    except RejectedError as exc:
+        script = payload.get("script") if isinstance(payload, dict) else None
+        return await reject(
+            job_id,
+            str(script or ""),
+            exc,
+            state.runtime,
+            listener,
+            correlation=_correlation(payload),
+        )
+
+    if job.webhook is not None and state.settings.webhook_secret:
+        events.webhook = WebhookSender(
+            state.http, job.webhook.url, state.settings.webhook_secret, job_id
+        )
+
+    async def stop_check() -> str | None:
+        reason = await redis.get(keys.abort(job_id))
+        return f"aborted: {reason.decode()}" if reason is not None else None
+
+    def gate(loaded: LoadedScript) -> contextlib.AbstractAsyncContextManager[None]:
+        return state.capacity.slot(loaded.script.site, loaded.registry.limits)
+
+    state.running.add(job_id)
+    try:
+        return await run_job(job, state.runtime, listener, stop_check=stop_check, gate=gate)
+    except Exception as exc:
+        # A bug or an unexpected failure of ours: the job still ends with a report and a
+        # terminal event, so no orchestrator waits forever on a job stuck at "running".
+        log.exception("job %s: internal error", job_id)
+        return await fail_internally(job, exc, state.runtime, listener)
+    except asyncio.CancelledError:
+        # Shutdown (or arq's job timeout) cancelled us mid-job. arq puts the job back on the
+        # queue; say so, so a watcher knows it is not lost.
+        with contextlib.suppress(Exception):
+            await asyncio.shield(
+                events.job(JobStatus.queued, message="worker stopped mid-job; it will run again")
+            )
+        raise
+    finally:
+        state.running.discard(job_id)
+        if events.webhook is not None:
+            await events.webhook.close()
+
+
+def _parse(job_id: str, payload: Any) -> BrowserJob:
+    if isinstance(payload, dict) and "__malformed__" in payload:
+        raise JobInvalid(f"payload rejected: {payload['__malformed__']}", field="payload")
+    try:
+        job = BrowserJob.model_validate(payload)
+    except ValidationError as exc:
+        problems = [
+            f"{'.'.join(str(p) for p in e['loc']) or '(payload)'}: {e['msg']}" for e in exc.errors()
+        ]
+        first = ".".join(str(p) for p in exc.errors()[0]["loc"]) or "payload"
+        raise JobInvalid("payload rejected: " + "; ".join(problems), field=first) from exc
+    if job.job_id != job_id:
+        raise JobInvalid(
+            f"payload job_id {job.job_id!r} differs from the queue's job id {job_id!r}",
+            field="job_id",
+        )
+    return job
+
+
+def _correlation(payload: Any) -> dict[str, str]:
+    value = payload.get("correlation") if isinstance(payload, dict) else None
+    if isinstance(value, dict) and all(isinstance(v, str) for v in value.values()):
+        return {str(k): v for k, v in value.items()}
+    return {}
+
+
+def build_worker(
+    settings: Settings,
+    *,
+    browser: BrowserHost | None = None,
+    burst: bool = False,
+    handle_signals: bool = True,
+) -> Worker:
+    """An arq Worker for `settings` (tests pass a shared browser and handle_signals=False)."""
+    keys = Keys(settings.key_prefix)
+    return Worker(
+        functions=[func(browser_job, name=JOB_FUNCTION)],
+        queue_name=keys.queue,
+        redis_settings=RedisSettings.from_dsn(settings.redis_url),
+        on_startup=startup,
+        on_shutdown=shutdown,
+        ctx={"settings": settings, "browser": browser},
+        burst=burst,
+        handle_signals=handle_signals,
+        max_jobs=settings.max_jobs,
+        job_timeout=settings.job_timeout_s,
+        poll_delay=settings.poll_delay_s,
+        job_completion_wait=settings.shutdown_grace_s,
+        keep_result=3600,
+        job_serializer=dumps,
+        job_deserializer=loads,
+        # A job whose run was interrupted goes back on the queue a bounded number of times.
+        max_tries=3,
+    )
+
+
+class WorkerSettings:
+    """For `arq worker.queue.WorkerSettings`: the same worker, configured from the environment."""
+
+    _settings = Settings.from_env()
+    functions = (func(browser_job, name=JOB_FUNCTION),)
+    queue_name = Keys(_settings.key_prefix).queue
+    redis_settings = RedisSettings.from_dsn(_settings.redis_url)
+    on_startup = startup
+    on_shutdown = shutdown
+    max_jobs = _settings.max_jobs
+    job_timeout = _settings.job_timeout_s
+    poll_delay = _settings.poll_delay_s
+    job_completion_wait = _settings.shutdown_grace_s
+    keep_result = 3600
+    job_serializer = dumps
+    job_deserializer = loads
+    max_tries = 3
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings, browser: BrowserHost) -> AsyncIterator[Worker]:
+    """Run a worker inside the current event loop (tests, benchmarks, the demo)."""
+    worker = build_worker(settings, browser=browser, handle_signals=False)
+    task = asyncio.create_task(worker.async_run())
+    try:
+        yield worker
+    finally:
+        # Stop taking jobs, let running ones finish, then stop the poll loop and clean up.
+        worker.allow_pick_jobs = False
+        running = [t for t in worker.tasks.values() if not t.done()]
+        if running:
+            await asyncio.wait(running, timeout=60)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker.close()
