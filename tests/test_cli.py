@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+from arq import Worker
+
 from worker.contract import JobReport, JobStatus
+from worker.settings import Settings
 
 from .conftest import ROOT, SECRETS_FILE, Site
 
@@ -18,11 +22,14 @@ RUN_INPUTS = [
 ]  # fmt: skip
 
 
-def formwork(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+def formwork(
+    *args: str, tmp_path: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
         "FORMWORK_SECRETS_FILE": str(SECRETS_FILE),
         "FORMWORK_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
+        **(env or {}),
     }
     return subprocess.run(
         [sys.executable, "-m", "worker.cli", *args],
@@ -111,3 +118,29 @@ def test_validate_checks_every_script(tmp_path: Path) -> None:
     result = formwork("validate", tmp_path=tmp_path)
     assert result.returncode == 0, result.stdout
     assert "ok    billing/issue_credit@1" in result.stdout
+
+
+async def test_enqueue_watch_and_status_through_the_queue(
+    billing: Site, tmp_path: Path, settings: Settings, worker: Worker
+) -> None:
+    env = {"REDIS_URL": settings.redis_url, "FORMWORK_KEY_PREFIX": settings.key_prefix}
+    enqueue = await asyncio.to_thread(
+        formwork, "enqueue", "billing/issue_credit", "--site-url", billing.url,
+        "--job-id", "cli-q-1", *RUN_INPUTS, "--watch", tmp_path=tmp_path, env=env,
+    )  # fmt: skip
+    assert enqueue.returncode == 0, enqueue.stdout + enqueue.stderr
+    lines = enqueue.stdout.splitlines()
+    assert lines[0] == "cli-q-1"
+    assert "   1 job queued" in lines and "  29 job succeeded" in lines
+    again = await asyncio.to_thread(
+        formwork, "enqueue", "billing/issue_credit", "--site-url", billing.url,
+        "--job-id", "cli-q-1", *RUN_INPUTS, tmp_path=tmp_path, env=env,
+    )  # fmt: skip
+    assert "not queued again" in again.stderr
+    status = await asyncio.to_thread(
+        formwork, "status", "cli-q-1", "--json", tmp_path=tmp_path, env=env
+    )
+    assert JobReport.model_validate_json(status.stdout).status == JobStatus.succeeded
+    watch = await asyncio.to_thread(formwork, "watch", "cli-q-1", tmp_path=tmp_path, env=env)
+    assert watch.returncode == 0 and "job cli-q-1: succeeded" in watch.stdout
+    assert len(billing.credits()) == 1
