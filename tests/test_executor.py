@@ -152,44 +152,63 @@ async def test_missing_secret_is_rejected(billing: Site, runtime: Runtime) -> No
     assert billing.state()["requests"] == 0
 
 
-async def test_selector_matching_nothing_fails_that_step_and_skips_the_rest(
-    billing: Site, runtime: Runtime, tmp_path: Path
-) -> None:
-    # A registry whose "Issue credit" link no longer exists on the page, with a short timeout.
+def broken_tree(tmp_path: Path, element: str, candidates: str) -> ScriptStore:
+    """The real scripts and registry, with one element's candidates replaced and a short
+    step timeout (so a missing element fails fast)."""
     shutil.copytree(SCRIPTS, tmp_path / "scripts")
     shutil.copytree(SELECTORS, tmp_path / "selectors")
     registry = tmp_path / "selectors" / "billing.yaml"
     text = registry.read_text()
-    start = text.index("  account.issue_credit:")
+    start = text.index(f"  {element}:")
     end = text.index("\n", start)
-    registry.write_text(text[:start] + '  account.issue_credit: [{css: "a#gone"}]' + text[end:])
+    registry.write_text(text[:start] + f"  {element}: {candidates}" + text[end:])
     script = tmp_path / "scripts" / "billing" / "issue_credit.yaml"
-    script.write_text(
-        script.read_text().replace("site: billing\n", "site: billing\ntimeout_ms: 1500\n", 1)
-    )
-    runtime.scripts = ScriptStore(tmp_path / "scripts", tmp_path / "selectors")
+    fast = script.read_text().replace("site: billing\n", "site: billing\ntimeout_ms: 1500\n", 1)
+    script.write_text(fast)
+    return ScriptStore(tmp_path / "scripts", tmp_path / "selectors")
+
+
+async def test_selector_matching_nothing_fails_that_step_and_skips_the_rest(
+    billing: Site, runtime: Runtime, tmp_path: Path
+) -> None:
+    # The "Review credit" button is gone, and the step has no alternate path.
+    runtime.scripts = broken_tree(tmp_path, "credit.review", '[{css: "button#gone"}]')
 
     report = await run_job(credit_job(billing), runtime)
 
-    assert report.status == JobStatus.failed
+    # The default rule for a missing element with no alternate: a person looks at it.
+    assert report.status == JobStatus.paused_for_handoff
     statuses = {s.id: s.status for s in report.steps}
-    assert statuses["open_account"] == StepStatus.succeeded
-    assert statuses["open_form"] == StepStatus.failed
-    later = [
-        s
-        for s in report.steps
-        if s.id not in {"open_form", "open_account"} and not s.id.startswith("login.")
-    ]
+    assert statuses["reference"] == StepStatus.succeeded
+    assert statuses["review"] == StepStatus.failed
+    later = report.steps[[s.id for s in report.steps].index("review") + 1 :]
     assert later and all(s.status == StepStatus.skipped for s in later)
-    failed = next(s for s in report.steps if s.id == "open_form")
+    failed = next(s for s in report.steps if s.id == "review")
     assert failed.failure is not None
     assert failed.failure.code == FailureCode.selector_not_found
-    assert (
-        "account.issue_credit" in failed.failure.message and "css=a#gone" in failed.failure.message
-    )
+    assert "credit.review" in failed.failure.message
+    assert "css=button#gone" in failed.failure.message
     assert failed.screenshot is not None  # the failed state is evidence too
-    assert report.error is not None and report.error.step_id == "open_form"
+    assert report.error is not None and report.error.step_id == "review"
+    assert [(r.step_id, r.action) for r in report.rules_fired] == [("review", "handoff")]
     assert billing.credits() == []
+
+
+async def test_missing_link_takes_the_alternate_path(
+    billing: Site, runtime: Runtime, tmp_path: Path
+) -> None:
+    runtime.scripts = broken_tree(tmp_path, "account.issue_credit", '[{css: "a#gone"}]')
+
+    report = await run_job(credit_job(billing), runtime)
+
+    assert report.status == JobStatus.succeeded, report.error
+    open_form = next(s for s in report.steps if s.id == "open_form")
+    assert open_form.status == StepStatus.failed
+    assert open_form.recovered_by == "alternate:form_by_url"
+    ids = [s.id for s in report.steps]
+    assert ids[ids.index("open_form") + 1] == "open_form.form_by_url.open"
+    assert [(r.step_id, r.action) for r in report.rules_fired] == [("open_form", "alternate")]
+    assert len(billing.credits()) == 1
 
 
 async def test_site_validation_error_is_reported_with_the_page_text(
@@ -200,7 +219,7 @@ async def test_site_validation_error_is_reported_with_the_page_text(
     )
     report = await run_job(credit_job(billing), runtime)
 
-    assert report.status == JobStatus.failed
+    assert report.status == JobStatus.needs_customer_input
     review = next(s for s in report.steps if s.id == "review")
     assert review.failure is not None
     assert review.failure.code == FailureCode.validation_rejected

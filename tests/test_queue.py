@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from worker.browser import BrowserHost
 from worker.client import FormworkClient
 from worker.contract import BrowserJob, EventKind, JobEvent, JobStatus, StepStatus
-from worker.keys import ARQ_JOB_PREFIX, JOB_FUNCTION
+from worker.keys import ARQ_JOB_PREFIX, JOB_FUNCTION, Keys
 from worker.queue import running_worker
 from worker.settings import Settings
 from worker.webhooks import SIGNATURE_HEADER, verify_signature
@@ -286,3 +286,19 @@ async def test_webhook_without_a_worker_secret_is_rejected(
     assert report.status == JobStatus.rejected
     assert report.error is not None and report.error.field == "webhook"
     assert billing.state()["requests"] == 0
+
+
+async def test_selector_drift_is_counted_per_site_and_element(
+    billing: Site, client: FormworkClient, worker: Worker, settings: Settings
+) -> None:
+    billing.faults(skin="v2")
+    report = await (await client.enqueue(credit_job(billing, "q-drift"))).wait(60)
+    assert report.status == JobStatus.succeeded
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        counts = await redis.hgetall(Keys(settings.key_prefix).drift("billing"))
+    finally:
+        await redis.aclose()
+    drifted = {s.drift.element for s in report.steps if s.drift is not None}
+    assert {k.decode(): int(v) for k, v in counts.items()} == dict.fromkeys(drifted, 1)
+    assert "credit.amount" in drifted

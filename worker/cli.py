@@ -88,13 +88,16 @@ def format_step(step: StepReport) -> str:
     duration = f"{step.duration_ms:7.0f} ms" if step.duration_ms is not None else " " * 10
     selector = ""
     if step.selector is not None:
-        drift = " (fallback)" if step.selector.index else ""
+        drift = " (fallback: drift)" if step.selector.index else ""
         selector = f"  {step.selector.element} -> {step.selector.candidate}{drift}"
-    line = f"  {_MARK[step.status]} {step.id:<28} {step.action:<9}{duration}{selector}"
+    tries = f" x{step.attempts}" if step.attempts > 1 else ""
+    line = f"  {_MARK[step.status]} {step.id:<28} {step.action:<9}{duration}{tries}{selector}"
     if step.failure is not None:
         line += f"\n         {step.failure.code}: {step.failure.message}"
         if step.failure.evidence:
             line += f"\n         page says: {step.failure.evidence}"
+    if step.recovered_by:
+        line += f"\n         recovered by {step.recovered_by}"
     return line
 
 
@@ -103,8 +106,15 @@ def print_summary(report: JobReport, stream: Any) -> None:
     if report.error is not None:
         where = f" at step {report.error.step_id}" if report.error.step_id else ""
         print(f"  {report.error.code}{where}: {report.error.message}", file=stream)
+        if report.error.evidence:
+            print(f"  page says: {report.error.evidence}", file=stream)
+    for rule in report.rules_fired:
+        print(f"  rule: {rule.step_id}: {rule.code} -> {rule.action} ({rule.reason})", file=stream)
     for key, value in report.outputs.items():
         print(f"  output {key} = {value}", file=stream)
+    for claim in report.claims:
+        mark = f"verified by {claim.how}" if claim.verified else "NOT verified"
+        print(f"  claim ({claim.kind}) {claim.name}: {claim.value} [{mark}]", file=stream)
     if report.artifacts is not None:
         root = Path(report.artifacts.root)
         print(f"  report:      {root / report.artifacts.report}", file=stream)

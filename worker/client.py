@@ -78,7 +78,8 @@ class JobHandle:
         self, after: str = "0-0", *, follow: bool = True, block_ms: int = 1000
     ) -> AsyncIterator[tuple[str, JobEvent]]:
         """(event id, event) pairs after `after` — pass the last id seen to resume without a
-        gap. With `follow`, waits for new events and stops after the job's terminal one."""
+        gap. With `follow`, waits for new events and stops once the job settles (ends, or
+        pauses for a person)."""
         key = self.client.keys.events(self.job_id)
         last = after
         redis = self.client.redis
@@ -88,7 +89,7 @@ class JobHandle:
                 if not follow:
                     return
                 status = await self.status()
-                if status is None or status.terminal:
+                if status is None or status.settled:
                     # Finished before we looked (and we are past its last event), or unknown.
                     return
                 continue
@@ -97,14 +98,14 @@ class JobHandle:
                     last = raw_id.decode()
                     event = JobEvent.model_validate_json(fields[b"event"])
                     yield last, event
-                    if follow and event.terminal:
+                    if follow and event.settled:
                         return
 
     async def wait(self, timeout_s: float = 300) -> JobReport:
         """Follow the job to its end and return the final report."""
         async with asyncio.timeout(timeout_s):
             async for _, event in self.events():
-                if event.terminal and event.report is not None:
+                if event.settled and event.report is not None:
                     return event.report
             report = await self.report()
         if report is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -34,10 +34,29 @@ class JobStatus(StrEnum):
     failed = "failed"
     rejected = "rejected"  # refused before any browser work: bad payload, script or inputs
     cancelled = "cancelled"
+    # A person must decide (an operator), or the customer must supply a value. The job holds
+    # no browser while it waits.
+    paused_for_handoff = "paused_for_handoff"
+    needs_customer_input = "needs_customer_input"
 
     @property
     def terminal(self) -> bool:
-        return self not in (JobStatus.queued, JobStatus.running)
+        """Ended for good: nothing more will happen to this job."""
+        return self not in (
+            JobStatus.queued,
+            JobStatus.running,
+            JobStatus.paused_for_handoff,
+            JobStatus.needs_customer_input,
+        )
+
+    @property
+    def paused(self) -> bool:
+        return self in (JobStatus.paused_for_handoff, JobStatus.needs_customer_input)
+
+    @property
+    def settled(self) -> bool:
+        """No worker is working on it: ended, or waiting for a person."""
+        return self.terminal or self.paused
 
 
 class StepStatus(StrEnum):
@@ -112,6 +131,12 @@ class BrowserJob(_Model):
         description="The orchestrator's own ids (conversation, ticket, agent run), echoed back.",
     )
     webhook: WebhookTarget | None = None
+    step_timeout_ms: int | None = Field(
+        default=None,
+        gt=0,
+        le=600_000,
+        description="How long each browser action may wait; the script's value otherwise.",
+    )
 
     @field_validator("script")
     @classmethod
@@ -158,6 +183,72 @@ class MatchedSelector(_Model):
     index: int = Field(description="0 = the primary candidate; higher = a fallback was used.")
 
 
+class RuleAction(StrEnum):
+    """What to do when a step fails with a given code."""
+
+    retry = "retry"
+    alternate = "alternate"
+    relogin = "relogin"
+    handoff = "handoff"
+    ask_customer = "ask_customer"
+    fail = "fail"
+
+
+class Verification(StrEnum):
+    """How a step's success (or a claim) was established."""
+
+    postcondition = "postcondition"  # the step's `expect` held on the page
+    probe = "probe"  # the script's verify_effect probe found the effect after the fact
+    none = "none"  # the action ran; nothing on the page confirmed it
+
+
+class Attempt(_Model):
+    """One try of a step."""
+
+    number: int
+    started_at: datetime
+    duration_ms: float
+    failure: Failure | None = None
+    wait_ms: float | None = Field(default=None, description="Waited before the next attempt.")
+    screenshot: str | None = None
+
+
+class SelectorDrift(_Model):
+    """The primary candidate of an element no longer matched; a fallback did."""
+
+    element: str
+    expected: str
+    used: str
+
+
+class RuleFired(_Model):
+    """A failure rule that changed the course of the job, and why."""
+
+    step_id: str
+    code: FailureCode
+    action: str = Field(
+        description="retry, alternate, relogin, handoff, ask_customer, fail, "
+        "or verify_effect (a commit step's probe)."
+    )
+    reason: str
+    at: datetime
+
+
+class Claim(_Model):
+    """Something the orchestrator may tell the customer, and whether the site confirmed it."""
+
+    kind: Literal["output", "effect"]
+    name: str
+    value: str
+    verified: bool
+    how: Verification
+    source: str | None = Field(
+        default=None, description="Where it was read: element, candidate and page URL."
+    )
+    step_id: str | None = None
+    screenshot: str | None = None
+
+
 class StepReport(_Model):
     """The precise state of one step."""
 
@@ -175,6 +266,13 @@ class StepReport(_Model):
         default=None, description="Path of the step's screenshot, relative to the artifacts root."
     )
     failure: Failure | None = None
+    commit: bool = Field(default=False, description="A side-effecting step: never sent twice.")
+    verified: Verification | None = None
+    drift: SelectorDrift | None = None
+    recovered_by: str | None = Field(
+        default=None, description="For a failed step the job got past: the rule that did it."
+    )
+    attempt_log: list[Attempt] = Field(default_factory=list)
 
 
 class Artifacts(_Model):
@@ -202,6 +300,11 @@ class JobReport(_Model):
     duration_ms: float | None = None
     error: Failure | None = None
     correlation: dict[str, str] = Field(default_factory=dict)
+    script_digest: str | None = Field(
+        default=None, description="SHA-256 of the script, its sub-flows and its site registry."
+    )
+    rules_fired: list[RuleFired] = Field(default_factory=list)
+    claims: list[Claim] = Field(default_factory=list)
 
 
 class EventKind(StrEnum):
@@ -226,6 +329,11 @@ class JobEvent(_Model):
     @property
     def terminal(self) -> bool:
         return self.kind == EventKind.job and JobStatus(self.status).terminal
+
+    @property
+    def settled(self) -> bool:
+        """The job ended or is waiting for a person: a watcher can stop here."""
+        return self.kind == EventKind.job and JobStatus(self.status).settled
 
 
 def contract_schemas() -> dict[str, Any]:

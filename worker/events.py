@@ -100,8 +100,8 @@ class JobEvents:
     async def job(
         self, status: JobStatus, *, report: JobReport | None = None, message: str | None = None
     ) -> JobEvent:
-        # The full report rides only on the terminal event; earlier ones stay small.
-        final = report if status.terminal else None
+        # The full report rides only on the event that settles the job; earlier ones stay small.
+        final = report if status.settled else None
         return await self.publish(EventKind.job, status, report=final, message=message)
 
 
@@ -120,5 +120,5 @@ class EventListener:
         if report.status == self._last_job_status:
             return
         self._last_job_status = report.status
-        message = report.error.message if report.error and report.status.terminal else None
+        message = report.error.message if report.error and report.status.settled else None
         await self.events.job(report.status, report=report, message=message)

@@ -7,55 +7,55 @@ into events), and the report on disk is the same object the listener saw.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
-from urllib.parse import urljoin, urlsplit
 
 from playwright.async_api import Error as PlaywrightError
-from playwright.async_api import Locator, Page, Response, expect
+from playwright.async_api import Page
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
+from worker.actions import PageActions
 from worker.artifacts import LocalArtifacts
 from worker.browser import BrowserHost
 from worker.contract import (
+    Attempt,
     BrowserJob,
+    Claim,
     Failure,
     FailureCode,
     JobReport,
     JobStatus,
     MatchedSelector,
+    RuleAction,
+    RuleFired,
+    SelectorDrift,
     StepReport,
     StepStatus,
+    Verification,
 )
 from worker.errors import RejectedError, StepError
 from worker.evidence import IMAGE_SUFFIX, capture
-from worker.failures import classify, observe_page, translate_playwright_error
+from worker.failures import classify, detectors_seen, observe_page, translate_playwright_error
+from worker.policy import Rule, retry_wait_s, rule_for
 from worker.script import (
-    CheckStep,
     ClickStep,
-    Expectation,
     ExpectStep,
     ExtractStep,
-    FillStep,
-    Frame,
     GotoStep,
     LoadedScript,
     PlannedStep,
     PressStep,
     ScreenshotStep,
     ScriptStore,
-    SelectStep,
-    WaitForStep,
-    validate_inputs,
 )
 from worker.secretstore import Redactor, SecretStore
-from worker.selectors import Resolved, WaitState, resolve
-from worker.templating import references, render
+from worker.templating import TemplateError, render
 
 log = logging.getLogger("formwork.executor")
 
@@ -134,15 +134,16 @@ async def run_job(
 
     report.script_version = loaded.script.version
     report.inputs = loaded.redacted_inputs(inputs)
-    report.steps = [StepReport(id=p.id, action=p.action) for p in loaded.plan]
+    report.steps = [StepReport(id=p.id, action=p.action, commit=p.step.commit) for p in loaded.plan]
     await listener.job_changed(report)
 
-    run = _Run(job, loaded, inputs, secrets, runtime, report, listener)
+    report.script_digest = loaded.digest
     async with gate(loaded) if gate is not None else nullcontext():
-        context, run.page = await runtime.browser.open_page()
+        context, page = await runtime.browser.open_page()
         try:
             context.set_default_timeout(loaded.script.timeout_ms)
-            run.page.on("response", run.on_response)
+            actions = PageActions(job, loaded, inputs, secrets, page)
+            run = _Run(job, loaded, runtime, report, listener, actions)
             await run.steps(stop_check)
         finally:
             try:
@@ -220,103 +221,295 @@ async def _finish(
     return report
 
 
+_PAUSE = {
+    RuleAction.handoff: JobStatus.paused_for_handoff,
+    RuleAction.ask_customer: JobStatus.needs_customer_input,
+}
+# A commit step whose effect the probe found absent is redone at most this many times in all.
+COMMIT_TRIES = 2
+# `present` is checked once on the probe's page, already loaded: no long wait for an absence.
+PRESENT_TIMEOUT_MS = 1_500
+
+
+class _AttemptFailed(Exception):
+    def __init__(self, failure: Failure, dispatched: bool) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
+        self.dispatched = dispatched
+
+
 @dataclass
 class _Run:
-    """The mutable state of one job's steps."""
+    """One job's steps: attempts, the rule that decides after a failure, the claims."""
 
     job: BrowserJob
     loaded: LoadedScript
-    inputs: dict[str, Any]
-    secrets: dict[str, str]
     runtime: Runtime
     report: JobReport
     listener: RunListener
-    page: Page = field(init=False)
+    actions: PageActions
     redact: Redactor = field(init=False)
-    masked: list[Locator] = field(default_factory=list)
-    frame_inputs: dict[int, dict[str, Any]] = field(default_factory=dict)
-    document_status: int | None = None
+    shots: int = 0
+    relogins: dict[str, int] = field(default_factory=dict)
+    commit_tries: dict[str, int] = field(default_factory=dict)
+    probe_used: bool = False
 
     def __post_init__(self) -> None:
+        specs = self.loaded.script.inputs
         secret_inputs = [
-            str(v)
-            for k, v in self.inputs.items()
-            if k in self.loaded.script.inputs and self.loaded.script.inputs[k].secret
+            str(v) for k, v in self.actions.inputs.items() if k in specs and specs[k].secret
         ]
-        self.redact = Redactor([*self.secrets.values(), *secret_inputs])
+        self.redact = Redactor([*self.actions.secrets.values(), *secret_inputs])
 
-    def on_response(self, response: Response) -> None:
-        # The status of the page's own document tells a 502 page from a changed form.
-        if response.request.is_navigation_request() and response.frame == self.page.main_frame:
-            self.document_status = response.status
+    @property
+    def page(self) -> Page:
+        return self.actions.page
+
+    def step_report(self, step_id: str) -> StepReport:
+        return next(s for s in self.report.steps if s.id == step_id)
+
+    # ------------------------------------------------------------ the loop
 
     async def steps(self, stop_check: StopCheck | None) -> None:
         plan = self.loaded.plan
-        for index, planned in enumerate(plan):
-            stop_reason = await stop_check() if stop_check else None
-            if stop_reason is None and self.job.deadline is not None and self.job.deadline <= now():
-                stop_reason = "job deadline passed"
-            if stop_reason is not None:
-                self._end_remaining(index, JobStatus.cancelled, FailureCode.cancelled, stop_reason)
+        index = 0
+        while index < len(plan):
+            reason = await stop_check() if stop_check else None
+            if reason is None and self.job.deadline is not None and self.job.deadline <= now():
+                reason = "job deadline passed"
+            if reason is not None:
+                self.end(JobStatus.cancelled, Failure(code=FailureCode.cancelled, message=reason))
                 return
-            step = self.report.steps[index]
-            ok = await self.step(index, planned, step)
-            if not ok:
-                assert step.failure is not None
-                self.report.error = step.failure
-                self._end_remaining(index + 1, JobStatus.failed, None, None)
+            planned = plan[index]
+            report = self.step_report(planned.id)
+            if self.recovered(planned, report):
+                index += 1
+                continue
+            failure = await self.run_step(planned, report, index)
+            if failure is None:
+                index += 1
+                continue
+            next_index = await self.recover(index, planned, report, failure)
+            if next_index is None:
                 return
+            index = next_index
         self.report.status = JobStatus.succeeded
+        self.report.outputs = dict(self.actions.outputs)
+        self.claims()
 
-    def _end_remaining(
-        self, start: int, status: JobStatus, code: FailureCode | None, message: str | None
-    ) -> None:
-        for step in self.report.steps[start:]:
-            step.status = StepStatus.skipped
+    def recovered(self, planned: PlannedStep, report: StepReport) -> bool:
+        """An extract step whose outputs the commit probe already recovered is not rerun
+        (its page — the confirmation the site never sent — does not exist)."""
+        step = planned.step
+        if not (self.probe_used and isinstance(step, ExtractStep)):
+            return False
+        if not all(self.actions.extracted.get(n, None) for n in step.extract):
+            return False
+        if not all(self.actions.extracted[n].verified == Verification.probe for n in step.extract):
+            return False
+        report.status = StepStatus.skipped
+        report.recovered_by = "verify_effect"
+        return True
+
+    def end(self, status: JobStatus, failure: Failure | None) -> None:
+        for step in self.report.steps:
+            if step.status == StepStatus.pending:
+                step.status = StepStatus.skipped
         self.report.status = status
-        if code is not None and message is not None:
-            self.report.error = Failure(code=code, message=message)
+        self.report.error = failure
+        self.report.outputs = dict(self.actions.outputs)
+        self.claims()
 
-    async def step(self, index: int, planned: PlannedStep, report: StepReport) -> bool:
+    def fire(self, step_id: str, code: FailureCode, action: str, reason: str) -> None:
+        log.info("job %s step %s: %s -> %s (%s)", self.job.job_id, step_id, code, action, reason)
+        self.report.rules_fired.append(
+            RuleFired(step_id=step_id, code=code, action=action, reason=reason, at=now())
+        )
+
+    # ------------------------------------------------------------ one step, with retries
+
+    def rule(self, planned: PlannedStep, code: FailureCode) -> Rule:
+        step = planned.step
+        return rule_for(
+            code,
+            step.on_failure,
+            planned.frame.script.on_failure,
+            self.loaded.script.on_failure,
+            self.loaded.registry.on_failure,
+            alternate=step.alternate,
+        )
+
+    async def run_step(
+        self, planned: PlannedStep, report: StepReport, index: int | None = None
+    ) -> Failure | None:
+        """Run the step; retry it while its rule says `retry`. The last failure, or None.
+
+        A retry first puts the page back as the step found it (`index`: its place in the
+        plan): a form whose submit hit a 502 page is opened and filled again, then submitted.
+        """
+
+        def give_up(state: RetryCallState) -> bool:
+            error = state.outcome.exception() if state.outcome else None
+            if not isinstance(error, _AttemptFailed) or error.dispatched:
+                return True  # a commit that reached the site is never simply sent again
+            rule = self.rule(planned, error.failure.code)
+            return rule.action != RuleAction.retry or state.attempt_number >= rule.attempts
+
+        def wait(state: RetryCallState) -> float:
+            error = state.outcome.exception() if state.outcome else None
+            assert isinstance(error, _AttemptFailed)
+            return retry_wait_s(self.rule(planned, error.failure.code), state)
+
+        def before_sleep(state: RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            assert isinstance(error, _AttemptFailed) and state.next_action is not None
+            wait_s = state.next_action.sleep
+            report.attempt_log[-1].wait_ms = round(wait_s * 1000, 1)
+            rule = self.rule(planned, error.failure.code)
+            self.fire(
+                planned.id,
+                error.failure.code,
+                RuleAction.retry,
+                f"attempt {state.attempt_number} of {rule.attempts} failed; "
+                f"trying again in {wait_s:.2f}s",
+            )
+
+        try:
+            async for attempt in AsyncRetrying(
+                stop=give_up,
+                wait=wait,
+                retry=retry_if_exception_type(_AttemptFailed),
+                before_sleep=before_sleep,
+                reraise=True,
+            ):
+                with attempt:
+                    if attempt.retry_state.attempt_number > 1 and index is not None:
+                        await self.restore_page(index, planned, report)
+                    await self.attempt(planned, report)
+        except _AttemptFailed as exc:
+            return exc.failure
+        return None
+
+    async def attempt(self, planned: PlannedStep, report: StepReport) -> None:
+        """One try: act, check the postcondition, look for trouble, take the screenshot."""
+        step, actions = planned.step, self.actions
         report.status = StepStatus.running
         report.attempts += 1
-        report.started_at = now()
-        report.url_before = self.page.url
-        started = time.perf_counter()
+        report.commit = step.commit
+        report.started_at = report.started_at or now()
+        if report.attempts == 1:
+            report.url_before = self.page.url
+        report.failure = None
+        at, started = now(), time.perf_counter()
         await self.listener.step_changed(self.report, report)
-        log.info("job %s step %s: %s", self.job.job_id, planned.id, planned.action)
-        timeout_ms = float(planned.step.timeout_ms or planned.frame.script.timeout_ms)
+        log.info(
+            "job %s step %s: %s (attempt %s)",
+            self.job.job_id,
+            planned.id,
+            planned.action,
+            report.attempts,
+        )
+        timeout_ms = float(
+            step.timeout_ms or self.job.step_timeout_ms or planned.frame.script.timeout_ms
+        )
+        actions.dispatched = False
+        navigations = actions.navigations
+        side_effect = isinstance(step, ClickStep | PressStep)
+        before = (
+            frozenset(await detectors_seen(self.page, self._detectors()))
+            if side_effect and step.expect is not None
+            else frozenset()
+        )
+        failure: Failure | None = None
         full_page = False
         try:
-            report.selector = await self.perform(planned, timeout_ms)
-            if planned.step.expect is not None and not isinstance(planned.step, ExpectStep):
-                await self.check(planned.step.expect, planned.frame, timeout_ms, postcondition=True)
-            report.status = StepStatus.succeeded
-            full_page = (
-                isinstance(planned.step, ScreenshotStep) and planned.step.screenshot.full_page
-            )
+            report.selector = await actions.perform(planned, timeout_ms)
+            report.drift = self._drift(report.selector)
+            report.verified = Verification.none
+            if isinstance(step, ExpectStep):
+                report.verified = Verification.postcondition
+            elif step.expect is not None:
+                await actions.check(
+                    step.expect,
+                    planned.frame,
+                    timeout_ms,
+                    navigations_before=navigations if side_effect else None,
+                    detectors_before=before,
+                )
+                report.verified = Verification.postcondition
+            elif side_effect:
+                await actions.side_effect_check()
+            full_page = isinstance(step, ScreenshotStep) and step.screenshot.full_page
         except StepError as exc:
-            report.failure = await self.explain(exc, planned.id)
-            report.status = StepStatus.failed
+            failure = await self.explain(exc, planned.id, stop_loading=actions.dispatched)
         except PlaywrightError as exc:
             error = translate_playwright_error(exc, doing=f"{planned.action} failed")
-            report.failure = await self.explain(error, planned.id)
-            report.status = StepStatus.failed
+            failure = await self.explain(error, planned.id, stop_loading=actions.dispatched)
+        if failure is not None and actions.dispatched and failure.code not in _KNOWN_OUTCOMES:
+            failure = Failure(
+                code=FailureCode.outcome_unknown,
+                message=f"{planned.id} was sent to the site but not confirmed "
+                f"({failure.code}: {failure.message})",
+                evidence=failure.evidence,
+                step_id=planned.id,
+            )
         report.url = self.page.url
-        if report.failure is None or report.failure.code != FailureCode.browser_crashed:
-            await self.screenshot(index, planned.id, report, full_page=full_page)
+        shot = None
+        if failure is None or failure.code != FailureCode.browser_crashed:
+            shot = await self.screenshot(planned.id, full_page=full_page)
+        report.screenshot = shot or report.screenshot
+        report.attempt_log.append(
+            Attempt(
+                number=report.attempts,
+                started_at=at,
+                duration_ms=_ms(started),
+                failure=failure,
+                screenshot=shot,
+            )
+        )
         report.ended_at = now()
-        report.duration_ms = _ms(started)
+        report.duration_ms = round(
+            sum(a.duration_ms + (a.wait_ms or 0) for a in report.attempt_log), 1
+        )
+        if failure is not None:
+            report.status = StepStatus.failed
+            report.failure = failure
+            report.verified = None
+            await self.listener.step_changed(self.report, report)
+            raise _AttemptFailed(failure, actions.dispatched)
+        report.status = StepStatus.succeeded
         await self.listener.step_changed(self.report, report)
-        return report.status == StepStatus.succeeded
 
-    async def explain(self, error: StepError, step_id: str) -> Failure:
+    def _detectors(self) -> list[str]:
+        d = self.loaded.registry.detectors
+        return [*d.validation_error, *d.login_page, *d.error_banner]
+
+    def _drift(self, matched: MatchedSelector | None) -> SelectorDrift | None:
+        if matched is None or matched.index == 0:
+            return None
+        primary = self.loaded.registry.candidates(matched.element)[0]
+        return SelectorDrift(
+            element=matched.element, expected=primary.describe(), used=matched.candidate
+        )
+
+    async def explain(
+        self, error: StepError, step_id: str, *, stop_loading: bool = False
+    ) -> Failure:
         """Turn a raw step error into a classified, redacted Failure."""
         code, evidence = error.code, error.evidence
+        if stop_loading:
+            # A sent commit whose answer is still pending: stop waiting for it (as a person
+            # would press Esc), so the evidence can be taken and the probe can navigate —
+            # anything run in the page blocks until that navigation ends. The site has the
+            # request either way; the probe decides what became of it.
+            with contextlib.suppress(PlaywrightError):
+                cdp = await self.page.context.new_cdp_session(self.page)
+                await cdp.send("Page.stopLoading")
+                await cdp.detach()
         if code != FailureCode.browser_crashed:
             try:
                 state = await observe_page(
-                    self.page, self.loaded.registry.detectors, self.document_status
+                    self.page, self.loaded.registry.detectors, self.actions.document_status
                 )
                 code, seen = classify(code, state)
                 evidence = evidence or seen
@@ -329,195 +522,253 @@ class _Run:
             step_id=step_id,
         )
 
-    async def screenshot(
-        self, index: int, step_id: str, report: StepReport, *, full_page: bool
-    ) -> None:
+    async def screenshot(self, step_id: str, *, full_page: bool) -> str | None:
+        self.shots += 1
         path, rel = self.runtime.artifacts.step_image(
-            self.job.job_id, index + 1, step_id, IMAGE_SUFFIX
+            self.job.job_id, self.shots, step_id, IMAGE_SUFFIX
         )
         try:
-            await capture(self.page, path, mask=self.masked, full_page=full_page)
-            report.screenshot = rel
+            await capture(self.page, path, mask=self.actions.masked, full_page=full_page)
         except StepError as exc:
             log.warning("job %s step %s: %s", self.job.job_id, step_id, exc.message)
-
-    # ------------------------------------------------------------ values
-
-    def context_for(self, frame: Frame) -> dict[str, dict[str, Any]]:
-        return {
-            "inputs": self.inputs_of(frame),
-            "secrets": self.secrets,
-            "outputs": self.report.outputs,
-        }
-
-    def inputs_of(self, frame: Frame) -> dict[str, Any]:
-        if frame.parent is None:
-            return self.inputs
-        key = id(frame)
-        if key not in self.frame_inputs:
-            parent = self.context_for(frame.parent)
-            raw = {name: render(source, parent) for name, source in frame.bindings.items()}
-            self.frame_inputs[key] = validate_inputs(frame.script, raw)
-        return self.frame_inputs[key]
-
-    def value(self, source: str, frame: Frame) -> str:
-        return render(source, self.context_for(frame))
-
-    def is_secret(self, source: str, frame: Frame) -> bool:
-        specs = frame.script.inputs
-        return any(
-            ref.namespace == "secrets"
-            or (ref.namespace == "inputs" and ref.name in specs and specs[ref.name].secret)
-            for ref in references(source)
-        )
-
-    async def find(self, target: str, timeout_ms: float, state: WaitState = "visible") -> Resolved:
-        return await resolve(
-            self.page, self.loaded.registry, target, timeout_ms=timeout_ms, state=state
-        )
-
-    # ------------------------------------------------------------ actions
-
-    async def perform(self, planned: PlannedStep, timeout_ms: float) -> MatchedSelector | None:
-        step, frame = planned.step, planned.frame
-        if isinstance(step, GotoStep):
-            await self.goto(self.value(step.goto, frame), timeout_ms)
             return None
-        if isinstance(step, FillStep):
-            found = await self.find(step.fill.target, timeout_ms)
-            if self.is_secret(step.fill.value, frame):
-                # Registered before typing: a failure screenshot mid-fill is masked too.
-                self.masked.append(found.locator)
-            await found.locator.fill(self.value(step.fill.value, frame), timeout=timeout_ms)
-            return found.matched
-        if isinstance(step, SelectStep):
-            found = await self.find(step.select.target, timeout_ms)
-            if step.select.value is not None:
-                await found.locator.select_option(
-                    value=self.value(step.select.value, frame), timeout=timeout_ms
-                )
-            else:
-                assert step.select.label is not None
-                await found.locator.select_option(
-                    label=self.value(step.select.label, frame), timeout=timeout_ms
-                )
-            return found.matched
-        if isinstance(step, CheckStep):
-            found = await self.find(step.check.target, timeout_ms)
-            await found.locator.set_checked(step.check.checked, timeout=timeout_ms)
-            return found.matched
-        if isinstance(step, ClickStep):
-            found = await self.find(step.click, timeout_ms)
-            await found.locator.click(timeout=timeout_ms)
-            return found.matched
-        if isinstance(step, PressStep):
-            if step.press.target is None:
-                await self.page.keyboard.press(step.press.key)
-                return None
-            found = await self.find(step.press.target, timeout_ms)
-            await found.locator.press(step.press.key, timeout=timeout_ms)
-            return found.matched
-        if isinstance(step, WaitForStep):
-            if step.wait_for.target is not None:
-                return (
-                    await self.find(step.wait_for.target, timeout_ms, step.wait_for.state)
-                ).matched
-            assert step.wait_for.url is not None
-            await self.check(
-                Expectation(url=step.wait_for.url), frame, timeout_ms, postcondition=False
-            )
-            return None
-        if isinstance(step, ExpectStep):
-            return await self.check(step.expect, frame, timeout_ms, postcondition=False)
-        if isinstance(step, ExtractStep):
-            matched = None
-            for name, spec in step.extract.items():
-                found = await self.find(spec.target, timeout_ms, state="attached")
-                matched = matched or found.matched
-                raw = (
-                    await found.locator.get_attribute(spec.attribute, timeout=timeout_ms)
-                    if spec.attribute
-                    else await found.locator.inner_text(timeout=timeout_ms)
-                )
-                self.report.outputs[name] = _extracted(raw or "", spec.pattern, name, spec.target)
-            return matched
-        if isinstance(step, ScreenshotStep):
-            return None  # the capture after every step is the action
-        raise StepError(FailureCode.script_error, f"no executor for action {planned.action!r}")
+        return rel
 
-    async def goto(self, url: str, timeout_ms: float) -> None:
-        base = self.job.site_url or str(self.loaded.registry.base_url)
-        target = urljoin(base.rstrip("/") + "/", url.lstrip("/")) if "://" not in url else url
-        host = urlsplit(target).hostname or ""
-        allowed = set(self.loaded.registry.allowed_hosts)
-        if self.job.site_url:
-            allowed.add(urlsplit(self.job.site_url).hostname or "")
-        if host not in allowed:
-            raise StepError(
-                FailureCode.navigation_blocked,
-                f"{host!r} is not an allowed host of site {self.loaded.registry.site}",
-            )
-        response = await self.page.goto(target, timeout=timeout_ms, wait_until="load")
-        if response is not None and response.status >= 400:
-            code = (
-                FailureCode.server_error
-                if response.status >= 500
-                else FailureCode.navigation_failed
-            )
-            raise StepError(code, f"GET {urlsplit(target).path} answered HTTP {response.status}")
+    # ------------------------------------------------------------ after a failure
 
-    async def check(
-        self, expectation: Expectation, frame: Frame, timeout_ms: float, *, postcondition: bool
-    ) -> MatchedSelector | None:
-        """Wait until `expectation` holds; StepError(expectation_failed) when it does not."""
-        what = "postcondition" if postcondition else "expectation"
+    async def recover(
+        self, index: int, planned: PlannedStep, report: StepReport, failure: Failure
+    ) -> int | None:
+        """Apply the failure's rule. The plan index to continue at, or None: the job ended."""
+        code = failure.code
+        if planned.step.commit and code == FailureCode.outcome_unknown:
+            return await self.verify_commit(index, planned, report, failure)
+        rule = self.rule(planned, code)
+        action = rule.action
+        if action == RuleAction.retry:
+            action = rule.then  # the retries are spent
+        if action == RuleAction.relogin:
+            used = self.relogins.get(planned.id, 0)
+            if used < rule.attempts and self.loaded.relogin:
+                self.relogins[planned.id] = used + 1
+                self.fire(
+                    planned.id,
+                    code,
+                    RuleAction.relogin,
+                    "the session expired: signing in again, then redoing this page",
+                )
+                start = self.page_start(index)
+                back_to = self.step_report(planned.id).url_before
+                relogged = await self.run_subplan(self.loaded.relogin, planned.id, "relogin")
+                if relogged and back_to and not await self.detour_failed(back_to):
+                    return start
+            action = rule.then
+        if action == RuleAction.alternate and rule.alternate is not None:
+            self.fire(
+                planned.id, code, RuleAction.alternate, f"taking alternate path {rule.alternate!r}"
+            )
+            if await self.run_subplan(
+                self.loaded.alternates[rule.alternate], planned.id, rule.alternate
+            ):
+                report.recovered_by = f"alternate:{rule.alternate}"
+                return index + 1
+            action = rule.then
+        self.fire(planned.id, code, action, failure.message)
+        self.end(_PAUSE.get(action, JobStatus.failed), failure)
+        return None
+
+    def page_start(self, index: int) -> int:
+        """The first of the steps that worked on the page step `index` started on (filling a
+        form, say): the steps to redo to rebuild that page. Never reaches back over a commit."""
+        plan = self.loaded.plan
+        page_url = self.step_report(plan[index].id).url_before
+        start = index
+        while start > 0:
+            previous = self.step_report(plan[start - 1].id)
+            if plan[start - 1].step.commit or previous.url_before != page_url:
+                break
+            start -= 1
+        return start
+
+    async def restore_page(self, index: int, planned: PlannedStep, report: StepReport) -> None:
+        """Before a retry: back to the step's page, and redo what had been done on it."""
+        if isinstance(planned.step, GotoStep) or report.url_before in (None, self.page.url):
+            return
+        start = self.page_start(index)
+        failure = None
+        if await self.detour_failed(report.url_before or ""):
+            failure = f"could not return to {report.url_before}"
+        else:
+            for earlier in self.loaded.plan[start:index]:
+                if await self.run_step(earlier, self.step_report(earlier.id)) is not None:
+                    failure = f"could not redo step {earlier.id!r} on {report.url_before}"
+                    break
+        if failure is not None:
+            lost = Failure(code=FailureCode.unexpected_page, message=failure, step_id=planned.id)
+            raise _AttemptFailed(lost, dispatched=False)
+
+    async def detour_failed(self, url: str) -> bool:
         try:
-            if expectation.visible is not None:
-                return (await self.find(expectation.visible, timeout_ms)).matched
-            if expectation.hidden is not None:
-                return (await self.find(expectation.hidden, timeout_ms, "hidden")).matched
-            if expectation.text is not None:
-                spec = expectation.text
-                found = await self.find(spec.target, timeout_ms)
-                assertion = expect(found.locator)
-                if spec.equals is not None:
-                    await assertion.to_have_text(self.value(spec.equals, frame), timeout=timeout_ms)
-                elif spec.contains is not None:
-                    await assertion.to_contain_text(
-                        self.value(spec.contains, frame), timeout=timeout_ms
-                    )
-                else:
-                    assert spec.matches is not None
-                    await assertion.to_have_text(re.compile(spec.matches), timeout=timeout_ms)
-                return found.matched
-            assert expectation.url is not None
-            await self.page.wait_for_url(re.compile(expectation.url), timeout=timeout_ms)
-            return None
-        except StepError as exc:
-            if exc.code != FailureCode.selector_not_found:
-                raise
-            raise StepError(
-                FailureCode.expectation_failed, f"{what} failed: {exc.message}"
-            ) from exc
-        except AssertionError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise StepError(FailureCode.expectation_failed, f"{what} failed: {first}") from exc
+            await self.page.goto(url, wait_until="load")
         except PlaywrightError as exc:
-            raise StepError(
-                FailureCode.expectation_failed,
-                f"{what} failed: URL {self.page.url} does not match {expectation.url!r}",
-            ) from exc
+            log.warning("job %s: could not return to %s: %s", self.job.job_id, url, exc.message)
+            return True
+        return False
+
+    async def run_subplan(self, steps: list[PlannedStep], after: str, name: str) -> bool:
+        """Run extra steps (a sign-in, an alternate path, a probe) inserted into the report
+        after step `after` in execution order. True when all succeeded."""
+        reports = [
+            StepReport(id=f"{after}.{name}.{p.id.removeprefix(name + '.')}", action=p.action)
+            for p in steps
+        ]
+        position = next(i for i, s in enumerate(self.report.steps) if s.id == after) + 1
+        while position < len(self.report.steps) and self.report.steps[position].id.startswith(
+            after + "."
+        ):
+            position += 1
+        self.report.steps[position:position] = reports
+        for planned, report in zip(steps, reports, strict=True):
+            if await self.run_step(planned, report) is not None:
+                for rest in reports:
+                    if rest.status == StepStatus.pending:
+                        rest.status = StepStatus.skipped
+                return False
+        return True
+
+    async def verify_commit(
+        self, index: int, planned: PlannedStep, report: StepReport, failure: Failure
+    ) -> int | None:
+        """The commit was sent but not confirmed: ask the site whether the effect happened."""
+        probe = self.loaded.script.verify_effect
+        if probe is None or probe.opt_out is not None:
+            self.fire(planned.id, failure.code, RuleAction.handoff, "no probe to verify the effect")
+            self.end(JobStatus.paused_for_handoff, failure)
+            return None
+        self.fire(planned.id, failure.code, "verify_effect", "checking whether the effect happened")
+        self.probe_used = True
+        outcome = await self.probe(planned)
+        if outcome == "present":
+            report.status = StepStatus.succeeded
+            report.verified = Verification.probe
+            report.failure = None
+            report.recovered_by = "verify_effect: the site shows the effect"
+            await self.listener.step_changed(self.report, report)
+            return index + 1
+        tries = self.commit_tries.get(planned.id, 1)
+        if outcome == "absent" and tries < COMMIT_TRIES:
+            self.commit_tries[planned.id] = tries + 1
+            restart = planned.step.retry_from or planned.id
+            self.fire(
+                planned.id,
+                failure.code,
+                "retry_from",
+                f"the site does not show the effect: redoing from step {restart!r}",
+            )
+            start = self.loaded.index_of(restart)
+            back_to = self.step_report(restart).url_before
+            if back_to and await self.detour_failed(back_to):
+                self.end(JobStatus.paused_for_handoff, failure)
+                return None
+            return start
+        why = "the probe could not tell" if outcome == "inconclusive" else "still not applied"
+        self.fire(planned.id, failure.code, RuleAction.handoff, f"{why}: a person decides")
+        self.end(JobStatus.paused_for_handoff, failure)
+        return None
+
+    async def probe(self, planned: PlannedStep) -> str:
+        """ "present", "absent" or "inconclusive"."""
+        probe = self.loaded.script.verify_effect
+        assert probe is not None and probe.present is not None
+        reach = [p for p in self.loaded.probe if p.id != "verify.recover"]
+        recover = [p for p in self.loaded.probe if p.id == "verify.recover"]
+        self.actions.probing = True
+        try:
+            if not await self.run_subplan(reach, planned.id, "verify"):
+                # A session that expired with the commit is the commonest reason the probe
+                # cannot look: sign in once more and look again.
+                last = [s for s in self.report.steps if s.id.startswith(f"{planned.id}.verify.")]
+                expired = any(
+                    s.failure is not None and s.failure.code == FailureCode.auth_expired
+                    for s in last
+                )
+                if not (expired and self.loaded.relogin):
+                    return "inconclusive"
+                self.fire(
+                    planned.id,
+                    FailureCode.auth_expired,
+                    RuleAction.relogin,
+                    "the session expired: signing in again to run the probe",
+                )
+                if not await self.run_subplan(self.loaded.relogin, planned.id, "relogin"):
+                    return "inconclusive"
+                if not await self.run_subplan(reach, planned.id, "verify"):
+                    return "inconclusive"
+            try:
+                await self.actions.check(probe.present, planned.frame, PRESENT_TIMEOUT_MS)
+            except StepError as exc:
+                return "absent" if exc.code == FailureCode.expectation_failed else "inconclusive"
+            except PlaywrightError:
+                return "inconclusive"
+            if recover:
+                await self.run_subplan(recover, planned.id, "verify")
+            return "present"
+        finally:
+            self.actions.probing = False
+
+    # ------------------------------------------------------------ claims
+
+    def claims(self) -> None:
+        """What the orchestrator may tell the customer, each marked verified or not."""
+        claims: list[Claim] = []
+        for name, found in self.actions.extracted.items():
+            claims.append(
+                Claim(
+                    kind="output",
+                    name=name,
+                    value=found.value,
+                    verified=found.verified != Verification.none,
+                    how=found.verified,
+                    source=found.source,
+                    step_id=found.step_id,
+                    screenshot=self.step_report(found.step_id).screenshot
+                    if any(s.id == found.step_id for s in self.report.steps)
+                    else None,
+                )
+            )
+        effect = self.loaded.script.effect
+        commits = [s for s in self.report.steps if s.commit]
+        if effect is not None and commits:
+            context = {"inputs": self.actions.inputs, "outputs": self.actions.outputs}
+            try:
+                text = render(effect, context)
+            except TemplateError:
+                text = effect
+            done = self.report.status == JobStatus.succeeded and all(
+                s.status == StepStatus.succeeded
+                and s.verified in (Verification.postcondition, Verification.probe)
+                for s in commits
+            )
+            how = (
+                Verification.probe
+                if any(s.verified == Verification.probe for s in commits)
+                else Verification.postcondition
+                if done
+                else Verification.none
+            )
+            claims.append(
+                Claim(
+                    kind="effect",
+                    name=self.loaded.name,
+                    value=self.redact(text) or "",
+                    verified=done,
+                    how=how,
+                    step_id=commits[-1].id,
+                    screenshot=commits[-1].screenshot,
+                )
+            )
+        self.report.claims = claims
 
 
-def _extracted(raw: str, pattern: str | None, name: str, target: str) -> str:
-    text = " ".join(raw.split())
-    if pattern is None:
-        return text
-    match = re.search(pattern, text)
-    if match is None:
-        raise StepError(
-            FailureCode.expectation_failed,
-            f"output {name!r}: {target} text does not match {pattern!r}",
-            evidence=text[:200],
-        )
-    return match.group(1) if match.groups() else match.group(0)
+# Failures after a commit was sent that still tell what happened: the site said no.
+_KNOWN_OUTCOMES = {FailureCode.validation_rejected}

@@ -79,31 +79,56 @@ def _evidence(texts: list[str]) -> str | None:
     return joined[:_EVIDENCE_LIMIT] or None
 
 
+# One round trip for all detectors: which selectors match a visible element, and its text.
+_DETECT_JS = """
+(selectors) => {
+  const found = {};
+  for (const selector of selectors) {
+    let nodes;
+    try { nodes = document.querySelectorAll(selector); } catch (e) { continue; }
+    const texts = [];
+    for (const node of nodes) {
+      const box = node.getBoundingClientRect();
+      const style = getComputedStyle(node);
+      if (box.width > 0 && box.height > 0 && style.visibility !== "hidden") {
+        texts.push(node.innerText || "");
+      }
+    }
+    if (texts.length) found[selector] = texts;
+  }
+  return found;
+}
+"""
+
+
+async def _detect(page: Page, selectors: list[str]) -> dict[str, list[str]]:
+    if not selectors:
+        return {}
+    found: dict[str, list[str]] = await page.evaluate(_DETECT_JS, selectors)
+    return found
+
+
+async def detectors_seen(page: Page, selectors: list[str]) -> set[str]:
+    """The selectors among `selectors` that match a visible element right now."""
+    try:
+        return set(await _detect(page, selectors))
+    except PlaywrightError:
+        return set()  # the page is navigating: nothing is showing yet
+
+
 async def observe_page(page: Page, detectors: Detectors, status: int | None) -> PageState:
     """Read the detectors off the live page (the thin shell around `classify`)."""
+    found = await _detect(
+        page, [*detectors.login_page, *detectors.validation_error, *detectors.error_banner]
+    )
 
-    async def texts(selectors: list[str]) -> list[str]:
-        found: list[str] = []
-        for selector in selectors:
-            try:
-                found += await page.locator(selector).filter(visible=True).all_inner_texts()
-            except PlaywrightError:
-                continue
-        return found
-
-    async def any_visible(selectors: list[str]) -> bool:
-        for selector in selectors:
-            try:
-                if await page.locator(selector).filter(visible=True).count():
-                    return True
-            except PlaywrightError:
-                continue
-        return False
+    def texts(selectors: list[str]) -> list[str]:
+        return [text for selector in selectors for text in found.get(selector, [])]
 
     return PageState(
         url=page.url,
         status=status,
-        login_page=await any_visible(detectors.login_page),
-        validation_errors=await texts(detectors.validation_error),
-        error_banners=await texts(detectors.error_banner),
+        login_page=any(selector in found for selector in detectors.login_page),
+        validation_errors=texts(detectors.validation_error),
+        error_banners=texts(detectors.error_banner),
     )

@@ -53,3 +53,7 @@ class Keys:
 
     def site_last_start(self, site: str) -> str:
         return f"{self.prefix}:site:{site}:last-start"
+
+    def drift(self, site: str) -> str:
+        """Hash: element name -> how many steps found it only through a fallback candidate."""
+        return f"{self.prefix}:site:{site}:drift"

@@ -151,7 +151,7 @@ async def browser_job(ctx: dict[str, Any], payload: Any) -> dict[str, Any]:
 async def execute(state: WorkerState, job_id: str, payload: Any) -> JobReport:
     redis, keys = state.redis, state.keys
     stored = await cast("Any", redis.hmget(keys.job(job_id), ["status", "report"]))
-    if stored[0] is not None and JobStatus(stored[0].decode()).terminal and stored[1]:
+    if stored[0] is not None and JobStatus(stored[0].decode()).settled and stored[1]:
         # Delivered again after it ended (a raw re-enqueue, a retry after a lost result):
         # the job ran once; answer with what happened then.
         log.info("job %s already %s; not running it again", job_id, stored[0].decode())
@@ -190,7 +190,9 @@ async def execute(state: WorkerState, job_id: str, payload: Any) -> JobReport:
 
     state.running.add(job_id)
     try:
-        return await run_job(job, state.runtime, listener, stop_check=stop_check, gate=gate)
+        report = await run_job(job, state.runtime, listener, stop_check=stop_check, gate=gate)
+        await _count_drift(redis, keys, job.site, report)
+        return report
     except Exception as exc:
         # A bug or an unexpected failure of ours: the job still ends with a report and a
         # terminal event, so no orchestrator waits forever on a job stuck at "running".
@@ -208,6 +210,16 @@ async def execute(state: WorkerState, job_id: str, payload: Any) -> JobReport:
         state.running.discard(job_id)
         if events.webhook is not None:
             await events.webhook.close()
+
+
+async def _count_drift(redis: Redis, keys: Keys, site: str, report: JobReport) -> None:
+    """Selector drift per site and element: where the registry needs its primary fixed."""
+    drifted = [step.drift.element for step in report.steps if step.drift is not None]
+    if drifted:
+        async with redis.pipeline(transaction=False) as pipe:
+            for element in drifted:
+                pipe.hincrby(keys.drift(site), element, 1)
+            await pipe.execute()
 
 
 def _parse(job_id: str, payload: Any) -> BrowserJob:

@@ -32,8 +32,9 @@ from pydantic import (
     model_validator,
 )
 
-from worker.contract import SCRIPT_REF
+from worker.contract import SCRIPT_REF, FailureCode
 from worker.errors import InputInvalid, ScriptInvalid, ScriptNotFound
+from worker.policy import Rule
 from worker.selectors import SiteRegistry, WaitState, load_registry
 from worker.templating import Reference, TemplateError, references
 from worker.yamlfile import describe_loc, line_of, load_model, read_yaml
@@ -165,6 +166,20 @@ class _Step(_Strict):
     description: str | None = None
     expect: Expectation | None = None
     timeout_ms: int | None = Field(default=None, gt=0, le=600_000)
+    commit: bool = Field(
+        default=False,
+        description="Side-effecting (submit, pay, confirm): never retried blindly; after an "
+        "unconfirmed send the script's verify_effect probe decides.",
+    )
+    retry_from: str | None = Field(
+        default=None,
+        description="For a commit step the probe found not applied: the earlier step to redo "
+        "the form from.",
+    )
+    alternate: str | None = Field(
+        default=None, description="An alternate path to take when an element is not found."
+    )
+    on_failure: dict[FailureCode, Rule] = Field(default_factory=dict)
 
     def targets(self) -> list[str]:
         """Logical elements this step acts on (for load-time checks)."""
@@ -400,6 +415,45 @@ Step = Annotated[
 ]
 
 
+class VerifyEffect(_Strict):
+    """The probe run when a commit step's outcome is unknown: did the effect happen?
+
+    `steps` bring the page where the effect would show; then `present` is checked once:
+    it holds → the effect happened; it does not → it did not; the steps themselves failing →
+    inconclusive (a person decides). Extract steps among them recover the outputs.
+    """
+
+    steps: list[Step] = Field(default_factory=list)
+    present: Expectation | None = None
+    extract: dict[Annotated[str, StringConstraints(pattern=STEP_ID)], ExtractSpec] = Field(
+        default_factory=dict,
+        description="Outputs read off the probe's page once the effect is found (e.g. the "
+        "confirmation number the lost response would have shown).",
+    )
+    opt_out: str | None = Field(
+        default=None, description="Why this script's commit steps need no probe."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("extract"), dict):
+            specs = {
+                name: {"target": spec} if isinstance(spec, str) else spec
+                for name, spec in data["extract"].items()
+            }
+            return {**data, "extract": specs}
+        return data
+
+    @model_validator(mode="after")
+    def _probe_or_opt_out(self) -> VerifyEffect:
+        if self.opt_out is None and (not self.steps or self.present is None):
+            raise ValueError("give 'steps' and 'present', or 'opt_out: <reason>'")
+        if self.opt_out is not None and (self.steps or self.present is not None):
+            raise ValueError("'opt_out' goes alone")
+        return self
+
+
 class Script(_Strict):
     """One YAML script file."""
 
@@ -413,6 +467,16 @@ class Script(_Strict):
     secrets: list[Annotated[str, StringConstraints(pattern=STEP_ID)]] = Field(default_factory=list)
     timeout_ms: int = Field(default=10_000, gt=0, le=600_000)
     steps: list[Step] = Field(min_length=1)
+    on_failure: dict[FailureCode, Rule] = Field(default_factory=dict)
+    alternates: dict[Annotated[str, StringConstraints(pattern=STEP_ID)], list[Step]] = Field(
+        default_factory=dict
+    )
+    verify_effect: VerifyEffect | None = None
+    effect: str | None = Field(
+        default=None,
+        description="What the script does, as told to a customer once verified: "
+        "'credit of {{ inputs.amount }} issued, confirmation {{ outputs.confirmation_number }}'.",
+    )
 
     @model_validator(mode="after")
     def _unique_ids(self) -> Script:
@@ -423,6 +487,23 @@ class Script(_Strict):
             seen.add(step.id)
         if not self.name.startswith(f"{self.site}/"):
             raise ValueError(f"name {self.name!r} must start with its site '{self.site}/'")
+        for index, step in enumerate(self.steps):
+            earlier = {s.id for s in self.steps[:index]}
+            if step.retry_from is not None and step.retry_from not in earlier | {step.id}:
+                raise ValueError(
+                    f"step {step.id!r}: retry_from {step.retry_from!r} is not an earlier step"
+                )
+            if step.retry_from is not None and not step.commit:
+                raise ValueError(f"step {step.id!r}: retry_from only goes with commit: true")
+            names = {step.alternate} | {r.alternate for r in step.on_failure.values()}
+            for name in names - {None}:
+                if name not in self.alternates:
+                    raise ValueError(f"step {step.id!r}: no alternate path {name!r}")
+        if any(step.commit for step in self.steps) and self.verify_effect is None:
+            raise ValueError(
+                "a script with a commit step needs 'verify_effect' (a probe that tells whether "
+                "the effect happened), or 'verify_effect: {opt_out: <why>}'"
+            )
         return self
 
 
@@ -459,10 +540,16 @@ class LoadedScript:
     registry: SiteRegistry
     plan: list[PlannedStep]
     digest: str
+    alternates: dict[str, list[PlannedStep]] = field(default_factory=dict)
+    probe: list[PlannedStep] = field(default_factory=list)  # verify_effect's steps
+    relogin: list[PlannedStep] = field(default_factory=list)  # the site's login flow
 
     @property
     def name(self) -> str:
         return self.script.name
+
+    def index_of(self, step_id: str) -> int:
+        return next(i for i, planned in enumerate(self.plan) if planned.id == step_id)
 
     def secret_names(self) -> set[str]:
         return {name for planned in self.plan for name in planned.frame.script.secrets}
@@ -592,21 +679,51 @@ class ScriptStore:
         registry = load_registry(self.selectors_dir, script.site)
         digest = hashlib.sha256()
         digest.update((self.selectors_dir / f"{script.site}.yaml").read_bytes())
-        plan = list(self._flatten(script, path, Frame(script, path), "", [script.name], digest))
-        _check_plan(registry, plan)
-        return LoadedScript(script, path, registry, plan, digest.hexdigest())
+        digest.update(path.read_bytes())
+        root = Frame(script, path)
+        stack = [script.name]
+        plan = list(self._flatten(script.steps, root, "", stack, digest))
+        alternates = {
+            name: list(self._flatten(steps, root, "", stack, digest))
+            for name, steps in script.alternates.items()
+        }
+        effect = script.verify_effect
+        probe = list(self._flatten(effect.steps if effect else [], root, "verify.", stack, digest))
+        if effect is not None and effect.extract:
+            # Kept apart from the probe's steps: it runs only once `present` holds.
+            recover = ExtractStep(id="recover", extract=effect.extract)
+            probe.append(PlannedStep("verify.recover", recover, root))
+        relogin: list[PlannedStep] = []
+        if registry.login_flow is not None:
+            login_path = self.path_of(registry.login_flow)
+            digest.update(login_path.read_bytes())
+            login = load_model(login_path, Script)
+            relogin = list(
+                self._flatten(login.steps, Frame(login, login_path), "relogin.", stack, digest)
+            )
+        extra = [*probe, *relogin, *(p for path in alternates.values() for p in path)]
+        _check_plan(registry, plan, extra=extra)
+        return LoadedScript(
+            script,
+            path,
+            registry,
+            plan,
+            digest.hexdigest(),
+            alternates=alternates,
+            probe=probe,
+            relogin=relogin,
+        )
 
     def _flatten(
         self,
-        script: Script,
-        path: Path,
+        steps: list[Any],
         frame: Frame,
         prefix: str,
         stack: list[str],
         digest: Any,
     ) -> Iterator[PlannedStep]:
-        digest.update(path.read_bytes())
-        for step in script.steps:
+        script, path = frame.script, frame.path
+        for step in steps:
             if not isinstance(step, UseStep):
                 yield PlannedStep(prefix + step.id, step, frame)
                 continue
@@ -632,8 +749,9 @@ class ScriptStore:
             if missing:
                 raise ScriptInvalid(f"{where}: with: {flow.name} needs input(s) {missing}")
             child = Frame(flow, flow_path, dict(step.with_), frame)
+            digest.update(flow_path.read_bytes())
             yield from self._flatten(
-                flow, flow_path, child, f"{prefix}{step.id}.", [*stack, flow_name], digest
+                flow.steps, child, f"{prefix}{step.id}.", [*stack, flow_name], digest
             )
             # The `use` step's own expectation applies once the whole sub-flow has run.
             if step.expect is not None:
@@ -659,20 +777,25 @@ def _step_where(path: Path, step_id: str) -> str:
     return f"{path}: step {step_id!r}"
 
 
-def _check_plan(registry: SiteRegistry, plan: list[PlannedStep]) -> None:
+def _check_plan(
+    registry: SiteRegistry, plan: list[PlannedStep], extra: list[PlannedStep] | None = None
+) -> None:
     """Targets exist in the registry; templates only reference declared names."""
     produced: set[str] = set()
-    for planned in plan:
+    for planned in [*plan, *(extra or [])]:
         step, frame = planned.step, planned.frame
 
         def fail(message: str, step_id: str = step.id, frame: Frame = frame) -> None:
             raise ScriptInvalid(f"{_step_where(frame.path, step_id)}: {message}")
 
         targets = step.targets() + (step.expect.targets() if step.expect else [])
+        templates = step.templates() + (step.expect.templates() if step.expect else [])
         for target in targets:
             if target not in registry.elements:
                 fail(f"target {target!r} is not in selectors/{registry.site}.yaml")
-        templates = step.templates() + (step.expect.templates() if step.expect else [])
+            # Parameterised elements (`tr[data-reference="{{ inputs.reference }}"]`) take
+            # their values from the script that uses them.
+            templates += [t for c in registry.elements[target] for t in c.templates()]
         for source in templates:
             try:
                 refs = references(source)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from playwright.async_api import Error as PlaywrightError
 from playwright.async_api import Locator, Page
@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
 
 from worker.contract import FailureCode, MatchedSelector
 from worker.errors import ScriptInvalid, StepError
+from worker.policy import Rule
+from worker.templating import render
 from worker.yamlfile import load_model
 
 ELEMENT_NAME = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$"
@@ -47,6 +49,21 @@ class Candidate(BaseModel):
         if self.name is not None and self.role is None:
             raise ValueError("'name' only goes with 'role'")
         return self
+
+    def templates(self) -> list[str]:
+        values = [getattr(self, kind) for kind in (*_KINDS, "name")]
+        return [v for v in values if isinstance(v, str) and "{{" in v]
+
+    def render(self, context: dict[str, dict[str, Any]]) -> Candidate:
+        """This candidate with `{{ inputs.x }}` placeholders filled in."""
+        if not self.templates():
+            return self
+        update = {
+            kind: render(value, context)
+            for kind in (*_KINDS, "name")
+            if isinstance(value := getattr(self, kind), str) and "{{" in value
+        }
+        return self.model_copy(update=update)
 
     def describe(self) -> str:
         if self.role is not None:
@@ -100,6 +117,10 @@ class SiteRegistry(BaseModel):
     elements: dict[str, list[Candidate]]
     detectors: Detectors = Field(default_factory=Detectors)
     limits: SiteLimits = Field(default_factory=SiteLimits)
+    login_flow: str | None = Field(
+        default=None, description="The script that signs in; run again when a session expires."
+    )
+    on_failure: dict[FailureCode, Rule] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _elements(self) -> SiteRegistry:
@@ -147,13 +168,14 @@ async def resolve(
     *,
     timeout_ms: float,
     state: WaitState = "visible",
+    context: dict[str, dict[str, Any]] | None = None,
 ) -> Resolved:
     """Wait until some candidate of `element` is in `state`; return the first that is.
 
     One combined wait (`or_`) instead of polling each candidate: a fallback that is present
     right away is found without first waiting out the primary's timeout.
     """
-    candidates = registry.candidates(element)
+    candidates = [c.render(context or {}) for c in registry.candidates(element)]
     locators = [candidate.locator(page) for candidate in candidates]
     combined = locators[0]
     for other in locators[1:]:

@@ -1,0 +1,243 @@
+"""Partial failures, one fault at a time: the step report and the site's ground truth agree."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from tenacity import RetryCallState
+
+from worker.contract import (
+    BrowserJob,
+    FailureCode,
+    JobReport,
+    JobStatus,
+    RuleAction,
+    StepStatus,
+    Verification,
+)
+from worker.executor import Runtime, run_job
+from worker.failures import PageState, classify
+from worker.policy import DEFAULT_RULES, Rule, retry_wait_s, rule_for
+
+from .conftest import CREDIT_INPUTS, Site
+
+
+def credit_job(site: Site, **inputs: str) -> BrowserJob:
+    return BrowserJob(
+        job_id="fault-1",
+        script="billing/issue_credit",
+        inputs={**CREDIT_INPUTS, **inputs},
+        site_url=site.url,
+    )
+
+
+def step(report: JobReport, step_id: str) -> Any:
+    return next(s for s in report.steps if s.id == step_id)
+
+
+def fired(report: JobReport) -> list[tuple[str, str]]:
+    return [(r.step_id, r.action) for r in report.rules_fired]
+
+
+# ---------------------------------------------------------------- pure: classification, rules
+
+
+def test_classification_reads_the_page_state() -> None:
+    vague = FailureCode.expectation_failed
+    assert classify(vague, PageState(login_page=True, url="/login")) == (
+        FailureCode.auth_expired,
+        "redirected to a login page (/login)",
+    )
+    assert classify(vague, PageState(status=502, error_banners=["Bad gateway"])) == (
+        FailureCode.server_error,
+        "Bad gateway",
+    )
+    code, evidence = classify(vague, PageState(validation_errors=["Amount   too\nlarge"]))
+    assert (code, evidence) == (FailureCode.validation_rejected, "Amount too large")
+    assert classify(vague, PageState()) == (vague, None)
+    # A precise code is never overridden by what the page shows.
+    blocked = FailureCode.navigation_blocked
+    assert classify(blocked, PageState(login_page=True)) == (blocked, None)
+
+
+def test_rules_step_over_script_over_site_over_defaults() -> None:
+    code = FailureCode.server_error
+    step = {code: Rule(action=RuleAction.handoff)}
+    script = {code: Rule(action=RuleAction.fail)}
+    site = {code: Rule(action=RuleAction.retry, attempts=5)}
+    assert rule_for(code, step, script, site).action == RuleAction.handoff
+    assert rule_for(code, {}, script, site).action == RuleAction.fail
+    assert rule_for(code, {}, {}, site).attempts == 5
+    assert rule_for(code) == DEFAULT_RULES[code]
+    missing = FailureCode.selector_not_found
+    assert rule_for(missing).action == RuleAction.handoff
+    assert rule_for(missing, alternate="via_url").alternate == "via_url"
+    assert Rule.model_validate("retry").action == RuleAction.retry
+    with pytest.raises(ValueError, match="alternate"):
+        Rule(action=RuleAction.alternate)
+
+
+def test_retry_backoff_grows_and_is_capped() -> None:
+    rule = Rule(action=RuleAction.retry, initial_delay_ms=100, max_delay_ms=1000)
+
+    def wait(attempt: int) -> float:
+        state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+        state.attempt_number = attempt
+        return retry_wait_s(rule, state)
+
+    assert 0.1 <= wait(1) <= 0.2
+    assert 0.4 <= wait(3) <= 0.5
+    assert wait(10) <= 1.0
+
+
+# ---------------------------------------------------------------- faults on the real site
+
+
+async def test_server_error_then_success_is_retried_with_one_credit(
+    billing: Site, runtime: Runtime
+) -> None:
+    billing.faults(fail=[{"path_contains": "/credits/review", "method": "POST", "status": 502}])
+    report = await run_job(credit_job(billing), runtime)
+
+    assert report.status == JobStatus.succeeded, report.error
+    review = step(report, "review")
+    assert review.attempts == 2
+    first = review.attempt_log[0]
+    assert first.failure is not None and first.failure.code == FailureCode.server_error
+    assert first.wait_ms is not None and first.wait_ms > 0
+    assert first.screenshot is not None and first.screenshot != review.attempt_log[1].screenshot
+    assert fired(report) == [("review", "retry")]
+    # The form was opened and filled again before the second submit.
+    assert step(report, "amount").attempts == 2
+    credits = billing.credits()
+    assert len(credits) == 1 and credits[0]["amount"] == "15.00"
+
+
+async def test_commit_then_drop_with_the_credit_created_is_verified_not_resent(
+    billing: Site, runtime: Runtime
+) -> None:
+    billing.faults(commit_drop={"create": True, "mode": "error", "status": 502})
+    report = await run_job(credit_job(billing), runtime)
+
+    assert report.status == JobStatus.succeeded, report.error
+    submit = step(report, "submit")
+    assert submit.status == StepStatus.succeeded
+    assert submit.verified == Verification.probe
+    assert submit.attempts == 1  # sent exactly once
+    assert submit.attempt_log[0].failure is not None
+    assert submit.attempt_log[0].failure.code == FailureCode.outcome_unknown
+    assert fired(report) == [("submit", "verify_effect")]
+    credits = billing.credits()
+    assert len(credits) == 1
+    # The confirmation the lost response would have shown, recovered from the credits list.
+    assert report.outputs["confirmation_number"] == credits[0]["confirmation"]
+    assert step(report, "confirmation").status == StepStatus.skipped
+    claims = {c.name: c for c in report.claims}
+    assert claims["confirmation_number"].verified and claims["confirmation_number"].how == "probe"
+    effect = claims["billing/issue_credit"]
+    assert effect.verified and effect.how == "probe"
+    assert effect.value == (
+        f"credit of 15.00 issued to AC-10231, confirmation {credits[0]['confirmation']}"
+    )
+
+
+async def test_commit_then_drop_without_the_credit_is_redone_exactly_once(
+    billing: Site, runtime: Runtime
+) -> None:
+    billing.faults(commit_drop={"create": False, "mode": "error", "status": 502})
+    report = await run_job(credit_job(billing), runtime)
+
+    assert report.status == JobStatus.succeeded, report.error
+    assert fired(report) == [("submit", "verify_effect"), ("submit", "retry_from")]
+    submit = step(report, "submit")
+    assert submit.attempts == 2 and submit.verified == Verification.postcondition
+    assert len(billing.credits()) == 1
+    assert {c.name: c.verified for c in report.claims} == {
+        "confirmation_number": True,
+        "billing/issue_credit": True,
+    }
+
+
+async def test_commit_whose_answer_never_comes_is_probed_not_resent(
+    billing: Site, runtime: Runtime
+) -> None:
+    billing.faults(commit_drop={"create": True, "mode": "hang", "hang_ms": 30_000})
+    # A short step timeout so the hang is noticed quickly.
+    job = credit_job(billing).model_copy(update={"step_timeout_ms": 2_000})
+    report = await run_job(job, runtime)
+
+    assert report.status == JobStatus.succeeded, report.error
+    assert step(report, "submit").verified == Verification.probe
+    assert len(billing.credits()) == 1
+
+
+@pytest.mark.parametrize("after_requests", [2, 3, 4, 5])
+async def test_expired_session_signs_in_again_and_continues(
+    billing: Site, runtime: Runtime, after_requests: int
+) -> None:
+    # The session dies at a different point of the flow for each value — on a page load, on
+    # the form's submit, on the commit itself.
+    billing.faults(session_expiry_after=after_requests, session_expiry_times=1)
+    report = await run_job(credit_job(billing), runtime)
+
+    assert report.status == JobStatus.succeeded, report.error
+    relogins = [r for r in report.rules_fired if r.action == "relogin"]
+    assert len(relogins) == 1 and relogins[0].code == FailureCode.auth_expired
+    ids = [s.id for s in report.steps]
+    assert f"{relogins[0].step_id}.relogin.submit" in ids
+    assert billing.state()["logins"] == 2
+    assert len(billing.credits()) == 1
+
+
+async def test_markup_drift_uses_fallbacks_records_drift_and_issues_the_right_credit(
+    billing: Site, runtime: Runtime
+) -> None:
+    billing.faults(skin="v2")
+    report = await run_job(credit_job(billing), runtime)
+
+    assert report.status == JobStatus.succeeded, report.error
+    drifted = {s.id: s.drift for s in report.steps if s.drift is not None}
+    assert set(drifted) >= {"open_form", "amount", "review", "submit"}
+    amount = drifted["amount"]
+    assert amount is not None
+    assert (amount.element, amount.expected) == ("credit.amount", "label=Amount")
+    assert amount.used == "label=Credit amount"
+    assert step(report, "amount").verified is not None
+    credits = billing.credits()
+    assert len(credits) == 1
+    assert (credits[0]["amount"], credits[0]["reference"]) == ("15.00", "T-88812")
+
+
+async def test_validation_rejection_asks_the_customer_with_the_sites_message(
+    billing: Site, runtime: Runtime
+) -> None:
+    rule = {"field": "amount", "value": "15.00", "message": "Credits over 10.00 need approval"}
+    billing.faults(reject_value=[rule])
+    report = await run_job(credit_job(billing), runtime)
+
+    assert report.status == JobStatus.needs_customer_input
+    assert report.error is not None
+    assert report.error.code == FailureCode.validation_rejected
+    assert "Credits over 10.00 need approval" in (report.error.evidence or "")
+    assert fired(report) == [("review", "ask_customer")]
+    assert step(report, "review").attempts == 1  # a rejected value is not retried
+    effect = next(c for c in report.claims if c.kind == "effect")
+    assert not effect.verified
+    assert billing.credits() == []
+
+
+async def test_persistent_server_errors_end_the_job_failed_after_the_retries(
+    billing: Site, runtime: Runtime
+) -> None:
+    billing.faults(fail=[{"path_contains": "/accounts/AC-", "method": "GET", "status": 503,
+                          "times": 10}])  # fmt: skip
+    report = await run_job(credit_job(billing), runtime)
+
+    assert report.status == JobStatus.failed
+    account = step(report, "open_account")
+    assert account.attempts == 3
+    assert [a.failure.code for a in account.attempt_log if a.failure] == ["server_error"] * 3
+    assert fired(report) == [("open_account", "retry"), ("open_account", "retry"),
+                             ("open_account", "fail")]  # fmt: skip
+    assert billing.credits() == []

@@ -1,0 +1,377 @@
+"""What each step action does on a live page, and how postconditions are checked.
+
+`PageActions` holds the page of one job and the values its templates read (inputs, secrets,
+outputs). It knows nothing of attempts, rules or reports: the executor decides what happens
+next; this module only does one thing on the page and says what it found.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+from playwright.async_api import Error as PlaywrightError
+from playwright.async_api import Locator, Page, Response, expect
+
+from worker.contract import BrowserJob, FailureCode, MatchedSelector, Verification
+from worker.errors import StepError
+from worker.failures import detectors_seen
+from worker.script import (
+    CheckStep,
+    ClickStep,
+    Expectation,
+    ExpectStep,
+    ExtractStep,
+    FillStep,
+    Frame,
+    GotoStep,
+    LoadedScript,
+    PlannedStep,
+    PressStep,
+    ScreenshotStep,
+    SelectStep,
+    WaitForStep,
+    validate_inputs,
+)
+from worker.selectors import Resolved, WaitState, resolve
+from worker.templating import references, render
+
+# After a side effect, how long the expected page may still take once a detector showed up on
+# a page that was already there before the action (the old page, still on screen).
+_STALE_GRACE_MS = 2_000
+
+
+@dataclass
+class Extracted:
+    """An output as read from the page, with what is needed to judge the claim."""
+
+    value: str
+    step_id: str
+    source: str
+    verified: Verification
+
+
+@dataclass
+class PageActions:
+    job: BrowserJob
+    loaded: LoadedScript
+    inputs: dict[str, Any]
+    secrets: dict[str, str]
+    page: Page
+    outputs: dict[str, str] = field(default_factory=dict)
+    extracted: dict[str, Extracted] = field(default_factory=dict)
+    masked: list[Locator] = field(default_factory=list)
+    document_status: int | None = None
+    navigations: int = 0
+    # The URL on which a postcondition last held: what is read there was confirmed by it.
+    confirmed_url: str | None = None
+    dispatched: bool = False  # the current commit step's action reached the site
+    probing: bool = False  # running the verify_effect probe: what it reads is verified by it
+    _frame_inputs: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.page.on("response", self._on_response)
+        self.page.on("framenavigated", self._on_navigated)
+
+    def _on_response(self, response: Response) -> None:
+        # The status of the page's own document tells a 502 page from a changed form.
+        if response.request.is_navigation_request() and response.frame == self.page.main_frame:
+            self.document_status = response.status
+
+    def _on_navigated(self, frame: Any) -> None:
+        if frame == self.page.main_frame:
+            self.navigations += 1
+
+    # ------------------------------------------------------------ values
+
+    def context_for(self, frame: Frame) -> dict[str, dict[str, Any]]:
+        return {"inputs": self.inputs_of(frame), "secrets": self.secrets, "outputs": self.outputs}
+
+    def inputs_of(self, frame: Frame) -> dict[str, Any]:
+        if frame.parent is None:
+            return self.inputs
+        key = id(frame)
+        if key not in self._frame_inputs:
+            parent = self.context_for(frame.parent)
+            raw = {name: render(source, parent) for name, source in frame.bindings.items()}
+            self._frame_inputs[key] = validate_inputs(frame.script, raw)
+        return self._frame_inputs[key]
+
+    def value(self, source: str, frame: Frame) -> str:
+        return render(source, self.context_for(frame))
+
+    def is_secret(self, source: str, frame: Frame) -> bool:
+        specs = frame.script.inputs
+        return any(
+            ref.namespace == "secrets"
+            or (ref.namespace == "inputs" and ref.name in specs and specs[ref.name].secret)
+            for ref in references(source)
+        )
+
+    async def find(
+        self, target: str, frame: Frame, timeout_ms: float, state: WaitState = "visible"
+    ) -> Resolved:
+        return await resolve(
+            self.page,
+            self.loaded.registry,
+            target,
+            timeout_ms=timeout_ms,
+            state=state,
+            context=self.context_for(frame),
+        )
+
+    # ------------------------------------------------------------ actions
+
+    async def perform(self, planned: PlannedStep, timeout_ms: float) -> MatchedSelector | None:
+        """Do the step's action. Raises StepError (or Playwright's errors) when it cannot."""
+        step, frame = planned.step, planned.frame
+        if isinstance(step, GotoStep):
+            await self.goto(self.value(step.goto, frame), timeout_ms)
+            return None
+        if isinstance(step, FillStep):
+            found = await self.find(step.fill.target, frame, timeout_ms)
+            value = self.value(step.fill.value, frame)
+            if self.is_secret(step.fill.value, frame):
+                # Registered before typing: a failure screenshot mid-fill is masked too.
+                self.masked.append(found.locator)
+            await found.locator.fill(value, timeout=timeout_ms)
+            if found.matched.index:
+                # A fallback candidate is only trusted when the field really took the value.
+                await self._holds(expect(found.locator).to_have_value(value, timeout=timeout_ms))
+            return found.matched
+        if isinstance(step, SelectStep):
+            found = await self.find(step.select.target, frame, timeout_ms)
+            if step.select.value is not None:
+                await found.locator.select_option(
+                    value=self.value(step.select.value, frame), timeout=timeout_ms
+                )
+            else:
+                assert step.select.label is not None
+                await found.locator.select_option(
+                    label=self.value(step.select.label, frame), timeout=timeout_ms
+                )
+            return found.matched
+        if isinstance(step, CheckStep):
+            found = await self.find(step.check.target, frame, timeout_ms)
+            await found.locator.set_checked(step.check.checked, timeout=timeout_ms)
+            return found.matched
+        # A commit counts as sent from the moment the click or key press starts: Playwright's
+        # click waits for the navigation it starts, so a request whose answer never comes
+        # surfaces as a click timeout — after the site may well have acted on it.
+        if isinstance(step, ClickStep):
+            found = await self.find(step.click, frame, timeout_ms)
+            self.dispatched = step.commit
+            await found.locator.click(timeout=timeout_ms)
+            return found.matched
+        if isinstance(step, PressStep):
+            if step.press.target is None:
+                self.dispatched = step.commit
+                await self.page.keyboard.press(step.press.key)
+                return None
+            found = await self.find(step.press.target, frame, timeout_ms)
+            self.dispatched = step.commit
+            await found.locator.press(step.press.key, timeout=timeout_ms)
+            return found.matched
+        if isinstance(step, WaitForStep):
+            if step.wait_for.target is not None:
+                return (
+                    await self.find(step.wait_for.target, frame, timeout_ms, step.wait_for.state)
+                ).matched
+            assert step.wait_for.url is not None
+            await self.check(Expectation(url=step.wait_for.url), frame, timeout_ms)
+            return None
+        if isinstance(step, ExpectStep):
+            return await self.check(step.expect, frame, timeout_ms, postcondition=False)
+        if isinstance(step, ExtractStep):
+            return await self.extract(planned, step, timeout_ms, probe=self.probing)
+        if isinstance(step, ScreenshotStep):
+            return None  # the capture after every step is the action
+        raise StepError(FailureCode.script_error, f"no executor for action {planned.action!r}")
+
+    async def extract(
+        self, planned: PlannedStep, step: ExtractStep, timeout_ms: float, *, probe: bool = False
+    ) -> MatchedSelector | None:
+        matched = None
+        for name, spec in step.extract.items():
+            found = await self.find(spec.target, planned.frame, timeout_ms, state="attached")
+            matched = matched or found.matched
+            raw = (
+                await found.locator.get_attribute(spec.attribute, timeout=timeout_ms)
+                if spec.attribute
+                else await found.locator.inner_text(timeout=timeout_ms)
+            )
+            value = _extracted(raw or "", spec.pattern, name, spec.target)
+            self.outputs[name] = value
+            verified = (
+                Verification.probe
+                if probe
+                else Verification.postcondition
+                if self.page.url == self.confirmed_url
+                else Verification.none
+            )
+            self.extracted[name] = Extracted(
+                value=value,
+                step_id=planned.id,
+                source=f"{spec.target} ({found.matched.candidate}) on {self.page.url}",
+                verified=verified,
+            )
+        return matched
+
+    async def goto(self, url: str, timeout_ms: float) -> None:
+        base = self.job.site_url or str(self.loaded.registry.base_url)
+        target = urljoin(base.rstrip("/") + "/", url.lstrip("/")) if "://" not in url else url
+        host = urlsplit(target).hostname or ""
+        allowed = set(self.loaded.registry.allowed_hosts)
+        if self.job.site_url:
+            allowed.add(urlsplit(self.job.site_url).hostname or "")
+        if host not in allowed:
+            raise StepError(
+                FailureCode.navigation_blocked,
+                f"{host!r} is not an allowed host of site {self.loaded.registry.site}",
+            )
+        response = await self.page.goto(target, timeout=timeout_ms, wait_until="load")
+        if response is not None and response.status >= 400:
+            code = (
+                FailureCode.server_error
+                if response.status >= 500
+                else FailureCode.navigation_failed
+            )
+            raise StepError(code, f"GET {urlsplit(target).path} answered HTTP {response.status}")
+
+    async def check(
+        self,
+        expectation: Expectation,
+        frame: Frame,
+        timeout_ms: float,
+        *,
+        postcondition: bool = True,
+        navigations_before: int | None = None,
+        detectors_before: frozenset[str] = frozenset(),
+    ) -> MatchedSelector | None:
+        """Wait until `expectation` holds; StepError(expectation_failed) when it does not.
+
+        A `visible` postcondition after a side effect races the site's failure detectors, so a
+        rejected form fails in milliseconds instead of after the whole timeout. A detector counts
+        only if it belongs to the page the action led to: after a navigation, or one that was
+        not showing before the action (the old page may still be on screen for a moment).
+        """
+        what = "postcondition" if postcondition else "expectation"
+        try:
+            if expectation.visible is not None and navigations_before is not None:
+                matched = await self._race(
+                    expectation.visible, frame, timeout_ms, navigations_before, detectors_before
+                )
+            elif expectation.visible is not None:
+                matched = (await self.find(expectation.visible, frame, timeout_ms)).matched
+            elif expectation.hidden is not None:
+                matched = (await self.find(expectation.hidden, frame, timeout_ms, "hidden")).matched
+            elif expectation.text is not None:
+                matched = await self._text(expectation, frame, timeout_ms)
+            else:
+                assert expectation.url is not None
+                await self._holds(
+                    self.page.wait_for_url(re.compile(expectation.url), timeout=timeout_ms),
+                    f"URL {self.page.url} does not match {expectation.url!r}",
+                )
+                matched = None
+        except StepError as exc:
+            if exc.code not in (FailureCode.selector_not_found, FailureCode.expectation_failed):
+                raise
+            raise StepError(
+                FailureCode.expectation_failed, f"{what} failed: {exc.message}"
+            ) from exc
+        self.confirmed_url = self.page.url
+        return matched
+
+    async def _race(
+        self,
+        target: str,
+        frame: Frame,
+        timeout_ms: float,
+        navigations_before: int,
+        detectors_before: frozenset[str],
+    ) -> MatchedSelector:
+        detectors = self.loaded.registry.detectors
+        watched = [*detectors.validation_error, *detectors.login_page, *detectors.error_banner]
+        if not watched:
+            return (await self.find(target, frame, timeout_ms)).matched
+        expected = [
+            c.render(self.context_for(frame)) for c in self.loaded.registry.candidates(target)
+        ]
+        either = expected[0].locator(self.page)
+        for candidate in expected[1:]:
+            either = either.or_(candidate.locator(self.page))
+        for selector in watched:
+            either = either.or_(self.page.locator(selector))
+        try:
+            await either.first.wait_for(state="visible", timeout=timeout_ms)
+        except PlaywrightError:
+            pass  # the plain wait below gives the precise message
+        else:
+            showing = await detectors_seen(self.page, watched)
+            fresh = showing - detectors_before or self.navigations > navigations_before
+            if showing and fresh:
+                try:
+                    return (await self.find(target, frame, 50)).matched
+                except StepError:
+                    raise StepError(
+                        FailureCode.expectation_failed,
+                        f"element {target!r} not visible: the page shows a failure instead",
+                    ) from None
+            if showing:
+                timeout_ms = min(timeout_ms, _STALE_GRACE_MS)
+        return (await self.find(target, frame, timeout_ms)).matched
+
+    async def _text(
+        self, expectation: Expectation, frame: Frame, timeout_ms: float
+    ) -> MatchedSelector:
+        spec = expectation.text
+        assert spec is not None
+        found = await self.find(spec.target, frame, timeout_ms)
+        assertion = expect(found.locator)
+        if spec.equals is not None:
+            check = assertion.to_have_text(self.value(spec.equals, frame), timeout=timeout_ms)
+        elif spec.contains is not None:
+            check = assertion.to_contain_text(self.value(spec.contains, frame), timeout=timeout_ms)
+        else:
+            assert spec.matches is not None
+            check = assertion.to_have_text(re.compile(spec.matches), timeout=timeout_ms)
+        await self._holds(check)
+        return found.matched
+
+    @staticmethod
+    async def _holds(check: Any, message: str | None = None) -> None:
+        """Await a Playwright assertion or wait, turning its failure into expectation_failed."""
+        try:
+            await check
+        except AssertionError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise StepError(FailureCode.expectation_failed, message or first) from exc
+        except PlaywrightError as exc:
+            raise StepError(FailureCode.expectation_failed, message or exc.message) from exc
+
+    async def side_effect_check(self) -> None:
+        """After a click or key press with no postcondition: trouble the page shows is a
+        failure, not a success."""
+        detectors = self.loaded.registry.detectors
+        validation = await detectors_seen(self.page, detectors.validation_error)
+        if validation:
+            raise StepError(FailureCode.validation_rejected, "the site rejected the form")
+        if await detectors_seen(self.page, detectors.login_page):
+            raise StepError(FailureCode.auth_expired, "the site asks to sign in again")
+
+
+def _extracted(raw: str, pattern: str | None, name: str, target: str) -> str:
+    text = " ".join(raw.split())
+    if pattern is None:
+        return text
+    match = re.search(pattern, text)
+    if match is None:
+        raise StepError(
+            FailureCode.expectation_failed,
+            f"output {name!r}: {target} text does not match {pattern!r}",
+            evidence=text[:200],
+        )
+    return match.group(1) if match.groups() else match.group(0)
