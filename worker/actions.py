@@ -7,16 +7,18 @@ next; this module only does one thing on the page and says what it found.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from playwright.async_api import Error as PlaywrightError
-from playwright.async_api import Locator, Page, Response, expect
+from playwright.async_api import Page, Response, expect
 
 from worker.contract import BrowserJob, FailureCode, MatchedSelector, Verification
 from worker.errors import StepError
+from worker.evidence import mark_secret
 from worker.failures import detectors_seen
 from worker.script import (
     CheckStep,
@@ -62,7 +64,6 @@ class PageActions:
     page: Page
     outputs: dict[str, str] = field(default_factory=dict)
     extracted: dict[str, Extracted] = field(default_factory=dict)
-    masked: list[Locator] = field(default_factory=list)
     document_status: int | None = None
     navigations: int = 0
     # The URL on which a postcondition last held: what is read there was confirmed by it.
@@ -134,8 +135,8 @@ class PageActions:
             found = await self.find(step.fill.target, frame, timeout_ms)
             value = self.value(step.fill.value, frame)
             if self.is_secret(step.fill.value, frame):
-                # Registered before typing: a failure screenshot mid-fill is masked too.
-                self.masked.append(found.locator)
+                # Masked before typing: no frame ever paints the value, even mid-fill.
+                await mark_secret(found.locator, timeout_ms)
             await found.locator.fill(value, timeout=timeout_ms)
             if found.matched.index:
                 # A fallback candidate is only trusted when the field really took the value.
@@ -310,16 +311,16 @@ class PageActions:
         except PlaywrightError:
             pass  # the plain wait below gives the precise message
         else:
+            # Usually the expected page is what showed up: settle that in one short look.
+            with contextlib.suppress(StepError):
+                return (await self.find(target, frame, 50)).matched
             showing = await detectors_seen(self.page, watched)
             fresh = showing - detectors_before or self.navigations > navigations_before
             if showing and fresh:
-                try:
-                    return (await self.find(target, frame, 50)).matched
-                except StepError:
-                    raise StepError(
-                        FailureCode.expectation_failed,
-                        f"element {target!r} not visible: the page shows a failure instead",
-                    ) from None
+                raise StepError(
+                    FailureCode.expectation_failed,
+                    f"element {target!r} not visible: the page shows a failure instead",
+                )
             if showing:
                 timeout_ms = min(timeout_ms, _STALE_GRACE_MS)
         return (await self.find(target, frame, timeout_ms)).matched

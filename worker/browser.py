@@ -11,11 +11,21 @@ import asyncio
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from playwright.async_api import Browser, BrowserContext, Page, Playwright, async_playwright
+from playwright.async_api import (
+    Browser,
+    BrowserContext,
+    CDPSession,
+    Page,
+    Playwright,
+    async_playwright,
+)
 from playwright.async_api import Error as PlaywrightError
+
+from worker.evidence import MASK_SCRIPT
 
 log = logging.getLogger("formwork.browser")
 
@@ -49,6 +59,15 @@ def find_chromium() -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class JobPage:
+    """A job's own context, its page, and a DevTools session on it (for fast screenshots)."""
+
+    context: BrowserContext
+    page: Page
+    cdp: CDPSession
+
+
 class BrowserHost:
     """Owns Playwright and the Chromium process; hands out isolated contexts."""
 
@@ -59,7 +78,7 @@ class BrowserHost:
         self.headless = headless
         self.keep_warm = keep_warm
         self.launches = 0
-        self._warm: asyncio.Task[tuple[BrowserContext, Page]] | None = None
+        self._warm: asyncio.Task[JobPage] | None = None
         self._playwright: Playwright | None = None
         self._browser: Browser | None = None
         self._lock = asyncio.Lock()
@@ -84,9 +103,12 @@ class BrowserHost:
     async def new_context(self, **options: Any) -> BrowserContext:
         browser = await self._ensure_browser()
         options.setdefault("viewport", VIEWPORT)
-        return await browser.new_context(**options)
+        context = await browser.new_context(**options)
+        # Secret fields are masked by the page's own rendering, in every document.
+        await context.add_init_script(MASK_SCRIPT)
+        return context
 
-    async def open_page(self) -> tuple[BrowserContext, Page]:
+    async def open_page(self) -> JobPage:
         """A fresh context with one page. With `keep_warm`, the pair was made ahead of time,
         so a job does not pay context and page creation on its critical path."""
         warm, self._warm = self._warm, None
@@ -94,16 +116,18 @@ class BrowserHost:
             self._warm = asyncio.create_task(self._fresh_page(), name="warm-page")
         if warm is not None:
             try:
-                context, page = await warm
-                if context.browser is not None and context.browser.is_connected():
-                    return context, page
+                job_page = await warm
+                browser = job_page.context.browser
+                if browser is not None and browser.is_connected():
+                    return job_page
             except PlaywrightError as exc:
                 log.warning("warm page unusable (%s); making a fresh one", exc.message)
         return await self._fresh_page()
 
-    async def _fresh_page(self) -> tuple[BrowserContext, Page]:
+    async def _fresh_page(self) -> JobPage:
         context = await self.new_context()
-        return context, await context.new_page()
+        page = await context.new_page()
+        return JobPage(context, page, await context.new_cdp_session(page))
 
     @property
     def browser(self) -> Browser | None:
@@ -113,8 +137,7 @@ class BrowserHost:
         if self._warm is not None:
             warm, self._warm = self._warm, None
             try:
-                context, _ = await warm
-                await context.close()
+                await (await warm).context.close()
             except PlaywrightError:
                 log.debug("warm context already gone at stop")
         async with self._lock:

@@ -1,16 +1,24 @@
 """Step screenshots: taken after the page settles, with secret fields masked at capture time.
 
-Masking uses Playwright's `mask`: the browser paints over the fields before the pixels are
-encoded, so a secret never exists in any image file — not even briefly on disk.
+Masking happens in the page itself, before anything is painted: every context carries a style
+(`MASK_SCRIPT`, installed by `worker.browser`) that renders password inputs — and any field a
+secret was typed into, marked by `mark_secret` — as a solid box with transparent text. The
+browser never paints the secret, so no captured pixel, in memory or on disk, can hold it.
+
+Capture goes straight to Chromium's DevTools `Page.captureScreenshot` (JPEG, optimised for
+speed): a step's evidence costs one round trip instead of Playwright's screenshot machinery
+(mask overlays, animation and caret handling), which costs several — see bench/overhead.py.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import contextlib
 from pathlib import Path
 
+from playwright.async_api import CDPSession, Locator, Page
 from playwright.async_api import Error as PlaywrightError
-from playwright.async_api import Locator, Page
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from worker.contract import FailureCode
@@ -20,13 +28,46 @@ IMAGE_SUFFIX = ".jpg"
 JPEG_QUALITY = 80
 MASK_COLOR = "#1f1f1f"
 SETTLE_TIMEOUT_MS = 5_000
+SECRET_ATTRIBUTE = "data-formwork-secret"
+
+_MASK_CSS = (
+    f"input[type=password], [{SECRET_ATTRIBUTE}] {{ color: transparent !important; "
+    f"-webkit-text-fill-color: transparent !important; text-shadow: none !important; "
+    f"caret-color: transparent !important; background: {MASK_COLOR} !important; }}"
+)
+# Runs in every document of a job's context before the page's own scripts.
+MASK_SCRIPT = f"""
+(() => {{
+  const style = document.createElement("style");
+  style.textContent = {_MASK_CSS!r};
+  const add = () => (document.head || document.documentElement).appendChild(style);
+  if (document.documentElement) add();
+  else document.addEventListener("readystatechange", add, {{ once: true }});
+}})();
+"""
+
+# Inline !important beats any stylesheet, the site's own included.
+_MARK_JS = f"""
+(el) => {{
+  el.setAttribute({SECRET_ATTRIBUTE!r}, "");
+  for (const [name, value] of [["color", "transparent"], ["-webkit-text-fill-color",
+      "transparent"], ["text-shadow", "none"], ["caret-color", "transparent"],
+      ["background", {MASK_COLOR!r}]]) {{
+    el.style.setProperty(name, value, "important");
+  }}
+}}
+"""
 
 
-async def capture(page: Page, path: Path, *, mask: list[Locator], full_page: bool = False) -> None:
-    """Screenshot `page` to `path` (JPEG), masking `mask` and every password input."""
+async def mark_secret(field: Locator, timeout_ms: float) -> None:
+    """Mask `field` before a secret is typed into it."""
+    await field.evaluate(_MARK_JS, timeout=timeout_ms)
+
+
+async def capture(page: Page, cdp: CDPSession, path: Path, *, full_page: bool = False) -> None:
+    """Screenshot `page` to `path` as JPEG."""
     # A screenshot taken while a click's navigation is still committing fails with "Unable to
     # capture screenshot": wait for the load, and once more if the capture still loses the race.
-    always_masked = [*mask, page.locator("input[type=password]")]
     try:
         async for attempt in AsyncRetrying(
             stop=stop_after_attempt(3),
@@ -35,18 +76,25 @@ async def capture(page: Page, path: Path, *, mask: list[Locator], full_page: boo
         ):
             with attempt:
                 await _settle(page)
-                await page.screenshot(
-                    path=path,
-                    type="jpeg",
-                    quality=JPEG_QUALITY,
-                    full_page=full_page,
-                    mask=always_masked,
-                    mask_color=MASK_COLOR,
-                    animations="disabled",
-                    caret="hide",
-                )
+                if full_page:
+                    data = await page.screenshot(
+                        type="jpeg", quality=JPEG_QUALITY, full_page=True, timeout=SETTLE_TIMEOUT_MS
+                    )
+                else:
+                    shot = await cdp.send(
+                        "Page.captureScreenshot",
+                        {"format": "jpeg", "quality": JPEG_QUALITY, "optimizeForSpeed": True},
+                    )
+                    data = base64.b64decode(shot["data"])
     except PlaywrightError as exc:
         raise StepError(FailureCode.browser_crashed, f"screenshot failed: {exc.message}") from exc
+    await asyncio.to_thread(_write_private, path, data)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    # Evidence may show customer data: readable by the worker's user only.
+    path.touch(mode=0o600)
+    path.write_bytes(data)
 
 
 async def _settle(page: Page) -> None:

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from playwright.async_api import CDPSession, Page
 from playwright.async_api import Error as PlaywrightError
-from playwright.async_api import Page
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from worker.actions import PageActions
@@ -139,11 +139,12 @@ async def run_job(
 
     report.script_digest = loaded.digest
     async with gate(loaded) if gate is not None else nullcontext():
-        context, page = await runtime.browser.open_page()
+        job_page = await runtime.browser.open_page()
+        context = job_page.context
         try:
             context.set_default_timeout(loaded.script.timeout_ms)
-            actions = PageActions(job, loaded, inputs, secrets, page)
-            run = _Run(job, loaded, runtime, report, listener, actions)
+            actions = PageActions(job, loaded, inputs, secrets, job_page.page)
+            run = _Run(job, loaded, runtime, report, listener, actions, job_page.cdp)
             await run.steps(stop_check)
         finally:
             try:
@@ -248,6 +249,7 @@ class _Run:
     report: JobReport
     listener: RunListener
     actions: PageActions
+    cdp: CDPSession
     redact: Redactor = field(init=False)
     shots: int = 0
     relogins: dict[str, int] = field(default_factory=dict)
@@ -503,9 +505,7 @@ class _Run:
             # anything run in the page blocks until that navigation ends. The site has the
             # request either way; the probe decides what became of it.
             with contextlib.suppress(PlaywrightError):
-                cdp = await self.page.context.new_cdp_session(self.page)
-                await cdp.send("Page.stopLoading")
-                await cdp.detach()
+                await self.cdp.send("Page.stopLoading")
         if code != FailureCode.browser_crashed:
             try:
                 state = await observe_page(
@@ -528,7 +528,7 @@ class _Run:
             self.job.job_id, self.shots, step_id, IMAGE_SUFFIX
         )
         try:
-            await capture(self.page, path, mask=self.actions.masked, full_page=full_page)
+            await capture(self.page, self.cdp, path, full_page=full_page)
         except StepError as exc:
             log.warning("job %s step %s: %s", self.job.job_id, step_id, exc.message)
             return None

@@ -111,8 +111,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     await browser.start()
     if browser.keep_warm:
         # Make the first warm page now, not when the first job arrives.
-        context, _ = await browser.open_page()
-        await context.close()
+        await (await browser.open_page()).context.close()
     redis = cast(Redis, ctx["redis"])
     keys = Keys(settings.key_prefix)
     ctx["formwork"] = WorkerState(
