@@ -222,6 +222,15 @@ async def test_validation_rejection_asks_the_customer_with_the_sites_message(
     assert "Credits over 10.00 need approval" in (report.error.evidence or "")
     assert fired(report) == [("review", "ask_customer")]
     assert step(report, "review").attempts == 1  # a rejected value is not retried
+    # What the orchestrator needs to ask the customer, and what it may say meanwhile.
+    handoff = report.handoff
+    assert handoff is not None and handoff.step_id == "review"
+    assert handoff.allowed_decisions == ["retry_with_inputs", "abort"]
+    assert "Credits over 10.00 need approval" in handoff.summary
+    assert "Credits over 10.00 need approval" in handoff.recommended_response
+    assert handoff.evidence.screenshot == step(report, "review").screenshot
+    assert "reference" in handoff.context.completed_steps
+    assert handoff.context.inputs["amount"] == "15.00"
     effect = next(c for c in report.claims if c.kind == "effect")
     assert not effect.verified
     assert billing.credits() == []

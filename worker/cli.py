@@ -108,6 +108,11 @@ def print_summary(report: JobReport, stream: Any) -> None:
         print(f"  {report.error.code}{where}: {report.error.message}", file=stream)
         if report.error.evidence:
             print(f"  page says: {report.error.evidence}", file=stream)
+    if report.handoff is not None:
+        print(f"  handoff: {report.handoff.summary}", file=stream)
+        print(f"  proposed: {report.handoff.proposed_action}", file=stream)
+        decisions = ", ".join(report.handoff.allowed_decisions)
+        print(f"  decisions: {decisions}", file=stream)
     for rule in report.rules_fired:
         print(f"  rule: {rule.step_id}: {rule.code} -> {rule.action} ({rule.reason})", file=stream)
     for key, value in report.outputs.items():

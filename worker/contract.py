@@ -249,6 +249,47 @@ class Claim(_Model):
     screenshot: str | None = None
 
 
+class Decision(StrEnum):
+    """What a person may decide about a paused job."""
+
+    retry_step = "retry_step"
+    retry_with_inputs = "retry_with_inputs"
+    skip_step = "skip_step"
+    mark_done = "mark_done"
+    abort = "abort"
+    approve = "approve"
+    reject = "reject"
+
+
+class HandoffEvidence(_Model):
+    screenshot: str | None = Field(default=None, description="Relative to the artifacts root.")
+    page_text: str | None = Field(default=None, description="What the page said, redacted.")
+    url: str | None = None
+
+
+class HandoffContext(_Model):
+    script: str
+    script_version: int | None = None
+    inputs: dict[str, Any] = Field(default_factory=dict, description="Secret ones as '***'.")
+    outputs: dict[str, str] = Field(default_factory=dict)
+    completed_steps: list[str] = Field(default_factory=list)
+
+
+class HandoffRequest(_Model):
+    """Everything a person needs to decide about a paused job, without opening anything else."""
+
+    status: JobStatus
+    reason: str
+    code: FailureCode
+    step_id: str
+    summary: str
+    evidence: HandoffEvidence
+    context: HandoffContext
+    proposed_action: str
+    recommended_response: str = Field(description="What the agent may tell the customer now.")
+    allowed_decisions: list[Decision]
+
+
 class StepReport(_Model):
     """The precise state of one step."""
 
@@ -305,6 +346,9 @@ class JobReport(_Model):
     )
     rules_fired: list[RuleFired] = Field(default_factory=list)
     claims: list[Claim] = Field(default_factory=list)
+    handoff: HandoffRequest | None = Field(
+        default=None, description="Set while the job waits for a person or the customer."
+    )
 
 
 class EventKind(StrEnum):

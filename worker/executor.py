@@ -42,6 +42,7 @@ from worker.contract import (
 from worker.errors import RejectedError, StepError
 from worker.evidence import IMAGE_SUFFIX, capture
 from worker.failures import classify, detectors_seen, observe_page, translate_playwright_error
+from worker.handoff import handoff_request
 from worker.policy import Rule, retry_wait_s, rule_for
 from worker.script import (
     ClickStep,
@@ -321,6 +322,10 @@ class _Run:
         self.report.error = failure
         self.report.outputs = dict(self.actions.outputs)
         self.claims()
+        if status.paused and failure is not None:
+            self.report.handoff = handoff_request(
+                self.report, failure, status, list(self.loaded.script.inputs)
+            )
 
     def fire(self, step_id: str, code: FailureCode, action: str, reason: str) -> None:
         log.info("job %s step %s: %s -> %s (%s)", self.job.job_id, step_id, code, action, reason)
