@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 REDIS_URL ?= redis://127.0.0.1:6379/0
 export REDIS_URL
 
-.PHONY: setup system redis demo test lint format bench clean
+.PHONY: setup system redis demo test lint format bench chaos clean
 
 setup: $(STAMP) system redis
 
@@ -54,8 +54,15 @@ test: setup lint
 	$(BIN)/formwork validate
 	$(BIN)/pytest
 
+# Benchmarks print tables and append them to bench/RESULTS.md (about 10 minutes in all).
 bench: setup
 	$(PY) bench/overhead.py
+	$(PY) bench/latency.py
+	$(PY) bench/throughput.py
+	$(PY) bench/memory.py
+
+chaos: setup
+	$(PY) bench/chaos.py
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache .mypy_cache .ruff_cache
