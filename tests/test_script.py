@@ -146,3 +146,27 @@ def test_templates_render_only_references() -> None:
     for bad in ("{{ inputs.a | upper }}", "{% if x %}y{% endif %}", "{{ 1 + 1 }}", "{{ x }}"):
         with pytest.raises(TemplateError):
             references(bad)
+
+
+def test_commit_step_without_a_probe_is_refused_unless_opted_out(tree: Path) -> None:
+    message = load_broken(tree, "no_probe", "  - {id: pay, click: confirm.submit, commit: true}\n")
+    assert "verify_effect" in message
+    write(
+        tree, "opted_out",
+        HEADER.format(name="opted_out")
+        + "  - {id: pay, click: confirm.submit, commit: true}\n"
+        + "verify_effect: {opt_out: the site rejects duplicate references itself}\n",
+    )  # fmt: skip
+    loaded = ScriptStore(tree / "scripts", tree / "selectors").load("billing/opted_out")
+    assert loaded.plan[0].step.commit
+
+
+def test_rules_and_alternates_are_checked_at_load_time(tree: Path) -> None:
+    message = load_broken(
+        tree, "bad_alt", "  - {id: go, click: account.issue_credit, alternate: nowhere}\n"
+    )
+    assert "no alternate path 'nowhere'" in message
+    message = load_broken(
+        tree, "bad_rule", "  - {id: go, click: account.issue_credit, on_failure: {timeout: redo}}\n"
+    )
+    assert "step 'go'" in message and "on_failure" in message
