@@ -144,3 +144,30 @@ async def test_enqueue_watch_and_status_through_the_queue(
     watch = await asyncio.to_thread(formwork, "watch", "cli-q-1", tmp_path=tmp_path, env=env)
     assert watch.returncode == 0 and "job cli-q-1: succeeded" in watch.stdout
     assert len(billing.credits()) == 1
+
+
+async def test_paused_jobs_are_listed_for_operators(
+    billing: Site, tmp_path: Path, settings: Settings, worker: Worker
+) -> None:
+    from worker.client import FormworkClient
+    from worker.contract import BrowserJob
+
+    billing.faults(reject_value=[{"field": "amount", "value": "15.00", "message": "Too much"}])
+    async with FormworkClient(settings.redis_url, key_prefix=settings.key_prefix) as client:
+        job = BrowserJob(
+            job_id="cli-paused", script="billing/issue_credit", site_url=billing.url,
+            inputs={"account_id": "AC-10231", "amount": "15.00", "reason": "damaged item",
+                    "reference": "T-88812"},
+        )  # fmt: skip
+        report = await (await client.enqueue(job)).wait(60)
+        assert report.status == JobStatus.needs_customer_input
+        assert [job_id for job_id, _, _ in await client.paused()] == ["cli-paused"]
+    env = {"REDIS_URL": settings.redis_url, "FORMWORK_KEY_PREFIX": settings.key_prefix}
+    listing = await asyncio.to_thread(formwork, "handoffs", tmp_path=tmp_path, env=env)
+    assert listing.returncode == 0
+    assert "cli-paused" in listing.stdout and "needs_customer_input" in listing.stdout
+    assert "Too much" in listing.stdout
+    one = await asyncio.to_thread(formwork, "handoff", "cli-paused", tmp_path=tmp_path, env=env)
+    assert one.returncode == 0
+    assert "decisions: retry_with_inputs, abort" in one.stdout
+    assert "evidence:" in one.stdout and ".jpg" in one.stdout

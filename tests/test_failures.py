@@ -250,3 +250,26 @@ async def test_persistent_server_errors_end_the_job_failed_after_the_retries(
     assert fired(report) == [("open_account", "retry"), ("open_account", "retry"),
                              ("open_account", "fail")]  # fmt: skip
     assert billing.credits() == []
+
+
+async def test_dry_run_fills_the_form_and_submits_nothing(billing: Site, runtime: Runtime) -> None:
+    job = credit_job(billing).model_copy(update={"dry_run": True})
+    report = await run_job(job, runtime)
+
+    assert report.status == JobStatus.succeeded and report.dry_run
+    would = report.would_submit
+    assert would is not None and would.step_id == "submit"
+    assert would.fields == {
+        "login.username": "***",
+        "login.password": "***",
+        "credit.amount": "15.00",
+        "credit.reason": "damaged item",
+        "credit.reference": "T-88812",
+    }
+    assert would.screenshot is not None
+    assert (runtime.artifacts.root / would.screenshot).is_file()
+    assert step(report, "review").status == StepStatus.succeeded
+    assert step(report, "submit").status == StepStatus.skipped
+    effect = next(c for c in report.claims if c.kind == "effect")
+    assert not effect.verified
+    assert billing.credits() == []

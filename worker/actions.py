@@ -70,6 +70,7 @@ class PageActions:
     confirmed_url: str | None = None
     dispatched: bool = False  # the current commit step's action reached the site
     probing: bool = False  # running the verify_effect probe: what it reads is verified by it
+    entered: dict[str, str] = field(default_factory=dict)  # element -> value, secrets masked
     _frame_inputs: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -134,9 +135,11 @@ class PageActions:
         if isinstance(step, FillStep):
             found = await self.find(step.fill.target, frame, timeout_ms)
             value = self.value(step.fill.value, frame)
-            if self.is_secret(step.fill.value, frame):
+            secret = self.is_secret(step.fill.value, frame)
+            if secret:
                 # Masked before typing: no frame ever paints the value, even mid-fill.
                 await mark_secret(found.locator, timeout_ms)
+            self.entered[step.fill.target] = "***" if secret else value
             await found.locator.fill(value, timeout=timeout_ms)
             if found.matched.index:
                 # A fallback candidate is only trusted when the field really took the value.
@@ -145,9 +148,9 @@ class PageActions:
         if isinstance(step, SelectStep):
             found = await self.find(step.select.target, frame, timeout_ms)
             if step.select.value is not None:
-                await found.locator.select_option(
-                    value=self.value(step.select.value, frame), timeout=timeout_ms
-                )
+                choice = self.value(step.select.value, frame)
+                self.entered[step.select.target] = choice
+                await found.locator.select_option(value=choice, timeout=timeout_ms)
             else:
                 assert step.select.label is not None
                 await found.locator.select_option(

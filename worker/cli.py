@@ -274,6 +274,54 @@ async def _abort(args: argparse.Namespace) -> int:
     return 1
 
 
+async def _handoffs(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from worker.client import FormworkClient
+
+    settings = Settings.from_env()
+    async with FormworkClient(settings.redis_url, key_prefix=settings.key_prefix) as client:
+        paused = await client.paused()
+    if not paused:
+        print("no paused jobs")
+    now = datetime.now(UTC)
+    for job_id, at, report in paused:
+        age = int((now - at).total_seconds())
+        handoff = report.handoff if report else None
+        site = report.script.split("/")[0] if report else "?"
+        status = report.status if report else "?"
+        reason = handoff.summary if handoff else ""
+        print(f"{job_id:<24} {age:>6}s  {site:<10} {status:<22} {reason}")
+    return 0
+
+
+async def _handoff(args: argparse.Namespace) -> int:
+    from worker.client import FormworkClient
+
+    settings = Settings.from_env()
+    async with FormworkClient(settings.redis_url, key_prefix=settings.key_prefix) as client:
+        report = await client.handle(args.job_id).report()
+    if report is None or report.handoff is None:
+        print(f"formwork: job {args.job_id} is not waiting for a decision", file=sys.stderr)
+        return 1
+    handoff = report.handoff
+    root = Path(report.artifacts.root) if report.artifacts else Path()
+    if args.json:
+        print(handoff.model_dump_json(indent=2))
+        return 0
+    print(f"job {report.job_id}: {handoff.status} at step {handoff.step_id} ({handoff.code})")
+    print(f"  summary:   {handoff.summary}")
+    print(f"  proposed:  {handoff.proposed_action}")
+    print(f"  tell the customer: {handoff.recommended_response}")
+    print(f"  decisions: {', '.join(handoff.allowed_decisions)}")
+    if handoff.evidence.screenshot:
+        print(f"  evidence:  {root / handoff.evidence.screenshot}")
+    if handoff.evidence.url:
+        print(f"  page:      {handoff.evidence.url}")
+    print(f"  done:      {', '.join(handoff.context.completed_steps)}")
+    return 0
+
+
 def _schema(args: argparse.Namespace) -> int:
     schemas = contract_schemas()
     if args.out:
@@ -382,6 +430,14 @@ def build_parser() -> argparse.ArgumentParser:
     abort.add_argument("job_id")
     abort.add_argument("--reason", default="aborted from the command line")
     abort.set_defaults(handler=lambda a: asyncio.run(_abort(a)))
+
+    handoffs = sub.add_parser("handoffs", help="list jobs waiting for a person or the customer")
+    handoffs.set_defaults(handler=lambda a: asyncio.run(_handoffs(a)))
+
+    handoff = sub.add_parser("handoff", help="one paused job: why, evidence, decisions")
+    handoff.add_argument("job_id")
+    handoff.add_argument("--json", action="store_true")
+    handoff.set_defaults(handler=lambda a: asyncio.run(_handoff(a)))
 
     demo = sub.add_parser("demo", help="run the billing demo end to end")
     demo.set_defaults(handler=_demo)

@@ -189,6 +189,16 @@ class FormworkClient:
         await self.redis.set(self.keys.abort(job_id), reason, ex=RECORD_TTL_S)
         return True
 
+    async def paused(self) -> list[tuple[str, datetime, JobReport | None]]:
+        """Jobs waiting for a person or the customer, oldest first: (id, paused at, report)."""
+        entries = await self.redis.zrange(self.keys.paused, 0, -1, withscores=True)
+        found = []
+        for raw_id, score in entries:
+            job_id = raw_id.decode()
+            at = datetime.fromtimestamp(score / 1000, UTC)
+            found.append((job_id, at, await self.handle(job_id).report()))
+        return found
+
     async def queue_depth(self) -> int:
         depth: int = await self.redis.zcard(self.keys.queue)
         return depth

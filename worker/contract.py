@@ -131,6 +131,11 @@ class BrowserJob(_Model):
         description="The orchestrator's own ids (conversation, ticket, agent run), echoed back.",
     )
     webhook: WebhookTarget | None = None
+    dry_run: bool = Field(
+        default=False,
+        description="Run up to the first commit step and stop there: nothing is submitted; the "
+        "report says what would have been (`would_submit`), with the evidence screenshot.",
+    )
     step_timeout_ms: int | None = Field(
         default=None,
         gt=0,
@@ -290,6 +295,15 @@ class HandoffRequest(_Model):
     allowed_decisions: list[Decision]
 
 
+class WouldSubmit(_Model):
+    """A dry run's result: the commit it stopped before, and the values on the form."""
+
+    step_id: str
+    fields: dict[str, str] = Field(description="Element -> value entered; secrets as '***'.")
+    url: str | None = None
+    screenshot: str | None = None
+
+
 class StepReport(_Model):
     """The precise state of one step."""
 
@@ -346,6 +360,8 @@ class JobReport(_Model):
     )
     rules_fired: list[RuleFired] = Field(default_factory=list)
     claims: list[Claim] = Field(default_factory=list)
+    dry_run: bool = False
+    would_submit: WouldSubmit | None = None
     handoff: HandoffRequest | None = Field(
         default=None, description="Set while the job waits for a person or the customer."
     )

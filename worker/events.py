@@ -86,6 +86,10 @@ class JobEvents:
                 approximate=True,
             )
             pipe.expire(self.keys.events(self.job_id), RECORD_TTL_S)
+            if kind == EventKind.job and JobStatus(status).paused:
+                pipe.zadd(self.keys.paused, {self.job_id: int(event.at.timestamp() * 1000)})
+            elif kind == EventKind.job:
+                pipe.zrem(self.keys.paused, self.job_id)
             pipe.xadd(
                 self.keys.all_events,
                 {"event": data},

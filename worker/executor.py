@@ -38,6 +38,7 @@ from worker.contract import (
     StepReport,
     StepStatus,
     Verification,
+    WouldSubmit,
 )
 from worker.errors import RejectedError, StepError
 from worker.evidence import IMAGE_SUFFIX, capture
@@ -139,6 +140,7 @@ async def run_job(
     await listener.job_changed(report)
 
     report.script_digest = loaded.digest
+    report.dry_run = job.dry_run
     async with gate(loaded) if gate is not None else nullcontext():
         job_page = await runtime.browser.open_page()
         context = job_page.context
@@ -285,6 +287,9 @@ class _Run:
                 return
             planned = plan[index]
             report = self.step_report(planned.id)
+            if self.job.dry_run and planned.step.commit:
+                await self.stop_before_commit(planned, report)
+                return
             if self.recovered(planned, report):
                 index += 1
                 continue
@@ -299,6 +304,21 @@ class _Run:
         self.report.status = JobStatus.succeeded
         self.report.outputs = dict(self.actions.outputs)
         self.claims()
+
+    async def stop_before_commit(self, planned: PlannedStep, report: StepReport) -> None:
+        """A dry run reached its first commit step: record what would be sent, send nothing."""
+        shot = await self.screenshot(f"{planned.id}.dry_run", full_page=False)
+        self.report.would_submit = WouldSubmit(
+            step_id=planned.id,
+            fields=dict(self.actions.entered),
+            url=self.page.url,
+            screenshot=shot,
+        )
+        report.recovered_by = "dry_run: not sent"
+        self.fire(
+            planned.id, FailureCode.cancelled, "dry_run", "dry run: stopped before the commit"
+        )
+        self.end(JobStatus.succeeded, None)
 
     def recovered(self, planned: PlannedStep, report: StepReport) -> bool:
         """An extract step whose outputs the commit probe already recovered is not rerun

@@ -44,6 +44,11 @@ class Keys:
         """Stream: every job's events, for monitoring."""
         return f"{self.prefix}:events"
 
+    @property
+    def paused(self) -> str:
+        """Sorted set: job ids waiting for a person or the customer, scored by pause time (ms)."""
+        return f"{self.prefix}:paused"
+
     def abort(self, job_id: str) -> str:
         return f"{self.prefix}:abort:{job_id}"
 
