@@ -185,17 +185,7 @@ def mb(value: float) -> float:
 @contextlib.asynccontextmanager
 async def worker_process(settings: Settings, log: Path) -> AsyncIterator[int]:
     """A `formwork worker` subprocess; yields its pid once it polls the queue."""
-    env = {
-        **os.environ,
-        "REDIS_URL": settings.redis_url,
-        "FORMWORK_KEY_PREFIX": settings.key_prefix,
-        "FORMWORK_ARTIFACTS_DIR": str(settings.artifacts_dir),
-        "FORMWORK_SCRIPTS_DIR": str(settings.scripts_dir),
-        "FORMWORK_SELECTORS_DIR": str(settings.selectors_dir),
-        "FORMWORK_SECRETS_FILE": str(settings.secrets_file),
-        "FORMWORK_MAX_JOBS": str(settings.max_jobs),
-        "FORMWORK_SHUTDOWN_GRACE": str(settings.shutdown_grace_s),
-    }
+    env = {**os.environ, **settings.to_env()}
     formwork = Path(sys.executable).with_name("formwork")
     with open_log(log) as out:
         process = await asyncio.create_subprocess_exec(

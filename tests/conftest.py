@@ -162,16 +162,4 @@ async def worker(settings: Settings, browser_host: BrowserHost) -> AsyncIterator
 
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
     """Environment for a `formwork worker` process with these settings."""
-    env = {
-        **os.environ,
-        "REDIS_URL": settings.redis_url,
-        "FORMWORK_KEY_PREFIX": settings.key_prefix,
-        "FORMWORK_ARTIFACTS_DIR": str(settings.artifacts_dir),
-        "FORMWORK_SCRIPTS_DIR": str(settings.scripts_dir),
-        "FORMWORK_SELECTORS_DIR": str(settings.selectors_dir),
-        "FORMWORK_SECRETS_FILE": str(settings.secrets_file),
-        "FORMWORK_MAX_JOBS": str(settings.max_jobs),
-        "FORMWORK_SHUTDOWN_GRACE": str(settings.shutdown_grace_s),
-    }
-    env.update(extra)
-    return env
+    return {**os.environ, **settings.to_env(), **extra}

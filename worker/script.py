@@ -321,6 +321,17 @@ class ExtractSpec(_Strict):
     )
 
 
+def _extract_shorthand(data: Any) -> Any:
+    """`extract: {confirmation_number: credit.confirmation_number}` names the target only."""
+    if isinstance(data, dict) and isinstance(data.get("extract"), dict):
+        specs = {
+            name: {"target": spec} if isinstance(spec, str) else spec
+            for name, spec in data["extract"].items()
+        }
+        return {**data, "extract": specs}
+    return data
+
+
 class ExtractStep(_Step):
     extract: dict[Annotated[str, StringConstraints(pattern=STEP_ID)], ExtractSpec]
     action: Literal["extract"] = "extract"
@@ -328,14 +339,7 @@ class ExtractStep(_Step):
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, data: Any) -> Any:
-        # `extract: {confirmation_number: credit.confirmation_number}` names the target only.
-        if isinstance(data, dict) and isinstance(data.get("extract"), dict):
-            specs = {
-                name: {"target": spec} if isinstance(spec, str) else spec
-                for name, spec in data["extract"].items()
-            }
-            return {**data, "extract": specs}
-        return data
+        return _extract_shorthand(data)
 
     def targets(self) -> list[str]:
         return [spec.target for spec in self.extract.values()]
@@ -437,13 +441,7 @@ class VerifyEffect(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("extract"), dict):
-            specs = {
-                name: {"target": spec} if isinstance(spec, str) else spec
-                for name, spec in data["extract"].items()
-            }
-            return {**data, "extract": specs}
-        return data
+        return _extract_shorthand(data)
 
     @model_validator(mode="after")
     def _probe_or_opt_out(self) -> VerifyEffect:

@@ -29,6 +29,25 @@ class Settings(BaseModel):
     webhook_secret: str | None = Field(default=None, repr=False)
     webhook_hosts: list[str] | None = None  # None: any host; else only these
 
+    def to_env(self) -> dict[str, str]:
+        """The environment that gives a `formwork worker` process these settings."""
+        env = {
+            "REDIS_URL": self.redis_url,
+            "FORMWORK_KEY_PREFIX": self.key_prefix,
+            "FORMWORK_ARTIFACTS_DIR": str(self.artifacts_dir),
+            "FORMWORK_SCRIPTS_DIR": str(self.scripts_dir),
+            "FORMWORK_SELECTORS_DIR": str(self.selectors_dir),
+            "FORMWORK_MAX_JOBS": str(self.max_jobs),
+            "FORMWORK_POLL_DELAY": str(self.poll_delay_s),
+            "FORMWORK_JOB_TIMEOUT": str(self.job_timeout_s),
+            "FORMWORK_SHUTDOWN_GRACE": str(self.shutdown_grace_s),
+        }
+        if self.secrets_file is not None:
+            env["FORMWORK_SECRETS_FILE"] = str(self.secrets_file)
+        if self.chromium is not None:
+            env["FORMWORK_CHROMIUM"] = self.chromium
+        return env
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         env = os.environ if environ is None else environ
