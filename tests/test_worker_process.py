@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 from worker.client import FormworkClient
 from worker.contract import BrowserJob, EventKind, JobStatus
 from worker.settings import Settings
@@ -101,3 +103,38 @@ async def test_sigterm_past_the_grace_period_requeues_the_job_for_another_worker
         report = await handle.wait(120)
     assert report.status == JobStatus.succeeded
     assert len(billing.credits()) == 1
+
+
+@pytest.mark.timeout(240)
+async def test_worker_killed_mid_commit_never_submits_twice(
+    billing: Site, client: FormworkClient, settings: Settings, tmp_path: Path
+) -> None:
+    # The commit reaches the site (the credit is created) and its answer never comes back;
+    # the worker is killed -9 while it waits. arq hands the job to the next worker once the
+    # dead one's in-progress key expires (job timeout + 10 s).
+    billing.faults(commit_drop={"create": True, "mode": "hang", "hang_ms": 60_000})
+    settings = settings.model_copy(update={"job_timeout_s": 30})
+    handle = await client.enqueue(job(billing, "p-kill", "T-9"))
+    with worker_process(settings, tmp_path / "w1.log") as first:
+        async for _, event in handle.events():
+            if event.step is not None and event.step.id == "submit":
+                break  # the commit is being sent
+        await asyncio.wait_for(_until_created(billing), 30)
+        first.kill()
+        await asyncio.to_thread(first.wait, 30)
+
+    with worker_process(settings, tmp_path / "w2.log"):
+        report = await handle.wait(120)
+    assert report.status == JobStatus.succeeded, report.error
+    assert len(billing.credits()) == 1  # not sent again
+    interrupted = [r for r in report.rules_fired if r.action == "verify_effect"]
+    assert interrupted and interrupted[0].step_id == "submit"
+    submit = next(s for s in report.steps if s.id == "submit")
+    assert submit.verified == "probe"
+    assert report.outputs["confirmation_number"] == billing.credits()[0]["confirmation"]
+
+
+async def _until_created(billing: Site) -> None:
+    # The site is another thread behind HTTP: its ground truth can only be polled.
+    while not billing.credits():  # noqa: ASYNC110
+        await asyncio.sleep(0.05)

@@ -88,6 +88,15 @@ class Runtime:
     secrets: SecretStore
 
 
+class CommitJournal(Protocol):
+    """Remembers, outside the worker, which commit steps of a job were ever sent — so a job
+    run again after its worker died checks the site before sending anything twice."""
+
+    previously_sent: set[str]
+
+    async def sent(self, step_id: str) -> None: ...
+
+
 # Asked between steps; returning a reason stops the job as `cancelled`.
 StopCheck = Callable[[], Awaitable[str | None]]
 # Entered after intake and before any browser work (the per-site capacity slot).
@@ -109,6 +118,7 @@ async def run_job(
     *,
     stop_check: StopCheck | None = None,
     gate: Gate | None = None,
+    journal: CommitJournal | None = None,
 ) -> JobReport:
     """Execute `job` end to end and return its report (also written to the artifacts)."""
     listener = listener or NullListener()
@@ -147,7 +157,7 @@ async def run_job(
         try:
             context.set_default_timeout(loaded.script.timeout_ms)
             actions = PageActions(job, loaded, inputs, secrets, job_page.page)
-            run = _Run(job, loaded, runtime, report, listener, actions, job_page.cdp)
+            run = _Run(job, loaded, runtime, report, listener, actions, job_page.cdp, journal)
             await run.steps(stop_check)
         finally:
             try:
@@ -181,9 +191,14 @@ async def reject(
 
 
 async def fail_internally(
-    job: BrowserJob, error: Exception, runtime: Runtime, listener: RunListener
+    job: BrowserJob,
+    error: Exception,
+    runtime: Runtime,
+    listener: RunListener,
+    *,
+    code: FailureCode = FailureCode.script_error,
 ) -> JobReport:
-    """The report of a job that Formwork itself failed (a bug, not the site)."""
+    """The report of a job the worker itself ended: a bug, or the job timeout."""
     report = JobReport(
         job_id=job.job_id,
         status=JobStatus.failed,
@@ -192,8 +207,10 @@ async def fail_internally(
         started_at=now(),
         artifacts=runtime.artifacts.describe(job.job_id),
         error=Failure(
-            code=FailureCode.script_error,
-            message=f"internal error in the worker: {type(error).__name__}",
+            code=code,
+            message=str(error)
+            if code == FailureCode.timeout
+            else f"internal error in the worker: {type(error).__name__}",
         ),
     )
     return await _finish(report, time.perf_counter(), runtime, listener)
@@ -253,6 +270,7 @@ class _Run:
     listener: RunListener
     actions: PageActions
     cdp: CDPSession
+    journal: CommitJournal | None = None
     redact: Redactor = field(init=False)
     shots: int = 0
     relogins: dict[str, int] = field(default_factory=dict)
@@ -290,6 +308,21 @@ class _Run:
             if self.job.dry_run and planned.step.commit:
                 await self.stop_before_commit(planned, report)
                 return
+            if self.journal is not None and planned.id in self.journal.previously_sent:
+                # An earlier run of this job sent this commit and then died: look before
+                # sending it again.
+                self.journal.previously_sent.discard(planned.id)
+                interrupted = Failure(
+                    code=FailureCode.outcome_unknown,
+                    message=f"{planned.id} was sent by an earlier run of this job that was "
+                    "interrupted; checking the site before sending it again",
+                    step_id=planned.id,
+                )
+                next_index = await self.verify_commit(index, planned, report, interrupted)
+                if next_index is None:
+                    return
+                index = next_index
+                continue
             if self.recovered(planned, report):
                 index += 1
                 continue
@@ -440,6 +473,8 @@ class _Run:
             step.timeout_ms or self.job.step_timeout_ms or planned.frame.script.timeout_ms
         )
         actions.dispatched = False
+        if step.commit and self.journal is not None:
+            await self.journal.sent(planned.id)  # before the click: it may land and we die
         navigations = actions.navigations
         side_effect = isinstance(step, ClickStep | PressStep)
         before = (

@@ -29,7 +29,7 @@ from redis.asyncio import Redis
 from worker.artifacts import LocalArtifacts
 from worker.browser import BrowserHost
 from worker.capacity import SiteCapacity
-from worker.contract import BrowserJob, JobReport, JobStatus
+from worker.contract import BrowserJob, FailureCode, JobReport, JobStatus
 from worker.errors import JobInvalid, RejectedError
 from worker.events import EventListener, JobEvents
 from worker.executor import Runtime, fail_internally, reject, run_job
@@ -42,6 +42,7 @@ from worker.webhooks import WebhookSender, check_target
 log = logging.getLogger("formwork.queue")
 
 ENVELOPE_KEYS = {"t", "f", "a", "k", "et"}
+JOB_TIMEOUT_MARGIN_S = 5.0
 
 
 # ---------------------------------------------------------------- wire format
@@ -189,7 +190,30 @@ async def execute(state: WorkerState, job_id: str, payload: Any) -> JobReport:
 
     state.running.add(job_id)
     try:
-        report = await run_job(job, state.runtime, listener, stop_check=stop_check, gate=gate)
+        journal = await RedisCommitJournal.open(redis, keys, job_id)
+        # Our own limit, a little inside arq's: a job that overruns ends with a report and a
+        # terminal event, instead of arq cancelling it silently with the record at "running".
+        try:
+            async with asyncio.timeout(
+                max(1.0, state.settings.job_timeout_s - JOB_TIMEOUT_MARGIN_S)
+            ):
+                report = await run_job(
+                    job,
+                    state.runtime,
+                    listener,
+                    stop_check=stop_check,
+                    gate=gate,
+                    journal=journal,
+                )
+        except TimeoutError:
+            log.warning("job %s: over FORMWORK_JOB_TIMEOUT", job_id)
+            return await fail_internally(
+                job,
+                TimeoutError(f"over the job timeout of {state.settings.job_timeout_s}s"),
+                state.runtime,
+                listener,
+                code=FailureCode.timeout,
+            )
         await _count_drift(redis, keys, job.site, report)
         return report
     except Exception as exc:
@@ -219,6 +243,26 @@ async def _count_drift(redis: Redis, keys: Keys, site: str, report: JobReport) -
             for element in drifted:
                 pipe.hincrby(keys.drift(site), element, 1)
             await pipe.execute()
+
+
+class RedisCommitJournal:
+    """Commit steps ever sent for a job, kept in its record (`commit:<step id>` fields)."""
+
+    def __init__(self, redis: Redis, keys: Keys, job_id: str, previously_sent: set[str]) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.job_id = job_id
+        self.previously_sent = previously_sent
+
+    @classmethod
+    async def open(cls, redis: Redis, keys: Keys, job_id: str) -> RedisCommitJournal:
+        fields = await cast("Any", redis.hkeys(keys.job(job_id)))
+        sent = {f.decode().removeprefix("commit:") for f in fields if f.startswith(b"commit:")}
+        return cls(redis, keys, job_id, sent)
+
+    async def sent(self, step_id: str) -> None:
+        at_ms = str(int(time.time() * 1000))
+        await cast("Any", self.redis.hset(self.keys.job(self.job_id), f"commit:{step_id}", at_ms))
 
 
 def _parse(job_id: str, payload: Any) -> BrowserJob:
