@@ -171,3 +171,10 @@ async def test_paused_jobs_are_listed_for_operators(
     assert one.returncode == 0
     assert "decisions: retry_with_inputs, abort" in one.stdout
     assert "evidence:" in one.stdout and ".jpg" in one.stdout
+    resumed = await asyncio.to_thread(
+        formwork, "resume", "cli-paused", "retry_with_inputs", "--input", "amount=9.00",
+        "--by", "qa", "--watch", tmp_path=tmp_path, env=env,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "job cli-paused: succeeded" in resumed.stdout
+    assert [c["amount"] for c in billing.credits()] == ["9.00"]

@@ -322,6 +322,35 @@ async def _handoff(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _resume(args: argparse.Namespace) -> int:
+    from worker.client import FormworkClient
+    from worker.contract import ResumeDecision
+
+    settings = Settings.from_env()
+    try:
+        decision = ResumeDecision(
+            decision=args.decision, inputs=_parse_inputs(args.input),
+            outputs=_parse_inputs(args.output), note=args.note, by=args.by,
+        )  # fmt: skip
+    except ValidationError as exc:
+        print(f"formwork: invalid decision: {exc}", file=sys.stderr)
+        return 2
+    async with FormworkClient(settings.redis_url, key_prefix=settings.key_prefix) as client:
+        handle = client.handle(args.job_id)
+        after = await handle.last_event_id()
+        if not await client.resume(args.job_id, decision):
+            print(
+                f"formwork: job {args.job_id} is not paused, or {args.decision} is not one of "
+                "its allowed decisions (formwork handoff JOB)",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"{args.decision} sent for {args.job_id}")
+        if args.watch:
+            return await _follow(client, args.job_id, after)
+    return 0
+
+
 def _schema(args: argparse.Namespace) -> int:
     schemas = contract_schemas()
     if args.out:
@@ -438,6 +467,20 @@ def build_parser() -> argparse.ArgumentParser:
     handoff.add_argument("job_id")
     handoff.add_argument("--json", action="store_true")
     handoff.set_defaults(handler=lambda a: asyncio.run(_handoff(a)))
+
+    resume = sub.add_parser("resume", help="answer a paused job with a decision")
+    resume.add_argument("job_id")
+    resume.add_argument(
+        "decision",
+        choices=["retry_step", "retry_with_inputs", "skip_step", "mark_done", "abort",
+                 "approve", "reject"],
+    )  # fmt: skip
+    resume.add_argument("--input", action="append", default=[], metavar="KEY=VALUE")
+    resume.add_argument("--output", action="append", default=[], metavar="KEY=VALUE")
+    resume.add_argument("--note")
+    resume.add_argument("--by", default="cli")
+    resume.add_argument("--watch", action="store_true", help="then print events until it settles")
+    resume.set_defaults(handler=lambda a: asyncio.run(_resume(a)))
 
     demo = sub.add_parser("demo", help="run the billing demo end to end")
     demo.set_defaults(handler=_demo)

@@ -15,6 +15,7 @@ accepted once and answered with the existing handle for as long as the job recor
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -23,8 +24,15 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
-from worker.contract import BrowserJob, EventKind, JobEvent, JobReport, JobStatus
-from worker.keys import ARQ_JOB_PREFIX, RECORD_TTL_S, Keys
+from worker.contract import (
+    BrowserJob,
+    EventKind,
+    JobEvent,
+    JobReport,
+    JobStatus,
+    ResumeDecision,
+)
+from worker.keys import ARQ_JOB_PREFIX, JOB_FUNCTION, RECORD_TTL_S, Keys
 from worker.queue import envelope
 
 # KEYS: job record, idempotency key, arq job key, queue, job stream, global stream.
@@ -101,10 +109,16 @@ class JobHandle:
                     if follow and event.settled:
                         return
 
-    async def wait(self, timeout_s: float = 300) -> JobReport:
-        """Follow the job to its end and return the final report."""
+    async def last_event_id(self) -> str:
+        """The id of the job's newest event ("0-0" if none): follow from here to see only
+        what happens next (after a resume, say)."""
+        newest = await self.client.redis.xrevrange(self.client.keys.events(self.job_id), count=1)
+        return str(newest[0][0].decode()) if newest else "0-0"
+
+    async def wait(self, timeout_s: float = 300, *, after: str = "0-0") -> JobReport:
+        """Follow the job (from event `after`) until it settles; return that report."""
         async with asyncio.timeout(timeout_s):
-            async for _, event in self.events():
+            async for _, event in self.events(after=after):
                 if event.settled and event.report is not None:
                     return event.report
             report = await self.report()
@@ -187,6 +201,28 @@ class FormworkClient:
         if status is None or status.terminal:
             return False
         await self.redis.set(self.keys.abort(job_id), reason, ex=RECORD_TTL_S)
+        return True
+
+    async def resume(self, job_id: str, decision: ResumeDecision) -> bool:
+        """Answer a paused job. Any worker picks it up: a fresh context signs in again,
+        rebuilds the paused step's page and goes on (or the job ends, for abort, reject and
+        mark_done). False when the job is not paused or the decision is not one it allows."""
+        report = await self.handle(job_id).report()
+        status = await self.handle(job_id).status()
+        if report is None or status is None or not status.paused or report.handoff is None:
+            return False
+        if decision.decision not in report.handoff.allowed_decisions:
+            return False
+        number = await cast("Any", self.redis.hincrby(self.keys.job(job_id), "resumes", 1))
+        message_id = f"{job_id}.resume{number}"
+        body = {"resume": job_id, "decision": decision.model_dump(mode="json")}
+        envelope_bytes = json.dumps(
+            {"t": 1, "f": JOB_FUNCTION, "a": [body], "k": {}, "et": int(time.time() * 1000)}
+        ).encode()
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(ARQ_JOB_PREFIX + message_id, envelope_bytes, px=ARQ_JOB_TTL_MS)
+            pipe.zadd(self.keys.queue, {message_id: int(time.time() * 1000)})
+            await pipe.execute()
         return True
 
     async def paused(self) -> list[tuple[str, datetime, JobReport | None]]:

@@ -205,6 +205,7 @@ class Verification(StrEnum):
     postcondition = "postcondition"  # the step's `expect` held on the page
     probe = "probe"  # the script's verify_effect probe found the effect after the fact
     none = "none"  # the action ran; nothing on the page confirmed it
+    manual = "manual"  # a person did it by hand and said so (a mark_done decision)
 
 
 class Attempt(_Model):
@@ -264,6 +265,32 @@ class Decision(StrEnum):
     abort = "abort"
     approve = "approve"
     reject = "reject"
+
+
+class ResumeDecision(_Model):
+    """A person's (or the customer's) answer to a paused job."""
+
+    decision: Decision
+    inputs: dict[str, Any] = Field(
+        default_factory=dict, description="retry_with_inputs: the corrected inputs."
+    )
+    outputs: dict[str, str] = Field(
+        default_factory=dict, description="skip_step / mark_done: outputs the person supplies."
+    )
+    note: str | None = Field(default=None, max_length=2000)
+    by: str = Field(default="unknown", max_length=200, description="Who decided.")
+
+
+class DecisionRecord(_Model):
+    """A decision as recorded in the report."""
+
+    decision: Decision
+    step_id: str | None = None
+    by: str
+    at: datetime
+    note: str | None = None
+    inputs_changed: list[str] = Field(default_factory=list)
+    outputs_given: list[str] = Field(default_factory=list)
 
 
 class HandoffEvidence(_Model):
@@ -365,6 +392,7 @@ class JobReport(_Model):
     handoff: HandoffRequest | None = Field(
         default=None, description="Set while the job waits for a person or the customer."
     )
+    decisions: list[DecisionRecord] = Field(default_factory=list)
 
 
 class EventKind(StrEnum):

@@ -119,8 +119,13 @@ async def run_job(
     stop_check: StopCheck | None = None,
     gate: Gate | None = None,
     journal: CommitJournal | None = None,
+    resume: ResumePoint | None = None,
 ) -> JobReport:
-    """Execute `job` end to end and return its report (also written to the artifacts)."""
+    """Execute `job` end to end and return its report (also written to the artifacts).
+
+    With `resume`, continue a paused job's report at the step a person decided about, in a
+    fresh context: sign in again, rebuild that step's page, and go on from there.
+    """
     listener = listener or NullListener()
     started = time.perf_counter()
     report = JobReport(
@@ -144,9 +149,16 @@ async def run_job(
             job.job_id, job.script_name, exc, runtime, listener, correlation=job.correlation
         )
 
+    if resume is not None:
+        report = resume.report
+        report.status, report.error, report.handoff = JobStatus.running, None, None
+        report.ended_at = None
+    else:
+        report.steps = [
+            StepReport(id=p.id, action=p.action, commit=p.step.commit) for p in loaded.plan
+        ]
     report.script_version = loaded.script.version
     report.inputs = loaded.redacted_inputs(inputs)
-    report.steps = [StepReport(id=p.id, action=p.action, commit=p.step.commit) for p in loaded.plan]
     await listener.job_changed(report)
 
     report.script_digest = loaded.digest
@@ -158,7 +170,10 @@ async def run_job(
             context.set_default_timeout(loaded.script.timeout_ms)
             actions = PageActions(job, loaded, inputs, secrets, job_page.page)
             run = _Run(job, loaded, runtime, report, listener, actions, job_page.cdp, journal)
-            await run.steps(stop_check)
+            if resume is not None:
+                await run.resume(resume, stop_check)
+            else:
+                await run.steps(stop_check)
         finally:
             try:
                 await context.close()
@@ -188,6 +203,21 @@ async def reject(
         error=error.to_failure(),
     )
     return await _finish(report, time.perf_counter(), runtime, listener or NullListener())
+
+
+async def settle(report: JobReport, runtime: Runtime, listener: RunListener) -> JobReport:
+    """Write and announce a report changed without running anything (a decision)."""
+    return await _finish(report, time.perf_counter(), runtime, listener)
+
+
+@dataclass
+class ResumePoint:
+    """Where a paused job goes on: its report, the step decided about, and how."""
+
+    report: JobReport
+    step_id: str
+    skip: bool = False
+    outputs: dict[str, str] = field(default_factory=dict)
 
 
 async def fail_internally(
@@ -293,9 +323,48 @@ class _Run:
 
     # ------------------------------------------------------------ the loop
 
-    async def steps(self, stop_check: StopCheck | None) -> None:
+    async def resume(self, point: ResumePoint, stop_check: StopCheck | None) -> None:
+        """Continue a paused job in this fresh context from the step decided about."""
         plan = self.loaded.plan
-        index = 0
+        index = self.loaded.index_of(point.step_id)
+        self.actions.outputs.update(self.report.outputs)
+        self.actions.outputs.update(point.outputs)
+        if point.skip:
+            skipped = self.step_report(point.step_id)
+            skipped.status = StepStatus.skipped
+            skipped.recovered_by = "skip_step decision"
+            index += 1
+        else:
+            index = self.page_start(index)
+        for step in plan[index:]:
+            self.step_report(step.id).status = StepStatus.pending
+        if index < len(plan):
+            # The paused run's browser is gone: sign in again, then back to the step's page.
+            if index > 0 and self.loaded.relogin:
+                anchor = plan[index - 1].id
+                if not await self.run_subplan(self.loaded.relogin, anchor, "resume_login"):
+                    failure = Failure(
+                        code=FailureCode.auth_expired,
+                        message="could not sign in again to resume",
+                        step_id=plan[index].id,
+                    )
+                    self.end(JobStatus.paused_for_handoff, failure)
+                    return
+            page = self.step_report(plan[index].id).url_before
+            starts_itself = isinstance(plan[index].step, GotoStep)
+            if page and not starts_itself and await self.detour_failed(page):
+                failure = Failure(
+                    code=FailureCode.unexpected_page,
+                    message=f"could not get back to {page} to resume",
+                    step_id=plan[index].id,
+                )
+                self.end(JobStatus.paused_for_handoff, failure)
+                return
+        await self.steps(stop_check, start=index)
+
+    async def steps(self, stop_check: StopCheck | None, start: int = 0) -> None:
+        plan = self.loaded.plan
+        index = start
         while index < len(plan):
             reason = await stop_check() if stop_check else None
             if reason is None and self.job.deadline is not None and self.job.deadline <= now():

@@ -29,10 +29,28 @@ from redis.asyncio import Redis
 from worker.artifacts import LocalArtifacts
 from worker.browser import BrowserHost
 from worker.capacity import SiteCapacity
-from worker.contract import BrowserJob, FailureCode, JobReport, JobStatus
+from worker.contract import (
+    BrowserJob,
+    Decision,
+    DecisionRecord,
+    Failure,
+    FailureCode,
+    JobReport,
+    JobStatus,
+    ResumeDecision,
+    Verification,
+)
 from worker.errors import JobInvalid, RejectedError
 from worker.events import EventListener, JobEvents
-from worker.executor import Runtime, fail_internally, reject, run_job
+from worker.executor import (
+    ResumePoint,
+    Runtime,
+    fail_internally,
+    now,
+    reject,
+    run_job,
+    settle,
+)
 from worker.keys import JOB_FUNCTION, Keys
 from worker.script import LoadedScript, ScriptStore
 from worker.secretstore import SecretStore
@@ -149,6 +167,8 @@ async def browser_job(ctx: dict[str, Any], payload: Any) -> dict[str, Any]:
 
 
 async def execute(state: WorkerState, job_id: str, payload: Any) -> JobReport:
+    if isinstance(payload, dict) and "resume" in payload:
+        return await execute_resume(state, payload)
     redis, keys = state.redis, state.keys
     stored = await cast("Any", redis.hmget(keys.job(job_id), ["status", "report"]))
     if stored[0] is not None and JobStatus(stored[0].decode()).settled and stored[1]:
@@ -181,6 +201,22 @@ async def execute(state: WorkerState, job_id: str, payload: Any) -> JobReport:
             state.http, job.webhook.url, state.settings.webhook_secret, job_id
         )
 
+    # Kept for a later resume on any worker, whoever enqueued the job.
+    await cast("Any", redis.hset(keys.job(job_id), "job", job.model_dump_json()))
+    return await _run_tracked(state, job, events, listener)
+
+
+async def _run_tracked(
+    state: WorkerState,
+    job: BrowserJob,
+    events: JobEvents,
+    listener: EventListener,
+    resume: ResumePoint | None = None,
+) -> JobReport:
+    """run_job with the queue around it: abort flag, site slot, commit journal, job timeout,
+    drift counters, and the right last word when the worker is stopped or fails."""
+    redis, keys, job_id = state.redis, state.keys, job.job_id
+
     async def stop_check() -> str | None:
         reason = await redis.get(keys.abort(job_id))
         return f"aborted: {reason.decode()}" if reason is not None else None
@@ -204,6 +240,7 @@ async def execute(state: WorkerState, job_id: str, payload: Any) -> JobReport:
                     stop_check=stop_check,
                     gate=gate,
                     journal=journal,
+                    resume=resume,
                 )
         except TimeoutError:
             log.warning("job %s: over FORMWORK_JOB_TIMEOUT", job_id)
@@ -243,6 +280,73 @@ async def _count_drift(redis: Redis, keys: Keys, site: str, report: JobReport) -
             for element in drifted:
                 pipe.hincrby(keys.drift(site), element, 1)
             await pipe.execute()
+
+
+async def execute_resume(state: WorkerState, payload: dict[str, Any]) -> JobReport:
+    """Carry out a decision about a paused job, on whichever worker took the message."""
+    redis, keys = state.redis, state.keys
+    job_id = str(payload["resume"])
+    fields = await cast("Any", redis.hmget(keys.job(job_id), ["status", "job", "report"]))
+    status, raw_job, raw_report = (f.decode() if f is not None else None for f in fields)
+    if raw_report is None or raw_job is None or status is None:
+        raise JobInvalid(f"resume of unknown job {job_id!r}")
+    report = JobReport.model_validate_json(raw_report)
+    if not JobStatus(status).paused or report.handoff is None:
+        log.info("job %s is %s, not paused: decision ignored", job_id, status)
+        return report
+    decision = ResumeDecision.model_validate(payload.get("decision", {}))
+    handoff = report.handoff
+    if decision.decision not in handoff.allowed_decisions:
+        log.warning("job %s: decision %s not allowed; still paused", job_id, decision.decision)
+        return report
+    job = BrowserJob.model_validate_json(raw_job)
+    if decision.inputs:
+        job = job.model_copy(update={"inputs": {**job.inputs, **decision.inputs}})
+    report.decisions.append(
+        DecisionRecord(
+            decision=decision.decision,
+            step_id=handoff.step_id,
+            by=decision.by,
+            at=now(),
+            note=decision.note,
+            inputs_changed=sorted(decision.inputs),
+            outputs_given=sorted(decision.outputs),
+        )
+    )
+    events = await JobEvents.open(redis, keys, job_id)
+    listener = EventListener(events)
+    if decision.decision in (Decision.abort, Decision.reject):
+        report.status, report.handoff = JobStatus.cancelled, None
+        report.error = Failure(
+            code=FailureCode.cancelled,
+            message=f"{decision.decision} by {decision.by}",
+            step_id=handoff.step_id,
+        )
+        return await settle(report, state.runtime, listener)
+    if decision.decision == Decision.mark_done:
+        report.status, report.handoff, report.error = JobStatus.succeeded, None, None
+        report.outputs.update(decision.outputs)
+        for claim in report.claims:
+            if claim.kind == "effect":
+                claim.verified, claim.how = True, Verification.manual
+        return await settle(report, state.runtime, listener)
+    if decision.inputs:
+        # retry_with_inputs: the corrected values must pass the script's schema first.
+        try:
+            state.runtime.scripts.load(job.script_name, job.script_version).validate_inputs(
+                job.inputs
+            )
+        except RejectedError as exc:
+            report.decisions[-1].note = f"refused: {exc.message}"
+            log.info("job %s: corrected inputs refused: %s", job_id, exc.message)
+            return await settle(report, state.runtime, listener)
+    point = ResumePoint(
+        report=report,
+        step_id=handoff.step_id,
+        skip=decision.decision == Decision.skip_step,
+        outputs=decision.outputs,
+    )
+    return await _run_tracked(state, job, events, listener, resume=point)
 
 
 class RedisCommitJournal:
