@@ -80,3 +80,25 @@ async def test_disallowed_or_invalid_decisions_leave_the_job_paused(
     assert "refused" in (report.decisions[-1].note or "")
     assert billing.credits() == []
     assert {s.status for s in report.steps if s.id == "submit"} == {StepStatus.skipped}
+
+
+async def test_a_pause_without_a_decision_expires(
+    billing: Site, client: FormworkClient, worker: Worker
+) -> None:
+    rule = {"field": "amount", "value": "15.00", "message": "Credits over 10.00 need approval"}
+    billing.faults(reject_value=[rule])
+    job = BrowserJob(
+        job_id="h-expire", script="billing/issue_credit", inputs=CREDIT_INPUTS,
+        site_url=billing.url, pause_timeout_s=2,
+    )  # fmt: skip
+    handle = await client.enqueue(job)
+    paused = await handle.wait(60)
+    assert paused.status == JobStatus.needs_customer_input
+    assert paused.handoff is not None and paused.handoff.expires_at is not None
+
+    expired = await handle.wait(30, after=await handle.last_event_id())
+    assert expired.status == JobStatus.expired
+    assert expired.error is not None and "pause deadline" in expired.error.message
+    assert await client.paused() == []
+    assert not await client.resume("h-expire", ResumeDecision(decision="abort"))
+    assert billing.credits() == []

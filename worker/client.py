@@ -15,7 +15,6 @@ accepted once and answered with the existing handle for as long as the job recor
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -32,8 +31,8 @@ from worker.contract import (
     JobStatus,
     ResumeDecision,
 )
-from worker.keys import ARQ_JOB_PREFIX, JOB_FUNCTION, RECORD_TTL_S, Keys
-from worker.queue import envelope
+from worker.keys import ARQ_JOB_PREFIX, RECORD_TTL_S, Keys
+from worker.queue import enqueue_message, envelope
 
 # KEYS: job record, idempotency key, arq job key, queue, job stream, global stream.
 # ARGV: job id, envelope, score ms, script, ttl s, enqueued-at, has-idempotency-key,
@@ -97,8 +96,10 @@ class JobHandle:
                 if not follow:
                     return
                 status = await self.status()
-                if status is None or status.settled:
-                    # Finished before we looked (and we are past its last event), or unknown.
+                if status is None or status.terminal:
+                    # Ended before we looked (and we are past its last event), or unknown.
+                    # A paused job is not done: following past its pause waits for what the
+                    # decision (or the deadline) brings.
                     return
                 continue
             for _, entries in response:
@@ -214,15 +215,10 @@ class FormworkClient:
         if decision.decision not in report.handoff.allowed_decisions:
             return False
         number = await cast("Any", self.redis.hincrby(self.keys.job(job_id), "resumes", 1))
-        message_id = f"{job_id}.resume{number}"
         body = {"resume": job_id, "decision": decision.model_dump(mode="json")}
-        envelope_bytes = json.dumps(
-            {"t": 1, "f": JOB_FUNCTION, "a": [body], "k": {}, "et": int(time.time() * 1000)}
-        ).encode()
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(ARQ_JOB_PREFIX + message_id, envelope_bytes, px=ARQ_JOB_TTL_MS)
-            pipe.zadd(self.keys.queue, {message_id: int(time.time() * 1000)})
-            await pipe.execute()
+        await enqueue_message(
+            self.redis, self.keys, f"{job_id}.resume{number}", body, int(time.time() * 1000)
+        )
         return True
 
     async def paused(self) -> list[tuple[str, datetime, JobReport | None]]:

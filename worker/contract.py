@@ -38,6 +38,7 @@ class JobStatus(StrEnum):
     # no browser while it waits.
     paused_for_handoff = "paused_for_handoff"
     needs_customer_input = "needs_customer_input"
+    expired = "expired"  # paused, and no decision came before the pause deadline
 
     @property
     def terminal(self) -> bool:
@@ -131,6 +132,13 @@ class BrowserJob(_Model):
         description="The orchestrator's own ids (conversation, ticket, agent run), echoed back.",
     )
     webhook: WebhookTarget | None = None
+    pause_timeout_s: int | None = Field(
+        default=None,
+        gt=0,
+        le=30 * 24 * 3600,
+        description="How long a pause may wait for a decision before the job ends `expired` "
+        "(the script's `pause_timeout_s` otherwise).",
+    )
     dry_run: bool = Field(
         default=False,
         description="Run up to the first commit step and stop there: nothing is submitted; the "
@@ -320,6 +328,9 @@ class HandoffRequest(_Model):
     proposed_action: str
     recommended_response: str = Field(description="What the agent may tell the customer now.")
     allowed_decisions: list[Decision]
+    expires_at: datetime | None = Field(
+        default=None, description="Without a decision by then, the job ends `expired`."
+    )
 
 
 class WouldSubmit(_Model):

@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from playwright.async_api import CDPSession, Page
@@ -448,6 +448,8 @@ class _Run:
             self.report.handoff = handoff_request(
                 self.report, failure, status, list(self.loaded.script.inputs)
             )
+            wait_s = self.job.pause_timeout_s or self.loaded.script.pause_timeout_s
+            self.report.handoff.expires_at = now() + timedelta(seconds=wait_s)
 
     def fire(self, step_id: str, code: FailureCode, action: str, reason: str) -> None:
         log.info("job %s step %s: %s -> %s (%s)", self.job.job_id, step_id, code, action, reason)

@@ -51,7 +51,7 @@ from worker.executor import (
     run_job,
     settle,
 )
-from worker.keys import JOB_FUNCTION, Keys
+from worker.keys import ARQ_JOB_PREFIX, JOB_FUNCTION, Keys
 from worker.script import LoadedScript, ScriptStore
 from worker.secretstore import SecretStore
 from worker.settings import Settings
@@ -94,6 +94,19 @@ def loads(data: bytes) -> Any:
 def _malformed(reason: str) -> dict[str, Any]:
     now_ms = int(time.time() * 1000)
     return {"t": 1, "f": JOB_FUNCTION, "a": [{"__malformed__": reason}], "k": {}, "et": now_ms}
+
+
+async def enqueue_message(
+    redis: Redis, keys: Keys, message_id: str, body: dict[str, Any], run_at_ms: int
+) -> None:
+    """Queue one internal message (a resume, an expiry) for whichever worker is free at
+    `run_at_ms`, in the same arq layout as a job."""
+    data = dumps({"t": 1, "f": JOB_FUNCTION, "a": [body], "k": {}, "et": int(time.time() * 1000)})
+    ttl_ms = max(run_at_ms - int(time.time() * 1000), 0) + 24 * 3600 * 1000
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.set(ARQ_JOB_PREFIX + message_id, data, px=ttl_ms)
+        pipe.zadd(keys.queue, {message_id: run_at_ms})
+        await pipe.execute()
 
 
 def envelope(job: BrowserJob) -> bytes:
@@ -163,12 +176,14 @@ async def browser_job(ctx: dict[str, Any], payload: Any) -> dict[str, Any]:
     """The arq job function: run one BrowserJob; return its report as JSON-able data."""
     state: WorkerState = ctx["formwork"]
     report = await execute(state, str(ctx["job_id"]), payload)
-    return report.model_dump(mode="json")
+    return report.model_dump(mode="json") if report is not None else {}
 
 
-async def execute(state: WorkerState, job_id: str, payload: Any) -> JobReport:
+async def execute(state: WorkerState, job_id: str, payload: Any) -> JobReport | None:
     if isinstance(payload, dict) and "resume" in payload:
         return await execute_resume(state, payload)
+    if isinstance(payload, dict) and "expire" in payload:
+        return await execute_expire(state, payload)
     redis, keys = state.redis, state.keys
     stored = await cast("Any", redis.hmget(keys.job(job_id), ["status", "report"]))
     if stored[0] is not None and JobStatus(stored[0].decode()).settled and stored[1]:
@@ -252,6 +267,16 @@ async def _run_tracked(
                 code=FailureCode.timeout,
             )
         await _count_drift(redis, keys, job.site, report)
+        if report.status.paused and report.handoff and report.handoff.expires_at:
+            # The pause's deadline, as a message any worker acts on when it falls due.
+            due = report.handoff.expires_at
+            await enqueue_message(
+                redis,
+                keys,
+                f"{job_id}.expire{int(due.timestamp() * 1000)}",
+                {"expire": job_id, "due": due.isoformat()},
+                int(due.timestamp() * 1000),
+            )
         return report
     except Exception as exc:
         # A bug or an unexpected failure of ours: the job still ends with a report and a
@@ -347,6 +372,31 @@ async def execute_resume(state: WorkerState, payload: dict[str, Any]) -> JobRepo
         outputs=decision.outputs,
     )
     return await _run_tracked(state, job, events, listener, resume=point)
+
+
+async def execute_expire(state: WorkerState, payload: dict[str, Any]) -> JobReport | None:
+    """A pause's deadline fell due: end the job `expired` unless a decision came first."""
+    redis, keys = state.redis, state.keys
+    job_id = str(payload["expire"])
+    fields = await cast("Any", redis.hmget(keys.job(job_id), ["status", "report"]))
+    status, raw_report = (f.decode() if f is not None else None for f in fields)
+    if raw_report is None or status is None:
+        return None
+    report = JobReport.model_validate_json(raw_report)
+    handoff = report.handoff
+    # Only the pause this message was scheduled for: a later pause has its own deadline.
+    if not JobStatus(status).paused or handoff is None or handoff.expires_at is None:
+        return report
+    if handoff.expires_at.isoformat() != payload.get("due"):
+        return report
+    report.status = JobStatus.expired
+    report.error = Failure(
+        code=FailureCode.timeout,
+        message=f"no decision before the pause deadline ({handoff.expires_at.isoformat()})",
+        step_id=handoff.step_id,
+    )
+    events = await JobEvents.open(redis, keys, job_id)
+    return await settle(report, state.runtime, EventListener(events))
 
 
 class RedisCommitJournal:

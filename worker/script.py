@@ -464,6 +464,12 @@ class Script(_Strict):
     )
     secrets: list[Annotated[str, StringConstraints(pattern=STEP_ID)]] = Field(default_factory=list)
     timeout_ms: int = Field(default=10_000, gt=0, le=600_000)
+    pause_timeout_s: int = Field(
+        default=24 * 3600,
+        gt=0,
+        le=30 * 24 * 3600,
+        description="How long a paused job waits for a decision before it ends `expired`.",
+    )
     steps: list[Step] = Field(min_length=1)
     on_failure: dict[FailureCode, Rule] = Field(default_factory=dict)
     alternates: dict[Annotated[str, StringConstraints(pattern=STEP_ID)], list[Step]] = Field(
