@@ -186,6 +186,14 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client() -> Any:
+    """The orchestrator client, configured from the environment like a worker."""
+    from worker.client import FormworkClient
+
+    settings = Settings.from_env()
+    return FormworkClient(settings.redis_url, key_prefix=settings.key_prefix)
+
+
 def format_event(event_id: str, event: JobEvent) -> str:
     if event.kind == EventKind.step and event.step is not None:
         if event.step.status == StepStatus.running:
@@ -196,9 +204,6 @@ def format_event(event_id: str, event: JobEvent) -> str:
 
 
 async def _enqueue(args: argparse.Namespace) -> int:
-    from worker.client import FormworkClient
-
-    settings = Settings.from_env()
     try:
         job = BrowserJob(
             job_id=args.job_id or f"job-{uuid.uuid4().hex[:12]}",
@@ -210,7 +215,7 @@ async def _enqueue(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"formwork: invalid job: {exc}", file=sys.stderr)
         return 2
-    async with FormworkClient(settings.redis_url, key_prefix=settings.key_prefix) as client:
+    async with _client() as client:
         handle = await client.enqueue(job)
         print(handle.job_id)
         if not handle.created:
@@ -235,18 +240,12 @@ async def _follow(client: Any, job_id: str, after: str) -> int:
 
 
 async def _watch(args: argparse.Namespace) -> int:
-    from worker.client import FormworkClient
-
-    settings = Settings.from_env()
-    async with FormworkClient(settings.redis_url, key_prefix=settings.key_prefix) as client:
+    async with _client() as client:
         return await _follow(client, args.job_id, args.after)
 
 
 async def _status(args: argparse.Namespace) -> int:
-    from worker.client import FormworkClient
-
-    settings = Settings.from_env()
-    async with FormworkClient(settings.redis_url, key_prefix=settings.key_prefix) as client:
+    async with _client() as client:
         handle = client.handle(args.job_id)
         status = await handle.status()
         if status is None:
@@ -263,10 +262,7 @@ async def _status(args: argparse.Namespace) -> int:
 
 
 async def _abort(args: argparse.Namespace) -> int:
-    from worker.client import FormworkClient
-
-    settings = Settings.from_env()
-    async with FormworkClient(settings.redis_url, key_prefix=settings.key_prefix) as client:
+    async with _client() as client:
         if await client.abort(args.job_id, args.reason):
             print(f"abort requested for {args.job_id}")
             return 0
@@ -277,10 +273,7 @@ async def _abort(args: argparse.Namespace) -> int:
 async def _handoffs(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from worker.client import FormworkClient
-
-    settings = Settings.from_env()
-    async with FormworkClient(settings.redis_url, key_prefix=settings.key_prefix) as client:
+    async with _client() as client:
         paused = await client.paused()
     if not paused:
         print("no paused jobs")
@@ -296,10 +289,7 @@ async def _handoffs(args: argparse.Namespace) -> int:
 
 
 async def _handoff(args: argparse.Namespace) -> int:
-    from worker.client import FormworkClient
-
-    settings = Settings.from_env()
-    async with FormworkClient(settings.redis_url, key_prefix=settings.key_prefix) as client:
+    async with _client() as client:
         report = await client.handle(args.job_id).report()
     if report is None or report.handoff is None:
         print(f"formwork: job {args.job_id} is not waiting for a decision", file=sys.stderr)
@@ -323,10 +313,8 @@ async def _handoff(args: argparse.Namespace) -> int:
 
 
 async def _resume(args: argparse.Namespace) -> int:
-    from worker.client import FormworkClient
     from worker.contract import ResumeDecision
 
-    settings = Settings.from_env()
     try:
         decision = ResumeDecision(
             decision=args.decision, inputs=_parse_inputs(args.input),
@@ -335,7 +323,7 @@ async def _resume(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"formwork: invalid decision: {exc}", file=sys.stderr)
         return 2
-    async with FormworkClient(settings.redis_url, key_prefix=settings.key_prefix) as client:
+    async with _client() as client:
         handle = client.handle(args.job_id)
         after = await handle.last_event_id()
         if not await client.resume(args.job_id, decision):

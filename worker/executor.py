@@ -128,15 +128,7 @@ async def run_job(
     """
     listener = listener or NullListener()
     started = time.perf_counter()
-    report = JobReport(
-        job_id=job.job_id,
-        status=JobStatus.running,
-        script=job.script_name,
-        script_version=job.script_version,
-        correlation=job.correlation,
-        started_at=now(),
-        artifacts=runtime.artifacts.describe(job.job_id),
-    )
+    report = _new_report(job, runtime, JobStatus.running)
     reason = await stop_check() if stop_check is not None else None
     if reason is not None:
         report.status = JobStatus.cancelled
@@ -220,6 +212,18 @@ class ResumePoint:
     outputs: dict[str, str] = field(default_factory=dict)
 
 
+def _new_report(job: BrowserJob, runtime: Runtime, status: JobStatus) -> JobReport:
+    return JobReport(
+        job_id=job.job_id,
+        status=status,
+        script=job.script_name,
+        script_version=job.script_version,
+        correlation=job.correlation,
+        started_at=now(),
+        artifacts=runtime.artifacts.describe(job.job_id),
+    )
+
+
 async def fail_internally(
     job: BrowserJob,
     error: Exception,
@@ -229,19 +233,12 @@ async def fail_internally(
     code: FailureCode = FailureCode.script_error,
 ) -> JobReport:
     """The report of a job the worker itself ended: a bug, or the job timeout."""
-    report = JobReport(
-        job_id=job.job_id,
-        status=JobStatus.failed,
-        script=job.script_name,
-        correlation=job.correlation,
-        started_at=now(),
-        artifacts=runtime.artifacts.describe(job.job_id),
-        error=Failure(
-            code=code,
-            message=str(error)
-            if code == FailureCode.timeout
-            else f"internal error in the worker: {type(error).__name__}",
-        ),
+    report = _new_report(job, runtime, JobStatus.failed)
+    report.error = Failure(
+        code=code,
+        message=str(error)
+        if code == FailureCode.timeout
+        else f"internal error in the worker: {type(error).__name__}",
     )
     return await _finish(report, time.perf_counter(), runtime, listener)
 

@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, cast
 
 import aiohttp
@@ -131,7 +131,6 @@ class WorkerState:
     capacity: SiteCapacity
     http: aiohttp.ClientSession
     owns_browser: bool = True
-    running: set[str] = field(default_factory=set)
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -239,7 +238,6 @@ async def _run_tracked(
     def gate(loaded: LoadedScript) -> contextlib.AbstractAsyncContextManager[None]:
         return state.capacity.slot(loaded.script.site, loaded.registry.limits)
 
-    state.running.add(job_id)
     try:
         journal = await RedisCommitJournal.open(redis, keys, job_id)
         # Our own limit, a little inside arq's: a job that overruns ends with a report and a
@@ -292,7 +290,6 @@ async def _run_tracked(
             )
         raise
     finally:
-        state.running.discard(job_id)
         if events.webhook is not None:
             await events.webhook.close()
 
