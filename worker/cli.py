@@ -304,6 +304,12 @@ async def _handoff(args: argparse.Namespace) -> int:
     print(f"  proposed:  {handoff.proposed_action}")
     print(f"  tell the customer: {handoff.recommended_response}")
     print(f"  decisions: {', '.join(handoff.allowed_decisions)}")
+    if handoff.role:
+        print(f"  approver:  {handoff.role}")
+    if handoff.risk:
+        print(f"  risk:      {handoff.risk}")
+    for name, value in handoff.proposed_values.items():
+        print(f"  will send: {name} = {value}")
     if handoff.evidence.screenshot:
         print(f"  evidence:  {root / handoff.evidence.screenshot}")
     if handoff.evidence.url:
@@ -465,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     resume.add_argument("--input", action="append", default=[], metavar="KEY=VALUE")
     resume.add_argument("--output", action="append", default=[], metavar="KEY=VALUE")
-    resume.add_argument("--note")
+    resume.add_argument("--note", "--reason", dest="note", help="why (required for reject)")
     resume.add_argument("--by", default="cli")
     resume.add_argument("--watch", action="store_true", help="then print events until it settles")
     resume.set_defaults(handler=lambda a: asyncio.run(_resume(a)))

@@ -29,6 +29,7 @@ from pydantic import (
     Tag,
     ValidationError,
     create_model,
+    field_validator,
     model_validator,
 )
 
@@ -36,7 +37,7 @@ from worker.contract import SCRIPT_REF, FailureCode
 from worker.errors import InputInvalid, ScriptInvalid, ScriptNotFound
 from worker.policy import Rule
 from worker.selectors import SiteRegistry, WaitState, load_registry
-from worker.templating import Reference, TemplateError, references
+from worker.templating import Reference, TemplateError, condition_references, references
 from worker.yamlfile import describe_loc, line_of, load_model, read_yaml
 
 STEP_ID = r"^[a-z][a-z0-9_]*$"
@@ -160,6 +161,36 @@ class Expectation(_Strict):
 # ---------------------------------------------------------------- steps
 
 
+class Approval(_Strict):
+    """A person approves a commit step before it is sent: always, or when `when` holds."""
+
+    when: str | None = Field(
+        default=None,
+        description="A condition over the inputs, e.g. 'inputs.amount > 100'; "
+        "absent: every job needs approval.",
+    )
+    role: str = Field(
+        default="operator",
+        pattern=r"^[a-z0-9_-]+$",
+        description="Who may approve (the orchestrator routes the request to that role).",
+    )
+    risk: str | None = Field(
+        default=None,
+        max_length=500,
+        description="Why this needs a person, as shown in the approval request.",
+    )
+
+    @field_validator("when")
+    @classmethod
+    def _condition(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                condition_references(value)
+            except TemplateError as exc:
+                raise ValueError(str(exc)) from exc
+        return value
+
+
 class _Step(_Strict):
     action: str  # each concrete step narrows this to a Literal with its default
     id: str = Field(pattern=STEP_ID)
@@ -178,6 +209,10 @@ class _Step(_Strict):
     )
     alternate: str | None = Field(
         default=None, description="An alternate path to take when an element is not found."
+    )
+    approval: Approval | None = Field(
+        default=None,
+        description="For a commit step: a person approves the filled form before it is sent.",
     )
     on_failure: dict[FailureCode, Rule] = Field(default_factory=dict)
 
@@ -499,6 +534,15 @@ class Script(_Strict):
                 )
             if step.retry_from is not None and not step.commit:
                 raise ValueError(f"step {step.id!r}: retry_from only goes with commit: true")
+            if step.approval is not None and not step.commit:
+                raise ValueError(f"step {step.id!r}: approval only goes with commit: true")
+            if step.approval is not None and step.approval.when is not None:
+                for ref in condition_references(step.approval.when):
+                    if ref.name not in self.inputs:
+                        raise ValueError(
+                            f"step {step.id!r}: approval.when uses 'inputs.{ref.name}', "
+                            "which is not a declared input"
+                        )
             names = {step.alternate} | {r.alternate for r in step.on_failure.values()}
             for name in names - {None}:
                 if name not in self.alternates:
