@@ -374,6 +374,15 @@ class WouldSubmit(_Model):
     screenshot: str | None = None
 
 
+class Box(_Model):
+    """A rectangle on a screenshot, in CSS pixels from its top-left corner."""
+
+    x: float
+    y: float
+    width: float
+    height: float
+
+
 class StepReport(_Model):
     """The precise state of one step."""
 
@@ -398,6 +407,11 @@ class StepReport(_Model):
         default=None, description="For a failed step the job got past: the rule that did it."
     )
     attempt_log: list[Attempt] = Field(default_factory=list)
+    dynamic: list[Box] = Field(
+        default_factory=list,
+        description="Where the script's dynamic elements (dates, generated numbers) are on the "
+        "step's screenshot: replay masks them before comparing.",
+    )
 
 
 class Interruption(_Model):

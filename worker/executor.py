@@ -43,7 +43,7 @@ from worker.contract import (
     WouldSubmit,
 )
 from worker.errors import RejectedError, StepError
-from worker.evidence import IMAGE_SUFFIX, capture
+from worker.evidence import IMAGE_SUFFIX, boxes, capture
 from worker.failures import classify, detectors_seen, observe_page, translate_playwright_error
 from worker.handoff import approval_request, handoff_request
 from worker.policy import Rule, retry_wait_s, rule_for
@@ -319,6 +319,7 @@ class _Run:
     checkpoints: Checkpoints | None = None
     context: BrowserContext | None = None
     redact: Redactor = field(init=False)
+    dynamic_css: list[str] = field(init=False)
     shots: int = 0
     relogins: dict[str, int] = field(default_factory=dict)
     commit_tries: dict[str, int] = field(default_factory=dict)
@@ -330,6 +331,13 @@ class _Run:
             str(v) for k, v in self.actions.inputs.items() if k in specs and specs[k].secret
         ]
         self.redact = Redactor([*self.actions.secrets.values(), *secret_inputs])
+        elements = self.loaded.registry.elements
+        self.dynamic_css = [
+            c.css
+            for name in self.loaded.script.dynamic
+            for c in elements[name]
+            if c.css and "{{" not in c.css
+        ]
 
     @property
     def page(self) -> Page:
@@ -742,6 +750,8 @@ class _Run:
         if failure is None or failure.code != FailureCode.browser_crashed:
             shot = await self.screenshot(planned.id, full_page=full_page)
         report.screenshot = shot or report.screenshot
+        if shot and self.dynamic_css:
+            report.dynamic = await boxes(self.page, self.dynamic_css)
         report.attempt_log.append(
             Attempt(
                 number=report.attempts,

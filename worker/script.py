@@ -511,6 +511,12 @@ class Script(_Strict):
         default_factory=dict
     )
     verify_effect: VerifyEffect | None = None
+    dynamic: list[str] = Field(
+        default_factory=list,
+        description="Elements whose content differs on every run (dates, generated numbers): "
+        "replay masks their screen regions and compares their outputs by pattern only. Each "
+        "needs a css candidate in the registry.",
+    )
     effect: str | None = Field(
         default=None,
         description="What the script does, as told to a customer once verified: "
@@ -751,6 +757,14 @@ class ScriptStore:
             )
         extra = [*probe, *relogin, *(p for path in alternates.values() for p in path)]
         _check_plan(registry, plan, extra=extra)
+        for element in script.dynamic:
+            candidates = registry.elements.get(element)
+            if candidates is None:
+                raise ScriptInvalid(
+                    f"{path}: dynamic: {element!r} is not in selectors/{registry.site}.yaml"
+                )
+            if not any(c.css for c in candidates):
+                raise ScriptInvalid(f"{path}: dynamic: {element!r} needs a css candidate")
         return LoadedScript(
             script,
             path,
