@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -159,3 +160,44 @@ async def test_formwork_replay_exits_non_zero_on_a_regression(
     )
     assert broken.returncode == 1, broken.stdout + broken.stderr
     assert "regression" in broken.stdout and "found by a fallback" in broken.stdout
+
+
+async def test_a_recorded_har_replays_billing_offline_with_no_secret_in_it(
+    billing: Site, runtime: Runtime, tmp_path: Path, fixture_secrets: dict[str, str]
+) -> None:
+    job = BrowserJob(
+        job_id="har-1", script="billing/issue_credit", inputs=CREDIT_INPUTS,
+        site_url=billing.url, har=True,
+    )  # fmt: skip
+    report = await run_job(job, runtime)
+    assert report.status == JobStatus.succeeded and report.artifacts is not None
+    assert report.artifacts.har is not None
+    loaded = runtime.scripts.load(report.script, report.script_version)
+    bundle = export(from_report(report, loaded), runtime.artifacts.root, tmp_path / "har-1")
+    har = (bundle / "network.har").read_text()
+    for value in fixture_secrets.values():
+        assert value not in har
+    assert "formwork-secret-billing-password" in har  # the sign-in body, with a placeholder
+    assert "BILLSESSID=" not in har  # the session cookie is scrubbed from every header
+
+    before = billing.state()
+    [result] = await replay_all(
+        [bundle], runtime, site_url=None, out_dir=tmp_path / "out", from_har=True
+    )
+    assert result.verdict == Verdict.same, (problems(result), result.unmatched)
+    assert result.report.status == JobStatus.succeeded
+    # Offline: the site saw nothing, and nothing was created.
+    after = billing.state()
+    assert after["requests"] == before["requests"] and after["credits"] == before["credits"]
+
+    # A page the HAR does not hold is reported, and the step that needed it fails.
+    data = json.loads(har)
+    data["log"]["entries"] = [
+        e for e in data["log"]["entries"] if "/credits/new" not in e["request"]["url"]
+    ]
+    (bundle / "network.har").write_text(json.dumps(data))
+    [broken] = await replay_all(
+        [bundle], runtime, site_url=None, out_dir=tmp_path / "out2", from_har=True
+    )
+    assert broken.verdict == Verdict.regression
+    assert any(r.startswith("GET ") and "/credits/new" in r for r in broken.unmatched)

@@ -108,14 +108,24 @@ class BrowserHost:
         await context.add_init_script(MASK_SCRIPT)
         return context
 
-    async def open_page(self, storage_state: dict[str, Any] | None = None) -> JobPage:
+    async def open_page(
+        self, storage_state: dict[str, Any] | None = None, *, record_har: Path | None = None
+    ) -> JobPage:
         """A fresh context with one page. With `keep_warm`, the pair was made ahead of time,
         so a job does not pay context and page creation on its critical path.
 
         With `storage_state` (a resumed job's cookies and local storage), the context is made
-        from it: the rare resume pays for its context, the warm page stays for the next job."""
-        if storage_state is not None:
-            return await self._fresh_page(storage_state=storage_state)
+        from it: the rare resume pays for its context, the warm page stays for the next job.
+        So does a job that records a HAR (`record_har`: written when the context closes)."""
+        if storage_state is not None or record_har is not None:
+            options: dict[str, Any] = {"storage_state": storage_state}
+            if record_har is not None:
+                options.update(
+                    record_har_path=record_har,
+                    record_har_content="embed",
+                    record_har_mode="minimal",
+                )
+            return await self._fresh_page(**options)
         warm, self._warm = self._warm, None
         if self.keep_warm:
             self._warm = asyncio.create_task(self._fresh_page(), name="warm-page")

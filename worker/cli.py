@@ -140,6 +140,7 @@ async def _run(args: argparse.Namespace) -> int:
             script=name,
             inputs=_parse_inputs(args.input),
             site_url=args.site_url,
+            har=args.har or None,
         )
         secrets = SecretStore(settings.secrets_file)
     except ValidationError as exc:
@@ -409,6 +410,9 @@ async def _recording_export(args: argparse.Namespace) -> int:
 async def _replay(args: argparse.Namespace) -> int:
     from worker.replay import Verdict, replay_all, table
 
+    if not args.site_url and not args.from_har:
+        print("formwork: replay needs --site-url URL, or --from-har", file=sys.stderr)
+        return 2
     settings = Settings.from_env(
         secrets_file=args.secrets_file, scripts_dir=args.scripts_dir,
         selectors_dir=args.selectors_dir,
@@ -424,7 +428,7 @@ async def _replay(args: argparse.Namespace) -> int:
         results = await replay_all(
             [Path(b) for b in args.bundles], runtime, site_url=args.site_url, out_dir=out,
             script_version=args.script_version, threshold=args.threshold,
-            update_golden=args.update,
+            update_golden=args.update, from_har=args.from_har,
         )  # fmt: skip
     except FormworkError as exc:
         print(f"formwork: {exc.message}", file=sys.stderr)
@@ -458,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--site-url", help="base URL of the site (overrides the registry)")
     run.add_argument("--job-id")
     run.add_argument("--json", action="store_true", help="print the report as JSON")
+    run.add_argument("--har", action="store_true", help="record a scrubbed HAR of the traffic")
     run.add_argument("--artifacts", type=Path, help="artifacts root (default ./artifacts)")
     run.add_argument("--secrets-file", type=Path, help="YAML file of secret name: value")
     run.add_argument("--scripts-dir", type=Path)
@@ -487,7 +492,11 @@ def build_parser() -> argparse.ArgumentParser:
         "replay", help="run recordings again against a fixture site and compare step by step"
     )
     replay.add_argument("bundles", nargs="+", help="recording bundle directories")
-    replay.add_argument("--site-url", required=True, help="base URL of the fixture site")
+    replay.add_argument("--site-url", help="base URL of the fixture site")
+    replay.add_argument(
+        "--from-har", action="store_true",
+        help="serve each site from its bundle's HAR instead (no site needed)",
+    )  # fmt: skip
     replay.add_argument("--script-version", type=int, help="replay with this script version")
     replay.add_argument(
         "--threshold", type=float, default=0.01,

@@ -161,6 +161,11 @@ class BrowserJob(_Model):
         le=600_000,
         description="How long each browser action may wait; the script's value otherwise.",
     )
+    har: bool | None = Field(
+        default=None,
+        description="Record the job's network traffic as a HAR (credentials and secret values "
+        "scrubbed) for offline replay; the script's `har:` otherwise.",
+    )
 
     @field_validator("script")
     @classmethod
@@ -435,6 +440,7 @@ class Artifacts(_Model):
     root: str = Field(description="Absolute path of the artifacts root on the worker.")
     path: str = Field(description="This job's directory, relative to the root.")
     report: str = Field(description="The report file, relative to the root.")
+    har: str | None = Field(default=None, description="The scrubbed HAR, relative to the root.")
 
 
 class JobReport(_Model):

@@ -7,6 +7,7 @@ into events), and the report on disk is the same object the listener saw.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -46,6 +47,7 @@ from worker.errors import RejectedError, StepError
 from worker.evidence import IMAGE_SUFFIX, boxes, capture
 from worker.failures import classify, detectors_seen, observe_page, translate_playwright_error
 from worker.handoff import approval_request, handoff_request
+from worker.har import HAR_FILE, scrub
 from worker.policy import Rule, retry_wait_s, rule_for
 from worker.script import (
     ClickStep,
@@ -88,6 +90,8 @@ class Runtime:
     browser: BrowserHost
     artifacts: LocalArtifacts
     secrets: SecretStore
+    # Called on each job's context before its first step (replay serves a HAR through it).
+    context_setup: Callable[[BrowserContext], Awaitable[None]] | None = None
 
 
 class CommitJournal(Protocol):
@@ -161,9 +165,15 @@ async def run_job(
     report.script_digest = loaded.digest
     report.dry_run = job.dry_run
     async with gate(loaded) if gate is not None else nullcontext():
-        job_page = await runtime.browser.open_page(resume.storage_state if resume else None)
+        record = job.har if job.har is not None else loaded.script.har
+        har = runtime.artifacts.job_dir(job.job_id) / HAR_FILE if record else None
+        job_page = await runtime.browser.open_page(
+            resume.storage_state if resume else None, record_har=har
+        )
         context = job_page.context
         try:
+            if runtime.context_setup is not None:
+                await runtime.context_setup(context)
             context.set_default_timeout(loaded.script.timeout_ms)
             actions = PageActions(job, loaded, inputs, secrets, job_page.page)
             run = _Run(
@@ -187,6 +197,11 @@ async def run_job(
                 await context.close()
             except PlaywrightError:
                 log.warning("job %s: context already gone at close", job.job_id)
+            if har is not None and har.is_file():
+                named = {**secrets, **loaded.secret_inputs(inputs)}
+                await asyncio.to_thread(scrub, har, named)
+                if report.artifacts is not None:
+                    report.artifacts.har = str(har.relative_to(runtime.artifacts.root))
     return await _finish(report, started, runtime, listener)
 
 

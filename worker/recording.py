@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from worker.contract import Box, JobReport, JobStatus, MatchedSelector, StepStatus
 from worker.errors import RecordingInvalid
+from worker.har import HAR_FILE
 from worker.script import ExtractStep, LoadedScript
 
 RECORDING_FORMAT = 1
@@ -60,6 +61,12 @@ class Recording(_Model):
         description="Outputs read from dynamic elements: compared by pattern, not value.",
     )
     steps: list[RecordedStep]
+    site_origin: str | None = Field(
+        default=None, description="Where the job ran (scheme://host:port): HAR replay serves it."
+    )
+    har: str | None = Field(
+        default=None, description="The job's scrubbed network traffic, relative to the bundle."
+    )
 
     @property
     def script_ref(self) -> str:
@@ -116,8 +123,15 @@ def from_report(report: JobReport, loaded: LoadedScript) -> Recording:
         )
         for step in report.steps
     ]
+    first_url = next((s.url for s in report.steps if s.url), None)
+    origin = None
+    if first_url:
+        parts = urlsplit(first_url)
+        origin = f"{parts.scheme}://{parts.netloc}"
     return Recording(
         job_id=report.job_id,
+        site_origin=origin,
+        har=report.artifacts.har if report.artifacts else None,
         recorded_at=report.ended_at or datetime.now(UTC),
         script=report.script,
         script_version=report.script_version,
@@ -144,7 +158,11 @@ def export(recording: Recording, artifacts_root: Path, bundle: Path) -> Path:
                 shot = f"steps/{index:02d}-{step.id}{source.suffix}"
                 shutil.copyfile(source, staged / shot)
         steps.append(step.model_copy(update={"screenshot": shot}))
-    final = recording.model_copy(update={"steps": steps})
+    har = None
+    if recording.har is not None and (artifacts_root / recording.har).is_file():
+        har = HAR_FILE
+        shutil.copyfile(artifacts_root / recording.har, staged / HAR_FILE)
+    final = recording.model_copy(update={"steps": steps, "har": har})
     (staged / RECORDING_FILE).write_text(final.model_dump_json(indent=2) + "\n")
     # Swap whole: a reader never sees half a bundle, and `--update` is all or nothing.
     shutil.rmtree(bundle, ignore_errors=True)

@@ -24,16 +24,18 @@ import shutil
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
+from playwright.async_api import BrowserContext, Route
 
 from worker.contract import BrowserJob, JobReport, StepReport, StepStatus
 from worker.errors import RecordingInvalid
 from worker.executor import Runtime, run_job
+from worker.har import placeholder_environ
 from worker.imagediff import compare as compare_images
 from worker.recording import (
     SECRET_REF,
@@ -43,6 +45,7 @@ from worker.recording import (
     from_report,
     url_path,
 )
+from worker.secretstore import SecretStore
 
 DEFAULT_THRESHOLD = 0.01
 
@@ -82,6 +85,7 @@ class ReplayResult:
     report: JobReport
     steps: list[StepResult]
     problems: list[str] = field(default_factory=list)  # about the job as a whole
+    unmatched: list[str] = field(default_factory=list)  # HAR replay: requests it had no answer to
 
     @property
     def verdict(self) -> Verdict:
@@ -92,7 +96,7 @@ class ReplayResult:
 
 
 def job_for(
-    recording: Recording, runtime: Runtime, site_url: str, version: int | None
+    recording: Recording, runtime: Runtime, site_url: str | None, version: int | None
 ) -> BrowserJob:
     """The recorded job, to run again: secret inputs come from this worker's secret store."""
     inputs: dict[str, Any] = {}
@@ -116,16 +120,49 @@ async def replay(
     recording: Recording,
     runtime: Runtime,
     *,
-    site_url: str,
+    site_url: str | None,
     out_dir: Path,
     script_version: int | None = None,
     threshold: float = DEFAULT_THRESHOLD,
+    from_har: bool = False,
 ) -> ReplayResult:
+    unmatched: list[str] = []
+    if from_har:
+        runtime, site_url = offline(bundle, recording, runtime, unmatched)
     job = job_for(recording, runtime, site_url, script_version)
     report = await run_job(job, runtime)
-    return await asyncio.to_thread(
+    result = await asyncio.to_thread(
         compare, bundle, recording, report, runtime.artifacts.root, out_dir, threshold
     )
+    result.unmatched = unmatched
+    return result
+
+
+def offline(
+    bundle: Path, recording: Recording, runtime: Runtime, unmatched: list[str]
+) -> tuple[Runtime, str]:
+    """A runtime that serves the site from the bundle's HAR, not the network: every request
+    the HAR cannot answer is aborted and listed in `unmatched`. Secrets are the placeholders
+    the HAR was scrubbed to, so the recorded sign-in matches and no real credential is used."""
+    if recording.har is None or recording.site_origin is None:
+        raise RecordingInvalid(f"{bundle}: recorded without a HAR (run the job with har: true)")
+    har = bundle / recording.har
+    loaded = runtime.scripts.load(recording.script, recording.script_version)
+    names = loaded.secret_names() | {
+        str(v[SECRET_REF]) for v in recording.inputs.values() if isinstance(v, dict)
+    }
+
+    async def serve_from_har(context: BrowserContext) -> None:
+        async def no_match(route: Route) -> None:
+            unmatched.append(f"{route.request.method} {route.request.url}")
+            await route.abort()
+
+        # Routes registered later are asked first: the HAR answers, the rest falls to no_match.
+        await context.route("**/*", no_match)
+        await context.route_from_har(har, not_found="fallback")
+
+    secrets = SecretStore(None, environ=placeholder_environ(names))
+    return replace(runtime, secrets=secrets, context_setup=serve_from_har), recording.site_origin
 
 
 def compare(
@@ -261,6 +298,8 @@ def table(results: list[ReplayResult]) -> str:
         lines.append(f"{name:<36} {'(job)':<30} {result.verdict:<10} {result.report.status}")
         for problem in result.problems:
             lines.append(f"{'':<36} {'(job)':<30} {'regression':<10} {problem}")
+        for request in result.unmatched:
+            lines.append(f"{'':<36} {'(har)':<30} {'no match':<10} {request}")
         for step in result.steps:
             if step.verdict != Verdict.same:
                 detail = "; ".join(step.problems)
@@ -326,11 +365,12 @@ async def replay_all(
     bundles: list[Path],
     runtime: Runtime,
     *,
-    site_url: str,
+    site_url: str | None,
     out_dir: Path,
     script_version: int | None = None,
     threshold: float = DEFAULT_THRESHOLD,
     update_golden: bool = False,
+    from_har: bool = False,
 ) -> list[ReplayResult]:
     """Replay each bundle in turn (one browser, a fresh context each) and write the reports."""
     from worker.recording import load
@@ -347,6 +387,7 @@ async def replay_all(
             out_dir=out_dir,
             script_version=script_version,
             threshold=threshold,
+            from_har=from_har,
         )
         results.append(result)
     write_html(results, out_dir, threshold)

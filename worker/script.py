@@ -511,6 +511,10 @@ class Script(_Strict):
         default_factory=dict
     )
     verify_effect: VerifyEffect | None = None
+    har: bool = Field(
+        default=False,
+        description="Record every job's network traffic as a scrubbed HAR (jobs may override).",
+    )
     dynamic: list[str] = Field(
         default_factory=list,
         description="Elements whose content differs on every run (dates, generated numbers): "
@@ -611,6 +615,11 @@ class LoadedScript:
     def validate_inputs(self, raw: dict[str, Any]) -> dict[str, Any]:
         """Typed inputs, or InputInvalid naming every bad field."""
         return validate_inputs(self.script, raw)
+
+    def secret_inputs(self, inputs: dict[str, Any]) -> dict[str, str]:
+        """The values of inputs declared `secret: true`, by name."""
+        specs = self.script.inputs
+        return {k: str(v) for k, v in inputs.items() if k in specs and specs[k].secret}
 
     def redacted_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         specs = self.script.inputs
