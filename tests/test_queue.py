@@ -115,7 +115,11 @@ async def test_plain_redis_enqueue_without_arq_runs(
 
 
 async def test_malformed_payloads_are_rejected_and_the_worker_keeps_serving(
-    billing: Site, client: FormworkClient, worker: Worker, settings: Settings
+    billing: Site,
+    client: FormworkClient,
+    worker: Worker,
+    settings: Settings,
+    fixture_secrets: dict[str, str],
 ) -> None:
     good = credit_job(billing, "x").model_dump(mode="json", exclude_none=True)
     bad: dict[str, tuple[bytes, str, str]] = {
@@ -142,6 +146,19 @@ async def test_malformed_payloads_are_rejected_and_the_worker_keeps_serving(
             "input_invalid", "input 'amount'",
         ),
         "q-mismatch": (raw_envelope({**good, "job_id": "other"}), "job_invalid", "differs"),
+        "q-huge": (
+            raw_envelope({**good, "job_id": "q-huge", "correlation": {"x": "y" * 70_000}}),
+            "job_invalid", "the limit is 65536",
+        ),
+        "q-secret": (
+            raw_envelope({**good, "job_id": "q-secret", "inputs": {
+                **good["inputs"], "reason": f"pw {fixture_secrets['billing_password']}"}}),
+            "job_invalid", "inputs.reason carries the value of a configured secret",
+        ),
+        "q-offsite": (
+            raw_envelope({**good, "job_id": "q-offsite", "site_url": "http://127.0.0.2:9"}),
+            "job_invalid", "site_url host '127.0.0.2' is not one of site billing's allowed",
+        ),
     }  # fmt: skip
     for job_id, (envelope, _, _) in bad.items():
         await raw_enqueue(settings, job_id, envelope)
@@ -154,6 +171,7 @@ async def test_malformed_payloads_are_rejected_and_the_worker_keeps_serving(
         assert report is not None and report.error is not None
         assert report.error.code == code, job_id
         assert text in report.error.message, (job_id, report.error.message)
+        assert fixture_secrets["billing_password"] not in report.model_dump_json()
     after = await client.handle("q-after-bad").wait(60)
     assert after.status == JobStatus.succeeded
     assert len(billing.credits()) == 1  # only the good job touched the site

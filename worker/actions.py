@@ -227,10 +227,8 @@ class PageActions:
         base = self.job.site_url or str(self.loaded.registry.base_url)
         target = urljoin(base.rstrip("/") + "/", url.lstrip("/")) if "://" not in url else url
         host = urlsplit(target).hostname or ""
-        allowed = set(self.loaded.registry.allowed_hosts)
-        if self.job.site_url:
-            allowed.add(urlsplit(self.job.site_url).hostname or "")
-        if host not in allowed:
+        # The job's site_url was checked against the same list at intake.
+        if host not in self.loaded.registry.allowed_hosts:
             raise StepError(
                 FailureCode.navigation_blocked,
                 f"{host!r} is not an allowed host of site {self.loaded.registry.site}",

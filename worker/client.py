@@ -31,8 +31,9 @@ from worker.contract import (
     JobStatus,
     ResumeDecision,
 )
+from worker.errors import JobInvalid
 from worker.keys import ARQ_JOB_PREFIX, RECORD_TTL_S, Keys
-from worker.queue import enqueue_message, envelope
+from worker.queue import MAX_PAYLOAD_BYTES, enqueue_message, envelope
 
 # KEYS: job record, idempotency key, arq job key, queue, job stream, global stream.
 # ARGV: job id, envelope, score ms, script, ttl s, enqueued-at, has-idempotency-key,
@@ -159,6 +160,13 @@ class FormworkClient:
     async def enqueue(self, job: BrowserJob) -> JobHandle:
         """Queue `job` once. A job with a job_id or idempotency key seen before is not queued
         again: the existing job's handle comes back, with `created=False`."""
+        body = envelope(job)
+        if len(body) > MAX_PAYLOAD_BYTES:
+            raise JobInvalid(
+                f"job {job.job_id} is {len(body)} bytes; workers refuse more than "
+                f"{MAX_PAYLOAD_BYTES}",
+                field="payload",
+            )
         now_ms = int(time.time() * 1000)
         queued = JobEvent(
             seq=1,
@@ -180,7 +188,7 @@ class FormworkClient:
             ],
             args=[
                 job.job_id,
-                envelope(job),
+                body,
                 now_ms,
                 job.script,
                 RECORD_TTL_S,

@@ -16,6 +16,7 @@ from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from playwright.async_api import BrowserContext, CDPSession, Page
 from playwright.async_api import Error as PlaywrightError
@@ -46,6 +47,7 @@ from worker.contract import (
 from worker.errors import RejectedError, StepError
 from worker.evidence import IMAGE_SUFFIX, boxes, capture
 from worker.failures import classify, detectors_seen, observe_page, translate_playwright_error
+from worker.guard import Guard
 from worker.handoff import approval_request, handoff_request
 from worker.har import HAR_FILE, scrub
 from worker.policy import Rule, retry_wait_s, rule_for
@@ -172,6 +174,8 @@ async def run_job(
         )
         context = job_page.context
         try:
+            guard = Guard(loaded.registry.allowed_hosts)
+            await guard.install(context, job_page.cdp)
             if runtime.context_setup is not None:
                 await runtime.context_setup(context)
             context.set_default_timeout(loaded.script.timeout_ms)
@@ -187,6 +191,7 @@ async def run_job(
                 journal,
                 checkpoints,
                 context,
+                guard,
             )
             if resume is not None:
                 await run.resume(resume, stop_check)
@@ -283,6 +288,27 @@ def intake(
     loaded = runtime.scripts.load(job.script_name, job.script_version)
     inputs = loaded.validate_inputs(job.inputs)
     secrets = runtime.secrets.resolve(loaded.secret_names(), script=loaded.name)
+    if job.site_url is not None:
+        host = urlsplit(job.site_url).hostname or ""
+        if host not in loaded.registry.allowed_hosts:
+            # The site's credentials are typed into whatever site_url serves: only the site's
+            # own hosts may be named, never one an orchestrator picks.
+            raise RejectedError(
+                f"site_url host {host!r} is not one of site {loaded.registry.site}'s allowed "
+                f"hosts {loaded.registry.allowed_hosts}",
+                code=FailureCode.job_invalid,
+                field="site_url",
+            )
+    carried = runtime.secrets.carried_in(job.inputs)
+    if carried:
+        # A credential in a payload is already leaked (Redis, logs, the orchestrator); never
+        # use it, and say which field so the sender can fix the integration.
+        raise RejectedError(
+            f"inputs.{carried} carries the value of a configured secret: secrets are named in "
+            "scripts and resolved on the worker, never sent in a job",
+            code=FailureCode.job_invalid,
+            field=f"inputs.{carried}",
+        )
     if job.deadline is not None and job.deadline <= now():
         raise RejectedError(
             f"deadline {job.deadline.isoformat()} passed before the job started",
@@ -333,6 +359,7 @@ class _Run:
     journal: CommitJournal | None = None
     checkpoints: Checkpoints | None = None
     context: BrowserContext | None = None
+    guard: Guard | None = None
     redact: Redactor = field(init=False)
     dynamic_css: list[str] = field(init=False)
     shots: int = 0
@@ -729,6 +756,7 @@ class _Run:
         )
         failure: Failure | None = None
         full_page = False
+        blocked_mark = len(self.guard.blocked) if self.guard is not None else 0
         try:
             report.selector = await actions.perform(planned, timeout_ms)
             report.drift = self._drift(report.selector)
@@ -752,6 +780,18 @@ class _Run:
         except PlaywrightError as exc:
             error = translate_playwright_error(exc, doing=f"{planned.action} failed")
             failure = await self.explain(error, planned.id, stop_loading=actions.dispatched)
+        blocked = self.guard.since(blocked_mark) if self.guard is not None else []
+        if blocked:
+            # Whatever else went wrong, the page tried to leave the site: that is the finding.
+            failure = Failure(
+                code=FailureCode.navigation_blocked,
+                message=self.redact(
+                    f"the page tried to reach a host outside the site's allowlist: {blocked[0]}"
+                )
+                or "",
+                evidence=self.redact("; ".join(blocked)),
+                step_id=planned.id,
+            )
         if failure is not None and actions.dispatched and failure.code not in _KNOWN_OUTCOMES:
             failure = Failure(
                 code=FailureCode.outcome_unknown,

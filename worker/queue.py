@@ -62,6 +62,8 @@ from worker.webhooks import WebhookSender, check_target
 log = logging.getLogger("formwork.queue")
 
 ENVELOPE_KEYS = {"t", "f", "a", "k", "et"}
+# A job is a script name and a few inputs: anything near this size is a mistake or an attack.
+MAX_PAYLOAD_BYTES = 64 * 1024
 JOB_TIMEOUT_MARGIN_S = 5.0
 
 
@@ -76,6 +78,8 @@ def loads(data: bytes) -> Any:
     """Decode an arq envelope. A malformed one is not an error here: it becomes a call of the
     job function with a `__malformed__` marker, so the job ends `rejected` with a report
     (arq itself would drop it with nothing but a log line)."""
+    if len(data) > MAX_PAYLOAD_BYTES:
+        return _malformed(f"the message is {len(data)} bytes; the limit is {MAX_PAYLOAD_BYTES}")
     try:
         value = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:

@@ -47,6 +47,29 @@ class SecretStore:
             )
         return {name: value for name, value in values.items() if value}
 
+    def values(self) -> list[str]:
+        """Every configured secret value (environment and file)."""
+        found = [v for k, v in self._environ.items() if k.startswith(ENV_PREFIX) and v]
+        return [*found, *(v for v in self._file_values.values() if v)]
+
+    def carried_in(self, inputs: Mapping[str, object]) -> str | None:
+        """The name of the first input (searched through lists and mappings) whose text
+        contains a configured secret value; None when there is none."""
+        values = [v for v in self.values() if len(v) >= 4]
+        if not values:
+            return None
+
+        def holds(node: object) -> bool:
+            if isinstance(node, str):
+                return any(v in node for v in values)
+            if isinstance(node, Mapping):
+                return any(holds(k) or holds(v) for k, v in node.items())
+            if isinstance(node, list | tuple):
+                return any(holds(item) for item in node)
+            return False
+
+        return next((name for name, value in inputs.items() if holds(value)), None)
+
 
 def _read_secrets_file(path: Path) -> dict[str, str]:
     try:

@@ -1,0 +1,106 @@
+"""The navigation allowlist holds against a page that tries to send the browser elsewhere.
+
+A small real site ("trap") lives on 127.0.0.1, its only allowed host. Its pages point the
+browser at `localhost` — the same server under a name the site does not own — by a link, a
+redirect and an injected `fetch()`. The server's own log of what reached it is the ground
+truth: the off-site address must never be requested.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from worker.browser import BrowserHost
+from worker.contract import BrowserJob, JobStatus, StepStatus
+from worker.executor import Runtime, run_job
+from worker.script import ScriptStore
+
+REGISTRY = """
+site: trap
+base_url: http://127.0.0.1:1
+allowed_hosts: [127.0.0.1]
+elements:
+  page.header: [{css: "h1"}]
+  page.away: [{css: "a#away"}]
+  page.x: [{css: "h1"}]
+  page.settled: [{css: "body[data-fetched]"}]
+"""
+SCRIPTS = {
+    "link": '[{id: open, goto: "/"}, {id: leave, click: page.away, expect: {visible: page.x}}]',
+    "redirect": '[{id: open, goto: "/redirect", expect: {visible: page.header}}]',
+    "fetch": '[{id: open, goto: "/fetch", expect: {visible: page.settled}}]',
+}
+
+
+@dataclass
+class Trap:
+    url: str
+    port: int
+    hits: list[str] = field(default_factory=list)
+
+    @property
+    def stolen(self) -> list[str]:
+        return [hit for hit in self.hits if hit.startswith("/stolen")]
+
+
+@pytest.fixture
+async def trap() -> AsyncIterator[Trap]:
+    site = Trap(url="", port=0)
+    away = "http://localhost:{port}/stolen"
+
+    async def page(request: web.Request) -> web.Response:
+        site.hits.append(request.path_qs)
+        target = away.format(port=site.port)
+        bodies = {
+            "/": f'<h1>Trap</h1><a id="away" href="{target}?via=link">away</a>',
+            "/fetch": "<h1>Trap</h1><script>fetch('" + target + "?via=fetch')"
+            ".catch(() => {}).finally(() => { document.body.dataset.fetched = '1'; });</script>",
+            "/stolen": "<h1>Stolen</h1>",
+        }
+        if request.path == "/redirect":
+            raise web.HTTPFound(target + "?via=redirect")
+        return web.Response(text=bodies[request.path], content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", page)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    server = web.TCPSite(runner, "127.0.0.1", 0)
+    await server.start()
+    site.port = runner.addresses[0][1]
+    site.url = f"http://127.0.0.1:{site.port}"
+    yield site
+    await runner.cleanup()
+
+
+@pytest.fixture
+def trap_runtime(runtime: Runtime, tmp_path: Path) -> Runtime:
+    scripts, selectors = tmp_path / "scripts", tmp_path / "selectors"
+    (scripts / "trap").mkdir(parents=True)
+    selectors.mkdir()
+    (selectors / "trap.yaml").write_text(REGISTRY)
+    for name, steps in SCRIPTS.items():
+        (scripts / "trap" / f"{name}.yaml").write_text(
+            f"name: trap/{name}\nversion: 1\nsite: trap\nsteps: {steps}\n"
+        )
+    return replace(runtime, scripts=ScriptStore(scripts, selectors))
+
+
+@pytest.mark.parametrize("how", ["link", "redirect", "fetch"])
+async def test_requests_outside_the_allowlist_are_blocked_and_reported(
+    how: str, trap: Trap, trap_runtime: Runtime, browser_host: BrowserHost
+) -> None:
+    job = BrowserJob(job_id=f"trap-{how}", script=f"trap/{how}", site_url=trap.url)
+    report = await run_job(job, trap_runtime)
+
+    assert trap.stolen == []  # nothing ever reached the off-site address
+    assert report.status == JobStatus.failed
+    assert report.error is not None and report.error.code == "navigation_blocked"
+    failed = next(s for s in report.steps if s.status == StepStatus.failed)
+    assert failed.failure is not None
+    assert f"localhost:{trap.port}/stolen?via={how}" in (failed.failure.evidence or "")
