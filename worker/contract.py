@@ -93,6 +93,8 @@ class FailureCode(StrEnum):
     outcome_unknown = "outcome_unknown"
     script_error = "script_error"
     cancelled = "cancelled"
+    # The artifact store (disk, S3) could not be read or written; the job's outcome stands.
+    storage_error = "storage_error"
 
 
 class Failure(_Model):
@@ -150,6 +152,11 @@ class BrowserJob(_Model):
         le=600_000,
         description="How long each browser action may wait; the script's value otherwise.",
     )
+    trace: TraceMode | None = Field(
+        default=None,
+        description="Keep a Playwright trace of this job: off, on_failure, always "
+        "(the script's `trace` otherwise).",
+    )
 
     @field_validator("script")
     @classmethod
@@ -188,12 +195,34 @@ class WebhookTarget(_Model):
     url: str = Field(pattern=r"^https?://[^/\s]+")
 
 
+class Box(_Model):
+    """A rectangle in the page's viewport, in CSS pixels (the screenshot's pixels at scale 1)."""
+
+    x: float
+    y: float
+    width: float = Field(ge=0)
+    height: float = Field(ge=0)
+
+
 class MatchedSelector(_Model):
     """Which candidate of a logical element matched on the page."""
 
     element: str
     candidate: str
     index: int = Field(description="0 = the primary candidate; higher = a fallback was used.")
+    box: Box | None = Field(
+        default=None,
+        description="Where the element was after the step, as the step's screenshot shows it; "
+        "None when the step left the page (a click that navigated).",
+    )
+
+
+class TraceMode(StrEnum):
+    """When a job's Playwright trace is kept."""
+
+    off = "off"
+    on_failure = "on_failure"  # kept when the job did not succeed
+    always = "always"
 
 
 class RuleAction(StrEnum):
@@ -372,6 +401,9 @@ class Artifacts(_Model):
     root: str = Field(description="Absolute path of the artifacts root on the worker.")
     path: str = Field(description="This job's directory, relative to the root.")
     report: str = Field(description="The report file, relative to the root.")
+    audit: str | None = Field(
+        default=None, description="The job's audit record (audit.json), relative to the root."
+    )
 
 
 class JobReport(_Model):

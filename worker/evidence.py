@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 from pathlib import Path
 
 from playwright.async_api import CDPSession, Locator, Page
@@ -101,3 +102,29 @@ async def _settle(page: Page) -> None:
     # A page that never finishes loading is still worth a picture of what it shows.
     with contextlib.suppress(PlaywrightError):
         await page.wait_for_load_state("load", timeout=SETTLE_TIMEOUT_MS)
+
+
+REDACT_CSS = "filter: blur(14px) !important; user-select: none !important;"
+
+
+def redact_script(selectors: list[str]) -> str:
+    """In-page script that blurs the script's `redact:` regions in every frame painted.
+
+    Like the secret mask, the blur is done by the page's own rendering: screenshots and trace
+    frames never hold the sharp pixels, so no later step has to remember to blur them. A
+    selector the browser cannot parse is skipped rather than breaking the stylesheet.
+    """
+    return f"""
+(() => {{
+  const rules = [];
+  for (const sel of {json.dumps(selectors)}) {{
+    try {{ document.querySelector(sel); rules.push(sel + " {{ {REDACT_CSS} }}"); }}
+    catch (e) {{ /* not a selector: ignored */ }}
+  }}
+  const style = document.createElement("style");
+  style.textContent = rules.join("\\n");
+  const add = () => (document.head || document.documentElement).appendChild(style);
+  if (document.documentElement) add();
+  else document.addEventListener("readystatechange", add, {{ once: true }});
+}})();
+"""

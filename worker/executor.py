@@ -21,7 +21,7 @@ from playwright.async_api import Error as PlaywrightError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from worker.actions import PageActions
-from worker.artifacts import LocalArtifacts
+from worker.artifacts import ArtifactStore
 from worker.browser import BrowserHost
 from worker.contract import (
     Attempt,
@@ -58,6 +58,7 @@ from worker.script import (
 )
 from worker.secretstore import Redactor, SecretStore
 from worker.templating import TemplateError, render
+from worker.trace import job_trace
 
 log = logging.getLogger("formwork.executor")
 
@@ -84,7 +85,7 @@ class Runtime:
 
     scripts: ScriptStore
     browser: BrowserHost
-    artifacts: LocalArtifacts
+    artifacts: ArtifactStore
     secrets: SecretStore
 
 
@@ -162,10 +163,17 @@ async def run_job(
             context.set_default_timeout(loaded.script.timeout_ms)
             actions = PageActions(job, loaded, inputs, secrets, job_page.page)
             run = _Run(job, loaded, runtime, report, listener, actions, job_page.cdp, journal)
-            if resume is not None:
-                await run.resume(resume, stop_check)
-            else:
-                await run.steps(stop_check)
+            async with job_trace(
+                context,
+                job.trace or loaded.script.trace,
+                runtime.artifacts.trace_file(job.job_id),
+                run.redact.values,
+                failed=lambda: report.status != JobStatus.succeeded,
+            ):
+                if resume is not None:
+                    await run.resume(resume, stop_check)
+                else:
+                    await run.steps(stop_check)
         finally:
             try:
                 await context.close()
@@ -265,6 +273,7 @@ async def _finish(
     report.ended_at = now()
     report.duration_ms = _ms(started)
     runtime.artifacts.write_report(report)
+    await runtime.artifacts.record(report)
     await listener.job_changed(report)
     return report
 
