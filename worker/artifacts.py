@@ -271,9 +271,11 @@ class ArtifactStore(ABC):
             raise ArtifactError(f"no audit record for job {job_id!r} in {self.location}")
         return self.audit(path)
 
-    def prune(self, older_than: timedelta, *, today: date | None = None) -> list[str]:
+    def prune(
+        self, older_than: timedelta, *, today: date | None = None, dry_run: bool = False
+    ) -> list[str]:
         """Remove every job whose day is more than `older_than` before `today`; the job paths
-        removed. Jobs are never split: a day goes as a whole."""
+        removed (with `dry_run`, that would be). Jobs are never split: a day goes whole."""
         today = today or datetime.now(UTC).date()
         cutoff = today - older_than
         removed: list[str] = []
@@ -282,8 +284,10 @@ class ArtifactStore(ABC):
                 continue
             keys = self.keys(f"{day}/")
             removed += sorted({"/".join(k.split("/")[:2]) for k in keys if k.count("/") >= 2})
-            self.delete(keys)
-        self._forget(removed)
+            if not dry_run:
+                self.delete(keys)
+        if not dry_run:
+            self._forget(removed)
         return removed
 
     def _forget(self, paths: list[str]) -> None:
