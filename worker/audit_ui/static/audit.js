@@ -10,7 +10,13 @@
     current = Math.max(0, Math.min(steps.length - 1, index));
     steps.forEach((s, i) => s.classList.toggle("current", i === current));
     details.forEach((d, i) => { d.hidden = i !== current; });
-    steps[current].scrollIntoView({ block: "nearest" });
+    // Keep the current step in view inside the timeline only: the page itself stays put.
+    const nav = steps[current].closest(".timeline");
+    const el = steps[current];
+    if (nav && el.offsetTop < nav.scrollTop) nav.scrollTop = el.offsetTop;
+    else if (nav && el.offsetTop + el.offsetHeight > nav.scrollTop + nav.clientHeight) {
+      nav.scrollTop = el.offsetTop + el.offsetHeight - nav.clientHeight;
+    }
     history.replaceState(null, "", "#step-" + current);
   };
   const enlarge = () => {
