@@ -35,6 +35,7 @@ from worker.annotate import ImageFormat, render
 from worker.audit import AuditRecord, Evidence, ImageBudget, screenshot_marks
 from worker.contract import Artifacts, JobReport
 from worker.errors import ArtifactError
+from worker.settings import Settings
 
 if TYPE_CHECKING:
     from types_boto3_s3 import S3Client
@@ -486,3 +487,10 @@ def open_store(
     if url:
         raise ArtifactError(f"artifacts URL {url!r}: only s3://bucket/prefix is supported")
     return LocalArtifacts(artifacts_dir)
+
+
+def store_for(settings: Settings) -> ArtifactStore:
+    """The artifact store `settings` describe (FORMWORK_ARTIFACTS_URL / _DIR)."""
+    return open_store(
+        settings.artifacts_dir, settings.artifacts_url, endpoint_url=settings.s3_endpoint_url
+    )

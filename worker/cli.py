@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -16,7 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from worker.artifacts import ArtifactStore, LocalArtifacts, open_store, safe_id
+from worker.artifacts import ArtifactStore, safe_id, store_for
 from worker.browser import BrowserHost
 from worker.contract import (
     BrowserJob,
@@ -123,9 +124,11 @@ def print_summary(report: JobReport, stream: Any) -> None:
         mark = f"verified by {claim.how}" if claim.verified else "NOT verified"
         print(f"  claim ({claim.kind}) {claim.name}: {claim.value} [{mark}]", file=stream)
     if report.artifacts is not None:
-        root = Path(report.artifacts.root)
-        print(f"  report:      {root / report.artifacts.report}", file=stream)
-        print(f"  screenshots: {root / report.artifacts.path}/", file=stream)
+        root = report.artifacts.root.rstrip("/")  # a directory, or s3://bucket/prefix
+        print(f"  report:      {root}/{report.artifacts.report}", file=stream)
+        print(f"  screenshots: {root}/{report.artifacts.path}/", file=stream)
+        if report.artifacts.audit:
+            print(f"  audit:       {root}/{report.artifacts.audit}", file=stream)
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -153,7 +156,7 @@ async def _run(args: argparse.Namespace) -> int:
     runtime = Runtime(
         scripts=ScriptStore(settings.scripts_dir, settings.selectors_dir),
         browser=BrowserHost(settings.chromium),
-        artifacts=LocalArtifacts(settings.artifacts_dir),
+        artifacts=store_for(settings),
         secrets=secrets,
     )
     out = sys.stderr if args.json else sys.stdout
@@ -396,8 +399,10 @@ def parse_age(text: str) -> timedelta:
 
 
 def _audit_store(args: argparse.Namespace) -> ArtifactStore:
-    settings = Settings.from_env(artifacts_dir=args.artifacts)
-    return open_store(settings.artifacts_dir, args.store, endpoint_url=args.s3_endpoint)
+    settings = Settings.from_env(
+        artifacts_dir=args.artifacts, artifacts_url=args.store, s3_endpoint_url=args.s3_endpoint
+    )
+    return store_for(settings)
 
 
 def _audit_prune(args: argparse.Namespace) -> int:
@@ -432,7 +437,8 @@ def _audit_serve(args: argparse.Namespace) -> int:
 
     store = _audit_store(args)
     print(f"formwork audit: http://{args.host}:{args.port}/ ({store.location})", flush=True)
-    asyncio.run(serve(store, args.host, args.port))
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how it is meant to stop
+        asyncio.run(serve(store, args.host, args.port))
     return 0
 
 
