@@ -110,7 +110,8 @@ async def lane(
     results: list[tuple[str, str, JobStatus | None]],
 ) -> None:
     for number in jobs:
-        amount = f"{rng.randint(1, 400)}.{rng.randint(0, 99):02d}"
+        # Up to 100.00: larger credits stop at the script's approval gate.
+        amount = f"{rng.randint(1, 99)}.{rng.randint(0, 99):02d}"
         fault, body = draw_fault(rng, amount)
         await asyncio.to_thread(_call, site.url + "/_fixture/reset", "POST")
         await asyncio.to_thread(_call, site.url + "/_fixture/faults", "POST", body)

@@ -144,6 +144,7 @@ def settings(redis_url: str, tmp_path: Path) -> Settings:
         secrets_file=SECRETS_FILE,
         max_jobs=4,
         shutdown_grace_s=0,
+        state_key="formwork-tests-state-key-0123456789",
     )
 
 

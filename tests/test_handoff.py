@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
+import pytest
 from arq import Worker
+from pydantic import ValidationError
 
 from worker.browser import BrowserHost
 from worker.client import FormworkClient
-from worker.contract import BrowserJob, JobReport, JobStatus, ResumeDecision, StepStatus
+from worker.contract import (
+    BrowserJob,
+    HandoffKind,
+    JobReport,
+    JobStatus,
+    ResumeDecision,
+    StepStatus,
+)
+from worker.queue import running_worker
+from worker.settings import Settings
 
-from .conftest import CREDIT_INPUTS, Site
+from .conftest import CREDIT_INPUTS, SCRIPTS, Site
 
 
 async def paused_job(billing: Site, client: FormworkClient, job_id: str) -> JobReport:
@@ -47,7 +61,9 @@ async def test_pause_holds_no_browser_and_retry_with_inputs_resumes_at_the_step(
     assert steps["review"].attempts == 2  # the refused try, then the corrected one
     assert steps["amount"].attempts == 2  # the form was filled again with the new value
     assert steps["login.submit"].attempts == 1  # done before the pause: not redone
-    assert any(s.id.endswith("resume_login.relogin.submit") for s in report.steps)
+    # The checkpoint's sealed session was restored: no second sign-in.
+    assert not any("relogin" in s.id for s in report.steps)
+    assert billing.state()["logins"] == 1
     assert report.inputs["amount"] == "9.00"
     assert await client.paused() == []
 
@@ -102,3 +118,166 @@ async def test_a_pause_without_a_decision_expires(
     assert await client.paused() == []
     assert not await client.resume("h-expire", ResumeDecision(decision="abort"))
     assert billing.credits() == []
+
+
+async def test_resume_after_the_site_session_expired_signs_in_again(
+    billing: Site, client: FormworkClient, worker: Worker
+) -> None:
+    await paused_job(billing, client, "h-expired-session")
+    # While the job waited, the site ended its session: the next request it makes with the
+    # restored cookie lands on the login page.
+    billing.faults(session_expiry_after=1, session_expiry_times=1)
+    decision = ResumeDecision(decision="retry_with_inputs", inputs={"amount": "9.00"}, by="agent")
+    handle = client.handle("h-expired-session")
+    last = await handle.last_event_id()
+    assert await client.resume("h-expired-session", decision)
+    report = await handle.wait(60, after=last)
+
+    assert report.status == JobStatus.succeeded, report.error
+    assert [c["amount"] for c in billing.credits()] == ["9.00"]
+    assert billing.state()["logins"] == 2  # the first run's, and the one after expiry
+    relogins = [r for r in report.rules_fired if r.action == "relogin"]
+    assert relogins and relogins[0].code == "auth_expired"
+
+
+# ---------------------------------------------------------------- approval gates
+
+
+def large_credit(billing: Site, job_id: str) -> BrowserJob:
+    inputs = {**CREDIT_INPUTS, "amount": "150.00", "reference": f"T-{job_id}"}
+    return BrowserJob(
+        job_id=job_id, script="billing/issue_credit", inputs=inputs, site_url=billing.url
+    )
+
+
+async def awaiting_approval(billing: Site, client: FormworkClient, job_id: str) -> JobReport:
+    report = await (await client.enqueue(large_credit(billing, job_id))).wait(60)
+    assert report.status == JobStatus.awaiting_approval, report.error
+    return report
+
+
+async def test_an_approval_gate_pauses_with_the_filled_form_and_approve_commits_once(
+    billing: Site,
+    client: FormworkClient,
+    worker: Worker,
+    browser_host: BrowserHost,
+    settings: Settings,
+) -> None:
+    assert browser_host.browser is not None
+    contexts = len(browser_host.browser.contexts)
+    paused = await awaiting_approval(billing, client, "a-approve")
+
+    assert billing.credits() == []  # nothing sent while it waits
+    assert len(browser_host.browser.contexts) == contexts
+    request = paused.handoff
+    assert request is not None and request.kind == HandoffKind.approval
+    assert request.step_id == "submit" and request.role == "billing"
+    assert request.allowed_decisions == ["approve", "reject", "abort"]
+    assert request.proposed_values["credit.amount"] == "150.00"
+    assert "150.00" in request.summary and "Nothing has been sent" in request.summary
+    assert request.risk and "100.00" in request.risk
+    # The evidence is the filled review page, as a person would check it.
+    assert request.evidence.screenshot is not None
+    shot = settings.artifacts_dir / request.evidence.screenshot
+    assert shot.is_file() and shot.stat().st_size > 5_000
+    assert request.evidence.url and request.evidence.url.endswith("/credits/review")
+    assert [j for j, _, _ in await client.paused()] == ["a-approve"]
+
+    handle = client.handle("a-approve")
+    last = await handle.last_event_id()
+    assert not await client.resume("a-approve", ResumeDecision(decision="retry_step"))
+    assert await client.resume("a-approve", ResumeDecision(decision="approve", by="lead@billing"))
+    report = await handle.wait(60, after=last)
+
+    assert report.status == JobStatus.succeeded, report.error
+    credits = billing.credits()
+    assert len(credits) == 1 and credits[0]["amount"] == "150.00"
+    assert report.outputs["confirmation_number"] == credits[0]["confirmation"]
+    assert [(d.decision, d.by, d.step_id) for d in report.decisions] == [
+        ("approve", "lead@billing", "submit")
+    ]
+    submit = next(s for s in report.steps if s.id == "submit")
+    assert submit.status == StepStatus.succeeded and submit.attempts == 1
+    assert [r.code for r in report.rules_fired] == ["approval_required"]  # asked once
+    assert await client.paused() == []
+
+
+async def test_reject_at_an_approval_gate_creates_nothing(
+    billing: Site, client: FormworkClient, worker: Worker
+) -> None:
+    await awaiting_approval(billing, client, "a-reject")
+    requests = billing.state()["requests"]
+    handle = client.handle("a-reject")
+    last = await handle.last_event_id()
+    with pytest.raises(ValidationError, match="needs a reason"):
+        ResumeDecision(decision="reject", by="lead@billing")
+    reject = ResumeDecision(decision="reject", by="lead@billing", note="customer already refunded")
+    assert await client.resume("a-reject", reject)
+    report = await handle.wait(30, after=last)
+
+    assert report.status == JobStatus.rejected_by_approver
+    assert report.error is not None and report.error.code == "rejected_by_approver"
+    assert "customer already refunded" in report.error.message
+    assert billing.credits() == [] and billing.state()["requests"] == requests
+    assert report.decisions[0].note == "customer already refunded"
+
+
+async def test_small_amounts_pass_the_approval_gate_without_pausing(
+    billing: Site, client: FormworkClient, worker: Worker
+) -> None:
+    job = BrowserJob(
+        job_id="a-small", script="billing/issue_credit", inputs=CREDIT_INPUTS, site_url=billing.url
+    )
+    report = await (await client.enqueue(job)).wait(60)
+    assert report.status == JobStatus.succeeded and report.decisions == []
+    assert len(billing.credits()) == 1
+
+
+# ---------------------------------------------------------------- manual completion
+
+
+async def test_inconclusive_probe_hands_off_and_mark_done_records_manual_completion(
+    billing: Site, client: FormworkClient, browser_host: BrowserHost, settings: Settings,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    # A probe that cannot look (its page is gone) cannot tell whether the dropped commit
+    # took: a person checks by hand and says so.
+    scripts = copy_scripts(tmp_path)
+    script = scripts / "billing" / "issue_credit.yaml"
+    script.write_text(
+        script.read_text().replace(
+            'goto: "/accounts/{{ inputs.account_id }}", expect: {visible: account.credits}',
+            'goto: "/accounts/{{ inputs.account_id }}/gone", expect: {visible: account.credits}',
+        )
+    )
+    settings = settings.model_copy(update={"scripts_dir": scripts})
+    billing.faults(commit_drop={"create": True, "mode": "error", "status": 502})
+    job = BrowserJob(
+        job_id="m-done", script="billing/issue_credit", inputs=CREDIT_INPUTS, site_url=billing.url
+    )
+    async with running_worker(settings, browser_host):
+        handle = await client.enqueue(job)
+        paused = await handle.wait(60)
+        assert paused.status == JobStatus.paused_for_handoff, paused.error
+        assert paused.handoff is not None and paused.handoff.code == "outcome_unknown"
+        assert "mark_done" in paused.handoff.allowed_decisions
+        done = ResumeDecision(
+            decision="mark_done", outputs={"confirmation_number": "CN-100001"},
+            note="credit seen in the portal", by="ops@billing",
+        )  # fmt: skip
+        last = await handle.last_event_id()
+        assert await client.resume("m-done", done)
+        report = await handle.wait(30, after=last)
+
+    assert report.status == JobStatus.succeeded
+    assert len(billing.credits()) == 1  # the one the dropped commit made; nothing resent
+    assert report.outputs["confirmation_number"] == "CN-100001"
+    effect = next(c for c in report.claims if c.kind == "effect")
+    assert effect.verified and effect.how == "manual"
+    assert report.decisions[0].decision == "mark_done" and report.decisions[0].by == "ops@billing"
+
+
+def copy_scripts(tmp_path: Path) -> Path:
+    target = tmp_path / "scripts"
+    shutil.copytree(SCRIPTS, target)
+    return target

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from worker.client import FormworkClient
 from worker.contract import BrowserJob, EventKind, JobStatus
 from worker.settings import Settings
 
-from .conftest import CREDIT_INPUTS, ROOT, Site, worker_env
+from .conftest import CREDIT_INPUTS, ROOT, SCRIPTS, Site, worker_env
 
 
 @contextmanager
@@ -132,6 +133,65 @@ async def test_worker_killed_mid_commit_never_submits_twice(
     submit = next(s for s in report.steps if s.id == "submit")
     assert submit.verified == "probe"
     assert report.outputs["confirmation_number"] == billing.credits()[0]["confirmation"]
+    # The second run went on from the first one's checkpoint, in its restored session.
+    assert [(i.run, i.last_checkpoint, i.resumed_at) for i in report.interruptions] == [
+        (2, "confirm_amount", "submit")
+    ]
+    steps = {s.id: s for s in report.steps}
+    assert steps["amount"].attempts == 1 and steps["login.submit"].attempts == 1
+    assert billing.state()["logins"] == 1
+
+
+@pytest.mark.timeout(240)
+async def test_worker_killed_after_a_commit_step_resumes_from_its_checkpoint(
+    billing: Site, client: FormworkClient, settings: Settings, tmp_path: Path
+) -> None:
+    # After the credit is issued and confirmed, the script goes on to another page; the
+    # worker dies on the way there. The next worker goes on from there: nothing before the
+    # checkpoint is redone, the commit is neither resent nor probed.
+    scripts = tmp_path / "scripts"
+    shutil.copytree(SCRIPTS, scripts)
+    (scripts / "billing" / "issue_credit_and_look.yaml").write_text(
+        (SCRIPTS / "billing" / "issue_credit.yaml")
+        .read_text()
+        .replace("name: billing/issue_credit", "name: billing/issue_credit_and_look")
+        .replace(
+            "\nalternates:",
+            '\n  - {id: look, goto: "/accounts/search?account_id={{ inputs.account_id }}", '
+            "expect: {visible: account.credits}}\n\nalternates:",
+        )
+    )
+    # Only that last page hangs, so the first worker is killed inside step `look`.
+    billing.faults(latency_ms=60_000, latency_path_contains="/accounts/search")
+    settings = settings.model_copy(update={"job_timeout_s": 15, "scripts_dir": scripts})
+    look = job(billing, "p-after", "T-10").model_copy(
+        update={"script": "billing/issue_credit_and_look"}
+    )
+    handle = await client.enqueue(look)
+    with worker_process(settings, tmp_path / "w1.log") as first:
+        async for _, event in handle.events():
+            if event.step is not None and event.step.id == "look":
+                break
+        first.kill()
+        await asyncio.to_thread(first.wait, 30)
+    assert len(billing.credits()) == 1
+
+    billing.faults()
+    with worker_process(settings, tmp_path / "w2.log"):
+        report = await handle.wait(120)
+    assert report.status == JobStatus.succeeded, report.error
+    assert len(billing.credits()) == 1
+    assert report.outputs["confirmation_number"] == billing.credits()[0]["confirmation"]
+    [interruption] = report.interruptions
+    assert (interruption.last_checkpoint, interruption.resumed_at) == ("confirmation", "look")
+    assert interruption.redone == []
+    steps = {s.id: s for s in report.steps}
+    assert all(steps[i].attempts == 1 for i in ("login.submit", "amount", "submit"))
+    assert steps["look"].status == "succeeded"
+    assert not [r for r in report.rules_fired if r.action in ("verify_effect", "relogin")]
+    assert billing.state()["logins"] == 1  # the restored session was still good
+    claim = next(c for c in report.claims if c.name == "confirmation_number")
+    assert claim.verified  # read on the confirmed page by the first run, kept by the second
 
 
 async def _until_created(billing: Site) -> None:

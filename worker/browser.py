@@ -108,9 +108,14 @@ class BrowserHost:
         await context.add_init_script(MASK_SCRIPT)
         return context
 
-    async def open_page(self) -> JobPage:
+    async def open_page(self, storage_state: dict[str, Any] | None = None) -> JobPage:
         """A fresh context with one page. With `keep_warm`, the pair was made ahead of time,
-        so a job does not pay context and page creation on its critical path."""
+        so a job does not pay context and page creation on its critical path.
+
+        With `storage_state` (a resumed job's cookies and local storage), the context is made
+        from it: the rare resume pays for its context, the warm page stays for the next job."""
+        if storage_state is not None:
+            return await self._fresh_page(storage_state=storage_state)
         warm, self._warm = self._warm, None
         if self.keep_warm:
             self._warm = asyncio.create_task(self._fresh_page(), name="warm-page")
@@ -124,8 +129,8 @@ class BrowserHost:
                 log.warning("warm page unusable (%s); making a fresh one", exc.message)
         return await self._fresh_page()
 
-    async def _fresh_page(self) -> JobPage:
-        context = await self.new_context()
+    async def _fresh_page(self, **options: Any) -> JobPage:
+        context = await self.new_context(**options)
         page = await context.new_page()
         return JobPage(context, page, await context.new_cdp_session(page))
 

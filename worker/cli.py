@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from worker.artifacts import ArtifactStore, safe_id, store_for
+from worker.artifacts import ArtifactStore, LocalArtifacts, safe_id, store_for
 from worker.browser import BrowserHost
 from worker.contract import (
     BrowserJob,
@@ -309,6 +309,12 @@ async def _handoff(args: argparse.Namespace) -> int:
     print(f"  proposed:  {handoff.proposed_action}")
     print(f"  tell the customer: {handoff.recommended_response}")
     print(f"  decisions: {', '.join(handoff.allowed_decisions)}")
+    if handoff.role:
+        print(f"  approver:  {handoff.role}")
+    if handoff.risk:
+        print(f"  risk:      {handoff.risk}")
+    for name, value in handoff.proposed_values.items():
+        print(f"  will send: {name} = {value}")
     if handoff.evidence.screenshot:
         print(f"  evidence:  {root / handoff.evidence.screenshot}")
     if handoff.evidence.url:
@@ -378,6 +384,64 @@ def _fixtures(args: argparse.Namespace) -> int:
 
     serve_forever(args.site, args.host, args.port)
     return 0
+
+
+async def _recording_export(args: argparse.Namespace) -> int:
+    from worker.recording import export, from_report
+
+    settings = Settings.from_env(scripts_dir=args.scripts_dir, selectors_dir=args.selectors_dir)
+    if args.report is not None:
+        text = await asyncio.to_thread(Path(args.report).read_text)
+        report = JobReport.model_validate_json(text)
+    else:
+        async with _client() as client:
+            report = await client.handle(args.job_id).report()
+    if report is None or report.artifacts is None:
+        print(f"formwork: no report for job {args.job_id} (try --report PATH)", file=sys.stderr)
+        return 1
+    try:
+        store = ScriptStore(settings.scripts_dir, settings.selectors_dir)
+        recording = from_report(report, store.load(report.script, report.script_version))
+    except FormworkError as exc:
+        print(f"formwork: {exc.message}", file=sys.stderr)
+        return 2
+    out = args.out or Path("recordings") / report.job_id
+    export(recording, Path(report.artifacts.root), out)
+    print(f"recording of {report.job_id} ({recording.script_ref}, {report.status}): {out}/")
+    return 0
+
+
+async def _replay(args: argparse.Namespace) -> int:
+    from worker.replay import Verdict, replay_all, table
+
+    settings = Settings.from_env(
+        secrets_file=args.secrets_file, scripts_dir=args.scripts_dir,
+        selectors_dir=args.selectors_dir,
+    )  # fmt: skip
+    out = Path(args.out)
+    runtime = Runtime(
+        scripts=ScriptStore(settings.scripts_dir, settings.selectors_dir),
+        browser=BrowserHost(settings.chromium),
+        artifacts=LocalArtifacts(out / "runs"),
+        secrets=SecretStore(settings.secrets_file),
+    )
+    try:
+        results = await replay_all(
+            [Path(b) for b in args.bundles], runtime, site_url=args.site_url, out_dir=out,
+            script_version=args.script_version, threshold=args.threshold,
+            update_golden=args.update,
+        )  # fmt: skip
+    except FormworkError as exc:
+        print(f"formwork: {exc.message}", file=sys.stderr)
+        return 2
+    finally:
+        await runtime.browser.stop()
+    print(table(results))
+    print(f"report: {out / 'index.html'}   junit: {out / 'junit.xml'}")
+    if args.update:
+        print(f"updated {len(results)} golden recording(s)")
+        return 0
+    return 1 if any(r.verdict == Verdict.regression for r in results) else 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -499,6 +563,33 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--selectors-dir", type=Path)
     validate.set_defaults(handler=_validate)
 
+    recording = sub.add_parser("recording", help="recordings of finished jobs, for replay")
+    recording_sub = recording.add_subparsers(dest="recording_command", required=True)
+    export = recording_sub.add_parser("export", help="write a job's recording bundle")
+    export.add_argument("job_id")
+    export.add_argument("--out", type=Path, help="bundle directory (default recordings/JOB)")
+    export.add_argument("--report", type=Path, help="read the report from this file, not Redis")
+    export.add_argument("--scripts-dir", type=Path)
+    export.add_argument("--selectors-dir", type=Path)
+    export.set_defaults(handler=lambda a: asyncio.run(_recording_export(a)))
+
+    replay = sub.add_parser(
+        "replay", help="run recordings again against a fixture site and compare step by step"
+    )
+    replay.add_argument("bundles", nargs="+", help="recording bundle directories")
+    replay.add_argument("--site-url", required=True, help="base URL of the fixture site")
+    replay.add_argument("--script-version", type=int, help="replay with this script version")
+    replay.add_argument(
+        "--threshold", type=float, default=0.01,
+        help="share of changed pixels above which a screenshot is a regression (default 0.01)",
+    )  # fmt: skip
+    replay.add_argument("--update", action="store_true", help="accept the runs as the goldens")
+    replay.add_argument("--out", default="replay-report", help="HTML report + junit.xml here")
+    replay.add_argument("--secrets-file", type=Path)
+    replay.add_argument("--scripts-dir", type=Path)
+    replay.add_argument("--selectors-dir", type=Path)
+    replay.set_defaults(handler=lambda a: asyncio.run(_replay(a)))
+
     fixtures = sub.add_parser("fixtures", help="local fixture sites")
     fixtures_sub = fixtures.add_subparsers(dest="fixtures_command", required=True)
     serve = fixtures_sub.add_parser("serve", help="serve a fixture site in the foreground")
@@ -555,7 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     resume.add_argument("--input", action="append", default=[], metavar="KEY=VALUE")
     resume.add_argument("--output", action="append", default=[], metavar="KEY=VALUE")
-    resume.add_argument("--note")
+    resume.add_argument("--note", "--reason", dest="note", help="why (required for reject)")
     resume.add_argument("--by", default="cli")
     resume.add_argument("--watch", action="store_true", help="then print events until it settles")
     resume.set_defaults(handler=lambda a: asyncio.run(_resume(a)))

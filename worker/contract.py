@@ -11,7 +11,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 CONTRACT_VERSION = 1
 
@@ -38,7 +38,10 @@ class JobStatus(StrEnum):
     # no browser while it waits.
     paused_for_handoff = "paused_for_handoff"
     needs_customer_input = "needs_customer_input"
+    # A commit step that needs a person's approval first; the form is filled, nothing sent.
+    awaiting_approval = "awaiting_approval"
     expired = "expired"  # paused, and no decision came before the pause deadline
+    rejected_by_approver = "rejected_by_approver"  # an approval gate said no: nothing was sent
 
     @property
     def terminal(self) -> bool:
@@ -48,11 +51,16 @@ class JobStatus(StrEnum):
             JobStatus.running,
             JobStatus.paused_for_handoff,
             JobStatus.needs_customer_input,
+            JobStatus.awaiting_approval,
         )
 
     @property
     def paused(self) -> bool:
-        return self in (JobStatus.paused_for_handoff, JobStatus.needs_customer_input)
+        return self in (
+            JobStatus.paused_for_handoff,
+            JobStatus.needs_customer_input,
+            JobStatus.awaiting_approval,
+        )
 
     @property
     def settled(self) -> bool:
@@ -93,6 +101,9 @@ class FailureCode(StrEnum):
     outcome_unknown = "outcome_unknown"
     script_error = "script_error"
     cancelled = "cancelled"
+    # Not failures of the site: a gate in the script that a person answers.
+    approval_required = "approval_required"
+    rejected_by_approver = "rejected_by_approver"
     # The artifact store (disk, S3) could not be read or written; the job's outcome stands.
     storage_error = "storage_error"
 
@@ -196,7 +207,8 @@ class WebhookTarget(_Model):
 
 
 class Box(_Model):
-    """A rectangle in the page's viewport, in CSS pixels (the screenshot's pixels at scale 1)."""
+    """A rectangle in the page's viewport, in CSS pixels from its top-left corner (the
+    screenshot's pixels at device scale 1)."""
 
     x: float
     y: float
@@ -314,8 +326,16 @@ class ResumeDecision(_Model):
     outputs: dict[str, str] = Field(
         default_factory=dict, description="skip_step / mark_done: outputs the person supplies."
     )
-    note: str | None = Field(default=None, max_length=2000)
+    note: str | None = Field(
+        default=None, max_length=2000, description="Why; required for `reject`."
+    )
     by: str = Field(default="unknown", max_length=200, description="Who decided.")
+
+    @model_validator(mode="after")
+    def _reject_says_why(self) -> ResumeDecision:
+        if self.decision == Decision.reject and not (self.note and self.note.strip()):
+            raise ValueError("a reject decision needs a reason (note)")
+        return self
 
 
 class DecisionRecord(_Model):
@@ -344,9 +364,16 @@ class HandoffContext(_Model):
     completed_steps: list[str] = Field(default_factory=list)
 
 
+class HandoffKind(StrEnum):
+    handoff = "handoff"  # something went wrong that a person must look at
+    customer_input = "customer_input"  # the customer must supply a corrected value
+    approval = "approval"  # an approval gate before a commit step
+
+
 class HandoffRequest(_Model):
     """Everything a person needs to decide about a paused job, without opening anything else."""
 
+    kind: HandoffKind = HandoffKind.handoff
     status: JobStatus
     reason: str
     code: FailureCode
@@ -359,6 +386,12 @@ class HandoffRequest(_Model):
     allowed_decisions: list[Decision]
     expires_at: datetime | None = Field(
         default=None, description="Without a decision by then, the job ends `expired`."
+    )
+    role: str | None = Field(default=None, description="Approval: who may approve (a role).")
+    risk: str | None = Field(default=None, description="Approval: why a person must approve.")
+    proposed_values: dict[str, str] = Field(
+        default_factory=dict,
+        description="Approval: the exact values on the form that will be submitted; secrets '***'.",
     )
 
 
@@ -395,6 +428,28 @@ class StepReport(_Model):
         default=None, description="For a failed step the job got past: the rule that did it."
     )
     attempt_log: list[Attempt] = Field(default_factory=list)
+    dynamic: list[Box] = Field(
+        default_factory=list,
+        description="Where the script's dynamic elements (dates, generated numbers) are on the "
+        "step's screenshot: replay masks them before comparing.",
+    )
+
+
+class Interruption(_Model):
+    """A run of the job that ended without finishing it (its worker died or was stopped)."""
+
+    detected_at: datetime = Field(description="When a later run picked the job up again.")
+    run: int = Field(description="The number of the run that took over (2 for the first).")
+    last_checkpoint: str | None = Field(
+        default=None, description="The last step the interrupted run completed."
+    )
+    resumed_at: str | None = Field(default=None, description="The step the new run went on at.")
+    checkpoint_at: datetime | None = None
+    redone: list[str] = Field(
+        default_factory=list,
+        description="Completed steps run again only to rebuild the page (refilling a form the "
+        "dead browser held); never a commit.",
+    )
 
 
 class Artifacts(_Model):
@@ -436,6 +491,7 @@ class JobReport(_Model):
         default=None, description="Set while the job waits for a person or the customer."
     )
     decisions: list[DecisionRecord] = Field(default_factory=list)
+    interruptions: list[Interruption] = Field(default_factory=list)
 
 
 class EventKind(StrEnum):

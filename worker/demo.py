@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import signal
 import sys
 import urllib.request
@@ -41,6 +42,8 @@ async def demo() -> int:
         "REDIS_URL": settings.redis_url,
         "FORMWORK_KEY_PREFIX": DEMO_PREFIX,
         "FORMWORK_SECRETS_FILE": str(secrets_file),
+        # The demo's one worker seals its checkpoints with a key of its own, made up now.
+        "FORMWORK_STATE_KEY": settings.state_key or secrets.token_urlsafe(32),
     }
     with start_fixture("billing") as site:
         print(f"billing fixture site: {site.url}")

@@ -6,7 +6,8 @@
     │   ├── ScriptInvalid          a script or selector registry fails to load (file, step, field)
     │   ├── ScriptNotFound         no such script or version
     │   ├── InputInvalid           inputs fail the script's input schema
-    │   └── SecretMissing          a secret the script needs is not configured on this worker
+    │   ├── SecretMissing          a secret the script needs is not configured on this worker
+    │   └── RecordingInvalid       a recording bundle cannot be read or replayed (job_invalid)
     ├── StepError                  a step failed on the page (`.code` says how)
     └── ArtifactError              the artifact store failed, or has no such object (storage_error)
 
@@ -63,6 +64,12 @@ class InputInvalid(RejectedError):
 
 class SecretMissing(RejectedError):
     code = FailureCode.secret_missing
+
+
+class RecordingInvalid(RejectedError):
+    """A recording bundle is missing, malformed, or names what this worker cannot run."""
+
+    code = FailureCode.job_invalid
 
 
 class StepError(FormworkError):

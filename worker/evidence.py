@@ -22,7 +22,7 @@ from playwright.async_api import CDPSession, Locator, Page
 from playwright.async_api import Error as PlaywrightError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
-from worker.contract import FailureCode
+from worker.contract import Box, FailureCode
 from worker.errors import StepError
 
 IMAGE_SUFFIX = ".jpg"
@@ -102,6 +102,29 @@ async def _settle(page: Page) -> None:
     # A page that never finishes loading is still worth a picture of what it shows.
     with contextlib.suppress(PlaywrightError):
         await page.wait_for_load_state("load", timeout=SETTLE_TIMEOUT_MS)
+
+
+_BOXES_JS = """(selectors) => {
+  const boxes = [];
+  for (const selector of selectors) {
+    for (const el of document.querySelectorAll(selector)) {
+      const r = el.getBoundingClientRect();
+      if (r.width > 0 && r.height > 0) {
+        boxes.push({ x: r.x, y: r.y, width: r.width, height: r.height });
+      }
+    }
+  }
+  return boxes;
+}"""
+
+
+async def boxes(page: Page, selectors: list[str]) -> list[Box]:
+    """Where the elements matching `selectors` are in the viewport (what a capture shows)."""
+    try:
+        found = await page.evaluate(_BOXES_JS, selectors)
+    except PlaywrightError:
+        return []
+    return [Box.model_validate(b) for b in found]
 
 
 REDACT_CSS = "filter: blur(14px) !important; user-select: none !important;"

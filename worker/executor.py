@@ -16,17 +16,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from playwright.async_api import CDPSession, Page
+from playwright.async_api import BrowserContext, CDPSession, Page
 from playwright.async_api import Error as PlaywrightError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
-from worker.actions import PageActions
+from worker.actions import Extracted, PageActions
 from worker.artifacts import ArtifactStore
 from worker.browser import BrowserHost
+from worker.checkpoint import Checkpoint, Checkpoints, storage_state
 from worker.contract import (
     Attempt,
     BrowserJob,
     Claim,
+    Decision,
     Failure,
     FailureCode,
     JobReport,
@@ -41,9 +43,9 @@ from worker.contract import (
     WouldSubmit,
 )
 from worker.errors import RejectedError, StepError
-from worker.evidence import IMAGE_SUFFIX, capture
+from worker.evidence import IMAGE_SUFFIX, boxes, capture
 from worker.failures import classify, detectors_seen, observe_page, translate_playwright_error
-from worker.handoff import handoff_request
+from worker.handoff import approval_request, handoff_request
 from worker.policy import Rule, retry_wait_s, rule_for
 from worker.script import (
     ClickStep,
@@ -57,7 +59,7 @@ from worker.script import (
     ScriptStore,
 )
 from worker.secretstore import Redactor, SecretStore
-from worker.templating import TemplateError, render
+from worker.templating import TemplateError, holds, render
 from worker.trace import job_trace
 
 log = logging.getLogger("formwork.executor")
@@ -121,11 +123,14 @@ async def run_job(
     gate: Gate | None = None,
     journal: CommitJournal | None = None,
     resume: ResumePoint | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> JobReport:
     """Execute `job` end to end and return its report (also written to the artifacts).
 
-    With `resume`, continue a paused job's report at the step a person decided about, in a
-    fresh context: sign in again, rebuild that step's page, and go on from there.
+    With `resume`, continue a job's report at a step — the one a person decided about, or the
+    one after the last checkpoint of a run that died — in a fresh context: restore the session
+    (or sign in again), rebuild that step's page, and go on from there. With `checkpoints`,
+    leave a checkpoint after every completed step.
     """
     listener = listener or NullListener()
     started = time.perf_counter()
@@ -157,12 +162,23 @@ async def run_job(
     report.script_digest = loaded.digest
     report.dry_run = job.dry_run
     async with gate(loaded) if gate is not None else nullcontext():
-        job_page = await runtime.browser.open_page()
+        job_page = await runtime.browser.open_page(resume.storage_state if resume else None)
         context = job_page.context
         try:
             context.set_default_timeout(loaded.script.timeout_ms)
             actions = PageActions(job, loaded, inputs, secrets, job_page.page)
-            run = _Run(job, loaded, runtime, report, listener, actions, job_page.cdp, journal)
+            run = _Run(
+                job,
+                loaded,
+                runtime,
+                report,
+                listener,
+                actions,
+                job_page.cdp,
+                journal,
+                checkpoints,
+                context,
+            )
             async with job_trace(
                 context,
                 job.trace or loaded.script.trace,
@@ -212,12 +228,14 @@ async def settle(report: JobReport, runtime: Runtime, listener: RunListener) -> 
 
 @dataclass
 class ResumePoint:
-    """Where a paused job goes on: its report, the step decided about, and how."""
+    """Where a job goes on: its report, the step to go on at (None: every step is done), and
+    what the last checkpoint kept of the browser (the session, the page it was on)."""
 
     report: JobReport
-    step_id: str
+    step_id: str | None
     skip: bool = False
     outputs: dict[str, str] = field(default_factory=dict)
+    storage_state: dict[str, Any] | None = None
 
 
 def _new_report(job: BrowserJob, runtime: Runtime, status: JobStatus) -> JobReport:
@@ -307,7 +325,10 @@ class _Run:
     actions: PageActions
     cdp: CDPSession
     journal: CommitJournal | None = None
+    checkpoints: Checkpoints | None = None
+    context: BrowserContext | None = None
     redact: Redactor = field(init=False)
+    dynamic_css: list[str] = field(init=False)
     shots: int = 0
     relogins: dict[str, int] = field(default_factory=dict)
     commit_tries: dict[str, int] = field(default_factory=dict)
@@ -319,6 +340,13 @@ class _Run:
             str(v) for k, v in self.actions.inputs.items() if k in specs and specs[k].secret
         ]
         self.redact = Redactor([*self.actions.secrets.values(), *secret_inputs])
+        elements = self.loaded.registry.elements
+        self.dynamic_css = [
+            c.css
+            for name in self.loaded.script.dynamic
+            for c in elements[name]
+            if c.css and "{{" not in c.css
+        ]
 
     @property
     def page(self) -> Page:
@@ -330,43 +358,109 @@ class _Run:
     # ------------------------------------------------------------ the loop
 
     async def resume(self, point: ResumePoint, stop_check: StopCheck | None) -> None:
-        """Continue a paused job in this fresh context from the step decided about."""
+        """Continue in this fresh context at `point.step_id`: restore what the steps before it
+        produced, get the session and the page back, and go on."""
         plan = self.loaded.plan
-        index = self.loaded.index_of(point.step_id)
+        index = len(plan) if point.step_id is None else self.loaded.index_of(point.step_id)
         self.actions.outputs.update(self.report.outputs)
         self.actions.outputs.update(point.outputs)
-        if point.skip:
-            skipped = self.step_report(point.step_id)
+        self.restore_extracted()
+        if point.skip and index < len(plan):
+            skipped = self.step_report(plan[index].id)
             skipped.status = StepStatus.skipped
             skipped.recovered_by = "skip_step decision"
             index += 1
-        else:
-            index = self.page_start(index)
         for step in plan[index:]:
             self.step_report(step.id).status = StepStatus.pending
-        if index < len(plan):
-            # The paused run's browser is gone: sign in again, then back to the step's page.
-            if index > 0 and self.loaded.relogin:
-                anchor = plan[index - 1].id
-                if not await self.run_subplan(self.loaded.relogin, anchor, "resume_login"):
-                    failure = Failure(
-                        code=FailureCode.auth_expired,
-                        message="could not sign in again to resume",
-                        step_id=plan[index].id,
-                    )
-                    self.end(JobStatus.paused_for_handoff, failure)
-                    return
-            page = self.step_report(plan[index].id).url_before
-            starts_itself = isinstance(plan[index].step, GotoStep)
-            if page and not starts_itself and await self.detour_failed(page):
-                failure = Failure(
-                    code=FailureCode.unexpected_page,
-                    message=f"could not get back to {page} to resume",
-                    step_id=plan[index].id,
-                )
-                self.end(JobStatus.paused_for_handoff, failure)
+        sent_before = self.journal is not None and any(
+            p.id in self.journal.previously_sent for p in plan[index : index + 1]
+        )
+        # A commit an earlier run sent goes straight to its probe, which finds its own page.
+        if index < len(plan) and not sent_before:
+            start = await self.reenter(index, restored=point.storage_state is not None)
+            if start is None:
                 return
+            if self.report.interruptions and start < index:
+                self.report.interruptions[-1].redone = [p.id for p in plan[start:index]]
+            index = start
         await self.steps(stop_check, start=index)
+
+    def restore_extracted(self) -> None:
+        """Outputs read by an earlier run, with how they were verified (for the claims)."""
+        for claim in self.report.claims:
+            if claim.kind == "output" and claim.step_id is not None:
+                self.actions.extracted.setdefault(
+                    claim.name,
+                    Extracted(
+                        value=claim.value,
+                        step_id=claim.step_id,
+                        source=claim.source or "",
+                        verified=claim.how,
+                    ),
+                )
+
+    async def reenter(self, index: int, *, restored: bool) -> int | None:
+        """Get back the page step `index` needs, in a context that has only what the
+        checkpoint restored. Returns the step to run from (earlier than `index` when steps
+        must be redone to rebuild the page), or None: the job is paused for a person."""
+        plan = self.loaded.plan
+        start = self.rebuild_from(index)
+        at = plan[index].id
+        if start > 0 and not restored and not await self.sign_in_again(at):
+            return None
+        if isinstance(plan[start].step, GotoStep):
+            # The step opens its own page; a dead session shows there as auth_expired, which
+            # the relogin rule handles like any expiry mid-job.
+            return start
+        page = self.step_report(plan[start].id).url_before
+        if page and await self.detour_failed(page):
+            self.lost(f"could not get back to {page} to resume", at)
+            return None
+        if restored and await self.on_login_page():
+            # The restored session died while the job waited: sign in, then back again.
+            if not await self.sign_in_again(at):
+                return None
+            if page and await self.detour_failed(page):
+                self.lost(f"could not get back to {page} to resume", at)
+            return None
+        return start
+
+    def rebuild_from(self, index: int) -> int:
+        """The step to redo from so that step `index` finds its page as it was: back over the
+        steps that filled it, then to the last `goto` before them — a page reached by
+        submitting a form (a review page) has no address to open again. Never back over a
+        commit."""
+        plan = self.loaded.plan
+        start = self.page_start(index)
+        for earlier in range(start, -1, -1):
+            if isinstance(plan[earlier].step, GotoStep):
+                return earlier
+            if earlier == 0 or plan[earlier - 1].step.commit:
+                break
+        return start
+
+    async def sign_in_again(self, at: str) -> bool:
+        if not self.loaded.relogin:
+            return True
+        plan = self.loaded.plan
+        anchor = plan[max(self.loaded.index_of(at) - 1, 0)].id
+        if await self.run_subplan(self.loaded.relogin, anchor, "resume_login"):
+            return True
+        failure = Failure(
+            code=FailureCode.auth_expired, message="could not sign in again to resume", step_id=at
+        )
+        self.end(JobStatus.paused_for_handoff, failure)
+        return False
+
+    def lost(self, message: str, at: str) -> None:
+        self.end(
+            JobStatus.paused_for_handoff,
+            Failure(code=FailureCode.unexpected_page, message=message, step_id=at),
+        )
+
+    async def on_login_page(self) -> bool:
+        login = self.loaded.registry.detectors.login_page
+        return bool(login) and bool(await detectors_seen(self.page, login))
 
     async def steps(self, stop_check: StopCheck | None, start: int = 0) -> None:
         plan = self.loaded.plan
@@ -394,24 +488,92 @@ class _Run:
                     step_id=planned.id,
                 )
                 next_index = await self.verify_commit(index, planned, report, interrupted)
-                if next_index is None:
-                    return
-                index = next_index
-                continue
-            if self.recovered(planned, report):
-                index += 1
-                continue
-            failure = await self.run_step(planned, report, index)
-            if failure is None:
-                index += 1
-                continue
-            next_index = await self.recover(index, planned, report, failure)
+            elif self.needs_approval(planned):
+                await self.ask_approval(planned)
+                return
+            elif self.recovered(planned, report):
+                next_index = index + 1
+            else:
+                failure = await self.run_step(planned, report, index)
+                if failure is None:
+                    next_index = index + 1
+                else:
+                    next_index = await self.recover(index, planned, report, failure)
             if next_index is None:
                 return
+            if next_index > index:
+                await self.checkpoint(next_index)
             index = next_index
         self.report.status = JobStatus.succeeded
         self.report.outputs = dict(self.actions.outputs)
         self.claims()
+
+    async def checkpoint(self, next_index: int) -> None:
+        """Steps before `next_index` are done: leave what another run needs to go on."""
+        if self.checkpoints is None or self.context is None:
+            return
+        plan = self.loaded.plan
+        self.claims()  # outputs read so far travel as claims, with how they were verified
+        state = await storage_state(self.context, self.page)
+        await self.checkpoints.save(
+            Checkpoint(
+                job_id=self.job.job_id,
+                at=now(),
+                completed=[p.id for p in plan[:next_index]],
+                last_step=plan[next_index - 1].id,
+                next_step=plan[next_index].id if next_index < len(plan) else None,
+                outputs=dict(self.actions.outputs),
+                url=self.page.url,
+                report=self.report,
+                storage_state=state,
+            )
+        )
+
+    # ------------------------------------------------------------ approval gates
+
+    def needs_approval(self, planned: PlannedStep) -> bool:
+        approval = planned.step.approval
+        if approval is None:
+            return False
+        approved = any(
+            d.decision == Decision.approve and d.step_id == planned.id
+            for d in self.report.decisions
+        )
+        if approved:
+            return False
+        if approval.when is None:
+            return True
+        try:
+            return holds(approval.when, self.actions.inputs_of(planned.frame))
+        except TemplateError as exc:
+            # A condition that cannot be judged (a value of the wrong type) asks a person:
+            # the gate fails closed.
+            log.warning("job %s step %s: %s", self.job.job_id, planned.id, exc)
+            return True
+
+    async def ask_approval(self, planned: PlannedStep) -> None:
+        """Pause before the commit with the filled form as evidence; nothing is sent."""
+        approval = planned.step.approval
+        assert approval is not None
+        shot = await self.screenshot(f"{planned.id}.approval", full_page=False)
+        why = f"approval.when: {approval.when}" if approval.when else "always"
+        self.fire(
+            planned.id, FailureCode.approval_required, "approval", f"needs {approval.role} ({why})"
+        )
+        failure = Failure(
+            code=FailureCode.approval_required,
+            message=f"{planned.id} needs approval by {approval.role} before it is sent",
+            step_id=planned.id,
+        )
+        self.end(JobStatus.awaiting_approval, failure)
+        assert self.report.handoff is not None
+        self.report.handoff = approval_request(
+            self.report.handoff,
+            approval,
+            fields=dict(self.actions.entered),
+            screenshot=shot,
+            url=self.page.url,
+        )
 
     async def stop_before_commit(self, planned: PlannedStep, report: StepReport) -> None:
         """A dry run reached its first commit step: record what would be sent, send nothing."""
@@ -597,6 +759,8 @@ class _Run:
         if failure is None or failure.code != FailureCode.browser_crashed:
             shot = await self.screenshot(planned.id, full_page=full_page)
         report.screenshot = shot or report.screenshot
+        if shot and self.dynamic_css:
+            report.dynamic = await boxes(self.page, self.dynamic_css)
         report.attempt_log.append(
             Attempt(
                 number=report.attempts,

@@ -11,11 +11,13 @@ from worker.contract import (
     FailureCode,
     HandoffContext,
     HandoffEvidence,
+    HandoffKind,
     HandoffRequest,
     JobReport,
     JobStatus,
     StepStatus,
 )
+from worker.script import Approval
 
 _WHY = {
     FailureCode.validation_rejected: "the site rejected the values it was given",
@@ -39,7 +41,9 @@ def handoff_request(
     summary = f"{report.script} stopped at step '{step_id}': {why}"
     if page_text:
         summary += f'. The site says: "{page_text}"'
+    kind = HandoffKind.handoff
     if status == JobStatus.needs_customer_input:
+        kind = HandoffKind.customer_input
         fields = ", ".join(input_names) or "the details"
         proposed = "Ask the customer for corrected values, then resume with retry_with_inputs."
         response = (
@@ -66,6 +70,7 @@ def handoff_request(
         response = "Your request is being handled by a colleague; we will update you shortly."
         allowed = [Decision.retry_step, Decision.skip_step, Decision.mark_done, Decision.abort]
     return HandoffRequest(
+        kind=kind,
         status=status,
         reason=why,
         code=failure.code,
@@ -86,4 +91,38 @@ def handoff_request(
         proposed_action=proposed,
         recommended_response=response,
         allowed_decisions=allowed,
+    )
+
+
+def approval_request(
+    paused: HandoffRequest,
+    approval: Approval,
+    *,
+    fields: dict[str, str],
+    screenshot: str | None,
+    url: str | None,
+) -> HandoffRequest:
+    """The request for a job stopped at an approval gate: the filled form, the exact values
+    that will be sent, and why a person must say yes first."""
+    values = ", ".join(f"{name} = {value}" for name, value in fields.items()) or "(no fields)"
+    step = paused.step_id
+    risk = approval.risk or (
+        f"policy: {approval.when}" if approval.when else "this action always needs approval"
+    )
+    return paused.model_copy(
+        update={
+            "kind": HandoffKind.approval,
+            "reason": f"{step} needs approval by {approval.role} before it is sent",
+            "summary": f"{paused.context.script} is ready to send step '{step}' with {values}. "
+            f"Nothing has been sent. Needs approval because: {risk}.",
+            "evidence": HandoffEvidence(screenshot=screenshot, page_text=None, url=url),
+            "proposed_action": f"Approve to send '{step}' exactly as filled ({values}); "
+            "reject with a reason to end the job without touching the target system.",
+            "recommended_response": "Your request is ready and waiting for a colleague's "
+            "approval; we will confirm as soon as it is done.",
+            "allowed_decisions": [Decision.approve, Decision.reject, Decision.abort],
+            "role": approval.role,
+            "risk": risk,
+            "proposed_values": fields,
+        }
     )

@@ -29,12 +29,14 @@ from redis.asyncio import Redis
 from worker.artifacts import store_for
 from worker.browser import BrowserHost
 from worker.capacity import SiteCapacity
+from worker.checkpoint import CHECKPOINT_FIELD, Checkpoint, RedisCheckpoints, StateCipher
 from worker.contract import (
     BrowserJob,
     Decision,
     DecisionRecord,
     Failure,
     FailureCode,
+    Interruption,
     JobReport,
     JobStatus,
     ResumeDecision,
@@ -130,7 +132,11 @@ class WorkerState:
     runtime: Runtime
     capacity: SiteCapacity
     http: aiohttp.ClientSession
+    cipher: StateCipher | None = None
     owns_browser: bool = True
+
+    def checkpoints(self, job_id: str) -> RedisCheckpoints:
+        return RedisCheckpoints(self.redis, self.keys, job_id, self.cipher)
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -157,8 +163,13 @@ async def startup(ctx: dict[str, Any]) -> None:
         ),
         capacity=SiteCapacity(redis, keys),
         http=aiohttp.ClientSession(),
+        cipher=StateCipher(settings.state_key) if settings.state_key else None,
         owns_browser=owns_browser,
     )
+    if settings.state_key is None:
+        log.warning(
+            "FORMWORK_STATE_KEY is not set: checkpoints keep no session; resumed jobs sign in again"
+        )
     log.info("worker ready: max_jobs=%s queue=%s", settings.max_jobs, keys.queue)
 
 
@@ -174,13 +185,15 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 async def browser_job(ctx: dict[str, Any], payload: Any) -> dict[str, Any]:
     """The arq job function: run one BrowserJob; return its report as JSON-able data."""
     state: WorkerState = ctx["formwork"]
-    report = await execute(state, str(ctx["job_id"]), payload)
+    report = await execute(state, str(ctx["job_id"]), payload, run=int(ctx.get("job_try") or 1))
     return report.model_dump(mode="json") if report is not None else {}
 
 
-async def execute(state: WorkerState, job_id: str, payload: Any) -> JobReport | None:
+async def execute(
+    state: WorkerState, job_id: str, payload: Any, *, run: int = 1
+) -> JobReport | None:
     if isinstance(payload, dict) and "resume" in payload:
-        return await execute_resume(state, payload)
+        return await execute_resume(state, payload, run=run)
     if isinstance(payload, dict) and "expire" in payload:
         return await execute_expire(state, payload)
     redis, keys = state.redis, state.keys
@@ -217,7 +230,31 @@ async def execute(state: WorkerState, job_id: str, payload: Any) -> JobReport | 
 
     # Kept for a later resume on any worker, whoever enqueued the job.
     await cast("Any", redis.hset(keys.job(job_id), "job", job.model_dump_json()))
-    return await _run_tracked(state, job, events, listener)
+    checkpoint = await state.checkpoints(job_id).load()
+    resume = _after_interruption(checkpoint, run) if checkpoint is not None else None
+    return await _run_tracked(state, job, events, listener, resume)
+
+
+def _after_interruption(checkpoint: Checkpoint, run: int) -> ResumePoint:
+    """An earlier run of this job left a checkpoint and died (killed, OOM, machine lost):
+    go on after its last completed step, and say so in the report."""
+    report = checkpoint.report
+    report.interruptions.append(
+        Interruption(
+            detected_at=now(),
+            run=run,
+            last_checkpoint=checkpoint.last_step,
+            resumed_at=checkpoint.next_step,
+            checkpoint_at=checkpoint.at,
+        )
+    )
+    log.warning("job %s: run %s takes over after step %s", report.job_id, run, checkpoint.last_step)
+    return ResumePoint(
+        report=report,
+        step_id=checkpoint.next_step,
+        outputs=checkpoint.outputs,
+        storage_state=checkpoint.storage_state,
+    )
 
 
 async def _run_tracked(
@@ -254,6 +291,7 @@ async def _run_tracked(
                     gate=gate,
                     journal=journal,
                     resume=resume,
+                    checkpoints=state.checkpoints(job_id),
                 )
         except TimeoutError:
             log.warning("job %s: over FORMWORK_JOB_TIMEOUT", job_id)
@@ -265,6 +303,8 @@ async def _run_tracked(
                 code=FailureCode.timeout,
             )
         await _count_drift(redis, keys, job.site, report)
+        if report.status.terminal:
+            await _forget_checkpoint(state, job_id)
         if report.status.paused and report.handoff and report.handoff.expires_at:
             # The pause's deadline, as a message any worker acts on when it falls due.
             due = report.handoff.expires_at
@@ -304,7 +344,12 @@ async def _count_drift(redis: Redis, keys: Keys, site: str, report: JobReport) -
             await pipe.execute()
 
 
-async def execute_resume(state: WorkerState, payload: dict[str, Any]) -> JobReport:
+async def _forget_checkpoint(state: WorkerState, job_id: str) -> None:
+    # An ended job will not resume: its sealed session has no reason to outlive it.
+    await cast("Any", state.redis.hdel(state.keys.job(job_id), CHECKPOINT_FIELD))
+
+
+async def execute_resume(state: WorkerState, payload: dict[str, Any], *, run: int = 1) -> JobReport:
     """Carry out a decision about a paused job, on whichever worker took the message."""
     redis, keys = state.redis, state.keys
     job_id = str(payload["resume"])
@@ -313,6 +358,13 @@ async def execute_resume(state: WorkerState, payload: dict[str, Any]) -> JobRepo
     if raw_report is None or raw_job is None or status is None:
         raise JobInvalid(f"resume of unknown job {job_id!r}")
     report = JobReport.model_validate_json(raw_report)
+    checkpoint = await state.checkpoints(job_id).load()
+    if run > 1 and not JobStatus(status).settled and checkpoint is not None:
+        # The worker carrying out this decision died mid-run: go on from its checkpoint.
+        job = BrowserJob.model_validate_json(raw_job)
+        events = await JobEvents.open(redis, keys, job_id)
+        resume = _after_interruption(checkpoint, run)
+        return await _run_tracked(state, job, events, EventListener(events), resume)
     if not JobStatus(status).paused or report.handoff is None:
         log.info("job %s is %s, not paused: decision ignored", job_id, status)
         return report
@@ -337,13 +389,17 @@ async def execute_resume(state: WorkerState, payload: dict[str, Any]) -> JobRepo
     )
     events = await JobEvents.open(redis, keys, job_id)
     listener = EventListener(events)
-    if decision.decision in (Decision.abort, Decision.reject):
-        report.status, report.handoff = JobStatus.cancelled, None
+    if decision.decision in (Decision.reject, Decision.abort):
+        rejected = decision.decision == Decision.reject
+        report.status = JobStatus.rejected_by_approver if rejected else JobStatus.cancelled
+        report.handoff = None
         report.error = Failure(
-            code=FailureCode.cancelled,
-            message=f"{decision.decision} by {decision.by}",
+            code=FailureCode.rejected_by_approver if rejected else FailureCode.cancelled,
+            message=f"{decision.decision} by {decision.by}"
+            + (f": {decision.note}" if decision.note else ""),
             step_id=handoff.step_id,
         )
+        await _forget_checkpoint(state, job_id)
         return await settle(report, state.runtime, listener)
     if decision.decision == Decision.mark_done:
         report.status, report.handoff, report.error = JobStatus.succeeded, None, None
@@ -351,6 +407,7 @@ async def execute_resume(state: WorkerState, payload: dict[str, Any]) -> JobRepo
         for claim in report.claims:
             if claim.kind == "effect":
                 claim.verified, claim.how = True, Verification.manual
+        await _forget_checkpoint(state, job_id)
         return await settle(report, state.runtime, listener)
     if decision.inputs:
         # retry_with_inputs: the corrected values must pass the script's schema first.
@@ -367,6 +424,7 @@ async def execute_resume(state: WorkerState, payload: dict[str, Any]) -> JobRepo
         step_id=handoff.step_id,
         skip=decision.decision == Decision.skip_step,
         outputs=decision.outputs,
+        storage_state=checkpoint.storage_state if checkpoint is not None else None,
     )
     return await _run_tracked(state, job, events, listener, resume=point)
 
@@ -386,6 +444,7 @@ async def execute_expire(state: WorkerState, payload: dict[str, Any]) -> JobRepo
         return report
     if handoff.expires_at.isoformat() != payload.get("due"):
         return report
+    await _forget_checkpoint(state, job_id)
     report.status = JobStatus.expired
     report.error = Failure(
         code=FailureCode.timeout,

@@ -29,6 +29,7 @@ from pydantic import (
     Tag,
     ValidationError,
     create_model,
+    field_validator,
     model_validator,
 )
 
@@ -36,7 +37,7 @@ from worker.contract import SCRIPT_REF, FailureCode, TraceMode
 from worker.errors import InputInvalid, ScriptInvalid, ScriptNotFound
 from worker.policy import Rule
 from worker.selectors import SiteRegistry, WaitState, load_registry
-from worker.templating import Reference, TemplateError, references
+from worker.templating import Reference, TemplateError, condition_references, references
 from worker.yamlfile import describe_loc, line_of, load_model, read_yaml
 
 STEP_ID = r"^[a-z][a-z0-9_]*$"
@@ -160,6 +161,36 @@ class Expectation(_Strict):
 # ---------------------------------------------------------------- steps
 
 
+class Approval(_Strict):
+    """A person approves a commit step before it is sent: always, or when `when` holds."""
+
+    when: str | None = Field(
+        default=None,
+        description="A condition over the inputs, e.g. 'inputs.amount > 100'; "
+        "absent: every job needs approval.",
+    )
+    role: str = Field(
+        default="operator",
+        pattern=r"^[a-z0-9_-]+$",
+        description="Who may approve (the orchestrator routes the request to that role).",
+    )
+    risk: str | None = Field(
+        default=None,
+        max_length=500,
+        description="Why this needs a person, as shown in the approval request.",
+    )
+
+    @field_validator("when")
+    @classmethod
+    def _condition(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                condition_references(value)
+            except TemplateError as exc:
+                raise ValueError(str(exc)) from exc
+        return value
+
+
 class _Step(_Strict):
     action: str  # each concrete step narrows this to a Literal with its default
     id: str = Field(pattern=STEP_ID)
@@ -178,6 +209,10 @@ class _Step(_Strict):
     )
     alternate: str | None = Field(
         default=None, description="An alternate path to take when an element is not found."
+    )
+    approval: Approval | None = Field(
+        default=None,
+        description="For a commit step: a person approves the filled form before it is sent.",
     )
     on_failure: dict[FailureCode, Rule] = Field(default_factory=dict)
 
@@ -476,6 +511,12 @@ class Script(_Strict):
         default_factory=dict
     )
     verify_effect: VerifyEffect | None = None
+    dynamic: list[str] = Field(
+        default_factory=list,
+        description="Elements whose content differs on every run (dates, generated numbers): "
+        "replay masks their screen regions and compares their outputs by pattern only. Each "
+        "needs a css candidate in the registry.",
+    )
     effect: str | None = Field(
         default=None,
         description="What the script does, as told to a customer once verified: "
@@ -507,6 +548,15 @@ class Script(_Strict):
                 )
             if step.retry_from is not None and not step.commit:
                 raise ValueError(f"step {step.id!r}: retry_from only goes with commit: true")
+            if step.approval is not None and not step.commit:
+                raise ValueError(f"step {step.id!r}: approval only goes with commit: true")
+            if step.approval is not None and step.approval.when is not None:
+                for ref in condition_references(step.approval.when):
+                    if ref.name not in self.inputs:
+                        raise ValueError(
+                            f"step {step.id!r}: approval.when uses 'inputs.{ref.name}', "
+                            "which is not a declared input"
+                        )
             names = {step.alternate} | {r.alternate for r in step.on_failure.values()}
             for name in names - {None}:
                 if name not in self.alternates:
@@ -715,6 +765,14 @@ class ScriptStore:
             )
         extra = [*probe, *relogin, *(p for path in alternates.values() for p in path)]
         _check_plan(registry, plan, extra=extra)
+        for element in script.dynamic:
+            candidates = registry.elements.get(element)
+            if candidates is None:
+                raise ScriptInvalid(
+                    f"{path}: dynamic: {element!r} is not in selectors/{registry.site}.yaml"
+                )
+            if not any(c.css for c in candidates):
+                raise ScriptInvalid(f"{path}: dynamic: {element!r} needs a css candidate")
         return LoadedScript(
             script,
             path,

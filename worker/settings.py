@@ -32,6 +32,8 @@ class Settings(BaseModel):
     key_prefix: str = Field(default="formwork", pattern=r"^[A-Za-z0-9:_-]+$")
     webhook_secret: str | None = Field(default=None, repr=False)
     webhook_hosts: list[str] | None = None  # None: any host; else only these
+    # Seals the browser session kept in checkpoints; unset, a resumed job signs in again.
+    state_key: str | None = Field(default=None, repr=False, min_length=16)
 
     def to_env(self) -> dict[str, str]:
         """The environment that gives a `formwork worker` process these settings."""
@@ -54,6 +56,8 @@ class Settings(BaseModel):
             env["FORMWORK_S3_ENDPOINT"] = self.s3_endpoint_url
         if self.chromium is not None:
             env["FORMWORK_CHROMIUM"] = self.chromium
+        if self.state_key is not None:
+            env["FORMWORK_STATE_KEY"] = self.state_key
         return env
 
     @classmethod
@@ -74,6 +78,7 @@ class Settings(BaseModel):
             "shutdown_grace_s": "FORMWORK_SHUTDOWN_GRACE",
             "key_prefix": "FORMWORK_KEY_PREFIX",
             "webhook_secret": "FORMWORK_WEBHOOK_SECRET",
+            "state_key": "FORMWORK_STATE_KEY",
         }
         values: dict[str, object] = {f: env[v] for f, v in names.items() if env.get(v)}
         if env.get("FORMWORK_WEBHOOK_HOSTS"):

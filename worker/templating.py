@@ -76,3 +76,73 @@ def render(source: str, context: dict[str, dict[str, Any]]) -> str:
         return str(_compiled(source).render(**context))
     except UndefinedError as exc:
         raise TemplateError(f"template {source!r}: {exc.message}") from exc
+
+
+# ---------------------------------------------------------------- conditions
+
+# What a condition may contain: comparisons and boolean logic over input values and literals
+# (`inputs.amount > 100 and inputs.currency == "USD"`) — no calls, filters or attribute walks.
+_CONDITION_NODES = (
+    nodes.Compare,
+    nodes.Operand,
+    nodes.And,
+    nodes.Or,
+    nodes.Not,
+    nodes.Neg,
+    nodes.Pos,
+    nodes.Add,
+    nodes.Sub,
+    nodes.Mul,
+    nodes.Div,
+    nodes.Const,
+    nodes.List,
+    nodes.Tuple,
+    nodes.Getattr,
+    nodes.Name,
+)
+
+
+def condition_references(source: str) -> list[Reference]:
+    """The `inputs.name` references of a condition such as `inputs.amount > 100`;
+    TemplateError for a malformed condition or one that does more than compare inputs."""
+    try:
+        expression = _env.parse("{{ (" + source + ") }}").body[0]
+    except (TemplateSyntaxError, IndexError) as exc:
+        raise TemplateError(f"bad condition {source!r}: {exc}") from exc
+    if not isinstance(expression, nodes.Output) or len(expression.nodes) != 1:
+        raise TemplateError(f"bad condition {source!r}: one expression expected")
+    found: list[Reference] = []
+    for node in expression.nodes[0].find_all(nodes.Node):
+        if not isinstance(node, _CONDITION_NODES):
+            raise TemplateError(
+                f"bad condition {source!r}: only comparisons of 'inputs.name' values with "
+                f"literals are allowed (found {type(node).__name__})"
+            )
+        if isinstance(node, nodes.Getattr):
+            if not (isinstance(node.node, nodes.Name) and node.node.name == "inputs"):
+                raise TemplateError(f"bad condition {source!r}: only 'inputs.name' is allowed")
+            found.append(Reference("inputs", node.attr))
+        elif isinstance(node, nodes.Name) and node.name != "inputs":
+            raise TemplateError(
+                f"bad condition {source!r}: unknown name {node.name!r} (use 'inputs.name')"
+            )
+    if isinstance(expression.nodes[0], nodes.Name):
+        raise TemplateError(f"bad condition {source!r}: 'inputs' alone is not a condition")
+    if not found:
+        raise TemplateError(f"bad condition {source!r}: it must depend on an input")
+    return found
+
+
+@lru_cache(maxsize=256)
+def _condition(source: str) -> Any:
+    return _env.compile_expression(source, undefined_to_none=False)
+
+
+def holds(source: str, inputs: dict[str, Any]) -> bool:
+    """Evaluate a condition that `condition_references` accepted."""
+    try:
+        return bool(_condition(source)(inputs=inputs))
+    except UndefinedError as exc:
+        raise TemplateError(f"condition {source!r}: {exc.message}") from exc
+    except TypeError as exc:  # comparing a number with a string, say
+        raise TemplateError(f"condition {source!r}: {exc}") from exc

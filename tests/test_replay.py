@@ -1,0 +1,161 @@
+"""QA replay: golden recordings run again against the fixture site, compared step by step."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from dataclasses import replace
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from worker.contract import BrowserJob, JobStatus
+from worker.executor import Runtime, run_job
+from worker.recording import export, from_report, load
+from worker.replay import ReplayResult, Verdict, replay_all
+from worker.script import ScriptStore
+
+from .conftest import CREDIT_INPUTS, ROOT, SCRIPTS, SELECTORS, Site
+
+GOLDEN = ROOT / "fixtures" / "recordings" / "billing-issue_credit"
+
+
+async def run(
+    bundle: Path, runtime: Runtime, billing: Site, out: Path, threshold: float = 0.01
+) -> ReplayResult:
+    [result] = await replay_all(
+        [bundle], runtime, site_url=billing.url, out_dir=out, threshold=threshold
+    )
+    return result
+
+
+def problems(result: ReplayResult) -> dict[str, list[str]]:
+    return {s.step_id: s.problems for s in result.steps if s.verdict != Verdict.same}
+
+
+async def test_the_golden_recording_replays_clean(
+    billing: Site, runtime: Runtime, tmp_path: Path
+) -> None:
+    result = await run(GOLDEN, runtime, billing, tmp_path / "out")
+    assert result.verdict == Verdict.same, problems(result)
+    assert result.report.status == JobStatus.succeeded
+    assert len(billing.credits()) == 1  # it really ran against the site
+    # Compared visually, with the dynamic confirmation number and date masked.
+    confirmation = next(s for s in result.steps if s.step_id == "confirmation")
+    assert confirmation.pixel_ratio is not None and confirmation.pixel_ratio < 0.01
+    junit = ET.parse(tmp_path / "out" / "junit.xml").getroot()
+    assert junit.find("testsuite").get("failures") == "0"  # type: ignore[union-attr]
+    assert "billing-issue_credit" in (tmp_path / "out" / "index.html").read_text()
+
+
+async def test_a_markup_change_is_drift_and_above_the_threshold_a_visual_regression(
+    billing: Site, runtime: Runtime, tmp_path: Path
+) -> None:
+    billing.faults(skin="v2")
+    result = await run(GOLDEN, runtime, billing, tmp_path / "strict")
+    assert result.verdict == Verdict.regression
+    found = problems(result)
+    assert any("found by a fallback: label=Credit amount" in p for p in found["amount"])
+    assert any(p.startswith("visual change") for p in found["review"])
+    review = next(s for s in result.steps if s.step_id == "review")
+    assert review.diff_image and (tmp_path / "strict" / review.diff_image).is_file()
+    html = (tmp_path / "strict" / "index.html").read_text()
+    assert review.diff_image in html and "regression" in html
+    junit = ET.parse(tmp_path / "strict" / "junit.xml").getroot()
+    assert int(junit.find("testsuite").get("failures") or 0) > 0  # type: ignore[union-attr]
+
+    # With the visual threshold above the redesign's change, only the drift remains.
+    billing.reset()
+    billing.faults(skin="v2")
+    lenient = await run(GOLDEN, runtime, billing, tmp_path / "lenient", threshold=0.5)
+    assert lenient.verdict == Verdict.drift, problems(lenient)
+
+
+async def test_a_step_that_now_fails_is_a_regression(
+    billing: Site, runtime: Runtime, tmp_path: Path
+) -> None:
+    # The registry loses the fallback that carried the review button through the redesign.
+    selectors = tmp_path / "selectors"
+    shutil.copytree(SELECTORS, selectors)
+    registry = selectors / "billing.yaml"
+    registry.write_text(registry.read_text().replace(", {role: button, name: Continue}", ""))
+    broken = replace(runtime, scripts=ScriptStore(SCRIPTS, selectors))
+    billing.faults(skin="v2")
+    result = await run(GOLDEN, broken, billing, tmp_path / "out", threshold=0.5)
+    assert result.verdict == Verdict.regression
+    assert "status succeeded -> failed" in problems(result)["review"]
+    assert result.problems == [f"job succeeded -> {result.report.status}"]
+    assert billing.credits() == []
+
+
+async def test_a_visual_change_fails_above_the_threshold_and_passes_below(
+    billing: Site, runtime: Runtime, tmp_path: Path
+) -> None:
+    def doctored(name: str, box: tuple[int, int, int, int]) -> Path:
+        bundle = tmp_path / name
+        shutil.copytree(GOLDEN, bundle)
+        image = bundle / load(bundle).steps[4].screenshot  # type: ignore[operator]
+        with Image.open(image) as original:
+            changed = original.convert("RGB")
+        ImageDraw.Draw(changed).rectangle(box, fill=(255, 0, 255))
+        changed.save(image, quality=90)
+        return bundle
+
+    small = doctored("small", (900, 600, 960, 640))  # 0.2% of the page
+    large = doctored("large", (600, 300, 1200, 700))  # 23% of the page
+    passed = await run(small, runtime, billing, tmp_path / "out-small")
+    assert passed.verdict == Verdict.same, problems(passed)
+    billing.reset()
+    failed = await run(large, runtime, billing, tmp_path / "out-large")
+    assert failed.verdict == Verdict.regression
+    step = failed.recording.steps[4].id
+    assert [p for p in problems(failed)[step] if p.startswith("visual change")]
+
+
+async def test_update_makes_the_new_run_the_golden(
+    billing: Site, runtime: Runtime, tmp_path: Path
+) -> None:
+    # A recording of a job run just now, exported, then replaced by a replay with --update.
+    job = BrowserJob(
+        job_id="rec-1", script="billing/issue_credit", inputs=CREDIT_INPUTS, site_url=billing.url
+    )
+    report = await run_job(job, runtime)
+    loaded = runtime.scripts.load(report.script, report.script_version)
+    bundle = export(from_report(report, loaded), runtime.artifacts.root, tmp_path / "rec-1")
+    recorded = load(bundle)
+    assert recorded.inputs == CREDIT_INPUTS and recorded.dynamic_outputs == ["confirmation_number"]
+    assert all((bundle / s.screenshot).is_file() for s in recorded.steps if s.screenshot)
+
+    billing.reset()
+    await replay_all(
+        [bundle], runtime, site_url=billing.url, out_dir=tmp_path / "out", update_golden=True
+    )
+    updated = load(bundle)
+    assert updated.job_id == "rec-1" and updated.recorded_at > recorded.recorded_at
+    assert [s.id for s in updated.steps] == [s.id for s in recorded.steps]
+
+
+async def test_formwork_replay_exits_non_zero_on_a_regression(
+    billing: Site, tmp_path: Path
+) -> None:
+    command = [
+        sys.executable, "-m", "worker.cli", "replay", str(GOLDEN), "--site-url", billing.url,
+        "--out", str(tmp_path / "out"), "--secrets-file", str(ROOT / "fixtures/secrets.yaml"),
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FORMWORK_")}
+    clean = await asyncio.to_thread(
+        subprocess.run, command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert "billing-issue_credit" in clean.stdout and "same" in clean.stdout
+    billing.reset()
+    billing.faults(skin="v2")
+    broken = await asyncio.to_thread(
+        subprocess.run, command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert broken.returncode == 1, broken.stdout + broken.stderr
+    assert "regression" in broken.stdout and "found by a fallback" in broken.stdout

@@ -1,0 +1,162 @@
+"""Recordings: a finished job as QA replays it — portable, secret-free, one directory.
+
+Every finished job is a recording: its report already holds each step's status, matched
+selector, URL, outputs and screenshot. `export` copies what replay needs into a bundle —
+
+    <bundle>/recording.json     the `Recording` below
+    <bundle>/steps/NN-<id>.jpg  each step's screenshot
+
+— with secret inputs replaced by references (`{"$secret": "<name>"}`, looked up in the
+replaying worker's secret store by the same name), so bundles can be committed (golden
+recordings live in `fixtures/recordings/`) and attached to tickets.
+"""
+
+from __future__ import annotations
+
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from worker.contract import Box, JobReport, JobStatus, MatchedSelector, StepStatus
+from worker.errors import RecordingInvalid
+from worker.script import ExtractStep, LoadedScript
+
+RECORDING_FORMAT = 1
+RECORDING_FILE = "recording.json"
+SECRET_REF = "$secret"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RecordedStep(_Model):
+    id: str
+    action: str
+    status: StepStatus
+    matched: MatchedSelector | None = None
+    url_path: str | None = Field(default=None, description="The page's path after the step.")
+    outputs: dict[str, str] = Field(default_factory=dict, description="Read by this step.")
+    screenshot: str | None = Field(default=None, description="Relative to the bundle.")
+    dynamic: list[Box] = Field(default_factory=list)
+
+
+class Recording(_Model):
+    format: int = RECORDING_FORMAT
+    job_id: str
+    recorded_at: datetime
+    script: str
+    script_version: int | None = None
+    script_digest: str | None = None
+    inputs: dict[str, Any] = Field(description="Secret inputs as {'$secret': name}.")
+    status: JobStatus
+    outputs: dict[str, str] = Field(default_factory=dict)
+    dynamic_outputs: list[str] = Field(
+        default_factory=list,
+        description="Outputs read from dynamic elements: compared by pattern, not value.",
+    )
+    steps: list[RecordedStep]
+
+    @property
+    def script_ref(self) -> str:
+        return (
+            self.script if self.script_version is None else f"{self.script}@{self.script_version}"
+        )
+
+
+def dynamic_outputs(loaded: LoadedScript) -> list[str]:
+    """Outputs whose value differs on every run: read from an element the script declares
+    dynamic (a confirmation number the site generates)."""
+    names = []
+    for planned in loaded.plan:
+        if isinstance(planned.step, ExtractStep):
+            for name, spec in planned.step.extract.items():
+                if spec.target in loaded.script.dynamic:
+                    names.append(name)
+    return names
+
+
+def url_path(url: str | None) -> str | None:
+    """The part of a URL that is the same wherever the site runs."""
+    if not url:
+        return None
+    parts = urlsplit(url)
+    return parts.path + (f"?{parts.query}" if parts.query else "")
+
+
+def from_report(report: JobReport, loaded: LoadedScript) -> Recording:
+    """The recording of a finished job (screenshot paths still relative to its artifacts)."""
+    if not report.status.settled:
+        raise RecordingInvalid(
+            f"job {report.job_id} is {report.status}: only a finished (or paused) job records"
+        )
+    secret_inputs = {n for n, spec in loaded.script.inputs.items() if spec.secret}
+    inputs = {
+        name: {SECRET_REF: name} if name in secret_inputs else value
+        for name, value in report.inputs.items()
+    }
+    by_step: dict[str, dict[str, str]] = {}
+    for claim in report.claims:
+        if claim.kind == "output" and claim.step_id is not None:
+            by_step.setdefault(claim.step_id, {})[claim.name] = claim.value
+    steps = [
+        RecordedStep(
+            id=step.id,
+            action=step.action,
+            status=step.status,
+            matched=step.selector,
+            url_path=url_path(step.url),
+            outputs=by_step.get(step.id, {}),
+            screenshot=step.screenshot,
+            dynamic=step.dynamic,
+        )
+        for step in report.steps
+    ]
+    return Recording(
+        job_id=report.job_id,
+        recorded_at=report.ended_at or datetime.now(UTC),
+        script=report.script,
+        script_version=report.script_version,
+        script_digest=report.script_digest,
+        inputs=inputs,
+        status=report.status,
+        outputs=report.outputs,
+        dynamic_outputs=dynamic_outputs(loaded),
+        steps=steps,
+    )
+
+
+def export(recording: Recording, artifacts_root: Path, bundle: Path) -> Path:
+    """Write `recording` as a bundle, copying its screenshots in; replaces an old bundle."""
+    staged = bundle.with_name(bundle.name + ".tmp")
+    shutil.rmtree(staged, ignore_errors=True)
+    (staged / "steps").mkdir(parents=True)
+    steps = []
+    for index, step in enumerate(recording.steps, 1):
+        shot = None
+        if step.screenshot is not None:
+            source = artifacts_root / step.screenshot
+            if source.is_file():
+                shot = f"steps/{index:02d}-{step.id}{source.suffix}"
+                shutil.copyfile(source, staged / shot)
+        steps.append(step.model_copy(update={"screenshot": shot}))
+    final = recording.model_copy(update={"steps": steps})
+    (staged / RECORDING_FILE).write_text(final.model_dump_json(indent=2) + "\n")
+    # Swap whole: a reader never sees half a bundle, and `--update` is all or nothing.
+    shutil.rmtree(bundle, ignore_errors=True)
+    staged.rename(bundle)
+    return bundle
+
+
+def load(bundle: Path) -> Recording:
+    path = bundle / RECORDING_FILE if bundle.is_dir() else bundle
+    if not path.is_file():
+        raise RecordingInvalid(f"{bundle}: not a recording bundle (no {RECORDING_FILE})")
+    try:
+        return Recording.model_validate_json(path.read_text())
+    except ValueError as exc:
+        raise RecordingInvalid(f"{path}: not a valid recording: {exc}") from exc

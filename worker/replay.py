@@ -1,0 +1,365 @@
+"""QA replay: run recorded jobs again against a fixture site and compare, step by step.
+
+For each recording bundle (`worker.recording`), the job runs again in-process — with the
+script's current version, or `script_version` — against `site_url`, and every recorded step is
+compared with its new run:
+
+  status        a step that succeeded and now fails (or is not reached)  → regression
+  URL path      the page the step ended on                               → regression
+  outputs       values read (dynamic ones by presence only)              → regression
+  screenshot    changed-pixel ratio above `threshold` (dynamic regions masked) → regression
+  selector      the element found through another candidate (drift)     → drift
+  path taken    steps the new run added (a relogin, an alternate)        → drift
+
+A replay with any regression fails (exit code 1 from `formwork replay`); drift is reported
+but passes — it is the early warning that a registry's primary candidate needs fixing.
+Results are printed as a table and written as an HTML report (expected / actual / diff side
+by side) and JUnit XML, which any CI shows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from worker.artifacts import LocalArtifacts
+from worker.contract import BrowserJob, JobReport, StepReport, StepStatus
+from worker.errors import RecordingInvalid
+from worker.executor import Runtime, run_job
+from worker.imagediff import compare as compare_images
+from worker.recording import (
+    SECRET_REF,
+    RecordedStep,
+    Recording,
+    export,
+    from_report,
+    url_path,
+)
+
+DEFAULT_THRESHOLD = 0.01
+
+
+class Verdict(StrEnum):
+    same = "same"
+    drift = "drift"
+    regression = "regression"
+
+    @property
+    def rank(self) -> int:
+        return {"same": 0, "drift": 1, "regression": 2}[self.value]
+
+
+@dataclass
+class StepResult:
+    step_id: str
+    verdict: Verdict = Verdict.same
+    problems: list[str] = field(default_factory=list)
+    expected_status: str | None = None
+    actual_status: str | None = None
+    pixel_ratio: float | None = None
+    expected_image: str | None = None  # relative to the replay's output directory
+    actual_image: str | None = None
+    diff_image: str | None = None
+
+    def flag(self, verdict: Verdict, problem: str) -> None:
+        self.problems.append(problem)
+        if verdict.rank > self.verdict.rank:
+            self.verdict = verdict
+
+
+@dataclass
+class ReplayResult:
+    bundle: Path
+    recording: Recording
+    report: JobReport
+    steps: list[StepResult]
+    problems: list[str] = field(default_factory=list)  # about the job as a whole
+
+    @property
+    def verdict(self) -> Verdict:
+        verdicts = [s.verdict for s in self.steps]
+        if self.problems:
+            verdicts.append(Verdict.regression)
+        return max(verdicts, key=lambda v: v.rank, default=Verdict.same)
+
+
+def job_for(
+    recording: Recording, runtime: Runtime, site_url: str, version: int | None
+) -> BrowserJob:
+    """The recorded job, to run again: secret inputs come from this worker's secret store."""
+    inputs: dict[str, Any] = {}
+    for name, value in recording.inputs.items():
+        if isinstance(value, dict) and SECRET_REF in value:
+            ref = str(value[SECRET_REF])
+            inputs[name] = runtime.secrets.resolve({ref}, script=recording.script)[ref]
+        else:
+            inputs[name] = value
+    script = recording.script if version is None else f"{recording.script}@{version}"
+    return BrowserJob(
+        job_id=f"replay-{recording.job_id}-{uuid.uuid4().hex[:6]}"[:128],
+        script=script,
+        inputs=inputs,
+        site_url=site_url,
+    )
+
+
+def _local_root(runtime: Runtime) -> Path:
+    # Replay compares the screenshots of a run on this machine's disk: a local store only.
+    if not isinstance(runtime.artifacts, LocalArtifacts):
+        raise RecordingInvalid("replay needs a local artifacts directory, not an object store")
+    return runtime.artifacts.root
+
+
+async def replay(
+    bundle: Path,
+    recording: Recording,
+    runtime: Runtime,
+    *,
+    site_url: str,
+    out_dir: Path,
+    script_version: int | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+) -> ReplayResult:
+    job = job_for(recording, runtime, site_url, script_version)
+    report = await run_job(job, runtime)
+    return await asyncio.to_thread(
+        compare, bundle, recording, report, _local_root(runtime), out_dir, threshold
+    )
+
+
+def compare(
+    bundle: Path,
+    recording: Recording,
+    report: JobReport,
+    artifacts_root: Path,
+    out_dir: Path,
+    threshold: float,
+) -> ReplayResult:
+    """Compare a new run's report with the recording (pure but for the image files)."""
+    images = out_dir / _slug(recording.job_id)
+    images.mkdir(parents=True, exist_ok=True)
+    actual = {s.id: s for s in report.steps}
+    outputs = _outputs_by_step(report)
+    # Dynamic values (a confirmation number) appear in URLs too: compare paths without them.
+    dynamic = [recording.outputs.get(n) for n in recording.dynamic_outputs] + [
+        report.outputs.get(n) for n in recording.dynamic_outputs
+    ]
+    results = []
+    for recorded in recording.steps:
+        result = StepResult(recorded.id, expected_status=recorded.status)
+        now = actual.get(recorded.id)
+        if now is None:
+            if recorded.status != StepStatus.skipped:
+                result.flag(Verdict.regression, "not run in the replay")
+            results.append(result)
+            continue
+        result.actual_status = now.status
+        if now.status != recorded.status:
+            result.flag(Verdict.regression, f"status {recorded.status} -> {now.status}")
+        _compare_selector(recorded, now, result)
+        before, after = _masked(recorded.url_path, dynamic), _masked(url_path(now.url), dynamic)
+        if recorded.status == now.status and before != after:
+            result.flag(Verdict.regression, f"page {before} -> {after}")
+        for name, value in recorded.outputs.items():
+            new = outputs.get(now.id, {}).get(name)
+            if name in recording.dynamic_outputs:
+                if not new:
+                    result.flag(Verdict.regression, f"output {name} not read")
+            elif new != value:
+                result.flag(Verdict.regression, f"output {name} {value!r} -> {new!r}")
+        _compare_pixels(bundle, recorded, now, artifacts_root, images, out_dir, threshold, result)
+        results.append(result)
+    recorded_ids = {s.id for s in recording.steps}
+    for extra in report.steps:
+        if extra.id not in recorded_ids and extra.status != StepStatus.skipped:
+            result = StepResult(extra.id, actual_status=extra.status)
+            result.flag(Verdict.drift, f"extra step ({extra.action}): the run took another path")
+            results.append(result)
+    problems = []
+    if report.status != recording.status:
+        problems.append(f"job {recording.status} -> {report.status}")
+    return ReplayResult(bundle, recording, report, results, problems)
+
+
+def _compare_selector(recorded: RecordedStep, now: StepReport, result: StepResult) -> None:
+    before, after = recorded.matched, now.selector
+    if before is None or after is None or before.candidate == after.candidate:
+        return
+    how = "a fallback" if after.index > before.index else "another candidate"
+    result.flag(
+        Verdict.drift,
+        f"{after.element} found by {how}: {after.candidate} (recorded: {before.candidate})",
+    )
+
+
+def _compare_pixels(
+    bundle: Path,
+    recorded: RecordedStep,
+    now: StepReport,
+    artifacts_root: Path,
+    images: Path,
+    out_dir: Path,
+    threshold: float,
+    result: StepResult,
+) -> None:
+    if recorded.screenshot is None or now.screenshot is None:
+        return
+    expected, actual = bundle / recorded.screenshot, artifacts_root / now.screenshot
+    if not (expected.is_file() and actual.is_file()):
+        return
+    stem = _slug(recorded.id)
+    kept_expected = images / f"{stem}.expected{expected.suffix}"
+    kept_actual = images / f"{stem}.actual{actual.suffix}"
+    shutil.copyfile(expected, kept_expected)
+    shutil.copyfile(actual, kept_actual)
+    diff = compare_images(
+        expected, actual, [*recorded.dynamic, *now.dynamic], images / f"{stem}.diff.png"
+    )
+    result.pixel_ratio = diff.ratio
+    result.expected_image = str(kept_expected.relative_to(out_dir))
+    result.actual_image = str(kept_actual.relative_to(out_dir))
+    if diff.diff is not None:
+        result.diff_image = str(diff.diff.relative_to(out_dir))
+    if diff.size_changed:
+        result.flag(Verdict.regression, "screenshot size changed")
+    elif diff.ratio > threshold:
+        result.flag(
+            Verdict.regression, f"visual change {diff.ratio:.2%} > threshold {threshold:.2%}"
+        )
+
+
+def _outputs_by_step(report: JobReport) -> dict[str, dict[str, str]]:
+    found: dict[str, dict[str, str]] = {}
+    for claim in report.claims:
+        if claim.kind == "output" and claim.step_id is not None:
+            found.setdefault(claim.step_id, {})[claim.name] = claim.value
+    return found
+
+
+def _masked(path: str | None, values: Iterable[str | None]) -> str | None:
+    if path is None:
+        return None
+    for value in values:
+        if value:
+            path = path.replace(value, "<dynamic>")
+    return path
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def table(results: list[ReplayResult]) -> str:
+    """The terminal summary: one line per step that is not `same`, one per recording."""
+    lines = [f"{'recording':<36} {'step':<30} {'verdict':<10} detail"]
+    for result in results:
+        name = result.bundle.name
+        lines.append(f"{name:<36} {'(job)':<30} {result.verdict:<10} {result.report.status}")
+        for problem in result.problems:
+            lines.append(f"{'':<36} {'(job)':<30} {'regression':<10} {problem}")
+        for step in result.steps:
+            if step.verdict != Verdict.same:
+                detail = "; ".join(step.problems)
+                lines.append(f"{'':<36} {step.step_id:<30} {step.verdict:<10} {detail}")
+    return "\n".join(lines)
+
+
+_env = Environment(
+    loader=PackageLoader("worker", "templates"),
+    autoescape=select_autoescape(["html"]),
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
+
+def write_html(results: list[ReplayResult], out_dir: Path, threshold: float) -> Path:
+    path = out_dir / "index.html"
+    html = _env.get_template("replay.html").render(results=results, threshold=threshold)
+    path.write_text(html)
+    return path
+
+
+def write_junit(results: list[ReplayResult], path: Path) -> Path:
+    """One test suite per recording, one test case per step; drift goes to system-out."""
+    suites = ET.Element("testsuites", name="formwork replay")
+    for result in results:
+        failures = sum(1 for s in result.steps if s.verdict == Verdict.regression)
+        suite = ET.SubElement(
+            suites,
+            "testsuite",
+            name=result.bundle.name,
+            tests=str(len(result.steps) + 1),
+            failures=str(failures + (1 if result.problems else 0)),
+        )
+        job = ET.SubElement(suite, "testcase", classname=result.bundle.name, name="(job)")
+        if result.problems:
+            ET.SubElement(job, "failure", message="; ".join(result.problems))
+        for step in result.steps:
+            case = ET.SubElement(suite, "testcase", classname=result.bundle.name, name=step.step_id)
+            detail = "; ".join(step.problems)
+            if step.verdict == Verdict.regression:
+                ET.SubElement(case, "failure", message=detail).text = detail
+            elif step.verdict == Verdict.drift:
+                ET.SubElement(case, "system-out").text = f"drift: {detail}"
+    ET.ElementTree(suites).write(path, encoding="utf-8", xml_declaration=True)
+    return path
+
+
+def update(result: ReplayResult, runtime: Runtime) -> Path:
+    """`--update`: the new run becomes the golden recording, under the golden's job id and
+    with its secret references."""
+    loaded = runtime.scripts.load(result.report.script, result.report.script_version)
+    fresh = from_report(result.report, loaded)
+    if fresh.inputs.keys() != result.recording.inputs.keys():
+        raise RecordingInvalid(f"{result.bundle}: the new run's inputs differ from the recording")
+    golden = fresh.model_copy(
+        update={"job_id": result.recording.job_id, "inputs": result.recording.inputs}
+    )
+    return export(golden, _local_root(runtime), result.bundle)
+
+
+async def replay_all(
+    bundles: list[Path],
+    runtime: Runtime,
+    *,
+    site_url: str,
+    out_dir: Path,
+    script_version: int | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    update_golden: bool = False,
+) -> list[ReplayResult]:
+    """Replay each bundle in turn (one browser, a fresh context each) and write the reports."""
+    from worker.recording import load
+
+    await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
+    results = []
+    for bundle in bundles:
+        recording = load(bundle)
+        result = await replay(
+            bundle,
+            recording,
+            runtime,
+            site_url=site_url,
+            out_dir=out_dir,
+            script_version=script_version,
+            threshold=threshold,
+        )
+        results.append(result)
+    write_html(results, out_dir, threshold)
+    write_junit(results, out_dir / "junit.xml")
+    if update_golden:
+        for result in results:
+            update(result, runtime)
+    return results
