@@ -76,7 +76,9 @@ def test_run_json_prints_the_report(billing: Site, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     report = JobReport.model_validate_json(result.stdout)
     assert report.job_id == "cli-1" and report.status == JobStatus.succeeded
-    assert (tmp_path / "artifacts" / "cli-1" / "report.json").is_file()
+    assert report.artifacts is not None
+    assert (tmp_path / "artifacts" / report.artifacts.report).is_file()
+    assert report.artifacts.report.endswith("/cli-1/report.json")
 
 
 def test_failed_step_is_named_and_exit_is_nonzero(billing: Site, tmp_path: Path) -> None:

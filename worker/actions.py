@@ -16,9 +16,9 @@ from urllib.parse import urljoin, urlsplit
 from playwright.async_api import Error as PlaywrightError
 from playwright.async_api import Page, Response, expect
 
-from worker.contract import BrowserJob, FailureCode, MatchedSelector, Verification
+from worker.contract import Box, BrowserJob, FailureCode, MatchedSelector, Verification
 from worker.errors import StepError
-from worker.evidence import mark_secret
+from worker.evidence import mark_secret, redact_script
 from worker.failures import detectors_seen
 from worker.script import (
     CheckStep,
@@ -72,6 +72,8 @@ class PageActions:
     probing: bool = False  # running the verify_effect probe: what it reads is verified by it
     entered: dict[str, str] = field(default_factory=dict)  # element -> value, secrets masked
     _frame_inputs: dict[int, dict[str, Any]] = field(default_factory=dict)
+    _first_found: Resolved | None = None  # the element the current step acts on
+    _redacting: bool = False
 
     def __post_init__(self) -> None:
         self.page.on("response", self._on_response)
@@ -115,7 +117,7 @@ class PageActions:
     async def find(
         self, target: str, frame: Frame, timeout_ms: float, state: WaitState = "visible"
     ) -> Resolved:
-        return await resolve(
+        found = await resolve(
             self.page,
             self.loaded.registry,
             target,
@@ -123,11 +125,31 @@ class PageActions:
             state=state,
             context=self.context_for(frame),
         )
+        self._first_found = self._first_found or found
+        return found
 
     # ------------------------------------------------------------ actions
 
     async def perform(self, planned: PlannedStep, timeout_ms: float) -> MatchedSelector | None:
-        """Do the step's action. Raises StepError (or Playwright's errors) when it cannot."""
+        """Do the step's action. Raises StepError (or Playwright's errors) when it cannot.
+
+        The matched selector carries the element's box as the page shows it after the action,
+        for the annotated evidence; a step that navigated away has none.
+        """
+        if not self._redacting and self.loaded.script.redact:
+            self._redacting = True
+            script = redact_script(self.loaded.script.redact)
+            await self.page.add_init_script(script)  # every later document of this page
+            await self.page.evaluate(script)  # and the one showing now (a resumed job's)
+        self._first_found = None
+        navigations = self.navigations
+        matched = await self._act(planned, timeout_ms)
+        found = self._first_found
+        if matched is not None and found is not None and self.navigations == navigations:
+            matched.box = await _box(found)
+        return matched
+
+    async def _act(self, planned: PlannedStep, timeout_ms: float) -> MatchedSelector | None:
         step, frame = planned.step, planned.frame
         if isinstance(step, GotoStep):
             await self.goto(self.value(step.goto, frame), timeout_ms)
@@ -363,6 +385,25 @@ class PageActions:
             raise StepError(FailureCode.validation_rejected, "the site rejected the form")
         if await detectors_seen(self.page, detectors.login_page):
             raise StepError(FailureCode.auth_expired, "the site asks to sign in again")
+
+
+# Measured in the page, not with Locator.bounding_box: that waits for the element, and after a
+# click the element may be gone for good.
+_BOX_JS = """(els) => {
+  if (!els.length) return null;
+  const r = els[0].getBoundingClientRect();
+  return {x: r.x, y: r.y, width: r.width, height: r.height};
+}"""
+
+
+async def _box(found: Resolved) -> Box | None:
+    try:
+        rect = await found.locator.evaluate_all(_BOX_JS)
+    except PlaywrightError:
+        return None  # the element's frame went away with the step: nothing to point at
+    if not rect or rect["width"] <= 0 or rect["height"] <= 0:
+        return None
+    return Box.model_validate(rect)
 
 
 def _extracted(raw: str, pattern: str | None, name: str, target: str) -> str:

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
+import re
 import sys
 import uuid
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from worker.artifacts import LocalArtifacts
+from worker.artifacts import ArtifactStore, LocalArtifacts, safe_id, store_for
 from worker.browser import BrowserHost
 from worker.contract import (
     BrowserJob,
@@ -121,9 +124,11 @@ def print_summary(report: JobReport, stream: Any) -> None:
         mark = f"verified by {claim.how}" if claim.verified else "NOT verified"
         print(f"  claim ({claim.kind}) {claim.name}: {claim.value} [{mark}]", file=stream)
     if report.artifacts is not None:
-        root = Path(report.artifacts.root)
-        print(f"  report:      {root / report.artifacts.report}", file=stream)
-        print(f"  screenshots: {root / report.artifacts.path}/", file=stream)
+        root = report.artifacts.root.rstrip("/")  # a directory, or s3://bucket/prefix
+        print(f"  report:      {root}/{report.artifacts.report}", file=stream)
+        print(f"  screenshots: {root}/{report.artifacts.path}/", file=stream)
+        if report.artifacts.audit:
+            print(f"  audit:       {root}/{report.artifacts.audit}", file=stream)
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -152,7 +157,7 @@ async def _run(args: argparse.Namespace) -> int:
     runtime = Runtime(
         scripts=ScriptStore(settings.scripts_dir, settings.selectors_dir),
         browser=BrowserHost(settings.chromium),
-        artifacts=LocalArtifacts(settings.artifacts_dir),
+        artifacts=store_for(settings),
         secrets=secrets,
     )
     out = sys.stderr if args.json else sys.stdout
@@ -449,6 +454,91 @@ def _demo(args: argparse.Namespace) -> int:
     return asyncio.run(demo())
 
 
+# ---------------------------------------------------------------- formwork audit (issue 7)
+
+
+def parse_age(text: str) -> timedelta:
+    """`30d`, `12h`, `2w` -> a timedelta."""
+    match = re.fullmatch(r"(\d+)([hdw])", text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: use a number and h, d or w (30d)")
+    n, unit = int(match[1]), match[2]
+    return {"h": timedelta(hours=n), "d": timedelta(days=n), "w": timedelta(weeks=n)}[unit]
+
+
+def _audit_store(args: argparse.Namespace) -> ArtifactStore:
+    settings = Settings.from_env(
+        artifacts_dir=args.artifacts, artifacts_url=args.store, s3_endpoint_url=args.s3_endpoint
+    )
+    return store_for(settings)
+
+
+def _audit_prune(args: argparse.Namespace) -> int:
+    store = _audit_store(args)
+    removed = store.prune(args.older_than, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for path in removed:
+        print(f"{verb} {path}")
+    plural = "" if len(removed) == 1 else "s"
+    print(f"{verb} {len(removed)} job{plural} older than {args.older_than.days} days")
+    return 0
+
+
+def _audit_export(args: argparse.Namespace) -> int:
+    from worker.audit_ui import export_html
+
+    store = _audit_store(args)
+    try:
+        record = store.find_audit(args.job_id)
+    except FormworkError as exc:
+        print(f"formwork: {exc.message}", file=sys.stderr)
+        return 1
+    out = Path(args.out or f"audit-{safe_id(record.job_id)}.html")
+    out.write_text(export_html(store, record), encoding="utf-8")
+    out.chmod(0o600)  # evidence may show customer data
+    print(f"wrote {out} ({out.stat().st_size // 1024} KiB)")
+    return 0
+
+
+def _audit_serve(args: argparse.Namespace) -> int:
+    from worker.audit_ui import serve
+
+    store = _audit_store(args)
+    print(f"formwork audit: http://{args.host}:{args.port}/ ({store.location})", flush=True)
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how it is meant to stop
+        asyncio.run(serve(store, args.host, args.port))
+    return 0
+
+
+def _add_audit(sub: Any) -> None:
+    audit = sub.add_parser("audit", help="the audit trail: review UI, export, retention")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--artifacts", type=Path, help="artifacts root (FORMWORK_ARTIFACTS_DIR)")
+    where.add_argument("--store", help="s3://bucket/prefix instead of the local directory")
+    where.add_argument("--s3-endpoint", help="endpoint of an S3-compatible server")
+
+    serve = audit_sub.add_parser("serve", parents=[where], help="read-only review UI (local)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8840)
+    serve.set_defaults(handler=_audit_serve)
+
+    export = audit_sub.add_parser(
+        "export", parents=[where], help="one job as a self-contained HTML file"
+    )
+    export.add_argument("job_id")
+    export.add_argument("--out", help="file to write (default audit-JOB.html)")
+    export.set_defaults(handler=_audit_export)
+
+    prune = audit_sub.add_parser("prune", parents=[where], help="remove old jobs' artifacts")
+    prune.add_argument("--older-than", type=parse_age, required=True, metavar="AGE")
+    prune.add_argument("--dry-run", action="store_true", help="list, remove nothing")
+    prune.set_defaults(handler=_audit_prune)
+
+
+# ---------------------------------------------------------------- the parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="formwork", description="Browser-automation worker for AI customer support."
@@ -572,6 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the billing demo end to end")
     demo.set_defaults(handler=_demo)
+    _add_audit(sub)
     return parser
 
 

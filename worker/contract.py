@@ -104,6 +104,8 @@ class FailureCode(StrEnum):
     # Not failures of the site: a gate in the script that a person answers.
     approval_required = "approval_required"
     rejected_by_approver = "rejected_by_approver"
+    # The artifact store (disk, S3) could not be read or written; the job's outcome stands.
+    storage_error = "storage_error"
 
 
 class Failure(_Model):
@@ -166,6 +168,11 @@ class BrowserJob(_Model):
         description="Record the job's network traffic as a HAR (credentials and secret values "
         "scrubbed) for offline replay; the script's `har:` otherwise.",
     )
+    trace: TraceMode | None = Field(
+        default=None,
+        description="Keep a Playwright trace of this job: off, on_failure, always "
+        "(the script's `trace` otherwise).",
+    )
 
     @field_validator("script")
     @classmethod
@@ -204,12 +211,35 @@ class WebhookTarget(_Model):
     url: str = Field(pattern=r"^https?://[^/\s]+")
 
 
+class Box(_Model):
+    """A rectangle in the page's viewport, in CSS pixels from its top-left corner (the
+    screenshot's pixels at device scale 1)."""
+
+    x: float
+    y: float
+    width: float = Field(ge=0)
+    height: float = Field(ge=0)
+
+
 class MatchedSelector(_Model):
     """Which candidate of a logical element matched on the page."""
 
     element: str
     candidate: str
     index: int = Field(description="0 = the primary candidate; higher = a fallback was used.")
+    box: Box | None = Field(
+        default=None,
+        description="Where the element was after the step, as the step's screenshot shows it; "
+        "None when the step left the page (a click that navigated).",
+    )
+
+
+class TraceMode(StrEnum):
+    """When a job's Playwright trace is kept."""
+
+    off = "off"
+    on_failure = "on_failure"  # kept when the job did not succeed
+    always = "always"
 
 
 class RuleAction(StrEnum):
@@ -379,15 +409,6 @@ class WouldSubmit(_Model):
     screenshot: str | None = None
 
 
-class Box(_Model):
-    """A rectangle on a screenshot, in CSS pixels from its top-left corner."""
-
-    x: float
-    y: float
-    width: float
-    height: float
-
-
 class StepReport(_Model):
     """The precise state of one step."""
 
@@ -441,6 +462,9 @@ class Artifacts(_Model):
     path: str = Field(description="This job's directory, relative to the root.")
     report: str = Field(description="The report file, relative to the root.")
     har: str | None = Field(default=None, description="The scrubbed HAR, relative to the root.")
+    audit: str | None = Field(
+        default=None, description="The job's audit record (audit.json), relative to the root."
+    )
 
 
 class JobReport(_Model):

@@ -8,7 +8,8 @@
     │   ├── InputInvalid           inputs fail the script's input schema
     │   ├── SecretMissing          a secret the script needs is not configured on this worker
     │   └── RecordingInvalid       a recording bundle cannot be read or replayed (job_invalid)
-    └── StepError                  a step failed on the page (`.code` says how)
+    ├── StepError                  a step failed on the page (`.code` says how)
+    └── ArtifactError              the artifact store failed, or has no such object (storage_error)
 
 Playwright's own exceptions are translated into `StepError` in exactly one place:
 `worker.failures.translate_playwright_error`.
@@ -82,3 +83,9 @@ class StepError(FormworkError):
         return Failure(
             code=self.code, message=self.message, evidence=self.evidence, step_id=step_id
         )
+
+
+class ArtifactError(FormworkError):
+    """The artifact store could not be read or written, or holds no such object."""
+
+    code = FailureCode.storage_error

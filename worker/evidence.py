@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 from pathlib import Path
 
 from playwright.async_api import CDPSession, Locator, Page
@@ -124,3 +125,29 @@ async def boxes(page: Page, selectors: list[str]) -> list[Box]:
     except PlaywrightError:
         return []
     return [Box.model_validate(b) for b in found]
+
+
+REDACT_CSS = "filter: blur(14px) !important; user-select: none !important;"
+
+
+def redact_script(selectors: list[str]) -> str:
+    """In-page script that blurs the script's `redact:` regions in every frame painted.
+
+    Like the secret mask, the blur is done by the page's own rendering: screenshots and trace
+    frames never hold the sharp pixels, so no later step has to remember to blur them. A
+    selector the browser cannot parse is skipped rather than breaking the stylesheet.
+    """
+    return f"""
+(() => {{
+  const rules = [];
+  for (const sel of {json.dumps(selectors)}) {{
+    try {{ document.querySelector(sel); rules.push(sel + " {{ {REDACT_CSS} }}"); }}
+    catch (e) {{ /* not a selector: ignored */ }}
+  }}
+  const style = document.createElement("style");
+  style.textContent = rules.join("\\n");
+  const add = () => (document.head || document.documentElement).appendChild(style);
+  if (document.documentElement) add();
+  else document.addEventListener("readystatechange", add, {{ once: true }});
+}})();
+"""

@@ -23,7 +23,7 @@ from playwright.async_api import Error as PlaywrightError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from worker.actions import Extracted, PageActions
-from worker.artifacts import LocalArtifacts
+from worker.artifacts import ArtifactStore
 from worker.browser import BrowserHost
 from worker.checkpoint import Checkpoint, Checkpoints, storage_state
 from worker.contract import (
@@ -49,7 +49,7 @@ from worker.evidence import IMAGE_SUFFIX, boxes, capture
 from worker.failures import classify, detectors_seen, observe_page, translate_playwright_error
 from worker.guard import Guard
 from worker.handoff import approval_request, handoff_request
-from worker.har import HAR_FILE, scrub
+from worker.har import scrub
 from worker.policy import Rule, retry_wait_s, rule_for
 from worker.script import (
     ClickStep,
@@ -64,6 +64,7 @@ from worker.script import (
 )
 from worker.secretstore import Redactor, SecretStore
 from worker.templating import TemplateError, holds, render
+from worker.trace import job_trace
 
 log = logging.getLogger("formwork.executor")
 
@@ -90,7 +91,7 @@ class Runtime:
 
     scripts: ScriptStore
     browser: BrowserHost
-    artifacts: LocalArtifacts
+    artifacts: ArtifactStore
     secrets: SecretStore
     # Called on each job's context before its first step (replay serves a HAR through it).
     context_setup: Callable[[BrowserContext], Awaitable[None]] | None = None
@@ -168,7 +169,7 @@ async def run_job(
     report.dry_run = job.dry_run
     async with gate(loaded) if gate is not None else nullcontext():
         record = job.har if job.har is not None else loaded.script.har
-        har = runtime.artifacts.job_dir(job.job_id) / HAR_FILE if record else None
+        har, har_key = runtime.artifacts.har_file(job.job_id) if record else (None, None)
         job_page = await runtime.browser.open_page(
             resume.storage_state if resume else None, record_har=har
         )
@@ -193,10 +194,17 @@ async def run_job(
                 context,
                 guard,
             )
-            if resume is not None:
-                await run.resume(resume, stop_check)
-            else:
-                await run.steps(stop_check)
+            async with job_trace(
+                context,
+                job.trace or loaded.script.trace,
+                runtime.artifacts.trace_file(job.job_id),
+                run.redact.values,
+                failed=lambda: report.status != JobStatus.succeeded,
+            ):
+                if resume is not None:
+                    await run.resume(resume, stop_check)
+                else:
+                    await run.steps(stop_check)
         finally:
             try:
                 await context.close()
@@ -206,7 +214,7 @@ async def run_job(
                 named = {**secrets, **loaded.secret_inputs(inputs)}
                 await asyncio.to_thread(scrub, har, named)
                 if report.artifacts is not None:
-                    report.artifacts.har = str(har.relative_to(runtime.artifacts.root))
+                    report.artifacts.har = har_key
     return await _finish(report, started, runtime, listener)
 
 
@@ -324,6 +332,7 @@ async def _finish(
     report.ended_at = now()
     report.duration_ms = _ms(started)
     runtime.artifacts.write_report(report)
+    await runtime.artifacts.record(report)
     await listener.job_changed(report)
     return report
 

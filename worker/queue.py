@@ -26,7 +26,7 @@ from arq.worker import func
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from worker.artifacts import LocalArtifacts
+from worker.artifacts import store_for
 from worker.browser import BrowserHost
 from worker.capacity import SiteCapacity
 from worker.checkpoint import CHECKPOINT_FIELD, Checkpoint, RedisCheckpoints, StateCipher
@@ -162,7 +162,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         runtime=Runtime(
             scripts=ScriptStore(settings.scripts_dir, settings.selectors_dir),
             browser=browser,
-            artifacts=LocalArtifacts(settings.artifacts_dir),
+            artifacts=store_for(settings),
             secrets=SecretStore(settings.secrets_file),
         ),
         capacity=SiteCapacity(redis, keys),

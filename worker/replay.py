@@ -32,6 +32,7 @@ from typing import Any
 from jinja2 import Environment, PackageLoader, select_autoescape
 from playwright.async_api import BrowserContext, Route
 
+from worker.artifacts import LocalArtifacts
 from worker.contract import BrowserJob, JobReport, StepReport, StepStatus
 from worker.errors import RecordingInvalid
 from worker.executor import Runtime, run_job
@@ -115,6 +116,13 @@ def job_for(
     )
 
 
+def _local_root(runtime: Runtime) -> Path:
+    # Replay compares the screenshots of a run on this machine's disk: a local store only.
+    if not isinstance(runtime.artifacts, LocalArtifacts):
+        raise RecordingInvalid("replay needs a local artifacts directory, not an object store")
+    return runtime.artifacts.root
+
+
 async def replay(
     bundle: Path,
     recording: Recording,
@@ -132,7 +140,7 @@ async def replay(
     job = job_for(recording, runtime, site_url, script_version)
     report = await run_job(job, runtime)
     result = await asyncio.to_thread(
-        compare, bundle, recording, report, runtime.artifacts.root, out_dir, threshold
+        compare, bundle, recording, report, _local_root(runtime), out_dir, threshold
     )
     result.unmatched = unmatched
     return result
@@ -358,7 +366,7 @@ def update(result: ReplayResult, runtime: Runtime) -> Path:
     golden = fresh.model_copy(
         update={"job_id": result.recording.job_id, "inputs": result.recording.inputs}
     )
-    return export(golden, runtime.artifacts.root, result.bundle)
+    return export(golden, _local_root(runtime), result.bundle)
 
 
 async def replay_all(

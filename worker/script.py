@@ -33,7 +33,7 @@ from pydantic import (
     model_validator,
 )
 
-from worker.contract import SCRIPT_REF, FailureCode
+from worker.contract import SCRIPT_REF, FailureCode, TraceMode
 from worker.errors import InputInvalid, ScriptInvalid, ScriptNotFound
 from worker.policy import Rule
 from worker.selectors import SiteRegistry, WaitState, load_registry
@@ -525,6 +525,14 @@ class Script(_Strict):
         default=None,
         description="What the script does, as told to a customer once verified: "
         "'credit of {{ inputs.amount }} issued, confirmation {{ outputs.confirmation_number }}'.",
+    )
+    redact: list[Annotated[str, StringConstraints(min_length=1)]] = Field(
+        default_factory=list,
+        description="CSS selectors of regions blurred in every screenshot and trace frame "
+        "(customer data the evidence does not need), on top of the masked secret fields.",
+    )
+    trace: TraceMode = Field(
+        default=TraceMode.off, description="Keep a Playwright trace: off, on_failure, always."
     )
 
     @model_validator(mode="after")

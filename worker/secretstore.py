@@ -99,6 +99,11 @@ class Redactor:
             ordered = sorted(self._values, key=len, reverse=True)
             self._pattern = re.compile("|".join(re.escape(v) for v in ordered))
 
+    @property
+    def values(self) -> frozenset[str]:
+        """The values scrubbed (for scrubbing other forms: a trace, an archive)."""
+        return frozenset(self._values)
+
     def __call__(self, text: str | None) -> str | None:
         if text is None or self._pattern is None:
             return text

@@ -17,6 +17,10 @@ class Settings(BaseModel):
     redis_url: str = "redis://127.0.0.1:6379/0"
     max_jobs: int = Field(default=2, ge=1, le=64)
     artifacts_dir: Path = Path("artifacts")
+    # s3://bucket/prefix: artifacts go to an S3-compatible store; artifacts_dir is then the
+    # local spool a job writes into while it runs.
+    artifacts_url: str | None = Field(default=None, pattern=r"^s3://[^/\s]+(/.*)?$")
+    s3_endpoint_url: str | None = None  # a non-AWS server (MinIO, Ceph, ...)
     scripts_dir: Path = Path("scripts")
     selectors_dir: Path = Path("selectors")
     secrets_file: Path | None = None
@@ -46,6 +50,10 @@ class Settings(BaseModel):
         }
         if self.secrets_file is not None:
             env["FORMWORK_SECRETS_FILE"] = str(self.secrets_file)
+        if self.artifacts_url is not None:
+            env["FORMWORK_ARTIFACTS_URL"] = self.artifacts_url
+        if self.s3_endpoint_url is not None:
+            env["FORMWORK_S3_ENDPOINT"] = self.s3_endpoint_url
         if self.chromium is not None:
             env["FORMWORK_CHROMIUM"] = self.chromium
         if self.state_key is not None:
@@ -59,6 +67,8 @@ class Settings(BaseModel):
             "redis_url": "REDIS_URL",
             "max_jobs": "FORMWORK_MAX_JOBS",
             "artifacts_dir": "FORMWORK_ARTIFACTS_DIR",
+            "artifacts_url": "FORMWORK_ARTIFACTS_URL",
+            "s3_endpoint_url": "FORMWORK_S3_ENDPOINT",
             "scripts_dir": "FORMWORK_SCRIPTS_DIR",
             "selectors_dir": "FORMWORK_SELECTORS_DIR",
             "secrets_file": "FORMWORK_SECRETS_FILE",

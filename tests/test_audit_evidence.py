@@ -1,0 +1,183 @@
+"""Evidence images: the box drawn is where the element is, failures are marked, secrets and
+`redact:` regions never show, and a job's images fit its budget."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+from PIL import Image, ImageFilter, ImageStat
+
+from worker.annotate import BOX_COLOR, FAIL_COLOR, Mark, render
+from worker.artifacts import LocalArtifacts
+from worker.audit import AuditRecord, Evidence
+from worker.browser import BrowserHost
+from worker.contract import BrowserJob, FailureCode, JobStatus
+from worker.executor import Runtime, run_job
+from worker.script import ScriptStore
+from worker.secretstore import SecretStore
+
+from .conftest import CREDIT_INPUTS, SCRIPTS, SECRETS_FILE, SELECTORS, Site
+
+
+def credit_job(site: Site, job_id: str, **inputs: str) -> BrowserJob:
+    return BrowserJob(
+        job_id=job_id,
+        script="billing/issue_credit",
+        inputs={**CREDIT_INPUTS, **inputs},
+        site_url=site.url,
+    )
+
+
+def audit_of(runtime: Runtime, job_id: str) -> AuditRecord:
+    return runtime.artifacts.find_audit(job_id)
+
+
+def evidence_for(record: AuditRecord, step_id: str) -> Evidence:
+    step = next(s for s in record.report.steps if s.id == step_id)
+    assert step.screenshot is not None
+    return record.evidence[step.screenshot]
+
+
+def image(runtime: Runtime, key: str) -> Image.Image:
+    return Image.open(io.BytesIO(runtime.artifacts.get(key))).convert("RGB")
+
+
+def close(pixel: tuple[int, ...], color: tuple[int, int, int], tolerance: int = 60) -> bool:
+    return all(abs(a - b) <= tolerance for a, b in zip(pixel, color, strict=False))
+
+
+async def test_the_annotated_box_lies_on_the_element_the_step_acted_on(
+    billing: Site, runtime: Runtime, browser_host: BrowserHost
+) -> None:
+    report = await run_job(credit_job(billing, "ev-box"), runtime)
+    assert report.status == JobStatus.succeeded
+    record = audit_of(runtime, "ev-box")
+    amount = evidence_for(record, "amount")
+    assert amount.box is not None and amount.label == "credit.amount · label=Amount"
+
+    # Ground truth: where Playwright itself finds the field on the same page, same viewport.
+    step = next(s for s in report.steps if s.id == "amount")
+    context = await browser_host.new_context()
+    try:
+        page = await context.new_page()
+        await page.goto(billing.url + "/login")
+        await page.get_by_label("Username").fill("formwork-bot")
+        await page.get_by_label("Password").fill("correct-horse-battery-7")
+        await page.get_by_role("button", name="Sign in").click()
+        assert step.url is not None
+        await page.goto(step.url)
+        truth = await page.locator("#credit-amount").bounding_box()
+    finally:
+        await context.close()
+    assert truth is not None
+    box = amount.box
+    for ours, theirs in zip(
+        (box.x, box.y, box.width, box.height),
+        (truth["x"], truth["y"], truth["width"], truth["height"]),
+        strict=True,
+    ):
+        assert abs(ours - theirs) <= 1
+
+    # And the outline really is drawn there, on all four sides, in the box colour.
+    shot = image(runtime, amount.image)
+    assert shot.size == (amount.width, amount.height) == (1280, 800)
+    mid_x, mid_y = box.x + box.width / 2, box.y + box.height / 2
+    for x, y in (
+        (box.x - 2, mid_y),
+        (box.x + box.width + 1, mid_y),
+        (mid_x, box.y + box.height + 1),
+        (mid_x, box.y - 2),
+    ):
+        assert close(shot.getpixel((round(x), round(y))), BOX_COLOR), (x, y)
+    # The raw capture has no such outline: the annotation is ours, not the page's.
+    raw = image(runtime, amount.source)
+    assert not close(raw.getpixel((round(box.x - 2), round(mid_y))), BOX_COLOR)
+    # Thumbnails are small and content-addressed like the images.
+    thumb = image(runtime, amount.thumbnail)
+    assert thumb.width == 320
+    assert Path(amount.image).parent.name == "images"
+
+
+async def test_secret_fields_stay_masked_in_the_evidence(
+    billing: Site, runtime: Runtime, fixture_secrets: dict[str, str]
+) -> None:
+    await run_job(credit_job(billing, "ev-mask"), runtime)
+    record = audit_of(runtime, "ev-mask")
+    password = evidence_for(record, "login.password")
+    assert password.box is not None
+    shot = image(runtime, password.image)
+    b = password.box
+    inside = shot.crop(
+        (round(b.x) + 3, round(b.y) + 3, round(b.x + b.width) - 3, round(b.y + b.height) - 3)
+    )
+    stat = ImageStat.Stat(inside)
+    # A solid mask: the field's pixels are one dark colour, no glyphs.
+    assert all(m < 60 for m in stat.mean) and all(d < 12 for d in stat.stddev)
+    assert (
+        fixture_secrets["billing_password"]
+        not in runtime.artifacts.get(f"{record.path}/audit.json").decode()
+    )
+
+
+async def test_redact_regions_are_blurred_in_every_capture(
+    billing: Site, browser_host: BrowserHost, tmp_path: Path
+) -> None:
+    scripts = tmp_path / "scripts"
+    shutil.copytree(SCRIPTS, scripts)
+    path = scripts / "billing" / "issue_credit.yaml"
+    path.write_text(path.read_text() + '\nredact: ["#credit-reason", "not a { selector"]\n')
+
+    def runtime_for(scripts_dir: Path, name: str) -> Runtime:
+        return Runtime(
+            scripts=ScriptStore(scripts_dir, SELECTORS),
+            browser=browser_host,
+            artifacts=LocalArtifacts(tmp_path / name),
+            secrets=SecretStore(SECRETS_FILE, environ={}),
+        )
+
+    def sharpness(runtime: Runtime, job_id: str) -> float:
+        record = runtime.artifacts.find_audit(job_id)
+        reason = evidence_for(record, "reason")
+        assert reason.box is not None
+        b = reason.box
+        raw = image(runtime, reason.source)  # as captured: the blur is the browser's own
+        region = raw.crop((round(b.x), round(b.y), round(b.x + b.width), round(b.y + b.height)))
+        return ImageStat.Stat(region.convert("L").filter(ImageFilter.FIND_EDGES)).mean[0]
+
+    reason = "customer says parcel 4411 arrived crushed"
+    plain, redacted = runtime_for(SCRIPTS, "plain"), runtime_for(scripts, "redacted")
+    assert (await run_job(credit_job(billing, "ev-plain", reason=reason), plain)).status == (
+        JobStatus.succeeded
+    )
+    billing.reset()
+    done = await run_job(credit_job(billing, "ev-redacted", reason=reason), redacted)
+    assert done.status == JobStatus.succeeded  # blurring changes pixels, not the page
+    assert sharpness(redacted, "ev-redacted") < sharpness(plain, "ev-plain") / 3
+
+
+def test_failure_is_framed_in_red_with_its_code() -> None:
+    blank = io.BytesIO()
+    Image.new("RGB", (400, 300), (255, 255, 255)).save(blank, "JPEG")
+    rendered = render(
+        [(blank.getvalue(), Mark(failure=FailureCode.validation_rejected))], budget_bytes=10**6
+    )
+    shot = Image.open(io.BytesIO(rendered.images[0].image)).convert("RGB")
+    for x, y in ((2, 150), (397, 150), (200, 2), (200, 297)):
+        assert close(shot.getpixel((x, y)), FAIL_COLOR), (x, y)
+
+
+def test_images_are_fitted_into_the_job_budget() -> None:
+    noisy = io.BytesIO()
+    Image.effect_noise((1280, 800), 80).convert("RGB").save(noisy, "JPEG", quality=95)
+    shots = [(noisy.getvalue(), Mark())] * 3
+    roomy = render(shots, budget_bytes=10**8)
+    assert (roomy.quality, roomy.scale, roomy.over_budget) == (80, 1.0, False)
+    # Identical screenshots are stored once: three shots, one image.
+    assert len({i.image_name for i in roomy.images}) == 1
+    tight = render(shots, budget_bytes=roomy.total_bytes // 2)
+    assert not tight.over_budget and tight.total_bytes <= roomy.total_bytes // 2
+    assert (tight.quality, tight.scale) != (80, 1.0)
+    impossible = render(shots, budget_bytes=1000)
+    assert impossible.over_budget and len(impossible.images) == 3  # kept anyway

@@ -1,0 +1,229 @@
+"""The review UI in real Chromium, as an operator uses it: the job list, its filters and search,
+a job page stepped through by keyboard, the one-file export — and no secret anywhere."""
+
+from __future__ import annotations
+
+import re
+import zipfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from playwright.async_api import Page, expect
+
+from fixtures import FixtureServer
+from worker.artifacts import LocalArtifacts
+from worker.audit_ui import build_app
+from worker.browser import BrowserHost
+from worker.cli import main
+from worker.contract import BrowserJob, JobStatus, TraceMode
+from worker.executor import Runtime, run_job
+from worker.script import ScriptStore
+from worker.secretstore import SecretStore
+
+from .conftest import CREDIT_INPUTS, SCRIPTS, SECRETS_FILE, SELECTORS, Site
+
+
+@pytest.fixture(scope="module")
+async def audited(
+    billing_server: FixtureServer,
+    browser_host: BrowserHost,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> LocalArtifacts:
+    """Three real jobs: one clean, one waiting for the customer, one that survived drift."""
+    store = LocalArtifacts(tmp_path_factory.mktemp("audit") / "artifacts")
+    runtime = Runtime(
+        scripts=ScriptStore(SCRIPTS, SELECTORS),
+        browser=browser_host,
+        artifacts=store,
+        secrets=SecretStore(SECRETS_FILE, environ={}),
+    )
+    site = Site(billing_server)
+
+    async def run(job_id: str, trace: TraceMode, **faults: object) -> JobStatus:
+        site.reset()
+        if faults:
+            site.faults(**faults)
+        job = BrowserJob(
+            job_id=job_id,
+            script="billing/issue_credit",
+            inputs=CREDIT_INPUTS,
+            site_url=site.url,
+            correlation={"ticket": f"ZD-{job_id}"},
+            trace=trace,
+        )
+        return (await run_job(job, runtime)).status
+
+    assert await run("ui-ok", TraceMode.always) == JobStatus.succeeded
+    rule = {"field": "amount", "value": "15.00", "message": "Credits over 10.00 need approval"}
+    asked = await run("ui-ask", TraceMode.on_failure, reject_value=[rule])
+    assert asked == JobStatus.needs_customer_input
+    assert await run("ui-drift", TraceMode.on_failure, skin="v2") == JobStatus.succeeded
+    site.reset()
+    return store
+
+
+@pytest.fixture(scope="module")
+async def ui(audited: LocalArtifacts) -> AsyncIterator[str]:
+    runner = web.AppRunner(build_app(audited))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    yield f"http://{host}:{port}"
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def page(browser_host: BrowserHost) -> AsyncIterator[Page]:
+    context = await browser_host.new_context()
+    yield await context.new_page()
+    await context.close()
+
+
+async def shows_jobs(page: Page, *job_ids: str) -> None:
+    """The list shows exactly these jobs, newest first (waits for the page to settle)."""
+    await expect(page.locator("tr.job-row .job-link")).to_have_text(list(job_ids))
+
+
+async def test_the_job_list_filters_by_status_site_script_and_date_and_searches(
+    ui: str, page: Page
+) -> None:
+    await page.goto(ui + "/")
+    await shows_jobs(page, "ui-drift", "ui-ask", "ui-ok")
+    row = page.locator("tr.job-row", has_text="ui-ask")
+    await expect(row.locator(".pill")).to_have_text("needs customer input")
+    await expect(row).to_contain_text("validation_rejected")
+    await expect(page.locator("tr.job-row", has_text="ui-ok").locator(".pill")).to_have_class(
+        re.compile(r"\bok\b")
+    )
+
+    await page.get_by_label("Status").select_option("needs_customer_input")
+    await page.get_by_role("button", name="Filter").click()
+    await shows_jobs(page, "ui-ask")
+    await page.get_by_role("link", name="Clear").click()
+
+    # Search by the orchestrator's ticket, then by the job's reference input.
+    await page.get_by_label("Search").fill("ZD-ui-drift")
+    await page.keyboard.press("Enter")
+    await shows_jobs(page, "ui-drift")
+    await page.get_by_label("Search").fill("T-88812")
+    await page.keyboard.press("Enter")
+    await shows_jobs(page, "ui-drift", "ui-ask", "ui-ok")
+
+    await page.goto(ui + "/")
+    await page.get_by_label("Site").select_option("billing")
+    await page.get_by_label("Script").select_option("billing/issue_credit")
+    day = (await page.get_by_label("Date").locator("option").all_inner_texts())[1]
+    await page.get_by_label("Date").select_option(day)
+    await page.get_by_role("button", name="Filter").click()
+    await shows_jobs(page, "ui-drift", "ui-ask", "ui-ok")
+    await page.get_by_label("Search").fill("no-such-job")
+    await page.keyboard.press("Enter")
+    await expect(page.locator(".empty")).to_contain_text("No jobs match")
+
+
+async def test_a_paused_job_opens_at_its_failed_step_and_steps_by_keyboard(
+    ui: str, page: Page
+) -> None:
+    await page.goto(ui + "/")
+    await page.get_by_role("link", name="ui-ask").click()
+    await expect(page.locator("#job-status")).to_have_text("needs customer input")
+    handoff = page.locator("#handoff")
+    await expect(handoff).to_contain_text("Credits over 10.00 need approval")
+    await expect(handoff).to_contain_text("Tell the customer")
+    await expect(page.locator("#failure")).to_contain_text("validation_rejected")
+
+    # It opens on the failed step, its annotated screenshot loaded and framed as a failure.
+    current = page.locator(".detail:not([hidden])")
+    await expect(current.locator(".step-title")).to_have_text(re.compile(r"\d+\. review$"))
+    await expect(current.locator(".pill")).to_have_text("failed")
+    shot = current.locator("img.shot")
+    await expect(shot).to_be_visible()
+    assert await shot.evaluate("img => img.decode().then(() => img.naturalWidth)") == 1280
+    await expect(page.locator(".step.current")).to_contain_text("validation_rejected")
+
+    await page.keyboard.press("k")
+    await expect(current.locator(".step-title")).to_have_text(re.compile(r"\. reference$"))
+    await expect(current.locator(".selector")).to_have_text("credit.reference → label=Reference")
+    await page.keyboard.press("ArrowUp")
+    await expect(current.locator(".step-title")).to_have_text(re.compile(r"\. reason$"))
+    await page.keyboard.press("j")
+    await expect(current.locator(".step-title")).to_have_text(re.compile(r"\. reference$"))
+    assert page.url.endswith(f"#step-{await current.get_attribute('data-index')}")
+
+    # Enter enlarges the screenshot; Esc closes it.
+    await page.keyboard.press("Enter")
+    lightbox = page.locator("#lightbox")
+    await expect(lightbox).to_be_visible()
+    shown = await current.locator("img.shot").evaluate("img => img.src")
+    assert await lightbox.locator("img").evaluate("img => img.src") == shown
+    await page.keyboard.press("Escape")
+    await expect(lightbox).to_be_hidden()
+    # A click on a step in the timeline shows it too.
+    await page.locator(".step", has_text="login.password").click()
+    await expect(current.locator(".step-title")).to_have_text(re.compile(r"login\.password$"))
+
+
+async def test_drift_and_attempts_are_shown_on_the_step(ui: str, page: Page) -> None:
+    await page.goto(ui + "/")
+    await page.get_by_role("link", name="ui-drift").click()
+    drifted = page.locator(".step", has=page.locator(".warn"))
+    assert await drifted.count() >= 1
+    await drifted.first.click()
+    current = page.locator(".detail:not([hidden])")
+    await expect(current.locator(".drift")).to_contain_text("no longer matched")
+    await expect(current.locator("table.attempts tbody tr")).to_have_count(1)
+
+
+async def test_export_is_one_offline_file_without_secrets(
+    audited: LocalArtifacts,
+    page: Page,
+    tmp_path: Path,
+    fixture_secrets: dict[str, str],
+) -> None:
+    out = tmp_path / "ui-ask.html"
+    root = str(audited.root)
+    assert main(["audit", "export", "ui-ask", "--artifacts", root, "--out", str(out)]) == 0
+    html = out.read_text()
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
+    await page.goto(out.as_uri())
+    await expect(page.locator("#job-status")).to_have_text("needs customer input")
+    images = page.locator("img.shot")
+    assert await images.count() >= 5
+    for i in range(await images.count()):
+        src = await images.nth(i).get_attribute("src")
+        assert src is not None and src.startswith("data:image/jpeg;base64,")
+    visible = page.locator(".detail:not([hidden]) img.shot")
+    await expect(visible).to_be_visible()
+    assert await visible.evaluate("img => img.decode().then(() => img.naturalWidth)") == 1280
+    # Nothing but the file itself (data: URIs are not requests).
+    assert requested == [out.as_uri()]
+    await page.keyboard.press("k")  # the inlined script works offline
+    await expect(page.locator(".detail:not([hidden]) .step-title")).to_have_text(
+        re.compile(r"\. reference$")
+    )
+
+    # A secret is nowhere: not in the export, the audit records, nor the trace.
+    secrets = [fixture_secrets["billing_password"], fixture_secrets["billing_username"]]
+    ok = audited.find_audit("ui-ok")
+    assert len(ok.traces) == 1
+    places = {"export": html}
+    for record in (ok, audited.find_audit("ui-ask"), audited.find_audit("ui-drift")):
+        places[record.job_id] = audited.get(f"{record.path}/audit.json").decode()
+    with zipfile.ZipFile(audited.root / ok.traces[0]) as trace:
+        places["trace"] = b"".join(trace.read(n) for n in trace.namelist()).decode("latin-1")
+        # A real trace show-trace can open: the fills are in it, their secret values are not.
+        assert "trace.trace" in trace.namelist()
+    assert '"value":"***"' in places["trace"]
+    for where, text in places.items():
+        for secret in secrets:
+            assert secret not in text, where
+
+
+def test_traces_are_kept_per_mode(audited: LocalArtifacts) -> None:
+    assert len(audited.find_audit("ui-ok").traces) == 1  # always
+    assert len(audited.find_audit("ui-ask").traces) == 1  # on_failure, and it did not succeed
+    assert audited.find_audit("ui-drift").traces == []  # on_failure, and it succeeded

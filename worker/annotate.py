@@ -1,0 +1,178 @@
+"""Evidence images: a step's screenshot with the acted element boxed and labelled, failures
+marked, re-encoded compactly with thumbnails, within a size budget per job.
+
+Pure functions over bytes, run in a worker thread (`asyncio.to_thread`) by the artifact store:
+decoding, drawing and encoding a dozen 1280x800 images is tens of milliseconds each, time the
+event loop that other jobs share must not lose.
+
+Secrets never reach this module: the browser masked them (and blurred the script's `redact:`
+regions) before any pixel was captured, see `worker.evidence`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from typing import Literal
+
+from PIL import Image, ImageDraw, ImageFont
+
+from worker.contract import Box
+
+ImageFormat = Literal["webp", "jpeg"]
+
+BOX_COLOR = (37, 99, 235)  # the acted element: blue
+FAIL_COLOR = (220, 38, 38)  # a failed attempt: red frame and banner
+BOX_WIDTH = 3
+FRAME_WIDTH = 8
+THUMB_WIDTH = 320
+THUMB_QUALITY = 60
+# Tried in order until a job's images fit its budget: quality first (cheap to lose), then size.
+LADDER: tuple[tuple[int, float], ...] = (
+    (80, 1.0),
+    (65, 1.0),
+    (50, 1.0),
+    (50, 0.75),
+    (40, 0.6),
+    (35, 0.5),
+)
+
+
+@dataclass(frozen=True)
+class Mark:
+    """What to draw on one screenshot."""
+
+    box: Box | None = None  # in CSS px; the capture is at device scale 1, so also image px
+    label: str | None = None
+    failure: str | None = None  # the failure code, when the attempt failed
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One evidence image and its thumbnail, encoded, with their content addresses."""
+
+    image: bytes
+    image_name: str
+    thumbnail: bytes
+    thumbnail_name: str
+    width: int
+    height: int
+    box: Box | None  # as drawn, in this image's pixels
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A job's evidence images and how they were fitted into the budget."""
+
+    images: list[Encoded]
+    quality: int
+    scale: float
+    total_bytes: int
+    over_budget: bool
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def annotate(raw: bytes, mark: Mark) -> Image.Image:
+    """The screenshot with the element's box and label drawn, and a failure framed in red."""
+    with Image.open(io.BytesIO(raw)) as opened:
+        image = opened.convert("RGB")
+    draw = ImageDraw.Draw(image)
+    if mark.box is not None:
+        b = mark.box
+        # Drawn just outside the element, so the element itself stays readable.
+        left, top = b.x - BOX_WIDTH, b.y - BOX_WIDTH
+        right, bottom = b.x + b.width + BOX_WIDTH - 1, b.y + b.height + BOX_WIDTH - 1
+        draw.rectangle((left, top, right, bottom), outline=BOX_COLOR, width=BOX_WIDTH)
+        if mark.label:
+            _tag(draw, mark.label, left, top, BOX_COLOR, image.width)
+    if mark.failure is not None:
+        w, h = image.size
+        draw.rectangle((0, 0, w - 1, h - 1), outline=FAIL_COLOR, width=FRAME_WIDTH)
+        _tag(draw, f"FAILED: {mark.failure}", FRAME_WIDTH, FRAME_WIDTH + 22, FAIL_COLOR, w)
+    return image
+
+
+def _tag(
+    draw: ImageDraw.ImageDraw,
+    text: str,
+    x: float,
+    y: float,
+    color: tuple[int, int, int],
+    limit: int,
+) -> None:
+    """A filled label above (x, y); below it when there is no room above."""
+    font = _font(14)
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    width, height = right - left + 12, bottom - top + 8
+    x = max(0.0, min(x, limit - width))
+    y = y - height if y - height >= 0 else y
+    draw.rectangle((x, y, x + width, y + height), fill=color)
+    draw.text((x + 6, y + 4 - top), text, fill=(255, 255, 255), font=font)
+
+
+def _encode(image: Image.Image, fmt: ImageFormat, quality: int) -> bytes:
+    out = io.BytesIO()
+    if fmt == "webp":
+        image.save(out, "WEBP", quality=quality, method=4)
+    else:
+        image.save(out, "JPEG", quality=quality, optimize=True)
+    return out.getvalue()
+
+
+def _scaled(image: Image.Image, scale: float) -> Image.Image:
+    if scale == 1.0:
+        return image
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS)
+
+
+def content_name(data: bytes, fmt: ImageFormat) -> str:
+    """The content address of an image: its SHA-256, with the format's extension."""
+    return f"{hashlib.sha256(data).hexdigest()}.{'webp' if fmt == 'webp' else 'jpg'}"
+
+
+def render(
+    shots: list[tuple[bytes, Mark]], *, fmt: ImageFormat = "webp", budget_bytes: int
+) -> Rendered:
+    """Annotate every screenshot and encode all of them within `budget_bytes` in all.
+
+    Identical images (a page that did not change) are counted once, as they are stored once.
+    When even the last step of the ladder is over budget the images are kept anyway, marked
+    `over_budget`: evidence is worth more than the budget.
+    """
+    drawn = [(annotate(raw, mark), mark) for raw, mark in shots]
+    thumbs = []
+    for image, _ in drawn:
+        small = image.copy()
+        small.thumbnail((THUMB_WIDTH, THUMB_WIDTH * 4), Image.Resampling.LANCZOS)
+        data = _encode(small, fmt, THUMB_QUALITY)
+        thumbs.append((data, content_name(data, fmt)))
+    thumb_bytes = sum(len(d) for d in {n: d for d, n in thumbs}.values())
+    for rung, (quality, scale) in enumerate(LADDER):
+        last = rung == len(LADDER) - 1
+        images: list[Encoded] = []
+        unique: dict[str, int] = {}
+        for (image, mark), (thumb, thumb_name) in zip(drawn, thumbs, strict=True):
+            sized = _scaled(image, scale)
+            data = _encode(sized, fmt, quality)
+            name = content_name(data, fmt)
+            unique[name] = len(data)
+            box = mark.box
+            if box is not None and scale != 1.0:
+                box = Box(
+                    x=box.x * scale,
+                    y=box.y * scale,
+                    width=box.width * scale,
+                    height=box.height * scale,
+                )
+            images.append(Encoded(data, name, thumb, thumb_name, sized.width, sized.height, box))
+            if not last and sum(unique.values()) + thumb_bytes > budget_bytes:
+                break  # this rung is already over: on to the next
+        total = sum(unique.values()) + thumb_bytes
+        if len(images) == len(drawn) and (last or total <= budget_bytes):
+            return Rendered(images, quality, scale, total, total > budget_bytes)
+    raise AssertionError("the last rung always returns")

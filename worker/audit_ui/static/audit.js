@@ -1,0 +1,53 @@
+// Keyboard review of a job: j/k or arrows move between steps, Enter enlarges, Esc closes.
+(() => {
+  const steps = Array.from(document.querySelectorAll("#steps .step"));
+  const details = Array.from(document.querySelectorAll(".detail"));
+  const box = document.getElementById("lightbox");
+  if (!steps.length) return;
+  let current = 0;
+
+  const show = (index) => {
+    current = Math.max(0, Math.min(steps.length - 1, index));
+    steps.forEach((s, i) => s.classList.toggle("current", i === current));
+    details.forEach((d, i) => { d.hidden = i !== current; });
+    // Keep the current step in view inside the timeline only: the page itself stays put.
+    const nav = steps[current].closest(".timeline");
+    const el = steps[current];
+    if (nav && el.offsetTop < nav.scrollTop) nav.scrollTop = el.offsetTop;
+    else if (nav && el.offsetTop + el.offsetHeight > nav.scrollTop + nav.clientHeight) {
+      nav.scrollTop = el.offsetTop + el.offsetHeight - nav.clientHeight;
+    }
+    history.replaceState(null, "", "#step-" + current);
+  };
+  const enlarge = () => {
+    const img = details[current].querySelector("img.shot");
+    if (!img || !box) return;
+    box.querySelector("img").src = img.src;
+    box.hidden = false;
+  };
+  const close = () => { if (box) box.hidden = true; };
+
+  steps.forEach((s, i) => s.addEventListener("click", () => show(i)));
+  details.forEach((d) => d.querySelector("img.shot")?.addEventListener("click", enlarge));
+  box?.addEventListener("click", close);
+  document.querySelectorAll("[data-goto]").forEach((a) => a.addEventListener("click", (e) => {
+    e.preventDefault();
+    const i = steps.findIndex((s) => s.dataset.step === a.dataset.goto);
+    if (i >= 0) show(i);
+  }));
+  document.addEventListener("keydown", (e) => {
+    if (e.target instanceof HTMLInputElement || e.metaKey || e.ctrlKey || e.altKey) return;
+    const open = box && !box.hidden;
+    if (e.key === "Escape") { close(); return; }
+    if (e.key === "j" || e.key === "ArrowDown" || e.key === "ArrowRight") { close(); show(current + 1); }
+    else if (e.key === "k" || e.key === "ArrowUp" || e.key === "ArrowLeft") { close(); show(current - 1); }
+    else if (e.key === "Enter" && !open) enlarge();
+    else return;
+    e.preventDefault();
+  });
+
+  // Open where the link pointed (#step-N), else at the failed step, else the first.
+  const fromHash = /^#step-(\d+)$/.exec(location.hash);
+  const failed = steps.findIndex((s) => s.classList.contains("bad"));
+  show(fromHash ? Number(fromHash[1]) : Math.max(failed, 0));
+})();

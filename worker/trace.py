@@ -1,0 +1,84 @@
+"""A job's Playwright trace: recorded around the job, kept per its `TraceMode`, secret-free.
+
+The trace is a zip `playwright show-trace` opens: every API call with its parameters, the
+screencast, the console. Two things in it could hold a secret, and both are dealt with here:
+
+- DOM snapshots record the value of every input, so they are off. The screencast is on: it
+  shows what the browser painted, and the browser never paints a secret (`worker.evidence`).
+- The call log records the parameters of each call, and a `fill` of a secret field has the
+  secret as its `value`. After recording, every entry of the zip is rewritten with each secret
+  value (and its URL- and JSON-escaped forms) replaced by `***`. That also covers a secret a
+  page echoed into a console message or a network log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import zipfile
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from urllib.parse import quote, quote_plus
+
+from playwright.async_api import BrowserContext
+from playwright.async_api import Error as PlaywrightError
+
+from worker.contract import TraceMode
+from worker.secretstore import MASK
+
+log = logging.getLogger("formwork.trace")
+
+
+@asynccontextmanager
+async def job_trace(
+    context: BrowserContext,
+    mode: TraceMode,
+    path: Path,
+    secrets: Iterable[str],
+    failed: Callable[[], bool],
+) -> AsyncIterator[None]:
+    """Record the block into `path` (mode `always`, or `on_failure` when `failed()` says so)."""
+    if mode == TraceMode.off:
+        yield
+        return
+    await context.tracing.start(screenshots=True, snapshots=False, sources=False)
+    try:
+        yield
+    finally:
+        keep = mode == TraceMode.always or failed()
+        try:
+            if keep:
+                await context.tracing.stop(path=path)
+                await asyncio.to_thread(scrub, path, secrets)
+            else:
+                await context.tracing.stop()
+        except PlaywrightError as exc:
+            # A crashed browser takes the trace with it; the job's report says what happened.
+            log.warning("trace not saved: %s", exc.message)
+
+
+def secret_forms(secrets: Iterable[str]) -> list[bytes]:
+    """Each secret as it may appear in a trace: raw, JSON-escaped, URL-encoded."""
+    forms: set[str] = set()
+    for value in secrets:
+        forms.update({value, json.dumps(value)[1:-1], quote(value, safe=""), quote_plus(value)})
+    # Longest first: a secret that contains another is replaced whole.
+    return sorted((f.encode() for f in forms if f), key=len, reverse=True)
+
+
+def scrub(path: Path, secrets: Iterable[str]) -> None:
+    """Rewrite the trace zip at `path` with every form of every secret replaced by `***`."""
+    forms = secret_forms(secrets)
+    if not forms:
+        return
+    tmp = path.with_suffix(".scrubbing")
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as out:
+        for info in source.infolist():
+            data = source.read(info)
+            for form in forms:
+                data = data.replace(form, MASK.encode())
+            out.writestr(info, data)
+    tmp.chmod(0o600)
+    tmp.replace(path)
