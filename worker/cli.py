@@ -153,6 +153,7 @@ async def _run(args: argparse.Namespace) -> int:
         browser=BrowserHost(settings.chromium),
         artifacts=LocalArtifacts(settings.artifacts_dir),
         secrets=secrets,
+        uploads=settings.uploads_dir,
     )
     out = sys.stderr if args.json else sys.stdout
     if not args.json:

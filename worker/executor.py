@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Protocol
 
 from playwright.async_api import BrowserContext, CDPSession, Page
@@ -88,6 +89,7 @@ class Runtime:
     browser: BrowserHost
     artifacts: LocalArtifacts
     secrets: SecretStore
+    uploads: Path | None = None  # the only directory upload steps may take files from
 
 
 class CommitJournal(Protocol):
@@ -165,7 +167,9 @@ async def run_job(
         context = job_page.context
         try:
             context.set_default_timeout(loaded.script.timeout_ms)
-            actions = PageActions(job, loaded, inputs, secrets, job_page.page)
+            actions = PageActions(
+                job, loaded, inputs, secrets, job_page.page, uploads=runtime.uploads
+            )
             run = _Run(
                 job,
                 loaded,
@@ -267,6 +271,7 @@ def intake(
     """Everything checked before a browser is touched; raises RejectedError."""
     loaded = runtime.scripts.load(job.script_name, job.script_version)
     inputs = loaded.validate_inputs(job.inputs)
+    loaded.check_uploads(inputs, runtime.uploads)
     secrets = runtime.secrets.resolve(loaded.secret_names(), script=loaded.name)
     if job.deadline is not None and job.deadline <= now():
         raise RejectedError(
@@ -737,6 +742,10 @@ class _Run:
                 evidence=failure.evidence,
                 step_id=planned.id,
             )
+        report.dialogs += [
+            seen.model_copy(update={"message": self.redact(seen.message) or ""})
+            for seen in actions.take_dialogs()
+        ]
         report.url = self.page.url
         shot = None
         if failure is None or failure.code != FailureCode.browser_crashed:

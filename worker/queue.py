@@ -160,6 +160,7 @@ async def startup(ctx: dict[str, Any]) -> None:
             browser=browser,
             artifacts=LocalArtifacts(settings.artifacts_dir),
             secrets=SecretStore(settings.secrets_file),
+            uploads=settings.uploads_dir,
         ),
         capacity=SiteCapacity(redis, keys),
         http=aiohttp.ClientSession(),

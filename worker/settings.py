@@ -19,6 +19,8 @@ class Settings(BaseModel):
     artifacts_dir: Path = Path("artifacts")
     scripts_dir: Path = Path("scripts")
     selectors_dir: Path = Path("selectors")
+    # The only directory upload steps may take files from (the orchestrator stages them there).
+    uploads_dir: Path = Path("uploads")
     secrets_file: Path | None = None
     chromium: str | None = None
     # arq polls its queue; 20 ms keeps enqueue-to-start latency low at ~50 cheap reads a second.
@@ -39,6 +41,7 @@ class Settings(BaseModel):
             "FORMWORK_ARTIFACTS_DIR": str(self.artifacts_dir),
             "FORMWORK_SCRIPTS_DIR": str(self.scripts_dir),
             "FORMWORK_SELECTORS_DIR": str(self.selectors_dir),
+            "FORMWORK_UPLOADS_DIR": str(self.uploads_dir),
             "FORMWORK_MAX_JOBS": str(self.max_jobs),
             "FORMWORK_POLL_DELAY": str(self.poll_delay_s),
             "FORMWORK_JOB_TIMEOUT": str(self.job_timeout_s),
@@ -61,6 +64,7 @@ class Settings(BaseModel):
             "artifacts_dir": "FORMWORK_ARTIFACTS_DIR",
             "scripts_dir": "FORMWORK_SCRIPTS_DIR",
             "selectors_dir": "FORMWORK_SELECTORS_DIR",
+            "uploads_dir": "FORMWORK_UPLOADS_DIR",
             "secrets_file": "FORMWORK_SECRETS_FILE",
             "chromium": "FORMWORK_CHROMIUM",
             "poll_delay_s": "FORMWORK_POLL_DELAY",
