@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 SELECTORS = ROOT / "selectors"
 SECRETS_FILE = ROOT / "fixtures" / "secrets.yaml"
+UPLOADS = ROOT / "fixtures" / "uploads"
 
 CREDIT_INPUTS = {
     "account_id": "AC-10231",
@@ -65,21 +66,38 @@ class Site:
         credits: list[dict[str, Any]] = self.state()["credits"]
         return credits
 
+    def refunds(self) -> list[dict[str, Any]]:
+        refunds: list[dict[str, Any]] = self.state()["refunds"]
+        return refunds
+
+    def ticket(self, ticket_id: str) -> dict[str, Any]:
+        ticket: dict[str, Any] = self.state()["tickets"][ticket_id]
+        return ticket
+
     def faults(self, **faults: Any) -> None:
         self._call("POST", "/_fixture/faults", faults)
 
 
-@pytest.fixture(scope="session")
-def billing_server() -> Iterator[FixtureServer]:
-    with start_fixture("billing") as server:
-        yield server
+def _site_fixtures(name: str) -> tuple[Any, Any]:
+    """`<name>_server` (one per session) and `<name>` (a Site, reset for each test)."""
+
+    @pytest.fixture(scope="session", name=f"{name}_server")
+    def server() -> Iterator[FixtureServer]:
+        with start_fixture(name) as running:
+            yield running
+
+    @pytest.fixture(name=name)
+    def site(request: pytest.FixtureRequest) -> Site:
+        fresh = Site(request.getfixturevalue(f"{name}_server"))
+        fresh.reset()
+        return fresh
+
+    return server, site
 
 
-@pytest.fixture
-def billing(billing_server: FixtureServer) -> Site:
-    site = Site(billing_server)
-    site.reset()
-    return site
+billing_server, billing = _site_fixtures("billing")
+orders_server, orders = _site_fixtures("orders")
+helpdesk_server, helpdesk = _site_fixtures("helpdesk")
 
 
 @pytest.fixture(scope="session")
@@ -102,6 +120,7 @@ def runtime(browser_host: BrowserHost, tmp_path: Path, script_store: ScriptStore
         browser=browser_host,
         artifacts=LocalArtifacts(tmp_path / "artifacts"),
         secrets=SecretStore(SECRETS_FILE, environ={}),
+        uploads=UPLOADS,
     )
 
 
@@ -142,6 +161,7 @@ def settings(redis_url: str, tmp_path: Path) -> Settings:
         scripts_dir=SCRIPTS,
         selectors_dir=SELECTORS,
         secrets_file=SECRETS_FILE,
+        uploads_dir=UPLOADS,
         max_jobs=4,
         shutdown_grace_s=0,
         state_key="formwork-tests-state-key-0123456789",

@@ -6,212 +6,21 @@ the HTML contract and fault behaviour the browser-driven worker tests rely on.
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from email.message import Message
-from html.parser import HTMLParser
-from http.cookiejar import CookieJar
 from threading import Barrier
-from typing import Any
 
 import pytest
 
 from fixtures import SITES, FixtureServer, start_fixture
-from fixtures.credentials import credentials_for
+
+from .webclient import TIMEOUT_S, Browser, Page, control, set_faults, state, wait_until
 
 ACCOUNT = "AC-10231"
 CLOSED_ACCOUNT = "AC-30001"
 CREDIT = {"amount": "15.00", "reason": "damaged item", "reference": "T-88812"}
-TIMEOUT_S = 10
-
-# --- a minimal HTML model: enough to find elements by tag/attributes and read their text ----
-
-_VOID_TAGS = frozenset({"input", "link", "meta", "br", "img", "hr"})
-
-
-@dataclass
-class Element:
-    """One element of a parsed page, in document order."""
-
-    tag: str
-    attrs: dict[str, str]
-    text: str = ""
-
-    @property
-    def clean_text(self) -> str:
-        """Text content with whitespace collapsed, as a user would read it."""
-        return " ".join(self.text.split())
-
-
-class _ElementCollector(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.elements: list[Element] = []
-        self._open: list[Element] = []
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        element = Element(tag, {name: value or "" for name, value in attrs})
-        self.elements.append(element)
-        if tag not in _VOID_TAGS:
-            self._open.append(element)
-
-    def handle_endtag(self, tag: str) -> None:
-        for index in range(len(self._open) - 1, -1, -1):
-            if self._open[index].tag == tag:
-                del self._open[index:]
-                return
-
-    def handle_data(self, data: str) -> None:
-        for element in self._open:
-            element.text += data
-
-
-@dataclass
-class Page:
-    """A response as the test client saw it (after redirects unless told otherwise)."""
-
-    status: int
-    url: str
-    headers: Message
-    body: str
-    elements: list[Element] = field(init=False)
-
-    def __post_init__(self) -> None:
-        collector = _ElementCollector()
-        collector.feed(self.body)
-        collector.close()
-        self.elements = collector.elements
-
-    @property
-    def path(self) -> str:
-        """Path and query of the final URL."""
-        parts = urllib.parse.urlsplit(self.url)
-        return f"{parts.path}?{parts.query}" if parts.query else parts.path
-
-    def find(self, tag: str | None = None, **attrs: str) -> list[Element]:
-        """Elements matching ``tag`` and exact attribute values (``_`` in names means ``-``)."""
-        wanted = {name.rstrip("_").replace("_", "-"): value for name, value in attrs.items()}
-        return [
-            element
-            for element in self.elements
-            if (tag is None or element.tag == tag)
-            and all(element.attrs.get(name) == value for name, value in wanted.items())
-        ]
-
-    def one(self, tag: str | None = None, **attrs: str) -> Element:
-        """The single element matching; fails the test when there is not exactly one."""
-        matches = self.find(tag, **attrs)
-        assert len(matches) == 1, f"expected one <{tag} {attrs}>, found {len(matches)}"
-        return matches[0]
-
-    def text_of(self, element_id: str) -> str:
-        """Clean text of the element with ``element_id``."""
-        return self.one(id=element_id).clean_text
-
-    def index_of(self, element: Element) -> int:
-        """Document position of ``element`` (for "A is above B" assertions)."""
-        return next(i for i, candidate in enumerate(self.elements) if candidate is element)
-
-
-# --- a browser-like HTTP client ------------------------------------------------------------
-
-
-class _DontFollow(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        # Returning None makes urllib surface the 3xx itself, so a test can inspect Location.
-        return None
-
-
-class Browser:
-    """Keeps cookies (session and visitor) across requests like one browser context."""
-
-    def __init__(self, base_url: str) -> None:
-        self.base_url = base_url
-        self.jar = CookieJar()
-        cookies = urllib.request.HTTPCookieProcessor(self.jar)
-        self._following = urllib.request.build_opener(cookies)
-        self._not_following = urllib.request.build_opener(cookies, _DontFollow())
-
-    def get(self, path: str, *, follow: bool = True) -> Page:
-        """GET ``path`` (relative to the site)."""
-        return self._open(urllib.request.Request(self.base_url + path), follow)
-
-    def post(self, path: str, fields: dict[str, str], *, follow: bool = True) -> Page:
-        """POST ``fields`` as an ordinary urlencoded HTML form."""
-        data = urllib.parse.urlencode(fields).encode()
-        return self._open(urllib.request.Request(self.base_url + path, data=data), follow)
-
-    def login(self, next_path: str = "/") -> Page:
-        """Sign in with the credentials the fixture accepts."""
-        credentials = credentials_for("billing")
-        query = urllib.parse.urlencode({"next": next_path})
-        fields = {"username": credentials.username, "password": credentials.password}
-        page = self.post(f"/login?{query}", fields)
-        assert page.status == 200
-        return page
-
-    def cookie(self, name: str) -> str | None:
-        """The value of cookie ``name``, if the site has set it."""
-        return next((cookie.value for cookie in self.jar if cookie.name == name), None)
-
-    def _open(self, request: urllib.request.Request, follow: bool) -> Page:
-        opener = self._following if follow else self._not_following
-        try:
-            with opener.open(request, timeout=TIMEOUT_S) as response:
-                return Page(response.status, response.url, response.headers, _text(response))
-        except urllib.error.HTTPError as error:  # 3xx (not followed), 4xx and 5xx
-            try:
-                return Page(error.code, error.url, error.headers, _text(error))
-            finally:
-                error.close()
-
-
-def _text(response: Any) -> str:
-    return bytes(response.read()).decode("utf-8")
-
-
-def control(base_url: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    """Call a ``/_fixture`` JSON endpoint; returns (status, decoded JSON)."""
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(
-        base_url + path,
-        data=None if body is None else data,
-        method=method,
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        try:
-            return error.code, json.loads(error.read())
-        finally:
-            error.close()
-
-
-def set_faults(base_url: str, **faults: Any) -> None:
-    status, body = control(base_url, "POST", "/_fixture/faults", faults)
-    assert status == 200, body
-
-
-def state(base_url: str) -> dict[str, Any]:
-    status, body = control(base_url, "GET", "/_fixture/state")
-    assert status == 200
-    result: dict[str, Any] = body
-    return result
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    """Re-check ``condition`` (itself an HTTP round trip) until true; no fixed sleeps."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
 
 
 def submit_credit(browser: Browser, account: str = ACCOUNT, **overrides: str) -> Page:
@@ -246,7 +55,7 @@ def base_url(fixture_server: FixtureServer) -> str:
 @pytest.fixture
 def browser(base_url: str) -> Browser:
     """A signed-in browser."""
-    signed_in = Browser(base_url)
+    signed_in = Browser(base_url, "billing")
     signed_in.login()
     return signed_in
 
@@ -273,7 +82,7 @@ def test_start_fails_loudly_when_the_port_is_taken(fixture_server: FixtureServer
 def test_password_can_be_overridden_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FIXTURE_BILLING_PASSWORD", "from-the-env")
     with start_fixture("billing") as server:
-        browser = Browser(server.url)
+        browser = Browser(server.url, "billing")
         fields = {"username": "formwork-bot", "password": "correct-horse-battery-7"}
         assert browser.post("/login", fields).find(class_="alert alert-danger")
         assert browser.login().path == "/"  # login() reads the same overridden credentials
@@ -284,7 +93,7 @@ def test_stop_ends_a_hanging_request_promptly() -> None:
     try:
         set_faults(server.url, latency_ms=30_000, latency_path_contains="/login")
         with ThreadPoolExecutor(1) as pool:
-            hanging = pool.submit(Browser(server.url).get, "/login")
+            hanging = pool.submit(Browser(server.url, "billing").get, "/login")
             wait_until(lambda: state(server.url)["requests"] == 1)
             started = time.monotonic()
             server.stop()
@@ -299,7 +108,7 @@ def test_stop_ends_a_hanging_request_promptly() -> None:
 
 
 def test_pages_redirect_to_login_and_back(base_url: str) -> None:
-    browser = Browser(base_url)
+    browser = Browser(base_url, "billing")
     redirect = browser.get(f"/accounts/{ACCOUNT}", follow=False)
     assert redirect.status == 303
     assert redirect.headers["Location"] == f"/login?next=/accounts/{ACCOUNT}"
@@ -323,7 +132,7 @@ def test_pages_redirect_to_login_and_back(base_url: str) -> None:
 
 
 def test_bad_login_is_refused_and_counted(base_url: str) -> None:
-    browser = Browser(base_url)
+    browser = Browser(base_url, "billing")
     page = browser.post("/login", {"username": "formwork-bot", "password": "wrong"})
     assert page.status == 200
     assert page.one(class_="alert alert-danger").clean_text == "Invalid username or password."
@@ -333,7 +142,7 @@ def test_bad_login_is_refused_and_counted(base_url: str) -> None:
 
 
 def test_login_never_redirects_off_site(base_url: str) -> None:
-    page = Browser(base_url).login(next_path="//evil.example/steal")
+    page = Browser(base_url, "billing").login(next_path="//evil.example/steal")
     assert page.path == "/"
 
 
@@ -355,7 +164,7 @@ def test_dashboard_lookup_and_stylesheet(browser: Browser) -> None:
     missing = browser.get("/accounts/search?account_id=AC-99999")
     assert missing.one(class_="alert alert-danger").clean_text == "No account found for AC-99999"
 
-    css = Browser(browser.base_url).get("/static/legacy.css")  # no session needed
+    css = Browser(browser.base_url, "billing").get("/static/legacy.css")  # no session needed
     assert (css.status, css.headers.get_content_type()) == (200, "text/css")
 
 
@@ -498,7 +307,7 @@ def test_commit_drop_hang_ends_in_a_gateway_timeout(browser: Browser, base_url: 
 
 def test_session_expiry_redirects_to_login_with_notice(base_url: str) -> None:
     set_faults(base_url, session_expiry_after=2)
-    browser = Browser(base_url)
+    browser = Browser(base_url, "billing")
     browser.login()  # the redirect to "/" is authenticated page request 1
     assert browser.get(f"/accounts/{ACCOUNT}").status == 200  # request 2
     expired = browser.get(f"/accounts/{ACCOUNT}", follow=False)
@@ -564,7 +373,7 @@ def test_concurrent_visitors_are_counted_distinctly(base_url: str) -> None:
         start_together.wait()
         return browser.get("/login").status
 
-    one_visitor = Browser(base_url)
+    one_visitor = Browser(base_url, "billing")
     one_visitor.get("/static/legacy.css")  # static responses carry no visitor cookie ...
     assert one_visitor.cookie("visitor") is None
     assert one_visitor.get("/", follow=False).status == 303  # ... any page response does
@@ -575,7 +384,9 @@ def test_concurrent_visitors_are_counted_distinctly(base_url: str) -> None:
     assert state(base_url)["max_concurrent_visitors"] == 1
 
     with ThreadPoolExecutor(2) as pool:
-        assert list(pool.map(slow_get, [Browser(base_url), Browser(base_url)])) == [200, 200]
+        assert list(
+            pool.map(slow_get, [Browser(base_url, "billing"), Browser(base_url, "billing")])
+        ) == [200, 200]
     snapshot = state(base_url)
     assert snapshot["max_concurrent_visitors"] >= 2
     assert snapshot["requests"] == 5  # pages only: static and /_fixture calls are not counted
@@ -601,7 +412,7 @@ def test_invalid_faults_are_rejected_with_400(base_url: str, body: bytes) -> Non
 
 def test_faults_never_touch_fixture_or_static_paths(base_url: str) -> None:
     set_faults(base_url, fail=[{"path_contains": "/", "status": 500, "times": 5}])
-    assert Browser(base_url).get("/static/legacy.css").status == 200
+    assert Browser(base_url, "billing").get("/static/legacy.css").status == 200
     assert state(base_url)["faults"]["fail"][0]["times"] == 5
 
 

@@ -170,3 +170,32 @@ def test_rules_and_alternates_are_checked_at_load_time(tree: Path) -> None:
         tree, "bad_rule", "  - {id: go, click: account.issue_credit, on_failure: {timeout: redo}}\n"
     )
     assert "step 'go'" in message and "on_failure" in message
+
+
+@pytest.mark.parametrize(
+    ("steps", "message"),
+    [
+        (
+            '- {id: a, fill: {target: credit.amount, value: "1"}, dialog: accept}\n',
+            "dialog only goes with click or press",
+        ),
+        ("- {id: a, click: credit.review, dialog: {action: accept, message: '('}}\n", "regular"),
+        ("- {id: a, upload: {target: credit.amount, file: /etc/passwd}}\n", "relative path"),
+        ("- {id: a, upload: {target: credit.amount, file: ../secrets.yaml}}\n", "no '..'"),
+    ],
+)
+def test_dialogs_and_uploads_are_checked_at_load_time(tree: Path, steps: str, message: str) -> None:
+    assert message in load_broken(tree, "broken_dsl", steps)
+
+
+def test_dialog_shorthand_and_frame_candidates_load(script_store: ScriptStore) -> None:
+    loaded = script_store.load("orders/refund_order")
+    submit = next(p.step for p in loaded.plan if p.id == "submit")
+    assert submit.dialog is not None and submit.dialog.action == "accept"
+    (candidate,) = loaded.registry.candidates("payment.use")
+    assert candidate.frame == "iframe#payment-widget"
+    assert (
+        candidate.describe() == "frame=iframe#payment-widget >> role=button[name='Use this method']"
+    )
+    upload = next(p for p in loaded.plan if p.action == "upload")
+    assert upload.step.targets() == ["refund.receipt"]

@@ -7,22 +7,33 @@ next; this module only does one thing on the page and says what it found.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
+from playwright.async_api import Dialog, FilePayload, Page, Response, expect
 from playwright.async_api import Error as PlaywrightError
-from playwright.async_api import Page, Response, expect
 
-from worker.contract import Box, BrowserJob, FailureCode, MatchedSelector, Verification
+from worker.contract import (
+    Box,
+    BrowserJob,
+    DialogSeen,
+    FailureCode,
+    MatchedSelector,
+    Verification,
+)
 from worker.errors import StepError
 from worker.evidence import mark_secret, redact_script
 from worker.failures import detectors_seen
 from worker.script import (
     CheckStep,
     ClickStep,
+    DialogSpec,
     Expectation,
     ExpectStep,
     ExtractStep,
@@ -34,11 +45,15 @@ from worker.script import (
     PressStep,
     ScreenshotStep,
     SelectStep,
+    UploadStep,
     WaitForStep,
     validate_inputs,
 )
-from worker.selectors import Resolved, WaitState, resolve
+from worker.selectors import Candidate, Resolved, WaitState, combined, resolve, wait_any
 from worker.templating import references, render
+from worker.uploads import UploadRefused, read_upload
+
+log = logging.getLogger("formwork.actions")
 
 # After a side effect, how long the expected page may still take once a detector showed up on
 # a page that was already there before the action (the old page, still on screen).
@@ -71,6 +86,10 @@ class PageActions:
     dispatched: bool = False  # the current commit step's action reached the site
     probing: bool = False  # running the verify_effect probe: what it reads is verified by it
     entered: dict[str, str] = field(default_factory=dict)  # element -> value, secrets masked
+    uploads: Path | None = None  # the only directory upload steps may take files from
+    dialogs: list[DialogSeen] = field(default_factory=list)  # since the last take_dialogs()
+    dialog: DialogSpec | None = None  # how the running step answers a dialog
+    unexpected_dialog: DialogSeen | None = None
     _frame_inputs: dict[int, dict[str, Any]] = field(default_factory=dict)
     _first_found: Resolved | None = None  # the element the current step acts on
     _redacting: bool = False
@@ -78,6 +97,9 @@ class PageActions:
     def __post_init__(self) -> None:
         self.page.on("response", self._on_response)
         self.page.on("framenavigated", self._on_navigated)
+        # With a listener, Playwright no longer dismisses dialogs itself: this one must answer
+        # every dialog, or the page (and the job) would wait forever.
+        self.page.on("dialog", self._on_dialog)
 
     def _on_response(self, response: Response) -> None:
         # The status of the page's own document tells a 502 page from a changed form.
@@ -87,6 +109,42 @@ class PageActions:
     def _on_navigated(self, frame: Any) -> None:
         if frame == self.page.main_frame:
             self.navigations += 1
+
+    async def _on_dialog(self, dialog: Dialog) -> None:
+        """Answer as the running step declared; any other dialog is dismissed — never accepted:
+        an unreviewed "Are you sure?" may be the very thing that must not happen."""
+        spec = self.dialog
+        expected = spec is not None and (
+            spec.message is None or re.search(spec.message, dialog.message) is not None
+        )
+        accept = spec is not None and expected and spec.action == "accept"
+        try:
+            await (dialog.accept() if accept else dialog.dismiss())
+        except PlaywrightError as exc:  # the page went away with its dialog
+            log.warning("job %s: could not answer a dialog: %s", self.job.job_id, exc.message)
+        seen = DialogSeen(
+            type=dialog.type,
+            message=dialog.message,
+            action="accepted" if accept else "dismissed",
+            expected=expected,
+        )
+        self.dialogs.append(seen)
+        if not expected:
+            self.unexpected_dialog = seen
+
+    def take_dialogs(self) -> list[DialogSeen]:
+        """The dialogs seen since the last call (for the step report)."""
+        seen, self.dialogs = self.dialogs, []
+        return seen
+
+    def _no_unexpected_dialog(self) -> None:
+        seen = self.unexpected_dialog
+        if seen is not None:
+            raise StepError(
+                FailureCode.unexpected_page,
+                f"the page opened an unexpected {seen.type} dialog (dismissed it)",
+                evidence=seen.message,
+            )
 
     # ------------------------------------------------------------ values
 
@@ -136,6 +194,7 @@ class PageActions:
         The matched selector carries the element's box as the page shows it after the action,
         for the annotated evidence; a step that navigated away has none.
         """
+        self.dialog, self.unexpected_dialog = planned.step.dialog, None
         if not self._redacting and self.loaded.script.redact:
             self._redacting = True
             script = redact_script(self.loaded.script.redact)
@@ -143,13 +202,14 @@ class PageActions:
             await self.page.evaluate(script)  # and the one showing now (a resumed job's)
         self._first_found = None
         navigations = self.navigations
-        matched = await self._act(planned, timeout_ms)
+        matched = await self._perform(planned, timeout_ms)
+        self._no_unexpected_dialog()
         found = self._first_found
         if matched is not None and found is not None and self.navigations == navigations:
             matched.box = await _box(found)
         return matched
 
-    async def _act(self, planned: PlannedStep, timeout_ms: float) -> MatchedSelector | None:
+    async def _perform(self, planned: PlannedStep, timeout_ms: float) -> MatchedSelector | None:
         step, frame = planned.step, planned.frame
         if isinstance(step, GotoStep):
             await self.goto(self.value(step.goto, frame), timeout_ms)
@@ -183,6 +243,8 @@ class PageActions:
             found = await self.find(step.check.target, frame, timeout_ms)
             await found.locator.set_checked(step.check.checked, timeout=timeout_ms)
             return found.matched
+        if isinstance(step, UploadStep):
+            return await self.upload(step, frame, timeout_ms)
         # A commit counts as sent from the moment the click or key press starts: Playwright's
         # click waits for the navigation it starts, so a request whose answer never comes
         # surfaces as a click timeout — after the site may well have acted on it.
@@ -215,6 +277,20 @@ class PageActions:
         if isinstance(step, ScreenshotStep):
             return None  # the capture after every step is the action
         raise StepError(FailureCode.script_error, f"no executor for action {planned.action!r}")
+
+    async def upload(self, step: UploadStep, frame: Frame, timeout_ms: float) -> MatchedSelector:
+        """Hand a file from the uploads directory to a file input (the input may be hidden
+        behind a styled button, so it only needs to be in the page)."""
+        name = self.value(step.upload.file, frame)
+        try:
+            file = await asyncio.to_thread(read_upload, self.uploads, name)
+        except UploadRefused as exc:
+            raise StepError(FailureCode.script_error, str(exc)) from exc
+        found = await self.find(step.upload.target, frame, timeout_ms, state="attached")
+        self.entered[step.upload.target] = file.name
+        payload = FilePayload(name=file.name, mimeType=file.mime_type, buffer=file.content)
+        await found.locator.set_input_files(payload, timeout=timeout_ms)
+        return found.matched
 
     async def extract(
         self, planned: PlannedStep, step: ExtractStep, timeout_ms: float, *, probe: bool = False
@@ -306,6 +382,7 @@ class PageActions:
             raise StepError(
                 FailureCode.expectation_failed, f"{what} failed: {exc.message}"
             ) from exc
+        self._no_unexpected_dialog()
         self.confirmed_url = self.page.url
         return matched
 
@@ -324,13 +401,10 @@ class PageActions:
         expected = [
             c.render(self.context_for(frame)) for c in self.loaded.registry.candidates(target)
         ]
-        either = expected[0].locator(self.page)
-        for candidate in expected[1:]:
-            either = either.or_(candidate.locator(self.page))
-        for selector in watched:
-            either = either.or_(self.page.locator(selector))
+        expected += [Candidate(css=selector) for selector in watched]
+        either = combined(expected, [candidate.locator(self.page) for candidate in expected])
         try:
-            await either.first.wait_for(state="visible", timeout=timeout_ms)
+            await wait_any(either, "visible", timeout_ms)
         except PlaywrightError:
             pass  # the plain wait below gives the precise message
         else:
@@ -385,6 +459,7 @@ class PageActions:
             raise StepError(FailureCode.validation_rejected, "the site rejected the form")
         if await detectors_seen(self.page, detectors.login_page):
             raise StepError(FailureCode.auth_expired, "the site asks to sign in again")
+        self._no_unexpected_dialog()
 
 
 # Measured in the page, not with Locator.bounding_box: that waits for the element, and after a

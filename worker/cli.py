@@ -159,6 +159,7 @@ async def _run(args: argparse.Namespace) -> int:
         browser=BrowserHost(settings.chromium),
         artifacts=store_for(settings),
         secrets=secrets,
+        uploads=settings.uploads_dir,
     )
     out = sys.stderr if args.json else sys.stdout
     if not args.json:

@@ -281,6 +281,18 @@ class SelectorDrift(_Model):
     used: str
 
 
+class DialogSeen(_Model):
+    """A JavaScript dialog (alert, confirm, prompt, beforeunload) the page opened in a step."""
+
+    type: str = Field(description="alert, confirm, prompt or beforeunload.")
+    message: str = Field(description="The dialog's text, as the site showed it (redacted).")
+    action: Literal["accepted", "dismissed"]
+    expected: bool = Field(
+        description="Whether the step declared it (`dialog:`); an unexpected dialog is "
+        "dismissed, never accepted, and fails the step."
+    )
+
+
 class RuleFired(_Model):
     """A failure rule that changed the course of the job, and why."""
 
@@ -437,6 +449,9 @@ class StepReport(_Model):
         default_factory=list,
         description="Where the script's dynamic elements (dates, generated numbers) are on the "
         "step's screenshot: replay masks them before comparing.",
+    )
+    dialogs: list[DialogSeen] = Field(
+        default_factory=list, description="JavaScript dialogs the page opened, and the answer."
     )
 
 

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -95,6 +96,7 @@ class Runtime:
     secrets: SecretStore
     # Called on each job's context before its first step (replay serves a HAR through it).
     context_setup: Callable[[BrowserContext], Awaitable[None]] | None = None
+    uploads: Path | None = None  # the only directory upload steps may take files from
 
 
 class CommitJournal(Protocol):
@@ -180,7 +182,9 @@ async def run_job(
             if runtime.context_setup is not None:
                 await runtime.context_setup(context)
             context.set_default_timeout(loaded.script.timeout_ms)
-            actions = PageActions(job, loaded, inputs, secrets, job_page.page)
+            actions = PageActions(
+                job, loaded, inputs, secrets, job_page.page, uploads=runtime.uploads
+            )
             run = _Run(
                 job,
                 loaded,
@@ -295,6 +299,7 @@ def intake(
     """Everything checked before a browser is touched; raises RejectedError."""
     loaded = runtime.scripts.load(job.script_name, job.script_version)
     inputs = loaded.validate_inputs(job.inputs)
+    loaded.check_uploads(inputs, runtime.uploads)
     secrets = runtime.secrets.resolve(loaded.secret_names(), script=loaded.name)
     if job.site_url is not None:
         host = urlsplit(job.site_url).hostname or ""
@@ -809,6 +814,10 @@ class _Run:
                 evidence=failure.evidence,
                 step_id=planned.id,
             )
+        report.dialogs += [
+            seen.model_copy(update={"message": self.redact(seen.message) or ""})
+            for seen in actions.take_dialogs()
+        ]
         report.url = self.page.url
         shot = None
         if failure is None or failure.code != FailureCode.browser_crashed:

@@ -164,6 +164,7 @@ async def startup(ctx: dict[str, Any]) -> None:
             browser=browser,
             artifacts=store_for(settings),
             secrets=SecretStore(settings.secrets_file),
+            uploads=settings.uploads_dir,
         ),
         capacity=SiteCapacity(redis, keys),
         http=aiohttp.ClientSession(),

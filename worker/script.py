@@ -37,7 +37,14 @@ from worker.contract import SCRIPT_REF, FailureCode, TraceMode
 from worker.errors import InputInvalid, ScriptInvalid, ScriptNotFound
 from worker.policy import Rule
 from worker.selectors import SiteRegistry, WaitState, load_registry
-from worker.templating import Reference, TemplateError, condition_references, references
+from worker.templating import (
+    Reference,
+    TemplateError,
+    condition_references,
+    references,
+    render,
+)
+from worker.uploads import UploadRefused, relative_upload, upload_path
 from worker.yamlfile import describe_loc, line_of, load_model, read_yaml
 
 STEP_ID = r"^[a-z][a-z0-9_]*$"
@@ -191,6 +198,32 @@ class Approval(_Strict):
         return value
 
 
+class DialogSpec(_Strict):
+    """How a step answers the JavaScript dialog (alert, confirm, prompt) its action opens."""
+
+    action: Literal["accept", "dismiss"]
+    message: str | None = Field(
+        default=None,
+        description="A regular expression the dialog's message must match to be answered as "
+        "declared; any other dialog is unexpected (dismissed, and the step fails).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"action": data} if isinstance(data, str) else data
+
+    @field_validator("message")
+    @classmethod
+    def _pattern(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from exc
+        return value
+
+
 class _Step(_Strict):
     action: str  # each concrete step narrows this to a Literal with its default
     id: str = Field(pattern=STEP_ID)
@@ -215,6 +248,11 @@ class _Step(_Strict):
         description="For a commit step: a person approves the filled form before it is sent.",
     )
     on_failure: dict[FailureCode, Rule] = Field(default_factory=dict)
+    dialog: DialogSpec | None = Field(
+        default=None,
+        description="For a click or key press that opens a JavaScript dialog: accept or dismiss "
+        "it. Without it, a dialog is unexpected: dismissed, recorded, and the step fails.",
+    )
 
     def targets(self) -> list[str]:
         """Logical elements this step acts on (for load-time checks)."""
@@ -303,6 +341,38 @@ class ClickStep(_Step):
 
     def targets(self) -> list[str]:
         return [self.click]
+
+
+class UploadSpec(_Strict):
+    target: TargetName = Field(description="The file input (`input type=file`).")
+    file: str = Field(
+        description="A path relative to the worker's uploads directory (FORMWORK_UPLOADS_DIR), "
+        "usually from an input: '{{ inputs.receipt }}'. Nothing outside it can be sent."
+    )
+
+    @field_validator("file")
+    @classmethod
+    def _relative(cls, value: str) -> str:
+        # A literal path is checked now; a templated one when it is rendered (worker/uploads.py).
+        if "{{" not in value:
+            try:
+                relative_upload(value)
+            except UploadRefused as exc:
+                raise ValueError(str(exc)) from exc
+        return value
+
+
+class UploadStep(_Step):
+    """Choose a file for a file input, from the uploads directory only."""
+
+    upload: UploadSpec
+    action: Literal["upload"] = "upload"
+
+    def targets(self) -> list[str]:
+        return [self.upload.target]
+
+    def templates(self) -> list[str]:
+        return [self.upload.file]
 
 
 class PressSpec(_Strict):
@@ -412,6 +482,7 @@ ACTIONS = (
     "check",
     "click",
     "press",
+    "upload",
     "wait_for",
     "extract",
     "screenshot",
@@ -439,6 +510,7 @@ Step = Annotated[
     | Annotated[CheckStep, Tag("check")]
     | Annotated[ClickStep, Tag("click")]
     | Annotated[PressStep, Tag("press")]
+    | Annotated[UploadStep, Tag("upload")]
     | Annotated[WaitForStep, Tag("wait_for")]
     | Annotated[ExpectStep, Tag("expect")]
     | Annotated[ExtractStep, Tag("extract")]
@@ -554,6 +626,8 @@ class Script(_Strict):
                 raise ValueError(f"step {step.id!r}: retry_from only goes with commit: true")
             if step.approval is not None and not step.commit:
                 raise ValueError(f"step {step.id!r}: approval only goes with commit: true")
+            if step.dialog is not None and step.action not in ("click", "press"):
+                raise ValueError(f"step {step.id!r}: dialog only goes with click or press")
             if step.approval is not None and step.approval.when is not None:
                 for ref in condition_references(step.approval.when):
                     if ref.name not in self.inputs:
@@ -628,6 +702,23 @@ class LoadedScript:
         """The values of inputs declared `secret: true`, by name."""
         specs = self.script.inputs
         return {k: str(v) for k, v in inputs.items() if k in specs and specs[k].secret}
+
+    def check_uploads(self, inputs: dict[str, Any], uploads_dir: Path | None) -> None:
+        """Every file the script's upload steps name from its inputs is in the uploads
+        directory — checked before any browser work, so a bad name is a rejection."""
+        for planned in self.plan:
+            step = planned.step
+            if not isinstance(step, UploadStep) or planned.frame.parent is not None:
+                continue
+            refs = references(step.upload.file)
+            if any(ref.namespace != "inputs" for ref in refs):
+                continue  # depends on what the run reads: checked when the step runs
+            name = render(step.upload.file, {"inputs": inputs})
+            try:
+                upload_path(uploads_dir, name)
+            except UploadRefused as exc:
+                field = f"inputs.{refs[0].name}" if refs else "script"
+                raise InputInvalid(f"step {planned.id!r}: {exc}", field=field) from exc
 
     def redacted_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         specs = self.script.inputs

@@ -3,6 +3,9 @@
 Scripts name logical elements (`credit.amount`), never raw CSS, so a markup change is fixed once
 in `selectors/<site>.yaml` and every script of that site follows. Candidates are tried in order;
 the step report records which one matched, so a fallback in use is visible.
+
+A candidate may reach into an iframe (`{frame: "iframe#pay", role: radio, name: Store credit}`):
+the element is looked up inside that frame's document, same-origin or not.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from playwright.async_api import Error as PlaywrightError
-from playwright.async_api import Locator, Page
+from playwright.async_api import FrameLocator, Locator, Page
 from playwright.async_api import TimeoutError as PlaywrightTimeoutError
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
 
@@ -40,6 +43,11 @@ class Candidate(BaseModel):
     text: str | None = None
     css: str | None = None
     exact: bool = True
+    frame: str | None = Field(
+        default=None,
+        description="CSS of the iframe the element is in (a payment widget, an editor); "
+        "absent: the page itself.",
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> Candidate:
@@ -51,7 +59,7 @@ class Candidate(BaseModel):
         return self
 
     def templates(self) -> list[str]:
-        values = [getattr(self, kind) for kind in (*_KINDS, "name")]
+        values = [getattr(self, kind) for kind in (*_KINDS, "name", "frame")]
         return [v for v in values if isinstance(v, str) and "{{" in v]
 
     def render(self, context: dict[str, dict[str, Any]]) -> Candidate:
@@ -60,31 +68,33 @@ class Candidate(BaseModel):
             return self
         update = {
             kind: render(value, context)
-            for kind in (*_KINDS, "name")
+            for kind in (*_KINDS, "name", "frame")
             if isinstance(value := getattr(self, kind), str) and "{{" in value
         }
         return self.model_copy(update=update)
 
     def describe(self) -> str:
+        within = f"frame={self.frame} >> " if self.frame is not None else ""
         if self.role is not None:
-            return f"role={self.role}" + (f"[name={self.name!r}]" if self.name else "")
+            return f"{within}role={self.role}" + (f"[name={self.name!r}]" if self.name else "")
         kind = next(k for k in _KINDS if getattr(self, k) is not None)
-        return f"{kind}={getattr(self, kind)}"
+        return f"{within}{kind}={getattr(self, kind)}"
 
     def locator(self, page: Page) -> Locator:
+        root: Page | FrameLocator = page if self.frame is None else page.frame_locator(self.frame)
         if self.role is not None:
             # Playwright types the role as a Literal of ARIA roles; the registry holds plain text.
-            return page.get_by_role(self.role, name=self.name, exact=self.exact)  # type: ignore[arg-type]
+            return root.get_by_role(self.role, name=self.name, exact=self.exact)  # type: ignore[arg-type]
         if self.label is not None:
-            return page.get_by_label(self.label, exact=self.exact)
+            return root.get_by_label(self.label, exact=self.exact)
         if self.placeholder is not None:
-            return page.get_by_placeholder(self.placeholder, exact=self.exact)
+            return root.get_by_placeholder(self.placeholder, exact=self.exact)
         if self.test_id is not None:
-            return page.get_by_test_id(self.test_id)
+            return root.get_by_test_id(self.test_id)
         if self.text is not None:
-            return page.get_by_text(self.text, exact=self.exact)
+            return root.get_by_text(self.text, exact=self.exact)
         assert self.css is not None
-        return page.locator(self.css)
+        return root.locator(self.css)
 
 
 class Detectors(BaseModel):
@@ -177,12 +187,9 @@ async def resolve(
     """
     candidates = [c.render(context or {}) for c in registry.candidates(element)]
     locators = [candidate.locator(page) for candidate in candidates]
-    combined = locators[0]
-    for other in locators[1:]:
-        combined = combined.or_(other)
     tried = ", ".join(c.describe() for c in candidates)
     try:
-        await combined.first.wait_for(state=state, timeout=timeout_ms)
+        await wait_any(combined(candidates, locators), state, timeout_ms)
     except PlaywrightTimeoutError as exc:
         raise StepError(
             FailureCode.selector_not_found,
@@ -202,6 +209,42 @@ async def resolve(
                 continue
         await asyncio.sleep(0)
     raise StepError(FailureCode.selector_not_found, f"element {element!r} vanished; tried {tried}")
+
+
+def combined(candidates: list[Candidate], locators: list[Locator]) -> list[Locator]:
+    """One `or_` locator per document the candidates live in (the page first, then each
+    frame): Playwright only combines locators of the same frame."""
+    groups: dict[str | None, Locator] = {}
+    for candidate, locator in zip(candidates, locators, strict=True):
+        key = candidate.frame
+        groups[key] = groups[key].or_(locator) if key in groups else locator
+    return [groups[key] for key in sorted(groups, key=lambda k: (k is not None, k or ""))]
+
+
+async def wait_any(locators: list[Locator], state: WaitState, timeout_ms: float) -> None:
+    """Return once the first element of any of `locators` is in `state`; raise Playwright's
+    TimeoutError when none is within `timeout_ms`."""
+    if len(locators) == 1:
+        await locators[0].first.wait_for(state=state, timeout=timeout_ms)
+        return
+    waits = [
+        asyncio.ensure_future(locator.first.wait_for(state=state, timeout=timeout_ms))
+        for locator in locators
+    ]
+    try:
+        pending: set[asyncio.Future[None]] = set(waits)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            errors = [task.exception() for task in done]  # retrieve every one: none is lost
+            if any(error is None for error in errors):
+                return
+        # None matched (each timed out, most likely): raise the page's own error.
+        error = waits[0].exception()
+        assert error is not None
+        raise error
+    finally:
+        for task in waits:
+            task.cancel()
 
 
 async def _in_state(locator: Locator, state: WaitState) -> bool:

@@ -23,6 +23,8 @@ class Settings(BaseModel):
     s3_endpoint_url: str | None = None  # a non-AWS server (MinIO, Ceph, ...)
     scripts_dir: Path = Path("scripts")
     selectors_dir: Path = Path("selectors")
+    # The only directory upload steps may take files from (the orchestrator stages them there).
+    uploads_dir: Path = Path("uploads")
     secrets_file: Path | None = None
     chromium: str | None = None
     # arq polls its queue; 20 ms keeps enqueue-to-start latency low at ~50 cheap reads a second.
@@ -43,6 +45,7 @@ class Settings(BaseModel):
             "FORMWORK_ARTIFACTS_DIR": str(self.artifacts_dir),
             "FORMWORK_SCRIPTS_DIR": str(self.scripts_dir),
             "FORMWORK_SELECTORS_DIR": str(self.selectors_dir),
+            "FORMWORK_UPLOADS_DIR": str(self.uploads_dir),
             "FORMWORK_MAX_JOBS": str(self.max_jobs),
             "FORMWORK_POLL_DELAY": str(self.poll_delay_s),
             "FORMWORK_JOB_TIMEOUT": str(self.job_timeout_s),
@@ -71,6 +74,7 @@ class Settings(BaseModel):
             "s3_endpoint_url": "FORMWORK_S3_ENDPOINT",
             "scripts_dir": "FORMWORK_SCRIPTS_DIR",
             "selectors_dir": "FORMWORK_SELECTORS_DIR",
+            "uploads_dir": "FORMWORK_UPLOADS_DIR",
             "secrets_file": "FORMWORK_SECRETS_FILE",
             "chromium": "FORMWORK_CHROMIUM",
             "poll_delay_s": "FORMWORK_POLL_DELAY",

@@ -1,0 +1,173 @@
+"""orders/refund_order in real Chromium against the orders fixture: the wizard, the confirm()
+dialog, the payment widget in a cross-origin iframe and the receipt upload — exactly one refund,
+checked against the site's ground truth."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+from typing import Any
+
+from arq import Worker
+
+from worker.client import FormworkClient
+from worker.contract import BrowserJob, FailureCode, JobReport, JobStatus, StepStatus, Verification
+from worker.executor import Runtime, run_job
+from worker.script import ScriptStore
+
+from .conftest import SCRIPTS, SELECTORS, UPLOADS, Site
+
+RECEIPT = "receipt-ord-100231.png"
+REFUND_INPUTS = {
+    "order_id": "ORD-100231",
+    "sku": "MUG-RED",
+    "reason": "damaged",
+    "reference": "T-5001",
+    "method": "store_credit",
+    "receipt": RECEIPT,
+}
+
+
+def refund_job(site: Site, job_id: str = "refund-1", **inputs: str) -> BrowserJob:
+    return BrowserJob(
+        job_id=job_id,
+        script="orders/refund_order",
+        inputs={**REFUND_INPUTS, **inputs},
+        site_url=site.url,
+    )
+
+
+def step(report: JobReport, step_id: str) -> Any:
+    return next(s for s in report.steps if s.id == step_id)
+
+
+async def test_refund_wizard_dialog_iframe_and_upload_refund_exactly_once(
+    orders: Site, runtime: Runtime
+) -> None:
+    report = await run_job(refund_job(orders), runtime)
+
+    assert report.status == JobStatus.succeeded, report.error
+    (refund,) = orders.refunds()
+    assert (refund["order_id"], refund["skus"], refund["amount"]) == (
+        "ORD-100231",
+        ["MUG-RED"],
+        "12.50",
+    )
+    assert (refund["reason"], refund["reference"], refund["method"]) == (
+        "damaged",
+        "T-5001",
+        "store_credit",
+    )
+    # The bytes the site received are the file in the uploads directory.
+    content = (UPLOADS / RECEIPT).read_bytes()
+    assert refund["receipt"]["sha256"] == hashlib.sha256(content).hexdigest()
+    assert refund["receipt"]["filename"] == RECEIPT
+    assert report.outputs == {"refund_number": refund["refund_id"]}
+    # The confirm() was answered as declared, and its text is evidence in the report.
+    submit = step(report, "submit")
+    (dialog,) = submit.dialogs
+    assert (dialog.type, dialog.action, dialog.expected) == ("confirm", "accepted", True)
+    assert dialog.message == (
+        "Refund $12.50 to Store credit for order ORD-100231? This cannot be undone."
+    )
+    assert submit.verified == Verification.postcondition and submit.attempts == 1
+    # The method was chosen inside the provider's iframe.
+    method = step(report, "method")
+    assert method.selector.candidate.startswith("frame=iframe#payment-widget >> ")
+    assert step(report, "receipt").selector.element == "refund.receipt"
+    effect = next(c for c in report.claims if c.kind == "effect")
+    assert effect.verified and effect.value.endswith(refund["refund_id"])
+    assert all(not s.dialogs for s in report.steps if s.id != "submit")
+
+
+async def test_refund_commit_dropped_after_creating_is_verified_not_resent(
+    orders: Site, runtime: Runtime
+) -> None:
+    orders.faults(commit_drop={"create": True, "mode": "error", "status": 502})
+    report = await run_job(refund_job(orders), runtime)
+
+    assert report.status == JobStatus.succeeded, report.error
+    submit = step(report, "submit")
+    assert (submit.verified, submit.attempts) == (Verification.probe, 1)
+    assert [(r.step_id, r.action) for r in report.rules_fired] == [("submit", "verify_effect")]
+    (refund,) = orders.refunds()
+    assert report.outputs["refund_number"] == refund["refund_id"]
+    assert step(report, "confirmation").status == StepStatus.skipped
+
+
+async def test_refund_commit_dropped_before_creating_is_redone_once(
+    orders: Site, runtime: Runtime
+) -> None:
+    orders.faults(commit_drop={"create": False, "mode": "error", "status": 503})
+    report = await run_job(refund_job(orders), runtime)
+
+    assert report.status == JobStatus.succeeded, report.error
+    assert [r.action for r in report.rules_fired] == ["verify_effect", "retry_from"]
+    assert step(report, "search").attempts == 2  # the wizard was walked again, from the search
+    (refund,) = orders.refunds()
+    assert report.outputs["refund_number"] == refund["refund_id"]
+
+
+async def test_markup_skin_v2_is_handled_by_fallbacks_and_recorded_as_drift(
+    orders: Site, runtime: Runtime
+) -> None:
+    orders.faults(skin="v2")
+    report = await run_job(refund_job(orders), runtime)
+
+    assert report.status == JobStatus.succeeded, report.error
+    drifted = {s.id: s.drift for s in report.steps if s.drift is not None}
+    assert set(drifted) == {"start", "reason", "reference", "receipt", "reason_next", "submit"}
+    assert drifted["submit"].expected == "role=button[name='Submit refund']"
+    assert drifted["submit"].used == "role=button[name='Confirm refund']"
+    assert len(orders.refunds()) == 1
+
+
+def without_dialog_answer(tmp_path: Path) -> ScriptStore:
+    """The real tree, with the submit step no longer declaring its dialog."""
+    shutil.copytree(SCRIPTS, tmp_path / "scripts")
+    script = tmp_path / "scripts" / "orders" / "refund_order.yaml"
+    lines = script.read_text().splitlines(keepends=True)
+    script.write_text("".join(line for line in lines if "dialog: {action" not in line))
+    return ScriptStore(tmp_path / "scripts", SELECTORS)
+
+
+async def test_an_unexpected_confirm_is_dismissed_and_never_submits(
+    orders: Site, runtime: Runtime, tmp_path: Path
+) -> None:
+    runtime.scripts = without_dialog_answer(tmp_path)
+    report = await run_job(refund_job(orders), runtime)
+
+    # Dismissed every time, so nothing was refunded; the probe saw that, and a person decides.
+    assert orders.refunds() == []
+    assert report.status == JobStatus.paused_for_handoff
+    submit = step(report, "submit")
+    assert submit.dialogs and all(
+        (d.action, d.expected) == ("dismissed", False) for d in submit.dialogs
+    )
+    first = submit.attempt_log[0].failure
+    assert first is not None and first.code == FailureCode.outcome_unknown
+    assert "unexpected confirm dialog" in first.message
+    assert first.evidence is not None and first.evidence.startswith("Refund $12.50")
+
+
+async def test_a_receipt_outside_the_uploads_directory_is_rejected_before_the_browser(
+    orders: Site, runtime: Runtime
+) -> None:
+    for name in ("../secrets.yaml", "missing.png"):
+        report = await run_job(refund_job(orders, receipt=name), runtime)
+        assert report.status == JobStatus.rejected
+        assert report.error is not None and report.error.code == FailureCode.input_invalid
+        assert report.error.field == "inputs.receipt"
+    assert orders.state()["requests"] == 0
+
+
+async def test_refund_through_the_queue_uses_the_workers_uploads_directory(
+    orders: Site, client: FormworkClient, worker: Worker
+) -> None:
+    handle = await client.enqueue(refund_job(orders, "q-refund"))
+    report = await handle.wait(timeout_s=60)
+
+    assert report.status == JobStatus.succeeded, report.error
+    (refund,) = orders.refunds()
+    assert refund["receipt"]["filename"] == RECEIPT
