@@ -429,6 +429,7 @@ async def _replay(args: argparse.Namespace) -> int:
         browser=BrowserHost(settings.chromium),
         artifacts=LocalArtifacts(out / "runs"),
         secrets=SecretStore(settings.secrets_file),
+        uploads=settings.uploads_dir,
     )
     try:
         results = await replay_all(

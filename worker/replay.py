@@ -223,7 +223,8 @@ def compare(
             results.append(result)
     problems = []
     if report.status != recording.status:
-        problems.append(f"job {recording.status} -> {report.status}")
+        why = f": {report.error.message}" if report.error else ""
+        problems.append(f"job {recording.status} -> {report.status}{why}")
     return ReplayResult(bundle, recording, report, results, problems)
 
 
