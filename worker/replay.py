@@ -113,6 +113,8 @@ def job_for(
         script=script,
         inputs=inputs,
         site_url=site_url,
+        # A recording that carries its traffic keeps doing so when --update replaces it.
+        har=True if recording.har is not None else None,
     )
 
 
