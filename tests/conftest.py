@@ -184,3 +184,60 @@ async def worker(settings: Settings, browser_host: BrowserHost) -> AsyncIterator
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
     """Environment for a `formwork worker` process with these settings."""
     return {**os.environ, **settings.to_env(), **extra}
+
+
+# ---------------------------------------------------------------- nothing left behind
+
+SECRET_SCAN_SKIP = {".jpg", ".png", ".webp"}  # pixels: checked by the masking tests instead
+
+
+def _leaks_in_files(root: Path, values: list[str]) -> list[str]:
+    import zipfile
+
+    found = []
+    for path in root.rglob("*"):
+        if not path.is_file() or path.suffix in SECRET_SCAN_SKIP:
+            continue
+        blobs = [path.read_bytes()]
+        if zipfile.is_zipfile(path):  # traces: the text is inside the archive
+            with zipfile.ZipFile(path) as archive:
+                blobs += [archive.read(name) for name in archive.namelist()]
+        if any(v.encode() in blob for v in values for blob in blobs):
+            found.append(str(path.relative_to(root)))
+    return found
+
+
+def _leaks_in_redis(url: str, values: list[str]) -> list[str]:
+    import redis as redis_sync
+
+    client = redis_sync.Redis.from_url(url)
+    found = []
+    for key in client.scan_iter(count=1000):
+        kind = client.type(key).decode()
+        if kind == "string":
+            blobs = [client.get(key) or b""]
+        elif kind == "hash":
+            blobs = list(client.hgetall(key).values())
+        elif kind == "stream":
+            blobs = [v for _, fields in client.xrange(key) for v in fields.values()]
+        elif kind == "zset":
+            blobs = list(client.zrange(key, 0, -1))
+        else:
+            blobs = []
+        if any(v.encode() in blob for v in values for blob in blobs):
+            found.append(key.decode())
+    client.close()
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_left_behind(
+    tmp_path_factory: pytest.TempPathFactory, redis_url: str, fixture_secrets: dict[str, str]
+) -> Iterator[None]:
+    """After the whole suite: no secret value in any log, report, audit record, event, job
+    record, HAR, trace or export that the tests made (files and Redis alike)."""
+    yield
+    values = [v for v in fixture_secrets.values() if len(v) >= 4]
+    leaks = _leaks_in_files(tmp_path_factory.getbasetemp(), values)
+    leaks += [f"redis {key}" for key in _leaks_in_redis(redis_url, values)]
+    assert leaks == [], f"secret values found in: {leaks}"

@@ -8,6 +8,7 @@ truth: the off-site address must never be requested.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,12 +29,14 @@ elements:
   page.header: [{css: "h1"}]
   page.away: [{css: "a#away"}]
   page.x: [{css: "h1"}]
+  page.download: [{css: "a#dl"}]
   page.settled: [{css: "body[data-fetched]"}]
 """
 SCRIPTS = {
     "link": '[{id: open, goto: "/"}, {id: leave, click: page.away, expect: {visible: page.x}}]',
     "redirect": '[{id: open, goto: "/redirect", expect: {visible: page.header}}]',
     "fetch": '[{id: open, goto: "/fetch", expect: {visible: page.settled}}]',
+    "download": '[{id: open, goto: "/dl"}, {id: fetch_file, click: page.download}]',
 }
 
 
@@ -61,7 +64,12 @@ async def trap() -> AsyncIterator[Trap]:
             "/fetch": "<h1>Trap</h1><script>fetch('" + target + "?via=fetch')"
             ".catch(() => {}).finally(() => { document.body.dataset.fetched = '1'; });</script>",
             "/stolen": "<h1>Stolen</h1>",
+            "/dl": '<h1>Files</h1><a id="dl" href="/file">statement</a>',
         }
+        if request.path == "/file":
+            # A hostile name: the site would like the file two folders up.
+            disposition = 'attachment; filename="../../escaped.txt"'
+            return web.Response(text="statement body", headers={"Content-Disposition": disposition})
         if request.path == "/redirect":
             raise web.HTTPFound(target + "?via=redirect")
         return web.Response(text=bodies[request.path], content_type="text/html")
@@ -104,3 +112,17 @@ async def test_requests_outside_the_allowlist_are_blocked_and_reported(
     failed = next(s for s in report.steps if s.status == StepStatus.failed)
     assert failed.failure is not None
     assert f"localhost:{trap.port}/stolen?via={how}" in (failed.failure.evidence or "")
+
+
+async def test_downloads_stay_in_the_jobs_own_directory(
+    trap: Trap, trap_runtime: Runtime, tmp_path: Path
+) -> None:
+    job = BrowserJob(job_id="trap-download", script="trap/download", site_url=trap.url)
+    report = await run_job(job, trap_runtime)
+
+    assert report.status == JobStatus.succeeded, report.error
+    # Chromium itself flattens the name (`_.._escaped.txt`); either way it stays in the folder.
+    kept = await asyncio.to_thread(lambda: list(tmp_path.rglob("*escaped.txt")))
+    assert len(kept) == 1 and kept[0].read_text() == "statement body"
+    assert kept[0].parent.name == "downloads" and kept[0].parent.parent.name == "trap-download"
+    assert kept[0].stat().st_mode & 0o777 == 0o600

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import signal
 import subprocess
@@ -81,6 +82,16 @@ async def test_sigterm_lets_the_running_job_finish(
         assert await asyncio.to_thread(proc.wait, 60) == 0
     assert report.status == JobStatus.succeeded
     assert len(billing.credits()) == 1
+    # Structured logs: one JSON object per line; every line about a step names it all.
+    lines = (tmp_path / "w.log").read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    assert len(records) == len(lines) - 1  # all but the banner printed before logging starts
+    steps = [r for r in records if r["logger"] == "formwork.executor"]
+    assert {r["step_id"] for r in steps} >= {"login.open", "submit", "confirmation"}
+    assert all(
+        (r["job_id"], r["site"], r["script"]) == ("p-term", "billing", "billing/issue_credit")
+        for r in steps
+    )
 
 
 async def test_sigterm_past_the_grace_period_requeues_the_job_for_another_worker(

@@ -150,6 +150,12 @@ class ArtifactStore(ABC):
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
         return self._spooled(job_id) / f"trace-{stamp}.zip"
 
+    def downloads_dir(self, job_id: str) -> Path:
+        """The only place a job's downloads are kept (published with the rest of the job)."""
+        path = self._spooled(job_id) / "downloads"
+        path.mkdir(exist_ok=True, mode=0o700)
+        return path
+
     def har_file(self, job_id: str) -> tuple[Path, str]:
         """(local path to record into, path relative to the root) for the job's HAR."""
         return self._spooled(job_id) / HAR_FILE, f"{self.job_path(job_id)}/{HAR_FILE}"

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
 import sys
 import uuid
@@ -614,6 +615,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     worker.add_argument("--artifacts", type=Path)
     worker.add_argument("--secrets-file", type=Path)
+    worker.add_argument(
+        "--log-format", choices=["json", "text"],
+        help="json lines (the default for workers) or text (FORMWORK_LOG_FORMAT)",
+    )  # fmt: skip
     worker.set_defaults(handler=_worker)
 
     enqueue = sub.add_parser("enqueue", help="queue a job; prints its id")
@@ -668,12 +673,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _configure_logging(args: argparse.Namespace) -> None:
+    from worker.logs import configure
+    from worker.secretstore import Redactor
+
+    # Workers log JSON lines for log pipelines; commands people run read better as text.
+    fmt = getattr(args, "log_format", None) or os.environ.get("FORMWORK_LOG_FORMAT")
+    fmt = fmt or ("json" if args.command == "worker" else "text")
+    try:
+        secrets_file = getattr(args, "secrets_file", None) or Settings.from_env().secrets_file
+        values = SecretStore(secrets_file).values()
+    except FormworkError:
+        values = []  # a broken secrets file is reported by the command that needs it
+    level = logging.INFO if args.verbose else logging.WARNING
+    configure("json" if fmt == "json" else "text", level, Redactor(values))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    _configure_logging(args)
     code: int = args.handler(args)
     return code
 

@@ -23,6 +23,7 @@ from playwright.async_api import BrowserContext, CDPSession, Page
 from playwright.async_api import Error as PlaywrightError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
+from worker import logs
 from worker.actions import Extracted, PageActions
 from worker.artifacts import ArtifactStore
 from worker.browser import BrowserHost
@@ -45,6 +46,7 @@ from worker.contract import (
     Verification,
     WouldSubmit,
 )
+from worker.downloads import Downloads
 from worker.errors import RejectedError, StepError
 from worker.evidence import IMAGE_SUFFIX, boxes, capture
 from worker.failures import classify, detectors_seen, observe_page, translate_playwright_error
@@ -142,6 +144,7 @@ async def run_job(
     """
     listener = listener or NullListener()
     started = time.perf_counter()
+    logs.bind_job(job.job_id, job.site, job.script_name)
     report = _new_report(job, runtime, JobStatus.running)
     reason = await stop_check() if stop_check is not None else None
     if reason is not None:
@@ -176,6 +179,8 @@ async def run_job(
             resume.storage_state if resume else None, record_har=har
         )
         context = job_page.context
+        downloads = Downloads(runtime.artifacts.downloads_dir(job.job_id))
+        downloads.watch(job_page.page)
         try:
             guard = Guard(loaded.registry.allowed_hosts)
             await guard.install(context, job_page.cdp)
@@ -210,6 +215,7 @@ async def run_job(
                 else:
                     await run.steps(stop_check)
         finally:
+            await downloads.settle()
             try:
                 await context.close()
             except PlaywrightError:
@@ -312,16 +318,7 @@ def intake(
                 code=FailureCode.job_invalid,
                 field="site_url",
             )
-    carried = runtime.secrets.carried_in(job.inputs)
-    if carried:
-        # A credential in a payload is already leaked (Redis, logs, the orchestrator); never
-        # use it, and say which field so the sender can fix the integration.
-        raise RejectedError(
-            f"inputs.{carried} carries the value of a configured secret: secrets are named in "
-            "scripts and resolved on the worker, never sent in a job",
-            code=FailureCode.job_invalid,
-            field=f"inputs.{carried}",
-        )
+    runtime.secrets.refuse_carried(job.inputs)
     if job.deadline is not None and job.deadline <= now():
         raise RejectedError(
             f"deadline {job.deadline.isoformat()} passed before the job started",
@@ -739,6 +736,7 @@ class _Run:
     async def attempt(self, planned: PlannedStep, report: StepReport) -> None:
         """One try: act, check the postcondition, look for trouble, take the screenshot."""
         step, actions = planned.step, self.actions
+        logs.step_id.set(planned.id)
         report.status = StepStatus.running
         report.attempts += 1
         report.commit = step.commit

@@ -71,6 +71,11 @@ JOB_TIMEOUT_MARGIN_S = 5.0
 
 
 def dumps(value: Any) -> bytes:
+    if isinstance(value, dict) and {"s", "r", "a"} <= value.keys():
+        # arq stores a job's arguments again in its result, kept for an hour; the report in
+        # the result says everything, and a payload is never kept twice (it may be one a
+        # worker refused because it carried a credential).
+        value = {**value, "a": []}
     return json.dumps(value, default=str, separators=(",", ":")).encode()
 
 
@@ -213,6 +218,8 @@ async def execute(
     listener = EventListener(events)
     try:
         job = _parse(job_id, payload)
+        # Also checked at intake; here it is before the job is written to its record.
+        state.runtime.secrets.refuse_carried(job.inputs)
         if job.webhook is not None:
             check_target(
                 job.webhook.url, state.settings.webhook_secret, state.settings.webhook_hosts

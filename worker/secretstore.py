@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from worker.errors import SecretMissing
+from worker.errors import JobInvalid, SecretMissing
 
 ENV_PREFIX = "FORMWORK_SECRET_"
 MASK = "***"
@@ -69,6 +69,18 @@ class SecretStore:
             return False
 
         return next((name for name, value in inputs.items() if holds(value)), None)
+
+    def refuse_carried(self, inputs: Mapping[str, object]) -> None:
+        """JobInvalid when an input carries a secret's value. Such a credential is already
+        leaked (Redis, the orchestrator's logs): never use it, and name the field so the
+        sender can fix the integration — never the value."""
+        carried = self.carried_in(inputs)
+        if carried:
+            raise JobInvalid(
+                f"inputs.{carried} carries the value of a configured secret: secrets are named "
+                "in scripts and resolved on the worker, never sent in a job",
+                field=f"inputs.{carried}",
+            )
 
 
 def _read_secrets_file(path: Path) -> dict[str, str]:
