@@ -605,15 +605,28 @@ def cpu_group(pid: int, root: int) -> str:
     return "chromium" if kind.startswith("chromium") or kind.startswith("(") else "other"
 
 
+def cpu_process(pid: int, root: int) -> str:
+    """Like `cpu_group`, with Chromium split by process type (browser, gpu-process, renderer,
+    utilities): where a job's browser time goes."""
+    group = cpu_group(pid, root)
+    if group != "chromium":
+        return group
+    kind = kind_of(pid)
+    return kind if kind.startswith("chromium") else "chromium (exited unseen)"
+
+
 class CpuMeter:
     """CPU seconds used by `root` and its descendants while it runs, by group (python, driver,
     chromium). A thread reads /proc every 100 ms and keeps each process's last reading, so
     processes that come and go (renderers, a Chromium per job) are counted even though no
     parent's cutime may ever include them; at most the last 100 ms of one is missed."""
 
-    def __init__(self, root: int, every_s: float = 0.1) -> None:
+    def __init__(
+        self, root: int, every_s: float = 0.1, group: Callable[[int, int], str] = cpu_group
+    ) -> None:
         self.root = root
         self.every_s = every_s
+        self.group = group
         self._first: dict[tuple[int, bytes], float] = {}
         self._last: dict[tuple[int, bytes], tuple[str, float]] = {}
         self._stop = threading.Event()
@@ -626,7 +639,7 @@ class CpuMeter:
                 continue
             key = (pid, reading[0])
             if key not in self._last:
-                self._last[key] = (cpu_group(pid, self.root), reading[1])
+                self._last[key] = (self.group(pid, self.root), reading[1])
                 if first:
                     self._first[key] = reading[1]
             else:

@@ -11,7 +11,10 @@ billing/issue_credit (13 steps, login included), one job at a time, four ways, i
 
 The BrowserHost keeps a warm page, as a deployed worker's does: a and a' pay for their fresh
 context and page inside the measured time, b and c find theirs made ahead. A second table
-compares the steps one by one (the per-step times exclude context creation on every side).
+compares the steps one by one (the per-step times exclude context creation on every side); a
+third, the CPU each variant's job used, by process (this process tree, from /proc: Python with
+the in-process worker and fixture site, the Playwright driver, Chromium by process type), which
+is where a' and a differ.
 
 Goals: b/a and c/a <= 1.10; a/a' <= 1.30.
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import tempfile
 import time
@@ -47,6 +51,7 @@ async def measure(runs: int, report: h.Report) -> None:
     names = ["a'", "a", "b", "c"]
     samples = {name: h.Samples() for name in names}
     steps: dict[str, dict[str, list[float]]] = {name: {} for name in names}
+    cpu: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory(prefix="formwork-bench-") as tmp, h.billing_site() as site:
         root = Path(tmp)
         settings = h.make_settings(prefix, root / "queue-artifacts", max_jobs=1)
@@ -97,10 +102,13 @@ async def measure(runs: int, report: h.Report) -> None:
                 for round_ in range(runs + 1):  # round 0 warms every path up, unmeasured
                     for name, run in variants.items():
                         await site.reset()
-                        start = time.perf_counter()
-                        await run()
+                        with h.CpuMeter(os.getpid(), group=h.cpu_process) as meter:
+                            start = time.perf_counter()
+                            await run()
+                            elapsed = h.ms_since(start)
                         if round_ > 0:
-                            samples[name].add(h.ms_since(start))
+                            samples[name].add(elapsed)
+                            cpu[name].append({g: s * 1000 for g, s in meter.used().items()})
                     if round_ > 0:
                         print(
                             f"  round {round_}/{runs}: "
@@ -159,6 +167,28 @@ async def measure(runs: int, report: h.Report) -> None:
                     - sum(h.Samples(v).median for v in steps["a"].values()),
                 ]
             ],
+        )
+    )
+    report.add()
+    report.add("CPU per job by process, ms (median over the runs; a - a' is the audit trail's")
+    report.add("cost; a process seen only after it exited is counted as 'exited unseen'):")
+    report.add()
+    groups = sorted({g for per in cpu.values() for used in per for g in used})
+
+    def cpu_median(name: str, group: str) -> float:
+        return h.Samples([used.get(group, 0.0) for used in cpu[name]]).median
+
+    def cpu_total(name: str) -> float:
+        return h.Samples([sum(used.values()) for used in cpu[name]]).median
+
+    report.add(
+        h.table(
+            ["process", "a'", "a", "b", "c", "a - a'"],
+            [
+                [g, *(cpu_median(n, g) for n in names), cpu_median("a", g) - cpu_median("a'", g)]
+                for g in groups
+            ]
+            + [["total", *(cpu_total(n) for n in names), cpu_total("a") - cpu_total("a'")]],
         )
     )
     report.add()

@@ -1,8 +1,13 @@
-"""One Chromium per process; a context per job; a dead browser is relaunched."""
+"""One Chromium per process; a context per job; a dead browser is relaunched; the flags that
+keep contexts lean."""
 
 from __future__ import annotations
 
-from worker.browser import BrowserHost, find_chromium
+import contextlib
+import os
+from pathlib import Path
+
+from worker.browser import FORMWORK_DISABLED_FEATURES, BrowserHost, find_chromium
 
 
 def test_system_chromium_is_found() -> None:
@@ -22,3 +27,53 @@ async def test_dead_browser_is_relaunched_on_next_context(browser_host: BrowserH
         await context.close()
     assert browser_host.launches == launches + 1
     assert browser_host.browser is not None and browser_host.browser.is_connected()
+
+
+def _chromium_command_lines() -> list[list[str]]:
+    """The argument lists of the Chromium browser processes below this one (renderers and
+    other helpers carry --type)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_bytes()
+                parents[int(entry.name)] = int(stat[stat.rindex(b")") + 2 :].split()[1])
+    found = []
+    for pid in parents:
+        ancestor = parents.get(pid)
+        while ancestor is not None and ancestor != os.getpid():
+            ancestor = parents.get(ancestor)
+        if ancestor is None:
+            continue
+        with contextlib.suppress(OSError):
+            args = (Path("/proc") / str(pid) / "cmdline").read_bytes().decode().split("\0")
+            if "--remote-debugging-pipe" in args and not any(a.startswith("--type=") for a in args):
+                found.append(args)
+    return found
+
+
+async def test_our_disabled_features_keep_playwrights_own(browser_host: BrowserHost) -> None:
+    # Only the last --disable-features counts; Playwright puts its own list first.
+    command_lines = _chromium_command_lines()
+    assert command_lines
+    for args in command_lines:
+        lists = [a.split("=", 1)[1].split(",") for a in args if a.startswith("--disable-features=")]
+        assert len(lists) >= 2
+        playwrights, effective = lists[0], lists[-1]
+        assert set(playwrights) <= set(effective), set(playwrights) - set(effective)
+        assert set(FORMWORK_DISABLED_FEATURES) <= set(effective)
+
+
+async def test_a_context_opens_no_browser_ui_pages(browser_host: BrowserHost) -> None:
+    # The omnibox popup's WebUI page took a renderer process per context.
+    assert browser_host.browser is not None
+    session = await browser_host.browser.new_browser_cdp_session()
+    context = await browser_host.new_context()
+    try:
+        await context.new_page()
+        targets = await session.send("Target.getTargets", {"filter": [{}]})
+    finally:
+        await context.close()
+        await session.detach()
+    kinds = {t["type"] for t in targets["targetInfos"]}
+    assert "page" in kinds and "browser_ui" not in kinds, kinds

@@ -3,6 +3,8 @@
 Launching Chromium costs hundreds of milliseconds and tens of megabytes; a context costs a few
 milliseconds. So the browser is shared and long-lived, every job gets its own context (cookies,
 storage and cache never leak between jobs), and a browser that died is relaunched on demand.
+`CHROMIUM_ARGS` also turns off browser UI that headless jobs never see but would pay for in
+every context (see the comment there).
 """
 
 from __future__ import annotations
@@ -29,6 +31,35 @@ from worker.evidence import MASK_SCRIPT
 
 log = logging.getLogger("formwork.browser")
 
+# The features Playwright itself disables (its chromiumSwitches.ts): Chromium honours only the
+# last --disable-features, so ours must repeat them. tests/test_browser.py checks that it does.
+PLAYWRIGHT_DISABLED_FEATURES = (
+    "AvoidUnnecessaryBeforeUnloadCheckSync",
+    "DestroyProfileOnBrowserClose",
+    "HttpsUpgrades",
+    "HttpsFirstBalancedModeAutoEnable",
+    "LensOverlay",
+    "MediaRouter",
+    "PaintHolding",
+    "ThirdPartyStoragePartitioning",
+    "AvoidCorsURLLoaderRestartOnRedirect",
+    "TcpPortRandomizationWin",
+    "OptimizationHints",
+    "NetworkTimeServiceQuerying",
+    "AimEnabled",
+    "PreconnectToSearch",
+    "msForceBrowserSignIn",
+    "msEdgeUpdateLaunchServicesPreferredVersion",
+)
+# Debian's Chromium is the full browser run headless: each context opens a window whose omnibox
+# preloads its suggestion popup, a WebUI page in a renderer process of its own. Nobody sees it,
+# yet it doubled the renderers per job and cost ~40 MB and ~0.7 s of CPU per job
+# (bench/memory.py, bench/throughput.py). Browser UI only: pages and their isolation are as before.
+FORMWORK_DISABLED_FEATURES = (
+    "WebUIOmniboxPopup",
+    "WebUIOmniboxAimPopup",
+    "WebUIOmniboxFullPopup",
+)
 # Flags that work on these machines: no sandbox as root, no GPU, and none of Chromium's
 # background network chatter (the network is closed; those connections fail noisily).
 CHROMIUM_ARGS = [
@@ -40,6 +71,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
     "--disable-dev-shm-usage",
+    "--disable-features=" + ",".join(PLAYWRIGHT_DISABLED_FEATURES + FORMWORK_DISABLED_FEATURES),
 ]
 VIEWPORT = {"width": 1280, "height": 800}
 
