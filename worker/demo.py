@@ -78,6 +78,7 @@ async def demo() -> int:
             f"  fixture ground truth: {len(credits)} credit(s): "
             + ", ".join(f"{c['confirmation']} ${c['amount']} ref {c['reference']}" for c in credits)
         )
+        print(f"  review it:   formwork audit serve   (or: formwork audit export {report.job_id})")
     return 0 if report.status == JobStatus.succeeded else 1
 
 
