@@ -108,6 +108,7 @@ def tree(tmp_path: Path) -> Path:
     """Real scripts and selectors, with version 2 of issue_credit beside version 1."""
     shutil.copytree(SCRIPTS, tmp_path / "scripts")
     shutil.copytree(SELECTORS, tmp_path / "selectors")
+    (tmp_path / "scripts" / "billing" / "issue_credit.rollout.yaml").unlink()  # each test's own
     write_v2(tmp_path)
     return tmp_path
 
