@@ -64,8 +64,8 @@ class Keys:
         return f"{self.prefix}:site:{site}:drift"
 
     def rollout(self, script: str) -> str:
-        """String (JSON): the rollout state that overrides a script's rollout file — a rollback
-        or a promotion of its canary — until reset."""
+        """Hash: canary version -> rollout state (JSON) that overrides the script's rollout file
+        for that canary — a rollback or a promotion — until reset."""
         return f"{self.prefix}:rollout:{script}"
 
     def rollout_outcomes(self, script: str, version: int) -> str:
