@@ -154,7 +154,8 @@ def test_commit_step_without_a_probe_is_refused_unless_opted_out(tree: Path) -> 
     write(
         tree, "opted_out",
         HEADER.format(name="opted_out")
-        + "  - {id: pay, click: confirm.submit, commit: true}\n"
+        + '  - {id: pay, click: confirm.submit, commit: true}\n'
+        + '  - {id: next, goto: "/accounts/{{ inputs.account_id }}"}\n'
         + "verify_effect: {opt_out: the site rejects duplicate references itself}\n",
     )  # fmt: skip
     loaded = ScriptStore(tree / "scripts", tree / "selectors").load("billing/opted_out")

@@ -7,6 +7,7 @@ from worker.contract import (
     JobReport,
     JobStatus,
     MatchedSelector,
+    Routing,
     StepReport,
     StepStatus,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "LoadedScript",
     "MatchedSelector",
     "RejectedError",
+    "Routing",
     "ScriptStore",
     "StepError",
     "StepReport",

@@ -47,6 +47,7 @@ from worker.script import (
     SelectStep,
     UploadStep,
     WaitForStep,
+    is_secret_reference,
     validate_inputs,
 )
 from worker.selectors import Candidate, Resolved, WaitState, combined, resolve, wait_any
@@ -165,12 +166,7 @@ class PageActions:
         return render(source, self.context_for(frame))
 
     def is_secret(self, source: str, frame: Frame) -> bool:
-        specs = frame.script.inputs
-        return any(
-            ref.namespace == "secrets"
-            or (ref.namespace == "inputs" and ref.name in specs and specs[ref.name].secret)
-            for ref in references(source)
-        )
+        return any(is_secret_reference(ref, frame.script) for ref in references(source))
 
     async def find(
         self, target: str, frame: Frame, timeout_ms: float, state: WaitState = "visible"

@@ -32,6 +32,7 @@ from worker.contract import (
 )
 from worker.errors import FormworkError
 from worker.executor import Runtime, run_job
+from worker.rollout import Rollouts, describe, load_rollout, rollout_files, script_of
 from worker.script import ScriptStore
 from worker.secretstore import SecretStore
 from worker.settings import Settings
@@ -367,19 +368,67 @@ def _schema(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    """Every script version loads (with all its load-time checks), the versions of each script
+    are laid out consistently, and every rollout file names versions that exist."""
     settings = Settings.from_env(scripts_dir=args.scripts_dir, selectors_dir=args.selectors_dir)
     store = ScriptStore(settings.scripts_dir, settings.selectors_dir)
     failures = 0
-    paths = sorted(settings.scripts_dir.glob("*/*.yaml"))
-    for path in paths:
+    rollouts = rollout_files(settings.scripts_dir)
+    scripts = sorted(set(settings.scripts_dir.glob("*/*.yaml")) - set(rollouts))
+    for path in [*scripts, *rollouts]:
         try:
+            if path in rollouts:
+                config = load_rollout(store, script_of(path))
+                assert config is not None
+                canary = (
+                    f", canary v{config.canary} at {config.percent:g}%" if config.canary else ""
+                )
+                print(f"ok    {script_of(path)} rollout: stable v{config.stable}{canary}")
+                continue
             loaded = store.load_path(path)
+            store.versions(loaded.name)
             print(f"ok    {loaded.name}@{loaded.script.version}  ({len(loaded.plan)} steps)")
         except FormworkError as exc:
             failures += 1
             print(f"FAIL  {path}\n      " + exc.message.replace("\n", "\n      "))
-    print(f"{len(paths) - failures} valid, {failures} invalid")
+    total = len(scripts) + len(rollouts)
+    print(f"{total - failures} valid, {failures} invalid")
     return 1 if failures else 0
+
+
+async def _rollout(args: argparse.Namespace) -> int:
+    from redis.asyncio import Redis
+
+    from worker.keys import Keys
+
+    settings = Settings.from_env(scripts_dir=args.scripts_dir, selectors_dir=args.selectors_dir)
+    store = ScriptStore(settings.scripts_dir, settings.selectors_dir)
+    redis = Redis.from_url(settings.redis_url)
+    rollouts = Rollouts(redis, Keys(settings.key_prefix), store)
+    try:
+        if args.rollout_command == "status":
+            names = [args.script] if args.script else []
+            names = names or [script_of(p) for p in rollout_files(settings.scripts_dir)]
+            statuses = [await rollouts.status(name) for name in names]
+            if args.json:
+                print(json.dumps([s.model_dump(mode="json") for s in statuses], indent=2))
+            for status in [] if args.json else statuses:
+                print("\n".join(describe(status)))
+            return 0
+        if args.rollout_command == "reset":
+            change = await rollouts.reset(args.script, args.by)
+        elif args.rollout_command == "promote":
+            change = await rollouts.promote(args.script, args.by, args.reason or "promoted")
+        else:
+            change = await rollouts.rollback(args.script, args.by, args.reason or "rolled back")
+    except FormworkError as exc:
+        print(f"formwork: {exc.message}", file=sys.stderr)
+        return 2
+    finally:
+        await redis.aclose()
+    canary = f" (canary v{change.canary})" if change.canary else ""
+    print(f"{change.script}: {change.action}{canary}; unpinned jobs run v{change.stable}")
+    return 0
 
 
 def _fixtures(args: argparse.Namespace) -> int:
@@ -542,6 +591,29 @@ def _add_audit(sub: Any) -> None:
 # ---------------------------------------------------------------- the parser
 
 
+def _add_rollout(sub: Any) -> None:
+    rollout = sub.add_parser("rollout", help="canary rollout of script versions")
+    rollout_sub = rollout.add_subparsers(dest="rollout_command", required=True)
+    status = rollout_sub.add_parser("status", help="split, rollout state and outcomes per version")
+    status.add_argument("script", nargs="?", help="site/name (default: every rollout file)")
+    status.add_argument("--json", action="store_true")
+    helps = {
+        "promote": "the canary becomes stable for every unpinned job",
+        "rollback": "every unpinned job runs stable; the canary gets none",
+        "reset": "back to the rollout file, with fresh outcome counters",
+    }
+    for name, text in helps.items():
+        command = rollout_sub.add_parser(name, help=text)
+        command.add_argument("script", help="site/name")
+        command.add_argument("--by", default="cli", help="who (recorded with the change)")
+        if name != "reset":
+            command.add_argument("--reason", help="why (recorded with the change)")
+    for command in rollout_sub.choices.values():
+        command.add_argument("--scripts-dir", type=Path)
+        command.add_argument("--selectors-dir", type=Path)
+        command.set_defaults(handler=lambda a: asyncio.run(_rollout(a)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="formwork", description="Browser-automation worker for AI customer support."
@@ -570,6 +642,8 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--scripts-dir", type=Path)
     validate.add_argument("--selectors-dir", type=Path)
     validate.set_defaults(handler=_validate)
+
+    _add_rollout(sub)
 
     recording = sub.add_parser("recording", help="recordings of finished jobs, for replay")
     recording_sub = recording.add_subparsers(dest="recording_command", required=True)

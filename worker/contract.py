@@ -68,6 +68,14 @@ class JobStatus(StrEnum):
         return self.terminal or self.paused
 
 
+class Routing(StrEnum):
+    """How the script version a job ran was chosen."""
+
+    pinned = "pinned"  # the job named it: `billing/issue_credit@3`
+    stable = "stable"  # the rollout's stable version (or the highest, without a rollout file)
+    canary = "canary"  # the rollout's canary version, for this job's share of traffic
+
+
 class StepStatus(StrEnum):
     pending = "pending"
     running = "running"
@@ -504,6 +512,9 @@ class JobReport(_Model):
     script_digest: str | None = Field(
         default=None, description="SHA-256 of the script, its sub-flows and its site registry."
     )
+    routing: Routing | None = Field(
+        default=None, description="How script_version was chosen: pinned, stable or canary."
+    )
     rules_fired: list[RuleFired] = Field(default_factory=list)
     claims: list[Claim] = Field(default_factory=list)
     dry_run: bool = False
@@ -518,6 +529,24 @@ class JobReport(_Model):
 class EventKind(StrEnum):
     job = "job"
     step = "step"
+    rollout = "rollout"  # a script's rollout changed (global stream only; `rollout` says how)
+
+
+class RolloutAction(StrEnum):
+    rolled_back = "rolled_back"  # unpinned jobs go to stable only; the canary gets none
+    promoted = "promoted"  # the canary is the stable version now
+    reset = "reset"  # back to what the rollout file says
+
+
+class RolloutChange(_Model):
+    """A change of a script's rollout: automatic rollback, or an operator's promote/rollback."""
+
+    script: str
+    action: RolloutAction
+    stable: int = Field(description="The version unpinned jobs go to from now on.")
+    canary: int | None = Field(default=None, description="The canary version concerned.")
+    reason: str
+    by: str = Field(description="'worker' for an automatic rollback, else who did it.")
 
 
 class JobEvent(_Model):
@@ -533,6 +562,11 @@ class JobEvent(_Model):
         default=None, description="The full report, on the job's terminal event only."
     )
     message: str | None = None
+    rollout: RolloutChange | None = Field(
+        default=None,
+        description="On `rollout` events (seq 0; job_id: the job whose outcome triggered an "
+        "automatic rollback, or '-').",
+    )
 
     @property
     def terminal(self) -> bool:

@@ -109,6 +109,16 @@ class JobEvents:
         return await self.publish(EventKind.job, status, report=final, message=message)
 
 
+async def announce(redis: Redis, keys: Keys, event: JobEvent) -> None:
+    """Put an event that belongs to no one job (a rollout change) on the global stream."""
+    await redis.xadd(
+        keys.all_events,
+        {"event": event.model_dump_json(exclude_none=True)},
+        maxlen=GLOBAL_STREAM_MAXLEN,
+        approximate=True,
+    )
+
+
 class EventListener:
     """Adapts the executor's RunListener to published events."""
 

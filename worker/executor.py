@@ -54,6 +54,7 @@ from worker.guard import Guard
 from worker.handoff import approval_request, handoff_request
 from worker.har import scrub
 from worker.policy import Rule, retry_wait_s, rule_for
+from worker.rollout import Rollouts, route
 from worker.script import (
     ClickStep,
     ExpectStep,
@@ -99,6 +100,8 @@ class Runtime:
     # Called on each job's context before its first step (replay serves a HAR through it).
     context_setup: Callable[[BrowserContext], Awaitable[None]] | None = None
     uploads: Path | None = None  # the only directory upload steps may take files from
+    # Routes unpinned jobs with the rollout state in Redis; without it, by the rollout file.
+    rollouts: Rollouts | None = None
 
 
 class CommitJournal(Protocol):
@@ -152,7 +155,10 @@ async def run_job(
         report.error = Failure(code=FailureCode.cancelled, message=reason)
         return await _finish(report, started, runtime, listener)
     try:
-        loaded, inputs, secrets = intake(job, runtime)
+        chosen = await route(
+            job, runtime.scripts, runtime.rollouts, resume.report if resume else None
+        )
+        loaded, inputs, secrets = intake(job, runtime, chosen.version)
     except RejectedError as exc:
         return await reject(
             job.job_id, job.script_name, exc, runtime, listener, correlation=job.correlation
@@ -167,6 +173,7 @@ async def run_job(
             StepReport(id=p.id, action=p.action, commit=p.step.commit) for p in loaded.plan
         ]
     report.script_version = loaded.script.version
+    report.routing = chosen.routing
     report.inputs = loaded.redacted_inputs(inputs)
     await listener.job_changed(report)
 
@@ -300,10 +307,12 @@ async def fail_internally(
 
 
 def intake(
-    job: BrowserJob, runtime: Runtime
+    job: BrowserJob, runtime: Runtime, version: int | None = None
 ) -> tuple[LoadedScript, dict[str, Any], dict[str, str]]:
-    """Everything checked before a browser is touched; raises RejectedError."""
-    loaded = runtime.scripts.load(job.script_name, job.script_version)
+    """Everything checked before a browser is touched; raises RejectedError. `version`: the
+    one routing chose (the job's pin otherwise)."""
+    pinned = job.script_version if version is None else version
+    loaded = runtime.scripts.load(job.script_name, pinned)
     inputs = loaded.validate_inputs(job.inputs)
     loaded.check_uploads(inputs, runtime.uploads)
     secrets = runtime.secrets.resolve(loaded.secret_names(), script=loaded.name)

@@ -62,3 +62,13 @@ class Keys:
     def drift(self, site: str) -> str:
         """Hash: element name -> how many steps found it only through a fallback candidate."""
         return f"{self.prefix}:site:{site}:drift"
+
+    def rollout(self, script: str) -> str:
+        """Hash: canary version -> rollout state (JSON) that overrides the script's rollout file
+        for that canary — a rollback or a promotion — until reset."""
+        return f"{self.prefix}:rollout:{script}"
+
+    def rollout_outcomes(self, script: str, version: int) -> str:
+        """Hash: outcome counters of one script version (succeeded, system_failure, business,
+        code:<failure code>)."""
+        return f"{self.prefix}:rollout:{script}@{version}:outcomes"

@@ -25,6 +25,7 @@ from arq.connections import RedisSettings
 from arq.worker import func
 from pydantic import ValidationError
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from worker.artifacts import store_for
 from worker.browser import BrowserHost
@@ -40,12 +41,14 @@ from worker.contract import (
     JobReport,
     JobStatus,
     ResumeDecision,
+    StepReport,
     Verification,
 )
 from worker.errors import JobInvalid, RejectedError
 from worker.events import EventListener, JobEvents
 from worker.executor import (
     ResumePoint,
+    RunListener,
     Runtime,
     fail_internally,
     now,
@@ -54,6 +57,7 @@ from worker.executor import (
     settle,
 )
 from worker.keys import ARQ_JOB_PREFIX, JOB_FUNCTION, Keys
+from worker.rollout import Rollouts
 from worker.script import LoadedScript, ScriptStore
 from worker.secretstore import SecretStore
 from worker.settings import Settings
@@ -160,16 +164,18 @@ async def startup(ctx: dict[str, Any]) -> None:
         await (await browser.open_page()).context.close()
     redis = cast(Redis, ctx["redis"])
     keys = Keys(settings.key_prefix)
+    scripts = ScriptStore(settings.scripts_dir, settings.selectors_dir)
     ctx["formwork"] = WorkerState(
         settings=settings,
         keys=keys,
         redis=redis,
         runtime=Runtime(
-            scripts=ScriptStore(settings.scripts_dir, settings.selectors_dir),
+            scripts=scripts,
             browser=browser,
             artifacts=store_for(settings),
             secrets=SecretStore(settings.secrets_file),
             uploads=settings.uploads_dir,
+            rollouts=Rollouts(redis, keys, scripts),
         ),
         capacity=SiteCapacity(redis, keys),
         http=aiohttp.ClientSession(),
@@ -269,16 +275,38 @@ def _after_interruption(checkpoint: Checkpoint, run: int) -> ResumePoint:
     )
 
 
+class _OutcomeCounter:
+    """Counts a job's outcome against its script version (worker/rollout.py) before the event
+    that settles it goes out — so the next job is routed knowing it. The job's outcome stands
+    whatever happens here."""
+
+    def __init__(self, inner: RunListener, rollouts: Rollouts | None) -> None:
+        self.inner = inner
+        self.rollouts = rollouts
+
+    async def step_changed(self, report: JobReport, step: StepReport) -> None:
+        await self.inner.step_changed(report, step)
+
+    async def job_changed(self, report: JobReport) -> None:
+        if self.rollouts is not None and report.status.settled:
+            try:
+                await self.rollouts.record(report)
+            except RedisError:
+                log.exception("job %s: outcome not counted for the rollout", report.job_id)
+        await self.inner.job_changed(report)
+
+
 async def _run_tracked(
     state: WorkerState,
     job: BrowserJob,
     events: JobEvents,
-    listener: EventListener,
+    listener: RunListener,
     resume: ResumePoint | None = None,
 ) -> JobReport:
     """run_job with the queue around it: abort flag, site slot, commit journal, job timeout,
     drift counters, and the right last word when the worker is stopped or fails."""
     redis, keys, job_id = state.redis, state.keys, job.job_id
+    listener = _OutcomeCounter(listener, state.runtime.rollouts)
 
     async def stop_check() -> str | None:
         reason = await redis.get(keys.abort(job_id))
@@ -424,9 +452,8 @@ async def execute_resume(state: WorkerState, payload: dict[str, Any], *, run: in
     if decision.inputs:
         # retry_with_inputs: the corrected values must pass the script's schema first.
         try:
-            state.runtime.scripts.load(job.script_name, job.script_version).validate_inputs(
-                job.inputs
-            )
+            version = report.script_version or job.script_version  # the one it started on
+            state.runtime.scripts.load(job.script_name, version).validate_inputs(job.inputs)
         except RejectedError as exc:
             report.decisions[-1].note = f"refused: {exc.message}"
             log.info("job %s: corrected inputs refused: %s", job_id, exc.message)

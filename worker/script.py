@@ -43,6 +43,7 @@ from worker.templating import (
     condition_references,
     references,
     render,
+    sole_reference,
 )
 from worker.uploads import UploadRefused, relative_upload, upload_path
 from worker.yamlfile import describe_loc, line_of, load_model, read_yaml
@@ -639,11 +640,6 @@ class Script(_Strict):
             for name in names - {None}:
                 if name not in self.alternates:
                     raise ValueError(f"step {step.id!r}: no alternate path {name!r}")
-        if any(step.commit for step in self.steps) and self.verify_effect is None:
-            raise ValueError(
-                "a script with a commit step needs 'verify_effect' (a probe that tells whether "
-                "the effect happened), or 'verify_effect: {opt_out: <why>}'"
-            )
         return self
 
 
@@ -665,6 +661,7 @@ class PlannedStep:
     id: str  # qualified: `login.password` for step `password` of the flow used by step `login`
     step: _Step
     frame: Frame
+    loc: tuple[int | str, ...] = ()  # where in frame.path it is written: ("steps", 3)
 
     @property
     def action(self) -> str:
@@ -772,8 +769,9 @@ def validate_inputs(script: Script, raw: dict[str, Any]) -> dict[str, Any]:
 class ScriptStore:
     """Finds and loads scripts by name (`billing/issue_credit`) from a scripts directory.
 
-    Versions live side by side: `issue_credit.yaml` and `issue_credit@2.yaml`; without a pin the
-    highest version wins.
+    Versions live side by side: `issue_credit.yaml` and `issue_credit@2.yaml` (each file says its
+    `version:`; a `@N` in the name must agree). Which one an unpinned job runs is the rollout's
+    business (worker/rollout.py): without a rollout file, the highest.
     """
 
     def __init__(self, scripts_dir: Path, selectors_dir: Path) -> None:
@@ -785,13 +783,23 @@ class ScriptStore:
         self._versions: dict[Path, tuple[int, int | None]] = {}
 
     def versions(self, name: str) -> dict[int, Path]:
+        """Every version of `name` by number. A file named `<name>@N.yaml` must hold version N;
+        no two files may hold the same version."""
         site, _, short = name.partition("/")
         folder = self.scripts_dir / site
         found: dict[int, Path] = {}
         for path in sorted([*folder.glob(f"{short}.yaml"), *folder.glob(f"{short}@*.yaml")]):
             version = self._version_of(path)
-            if version is not None:
-                found[version] = path
+            if version is None:
+                continue  # loading it names the problem
+            _, _, pinned = path.name.removesuffix(".yaml").partition("@")
+            if pinned and pinned != str(version):
+                where = _field_where(path, ("version",))
+                raise ScriptInvalid(f"{where}: is {version}, but the file is named @{pinned}")
+            if version in found:
+                where = _field_where(path, ("version",))
+                raise ScriptInvalid(f"{where}: version {version} is also {found[version].name}")
+            found[version] = path
         return found
 
     def _version_of(self, path: Path) -> int | None:
@@ -846,15 +854,24 @@ class ScriptStore:
         stack = [script.name]
         plan = list(self._flatten(script.steps, root, "", stack, digest))
         alternates = {
-            name: list(self._flatten(steps, root, "", stack, digest))
+            name: list(self._flatten(steps, root, "", stack, digest, ("alternates", name)))
             for name, steps in script.alternates.items()
         }
         effect = script.verify_effect
-        probe = list(self._flatten(effect.steps if effect else [], root, "verify.", stack, digest))
+        probe = list(
+            self._flatten(
+                effect.steps if effect else [],
+                root,
+                "verify.",
+                stack,
+                digest,
+                ("verify_effect", "steps"),
+            )
+        )
         if effect is not None and effect.extract:
             # Kept apart from the probe's steps: it runs only once `present` holds.
             recover = ExtractStep(id="recover", extract=effect.extract)
-            probe.append(PlannedStep("verify.recover", recover, root))
+            probe.append(PlannedStep("verify.recover", recover, root, ("verify_effect", "extract")))
         relogin: list[PlannedStep] = []
         if registry.login_flow is not None:
             login_path = self.path_of(registry.login_flow)
@@ -863,8 +880,19 @@ class ScriptStore:
             relogin = list(
                 self._flatten(login.steps, Frame(login, login_path), "relogin.", stack, digest)
             )
-        extra = [*probe, *relogin, *(p for path in alternates.values() for p in path)]
+        # The probe's `present` check, as a step for the load-time checks only.
+        present = (
+            [PlannedStep("verify.present", ExpectStep(id="present", expect=effect.present),
+                         root, ("verify_effect", "present"))]
+            if effect is not None and effect.present is not None
+            else []
+        )  # fmt: skip
+        extra = [*probe, *present, *relogin, *(p for path in alternates.values() for p in path)]
         _check_plan(registry, plan, extra=extra)
+        own = [*plan, *probe, *present, *(p for path in alternates.values() for p in path)]
+        _check_commits(root, own)
+        _check_secrets(registry, [*own, *relogin], root)
+        _check_inputs_used(root, registry, own)
         for element in script.dynamic:
             candidates = registry.elements.get(element)
             if candidates is None:
@@ -891,13 +919,15 @@ class ScriptStore:
         prefix: str,
         stack: list[str],
         digest: Any,
+        section: tuple[int | str, ...] = ("steps",),
     ) -> Iterator[PlannedStep]:
         script, path = frame.script, frame.path
-        for step in steps:
+        for index, step in enumerate(steps):
+            loc = (*section, index)
             if not isinstance(step, UseStep):
-                yield PlannedStep(prefix + step.id, step, frame)
+                yield PlannedStep(prefix + step.id, step, frame, loc)
                 continue
-            where = _step_where(path, step.id)
+            where = _step_where(path, step.id, loc)
             flow_name, _, pinned = step.use.partition("@")
             if flow_name in stack:
                 raise ScriptInvalid(f"{where}: 'use: {step.use}' is a cycle ({' > '.join(stack)})")
@@ -926,7 +956,7 @@ class ScriptStore:
             # The `use` step's own expectation applies once the whole sub-flow has run.
             if step.expect is not None:
                 yield PlannedStep(
-                    f"{prefix}{step.id}", ExpectStep(id=step.id, expect=step.expect), frame
+                    f"{prefix}{step.id}", ExpectStep(id=step.id, expect=step.expect), frame, loc
                 )
 
 
@@ -937,14 +967,50 @@ def _mtime(path: Path) -> int:
         return -1
 
 
-def _step_where(path: Path, step_id: str) -> str:
+def _step_where(path: Path, step_id: str, loc: tuple[int | str, ...] = ()) -> str:
+    """`file:line: steps[3] (step 'submit')` — at `loc` when known, else the top-level step."""
     data, node = read_yaml(path)
-    steps = data.get("steps", []) if isinstance(data, dict) else []
-    for index, raw in enumerate(steps):
-        if isinstance(raw, dict) and raw.get("id") == step_id:
-            loc: tuple[int | str, ...] = ("steps", index)
-            return f"{path}:{line_of(node, loc)}: {describe_loc(data, loc)}"
-    return f"{path}: step {step_id!r}"
+    if not loc:
+        steps = data.get("steps", []) if isinstance(data, dict) else []
+        index = next(
+            (
+                i
+                for i, raw in enumerate(steps)
+                if isinstance(raw, dict) and raw.get("id") == step_id
+            ),
+            None,
+        )
+        if index is None:
+            return f"{path}: step {step_id!r}"
+        loc = ("steps", index)
+    return f"{path}:{line_of(node, loc)}: {describe_loc(data, loc)}"
+
+
+def _where(planned: PlannedStep) -> str:
+    return _step_where(planned.frame.path, planned.step.id, planned.loc)
+
+
+# What each action's templated fields are, as named in messages about them.
+_FIELD = {
+    "goto": "a goto URL",
+    "fill": "a fill value",
+    "select": "a select value or label",
+    "upload": "an upload file name",
+}
+
+
+def _sources(step: _Step, registry: SiteRegistry) -> list[tuple[str, str]]:
+    """Every template a step renders, with what it is: (field, template). Targets missing
+    from the registry are skipped here (_check_plan names them)."""
+    found = [(_FIELD.get(str(step.action), str(step.action)), t) for t in step.templates()]
+    expect = step.expect
+    found += [("an expected text", t) for t in (expect.templates() if expect else [])]
+    for target in step.targets() + (expect.targets() if expect else []):
+        # Parameterised elements (`tr[data-reference="{{ inputs.reference }}"]`) take their
+        # values from the script that uses them.
+        for candidate in registry.elements.get(target, []):
+            found += [(f"the selector of {target!r}", t) for t in candidate.templates()]
+    return found
 
 
 def _check_plan(
@@ -955,18 +1021,13 @@ def _check_plan(
     for planned in [*plan, *(extra or [])]:
         step, frame = planned.step, planned.frame
 
-        def fail(message: str, step_id: str = step.id, frame: Frame = frame) -> None:
-            raise ScriptInvalid(f"{_step_where(frame.path, step_id)}: {message}")
+        def fail(message: str, planned: PlannedStep = planned) -> None:
+            raise ScriptInvalid(f"{_where(planned)}: {message}")
 
-        targets = step.targets() + (step.expect.targets() if step.expect else [])
-        templates = step.templates() + (step.expect.templates() if step.expect else [])
-        for target in targets:
+        for target in step.targets() + (step.expect.targets() if step.expect else []):
             if target not in registry.elements:
                 fail(f"target {target!r} is not in selectors/{registry.site}.yaml")
-            # Parameterised elements (`tr[data-reference="{{ inputs.reference }}"]`) take
-            # their values from the script that uses them.
-            templates += [t for c in registry.elements[target] for t in c.templates()]
-        for source in templates:
+        for _, source in _sources(step, registry):
             try:
                 refs = references(source)
             except TemplateError as exc:
@@ -986,8 +1047,19 @@ def _check_plan(
             for ref in references(source):
                 problem = _undeclared(ref, parent.script, produced)
                 if problem:
-                    where = _step_where(parent.path, planned.id.split(".")[-2])
-                    raise ScriptInvalid(f"{where}: with: {problem}")
+                    raise ScriptInvalid(f"{_use_where(planned)}: with: {problem}")
+    root = plan[0].frame if plan else None
+    while root is not None and root.parent is not None:
+        root = root.parent
+    if root is not None and root.script.effect is not None:
+        try:
+            refs = references(root.script.effect)
+        except TemplateError as exc:
+            raise ScriptInvalid(f"{_field_where(root.path, ('effect',))}: {exc}") from exc
+        for ref in refs:
+            problem = _undeclared(ref, root.script, produced)
+            if problem:
+                raise ScriptInvalid(f"{_field_where(root.path, ('effect',))}: {problem}")
 
 
 def _undeclared(ref: Reference, script: Script, produced: set[str]) -> str | None:
@@ -998,3 +1070,119 @@ def _undeclared(ref: Reference, script: Script, produced: set[str]) -> str | Non
     if ref.namespace == "outputs" and ref.name not in produced:
         return f"'{{{{ outputs.{ref.name} }}}}' is not extracted by an earlier step"
     return None
+
+
+def _field_where(path: Path, loc: tuple[int | str, ...]) -> str:
+    data, node = read_yaml(path)
+    return f"{path}:{line_of(node, loc)}: {describe_loc(data, loc)}"
+
+
+def _use_where(planned: PlannedStep) -> str:
+    """Where the `use` step that called `planned`'s sub-flow is written."""
+    parent = planned.frame.parent
+    assert parent is not None
+    return _step_where(parent.path, planned.id.split(".")[-2])
+
+
+def _check_inputs_used(root: Frame, registry: SiteRegistry, planned: list[PlannedStep]) -> None:
+    """Every declared input is used somewhere: a step, a selector, a sub-flow binding, an
+    approval condition or the effect. An unused one is usually a typo on either side."""
+    used: set[str] = set()
+    sources = [root.script.effect] if root.script.effect else []
+    for each in planned:
+        if each.frame is root:
+            sources += [source for _, source in _sources(each.step, registry)]
+            approval = each.step.approval
+            if approval is not None and approval.when is not None:
+                used.update(ref.name for ref in condition_references(approval.when))
+        elif each.frame.parent is root:
+            sources += list(each.frame.bindings.values())
+    for source in sources:
+        used.update(ref.name for ref in references(source) if ref.namespace == "inputs")
+    for name in root.script.inputs:
+        if name not in used:
+            where = _field_where(root.path, ("inputs", name))
+            raise ScriptInvalid(f"{where}: input {name!r} is declared but no step uses it")
+
+
+def is_secret_reference(ref: Reference, script: Script) -> bool:
+    """`{{ secrets.x }}`, or an input `script` declares `secret: true`."""
+    if ref.namespace == "secrets":
+        return True
+    spec = script.inputs.get(ref.name) if ref.namespace == "inputs" else None
+    return spec is not None and spec.secret
+
+
+_SECRET_RULE = (
+    "a secret may only be the whole value of a fill into one of the site's secret_elements "
+    "(or of a `with:` binding to a sub-flow input declared secret: true)"
+)
+
+
+def _check_secrets(registry: SiteRegistry, planned: list[PlannedStep], root: Frame) -> None:
+    """No secret flows into a field that is not secret. A `{{ secrets.x }}` (or a secret input)
+    may only be the whole value of a fill whose target the registry lists in secret_elements
+    — fields masked in every screenshot — never in a URL, an expected text, a select value,
+    a selector, the effect, or mixed into other text, where it would reach logs, reports or
+    the site's other pages in the clear."""
+
+    def secret_in(source: str, script: Script) -> str | None:
+        refs = [r for r in references(source) if is_secret_reference(r, script)]
+        return f"'{{{{ {refs[0].namespace}.{refs[0].name} }}}}'" if refs else None
+
+    seen: set[int] = set()
+    for each in planned:
+        step, script = each.step, each.frame.script
+        for label, source in _sources(step, registry):
+            shown = secret_in(source, script)
+            if shown is None:
+                continue
+            if isinstance(step, FillStep) and source == step.fill.value:
+                if sole_reference(source) is None:
+                    problem = f"{shown} is mixed into other text in the fill value"
+                elif step.fill.target not in registry.secret_elements:
+                    problem = (
+                        f"{shown} is typed into {step.fill.target!r}, which is not in "
+                        f"secret_elements of selectors/{registry.site}.yaml"
+                    )
+                else:
+                    continue
+            else:
+                problem = f"{shown} flows into {label}"
+            raise ScriptInvalid(f"{_where(each)}: {problem}: {_SECRET_RULE}")
+        approval = step.approval
+        if approval is not None and approval.when is not None:
+            refs = condition_references(approval.when)
+            if any(is_secret_reference(ref, script) for ref in refs):
+                raise ScriptInvalid(f"{_where(each)}: approval.when uses a secret input")
+        frame = each.frame
+        if frame.parent is None or id(frame) in seen:
+            continue
+        seen.add(id(frame))
+        for name, source in frame.bindings.items():
+            shown = secret_in(source, frame.parent.script)
+            if shown is not None and (
+                sole_reference(source) is None or not frame.script.inputs[name].secret
+            ):
+                raise ScriptInvalid(
+                    f"{_use_where(each)}: with: {name}: {shown} flows into {frame.script.name}'s "
+                    f"input {name!r}: {_SECRET_RULE}"
+                )
+    effect = root.script.effect
+    shown = secret_in(effect, root.script) if effect else None
+    if shown is not None:
+        where = _field_where(root.path, ("effect",))
+        raise ScriptInvalid(f"{where}: {shown} flows into the effect told to customers")
+
+
+def _check_commits(root: Frame, planned: list[PlannedStep]) -> None:
+    """A commit step needs a probe that tells whether its effect happened, or an opt-out."""
+    if root.script.verify_effect is not None:
+        return
+    for each in planned:
+        if each.step.commit:
+            raise ScriptInvalid(
+                f"{_where(each)}: commit step without a probe: the script needs "
+                "'verify_effect' (steps and 'present', telling whether the effect happened), "
+                "or 'verify_effect: {opt_out: <why>}'"
+            )

@@ -125,6 +125,11 @@ class SiteRegistry(BaseModel):
     base_url: HttpUrl
     allowed_hosts: list[str] = Field(min_length=1)
     elements: dict[str, list[Candidate]]
+    secret_elements: list[str] = Field(
+        default_factory=list,
+        description="Fields that may hold a secret (sign-in name, password): the only targets "
+        "a fill may type a `{{ secrets.x }}` or secret input into.",
+    )
     detectors: Detectors = Field(default_factory=Detectors)
     limits: SiteLimits = Field(default_factory=SiteLimits)
     login_flow: str | None = Field(
@@ -141,6 +146,9 @@ class SiteRegistry(BaseModel):
                 raise ValueError(f"element name {name!r} must be dotted lower_case words")
             if not candidates:
                 raise ValueError(f"element {name!r} has no candidates")
+        for name in self.secret_elements:
+            if name not in self.elements:
+                raise ValueError(f"secret_elements: {name!r} is not an element")
         return self
 
     def candidates(self, element: str) -> list[Candidate]:

@@ -64,6 +64,16 @@ def references(source: str) -> list[Reference]:
 
 
 @lru_cache(maxsize=1024)
+def sole_reference(source: str) -> Reference | None:
+    """The reference `source` consists of, when it is exactly one (`"{{ secrets.password }}"`),
+    with no text around it; None otherwise."""
+    refs = references(source)
+    body = _env.parse(source).body
+    if len(refs) != 1 or len(body) != 1 or not isinstance(body[0], nodes.Output):
+        return None
+    return refs[0] if len(body[0].nodes) == 1 else None
+
+
 def _compiled(source: str) -> Any:
     return _env.from_string(source)
 

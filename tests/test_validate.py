@@ -1,0 +1,195 @@
+"""`formwork validate`: one broken script per error class, each named by file, line and step."""
+
+from __future__ import annotations
+
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from worker.cli import main
+
+from .conftest import SCRIPTS, SELECTORS
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """A scripts/ + selectors/ tree with the real scripts (which validate), to break."""
+    shutil.copytree(SCRIPTS, tmp_path / "scripts")
+    shutil.copytree(SELECTORS, tmp_path / "selectors")
+    return tmp_path
+
+
+def validate(tree: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = main(
+        [
+            "validate",
+            "--scripts-dir",
+            str(tree / "scripts"),
+            "--selectors-dir",
+            str(tree / "selectors"),
+        ]
+    )
+    return code, capsys.readouterr().out
+
+
+def script(name: str, step: str, *, inputs: str = "", extra: str = "") -> str:
+    """A billing script whose step under test is on line 9 (line 8 uses `account_id`)."""
+    return (
+        textwrap.dedent(f"""\
+            name: billing/{name}
+            version: 1
+            site: billing
+            secrets: [billing_password]
+            inputs:
+              account_id: {{type: string}}
+            steps:
+              - {{id: open, goto: "/accounts/{{{{ inputs.account_id }}}}"}}
+            """)
+        + f"  {step}\n"
+        + extra
+    ).replace("inputs:\n", "inputs:\n" + inputs, 1)
+
+
+SECRET = "{{ secrets.billing_password }}"
+
+CASES = {
+    # name: (the step on line 9, what the message says)
+    "does_not_load": ("- {id: go, clik: credit.review}", "a step needs exactly one action"),
+    "missing_target": (
+        "- {id: go, click: credit.nonexistent}",
+        "target 'credit.nonexistent' is not in selectors/billing.yaml",
+    ),
+    "subflow_missing": (
+        "- {id: go, use: billing/no_such_flow}",
+        "no script 'billing/no_such_flow'",
+    ),
+    "input_undeclared": (
+        '- {id: go, fill: {target: credit.amount, value: "{{ inputs.amount }}"}}',
+        "'{{ inputs.amount }}' is not a declared input",
+    ),
+    "commit_without_probe": (
+        "- {id: go, click: confirm.submit, commit: true}",
+        "commit step without a probe",
+    ),
+    "secret_in_goto": (f'- {{id: go, goto: "/search?q={SECRET}"}}', "flows into a goto URL"),
+    "secret_in_expect": (
+        f'- {{id: go, expect: {{text: {{target: confirm.amount, contains: "{SECRET}"}}}}}}',
+        "flows into an expected text",
+    ),
+    "secret_in_select": (
+        f'- {{id: go, select: {{target: credit.reason, value: "{SECRET}"}}}}',
+        "flows into a select value",
+    ),
+    "secret_mixed": (
+        f'- {{id: go, fill: {{target: login.password, value: "pw-{SECRET}"}}}}',
+        "is mixed into other text in the fill value",
+    ),
+    "secret_into_plain_field": (
+        f'- {{id: go, fill: {{target: credit.reason, value: "{SECRET}"}}}}',
+        "is typed into 'credit.reason', which is not in secret_elements of selectors/billing.yaml",
+    ),
+    "secret_input_in_goto": (
+        '- {id: go, goto: "/accounts?pin={{ inputs.pin }}"}',
+        "'{{ inputs.pin }}' flows into a goto URL",
+    ),
+    "secret_into_plain_subflow_input": (
+        f'- {{id: go, use: billing/typer, with: {{text: "{SECRET}"}}}}',
+        "with: text: '{{ secrets.billing_password }}' flows into billing/typer's input 'text'",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_each_error_class_names_file_line_and_step(
+    tree: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    step, says = CASES[name]
+    inputs = "  pin: {type: string, secret: true}\n" if name == "secret_input_in_goto" else ""
+    (tree / "scripts" / "billing" / f"{name}.yaml").write_text(script(name, step, inputs=inputs))
+    # A sub-flow whose input is an ordinary one (not `secret: true`).
+    (tree / "scripts" / "billing" / "typer.yaml").write_text(
+        "name: billing/typer\nversion: 1\nsite: billing\ninputs: {text: {type: string}}\n"
+        'steps:\n  - {id: type, fill: {target: credit.reason, value: "{{ inputs.text }}"}}\n'
+    )
+    code, out = validate(tree, capsys)
+    assert code == 1
+    failed = out.split(f"FAIL  {tree / 'scripts' / 'billing' / name}.yaml\n", 1)[1]
+    message = failed.split("\nFAIL", 1)[0].split("\n")[0]
+    line = 10 if name == "secret_input_in_goto" else 9
+    assert f"{name}.yaml:{line}: steps[1] (step 'go')" in message, message
+    assert says in message, message
+    assert "1 invalid" in out and "ok    billing/issue_credit@1" in out
+
+
+def test_an_input_declared_and_never_used_is_named_with_its_line(
+    tree: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    body = script("unused", "- {id: go, click: credit.review}", inputs="  reference: {}\n")
+    (tree / "scripts" / "billing" / "unused.yaml").write_text(body)
+    code, out = validate(tree, capsys)
+    assert code == 1
+    assert (
+        "unused.yaml:6: inputs > reference: input 'reference' is declared but no step uses it"
+        in out
+    )
+
+
+def test_a_secret_in_the_effect_is_refused(tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    body = script(
+        "effect_leak", "- {id: go, click: credit.review}", extra=f'effect: "done {SECRET}"\n'
+    )
+    (tree / "scripts" / "billing" / "effect_leak.yaml").write_text(body)
+    code, out = validate(tree, capsys)
+    assert code == 1
+    assert (
+        "effect_leak.yaml:10: effect: '{{ secrets.billing_password }}' flows into the effect" in out
+    )
+
+
+def test_secrets_reach_secret_fields_whole_and_through_secret_subflow_inputs(
+    tree: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tree / "scripts" / "billing" / "typer.yaml").write_text(
+        "name: billing/typer\nversion: 1\nsite: billing\n"
+        "inputs: {text: {type: string, secret: true}}\n"
+        'steps:\n  - {id: type, fill: {target: login.password, value: "{{ inputs.text }}"}}\n'
+    )
+    step = f'- {{id: go, use: billing/typer, with: {{text: "{SECRET}"}}}}'
+    (tree / "scripts" / "billing" / "fine.yaml").write_text(script("fine", step))
+    code, out = validate(tree, capsys)
+    assert code == 0, out
+    assert "ok    billing/fine@1" in out and "0 invalid" in out
+
+
+def test_versions_side_by_side_must_agree_with_their_file_names(
+    tree: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = (tree / "scripts" / "billing" / "issue_credit.yaml").read_text()
+    (tree / "scripts" / "billing" / "issue_credit@2.yaml").write_text(
+        source.replace("version: 1", "version: 2")
+    )
+    code, out = validate(tree, capsys)
+    assert code == 0, out
+    assert "ok    billing/issue_credit@2" in out
+    (tree / "scripts" / "billing" / "issue_credit@3.yaml").write_text(
+        source.replace("version: 1", "version: 2")
+    )
+    code, out = validate(tree, capsys)
+    assert code == 1
+    assert "issue_credit@3.yaml:3: version: is 2, but the file is named @3" in out
+
+
+def test_a_rollout_file_must_name_versions_that_exist(
+    tree: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rollout = tree / "scripts" / "billing" / "issue_credit.rollout.yaml"
+    rollout.write_text("stable: 1\ncanary: 9\npercent: 10\n")
+    code, out = validate(tree, capsys)
+    assert code == 1
+    assert "canary: billing/issue_credit has no version 9 (available: 1)" in out
+    rollout.write_text("stable: 1\npercent: 10\nmargin: 2\n")
+    code, out = validate(tree, capsys)
+    assert code == 1
+    assert "issue_credit.rollout.yaml:3: margin: Input should be less than or equal to 1" in out
