@@ -179,6 +179,19 @@ def _pairs(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {n}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "-"
 
 
+def _grid(heads: list[str], rows: list[list[str]]) -> list[str]:
+    """The first column left-aligned, the numbers right-aligned, each column as wide as it needs."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(heads)]
+
+    def line(cells: list[str]) -> str:
+        first, rest = cells[0], cells[1:]
+        return "  " + "  ".join(
+            [first.ljust(widths[0])] + [c.rjust(w) for c, w in zip(rest, widths[1:], strict=True)]
+        )
+
+    return [line(heads)] + [line(r) for r in rows]
+
+
 def render(stats: Stats) -> str:
     """Activity and quality, one row per script version and a total."""
     span = f"{stats.since:%Y-%m-%d %H:%M} - {stats.until:%H:%M} UTC"
@@ -187,14 +200,10 @@ def render(stats: Stats) -> str:
     rows = sorted(stats.scripts.items())
     if len(rows) > 1:
         rows.append(("total", stats.total()))
-    width = max(24, *(len(scope) for scope, _ in rows))
-    out = [f"jobs settled {span}", "", "ACTIVITY"]
-    heads = ["started", "succeeded", "failed", "rejected", "paused", "expired", "cancelled"]
-    heads += ["retries", "alternates", "relogins", "steps", "avg step"]
-    out.append(f"  {'script':<{width}} " + " ".join(f"{h:>10}" for h in heads))
+    activity, quality = [], []
     for scope, one in rows:
         steps, ms = sum(one.steps.values()), sum(one.step_ms.values())
-        cells = [
+        counts = [
             one.started,
             one.jobs.get("succeeded", 0),
             one.jobs.get("failed", 0),
@@ -208,16 +217,20 @@ def render(stats: Stats) -> str:
             steps,
         ]
         avg = f"{ms / steps / 1000:.2f}s" if steps else "-"
-        out.append(f"  {scope:<{width}} " + " ".join(f"{c:>10}" for c in cells) + f" {avg:>10}")
-    out += ["", "QUALITY"]
-    heads = ["verified", "unverified", "drift", "handoffs", "rate"]
-    out.append(f"  {'script':<{width}} " + " ".join(f"{h:>10}" for h in heads))
-    for scope, one in rows:
+        activity.append([scope, *map(str, counts), avg])
         verified = sum(n for how, n in one.claims.items() if how != "unverified")
         handoffs = sum(one.handoffs.values())
         rate = f"{handoffs / one.settled:.0%}" if one.settled else "-"
-        cells = [verified, one.claims.get("unverified", 0), sum(one.drift.values()), handoffs]
-        out.append(f"  {scope:<{width}} " + " ".join(f"{c:>10}" for c in cells) + f" {rate:>10}")
+        counts = [verified, one.claims.get("unverified", 0), sum(one.drift.values()), handoffs]
+        quality.append([scope, *map(str, counts), rate])
+    out = [f"jobs settled {span}", "", "ACTIVITY"]
+    out += _grid(
+        ["script", "started", "succeeded", "failed", "rejected", "paused", "expired",
+         "cancelled", "retries", "alternates", "relogins", "steps", "avg step"],
+        activity,
+    )  # fmt: skip
+    out += ["", "QUALITY"]
+    out += _grid(["script", "verified", "unverified", "drift", "handoffs", "handoff rate"], quality)
     for scope, one in rows:
         if scope == "total" or not (one.claims or one.drift or one.handoffs or one.outcome_unknown):
             continue
