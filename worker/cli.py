@@ -183,12 +183,20 @@ def _worker(args: argparse.Namespace) -> int:
     from worker.queue import build_worker
 
     settings = Settings.from_env(
-        max_jobs=args.max_jobs, artifacts_dir=args.artifacts, secrets_file=args.secrets_file
+        max_jobs=args.max_jobs,
+        artifacts_dir=args.artifacts,
+        secrets_file=args.secrets_file,
+        metrics_port=args.metrics_port,
     )
     worker = build_worker(settings, burst=args.burst)
+    metrics = (
+        f", metrics on http://{settings.metrics_host}:{settings.metrics_port}/metrics"
+        if settings.metrics_port
+        else ""
+    )
     print(
         f"formwork worker: queue {worker.queue_name} on {settings.redis_url}, "
-        f"max {settings.max_jobs} jobs",
+        f"max {settings.max_jobs} jobs{metrics}",
         flush=True,
     )
     worker.run()
@@ -201,6 +209,54 @@ def _client() -> Any:
 
     settings = Settings.from_env()
     return FormworkClient(settings.redis_url, key_prefix=settings.key_prefix)
+
+
+def _window(text: str) -> timedelta:
+    from worker.stats import parse_window
+
+    try:
+        return parse_window(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+async def _stats(args: argparse.Namespace) -> int:
+    from redis.asyncio import Redis
+
+    from worker.keys import Keys
+    from worker.stats import JobStats, render
+
+    settings = Settings.from_env()
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        stats = await JobStats(redis, Keys(settings.key_prefix)).read(args.last)
+    finally:
+        await redis.aclose()
+    print(stats.model_dump_json(indent=2) if args.json else render(stats))
+    return 0
+
+
+async def _insights(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from redis.asyncio import Redis
+
+    from worker.insights import load_reports, render, summarize
+    from worker.keys import Keys
+
+    settings = Settings.from_env()
+    until = datetime.now(UTC)
+    since = until - args.last
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        reports = await load_reports(
+            redis, Keys(settings.key_prefix), since, site=args.site, script=args.script
+        )
+    finally:
+        await redis.aclose()
+    insights = summarize(reports, since, until)
+    print(insights.model_dump_json(indent=2) if args.json else render(insights, args.top))
+    return 0
 
 
 def format_event(event_id: str, event: JobEvent) -> str:
@@ -693,7 +749,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-format", choices=["json", "text"],
         help="json lines (the default for workers) or text (FORMWORK_LOG_FORMAT)",
     )  # fmt: skip
+    worker.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus /metrics here (FORMWORK_METRICS_PORT)"
+    )
     worker.set_defaults(handler=_worker)
+
+    stats = sub.add_parser("stats", help="activity and quality of settled jobs, from Redis")
+    stats.add_argument("--last", type=_window, default="1h", help="window: 1h (default), 1d, 7d")
+    stats.add_argument("--json", action="store_true")
+    stats.set_defaults(handler=lambda a: asyncio.run(_stats(a)))
+
+    insights = sub.add_parser(
+        "insights", help="where scripts fail, drift, hand off and spend time, with examples"
+    )
+    insights.add_argument("--last", type=_window, default="1d", help="window: 1d (default)")
+    insights.add_argument("--site")
+    insights.add_argument("--script", help="billing/issue_credit (or issue_credit)")
+    insights.add_argument("--top", type=int, default=10, help="rows per section (default 10)")
+    insights.add_argument("--json", action="store_true")
+    insights.set_defaults(handler=lambda a: asyncio.run(_insights(a)))
 
     enqueue = sub.add_parser("enqueue", help="queue a job; prints its id")
     enqueue.add_argument("script", help="billing/issue_credit[@1]")

@@ -14,6 +14,8 @@ ARQ_JOB_PREFIX = "arq:job:"  # arq.constants.job_key_prefix: the plain-Redis wir
 JOB_FUNCTION = "browser_job"  # the arq function name a raw enqueuer writes into the payload
 
 RECORD_TTL_S = 7 * 24 * 3600  # job records, de-duplication keys and event streams
+# Hourly rollups outlive the job records a little, so `formwork stats --last 7d` stays whole.
+STATS_TTL_S = 8 * 24 * 3600
 JOB_STREAM_MAXLEN = 2_000
 GLOBAL_STREAM_MAXLEN = 100_000
 
@@ -72,3 +74,14 @@ class Keys:
         """Hash: outcome counters of one script version (succeeded, system_failure, business,
         code:<failure code>)."""
         return f"{self.prefix}:rollout:{script}@{version}:outcomes"
+
+    def stats_hour(self, hour: str) -> str:
+        """Hash: the hourly rollup of finished jobs (`hour` is `YYYYMMDDHH`, UTC);
+        field `<metric>|<script@version>|<label>` -> count."""
+        return f"{self.prefix}:stats:{hour}"
+
+    @property
+    def finished(self) -> str:
+        """Sorted set: job id -> when it last settled (ms): ended, or paused for a person.
+        Trimmed to RECORD_TTL_S; `formwork insights` reads the window's reports through it."""
+        return f"{self.prefix}:finished"

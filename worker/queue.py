@@ -57,6 +57,7 @@ from worker.executor import (
     settle,
 )
 from worker.keys import ARQ_JOB_PREFIX, JOB_FUNCTION, Keys
+from worker.metrics import Monitor
 from worker.rollout import Rollouts
 from worker.script import LoadedScript, ScriptStore
 from worker.secretstore import SecretStore
@@ -145,6 +146,7 @@ class WorkerState:
     runtime: Runtime
     capacity: SiteCapacity
     http: aiohttp.ClientSession
+    monitor: Monitor
     cipher: StateCipher | None = None
     owns_browser: bool = True
 
@@ -179,6 +181,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         ),
         capacity=SiteCapacity(redis, keys),
         http=aiohttp.ClientSession(),
+        monitor=Monitor(redis, keys, browser),
         cipher=StateCipher(settings.state_key) if settings.state_key else None,
         owns_browser=owns_browser,
     )
@@ -186,6 +189,8 @@ async def startup(ctx: dict[str, Any]) -> None:
         log.warning(
             "FORMWORK_STATE_KEY is not set: checkpoints keep no session; resumed jobs sign in again"
         )
+    if settings.metrics_port is not None:
+        await ctx["formwork"].monitor.serve(settings.metrics_host, settings.metrics_port)
     log.info("worker ready: max_jobs=%s queue=%s", settings.max_jobs, keys.queue)
 
 
@@ -194,6 +199,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     if state is None:
         return
     await state.http.close()
+    await state.monitor.close()
     if state.owns_browser:
         await state.runtime.browser.stop()
 
@@ -202,6 +208,8 @@ async def browser_job(ctx: dict[str, Any], payload: Any) -> dict[str, Any]:
     """The arq job function: run one BrowserJob; return its report as JSON-able data."""
     state: WorkerState = ctx["formwork"]
     report = await execute(state, str(ctx["job_id"]), payload, run=int(ctx.get("job_try") or 1))
+    # Every path (run, reject, resume, expiry) ends here; counted once per settling.
+    await state.monitor.settled(report)
     return report.model_dump(mode="json") if report is not None else {}
 
 

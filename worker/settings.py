@@ -36,6 +36,11 @@ class Settings(BaseModel):
     webhook_hosts: list[str] | None = None  # None: any host; else only these
     # Seals the browser session kept in checkpoints; unset, a resumed job signs in again.
     state_key: str | None = Field(default=None, repr=False, min_length=16)
+    # Serve Prometheus /metrics on this port (0: any free port); None: no HTTP server. The
+    # hourly rollups behind `formwork stats` are kept either way.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    # Loopback by default: a deployment scraped from another host sets 0.0.0.0 on purpose.
+    metrics_host: str = "127.0.0.1"
 
     def to_env(self) -> dict[str, str]:
         """The environment that gives a `formwork worker` process these settings."""
@@ -61,6 +66,9 @@ class Settings(BaseModel):
             env["FORMWORK_CHROMIUM"] = self.chromium
         if self.state_key is not None:
             env["FORMWORK_STATE_KEY"] = self.state_key
+        if self.metrics_port is not None:
+            env["FORMWORK_METRICS_PORT"] = str(self.metrics_port)
+            env["FORMWORK_METRICS_HOST"] = self.metrics_host
         return env
 
     @classmethod
@@ -83,6 +91,8 @@ class Settings(BaseModel):
             "key_prefix": "FORMWORK_KEY_PREFIX",
             "webhook_secret": "FORMWORK_WEBHOOK_SECRET",
             "state_key": "FORMWORK_STATE_KEY",
+            "metrics_port": "FORMWORK_METRICS_PORT",
+            "metrics_host": "FORMWORK_METRICS_HOST",
         }
         values: dict[str, object] = {f: env[v] for f, v in names.items() if env.get(v)}
         if env.get("FORMWORK_WEBHOOK_HOSTS"):

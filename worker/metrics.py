@@ -1,0 +1,245 @@
+"""Each worker's Prometheus metrics, and the one call that counts a job when it settles.
+
+Activity — how much happened — and quality — whether what happened can be trusted — are kept
+apart in the names: `formwork_jobs_*`, `formwork_rules_fired_total`, `formwork_step_*`,
+`formwork_queue_*`, `formwork_browser_*`, `formwork_worker_*` for activity;
+`formwork_claims_total`, `formwork_selector_drift_total`, `formwork_handoffs_total`,
+`formwork_outcome_unknown_total` for quality. Every worker has a registry of its own (tests run
+several in one process); values that live elsewhere (queue depth, browser restarts, memory)
+are read when Prometheus scrapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Iterable
+from typing import Any, cast
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+from redis.asyncio import Redis
+
+from worker.browser import BrowserHost
+from worker.contract import JobReport
+from worker.keys import Keys
+from worker.outcome import JobOutcome, outcome_of
+from worker.stats import JobStats
+
+log = logging.getLogger("formwork.metrics")
+
+JOB = ["site", "script", "version"]
+# Form steps take tens of milliseconds to a few seconds; a commit waiting on a slow back
+# office can take most of a minute.
+STEP_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class WorkerMetrics:
+    """The Prometheus side: counters fed by `observe`, live values read at scrape time."""
+
+    def __init__(self, redis: Redis, keys: Keys, browser: BrowserHost | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.live = _Live(redis, keys, browser)
+        self.registry.register(self.live)
+        r = self.registry
+        self.started = Counter(
+            "formwork_jobs_started", "Job runs that began browser work.", JOB, registry=r
+        )
+        self.jobs = Counter(
+            "formwork_jobs",
+            "Job runs settled, by status: succeeded, failed, rejected, cancelled, expired, "
+            "rejected_by_approver, or paused (paused_for_handoff, needs_customer_input, "
+            "awaiting_approval).",
+            [*JOB, "status"],
+            registry=r,
+        )
+        self.rules = Counter(
+            "formwork_rules_fired",
+            "Failure rules that changed a job's course: retry, alternate, relogin, handoff, "
+            "ask_customer, verify_effect, retry_from, fail…",
+            [*JOB, "action", "code"],
+            registry=r,
+        )
+        self.steps = Histogram(
+            "formwork_step_duration_seconds",
+            "Step duration, all attempts and waits included.",
+            ["site", "script", "action"],
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.claims = Counter(
+            "formwork_claims",
+            "Claims of ended jobs by how they were verified (postcondition, probe, manual) "
+            "or not (verified=false).",
+            [*JOB, "how", "verified"],
+            registry=r,
+        )
+        self.drift = Counter(
+            "formwork_selector_drift",
+            "Steps whose element matched only through a fallback candidate.",
+            ["site", "script", "element"],
+            registry=r,
+        )
+        self.handoffs = Counter(
+            "formwork_handoffs",
+            "Jobs paused for a person or the customer, by the failure code behind the pause.",
+            [*JOB, "status", "code"],
+            registry=r,
+        )
+        self.unknown = Counter(
+            "formwork_outcome_unknown",
+            "outcome_unknown resolutions: probe_present, probe_absent, handoff, or the person's "
+            "decision (mark_done, retry_step, abort…).",
+            [*JOB, "resolution"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "formwork_metrics_errors",
+            "Job settlings that could not be counted (the job's outcome is unaffected).",
+            registry=r,
+        )
+
+    def observe(self, o: JobOutcome) -> None:
+        job = (o.site, o.script, o.version)
+        if o.started:
+            self.started.labels(*job).inc()
+        self.jobs.labels(*job, o.status.value).inc()
+        for action, code in o.rules:
+            self.rules.labels(*job, action, code).inc()
+        for action, seconds in o.step_times:
+            self.steps.labels(o.site, o.script, action).observe(seconds)
+        for how, verified in o.claims:
+            self.claims.labels(*job, how, str(verified).lower()).inc()
+        for element, _used in o.drift:
+            self.drift.labels(o.site, o.script, element).inc()
+        if o.handoff is not None:
+            self.handoffs.labels(*job, o.status.value, o.handoff).inc()
+        for resolution in o.unknown:
+            self.unknown.labels(*job, resolution).inc()
+
+    async def exposition(self) -> bytes:
+        await self.live.refresh()
+        return generate_latest(self.registry)
+
+
+class _Live(Collector):
+    """Values owned by something else, read once per scrape (by `refresh`, on the loop)."""
+
+    def __init__(self, redis: Redis, keys: Keys, browser: BrowserHost | None) -> None:
+        self.redis, self.keys, self.browser = redis, keys, browser
+        self.ready = self.waiting = self.rss = 0
+
+    async def refresh(self) -> None:
+        now_ms = int(time.time() * 1000)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            # The queue also holds messages due later (pause deadlines): only due ones wait.
+            pipe.zcount(self.keys.queue, "-inf", now_ms)
+            pipe.zcard(self.keys.paused)
+            self.ready, self.waiting = await pipe.execute()
+        self.rss = await asyncio.to_thread(tree_rss, os.getpid())
+
+    def collect(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily(
+            "formwork_queue_depth", "Jobs due on the queue, not yet taken.", value=self.ready
+        )
+        yield GaugeMetricFamily(
+            "formwork_jobs_waiting",
+            "Jobs paused for a person or the customer (all workers).",
+            value=self.waiting,
+        )
+        launches = self.browser.launches if self.browser is not None else 0
+        yield CounterMetricFamily(
+            "formwork_browser_restarts",
+            "Chromium relaunches after the first launch (a crash or a lost connection).",
+            value=max(launches - 1, 0),
+        )
+        yield GaugeMetricFamily(
+            "formwork_worker_memory_bytes",
+            "Resident memory (RSS) of the worker process and its children (Chromium, the "
+            "Playwright driver); pages shared between them count once per process.",
+            value=self.rss,
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+
+def tree_rss(root: int) -> int:
+    """RSS in bytes of `root` and every descendant, from /proc (0 where there is no /proc)."""
+    children: dict[int, list[int]] = {}
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as stat:
+                # The command name may hold spaces and parentheses: split after the last ')'.
+                ppid = int(stat.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(pid)
+    page, total, todo = os.sysconf("SC_PAGE_SIZE"), 0, [root]
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        try:
+            with open(f"/proc/{pid}/statm", "rb") as statm:
+                total += int(statm.read().split()[1]) * page
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+class Monitor:
+    """Counts every settling of a job once: Prometheus (this worker) and the hourly rollups
+    (all workers). Never raises: a metrics failure must not fail or delay a job."""
+
+    def __init__(self, redis: Redis, keys: Keys, browser: BrowserHost | None = None) -> None:
+        self.stats = JobStats(redis, keys)
+        self.metrics = WorkerMetrics(redis, keys, browser)
+        self._server: web.AppRunner | None = None
+        self.port: int | None = None
+
+    async def settled(self, report: JobReport | None) -> None:
+        """Count `report` if this is the first time its settling is seen."""
+        if report is None or not report.status.settled or report.ended_at is None:
+            return
+        try:
+            first, since = await self.stats.settle_once(report.job_id, report.ended_at)
+            if not first:
+                return
+            outcome = outcome_of(report, since)
+            self.metrics.observe(outcome)
+            await self.stats.add(outcome, report.ended_at)
+        except Exception:
+            self.metrics.errors.inc()
+            log.exception("job %s: could not count it in the metrics", report.job_id)
+
+    async def serve(self, host: str, port: int) -> int:
+        """Serve /metrics (port 0: any free one); the bound port."""
+
+        async def scrape(request: web.Request) -> web.Response:
+            body = await self.metrics.exposition()
+            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        app = web.Application()
+        app.router.add_get("/metrics", scrape)
+        self._server = web.AppRunner(app, access_log=None)
+        await self._server.setup()
+        site = web.TCPSite(self._server, host, port)
+        await site.start()
+        sockets = cast("Any", site._server).sockets  # aiohttp has no public bound-port accessor
+        self.port = int(sockets[0].getsockname()[1])
+        log.info("metrics on http://%s:%s/metrics", host, self.port)
+        return self.port
+
+    async def close(self) -> None:
+        if self._server is not None:
+            await self._server.cleanup()
+            self._server = None

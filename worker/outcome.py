@@ -1,0 +1,108 @@
+"""What one settling of a job adds to the counts: a pure function of its report.
+
+A job settles once per run — it ends, or pauses for a person and later runs again from the
+report it left. The report accumulates across runs (rules fired, decisions, steps), so a run's
+share is what happened after the job last settled (`since`). Prometheus (`worker/metrics.py`)
+and the hourly rollups (`worker/stats.py`) both count `JobOutcome`s, so they agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from worker.contract import FailureCode, JobReport, JobStatus, RuleFired
+
+# Rejections that may name a script that does not exist: never a label of their own, or any
+# sender could mint metric series at will.
+_UNTRUSTED_NAME = {FailureCode.script_not_found, FailureCode.job_invalid}
+UNKNOWN_SCRIPT = "(unknown)"
+
+
+@dataclass
+class JobOutcome:
+    """One run's contribution to the activity and quality counts."""
+
+    site: str
+    script: str
+    version: str  # "" when no script version was loaded (rejected at intake)
+    status: JobStatus
+    started: bool  # the run did browser work
+    rules: list[tuple[str, str]] = field(default_factory=list)  # (action, failure code)
+    step_times: list[tuple[str, float]] = field(default_factory=list)  # (action, seconds)
+    drift: list[tuple[str, str]] = field(default_factory=list)  # (element, candidate used)
+    handoff: str | None = None  # the failure code a pause is for
+    claims: list[tuple[str, bool]] = field(default_factory=list)  # (how, verified)
+    unknown: list[str] = field(default_factory=list)  # how each outcome_unknown was resolved
+
+    @property
+    def scope(self) -> str:
+        return f"{self.script}@{self.version}" if self.version else self.script
+
+
+def outcome_of(report: JobReport, since: datetime | None = None) -> JobOutcome:
+    """What `report` adds, counting only what happened after `since` (the job's last settling)."""
+
+    def new(at: datetime | None) -> bool:
+        return since is None or (at is not None and at > since)
+
+    script = report.script or UNKNOWN_SCRIPT
+    if report.status == JobStatus.rejected and (
+        report.error is None or report.error.code in _UNTRUSTED_NAME
+    ):
+        script = UNKNOWN_SCRIPT
+    site = script.split("/", 1)[0] if "/" in script else script
+    rules = [r for r in report.rules_fired if new(r.at)]
+    steps = [s for s in report.steps if new(s.ended_at)]
+    return JobOutcome(
+        site=site,
+        script=script,
+        version=str(report.script_version) if report.script_version is not None else "",
+        status=report.status,
+        started=any(new(a.started_at) for s in report.steps for a in s.attempt_log),
+        rules=[(r.action, r.code.value) for r in rules],
+        step_times=[(s.action, s.duration_ms / 1000) for s in steps if s.duration_ms is not None],
+        drift=[(s.drift.element, s.drift.used) for s in steps if s.drift is not None],
+        handoff=report.handoff.code.value
+        if report.status.paused and report.handoff is not None
+        else None,
+        # Claims are settled only when the job is: a paused job's may still change.
+        claims=[(c.how.value, c.verified) for c in report.claims] if report.status.terminal else [],
+        unknown=list(_resolutions(report, rules, since)),
+    )
+
+
+def _resolutions(
+    report: JobReport, rules: list[RuleFired], since: datetime | None
+) -> Iterator[str]:
+    """How each `outcome_unknown` of this run was resolved: `probe_present`, `probe_absent`
+    (the commit was redone), `handoff`; and a person's decision about a job paused on one
+    (`mark_done`, `retry_step`, `abort`…)."""
+    unknown = [r for r in rules if r.code == FailureCode.outcome_unknown]
+    consumed: set[int] = set()
+    for i, rule in enumerate(unknown):
+        if i in consumed:
+            continue
+        if rule.action == "verify_effect":
+            after = next(
+                (j for j in range(i + 1, len(unknown)) if unknown[j].step_id == rule.step_id),
+                None,
+            )
+            then = unknown[after].action if after is not None else None
+            if after is not None and then in ("retry_from", "handoff"):
+                consumed.add(after)
+            resolved = {"retry_from": "probe_absent", "handoff": "handoff"}
+            yield resolved.get(then or "", "probe_present")
+        elif rule.action == "handoff":
+            yield "handoff"
+    for decision in report.decisions:
+        if since is not None and decision.at <= since:
+            continue
+        paused_on = [
+            r
+            for r in report.rules_fired
+            if r.step_id == decision.step_id and r.action == "handoff" and r.at <= decision.at
+        ]
+        if paused_on and paused_on[-1].code == FailureCode.outcome_unknown:
+            yield decision.decision.value
