@@ -308,6 +308,8 @@ def make_settings(
         "secrets_file": SECRETS_FILE,
         "max_jobs": max_jobs,
         "shutdown_grace_s": 0,
+        # As a deployed worker runs: checkpoints keep the session, sealed (its cost is measured).
+        "state_key": "formwork-bench-state-key-0123456789",
     }
     if poll_delay_s is not None:
         values["poll_delay_s"] = poll_delay_s
