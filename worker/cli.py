@@ -22,6 +22,7 @@ from worker.artifacts import ArtifactStore, LocalArtifacts, safe_id, store_for
 from worker.browser import BrowserHost
 from worker.contract import (
     BrowserJob,
+    Decision,
     EventKind,
     JobEvent,
     JobReport,
@@ -133,6 +134,17 @@ def print_summary(report: JobReport, stream: Any) -> None:
             print(f"  audit:       {root}/{report.artifacts.audit}", file=stream)
 
 
+def _runtime(settings: Settings, artifacts: ArtifactStore, secrets: SecretStore) -> Runtime:
+    """An in-process runtime (its own Chromium) for commands that run jobs themselves."""
+    return Runtime(
+        scripts=ScriptStore(settings.scripts_dir, settings.selectors_dir),
+        browser=BrowserHost(settings.chromium),
+        artifacts=artifacts,
+        secrets=secrets,
+        uploads=settings.uploads_dir,
+    )
+
+
 async def _run(args: argparse.Namespace) -> int:
     settings = Settings.from_env(
         artifacts_dir=args.artifacts,
@@ -156,13 +168,7 @@ async def _run(args: argparse.Namespace) -> int:
     except FormworkError as exc:
         print(f"formwork: {exc.message}", file=sys.stderr)
         return 2
-    runtime = Runtime(
-        scripts=ScriptStore(settings.scripts_dir, settings.selectors_dir),
-        browser=BrowserHost(settings.chromium),
-        artifacts=store_for(settings),
-        secrets=secrets,
-        uploads=settings.uploads_dir,
-    )
+    runtime = _runtime(settings, store_for(settings), secrets)
     out = sys.stderr if args.json else sys.stdout
     if not args.json:
         print(f"running {job.script} as job {job.job_id}", file=out, flush=True)
@@ -530,13 +536,7 @@ async def _replay(args: argparse.Namespace) -> int:
         selectors_dir=args.selectors_dir,
     )  # fmt: skip
     out = Path(args.out)
-    runtime = Runtime(
-        scripts=ScriptStore(settings.scripts_dir, settings.selectors_dir),
-        browser=BrowserHost(settings.chromium),
-        artifacts=LocalArtifacts(out / "runs"),
-        secrets=SecretStore(settings.secrets_file),
-        uploads=settings.uploads_dir,
-    )
+    runtime = _runtime(settings, LocalArtifacts(out / "runs"), SecretStore(settings.secrets_file))
     try:
         results = await replay_all(
             [Path(b) for b in args.bundles], runtime, site_url=args.site_url, out_dir=out,
@@ -805,9 +805,8 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("job_id")
     resume.add_argument(
         "decision",
-        choices=["retry_step", "retry_with_inputs", "skip_step", "mark_done", "abort",
-                 "approve", "reject"],
-    )  # fmt: skip
+        choices=[d.value for d in Decision],
+    )
     resume.add_argument("--input", action="append", default=[], metavar="KEY=VALUE")
     resume.add_argument("--output", action="append", default=[], metavar="KEY=VALUE")
     resume.add_argument("--note", "--reason", dest="note", help="why (required for reject)")

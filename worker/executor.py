@@ -388,10 +388,7 @@ class _Run:
     probe_used: bool = False
 
     def __post_init__(self) -> None:
-        specs = self.loaded.script.inputs
-        secret_inputs = [
-            str(v) for k, v in self.actions.inputs.items() if k in specs and specs[k].secret
-        ]
+        secret_inputs = self.loaded.secret_inputs(self.actions.inputs).values()
         self.redact = Redactor([*self.actions.secrets.values(), *secret_inputs])
         elements = self.loaded.registry.elements
         self.dynamic_css = [

@@ -77,7 +77,9 @@ class Guard:
                 target = urljoin(event["request"]["url"], location)
                 if (urlsplit(target).hostname or "") not in self.hosts:
                     self.blocked.append(f"GET {target} (redirect)")
-                    log.warning("blocked a redirect outside the allowlist: %s", target)
+                    log.warning(
+                        "blocked a redirect to %s, outside the allowlist", urlsplit(target).hostname
+                    )
                     await self._cdp.send(
                         "Fetch.failRequest",
                         {"requestId": request_id, "errorReason": "BlockedByClient"},
@@ -88,7 +90,11 @@ class Guard:
     async def _block(self, route: Route) -> None:
         request = route.request
         self.blocked.append(f"{request.method} {request.url}")
-        log.warning("blocked a request outside the allowlist: %s %s", request.method, request.url)
+        # The host only: the URL itself may carry what the page tried to send out; the step's
+        # failure keeps it, redacted.
+        log.warning(
+            "blocked a request to %s, outside the allowlist", urlsplit(request.url).hostname
+        )
         await route.abort("blockedbyclient")
 
     def since(self, mark: int) -> list[str]:

@@ -14,8 +14,6 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -36,15 +34,6 @@ def bind_job(job: str, site_name: str, script_name: str) -> None:
     site.set(site_name)
     script.set(script_name)
     step_id.set(None)
-
-
-@contextmanager
-def bound_step(step: str) -> Iterator[None]:
-    token = step_id.set(step)
-    try:
-        yield
-    finally:
-        step_id.reset(token)
 
 
 class Redacting(logging.Filter):

@@ -95,6 +95,15 @@ def url_path(url: str | None) -> str | None:
     return parts.path + (f"?{parts.query}" if parts.query else "")
 
 
+def outputs_by_step(report: JobReport) -> dict[str, dict[str, str]]:
+    """The outputs each step read (step id -> name -> value), from the report's claims."""
+    found: dict[str, dict[str, str]] = {}
+    for claim in report.claims:
+        if claim.kind == "output" and claim.step_id is not None:
+            found.setdefault(claim.step_id, {})[claim.name] = claim.value
+    return found
+
+
 def from_report(report: JobReport, loaded: LoadedScript) -> Recording:
     """The recording of a finished job (screenshot paths still relative to its artifacts)."""
     if not report.status.settled:
@@ -106,10 +115,7 @@ def from_report(report: JobReport, loaded: LoadedScript) -> Recording:
         name: {SECRET_REF: name} if name in secret_inputs else value
         for name, value in report.inputs.items()
     }
-    by_step: dict[str, dict[str, str]] = {}
-    for claim in report.claims:
-        if claim.kind == "output" and claim.step_id is not None:
-            by_step.setdefault(claim.step_id, {})[claim.name] = claim.value
+    by_step = outputs_by_step(report)
     steps = [
         RecordedStep(
             id=step.id,

@@ -44,6 +44,7 @@ from worker.recording import (
     Recording,
     export,
     from_report,
+    outputs_by_step,
     url_path,
 )
 from worker.secretstore import SecretStore
@@ -187,7 +188,7 @@ def compare(
     images = out_dir / _slug(recording.job_id)
     images.mkdir(parents=True, exist_ok=True)
     actual = {s.id: s for s in report.steps}
-    outputs = _outputs_by_step(report)
+    outputs = outputs_by_step(report)
     # Dynamic values (a confirmation number) appear in URLs too: compare paths without them.
     dynamic = [recording.outputs.get(n) for n in recording.dynamic_outputs] + [
         report.outputs.get(n) for n in recording.dynamic_outputs
@@ -275,14 +276,6 @@ def _compare_pixels(
         result.flag(
             Verdict.regression, f"visual change {diff.ratio:.2%} > threshold {threshold:.2%}"
         )
-
-
-def _outputs_by_step(report: JobReport) -> dict[str, dict[str, str]]:
-    found: dict[str, dict[str, str]] = {}
-    for claim in report.claims:
-        if claim.kind == "output" and claim.step_id is not None:
-            found.setdefault(claim.step_id, {})[claim.name] = claim.value
-    return found
 
 
 def _masked(path: str | None, values: Iterable[str | None]) -> str | None:
