@@ -9,11 +9,20 @@ from pathlib import Path
 
 from PIL import Image, ImageFilter, ImageStat
 
-from worker.annotate import BOX_COLOR, FAIL_COLOR, Mark, render
+from worker.annotate import BOX_COLOR, FAIL_COLOR, Encoded, Mark, prepare, render
 from worker.artifacts import LocalArtifacts
-from worker.audit import AuditRecord, Evidence
+from worker.audit import AuditRecord, Evidence, screenshot_marks
 from worker.browser import BrowserHost
-from worker.contract import BrowserJob, FailureCode, JobStatus
+from worker.contract import (
+    Box,
+    BrowserJob,
+    FailureCode,
+    JobReport,
+    JobStatus,
+    MatchedSelector,
+    StepReport,
+    StepStatus,
+)
 from worker.executor import Runtime, run_job
 from worker.script import ScriptStore
 from worker.secretstore import SecretStore
@@ -181,3 +190,58 @@ def test_images_are_fitted_into_the_job_budget() -> None:
     assert (tight.quality, tight.scale) != (80, 1.0)
     impossible = render(shots, budget_bytes=1000)
     assert impossible.over_budget and len(impossible.images) == 3  # kept anyway
+
+
+def _noisy_jpeg(seed: int) -> bytes:
+    out = io.BytesIO()
+    Image.effect_noise((640, 400), 40 + seed).convert("RGB").save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def test_evidence_encoded_during_the_job_is_what_render_would_make() -> None:
+    mark = Mark(box=Box(x=20, y=30, width=200, height=40), label="credit.amount · label=Amount")
+    shots = [(_noisy_jpeg(1), mark), (_noisy_jpeg(2), Mark(failure="timeout"))]
+    fresh = render(shots, fmt="jpeg", budget_bytes=10**8)
+    ahead = render(
+        shots,
+        fmt="jpeg",
+        budget_bytes=10**8,
+        prepared=[prepare(raw, m, "jpeg") for raw, m in shots],
+    )
+    assert ahead == fresh
+    # Within the budget at the first rung, what was prepared is kept as it is: not encoded again.
+    done = Encoded(b"prepared", "p.jpg", b"thumb", "t.jpg", 640, 400, None)
+    assert render(shots[:1], fmt="jpeg", budget_bytes=10**8, prepared=[done]).images == [done]
+    # Over the budget, the ladder starts from the screenshots, not from what was prepared.
+    big = Encoded(b"p" * fresh.total_bytes, "big.jpg", b"thumb", "t.jpg", 640, 400, None)
+    tight = render(shots, fmt="jpeg", budget_bytes=fresh.total_bytes, prepared=[big, None])
+    assert tight.quality < fresh.quality and all(i.image != big.image for i in tight.images)
+
+
+async def test_the_record_keeps_prepared_evidence_only_while_its_mark_holds(
+    tmp_path: Path,
+) -> None:
+    store = LocalArtifacts(tmp_path)
+    sources = []
+    for index, step in enumerate(("amount", "review"), start=1):
+        path, rel = store.step_image("prep-job", index, step, ".jpg")
+        path.write_bytes(_noisy_jpeg(index))
+        sources.append(rel)
+    box = Box(x=10, y=10, width=100, height=20)
+    selector = MatchedSelector(element="credit.amount", candidate="label=Amount", index=0, box=box)
+    steps = [
+        StepReport(id="amount", action="fill", status=StepStatus.succeeded, selector=selector),
+        StepReport(id="review", action="click", status=StepStatus.succeeded),
+    ]
+    steps[0].screenshot, steps[1].screenshot = sources
+    report = JobReport(
+        job_id="prep-job", status=JobStatus.succeeded, script="billing/x", steps=steps
+    )
+    store.prepare(sources[0], Mark(box=box, label="credit.amount · label=Amount"))
+    store.prepare(sources[1], Mark(failure="timeout"))  # no longer what the step shows
+    record = await store.record(report)
+    assert record is not None
+    for source in sources:
+        raw = (tmp_path / source).read_bytes()
+        expected = prepare(raw, screenshot_marks(report)[source], "jpeg")
+        assert store.get(record.evidence[source].image) == expected.image, source

@@ -77,3 +77,20 @@ async def test_a_context_opens_no_browser_ui_pages(browser_host: BrowserHost) ->
         await session.detach()
     kinds = {t["type"] for t in targets["targetInfos"]}
     assert "page" in kinds and "browser_ui" not in kinds, kinds
+
+
+async def test_the_next_warm_page_is_made_between_jobs(browser_host: BrowserHost) -> None:
+    """Made when a job's page closes, not while the next job's first steps run."""
+    browser_host.keep_warm = True
+    try:
+        job_page = await browser_host.open_page()
+        assert not browser_host.warming  # taking a page starts nothing
+        await browser_host.close_page(job_page)
+        assert browser_host.warming  # closing one does
+        following = await browser_host.open_page()
+        assert not browser_host.warming and following.context is not job_page.context
+        await following.page.set_content("<p>next job</p>")
+        assert await following.page.inner_text("p") == "next job"
+        await browser_host.close_page(following)
+    finally:
+        browser_host.keep_warm = False  # the warm page left is closed with the host

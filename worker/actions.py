@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
-from playwright.async_api import Dialog, FilePayload, Page, Response, expect
+from playwright.async_api import Dialog, FilePayload, Locator, Page, Response, expect
 from playwright.async_api import Error as PlaywrightError
 
 from worker.contract import (
-    Box,
     BrowserJob,
     DialogSeen,
     FailureCode,
@@ -82,6 +81,7 @@ class PageActions:
     extracted: dict[str, Extracted] = field(default_factory=dict)
     document_status: int | None = None
     navigations: int = 0
+    responses: int = 0  # every response the page received (what may have set a cookie)
     # The URL on which a postcondition last held: what is read there was confirmed by it.
     confirmed_url: str | None = None
     dispatched: bool = False  # the current commit step's action reached the site
@@ -93,6 +93,9 @@ class PageActions:
     unexpected_dialog: DialogSeen | None = None
     _frame_inputs: dict[int, dict[str, Any]] = field(default_factory=dict)
     _first_found: Resolved | None = None  # the element the current step acts on
+    _navigations_at_start: int = 0  # of the current step
+    # The failure detectors showing before the current click or key press (see `check`).
+    showing_before: frozenset[str] = frozenset()
     _redacting: bool = False
 
     def __post_init__(self) -> None:
@@ -103,6 +106,7 @@ class PageActions:
         self.page.on("dialog", self._on_dialog)
 
     def _on_response(self, response: Response) -> None:
+        self.responses += 1
         # The status of the page's own document tells a 502 page from a changed form.
         if response.request.is_navigation_request() and response.frame == self.page.main_frame:
             self.document_status = response.status
@@ -185,11 +189,7 @@ class PageActions:
     # ------------------------------------------------------------ actions
 
     async def perform(self, planned: PlannedStep, timeout_ms: float) -> MatchedSelector | None:
-        """Do the step's action. Raises StepError (or Playwright's errors) when it cannot.
-
-        The matched selector carries the element's box as the page shows it after the action,
-        for the annotated evidence; a step that navigated away has none.
-        """
+        """Do the step's action. Raises StepError (or Playwright's errors) when it cannot."""
         self.dialog, self.unexpected_dialog = planned.step.dialog, None
         if not self._redacting and self.loaded.script.redact:
             self._redacting = True
@@ -197,13 +197,18 @@ class PageActions:
             await self.page.add_init_script(script)  # every later document of this page
             await self.page.evaluate(script)  # and the one showing now (a resumed job's)
         self._first_found = None
-        navigations = self.navigations
+        self.showing_before = frozenset()
+        self._navigations_at_start = self.navigations
         matched = await self._perform(planned, timeout_ms)
         self._no_unexpected_dialog()
-        found = self._first_found
-        if matched is not None and found is not None and self.navigations == navigations:
-            matched.box = await _box(found)
         return matched
+
+    def acted_on(self) -> Locator | None:
+        """The element the step acted on, while its page is still the one showing (a step that
+        navigated away has nothing left to point at)."""
+        if self._first_found is None or self.navigations != self._navigations_at_start:
+            return None
+        return self._first_found.locator
 
     async def _perform(self, planned: PlannedStep, timeout_ms: float) -> MatchedSelector | None:
         step, frame = planned.step, planned.frame
@@ -245,16 +250,17 @@ class PageActions:
         # click waits for the navigation it starts, so a request whose answer never comes
         # surfaces as a click timeout — after the site may well have acted on it.
         if isinstance(step, ClickStep):
-            found = await self.find(step.click, frame, timeout_ms)
+            found = await self._find_and_look(step, step.click, frame, timeout_ms)
             self.dispatched = step.commit
             await found.locator.click(timeout=timeout_ms)
             return found.matched
         if isinstance(step, PressStep):
             if step.press.target is None:
+                self.showing_before = await self._showing_before(step)
                 self.dispatched = step.commit
                 await self.page.keyboard.press(step.press.key)
                 return None
-            found = await self.find(step.press.target, frame, timeout_ms)
+            found = await self._find_and_look(step, step.press.target, frame, timeout_ms)
             self.dispatched = step.commit
             await found.locator.press(step.press.key, timeout=timeout_ms)
             return found.matched
@@ -273,6 +279,24 @@ class PageActions:
         if isinstance(step, ScreenshotStep):
             return None  # the capture after every step is the action
         raise StepError(FailureCode.script_error, f"no executor for action {planned.action!r}")
+
+    async def _find_and_look(
+        self, step: ClickStep | PressStep, target: str, frame: Frame, timeout_ms: float
+    ) -> Resolved:
+        """Find the element to act on and, at the same time (both only read the page), note
+        which failure detectors show before the action (see `check`)."""
+        found, self.showing_before = await asyncio.gather(
+            self.find(target, frame, timeout_ms), self._showing_before(step)
+        )
+        return found
+
+    async def _showing_before(self, step: ClickStep | PressStep) -> frozenset[str]:
+        if step.expect is None:
+            return frozenset()
+        d = self.loaded.registry.detectors
+        return frozenset(
+            await detectors_seen(self.page, [*d.validation_error, *d.login_page, *d.error_banner])
+        )
 
     async def upload(self, step: UploadStep, frame: Frame, timeout_ms: float) -> MatchedSelector:
         """Hand a file from the uploads directory to a file input (the input may be hidden
@@ -456,25 +480,6 @@ class PageActions:
         if await detectors_seen(self.page, detectors.login_page):
             raise StepError(FailureCode.auth_expired, "the site asks to sign in again")
         self._no_unexpected_dialog()
-
-
-# Measured in the page, not with Locator.bounding_box: that waits for the element, and after a
-# click the element may be gone for good.
-_BOX_JS = """(els) => {
-  if (!els.length) return null;
-  const r = els[0].getBoundingClientRect();
-  return {x: r.x, y: r.y, width: r.width, height: r.height};
-}"""
-
-
-async def _box(found: Resolved) -> Box | None:
-    try:
-        rect = await found.locator.evaluate_all(_BOX_JS)
-    except PlaywrightError:
-        return None  # the element's frame went away with the step: nothing to point at
-    if not rect or rect["width"] <= 0 or rect["height"] <= 0:
-        return None
-    return Box.model_validate(rect)
 
 
 def _extracted(raw: str, pattern: str | None, name: str, target: str) -> str:

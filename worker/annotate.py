@@ -135,44 +135,87 @@ def content_name(data: bytes, fmt: ImageFormat) -> str:
     return f"{hashlib.sha256(data).hexdigest()}.{'webp' if fmt == 'webp' else 'jpg'}"
 
 
+def prepare(raw: bytes, mark: Mark, fmt: ImageFormat = "webp") -> Encoded:
+    """One screenshot annotated and encoded at the ladder's first rung, with its thumbnail.
+
+    Called as each step's capture lands, so that by the time the job ends its evidence is
+    mostly encoded already (see `render`'s `prepared`)."""
+    image = annotate(raw, mark)
+    thumb, thumb_name = _thumbnail(image, fmt)
+    quality, scale = LADDER[0]
+    return _encoded(image, mark, fmt, quality, scale, thumb, thumb_name)
+
+
+def _thumbnail(image: Image.Image, fmt: ImageFormat) -> tuple[bytes, str]:
+    # Averaging whole pixel blocks first is 5x cheaper than resampling the full image and looks
+    # the same at thumbnail size; only the small remainder (if any) is resampled.
+    factor = image.width // THUMB_WIDTH
+    small = image.reduce(factor) if factor > 1 else image.copy()
+    small.thumbnail((THUMB_WIDTH, THUMB_WIDTH * 4), Image.Resampling.LANCZOS)
+    data = _encode(small, fmt, THUMB_QUALITY)
+    return data, content_name(data, fmt)
+
+
+def _encoded(
+    image: Image.Image,
+    mark: Mark,
+    fmt: ImageFormat,
+    quality: int,
+    scale: float,
+    thumb: bytes,
+    thumb_name: str,
+) -> Encoded:
+    sized = _scaled(image, scale)
+    data = _encode(sized, fmt, quality)
+    box = mark.box
+    if box is not None and scale != 1.0:
+        box = Box(
+            x=box.x * scale, y=box.y * scale, width=box.width * scale, height=box.height * scale
+        )
+    return Encoded(data, content_name(data, fmt), thumb, thumb_name, sized.width, sized.height, box)
+
+
+def _stored_bytes(images: list[Encoded]) -> int:
+    """What `images` take once stored: identical images and thumbnails count once."""
+    unique = {e.image_name: len(e.image) for e in images}
+    unique.update({e.thumbnail_name: len(e.thumbnail) for e in images})
+    return sum(unique.values())
+
+
 def render(
-    shots: list[tuple[bytes, Mark]], *, fmt: ImageFormat = "webp", budget_bytes: int
+    shots: list[tuple[bytes, Mark]],
+    *,
+    fmt: ImageFormat = "webp",
+    budget_bytes: int,
+    prepared: list[Encoded | None] | None = None,
 ) -> Rendered:
     """Annotate every screenshot and encode all of them within `budget_bytes` in all.
 
-    Identical images (a page that did not change) are counted once, as they are stored once.
-    When even the last step of the ladder is over budget the images are kept anyway, marked
-    `over_budget`: evidence is worth more than the budget.
+    `prepared[i]`, when given, is `prepare(*shots[i], fmt)` done earlier: within the budget at
+    the first rung (the usual case), nothing is encoded again. Identical images (a page that did
+    not change) are counted once, as they are stored once. When even the last step of the
+    ladder is over budget the images are kept anyway, marked `over_budget`: evidence is worth
+    more than the budget.
     """
+    ready = prepared if prepared is not None else [None] * len(shots)
+    first = [
+        done if done is not None else prepare(raw, mark, fmt)
+        for (raw, mark), done in zip(shots, ready, strict=True)
+    ]
+    total = _stored_bytes(first)
+    quality, scale = LADDER[0]
+    if total <= budget_bytes:
+        return Rendered(first, quality, scale, total, False)
     drawn = [(annotate(raw, mark), mark) for raw, mark in shots]
-    thumbs = []
-    for image, _ in drawn:
-        small = image.copy()
-        small.thumbnail((THUMB_WIDTH, THUMB_WIDTH * 4), Image.Resampling.LANCZOS)
-        data = _encode(small, fmt, THUMB_QUALITY)
-        thumbs.append((data, content_name(data, fmt)))
-    thumb_bytes = sum(len(d) for d in {n: d for d, n in thumbs}.values())
-    for rung, (quality, scale) in enumerate(LADDER):
+    for rung, (quality, scale) in enumerate(LADDER[1:], start=1):
         last = rung == len(LADDER) - 1
         images: list[Encoded] = []
-        unique: dict[str, int] = {}
-        for (image, mark), (thumb, thumb_name) in zip(drawn, thumbs, strict=True):
-            sized = _scaled(image, scale)
-            data = _encode(sized, fmt, quality)
-            name = content_name(data, fmt)
-            unique[name] = len(data)
-            box = mark.box
-            if box is not None and scale != 1.0:
-                box = Box(
-                    x=box.x * scale,
-                    y=box.y * scale,
-                    width=box.width * scale,
-                    height=box.height * scale,
-                )
-            images.append(Encoded(data, name, thumb, thumb_name, sized.width, sized.height, box))
-            if not last and sum(unique.values()) + thumb_bytes > budget_bytes:
+        for (image, mark), enc in zip(drawn, first, strict=True):
+            thumb, thumb_name = enc.thumbnail, enc.thumbnail_name
+            images.append(_encoded(image, mark, fmt, quality, scale, thumb, thumb_name))
+            if not last and _stored_bytes(images) > budget_bytes:
                 break  # this rung is already over: on to the next
-        total = sum(unique.values()) + thumb_bytes
+        total = _stored_bytes(images)
         if len(images) == len(drawn) and (last or total <= budget_bytes):
             return Rendered(images, quality, scale, total, total > budget_bytes)
     raise AssertionError("the last rung always returns")

@@ -23,6 +23,7 @@ audit record off the event loop and publishes everything under the job's path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -32,7 +33,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from worker.annotate import ImageFormat, render
+from worker.annotate import Encoded, ImageFormat, Mark, prepare, render
 from worker.audit import AuditRecord, Evidence, ImageBudget, screenshot_marks
 from worker.contract import Artifacts, JobReport
 from worker.errors import ArtifactError
@@ -78,6 +79,8 @@ class ArtifactStore(ABC):
         self.image_format: ImageFormat = image_format
         self.image_budget = image_budget
         self._paths: dict[str, str] = {}
+        # Evidence encoded while the job still runs (`prepare`), by screenshot path.
+        self._prepared: dict[str, tuple[Mark, asyncio.Future[Encoded]]] = {}
 
     # ------------------------------------------------------------ what back ends differ in
     # Blocking calls: the async methods below run them in a thread.
@@ -167,23 +170,44 @@ class ArtifactStore(ABC):
 
     # ------------------------------------------------------------ the audit record
 
+    def prepare(self, source: str, mark: Mark) -> None:
+        """Start encoding the evidence image of the screenshot at `source` (just captured), in
+        a worker thread, while the job goes on: `record` then finds it done instead of
+        encoding a whole job's images between the last step and the report. A mark that has
+        changed by then (a step retried) is simply encoded again."""
+        future = asyncio.ensure_future(asyncio.to_thread(self._prepare, source, mark))
+        future.add_done_callback(_retrieve)  # a failure is met again, and logged, by record
+        self._prepared[source] = (mark, future)
+
+    def _prepare(self, source: str, mark: Mark) -> Encoded:
+        return prepare(self._read_spooled_or_stored(source), mark, self.image_format)
+
     async def record(self, report: JobReport) -> AuditRecord | None:
         """Build and store the job's audit record; publish what it spooled.
 
         Never raises: the job's outcome was already reported, and a store that is down must
         not turn it into a failure. The loss is logged.
         """
+        marks = screenshot_marks(report)
+        job = f"{self.job_path(report.job_id)}/"
+        ready: dict[str, Encoded] = {}
+        for source in [s for s in self._prepared if s.startswith(job)]:
+            mark, future = self._prepared.pop(source)
+            with contextlib.suppress(Exception):  # encoded again below, where errors are logged
+                if marks.get(source) == mark:
+                    ready[source] = await future
         try:
-            return await asyncio.to_thread(self._record, report)
+            return await asyncio.to_thread(self._record, report, marks, ready)
         except ArtifactError as exc:
             log.error("job %s: audit record not stored: %s", report.job_id, exc.message)
         except OSError as exc:  # the spool's disk, or an image Pillow cannot read
             log.error("job %s: audit record not stored: %s", report.job_id, exc)
         return None
 
-    def _record(self, report: JobReport) -> AuditRecord:
+    def _record(
+        self, report: JobReport, marks: dict[str, Mark], ready: dict[str, Encoded]
+    ) -> AuditRecord:
         path = self.job_path(report.job_id)
-        marks = screenshot_marks(report)
         shots = []
         for source, mark in marks.items():
             try:
@@ -194,6 +218,7 @@ class ArtifactStore(ABC):
             [(raw, mark) for _, raw, mark in shots],
             fmt=self.image_format,
             budget_bytes=self.image_budget,
+            prepared=[ready.get(source) for source, _, _ in shots],
         )
         evidence: dict[str, Evidence] = {}
         existing = set(self.keys(f"{path}/images/"))
@@ -307,6 +332,11 @@ class ArtifactStore(ABC):
         """Drop whatever else points at removed jobs (back ends with an index)."""
         gone = {p.split("/", 1)[1] for p in paths}
         self._paths = {k: v for k, v in self._paths.items() if safe_id(k) not in gone}
+
+
+def _retrieve(future: asyncio.Future[Encoded]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: asyncio would otherwise log it as never seen
 
 
 def _write_private(path: Path, data: bytes) -> None:

@@ -88,6 +88,15 @@ def label_of(step: StepReport) -> str | None:
     return f"{step.selector.element} · {step.selector.candidate}"
 
 
+def step_mark(step: StepReport) -> Mark:
+    """What to draw on the step's own screenshot (its last attempt's)."""
+    code = step.failure.code if step.failure else None
+    box = step.selector.box if step.selector else None
+    if code == FailureCode.selector_not_found:
+        box = None
+    return Mark(box=box, label=label_of(step), failure=code)
+
+
 def screenshot_marks(report: JobReport) -> dict[str, Mark]:
     """Every screenshot the report names, with what to draw on it.
 
@@ -102,11 +111,7 @@ def screenshot_marks(report: JobReport) -> dict[str, Mark]:
                 code = attempt.failure.code if attempt.failure else None
                 marks[attempt.screenshot] = Mark(failure=code)
         if step.screenshot:
-            code = step.failure.code if step.failure else None
-            box = step.selector.box if step.selector else None
-            if code == FailureCode.selector_not_found:
-                box = None
-            marks[step.screenshot] = Mark(box=box, label=label_of(step), failure=code)
+            marks[step.screenshot] = step_mark(step)
     extra = [
         report.would_submit.screenshot if report.would_submit else None,
         report.handoff.evidence.screenshot if report.handoff else None,

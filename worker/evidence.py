@@ -49,20 +49,25 @@ MASK_SCRIPT = f"""
 
 # Inline !important beats any stylesheet, the site's own included.
 _MARK_JS = f"""
-(el) => {{
-  el.setAttribute({SECRET_ATTRIBUTE!r}, "");
-  for (const [name, value] of [["color", "transparent"], ["-webkit-text-fill-color",
-      "transparent"], ["text-shadow", "none"], ["caret-color", "transparent"],
-      ["background", {MASK_COLOR!r}]]) {{
-    el.style.setProperty(name, value, "important");
+(els) => {{
+  for (const el of els) {{
+    el.setAttribute({SECRET_ATTRIBUTE!r}, "");
+    for (const [name, value] of [["color", "transparent"], ["-webkit-text-fill-color",
+        "transparent"], ["text-shadow", "none"], ["caret-color", "transparent"],
+        ["background", {MASK_COLOR!r}]]) {{
+      el.style.setProperty(name, value, "important");
+    }}
   }}
+  return els.length;
 }}
 """
 
 
 async def mark_secret(field: Locator, timeout_ms: float) -> None:
     """Mask `field` before a secret is typed into it."""
-    await field.evaluate(_MARK_JS, timeout=timeout_ms)
+    # One round trip when the field is there (it was just found); otherwise wait for it.
+    if not await field.evaluate_all(_MARK_JS):
+        await field.evaluate(f"(el) => ({_MARK_JS})([el])", timeout=timeout_ms)
 
 
 async def capture(page: Page, cdp: CDPSession, path: Path, *, full_page: bool = False) -> None:
@@ -104,27 +109,48 @@ async def _settle(page: Page) -> None:
         await page.wait_for_load_state("load", timeout=SETTLE_TIMEOUT_MS)
 
 
-_BOXES_JS = """(selectors) => {
-  const boxes = [];
+# One round trip for everything a screenshot's annotations need: the acted element's box (when
+# it is still on the page: a step that navigated has none) and the boxes of the script's
+# dynamic regions. Measured in the page rather than with Locator.bounding_box, which waits for
+# the element — after a click it may be gone for good.
+_MEASURE_JS = """(els, selectors) => {
+  const box = (el) => {
+    const r = el.getBoundingClientRect();
+    if (r.width <= 0 || r.height <= 0) return null;
+    return { x: r.x, y: r.y, width: r.width, height: r.height };
+  };
+  const dynamic = [];
   for (const selector of selectors) {
-    for (const el of document.querySelectorAll(selector)) {
-      const r = el.getBoundingClientRect();
-      if (r.width > 0 && r.height > 0) {
-        boxes.push({ x: r.x, y: r.y, width: r.width, height: r.height });
-      }
+    let nodes;
+    try { nodes = document.querySelectorAll(selector); } catch (e) { continue; }
+    for (const el of nodes) {
+      const b = box(el);
+      if (b) dynamic.push(b);
     }
   }
-  return boxes;
+  return { element: els.length ? box(els[0]) : null, dynamic };
 }"""
 
 
-async def boxes(page: Page, selectors: list[str]) -> list[Box]:
-    """Where the elements matching `selectors` are in the viewport (what a capture shows)."""
+async def measure(
+    page: Page, element: Locator | None, selectors: list[str]
+) -> tuple[Box | None, list[Box]]:
+    """(the box of `element`, the boxes of the elements matching `selectors`), in the viewport
+    (what a capture shows); nothing where the page cannot say."""
+    if element is None and not selectors:
+        return None, []
     try:
-        found = await page.evaluate(_BOXES_JS, selectors)
+        if element is not None:
+            found = await element.evaluate_all(_MEASURE_JS, selectors)
+        else:
+            found = await page.evaluate(f"(selectors) => ({_MEASURE_JS})([], selectors)", selectors)
     except PlaywrightError:
-        return []
-    return [Box.model_validate(b) for b in found]
+        return None, []  # the element's frame went away with the step: nothing to point at
+    element_box = found["element"]
+    return (
+        Box.model_validate(element_box) if element_box else None,
+        [Box.model_validate(b) for b in found["dynamic"]],
+    )
 
 
 REDACT_CSS = "filter: blur(14px) !important; user-select: none !important;"

@@ -26,6 +26,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from worker import logs
 from worker.actions import Extracted, PageActions
 from worker.artifacts import ArtifactStore
+from worker.audit import step_mark
 from worker.browser import BrowserHost
 from worker.checkpoint import Checkpoint, Checkpoints, storage_state
 from worker.contract import (
@@ -48,7 +49,7 @@ from worker.contract import (
 )
 from worker.downloads import Downloads
 from worker.errors import RejectedError, StepError
-from worker.evidence import IMAGE_SUFFIX, boxes, capture
+from worker.evidence import IMAGE_SUFFIX, capture, measure
 from worker.failures import classify, detectors_seen, observe_page, translate_playwright_error
 from worker.guard import Guard
 from worker.handoff import approval_request, handoff_request
@@ -224,7 +225,7 @@ async def run_job(
         finally:
             await downloads.settle()
             try:
-                await context.close()
+                await runtime.browser.close_page(job_page)
             except PlaywrightError:
                 log.warning("job %s: context already gone at close", job.job_id)
             if har is not None and har.is_file():
@@ -386,6 +387,9 @@ class _Run:
     relogins: dict[str, int] = field(default_factory=dict)
     commit_tries: dict[str, int] = field(default_factory=dict)
     probe_used: bool = False
+    # The storage state last read for a checkpoint, and (responses, navigations) at the time.
+    state: dict[str, Any] | None = None
+    state_heard: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         secret_inputs = self.loaded.secret_inputs(self.actions.inputs).values()
@@ -564,7 +568,14 @@ class _Run:
             return
         plan = self.loaded.plan
         self.claims()  # outputs read so far travel as claims, with how they were verified
-        state = await storage_state(self.context, self.page)
+        # The session changes with what the site sends: after a step that received nothing
+        # (a fill, a check) the last state read is still the state. Two round trips saved on
+        # most steps; a change a page's script makes on its own is kept from the next load on.
+        heard = (self.actions.responses, self.actions.navigations)
+        if heard != self.state_heard:
+            self.state = await storage_state(self.context, self.page)
+            self.state_heard = heard
+        state = self.state
         await self.checkpoints.save(
             Checkpoint(
                 job_id=self.job.job_id,
@@ -767,11 +778,6 @@ class _Run:
             await self.journal.sent(planned.id)  # before the click: it may land and we die
         navigations = actions.navigations
         side_effect = isinstance(step, ClickStep | PressStep)
-        before = (
-            frozenset(await detectors_seen(self.page, self._detectors()))
-            if side_effect and step.expect is not None
-            else frozenset()
-        )
         failure: Failure | None = None
         full_page = False
         blocked_mark = len(self.guard.blocked) if self.guard is not None else 0
@@ -787,7 +793,7 @@ class _Run:
                     planned.frame,
                     timeout_ms,
                     navigations_before=navigations if side_effect else None,
-                    detectors_before=before,
+                    detectors_before=actions.showing_before,
                 )
                 report.verified = Verification.postcondition
             elif side_effect:
@@ -825,10 +831,18 @@ class _Run:
         report.url = self.page.url
         shot = None
         if failure is None or failure.code != FailureCode.browser_crashed:
-            shot = await self.screenshot(planned.id, full_page=full_page)
+            # Both only read the page: measuring what the annotations need while the browser
+            # renders the capture costs no time of its own.
+            acted = actions.acted_on() if report.selector is not None else None
+            shot, (box, dynamic) = await asyncio.gather(
+                self.screenshot(planned.id, full_page=full_page),
+                measure(self.page, acted, self.dynamic_css),
+            )
+            if report.selector is not None:
+                report.selector.box = box
+            if shot and self.dynamic_css:
+                report.dynamic = dynamic
         report.screenshot = shot or report.screenshot
-        if shot and self.dynamic_css:
-            report.dynamic = await boxes(self.page, self.dynamic_css)
         report.attempt_log.append(
             Attempt(
                 number=report.attempts,
@@ -846,14 +860,13 @@ class _Run:
             report.status = StepStatus.failed
             report.failure = failure
             report.verified = None
-            await self.listener.step_changed(self.report, report)
-            raise _AttemptFailed(failure, actions.dispatched)
-        report.status = StepStatus.succeeded
+        else:
+            report.status = StepStatus.succeeded
+        if shot:
+            self.runtime.artifacts.prepare(shot, step_mark(report))
         await self.listener.step_changed(self.report, report)
-
-    def _detectors(self) -> list[str]:
-        d = self.loaded.registry.detectors
-        return [*d.validation_error, *d.login_page, *d.error_banner]
+        if failure is not None:
+            raise _AttemptFailed(failure, actions.dispatched)
 
     def _drift(self, matched: MatchedSelector | None) -> SelectorDrift | None:
         if matched is None or matched.index == 0:

@@ -161,9 +161,6 @@ async def startup(ctx: dict[str, Any]) -> None:
     if browser is None:
         browser = BrowserHost(settings.chromium, keep_warm=True)
     await browser.start()
-    if browser.keep_warm:
-        # Make the first warm page now, not when the first job arrives.
-        await (await browser.open_page()).context.close()
     redis = cast(Redis, ctx["redis"])
     keys = Keys(settings.key_prefix)
     scripts = ScriptStore(settings.scripts_dir, settings.selectors_dir)

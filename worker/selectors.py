@@ -11,6 +11,7 @@ the element is looked up inside that frame's document, same-origin or not.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -195,6 +196,11 @@ async def resolve(
     """
     candidates = [c.render(context or {}) for c in registry.candidates(element)]
     locators = [candidate.locator(page) for candidate in candidates]
+    # Nearly always the page is already showing the current markup: one look settles it, with
+    # no wait set up in the page and no second look to tell which candidate it was.
+    with contextlib.suppress(PlaywrightError):
+        if state in ("visible", "attached") and await _in_state(locators[0].first, state):
+            return _resolved(element, candidates, locators, 0)
     tried = ", ".join(c.describe() for c in candidates)
     try:
         await wait_any(combined(candidates, locators), state, timeout_ms)
@@ -203,20 +209,26 @@ async def resolve(
             FailureCode.selector_not_found,
             f"element {element!r} not {state} within {timeout_ms / 1000:g}s; tried {tried}",
         ) from exc
+    if len(candidates) == 1:
+        return _resolved(element, candidates, locators, 0)  # the wait says which it was
     # The page may change between the combined wait and the per-candidate checks (a script
     # re-rendering the form), so look a few times before giving up.
     for _ in range(3):
-        for index, (candidate, locator) in enumerate(zip(candidates, locators, strict=True)):
+        for index, locator in enumerate(locators):
             try:
                 if await _in_state(locator.first, state):
-                    matched = MatchedSelector(
-                        element=element, candidate=candidate.describe(), index=index
-                    )
-                    return Resolved(locator=locator.first, matched=matched)
+                    return _resolved(element, candidates, locators, index)
             except PlaywrightError:
                 continue
         await asyncio.sleep(0)
     raise StepError(FailureCode.selector_not_found, f"element {element!r} vanished; tried {tried}")
+
+
+def _resolved(
+    element: str, candidates: list[Candidate], locators: list[Locator], index: int
+) -> Resolved:
+    matched = MatchedSelector(element=element, candidate=candidates[index].describe(), index=index)
+    return Resolved(locator=locators[index].first, matched=matched)
 
 
 def combined(candidates: list[Candidate], locators: list[Locator]) -> list[Locator]:
