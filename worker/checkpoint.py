@@ -30,6 +30,7 @@ from redis.asyncio import Redis
 
 from worker.contract import JobReport
 from worker.keys import Keys
+from worker.outbox import Outbox
 
 log = logging.getLogger("formwork.checkpoint")
 
@@ -99,20 +100,32 @@ class Checkpoints(Protocol):
 class RedisCheckpoints:
     """A job's checkpoint in its Redis record, the session sealed when a key is configured."""
 
-    def __init__(self, redis: Redis, keys: Keys, job_id: str, cipher: StateCipher | None) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        job_id: str,
+        cipher: StateCipher | None,
+        outbox: Outbox | None = None,
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.job_id = job_id
         self.cipher = cipher
+        self.outbox = outbox
 
     async def save(self, checkpoint: Checkpoint) -> None:
+        """Write `checkpoint` — through the job's outbox when it has one: in order with its
+        events, without the job waiting for it. A checkpoint lost with the worker only means
+        the next run goes on from the one before (a sent commit is journalled apart)."""
         data = checkpoint.model_dump(mode="json")
         if self.cipher is not None and checkpoint.storage_state is not None:
             data["sealed_state"] = self.cipher.seal(checkpoint.storage_state)
-        await cast(
-            "Any",
-            self.redis.hset(self.keys.job(self.job_id), CHECKPOINT_FIELD, json.dumps(data)),
-        )
+        key, value = self.keys.job(self.job_id), json.dumps(data)
+        if self.outbox is not None:
+            self.outbox.put(lambda pipe: pipe.hset(key, CHECKPOINT_FIELD, value))
+        else:
+            await cast("Any", self.redis.hset(key, CHECKPOINT_FIELD, value))
 
     async def load(self) -> Checkpoint | None:
         raw = await cast("Any", self.redis.hget(self.keys.job(self.job_id), CHECKPOINT_FIELD))

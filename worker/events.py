@@ -13,9 +13,11 @@ from datetime import UTC, datetime
 from typing import cast
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from worker.contract import EventKind, JobEvent, JobReport, JobStatus, StepReport
 from worker.keys import GLOBAL_STREAM_MAXLEN, JOB_STREAM_MAXLEN, RECORD_TTL_S, Keys
+from worker.outbox import Outbox
 from worker.webhooks import WebhookSender
 
 log = logging.getLogger("formwork.events")
@@ -42,6 +44,7 @@ class JobEvents:
         self.job_id = job_id
         self.seq = seq
         self.webhook = webhook
+        self.outbox = Outbox(redis)  # the job's checkpoints go out through it too
 
     @classmethod
     async def open(
@@ -76,27 +79,28 @@ class JobEvents:
             record["status"] = status
             if report is not None:
                 record["report"] = report.model_dump_json()
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self.keys.job(self.job_id), mapping=record)
-            pipe.expire(self.keys.job(self.job_id), RECORD_TTL_S)
+        keys, job_id = self.keys, self.job_id
+
+        def writes(pipe: Pipeline) -> None:
+            pipe.hset(keys.job(job_id), mapping=record)
+            pipe.expire(keys.job(job_id), RECORD_TTL_S)
             pipe.xadd(
-                self.keys.events(self.job_id),
-                {"event": data},
-                maxlen=JOB_STREAM_MAXLEN,
-                approximate=True,
+                keys.events(job_id), {"event": data}, maxlen=JOB_STREAM_MAXLEN, approximate=True
             )
-            pipe.expire(self.keys.events(self.job_id), RECORD_TTL_S)
+            pipe.expire(keys.events(job_id), RECORD_TTL_S)
             if kind == EventKind.job and JobStatus(status).paused:
-                pipe.zadd(self.keys.paused, {self.job_id: int(event.at.timestamp() * 1000)})
+                pipe.zadd(keys.paused, {job_id: int(event.at.timestamp() * 1000)})
             elif kind == EventKind.job:
-                pipe.zrem(self.keys.paused, self.job_id)
+                pipe.zrem(keys.paused, job_id)
             pipe.xadd(
-                self.keys.all_events,
-                {"event": data},
-                maxlen=GLOBAL_STREAM_MAXLEN,
-                approximate=True,
+                keys.all_events, {"event": data}, maxlen=GLOBAL_STREAM_MAXLEN, approximate=True
             )
-            await pipe.execute()
+
+        # A step's events go out in order while the job goes on; the job's own status changes
+        # are written before it does (an orchestrator acts on them).
+        self.outbox.put(writes)
+        if kind == EventKind.job:
+            await self.outbox.flush()
         if self.webhook is not None:
             self.webhook.send(data)
         return event

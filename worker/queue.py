@@ -58,6 +58,7 @@ from worker.executor import (
 )
 from worker.keys import ARQ_JOB_PREFIX, JOB_FUNCTION, Keys
 from worker.metrics import Monitor
+from worker.outbox import Outbox
 from worker.rollout import Rollouts
 from worker.script import LoadedScript, ScriptStore
 from worker.secretstore import SecretStore
@@ -150,8 +151,8 @@ class WorkerState:
     cipher: StateCipher | None = None
     owns_browser: bool = True
 
-    def checkpoints(self, job_id: str) -> RedisCheckpoints:
-        return RedisCheckpoints(self.redis, self.keys, job_id, self.cipher)
+    def checkpoints(self, job_id: str, outbox: Outbox | None = None) -> RedisCheckpoints:
+        return RedisCheckpoints(self.redis, self.keys, job_id, self.cipher, outbox)
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -336,7 +337,7 @@ async def _run_tracked(
                     gate=gate,
                     journal=journal,
                     resume=resume,
-                    checkpoints=state.checkpoints(job_id),
+                    checkpoints=state.checkpoints(job_id, events.outbox),
                 )
         except TimeoutError:
             log.warning("job %s: over FORMWORK_JOB_TIMEOUT", job_id)
