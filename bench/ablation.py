@@ -73,7 +73,7 @@ PARTS: dict[str, tuple[str, Callable[[], Any]]] = {
     "measure": ("measure", lambda: mock.patch.object(worker.executor, "measure", _no_boxes)),
     "screenshots": (
         "screenshots",
-        lambda: mock.patch.object(worker.executor, "capture", _nothing),
+        lambda: mock.patch.object(worker.executor._Run, "screenshot", _nothing),
     ),
 }
 
