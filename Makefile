@@ -55,7 +55,8 @@ test: setup lint
 	$(BIN)/pytest
 
 # Benchmarks print tables and append them to bench/RESULTS.md (under 10 minutes in all on 2
-# cores: 8 min 41 s and 9 min 40 s measured with other test suites running alongside).
+# cores: 6 min 10 s to 6 min 39 s on a quiet machine, 8 min 41 s and 9 min 40 s with other test
+# suites running alongside). `python bench/ablation.py` is the profile behind them (2 min).
 bench: setup
 	$(PY) bench/overhead.py
 	$(PY) bench/latency.py
