@@ -1,9 +1,10 @@
 """Evidence images: a step's screenshot with the acted element boxed and labelled, failures
 marked, re-encoded compactly with thumbnails, within a size budget per job.
 
-Pure functions over bytes, run in a worker thread (`asyncio.to_thread`) by the artifact store:
-decoding, drawing and encoding a dozen 1280x800 images is tens of milliseconds each, time the
-event loop that other jobs share must not lose.
+Pure functions over bytes, run on the artifact store's own threads: `prepare` as each step's
+capture lands, `render` when the job's record is built (reusing what was prepared). Decoding,
+drawing and encoding a 1280x800 image takes ~8 ms, time the event loop that other jobs share
+must not lose.
 
 Secrets never reach this module: the browser masked them (and blurred the script's `redact:`
 regions) before any pixel was captured, see `worker.evidence`.

@@ -81,7 +81,7 @@ class ArtifactStore(ABC):
     ) -> None:
         self.spool = spool.resolve()
         # JPEG by default: WebP is 2-3x smaller but 5-10x slower to encode (~25 ms against ~4 ms
-        # for a 1280x800 step), and encoding sits between a job's last step and its report.
+        # for a 1280x800 step), and every step's image is encoded while the job runs.
         self.image_format: ImageFormat = image_format
         self.image_budget = image_budget
         self._paths: dict[str, str] = {}

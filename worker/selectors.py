@@ -191,13 +191,13 @@ async def resolve(
 ) -> Resolved:
     """Wait until some candidate of `element` is in `state`; return the first that is.
 
-    One combined wait (`or_`) instead of polling each candidate: a fallback that is present
-    right away is found without first waiting out the primary's timeout.
+    The primary is looked at once first (nearly always it is showing). Otherwise one combined
+    wait (`or_`) instead of polling each candidate: a fallback that is present right away is
+    found without first waiting out the primary's timeout.
     """
     candidates = [c.render(context or {}) for c in registry.candidates(element)]
     locators = [candidate.locator(page) for candidate in candidates]
-    # Nearly always the page is already showing the current markup: one look settles it, with
-    # no wait set up in the page and no second look to tell which candidate it was.
+    # One look settles it: no wait set up in the page, no second look for which candidate.
     with contextlib.suppress(PlaywrightError):
         if state in ("visible", "attached") and await _in_state(locators[0].first, state):
             return _resolved(element, candidates, locators, 0)
