@@ -77,9 +77,16 @@ async def test_duplicate_enqueue_runs_once_even_after_arq_forgets_the_job(
     report = await first.wait(60)
     assert report.status == JobStatus.succeeded
 
-    # arq's own records expire (its result after an hour); ours outlive them.
+    # arq's own records expire (its result after an hour); ours outlive them. The report is
+    # published from inside the job, so arq may not have finished it yet: wait until it has
+    # (its result is written in the same transaction that takes the job off the queue).
     redis = Redis.from_url(settings.redis_url)
     try:
+        deadline = time.monotonic() + 10
+        while not await redis.exists("arq:result:q-dup"):
+            assert time.monotonic() < deadline, "arq never finished q-dup"
+            await asyncio.sleep(0.01)
+        assert await client.queue_depth() == 0
         await redis.delete("arq:result:q-dup", ARQ_JOB_PREFIX + "q-dup")
     finally:
         await redis.aclose()
