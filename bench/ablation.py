@@ -6,8 +6,8 @@ the part on and off, alternating on/off/on/off in one process on one Chromium, s
 noise hits both alike; the table gives the median of the paired differences (on - off), in
 wall time and in CPU of the whole process tree.
 
-  allowlist guard   worker.guard: Playwright routes every request through its driver to check
-                    the host, and each page load pauses once for the redirect check
+  allowlist guard   worker.guard: the context's proxy rules (off: every host bypasses the
+                    proxy) and the request listener that writes down what they refused
   evidence early    evidence images encoded as each step ends (off: all at the end)
   detectors         the failure detectors read before a click that expects something
   measure           the acted element's and the dynamic regions' boxes for the annotations
@@ -33,18 +33,37 @@ from typing import Any
 from unittest import mock
 
 import harness as h
+from playwright.async_api import ProxySettings
 
+import worker.browser
 import worker.executor
 from worker.actions import PageActions
 from worker.artifacts import ArtifactStore
 from worker.browser import BrowserHost
 from worker.contract import JobStatus
 from worker.executor import run_job
-from worker.guard import Guard
+from worker.guard import Guard, Sink, proxy_for
 
 
 async def _nothing(*args: Any, **kwargs: Any) -> None:
     return None
+
+
+def _bypass_all(hosts: Any, sink: Sink) -> ProxySettings:
+    return proxy_for(["*"], sink)  # every host bypasses the proxy
+
+
+def _watch_nothing(self: Guard, context: Any) -> None:
+    return None
+
+
+def _no_guard() -> ExitStack:
+    # The page made for the next job while the part is off is made the same way: both sides
+    # of a pair alike.
+    stack = ExitStack()
+    stack.enter_context(mock.patch.object(worker.browser, "proxy_for", _bypass_all))
+    stack.enter_context(mock.patch.object(Guard, "watch", _watch_nothing))
+    return stack
 
 
 async def _no_detectors(self: PageActions, step: Any) -> frozenset[str]:
@@ -61,7 +80,7 @@ async def _no_boxes(*args: Any, **kwargs: Any) -> tuple[None, list[Any]]:
 
 # name -> (label, what to patch while the part is off)
 PARTS: dict[str, tuple[str, Callable[[], Any]]] = {
-    "guard": ("allowlist guard", lambda: mock.patch.object(Guard, "install", _nothing)),
+    "guard": ("allowlist guard", _no_guard),
     "early": (
         "evidence early",
         lambda: mock.patch.object(ArtifactStore, "prepare", _not_early),

@@ -7,6 +7,10 @@ import contextlib
 import os
 from pathlib import Path
 
+import pytest
+from playwright.async_api import Error as PlaywrightError
+
+from fixtures import FixtureServer
 from worker.browser import FORMWORK_DISABLED_FEATURES, BrowserHost, find_chromium
 
 
@@ -92,5 +96,32 @@ async def test_the_next_warm_page_is_made_between_jobs(browser_host: BrowserHost
         await following.page.set_content("<p>next job</p>")
         assert await following.page.inner_text("p") == "next job"
         await browser_host.close_page(following)
+    finally:
+        browser_host.keep_warm = False  # the warm page left is closed with the host
+
+
+async def test_a_warm_page_goes_only_to_a_job_for_the_same_hosts(
+    browser_host: BrowserHost, billing_server: FixtureServer
+) -> None:
+    """The allowlist is the context's proxy, fixed when the context is made: a page warmed for
+    one site's hosts must never serve a job of another site."""
+    by_ip = billing_server.url
+    by_name = by_ip.replace("127.0.0.1", "localhost")
+    browser_host.keep_warm = True
+    try:
+        first = await browser_host.open_page(hosts=["127.0.0.1"])
+        await browser_host.close_page(first)  # warms a page for 127.0.0.1
+        other = await browser_host.open_page(hosts=["localhost"])
+        assert other.hosts == {"localhost"}
+        assert not browser_host.warming  # the page warmed for 127.0.0.1 was let go
+        await other.page.goto(f"{by_name}/login")
+        with pytest.raises(PlaywrightError, match="ERR_PROXY_CONNECTION_FAILED"):
+            await other.page.goto(f"{by_ip}/login")
+        await browser_host.close_page(other)  # warms a page for localhost
+        same = await browser_host.open_page(hosts=["localhost"])
+        assert same.hosts == {"localhost"}
+        with pytest.raises(PlaywrightError, match="ERR_PROXY_CONNECTION_FAILED"):
+            await same.page.goto(f"{by_ip}/login")
+        await browser_host.close_page(same)
     finally:
         browser_host.keep_warm = False  # the warm page left is closed with the host

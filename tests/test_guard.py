@@ -1,14 +1,18 @@
 """The navigation allowlist holds against a page that tries to send the browser elsewhere.
 
 A small real site ("trap") lives on 127.0.0.1, its only allowed host. Its pages point the
-browser at `localhost` — the same server under a name the site does not own — by a link, a
-redirect and an injected `fetch()`. The server's own log of what reached it is the ground
-truth: the off-site address must never be requested.
+browser at `localhost` — the same server under a name the site does not own (and a loopback
+name Chromium would never proxy by itself) — by a link, a redirect, an injected `fetch()`, a
+popup, a worker's fetch, a WebSocket and an image that redirects. The server's own log of what
+reached it is the ground truth: the off-site address must never be requested. Each page says it
+is done ("settled") only once its attempt has failed, so the test waits on the page, not a
+clock.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,6 +40,10 @@ SCRIPTS = {
     "link": '[{id: open, goto: "/"}, {id: leave, click: page.away, expect: {visible: page.x}}]',
     "redirect": '[{id: open, goto: "/redirect", expect: {visible: page.header}}]',
     "fetch": '[{id: open, goto: "/fetch", expect: {visible: page.settled}}]',
+    "popup": '[{id: open, goto: "/popup", expect: {visible: page.settled}}]',
+    "worker": '[{id: open, goto: "/worker", expect: {visible: page.settled}}]',
+    "websocket": '[{id: open, goto: "/websocket", expect: {visible: page.settled}}]',
+    "image": '[{id: open, goto: "/image", expect: {visible: page.settled}}]',
     "download": '[{id: open, goto: "/dl"}, {id: fetch_file, click: page.download}]',
 }
 
@@ -59,10 +67,24 @@ async def trap() -> AsyncIterator[Trap]:
     async def page(request: web.Request) -> web.Response:
         site.hits.append(request.path_qs)
         target = away.format(port=site.port)
+        settle = "document.body.dataset.fetched = '1'"
+        worker = f"fetch('{target}?via=worker').catch(() => {{}}).finally(() => postMessage(1))"
         bodies = {
             "/": f'<h1>Trap</h1><a id="away" href="{target}?via=link">away</a>',
             "/fetch": "<h1>Trap</h1><script>fetch('" + target + "?via=fetch')"
-            ".catch(() => {}).finally(() => { document.body.dataset.fetched = '1'; });</script>",
+            f".catch(() => {{}}).finally(() => {{ {settle}; }});</script>",
+            # The popup opens on the site, then leaves it; the opener settles once the popup
+            # shows a page of another origin (the error page of the refused request).
+            "/popup": "<h1>Trap</h1><script>const w = window.open('/popup-leaves');"
+            "const look = setInterval(() => { try { if (w.location.pathname !== '/popup-leaves') "
+            f"return; }} catch (e) {{ clearInterval(look); {settle}; }} }}, 10);</script>",
+            "/popup-leaves": f"<script>location.href = '{target}?via=popup';</script>",
+            "/worker": "<h1>Trap</h1><script>const w = new Worker(URL.createObjectURL("
+            f"new Blob([{json.dumps(worker)}]))); w.onmessage = () => {{ {settle}; }};</script>",
+            "/websocket": "<h1>Trap</h1><script>const ws = new WebSocket('"
+            + target.replace("http://", "ws://")
+            + f"?via=websocket'); ws.onerror = () => {{ {settle}; }};</script>",
+            "/image": f'<h1>Trap</h1><img src="/image-redirect" onerror="{settle}">',
             "/stolen": "<h1>Stolen</h1>",
             "/dl": '<h1>Files</h1><a id="dl" href="/file">statement</a>',
         }
@@ -72,6 +94,10 @@ async def trap() -> AsyncIterator[Trap]:
             return web.Response(text="statement body", headers={"Content-Disposition": disposition})
         if request.path == "/redirect":
             raise web.HTTPFound(target + "?via=redirect")
+        if request.path == "/image-redirect":  # an allowed address that sends the image away
+            raise web.HTTPFound(target + "?via=image")
+        if request.path == "/favicon.ico":
+            raise web.HTTPNotFound()
         return web.Response(text=bodies[request.path], content_type="text/html")
 
     app = web.Application()
@@ -99,7 +125,9 @@ def trap_runtime(runtime: Runtime, tmp_path: Path) -> Runtime:
     return replace(runtime, scripts=ScriptStore(scripts, selectors))
 
 
-@pytest.mark.parametrize("how", ["link", "redirect", "fetch"])
+@pytest.mark.parametrize(
+    "how", ["link", "redirect", "fetch", "popup", "worker", "websocket", "image"]
+)
 async def test_requests_outside_the_allowlist_are_blocked_and_reported(
     how: str, trap: Trap, trap_runtime: Runtime, browser_host: BrowserHost
 ) -> None:

@@ -77,6 +77,20 @@ def test_missing_target_names_the_step_and_registry(tree: Path) -> None:
     assert "'credit.nonexistent' is not in selectors/billing.yaml" in message
 
 
+def test_an_allowed_host_that_is_not_a_bare_host_names_file_line_and_value(tree: Path) -> None:
+    # Each allowed host becomes a proxy bypass rule (worker.guard): a URL, a port or a wildcard
+    # would not mean what it says there.
+    registry = tree / "selectors" / "billing.yaml"
+    text = registry.read_text()
+    assert "allowed_hosts: [127.0.0.1, localhost]" in text
+    registry.write_text(text.replace("[127.0.0.1, localhost]", "[127.0.0.1, 'billing:8080']"))
+    with pytest.raises(ScriptInvalid) as info:
+        ScriptStore(tree / "scripts", tree / "selectors").load("billing/issue_credit")
+    message = info.value.message
+    assert "billing.yaml:5" in message and "allowed_hosts" in message
+    assert "'billing:8080' is not a host name or IP address" in message
+
+
 def test_undeclared_input_is_refused(tree: Path) -> None:
     message = load_broken(
         tree,

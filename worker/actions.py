@@ -293,10 +293,7 @@ class PageActions:
     async def _showing_before(self, step: ClickStep | PressStep) -> frozenset[str]:
         if step.expect is None:
             return frozenset()
-        d = self.loaded.registry.detectors
-        return frozenset(
-            await detectors_seen(self.page, [*d.validation_error, *d.login_page, *d.error_banner])
-        )
+        return frozenset(await detectors_seen(self.page, self.loaded.registry.detectors.selectors))
 
     async def upload(self, step: UploadStep, frame: Frame, timeout_ms: float) -> MatchedSelector:
         """Hand a file from the uploads directory to a file input (the input may be hidden
@@ -414,8 +411,7 @@ class PageActions:
         navigations_before: int,
         detectors_before: frozenset[str],
     ) -> MatchedSelector:
-        detectors = self.loaded.registry.detectors
-        watched = [*detectors.validation_error, *detectors.login_page, *detectors.error_banner]
+        watched = self.loaded.registry.detectors.selectors
         if not watched:
             return (await self.find(target, frame, timeout_ms)).matched
         expected = [

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from playwright.async_api import (
 from playwright.async_api import Error as PlaywrightError
 
 from worker.evidence import MASK_SCRIPT
+from worker.guard import Sink, proxy_for
 
 log = logging.getLogger("formwork.browser")
 
@@ -93,11 +95,13 @@ def find_chromium() -> str | None:
 
 @dataclass(frozen=True)
 class JobPage:
-    """A job's own context, its page, and a DevTools session on it (for fast screenshots)."""
+    """A job's own context, its page, and a DevTools session on it (for fast screenshots).
+    `hosts`: the only hosts the context can reach (`worker.guard`); None: unguarded."""
 
     context: BrowserContext
     page: Page
     cdp: CDPSession
+    hosts: frozenset[str] | None = None
 
 
 class BrowserHost:
@@ -111,13 +115,20 @@ class BrowserHost:
         self.keep_warm = keep_warm
         self.launches = 0
         self._warm: asyncio.Task[JobPage] | None = None
+        self._warm_hosts: frozenset[str] | None = None
+        self._sink: Sink | None = None
+        self._discarding: set[asyncio.Task[None]] = set()
         self._playwright: Playwright | None = None
         self._browser: Browser | None = None
         self._lock = asyncio.Lock()
 
-    async def start(self) -> None:
+    async def start(self, hosts: Iterable[str] | None = None) -> None:
+        """Launch Chromium. With `keep_warm` and the allowlist `hosts` of the site the first job
+        is expected for, also make that job's page now, not when the job arrives. Without
+        `hosts` nothing is made: a page is made for one allowlist, and a guess would be thrown
+        away by the first job of another site."""
         await self._ensure_browser()
-        warm = self.warm_up()  # the first job's page: made now, not when the job arrives
+        warm = self.warm_up(hosts) if hosts is not None else None
         if warm is not None:
             await warm
 
@@ -144,15 +155,21 @@ class BrowserHost:
         return context
 
     async def open_page(
-        self, storage_state: dict[str, Any] | None = None, *, record_har: Path | None = None
+        self,
+        storage_state: dict[str, Any] | None = None,
+        *,
+        record_har: Path | None = None,
+        hosts: Iterable[str] | None = None,
     ) -> JobPage:
-        """A fresh context with one page. With `keep_warm`, the pair was made ahead of time
-        (see `close_page`), so a job does not pay context and page creation on its critical
-        path.
+        """A fresh context with one page, able to reach only `hosts` (None: anywhere; a job
+        always names its site's). With `keep_warm`, the pair was made ahead of time (see
+        `close_page`) when the last job was for the same hosts, so a job does not pay context
+        and page creation on its critical path.
 
         With `storage_state` (a resumed job's cookies and local storage), the context is made
         from it: the rare resume pays for its context, the warm page stays for the next job.
         So does a job that records a HAR (`record_har`: written when the context closes)."""
+        allowed = frozenset(hosts) if hosts is not None else None
         if storage_state is not None or record_har is not None:
             options: dict[str, Any] = {"storage_state": storage_state}
             if record_har is not None:
@@ -161,9 +178,11 @@ class BrowserHost:
                     record_har_content="embed",
                     record_har_mode="minimal",
                 )
-            return await self._fresh_page(**options)
+            return await self._fresh_page(allowed, **options)
         warm, self._warm = self._warm, None
-        if warm is not None:
+        if warm is not None and self._warm_hosts != allowed:
+            self._discard(warm)  # made for another site: its proxy rules are not this job's
+        elif warm is not None:
             try:
                 job_page = await warm
                 browser = job_page.context.browser
@@ -171,34 +190,52 @@ class BrowserHost:
                     return job_page
             except PlaywrightError as exc:
                 log.warning("warm page unusable (%s); making a fresh one", exc.message)
-        return await self._fresh_page()
+        return await self._fresh_page(allowed)
 
     async def close_page(self, job_page: JobPage) -> None:
         """Close a job's context; with `keep_warm`, start making the next job's page.
 
         The next page is made now, not as soon as the warm one is taken: making a context and
         its page starts a renderer process, CPU a running job's first steps would wait behind
-        (~80 ms of its first step on 2 cores, bench/overhead.py); between jobs it is free."""
-        try:
-            await job_page.context.close()
-        finally:
-            self.warm_up()
+        (~80 ms of its first step on 2 cores, bench/overhead.py); between jobs it is free.
+        It is started before this context is closed: a queued job may be waiting for it."""
+        self.warm_up(job_page.hosts)
+        await job_page.context.close()
 
     @property
     def warming(self) -> bool:
         """A page for the next job is made or being made."""
         return self._warm is not None
 
-    def warm_up(self) -> asyncio.Task[JobPage] | None:
-        """With `keep_warm`, make sure the next job's page is made or being made."""
+    def warm_up(self, hosts: Iterable[str] | None = None) -> asyncio.Task[JobPage] | None:
+        """With `keep_warm`, make sure a page for the next job is made or being made: for
+        `hosts`, the allowlist of the job that just ended (the next is most likely for the
+        same site), unless one is already there."""
         if self.keep_warm and self._warm is None:
-            self._warm = asyncio.create_task(self._fresh_page(), name="warm-page")
+            allowed = frozenset(hosts) if hosts is not None else None
+            self._warm_hosts = allowed
+            self._warm = asyncio.create_task(self._fresh_page(allowed), name="warm-page")
         return self._warm
 
-    async def _fresh_page(self, **options: Any) -> JobPage:
+    def _discard(self, warm: asyncio.Task[JobPage]) -> None:
+        async def close() -> None:
+            try:
+                await (await warm).context.close()
+            except PlaywrightError:
+                log.debug("unused warm context already gone")
+
+        task = asyncio.create_task(close(), name="discard-warm-page")
+        self._discarding.add(task)  # held until done: an unreferenced task may be collected
+        task.add_done_callback(self._discarding.discard)
+
+    async def _fresh_page(self, hosts: frozenset[str] | None, **options: Any) -> JobPage:
+        if hosts is not None:
+            if self._sink is None:
+                self._sink = Sink()
+            options["proxy"] = proxy_for(hosts, self._sink)
         context = await self.new_context(**options)
         page = await context.new_page()
-        return JobPage(context, page, await context.new_cdp_session(page))
+        return JobPage(context, page, await context.new_cdp_session(page), hosts)
 
     @property
     def browser(self) -> Browser | None:
@@ -207,10 +244,8 @@ class BrowserHost:
     async def stop(self) -> None:
         if self._warm is not None:
             warm, self._warm = self._warm, None
-            try:
-                await (await warm).context.close()
-            except PlaywrightError:
-                log.debug("warm context already gone at stop")
+            self._discard(warm)
+        await asyncio.gather(*self._discarding)
         async with self._lock:
             if self._browser is not None:
                 await self._browser.close()
@@ -218,6 +253,9 @@ class BrowserHost:
             if self._playwright is not None:
                 await self._playwright.stop()
                 self._playwright = None
+            if self._sink is not None:
+                self._sink.close()
+                self._sink = None
 
     async def __aenter__(self) -> BrowserHost:
         await self.start()

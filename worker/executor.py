@@ -183,15 +183,19 @@ async def run_job(
     async with gate(loaded) if gate is not None else nullcontext():
         record = job.har if job.har is not None else loaded.script.har
         har, har_key = runtime.artifacts.har_file(job.job_id) if record else (None, None)
+        hosts = loaded.registry.allowed_hosts
         job_page = await runtime.browser.open_page(
-            resume.storage_state if resume else None, record_har=har
+            resume.storage_state if resume else None, record_har=har, hosts=hosts
         )
         context = job_page.context
         downloads = Downloads(runtime.artifacts.downloads_dir(job.job_id))
         downloads.watch(job_page.page)
         try:
-            guard = Guard(loaded.registry.allowed_hosts)
-            await guard.install(context, job_page.cdp)
+            guard = Guard(hosts)
+            if job_page.hosts != guard.hosts:
+                # The allowlist is the context's proxy (worker.guard): never drive one without.
+                raise RuntimeError(f"job page made for hosts {job_page.hosts}, not {guard.hosts}")
+            guard.watch(context)
             if runtime.context_setup is not None:
                 await runtime.context_setup(context)
             context.set_default_timeout(loaded.script.timeout_ms)
@@ -780,7 +784,6 @@ class _Run:
         side_effect = isinstance(step, ClickStep | PressStep)
         failure: Failure | None = None
         full_page = False
-        blocked_mark = len(self.guard.blocked) if self.guard is not None else 0
         try:
             report.selector = await actions.perform(planned, timeout_ms)
             report.drift = self._drift(report.selector)
@@ -804,26 +807,6 @@ class _Run:
         except PlaywrightError as exc:
             error = translate_playwright_error(exc, doing=f"{planned.action} failed")
             failure = await self.explain(error, planned.id, stop_loading=actions.dispatched)
-        blocked = self.guard.since(blocked_mark) if self.guard is not None else []
-        if blocked:
-            # Whatever else went wrong, the page tried to leave the site: that is the finding.
-            failure = Failure(
-                code=FailureCode.navigation_blocked,
-                message=self.redact(
-                    f"the page tried to reach a host outside the site's allowlist: {blocked[0]}"
-                )
-                or "",
-                evidence=self.redact("; ".join(blocked)),
-                step_id=planned.id,
-            )
-        if failure is not None and actions.dispatched and failure.code not in _KNOWN_OUTCOMES:
-            failure = Failure(
-                code=FailureCode.outcome_unknown,
-                message=f"{planned.id} was sent to the site but not confirmed "
-                f"({failure.code}: {failure.message})",
-                evidence=failure.evidence,
-                step_id=planned.id,
-            )
         report.dialogs += [
             seen.model_copy(update={"message": self.redact(seen.message) or ""})
             for seen in actions.take_dialogs()
@@ -843,6 +826,28 @@ class _Run:
             if shot and self.dynamic_css:
                 report.dynamic = dynamic
         report.screenshot = shot or report.screenshot
+        # Looked at after the capture: a request the page made on its own near the end of the
+        # step (a popup's, a worker's) has had the capture's round trips to be heard of.
+        blocked = self.guard.take() if self.guard is not None else []
+        if blocked:
+            # Whatever else went wrong, the page tried to leave the site: that is the finding.
+            failure = Failure(
+                code=FailureCode.navigation_blocked,
+                message=self.redact(
+                    f"the page tried to reach a host outside the site's allowlist: {blocked[0]}"
+                )
+                or "",
+                evidence=self.redact("; ".join(blocked)),
+                step_id=planned.id,
+            )
+        if failure is not None and actions.dispatched and failure.code not in _KNOWN_OUTCOMES:
+            failure = Failure(
+                code=FailureCode.outcome_unknown,
+                message=f"{planned.id} was sent to the site but not confirmed "
+                f"({failure.code}: {failure.message})",
+                evidence=failure.evidence,
+                step_id=planned.id,
+            )
         report.attempt_log.append(
             Attempt(
                 number=report.attempts,

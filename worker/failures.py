@@ -118,9 +118,7 @@ async def detectors_seen(page: Page, selectors: list[str]) -> set[str]:
 
 async def observe_page(page: Page, detectors: Detectors, status: int | None) -> PageState:
     """Read the detectors off the live page (the thin shell around `classify`)."""
-    found = await _detect(
-        page, [*detectors.login_page, *detectors.validation_error, *detectors.error_banner]
-    )
+    found = await _detect(page, detectors.selectors)
 
     def texts(selectors: list[str]) -> list[str]:
         return [text for selector in selectors for text in found.get(selector, [])]

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from playwright.async_api import Error as PlaywrightError
 from playwright.async_api import FrameLocator, Locator, Page
 from playwright.async_api import TimeoutError as PlaywrightTimeoutError
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, model_validator
 
 from worker.contract import FailureCode, MatchedSelector
 from worker.errors import ScriptInvalid, StepError
@@ -107,6 +109,11 @@ class Detectors(BaseModel):
     login_page: list[str] = Field(default_factory=list)
     error_banner: list[str] = Field(default_factory=list)
 
+    @property
+    def selectors(self) -> list[str]:
+        """Every detector, of every kind."""
+        return [*self.validation_error, *self.login_page, *self.error_banner]
+
 
 class SiteLimits(BaseModel):
     """How hard all workers together may drive the site."""
@@ -117,6 +124,28 @@ class SiteLimits(BaseModel):
     min_interval_ms: int | None = Field(default=None, ge=1, description="Between job starts.")
 
 
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_HOST_NAME = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
+
+
+def _host(value: str) -> str:
+    """A host name or IP address as `urlsplit(url).hostname` gives it: lower case, no
+    brackets. It becomes a proxy bypass rule (worker.guard), so nothing else may pass."""
+    host = value.lower()
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    if not _HOST_NAME.match(host):
+        raise ValueError(
+            f"{value!r} is not a host name or IP address (no scheme, port, path or wildcard)"
+        )
+    return host
+
+
+Host = Annotated[str, AfterValidator(_host)]
+
+
 class SiteRegistry(BaseModel):
     """`selectors/<site>.yaml`."""
 
@@ -124,7 +153,7 @@ class SiteRegistry(BaseModel):
 
     site: str = Field(pattern=r"^[a-z0-9_]+$")
     base_url: HttpUrl
-    allowed_hosts: list[str] = Field(min_length=1)
+    allowed_hosts: list[Host] = Field(min_length=1)
     elements: dict[str, list[Candidate]]
     secret_elements: list[str] = Field(
         default_factory=list,
@@ -140,8 +169,6 @@ class SiteRegistry(BaseModel):
 
     @model_validator(mode="after")
     def _elements(self) -> SiteRegistry:
-        import re
-
         for name, candidates in self.elements.items():
             if not re.match(ELEMENT_NAME, name):
                 raise ValueError(f"element name {name!r} must be dotted lower_case words")
