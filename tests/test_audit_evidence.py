@@ -9,7 +9,15 @@ from pathlib import Path
 
 from PIL import Image, ImageFilter, ImageStat
 
-from worker.annotate import BOX_COLOR, FAIL_COLOR, Encoded, Mark, prepare, render
+from worker.annotate import (
+    BOX_COLOR,
+    FAIL_COLOR,
+    Encoded,
+    Mark,
+    content_name,
+    prepare,
+    render,
+)
 from worker.artifacts import LocalArtifacts
 from worker.audit import AuditRecord, Evidence, screenshot_marks
 from worker.browser import BrowserHost
@@ -23,6 +31,7 @@ from worker.contract import (
     StepReport,
     StepStatus,
 )
+from worker.evidence import measure
 from worker.executor import Runtime, run_job
 from worker.script import ScriptStore
 from worker.secretstore import SecretStore
@@ -192,10 +201,45 @@ def test_images_are_fitted_into_the_job_budget() -> None:
     assert impossible.over_budget and len(impossible.images) == 3  # kept anyway
 
 
+async def test_dynamic_regions_are_measured_in_the_page_when_the_step_acted_in_an_iframe(
+    browser_host: BrowserHost,
+) -> None:
+    # The acted element's own document is the iframe's; the script's regions are the page's.
+    context = await browser_host.new_context()
+    try:
+        page = await context.new_page()
+        await page.set_content(
+            '<div id="dyn" style="position:absolute;left:40px;top:30px;width:120px;height:20px">'
+            'CN-1</div><iframe style="position:absolute;top:200px" '
+            'srcdoc="<button id=go>Go</button>"></iframe>'
+        )
+        button = page.frame_locator("iframe").locator("#go")
+        await button.wait_for()
+        box, dynamic = await measure(page, button, ["#dyn"])
+        assert box is not None  # the button, as its frame sees it
+        assert [(b.x, b.y, b.width, b.height) for b in dynamic] == [(40, 30, 120, 20)]
+        _, in_page = await measure(page, page.locator("#dyn"), ["#dyn"])
+        assert in_page == dynamic
+    finally:
+        await context.close()
+
+
 def _noisy_jpeg(seed: int) -> bytes:
     out = io.BytesIO()
     Image.effect_noise((640, 400), 40 + seed).convert("RGB").save(out, "JPEG", quality=90)
     return out.getvalue()
+
+
+def test_a_capture_with_nothing_to_draw_is_kept_as_the_browser_encoded_it() -> None:
+    raw = _noisy_jpeg(3)
+    kept = prepare(raw, Mark(), "jpeg")
+    assert kept.image == raw and kept.image_name == content_name(raw, "jpeg")
+    assert (kept.width, kept.height, kept.box) == (640, 400, None)
+    assert Image.open(io.BytesIO(kept.thumbnail)).size == (320, 200)
+    # Something to draw is drawn: a box, or a failure's frame, means new pixels.
+    boxed = prepare(raw, Mark(box=Box(x=20, y=30, width=200, height=40), label="x"), "jpeg")
+    assert boxed.image != raw and boxed.box is not None
+    assert prepare(raw, Mark(failure="timeout"), "jpeg").image != raw
 
 
 def test_evidence_encoded_during_the_job_is_what_render_would_make() -> None:

@@ -4,7 +4,8 @@ marked, re-encoded compactly with thumbnails, within a size budget per job.
 Pure functions over bytes, run on the artifact store's own threads: `prepare` as each step's
 capture lands, `render` when the job's record is built (reusing what was prepared). Decoding,
 drawing and encoding a 1280x800 image takes ~8 ms, time the event loop that other jobs share
-must not lose.
+must not lose — though Pillow's JPEG encoder holds the GIL while it works (~3 ms per image),
+so a capture with nothing to draw is kept as the browser encoded it (`_as_captured`).
 
 Secrets never reach this module: the browser masked them (and blurred the script's `redact:`
 regions) before any pixel was captured, see `worker.evidence`.
@@ -141,10 +142,30 @@ def prepare(raw: bytes, mark: Mark, fmt: ImageFormat = "webp") -> Encoded:
 
     Called as each step's capture lands, so that by the time the job ends its evidence is
     mostly encoded already (see `render`'s `prepared`)."""
+    if fmt == "jpeg" and mark.box is None and mark.failure is None and raw[:3] == _JPEG_START:
+        return _as_captured(raw)
     image = annotate(raw, mark)
     thumb, thumb_name = _thumbnail(image, fmt)
     quality, scale = LADDER[0]
     return _encoded(image, mark, fmt, quality, scale, thumb, thumb_name)
+
+
+_JPEG_START = b"\xff\xd8\xff"
+
+
+def _as_captured(raw: bytes) -> Encoded:
+    """A capture with nothing to draw on it (a step that navigated away from its element) is
+    its own evidence image: the browser already encoded it as JPEG at the first rung's quality
+    (`worker.evidence.JPEG_QUALITY`). Decoding and encoding it again would cost ~6 ms of CPU,
+    half of it holding the GIL (Pillow's JPEG encoder keeps it for the whole image, stalling
+    the event loop every job shares). The thumbnail is decoded at a quarter of the size by the
+    JPEG decoder itself."""
+    with Image.open(io.BytesIO(raw)) as opened:
+        width, height = opened.size
+        opened.draft("RGB", (THUMB_WIDTH, THUMB_WIDTH * height // max(width, 1)))
+        small = opened.convert("RGB")
+    thumb, thumb_name = _thumbnail(small, "jpeg")
+    return Encoded(raw, content_name(raw, "jpeg"), thumb, thumb_name, width, height, None)
 
 
 def _thumbnail(image: Image.Image, fmt: ImageFormat) -> tuple[bytes, str]:

@@ -22,11 +22,13 @@ from playwright.async_api import CDPSession, Locator, Page
 from playwright.async_api import Error as PlaywrightError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
+from worker.annotate import LADDER
 from worker.contract import Box, FailureCode
 from worker.errors import StepError
 
 IMAGE_SUFFIX = ".jpg"
-JPEG_QUALITY = 80
+# The evidence ladder's first rung: a capture with nothing to draw on it is kept as it is.
+JPEG_QUALITY = LADDER[0][0]
 MASK_COLOR = "#1f1f1f"
 SETTLE_TIMEOUT_MS = 5_000
 SECRET_ATTRIBUTE = "data-formwork-secret"
@@ -112,13 +114,15 @@ async def _settle(page: Page) -> None:
 # One round trip for everything a screenshot's annotations need: the acted element's box (when
 # it is still on the page: a step that navigated has none) and the boxes of the script's
 # dynamic regions. Measured in the page rather than with Locator.bounding_box, which waits for
-# the element — after a click it may be gone for good.
+# the element — after a click it may be gone for good. Run in an iframe's element, `document`
+# is the iframe's: the regions are then left to a second call in the page (`dynamic: null`).
 _MEASURE_JS = """(els, selectors) => {
   const box = (el) => {
     const r = el.getBoundingClientRect();
     if (r.width <= 0 || r.height <= 0) return null;
     return { x: r.x, y: r.y, width: r.width, height: r.height };
   };
+  if (window !== window.top) return { element: els.length ? box(els[0]) : null, dynamic: null };
   const dynamic = [];
   for (const selector of selectors) {
     let nodes;
@@ -139,11 +143,14 @@ async def measure(
     (what a capture shows); nothing where the page cannot say."""
     if element is None and not selectors:
         return None, []
+    in_page = f"(selectors) => ({_MEASURE_JS})([], selectors)"
     try:
         if element is not None:
             found = await element.evaluate_all(_MEASURE_JS, selectors)
         else:
-            found = await page.evaluate(f"(selectors) => ({_MEASURE_JS})([], selectors)", selectors)
+            found = await page.evaluate(in_page, selectors)
+        if found["dynamic"] is None:  # the element is in an iframe; the regions are the page's
+            found["dynamic"] = (await page.evaluate(in_page, selectors))["dynamic"]
     except PlaywrightError:
         return None, []  # the element's frame went away with the step: nothing to point at
     element_box = found["element"]
