@@ -164,12 +164,28 @@ def rollout_path(scripts_dir: Path, name: str) -> Path:
     return scripts_dir / site / f"{short}{ROLLOUT_SUFFIX}"
 
 
+# Parsed rollout files by path, with the text they were parsed from: every unpinned job is
+# routed by its script's file (and every outcome judged by it), and parsing the YAML each time
+# was most of routing's cost. Keyed by content, not modification time: two edits within one
+# tick of the file system's clock must not leave the first in force.
+_parsed: dict[Path, tuple[bytes, RolloutConfig]] = {}
+
+
 def load_rollout(scripts: ScriptStore, name: str) -> RolloutConfig | None:
     """The script's rollout file, checked against the versions that exist; None without one."""
     path = rollout_path(scripts.scripts_dir, name)
     if not path.is_file():
         return None
-    config = load_model(path, RolloutConfig)
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ScriptInvalid(f"{path}: cannot read: {exc.strerror}") from exc
+    cached = _parsed.get(path)
+    if cached is not None and cached[0] == text:
+        config = cached[1]
+    else:
+        config = load_model(path, RolloutConfig)
+        _parsed[path] = (text, config)
     versions = scripts.versions(name)
     for role, version in (("stable", config.stable), ("canary", config.canary)):
         if version is not None and version not in versions:
