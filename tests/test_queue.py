@@ -96,6 +96,15 @@ async def test_duplicate_enqueue_runs_once_even_after_arq_forgets_the_job(
     assert len(billing.credits()) == 1
 
 
+async def test_queue_depth_counts_jobs_no_worker_has_taken(
+    billing: Site, client: FormworkClient
+) -> None:
+    assert await client.queue_depth() == 0
+    await client.enqueue(credit_job(billing, "q-wait-1"))
+    await client.enqueue(credit_job(billing, "q-wait-2"))
+    assert await client.queue_depth() == 2
+
+
 async def raw_enqueue(settings: Settings, job_id: str, envelope: bytes) -> None:
     """What an orchestrator in another language does: two plain Redis commands."""
     redis = Redis.from_url(settings.redis_url)
@@ -191,6 +200,9 @@ async def test_abort_stops_the_job_between_steps(
     handle = await client.enqueue(credit_job(billing, "q-abort"))
     async for _, event in handle.events():
         if event.step is not None and event.step.id == "open_account":
+            # Taken and running: still in arq's queue (until it finishes), not in the backlog.
+            assert await client.redis.zcard(client.keys.queue) == 1
+            assert await client.queue_depth() == 0
             assert await client.abort(handle.job_id, "customer withdrew the request")
             break
     report = await handle.wait(60)

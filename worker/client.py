@@ -23,6 +23,7 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
+from worker.backlog import backlog
 from worker.contract import (
     BrowserJob,
     EventKind,
@@ -240,5 +241,5 @@ class FormworkClient:
         return found
 
     async def queue_depth(self) -> int:
-        depth: int = await self.redis.zcard(self.keys.queue)
-        return depth
+        """Jobs due on the queue that no worker has taken yet (`worker.backlog`)."""
+        return await backlog(self.redis, self.keys)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 DEFAULT_PREFIX = "formwork"
 ARQ_JOB_PREFIX = "arq:job:"  # arq.constants.job_key_prefix: the plain-Redis wire protocol uses it
+ARQ_IN_PROGRESS_PREFIX = "arq:in-progress:"  # arq.constants.in_progress_key_prefix
 JOB_FUNCTION = "browser_job"  # the arq function name a raw enqueuer writes into the payload
 
 RECORD_TTL_S = 7 * 24 * 3600  # job records, de-duplication keys and event streams

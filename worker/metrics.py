@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from collections.abc import Iterable
 from typing import Any, cast
 
@@ -25,6 +24,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 
+from worker.backlog import backlog
 from worker.browser import BrowserHost
 from worker.contract import JobReport
 from worker.keys import Keys
@@ -135,12 +135,8 @@ class _Live(Collector):
         self.ready = self.waiting = self.rss = 0
 
     async def refresh(self) -> None:
-        now_ms = int(time.time() * 1000)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            # The queue also holds messages due later (pause deadlines): only due ones wait.
-            pipe.zcount(self.keys.queue, "-inf", now_ms)
-            pipe.zcard(self.keys.paused)
-            self.ready, self.waiting = await pipe.execute()
+        self.ready = await backlog(self.redis, self.keys)
+        self.waiting = await self.redis.zcard(self.keys.paused)
         self.rss = await asyncio.to_thread(tree_rss, os.getpid())
 
     def collect(self) -> Iterable[Metric]:
