@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from threading import Barrier
@@ -414,6 +415,20 @@ def test_faults_never_touch_fixture_or_static_paths(base_url: str) -> None:
     set_faults(base_url, fail=[{"path_contains": "/", "status": 500, "times": 5}])
     assert Browser(base_url, "billing").get("/static/legacy.css").status == 200
     assert state(base_url)["faults"]["fail"][0]["times"] == 5
+
+
+def test_the_browsers_own_favicon_request_is_not_a_page(browser: Browser, base_url: str) -> None:
+    # Chromium asks for /favicon.ico by itself, when it likes: counted as a page, it would
+    # move session_expiry_after and the request counters by a race.
+    set_faults(base_url, session_expiry_after=1, fail=[{"path_contains": "/", "status": 500}])
+    before = state(base_url)["requests"]
+    with urllib.request.urlopen(base_url + "/favicon.ico", timeout=TIMEOUT_S) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"] == "image/png"
+        assert response.read().startswith(b"\x89PNG")
+    after = state(base_url)
+    assert after["requests"] == before
+    assert after["faults"]["fail"][0]["times"] == 1
 
 
 def test_reset_restores_a_clean_site(browser: Browser, base_url: str) -> None:
