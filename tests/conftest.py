@@ -137,18 +137,41 @@ def fixture_secrets() -> dict[str, str]:
 TEST_REDIS_URL = os.environ.get("FORMWORK_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 
 
+# The name of a connection each test session holds open on its database for as long as it runs.
+SESSION_CLIENT_NAME = "formwork-test-session"
+
+
 @pytest.fixture(scope="session")
-def redis_url() -> str:
-    """A real Redis (started if none answers), on a database of its own, emptied per session."""
+def redis_url() -> Iterator[str]:
+    """A real Redis (started if none answers), on a database of its own, emptied per session.
+
+    One session at a time per database: arq's keys (`arq:job:<id>`) carry no prefix, and the
+    empty start would wipe a running session's jobs. A second session finds the first one's
+    named connection and stops with a clear message instead of failing tests at random; a
+    session that died took its connection with it, so nothing stale is left to clear."""
     import redis as redis_sync
 
     from worker.localredis import ensure
 
     ensure(TEST_REDIS_URL)
-    client = redis_sync.Redis.from_url(TEST_REDIS_URL)
-    client.flushdb()
-    client.close()
-    return TEST_REDIS_URL
+    holder = redis_sync.Redis.from_url(TEST_REDIS_URL)
+    db = str(holder.connection_pool.connection_kwargs.get("db", 0))
+    running = [
+        c for c in holder.client_list() if c.get("name") == SESSION_CLIENT_NAME and c["db"] == db
+    ]
+    if running:
+        holder.close()
+        pytest.exit(
+            f"another test session is using {TEST_REDIS_URL} (client {running[0]['addr']}): "
+            "wait for it, or point FORMWORK_TEST_REDIS_URL at another database",
+            returncode=3,
+        )
+    holder.client_setname(SESSION_CLIENT_NAME)
+    holder.flushdb()
+    try:
+        yield TEST_REDIS_URL
+    finally:
+        holder.close()
 
 
 @pytest.fixture
