@@ -97,7 +97,20 @@ async def test_the_next_warm_page_is_made_between_jobs(browser_host: BrowserHost
         assert await following.page.inner_text("p") == "next job"
         await browser_host.close_page(following)
     finally:
-        browser_host.keep_warm = False  # the warm page left is closed with the host
+        await _leave_nothing_warm(browser_host, hosts=None)
+
+
+async def test_a_released_page_is_closed_in_the_background(browser_host: BrowserHost) -> None:
+    """A job's report goes out without waiting for its context to close; the close is still
+    done, and `settled` (as `stop`) waits for it."""
+    assert browser_host.browser is not None
+    job_page = await browser_host.open_page(hosts=["127.0.0.1"])
+    assert job_page.context in browser_host.browser.contexts
+    browser_host.release(job_page)
+    await browser_host.settled()
+    assert job_page.context not in browser_host.browser.contexts
+    with pytest.raises(PlaywrightError, match="closed"):
+        await job_page.page.title()
 
 
 async def test_a_warm_page_goes_only_to_a_job_for_the_same_hosts(
@@ -124,4 +137,13 @@ async def test_a_warm_page_goes_only_to_a_job_for_the_same_hosts(
             await same.page.goto(f"{by_ip}/login")
         await browser_host.close_page(same)
     finally:
-        browser_host.keep_warm = False  # the warm page left is closed with the host
+        await _leave_nothing_warm(browser_host, hosts=["localhost"])
+
+
+async def _leave_nothing_warm(browser_host: BrowserHost, hosts: list[str] | None) -> None:
+    """The session's host makes no warm pages: take the one left (made for `hosts`) and close
+    it, so no later test finds a context it did not make."""
+    browser_host.keep_warm = False
+    if browser_host.warming:
+        await browser_host.close_page(await browser_host.open_page(hosts=hosts))
+    await browser_host.settled()

@@ -41,8 +41,10 @@ async def test_pause_holds_no_browser_and_retry_with_inputs_resumes_at_the_step(
     billing: Site, client: FormworkClient, worker: Worker, browser_host: BrowserHost
 ) -> None:
     assert browser_host.browser is not None
+    await browser_host.settled()  # contexts of earlier tests, still being closed
     contexts = len(browser_host.browser.contexts)
     await paused_job(billing, client, "h-retry")
+    await browser_host.settled()  # the job's context is closed after its report goes out
     assert len(browser_host.browser.contexts) == contexts  # released while it waits
     assert [job_id for job_id, _, _ in await client.paused()] == ["h-retry"]
 
@@ -164,10 +166,12 @@ async def test_an_approval_gate_pauses_with_the_filled_form_and_approve_commits_
     settings: Settings,
 ) -> None:
     assert browser_host.browser is not None
+    await browser_host.settled()
     contexts = len(browser_host.browser.contexts)
     paused = await awaiting_approval(billing, client, "a-approve")
 
     assert billing.credits() == []  # nothing sent while it waits
+    await browser_host.settled()
     assert len(browser_host.browser.contexts) == contexts
     request = paused.handoff
     assert request is not None and request.kind == HandoffKind.approval

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,7 +117,7 @@ class BrowserHost:
         self._warm: asyncio.Task[JobPage] | None = None
         self._warm_hosts: frozenset[str] | None = None
         self._sink: Sink | None = None
-        self._discarding: set[asyncio.Task[None]] = set()
+        self._closing: set[asyncio.Task[None]] = set()  # contexts being closed, in the background
         self._playwright: Playwright | None = None
         self._browser: Browser | None = None
         self._lock = asyncio.Lock()
@@ -202,6 +202,21 @@ class BrowserHost:
         self.warm_up(job_page.hosts)
         await job_page.context.close()
 
+    def release(self, job_page: JobPage) -> None:
+        """Like `close_page`, without waiting for the close: the job's report does not depend
+        on it (~20-35 ms on 2 cores). `settled` and `stop` wait for it."""
+        self.warm_up(job_page.hosts)
+        self._in_background(self._close(job_page), "close-job-context")
+
+    async def settled(self) -> None:
+        """Wait until the background work is done: the next job's page made (or failed to be),
+        released contexts closed."""
+        pending: set[asyncio.Future[Any]] = set(self._closing)
+        if self._warm is not None:
+            pending.add(self._warm)
+        if pending:
+            await asyncio.wait(pending)
+
     @property
     def warming(self) -> bool:
         """A page for the next job is made or being made."""
@@ -224,9 +239,18 @@ class BrowserHost:
             except PlaywrightError:
                 log.debug("unused warm context already gone")
 
-        task = asyncio.create_task(close(), name="discard-warm-page")
-        self._discarding.add(task)  # held until done: an unreferenced task may be collected
-        task.add_done_callback(self._discarding.discard)
+        self._in_background(close(), "discard-warm-page")
+
+    async def _close(self, job_page: JobPage) -> None:
+        try:
+            await job_page.context.close()
+        except PlaywrightError as exc:
+            log.warning("job context already gone at close: %s", exc.message)
+
+    def _in_background(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        self._closing.add(task)  # held until done: an unreferenced task may be collected
+        task.add_done_callback(self._closing.discard)
 
     async def _fresh_page(self, hosts: frozenset[str] | None, **options: Any) -> JobPage:
         if hosts is not None:
@@ -245,7 +269,7 @@ class BrowserHost:
         if self._warm is not None:
             warm, self._warm = self._warm, None
             self._discard(warm)
-        await asyncio.gather(*self._discarding)
+        await asyncio.gather(*self._closing)
         async with self._lock:
             if self._browser is not None:
                 await self._browser.close()

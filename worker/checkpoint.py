@@ -14,6 +14,7 @@ again. A checkpoint sealed under another key reads as "no session", never as an 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -149,11 +150,10 @@ class RedisCheckpoints:
 
 async def storage_state(context: BrowserContext, page: Page) -> dict[str, Any] | None:
     """The context's cookies and the current origin's local storage, in the shape
-    `browser.new_context(storage_state=…)` takes. Two round trips, not Playwright's
+    `browser.new_context(storage_state=…)` takes. Two round trips at once, not Playwright's
     `context.storage_state()`, which may open a page per origin it has seen."""
     try:
-        cookies = await context.cookies()
-        origin = await page.evaluate(_LOCAL_STORAGE_JS)
+        cookies, origin = await asyncio.gather(context.cookies(), page.evaluate(_LOCAL_STORAGE_JS))
     except PlaywrightError as exc:
         log.warning("could not read the storage state: %s", exc.message)
         return None

@@ -228,16 +228,26 @@ async def run_job(
                     await run.steps(stop_check)
         finally:
             await downloads.settle()
-            try:
-                await runtime.browser.close_page(job_page)
-            except PlaywrightError:
-                log.warning("job %s: context already gone at close", job.job_id)
+            if har is None:
+                # Nothing in the report waits for the close: it goes on in the background.
+                runtime.browser.release(job_page)
+            else:
+                # The HAR is written as the context closes, and scrubbed before the report
+                # names it.
+                try:
+                    await runtime.browser.close_page(job_page)
+                except PlaywrightError:
+                    log.warning("job %s: context already gone at close", job.job_id)
             if har is not None and har.is_file():
                 named = {**secrets, **loaded.secret_inputs(inputs)}
                 await asyncio.to_thread(scrub, har, named)
                 if report.artifacts is not None:
                     report.artifacts.har = har_key
     return await _finish(report, started, runtime, listener)
+
+
+async def _nothing() -> None:
+    return None
 
 
 async def reject(
@@ -572,14 +582,7 @@ class _Run:
             return
         plan = self.loaded.plan
         self.claims()  # outputs read so far travel as claims, with how they were verified
-        # The session changes with what the site sends: after a step that received nothing
-        # (a fill, a check) the last state read is still the state. Two round trips saved on
-        # most steps; a change a page's script makes on its own is kept from the next load on.
-        heard = (self.actions.responses, self.actions.navigations)
-        if heard != self.state_heard:
-            self.state = await storage_state(self.context, self.page)
-            self.state_heard = heard
-        state = self.state
+        state = await self.session()
         await self.checkpoints.save(
             Checkpoint(
                 job_id=self.job.job_id,
@@ -593,6 +596,20 @@ class _Run:
                 storage_state=state,
             )
         )
+
+    async def session(self) -> dict[str, Any] | None:
+        """The session (cookies, local storage) a checkpoint keeps, as of now.
+
+        It changes with what the site sends: after a step that received nothing (a fill, a
+        check) the last state read is still the state. Two round trips saved on most steps; a
+        change a page's script makes on its own is kept from the next load on."""
+        if self.context is None:
+            return None
+        heard = (self.actions.responses, self.actions.navigations)
+        if heard != self.state_heard:
+            self.state = await storage_state(self.context, self.page)
+            self.state_heard = heard
+        return self.state
 
     # ------------------------------------------------------------ approval gates
 
@@ -817,9 +834,13 @@ class _Run:
             # Both only read the page: measuring what the annotations need while the browser
             # renders the capture costs no time of its own.
             acted = actions.acted_on() if report.selector is not None else None
-            shot, (box, dynamic) = await asyncio.gather(
+            # So does reading the session for the checkpoint that follows a step that went
+            # well (~5 ms of round trips on a step that heard from the site): it is then fresh.
+            checkpointed = failure is None and self.checkpoints is not None
+            shot, (box, dynamic), _ = await asyncio.gather(
                 self.screenshot(planned.id, full_page=full_page),
                 measure(self.page, acted, self.dynamic_css),
+                self.session() if checkpointed else _nothing(),
             )
             if report.selector is not None:
                 report.selector.box = box
