@@ -102,6 +102,11 @@ async def measure(runs: int, report: h.Report) -> None:
                 for round_ in range(runs + 1):  # round 0 warms every path up, unmeasured
                     for name, run in variants.items():
                         await site.reset()
+                        # Each variant starts on a quiet machine: the page the last Formwork
+                        # job's end started making for the next job is made first. Otherwise
+                        # a' runs beside that work, and c (enqueued as b ends) waits for it:
+                        # back to back, which throughput.py measures, not one job's overhead.
+                        await host.settled()
                         with h.CpuMeter(os.getpid(), group=h.cpu_process) as meter:
                             start = time.perf_counter()
                             await run()
