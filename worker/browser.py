@@ -246,6 +246,10 @@ class BrowserHost:
             await job_page.context.close()
         except PlaywrightError as exc:
             log.warning("job context already gone at close: %s", exc.message)
+        except Exception:
+            # Nobody awaits this but `settled` and `stop`: a close that fails in a way of its
+            # own is logged here, and must not end the worker's shutdown.
+            log.exception("job context not closed")
 
     def _in_background(self, work: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(work, name=name)
