@@ -198,9 +198,10 @@ class BrowserHost:
         The next page is made now, not as soon as the warm one is taken: making a context and
         its page starts a renderer process, CPU a running job's first steps would wait behind
         (~80 ms of its first step on 2 cores, bench/overhead.py); between jobs it is free.
-        It is started before this context is closed: a queued job may be waiting for it."""
+        It is started before this context is closed: a queued job may be waiting for it.
+        A context that is already gone (the browser crashed) is logged, not raised."""
         self.warm_up(job_page.hosts)
-        await job_page.context.close()
+        await self._close(job_page)
 
     def release(self, job_page: JobPage) -> None:
         """Like `close_page`, without waiting for the close: the job's report does not depend
@@ -235,9 +236,10 @@ class BrowserHost:
     def _discard(self, warm: asyncio.Task[JobPage]) -> None:
         async def close() -> None:
             try:
-                await (await warm).context.close()
+                job_page = await warm
             except PlaywrightError:
-                log.debug("unused warm context already gone")
+                return  # never made: nothing to close
+            await self._close(job_page)
 
         self._in_background(close(), "discard-warm-page")
 
@@ -245,11 +247,11 @@ class BrowserHost:
         try:
             await job_page.context.close()
         except PlaywrightError as exc:
-            log.warning("job context already gone at close: %s", exc.message)
+            log.warning("context already gone at close: %s", exc.message)
         except Exception:
-            # Nobody awaits this but `settled` and `stop`: a close that fails in a way of its
-            # own is logged here, and must not end the worker's shutdown.
-            log.exception("job context not closed")
+            # In the background nobody awaits this but `settled` and `stop`: a close that fails
+            # in a way of its own is logged here, and must not end the worker's shutdown.
+            log.exception("context not closed")
 
     def _in_background(self, work: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(work, name=name)

@@ -234,10 +234,7 @@ async def run_job(
             else:
                 # The HAR is written as the context closes, and scrubbed before the report
                 # names it.
-                try:
-                    await runtime.browser.close_page(job_page)
-                except PlaywrightError:
-                    log.warning("job %s: context already gone at close", job.job_id)
+                await runtime.browser.close_page(job_page)
             if har is not None and har.is_file():
                 named = {**secrets, **loaded.secret_inputs(inputs)}
                 await asyncio.to_thread(scrub, har, named)

@@ -94,19 +94,18 @@ class Guard:
         page.on("websocket", self._websocket)
 
     def _request(self, request: Request) -> None:
-        if self.pattern.match(request.url):
-            self._note(f"{request.method} {request.url}")
+        self._note(request.method, request.url)
 
     def _websocket(self, websocket: WebSocket) -> None:
-        if self.pattern.match(websocket.url):
-            self._note(f"WebSocket {websocket.url}")
+        self._note("WebSocket", websocket.url)
 
-    def _note(self, attempt: str) -> None:
-        self.blocked.append(attempt)
+    def _note(self, kind: str, url: str) -> None:
+        if not self.pattern.match(url):
+            return
+        self.blocked.append(f"{kind} {url}")
         # The host only: the URL itself may carry what the page tried to send out; the step's
         # failure keeps it, redacted.
-        host = urlsplit(attempt.split(" ", 1)[1]).hostname
-        log.warning("blocked a request to %s, outside the allowlist", host)
+        log.warning("blocked a request to %s, outside the allowlist", urlsplit(url).hostname)
 
     def take(self) -> list[str]:
         """What was blocked since the last call: each attempt is reported once, by the step
