@@ -201,7 +201,7 @@ def test_images_are_fitted_into_the_job_budget() -> None:
     assert impossible.over_budget and len(impossible.images) == 3  # kept anyway
 
 
-async def test_dynamic_regions_are_measured_in_the_page_when_the_step_acted_in_an_iframe(
+async def test_an_element_in_an_iframe_is_boxed_where_the_page_shows_it(
     browser_host: BrowserHost,
 ) -> None:
     # The acted element's own document is the iframe's; the script's regions are the page's.
@@ -216,7 +216,15 @@ async def test_dynamic_regions_are_measured_in_the_page_when_the_step_acted_in_a
         button = page.frame_locator("iframe").locator("#go")
         await button.wait_for()
         box, dynamic = await measure(page, button, ["#dyn"])
-        assert box is not None  # the button, as its frame sees it
+        # The button where the capture shows it: in the page's viewport, below the iframe's top.
+        seen = await button.bounding_box()
+        assert box is not None and seen is not None and box.y >= 200
+        assert (box.x, box.y, box.width, box.height) == (
+            seen["x"],
+            seen["y"],
+            seen["width"],
+            seen["height"],
+        )
         assert [(b.x, b.y, b.width, b.height) for b in dynamic] == [(40, 30, 120, 20)]
         _, in_page = await measure(page, page.locator("#dyn"), ["#dyn"])
         assert in_page == dynamic

@@ -32,6 +32,7 @@ JPEG_QUALITY = LADDER[0][0]
 MASK_COLOR = "#1f1f1f"
 SETTLE_TIMEOUT_MS = 5_000
 SECRET_ATTRIBUTE = "data-formwork-secret"
+_IFRAME_BOX_TIMEOUT_MS = 1_000
 
 _MASK_CSS = (
     f"input[type=password], [{SECRET_ATTRIBUTE}] {{ color: transparent !important; "
@@ -115,7 +116,9 @@ async def _settle(page: Page) -> None:
 # it is still on the page: a step that navigated has none) and the boxes of the script's
 # dynamic regions. Measured in the page rather than with Locator.bounding_box, which waits for
 # the element — after a click it may be gone for good. Run in an iframe's element, `document`
-# is the iframe's: the regions are then left to a second call in the page (`dynamic: null`).
+# is the iframe's: the regions are then left to a second call in the page (`dynamic: null`),
+# and the element's box, which is then in the iframe's own coordinates, is asked of the browser
+# in the page's (see `measure`).
 _MEASURE_JS = """(els, selectors) => {
   const box = (el) => {
     const r = el.getBoundingClientRect();
@@ -151,6 +154,11 @@ async def measure(
             found = await page.evaluate(in_page, selectors)
         if found["dynamic"] is None:  # the element is in an iframe; the regions are the page's
             found["dynamic"] = (await page.evaluate(in_page, selectors))["dynamic"]
+            if found["element"] is not None and element is not None:
+                # The capture is of the page: the box must be in the page's viewport, which a
+                # cross-origin iframe's script cannot see. The browser knows (the element was
+                # just found, so no waiting for it).
+                found["element"] = await element.bounding_box(timeout=_IFRAME_BOX_TIMEOUT_MS)
     except PlaywrightError:
         return None, []  # the element's frame went away with the step: nothing to point at
     element_box = found["element"]
