@@ -141,6 +141,12 @@ def test_not_yaml_is_refused(tree: Path) -> None:
         ScriptStore(tree / "scripts", tree / "selectors").load("billing/broken")
 
 
+def test_a_script_that_is_not_utf8_is_refused_by_name(tree: Path) -> None:
+    write(tree, "latin1", "").write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(ScriptInvalid, match=r"latin1\.yaml: not UTF-8 text \(byte 9"):
+        ScriptStore(tree / "scripts", tree / "selectors").load("billing/latin1")
+
+
 def test_inputs_are_typed_and_checked(script_store: ScriptStore) -> None:
     loaded = script_store.load("billing/issue_credit")
     assert loaded.validate_inputs(CREDIT_INPUTS)["amount"] == Decimal("15.00")

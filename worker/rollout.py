@@ -56,7 +56,7 @@ from worker.errors import ScriptInvalid, ScriptNotFound
 from worker.events import announce
 from worker.keys import Keys
 from worker.script import ScriptStore
-from worker.yamlfile import load_model
+from worker.yamlfile import load_model, read_text
 
 ROLLOUT_SUFFIX = ".rollout.yaml"
 
@@ -168,7 +168,7 @@ def rollout_path(scripts_dir: Path, name: str) -> Path:
 # routed by its script's file (and every outcome judged by it), and parsing the YAML each time
 # was most of routing's cost. Keyed by content, not modification time: two edits within one
 # tick of the file system's clock must not leave the first in force.
-_parsed: dict[Path, tuple[bytes, RolloutConfig]] = {}
+_parsed: dict[Path, tuple[str, RolloutConfig]] = {}
 
 
 def load_rollout(scripts: ScriptStore, name: str) -> RolloutConfig | None:
@@ -176,15 +176,12 @@ def load_rollout(scripts: ScriptStore, name: str) -> RolloutConfig | None:
     path = rollout_path(scripts.scripts_dir, name)
     if not path.is_file():
         return None
-    try:
-        text = path.read_bytes()
-    except OSError as exc:
-        raise ScriptInvalid(f"{path}: cannot read: {exc.strerror}") from exc
+    text = read_text(path)
     cached = _parsed.get(path)
     if cached is not None and cached[0] == text:
         config = cached[1]
     else:
-        config = load_model(path, RolloutConfig)
+        config = load_model(path, RolloutConfig, text)
         _parsed[path] = (text, config)
     versions = scripts.versions(name)
     for role, version in (("stable", config.stable), ("canary", config.canary)):

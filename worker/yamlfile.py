@@ -16,17 +16,30 @@ from worker.errors import ScriptInvalid
 M = TypeVar("M", bound=BaseModel)
 
 
-def read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
-    """Parse `path`, returning the data and its node tree (for line numbers)."""
+def read_text(path: Path) -> str:
+    """The UTF-8 text of `path`; ScriptInvalid naming the file when it cannot be read."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ScriptInvalid(f"{path}: cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ScriptInvalid(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from exc
+
+
+def read_yaml(path: Path, text: str | None = None) -> tuple[Any, yaml.Node | None]:
+    """Parse `path` (or `text`, already read from it), returning the data and its node tree
+    (for line numbers)."""
+    if text is None:
+        text = read_text(path)
+    # One parse gives both: the data is constructed from the very node tree the lines come from.
+    loader = yaml.SafeLoader(text)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         raise ScriptInvalid(f"{path}: not valid YAML: {exc}") from exc
+    finally:
+        loader.dispose()
     return data, node
 
 
@@ -82,9 +95,10 @@ def format_validation_error(
     return "\n".join(lines)
 
 
-def load_model(path: Path, model: type[M]) -> M:
-    """Read `path` and validate it as `model`; raise ScriptInvalid naming file, line and field."""
-    data, node = read_yaml(path)
+def load_model(path: Path, model: type[M], text: str | None = None) -> M:
+    """Read `path` (unless its `text` is given) and validate it as `model`; raise ScriptInvalid
+    naming file, line and field."""
+    data, node = read_yaml(path, text)
     if not isinstance(data, dict):
         raise ScriptInvalid(f"{path}: expected a mapping at the top level")
     try:
