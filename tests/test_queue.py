@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from worker.browser import BrowserHost
 from worker.client import FormworkClient
 from worker.contract import BrowserJob, EventKind, JobEvent, JobStatus, StepStatus
-from worker.keys import ARQ_JOB_PREFIX, JOB_FUNCTION, Keys
+from worker.keys import ARQ_JOB_PREFIX, JOB_FUNCTION, Keys, job_of, message_id
 from worker.queue import loads, running_worker
 from worker.settings import Settings
 from worker.webhooks import SIGNATURE_HEADER, verify_signature
@@ -338,3 +338,10 @@ async def test_selector_drift_is_counted_per_site_and_element(
     drifted = {s.drift.element for s in report.steps if s.drift is not None}
     assert {k.decode(): int(v) for k, v in counts.items()} == dict.fromkeys(drifted, 1)
     assert "credit.amount" in drifted
+
+
+def test_a_message_about_a_job_is_logged_under_the_job() -> None:
+    # Job ids may hold dots; only the suffix a message adds is taken off.
+    assert job_of(message_id("job.v2-1", "resume", 3)) == "job.v2-1"
+    assert job_of(message_id("job-1", "expire", 1764000000000)) == "job-1"
+    assert job_of("job.resume-notes") == "job.resume-notes"

@@ -92,6 +92,10 @@ async def test_sigterm_lets_the_running_job_finish(
         (r["job_id"], r["site"], r["script"]) == ("p-term", "billing", "billing/issue_credit")
         for r in steps
     )
+    # arq's own lines for the job (taken, done) name it too: a search by job id finds them.
+    arq = [r for r in records if r["logger"] == "arq.worker" and "p-term:browser_job" in r["msg"]]
+    assert [r["msg"].split()[1] for r in arq] == ["→", "←"]
+    assert all(r.get("job_id") == "p-term" for r in arq)
 
 
 async def test_sigterm_past_the_grace_period_requeues_the_job_for_another_worker(

@@ -33,7 +33,7 @@ from worker.contract import (
     ResumeDecision,
 )
 from worker.errors import JobInvalid
-from worker.keys import ARQ_JOB_PREFIX, RECORD_TTL_S, Keys
+from worker.keys import ARQ_JOB_PREFIX, RECORD_TTL_S, Keys, message_id
 from worker.queue import MAX_PAYLOAD_BYTES, enqueue_message, envelope
 
 # KEYS: job record, idempotency key, arq job key, queue, job stream, global stream.
@@ -226,7 +226,11 @@ class FormworkClient:
         number = await cast("Any", self.redis.hincrby(self.keys.job(job_id), "resumes", 1))
         body = {"resume": job_id, "decision": decision.model_dump(mode="json")}
         await enqueue_message(
-            self.redis, self.keys, f"{job_id}.resume{number}", body, int(time.time() * 1000)
+            self.redis,
+            self.keys,
+            message_id(job_id, "resume", number),
+            body,
+            int(time.time() * 1000),
         )
         return True
 

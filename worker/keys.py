@@ -7,12 +7,30 @@ Redis without sharing state.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Literal
 
 DEFAULT_PREFIX = "formwork"
 ARQ_JOB_PREFIX = "arq:job:"  # arq.constants.job_key_prefix: the plain-Redis wire protocol uses it
 ARQ_IN_PROGRESS_PREFIX = "arq:in-progress:"  # arq.constants.in_progress_key_prefix
 JOB_FUNCTION = "browser_job"  # the arq function name a raw enqueuer writes into the payload
+
+MessageKind = Literal["resume", "expire"]
+_MESSAGE_ID = re.compile(r"^(?P<job>.+)\.(?:resume|expire)\d+$")
+
+
+def message_id(job_id: str, kind: MessageKind, number: int) -> str:
+    """The arq id of an internal message about `job_id` (a resume, a pause's expiry): unique per
+    `number`, so a second resume is a second message rather than a duplicate arq drops."""
+    return f"{job_id}.{kind}{number}"
+
+
+def job_of(arq_id: str) -> str:
+    """The job an arq id is about: the id itself for a job, its job's for a message."""
+    found = _MESSAGE_ID.match(arq_id)
+    return found.group("job") if found else arq_id
+
 
 RECORD_TTL_S = 7 * 24 * 3600  # job records, de-duplication keys and event streams
 # Hourly rollups outlive the job records a little, so `formwork stats --last 7d` stays whole.

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from worker import logs
 from worker.artifacts import store_for
 from worker.browser import BrowserHost
 from worker.capacity import SiteCapacity
@@ -56,7 +57,7 @@ from worker.executor import (
     run_job,
     settle,
 )
-from worker.keys import ARQ_JOB_PREFIX, JOB_FUNCTION, Keys
+from worker.keys import ARQ_JOB_PREFIX, JOB_FUNCTION, Keys, job_of, message_id
 from worker.metrics import Monitor
 from worker.outbox import Outbox
 from worker.rollout import Rollouts
@@ -357,7 +358,7 @@ async def _run_tracked(
             await enqueue_message(
                 redis,
                 keys,
-                f"{job_id}.expire{int(due.timestamp() * 1000)}",
+                message_id(job_id, "expire", int(due.timestamp() * 1000)),
                 {"expire": job_id, "due": due.isoformat()},
                 int(due.timestamp() * 1000),
             )
@@ -546,6 +547,12 @@ def _correlation(payload: Any) -> dict[str, str]:
     return {}
 
 
+async def on_job_start(ctx: dict[str, Any]) -> None:
+    # arq logs a job's start and end lines from the task it runs this hook in: bound here, they
+    # name the job like every other line (`bind_job` adds site and script once it is read).
+    logs.job_id.set(job_of(str(ctx["job_id"])))
+
+
 def build_worker(
     settings: Settings,
     *,
@@ -561,6 +568,7 @@ def build_worker(
         redis_settings=RedisSettings.from_dsn(settings.redis_url),
         on_startup=startup,
         on_shutdown=shutdown,
+        on_job_start=on_job_start,
         ctx={"settings": settings, "browser": browser},
         burst=burst,
         handle_signals=handle_signals,
@@ -585,6 +593,7 @@ class WorkerSettings:
     redis_settings = RedisSettings.from_dsn(_settings.redis_url)
     on_startup = startup
     on_shutdown = shutdown
+    on_job_start = on_job_start
     max_jobs = _settings.max_jobs
     job_timeout = _settings.job_timeout_s
     poll_delay = _settings.poll_delay_s
