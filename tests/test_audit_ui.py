@@ -14,7 +14,8 @@ from playwright.async_api import Page, expect
 
 from fixtures import FixtureServer
 from worker.artifacts import LocalArtifacts
-from worker.audit_ui import build_app
+from worker.audit import AuditRecord
+from worker.audit_ui import JobIndex, build_app
 from worker.browser import BrowserHost
 from worker.cli import main
 from worker.contract import BrowserJob, JobStatus, TraceMode
@@ -122,6 +123,53 @@ async def test_the_job_list_filters_by_status_site_script_and_date_and_searches(
     await page.get_by_label("Search").fill("no-such-job")
     await page.keyboard.press("Enter")
     await expect(page.locator(".empty")).to_contain_text("No jobs match")
+
+
+async def test_the_job_list_pages_keep_the_filters(audited: LocalArtifacts, page: Page) -> None:
+    runner = web.AppRunner(build_app(audited, page_size=2))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        await page.goto(f"http://{host}:{port}/?q=T-88812")
+        await shows_jobs(page, "ui-drift", "ui-ask")
+        pager = page.get_by_role("navigation", name="Pages")
+        await expect(pager).to_contain_text("1\N{EN DASH}2 of 3")
+        await expect(pager.get_by_role("link", name="← Newer")).to_have_count(0)
+        await pager.get_by_role("link", name="Older →").click()
+        await shows_jobs(page, "ui-ok")
+        await expect(pager).to_contain_text("3\N{EN DASH}3 of 3")
+        assert "q=T-88812" in page.url and "page=2" in page.url
+        await expect(page.get_by_label("Search")).to_have_value("T-88812")
+        await pager.get_by_role("link", name="← Newer").click()
+        await shows_jobs(page, "ui-drift", "ui-ask")
+        # A page past the end (the list shrank since the link was made) shows the last one.
+        await page.goto(f"http://{host}:{port}/?page=9")
+        await shows_jobs(page, "ui-ok")
+        # One page of matches needs no pager.
+        await page.goto(f"http://{host}:{port}/?q=ZD-ui-ok")
+        await shows_jobs(page, "ui-ok")
+        await expect(pager).to_have_count(0)
+    finally:
+        await runner.cleanup()
+
+
+def test_the_list_reads_a_finished_jobs_record_once(audited: LocalArtifacts) -> None:
+    reads: list[str] = []
+
+    class Counting(LocalArtifacts):
+        def audit(self, path: str) -> AuditRecord:
+            reads.append(path.split("/")[-1])
+            return super().audit(path)
+
+    index = JobIndex(Counting(audited.root))
+    assert sorted(r.job_id for r in index.rows()) == ["ui-ask", "ui-drift", "ui-ok"]
+    assert sorted(reads) == ["ui-ask", "ui-drift", "ui-ok"]
+    reads.clear()
+    assert len(index.rows()) == 3
+    # ui-ask waits for the customer: its record may still change. The others have ended.
+    assert reads == ["ui-ask"]
 
 
 async def test_a_paused_job_opens_at_its_failed_step_and_steps_by_keyboard(

@@ -299,16 +299,23 @@ class ArtifactStore(ABC):
         """The audit record of the job at `path` (`<day>/<job_id>`)."""
         return AuditRecord.model_validate_json(self.get(f"{path}/audit.json"))
 
+    def audit_paths(self) -> list[str]:
+        """The path (`<day>/<job_id>`) of every job with an audit record, newest day first."""
+        return [
+            key.removesuffix("/audit.json")
+            for day in sorted(self.days(), reverse=True)
+            for key in self.keys(f"{day}/")
+            if key.count("/") == 2 and key.endswith("/audit.json")
+        ]
+
     def audits(self) -> list[AuditRecord]:
         """Every job's audit record, newest day first. Unreadable ones are skipped (logged)."""
         records = []
-        for day in sorted(self.days(), reverse=True):
-            for key in self.keys(f"{day}/"):
-                if key.count("/") == 2 and key.endswith("/audit.json"):
-                    try:
-                        records.append(self.audit(key.removesuffix("/audit.json")))
-                    except (ArtifactError, ValueError) as exc:
-                        log.warning("skipping %s: %s", key, exc)
+        for path in self.audit_paths():
+            try:
+                records.append(self.audit(path))
+            except (ArtifactError, ValueError) as exc:
+                log.warning("skipping %s/audit.json: %s", path, exc)
         return records
 
     def find_audit(self, job_id: str) -> AuditRecord:

@@ -1,8 +1,9 @@
 """The review UI: a read-only web view of the audit trail, and the one-file export of a job.
 
 `formwork audit serve` runs `serve` (aiohttp, bound to localhost by default): a job list with
-filters and search, and a job page with the step timeline, each step's annotated screenshot,
-attempts, the matched selector and drift, failure evidence, the handoff request and decisions.
+filters and search, a page at a time, and a job page with the step timeline, each step's
+annotated screenshot, attempts, the matched selector and drift, failure evidence, the handoff
+request and decisions.
 `formwork audit export JOB` renders the same job page into one HTML file with its stylesheet,
 script and images inlined (data URIs), to attach to a ticket. Nothing is fetched from outside:
 the machines that review evidence are often offline, and a CDN would see what is reviewed.
@@ -12,11 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from aiohttp import web
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -26,7 +30,11 @@ from worker.audit import AuditRecord
 from worker.contract import JobStatus, StepStatus
 from worker.errors import ArtifactError
 
-__all__ = ["build_app", "export_html", "filter_records", "serve"]
+__all__ = ["PAGE_SIZE", "JobIndex", "JobRow", "build_app", "export_html", "filter_rows", "serve"]
+
+log = logging.getLogger("formwork.audit_ui")
+
+PAGE_SIZE = 50  # jobs per page of the list
 
 _HERE = Path(__file__).parent
 STATIC = _HERE / "static"
@@ -72,6 +80,75 @@ _env.globals["tone"] = lambda status: TONE.get(status, "idle")
 
 
 @dataclass(frozen=True)
+class JobRow:
+    """What the job list shows of one job, taken from its audit record and kept small: a store
+    holds thousands of records, and a whole record (its report) is tens of kilobytes."""
+
+    path: str
+    job_id: str
+    status: JobStatus
+    site: str
+    script: str
+    script_version: int | None
+    references: tuple[str, ...]  # what search looks in
+    shown_references: str  # the orchestrator's ids and the customer's reference
+    started_at: datetime | None
+    written_at: datetime
+    duration_ms: float | None
+    steps_ok: int
+    steps: int
+    error: str | None
+
+    @classmethod
+    def of(cls, record: AuditRecord) -> JobRow:
+        report = record.report
+        shown = [*report.correlation.values(), str(report.inputs.get("reference", ""))]
+        return cls(
+            path=record.path,
+            job_id=record.job_id,
+            status=record.status,
+            site=record.site,
+            script=record.script,
+            script_version=record.script_version,
+            references=tuple(record.references),
+            shown_references=", ".join(dict.fromkeys(v for v in shown if v)),  # each once
+            started_at=record.started_at,
+            written_at=record.written_at,
+            duration_ms=record.duration_ms,
+            steps_ok=sum(1 for s in report.steps if s.status == StepStatus.succeeded),
+            steps=len(report.steps),
+            error=report.error.code if report.error else None,
+        )
+
+
+class JobIndex:
+    """The job list's rows, each read from its audit record once: a job that has ended is
+    never written again, so only the records of jobs that may still change (paused, waiting)
+    are read again. Jobs pruned from the store drop out of the index with their paths."""
+
+    def __init__(self, store: ArtifactStore) -> None:
+        self.store = store
+        self._final: dict[str, JobRow] = {}
+
+    def rows(self) -> list[JobRow]:
+        """Every job's row, newest day first (blocking: run it in a thread)."""
+        rows, final = [], {}
+        for path in self.store.audit_paths():
+            row = self._final.get(path)
+            if row is None:
+                try:
+                    row = JobRow.of(self.store.audit(path))
+                except (ArtifactError, ValueError) as exc:
+                    log.warning("skipping %s/audit.json: %s", path, exc)
+                    continue
+            if row.status.terminal:
+                final[path] = row
+            rows.append(row)
+        self._final = final
+        return rows
+
+
+@dataclass(frozen=True)
 class Filters:
     """The job list's filters, from the query string."""
 
@@ -87,21 +164,35 @@ class Filters:
             **{k: str(query.get(k, "")).strip() for k in ("status", "site", "script", "day", "q")}
         )
 
-    def match(self, record: AuditRecord) -> bool:
+    def match(self, row: JobRow) -> bool:
         needle = self.q.lower()
         return (
-            (not self.status or record.status == self.status)
-            and (not self.site or record.site == self.site)
-            and (not self.script or record.script == self.script)
-            and (not self.day or record.path.startswith(self.day + "/"))
-            and (not needle or any(needle in ref.lower() for ref in record.references))
+            (not self.status or row.status == self.status)
+            and (not self.site or row.site == self.site)
+            and (not self.script or row.script == self.script)
+            and (not self.day or row.path.startswith(self.day + "/"))
+            and (not needle or any(needle in ref.lower() for ref in row.references))
         )
 
+    def query(self, page: int) -> str:
+        """The list's URL query for `page` of these filters."""
+        values = {k: v for k, v in vars(self).items() if v}
+        return urlencode({**values, "page": page} if page > 1 else values)
 
-def filter_records(records: list[AuditRecord], filters: Filters) -> list[AuditRecord]:
-    """The records shown, newest first."""
-    shown = [r for r in records if filters.match(r)]
+
+def filter_rows(rows: list[JobRow], filters: Filters) -> list[JobRow]:
+    """The rows shown, newest first."""
+    shown = [r for r in rows if filters.match(r)]
     return sorted(shown, key=lambda r: r.started_at or r.written_at, reverse=True)
+
+
+def _page_number(raw: str | None, pages: int) -> int:
+    # A page past the end (the list shrank since the link was made) shows the last one.
+    try:
+        number = int(raw or 1)
+    except ValueError:
+        number = 1
+    return max(1, min(number, pages))
 
 
 def _page(record: AuditRecord, src: Callable[[str], str], *, inline: bool) -> str:
@@ -125,20 +216,29 @@ def export_html(store: ArtifactStore, record: AuditRecord) -> str:
     return _page(record, data_uri, inline=True)
 
 
-def build_app(store: ArtifactStore) -> web.Application:
-    """The read-only review app over `store`."""
+def build_app(store: ArtifactStore, *, page_size: int = PAGE_SIZE) -> web.Application:
+    """The read-only review app over `store`, listing `page_size` jobs a page."""
+    index = JobIndex(store)
 
     async def jobs(request: web.Request) -> web.Response:
-        records = await asyncio.to_thread(store.audits)
+        rows = await asyncio.to_thread(index.rows)
         filters = Filters.from_query(request.query)
+        shown = filter_rows(rows, filters)
+        pages = max(1, math.ceil(len(shown) / page_size))
+        page = _page_number(request.query.get("page"), pages)
+        first = (page - 1) * page_size
         html = _env.get_template("list.html").render(
-            records=filter_records(records, filters),
-            total=len(records),
+            rows=shown[first : first + page_size],
+            first=first + 1,
+            matching=len(shown),
+            total=len(rows),
+            newer=f"/?{filters.query(page - 1)}" if page > 1 else None,
+            older=f"/?{filters.query(page + 1)}" if page < pages else None,
             f=filters,
-            statuses=sorted({r.status for r in records}),
-            sites=sorted({r.site for r in records}),
-            scripts=sorted({r.script for r in records}),
-            days=sorted({r.path.split("/")[0] for r in records}, reverse=True),
+            statuses=sorted({r.status for r in rows}),
+            sites=sorted({r.site for r in rows}),
+            scripts=sorted({r.script for r in rows}),
+            days=sorted({r.path.split("/")[0] for r in rows}, reverse=True),
         )
         return web.Response(text=html, content_type="text/html")
 
