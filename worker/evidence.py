@@ -18,7 +18,7 @@ import contextlib
 import json
 from pathlib import Path
 
-from playwright.async_api import CDPSession, Locator, Page
+from playwright.async_api import CDPSession, FloatRect, Locator, Page
 from playwright.async_api import Error as PlaywrightError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
@@ -155,10 +155,7 @@ async def measure(
         if found["dynamic"] is None:  # the element is in an iframe; the regions are the page's
             found["dynamic"] = (await page.evaluate(in_page, selectors))["dynamic"]
             if found["element"] is not None and element is not None:
-                # The capture is of the page: the box must be in the page's viewport, which a
-                # cross-origin iframe's script cannot see. The browser knows (the element was
-                # just found, so no waiting for it).
-                found["element"] = await element.bounding_box(timeout=_IFRAME_BOX_TIMEOUT_MS)
+                found["element"] = await _page_box(element)
     except PlaywrightError:
         return None, []  # the element's frame went away with the step: nothing to point at
     element_box = found["element"]
@@ -166,6 +163,16 @@ async def measure(
         Box.model_validate(element_box) if element_box else None,
         [Box.model_validate(b) for b in found["dynamic"]],
     )
+
+
+async def _page_box(element: Locator) -> FloatRect | None:
+    """The box of `element` (in an iframe) in the page's viewport, which is what the capture
+    shows and what a cross-origin iframe's own script cannot see: the browser knows. The element
+    was just measured, so this does not wait long; if it went since, it has no box."""
+    try:
+        return await element.bounding_box(timeout=_IFRAME_BOX_TIMEOUT_MS)
+    except PlaywrightError:
+        return None
 
 
 REDACT_CSS = "filter: blur(14px) !important; user-select: none !important;"
