@@ -24,7 +24,10 @@ flat after 500 jobs: the idle PSS at the end within 10% of the idle PSS after th
 same tree jumps by ±10% from one idle moment to the next (Chromium's processes mapping shared
 pages in and out), PSS by ±3%, so a first-to-last RSS comparison mostly measures that jitter.
 
-    python bench/memory.py [--jobs N]
+The worker recycles its Playwright driver and Chromium every FORMWORK_BROWSER_RECYCLE_JOBS
+jobs (1000 by default, so not within a 500-job run; `--recycle-jobs N` here, 0 for never).
+
+    python bench/memory.py [--jobs N] [--recycle-jobs N]
 """
 
 from __future__ import annotations
@@ -261,6 +264,8 @@ async def measure(args: argparse.Namespace, report: h.Report) -> None:
             max_jobs=max(LEVELS),
             selectors=h.selectors_dir(root, site_limits=False),
         )
+        if args.recycle_jobs is not None:
+            settings = settings.model_copy(update={"browser_recycle_jobs": args.recycle_jobs})
         try:
             async with (
                 worker_process(settings, root / "worker.log") as pid,
@@ -318,6 +323,11 @@ async def measure(args: argparse.Namespace, report: h.Report) -> None:
         finally:
             await h.forget_keys(prefix)
 
+    report.add(
+        f"The worker recycles its driver and Chromium every {settings.browser_recycle_jobs} "
+        "jobs (0: never)."
+    )
+    report.add()
     report.add(
         f"Idle, MB: after start-up {mb(start_idle.rss):.0f} RSS / {mb(start_idle.pss):.0f} PSS "
         f"({start_idle.processes} processes); after a first job {mb(warm_idle.rss):.0f} RSS / "
@@ -421,6 +431,12 @@ def trend_mb_per_100(checkpoints: list[tuple[int, Mem]]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=100, help="jobs for the growth check")
+    parser.add_argument(
+        "--recycle-jobs",
+        type=int,
+        default=None,
+        help="FORMWORK_BROWSER_RECYCLE_JOBS for the worker (default: the worker's own, 1000)",
+    )
     args = parser.parse_args()
     report = h.Report("memory: worker process + Chromium tree", sys.argv)
     asyncio.run(measure(args, report))

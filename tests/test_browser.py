@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 from playwright.async_api import Error as PlaywrightError
+from redis.asyncio import Redis
 
 from fixtures import FixtureServer
 from worker.browser import FORMWORK_DISABLED_FEATURES, BrowserHost, find_chromium
+from worker.keys import Keys
+from worker.metrics import WorkerMetrics
 
 
 def test_system_chromium_is_found() -> None:
@@ -147,3 +150,56 @@ async def _leave_nothing_warm(browser_host: BrowserHost, hosts: list[str] | None
     if browser_host.warming:
         await browser_host.close_page(await browser_host.open_page(hosts=hosts))
     await browser_host.settled()
+
+
+def _driver_processes() -> int:
+    """Playwright drivers (node) below this process."""
+    count = 0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                args = (entry / "cmdline").read_bytes().split(b"\0")
+                stat = (entry / "stat").read_bytes()
+                ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
+                if ppid == os.getpid() and any(a.endswith(b"cli.js") for a in args):
+                    count += 1
+    return count
+
+
+async def test_a_recycled_browser_serves_its_jobs_to_the_end_then_goes() -> None:
+    """After `recycle_after` job contexts, new jobs get a new driver and Chromium at once; the
+    jobs already on the old pair go on undisturbed, and the old pair is shut down (driver and
+    browser) when the last of them closes."""
+    drivers_before, browsers_before = _driver_processes(), len(_chromium_command_lines())
+    host = BrowserHost(recycle_after=2)
+    try:
+        first = await host.open_page()
+        old = host.browser
+        second = await host.open_page()  # the old pair's last: new jobs go elsewhere
+        assert host.recycles == 1 and host.browser is None
+        third = await host.open_page()
+        assert host.browser is not None and host.browser is not old
+        assert third.context.browser is host.browser and host.launches == 2
+        assert _driver_processes() == drivers_before + 2
+        for job_page in (first, second, third):  # all three work side by side
+            await job_page.page.set_content("<p>working</p>")
+            assert await job_page.page.inner_text("p") == "working"
+        await host.close_page(first)
+        assert old is not None and old.is_connected()  # `second` still runs on it
+        host.release(second)  # closed in the background, as a job's page is
+        await host.settled()  # which waits for the shutdown that close starts, too
+        assert not old.is_connected()
+        assert _driver_processes() == drivers_before + 1
+        assert len(_chromium_command_lines()) == browsers_before + 1
+        await third.page.set_content("<p>still here</p>")
+        assert await third.page.inner_text("p") == "still here"
+        await host.close_page(third)
+        # A planned recycle is not a crash: the metrics tell them apart. (Reading these two
+        # values needs no Redis: the client is never connected.)
+        metrics = WorkerMetrics(Redis.from_url("redis://127.0.0.1:1/0"), Keys("unused"), host)
+        assert metrics.registry.get_sample_value("formwork_browser_recycles_total") == 1
+        assert metrics.registry.get_sample_value("formwork_browser_restarts_total") == 0
+    finally:
+        await host.stop()
+    assert _driver_processes() == drivers_before
+    assert len(_chromium_command_lines()) == browsers_before

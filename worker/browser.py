@@ -5,11 +5,21 @@ milliseconds. So the browser is shared and long-lived, every job gets its own co
 storage and cache never leak between jobs), and a browser that died is relaunched on demand.
 `CHROMIUM_ARGS` also turns off browser UI that headless jobs never see but would pay for in
 every context (see the comment there).
+
+Long-lived is not forever. Over 500 jobs (bench/memory.py) Chromium's browser process grew
+from ~131 to ~155 MB PSS and the Playwright driver's from ~130 to ~240 MB, most of it in the
+first 50 jobs; nothing says either stops in a worker that runs for weeks. So with
+`recycle_after`, the pair is retired after that many job contexts: the next page is made
+on a new driver and browser (with `keep_warm`, between jobs: the launch is off every job's
+critical path but under a burst), and the old pair is shut down when its last job's context
+closes, so no running job is cut short by a recycle.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
 import os
 import shutil
@@ -104,22 +114,43 @@ class JobPage:
     hosts: frozenset[str] | None = None
 
 
+@dataclass(eq=False)
+class _Launch:
+    """A Playwright driver and the Chromium it launched, with the job contexts made on them."""
+
+    playwright: Playwright
+    browser: Browser | None = None
+    contexts: int = 0  # job contexts made on it so far
+    open: int = 0  # of those, not closed yet
+    retired: bool = False  # no more job contexts: shut down when the last one closes
+
+
 class BrowserHost:
     """Owns Playwright and the Chromium process; hands out isolated contexts."""
 
     def __init__(
-        self, executable: str | None = None, *, headless: bool = True, keep_warm: bool = False
+        self,
+        executable: str | None = None,
+        *,
+        headless: bool = True,
+        keep_warm: bool = False,
+        recycle_after: int | None = None,
     ) -> None:
+        if recycle_after is not None and recycle_after < 1:
+            raise ValueError(f"recycle_after must be at least 1, not {recycle_after}")
         self.executable = executable if executable is not None else find_chromium()
         self.headless = headless
         self.keep_warm = keep_warm
-        self.launches = 0
+        self.recycle_after = recycle_after
+        self.launches = 0  # Chromium launches: the first, relaunches after a crash, recycles
+        self.recycles = 0
         self._warm: asyncio.Task[JobPage] | None = None
         self._warm_hosts: frozenset[str] | None = None
         self._sink: Sink | None = None
         self._closing: set[asyncio.Task[None]] = set()  # contexts being closed, in the background
-        self._playwright: Playwright | None = None
-        self._browser: Browser | None = None
+        self._launch: _Launch | None = None  # where new job contexts are made
+        self._retired: list[_Launch] = []  # still serving jobs that began on them
+        self._owner: dict[BrowserContext, _Launch] = {}
         self._lock = asyncio.Lock()
 
     async def start(self, hosts: Iterable[str] | None = None) -> None:
@@ -133,21 +164,27 @@ class BrowserHost:
             await warm
 
     async def _ensure_browser(self) -> Browser:
+        return (await self._ensure_launch())[1]
+
+    async def _ensure_launch(self) -> tuple[_Launch, Browser]:
         async with self._lock:
-            if self._browser is not None and self._browser.is_connected():
-                return self._browser
-            if self._playwright is None:
-                self._playwright = await async_playwright().start()
-            if self._browser is not None:
+            launch = self._launch
+            if launch is not None and launch.browser is not None and launch.browser.is_connected():
+                return launch, launch.browser
+            if launch is None:
+                launch = self._launch = _Launch(await async_playwright().start())
+            elif launch.browser is not None:
                 log.warning("chromium disconnected; relaunching")
-            self._browser = await self._playwright.chromium.launch(
+            launch.browser = await launch.playwright.chromium.launch(
                 executable_path=self.executable, headless=self.headless, args=CHROMIUM_ARGS
             )
             self.launches += 1
-            return self._browser
+            return launch, launch.browser
 
     async def new_context(self, **options: Any) -> BrowserContext:
-        browser = await self._ensure_browser()
+        return await self._new_context(await self._ensure_browser(), **options)
+
+    async def _new_context(self, browser: Browser, **options: Any) -> BrowserContext:
         options.setdefault("viewport", VIEWPORT)
         context = await browser.new_context(**options)
         # Secret fields are masked by the page's own rendering, in every document.
@@ -211,11 +248,13 @@ class BrowserHost:
 
     async def settled(self) -> None:
         """Wait until the background work is done: the next job's page made (or failed to be),
-        released contexts closed."""
-        pending: set[asyncio.Future[Any]] = set(self._closing)
-        if self._warm is not None:
-            pending.add(self._warm)
-        if pending:
+        released contexts closed, retired browsers shut down (which a close may start)."""
+        while True:
+            pending: set[asyncio.Future[Any]] = {t for t in self._closing if not t.done()}
+            if self._warm is not None and not self._warm.done():
+                pending.add(self._warm)
+            if not pending:
+                return
             await asyncio.wait(pending)
 
     @property
@@ -230,7 +269,11 @@ class BrowserHost:
         if self.keep_warm and self._warm is None:
             allowed = frozenset(hosts) if hosts is not None else None
             self._warm_hosts = allowed
-            self._warm = asyncio.create_task(self._fresh_page(allowed), name="warm-page")
+            # Made for no job in particular: its log lines (a recycle, say) must not name the
+            # job whose end started it, as a task copying that job's context would.
+            self._warm = asyncio.create_task(
+                self._fresh_page(allowed), name="warm-page", context=contextvars.Context()
+            )
         return self._warm
 
     def _discard(self, warm: asyncio.Task[JobPage]) -> None:
@@ -252,6 +295,44 @@ class BrowserHost:
             # In the background nobody awaits this but `settled` and `stop`: a close that fails
             # in a way of its own is logged here, and must not end the worker's shutdown.
             log.exception("context not closed")
+        finally:
+            self._closed(job_page.context)
+
+    def _closed(self, context: BrowserContext) -> None:
+        launch = self._owner.pop(context, None)
+        if launch is None:
+            return
+        launch.open -= 1
+        if launch.retired and launch.open == 0:
+            self._in_background(self._shut_down(launch), "shut-down-retired-browser")
+
+    def _made(self, context: BrowserContext, launch: _Launch) -> None:
+        launch.contexts += 1
+        launch.open += 1
+        self._owner[context] = launch
+        if (
+            self.recycle_after is not None
+            and launch.contexts >= self.recycle_after
+            and not launch.retired
+        ):
+            # The next job's context is made on a new driver and browser; this one still
+            # serves the jobs (and the warm page) already made on it.
+            launch.retired = True
+            self.recycles += 1
+            if self._launch is launch:
+                self._launch = None
+            self._retired.append(launch)
+            log.info("recycling chromium and the playwright driver after %s jobs", launch.contexts)
+
+    async def _shut_down(self, launch: _Launch) -> None:
+        if launch in self._retired:
+            self._retired.remove(launch)
+        try:
+            if launch.browser is not None:
+                await launch.browser.close()
+            await launch.playwright.stop()
+        except Exception:  # already gone (a crash): nothing left to free
+            log.exception("browser not shut down cleanly")
 
     def _in_background(self, work: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(work, name=name)
@@ -263,26 +344,39 @@ class BrowserHost:
             if self._sink is None:
                 self._sink = Sink()
             options["proxy"] = proxy_for(hosts, self._sink)
-        context = await self.new_context(**options)
-        page = await context.new_page()
-        return JobPage(context, page, await context.new_cdp_session(page), hosts)
+        launch, browser = await self._ensure_launch()
+        context = await self._new_context(browser, **options)
+        self._made(context, launch)
+        try:
+            page = await context.new_page()
+            return JobPage(context, page, await context.new_cdp_session(page), hosts)
+        except BaseException:
+            await self._close_context(context)
+            raise
+
+    async def _close_context(self, context: BrowserContext) -> None:
+        with contextlib.suppress(PlaywrightError):
+            await context.close()
+        self._closed(context)
 
     @property
     def browser(self) -> Browser | None:
-        return self._browser
+        """The browser new contexts are made in (None before the first, or just after a
+        recycle)."""
+        return self._launch.browser if self._launch is not None else None
 
     async def stop(self) -> None:
         if self._warm is not None:
             warm, self._warm = self._warm, None
             self._discard(warm)
-        await asyncio.gather(*self._closing)
+        while self._closing:  # a context's close may start a retired browser's shutdown
+            await asyncio.gather(*self._closing)
         async with self._lock:
-            if self._browser is not None:
-                await self._browser.close()
-                self._browser = None
-            if self._playwright is not None:
-                await self._playwright.stop()
-                self._playwright = None
+            launches = [*self._retired, *([self._launch] if self._launch is not None else [])]
+            self._launch = None
+            for launch in launches:
+                await self._shut_down(launch)
+            self._owner.clear()
             if self._sink is not None:
                 self._sink.close()
                 self._sink = None

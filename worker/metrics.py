@@ -149,10 +149,18 @@ class _Live(Collector):
             value=self.waiting,
         )
         launches = self.browser.launches if self.browser is not None else 0
+        recycles = self.browser.recycles if self.browser is not None else 0
         yield CounterMetricFamily(
             "formwork_browser_restarts",
-            "Chromium relaunches after the first launch (a crash or a lost connection).",
-            value=max(launches - 1, 0),
+            "Chromium relaunches after the first launch (a crash or a lost connection; "
+            "planned recycles are counted apart).",
+            value=max(launches - 1 - recycles, 0),
+        )
+        yield CounterMetricFamily(
+            "formwork_browser_recycles",
+            "Planned switches to a new Playwright driver and Chromium "
+            "(FORMWORK_BROWSER_RECYCLE_JOBS).",
+            value=recycles,
         )
         yield GaugeMetricFamily(
             "formwork_worker_memory_bytes",

@@ -161,7 +161,11 @@ async def startup(ctx: dict[str, Any]) -> None:
     browser: BrowserHost | None = ctx.get("browser")
     owns_browser = browser is None
     if browser is None:
-        browser = BrowserHost(settings.chromium, keep_warm=True)
+        browser = BrowserHost(
+            settings.chromium,
+            keep_warm=True,
+            recycle_after=settings.browser_recycle_jobs or None,
+        )
     await browser.start()
     redis = cast(Redis, ctx["redis"])
     keys = Keys(settings.key_prefix)

@@ -41,6 +41,11 @@ class Settings(BaseModel):
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     # Loopback by default: a deployment scraped from another host sets 0.0.0.0 on purpose.
     metrics_host: str = "127.0.0.1"
+    # A new Playwright driver and Chromium after this many jobs (0: never); the old pair is shut
+    # down once its last job ends. A bound on what they keep of past jobs for workers that run
+    # for weeks (worker.browser); past the 500 jobs bench/memory.py checks, so that check
+    # measures the pair itself, not a recycle that happened to fall just before its end.
+    browser_recycle_jobs: int = Field(default=1000, ge=0)
 
     def to_env(self) -> dict[str, str]:
         """The environment that gives a `formwork worker` process these settings."""
@@ -55,6 +60,7 @@ class Settings(BaseModel):
             "FORMWORK_POLL_DELAY": str(self.poll_delay_s),
             "FORMWORK_JOB_TIMEOUT": str(self.job_timeout_s),
             "FORMWORK_SHUTDOWN_GRACE": str(self.shutdown_grace_s),
+            "FORMWORK_BROWSER_RECYCLE_JOBS": str(self.browser_recycle_jobs),
         }
         if self.secrets_file is not None:
             env["FORMWORK_SECRETS_FILE"] = str(self.secrets_file)
@@ -93,6 +99,7 @@ class Settings(BaseModel):
             "state_key": "FORMWORK_STATE_KEY",
             "metrics_port": "FORMWORK_METRICS_PORT",
             "metrics_host": "FORMWORK_METRICS_HOST",
+            "browser_recycle_jobs": "FORMWORK_BROWSER_RECYCLE_JOBS",
         }
         values: dict[str, object] = {f: env[v] for f, v in names.items() if env.get(v)}
         if env.get("FORMWORK_WEBHOOK_HOSTS"):
