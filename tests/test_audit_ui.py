@@ -155,6 +155,26 @@ async def test_the_job_list_pages_keep_the_filters(audited: LocalArtifacts, page
         await runner.cleanup()
 
 
+async def test_each_job_shows_the_screen_it_ended_or_failed_on(
+    audited: LocalArtifacts, ui: str, page: Page
+) -> None:
+    await page.goto(ui + "/")
+    await shows_jobs(page, "ui-drift", "ui-ask", "ui-ok")
+    for job_id in ("ui-drift", "ui-ask", "ui-ok"):
+        record = audited.find_audit(job_id)
+        steps = record.report.steps
+        failed = [s for s in steps if s.failure is not None and s.screenshot]
+        look = failed[-1] if failed else steps[-1]
+        assert (job_id == "ui-ask") == bool(failed)  # it waits for the customer at a step
+        assert look.screenshot is not None
+        thumb = page.locator("tr.job-row", has_text=job_id).locator("td.thumb img")
+        await expect(thumb).to_have_attribute(
+            "src", f"/files/{record.evidence[look.screenshot].thumbnail}"
+        )
+        # Loaded, as a person would see it: a real image, not a broken icon.
+        assert await thumb.evaluate("(img) => img.complete && img.naturalWidth") > 100
+
+
 def test_the_list_reads_a_finished_jobs_record_once(audited: LocalArtifacts) -> None:
     reads: list[str] = []
 

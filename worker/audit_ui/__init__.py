@@ -98,11 +98,13 @@ class JobRow:
     steps_ok: int
     steps: int
     error: str | None
+    thumbnail: str | None  # of the screen an operator looks at first (see `_first_look`)
 
     @classmethod
     def of(cls, record: AuditRecord) -> JobRow:
         report = record.report
         shown = [*report.correlation.values(), str(report.inputs.get("reference", ""))]
+        look = _first_look(record)
         return cls(
             path=record.path,
             job_id=record.job_id,
@@ -118,7 +120,17 @@ class JobRow:
             steps_ok=sum(1 for s in report.steps if s.status == StepStatus.succeeded),
             steps=len(report.steps),
             error=report.error.code if report.error else None,
+            thumbnail=record.evidence[look].thumbnail if look in record.evidence else None,
         )
+
+
+def _first_look(record: AuditRecord) -> str | None:
+    """The screenshot that says most about a job at a glance: its failed step's when a step
+    failed (what went wrong), else its last step's (where it ended)."""
+    shots = [s for s in record.report.steps if s.screenshot]
+    failed = [s for s in shots if s.failure is not None]
+    chosen = failed[-1] if failed else (shots[-1] if shots else None)
+    return chosen.screenshot if chosen is not None else None
 
 
 class JobIndex:
