@@ -340,7 +340,7 @@ async def test_selector_drift_is_counted_per_site_and_element(
     assert "credit.amount" in drifted
 
 
-def test_a_message_about_a_job_is_logged_under_the_job() -> None:
+def test_a_message_id_names_the_job_it_is_about() -> None:
     # Job ids may hold dots; only the suffix a message adds is taken off.
     assert job_of(message_id("job.v2-1", "resume", 3)) == "job.v2-1"
     assert job_of(message_id("job-1", "expire", 1764000000000)) == "job-1"

@@ -18,7 +18,6 @@ closes, so no running job is cut short by a recycle.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import logging
 import os
@@ -121,8 +120,7 @@ class _Launch:
     playwright: Playwright
     browser: Browser | None = None
     contexts: int = 0  # job contexts made on it so far
-    open: int = 0  # of those, not closed yet
-    retired: bool = False  # no more job contexts: shut down when the last one closes
+    retired: bool = False  # no more job contexts: shut down when the last open one closes
 
 
 class BrowserHost:
@@ -149,7 +147,8 @@ class BrowserHost:
         self._sink: Sink | None = None
         self._closing: set[asyncio.Task[None]] = set()  # contexts being closed, in the background
         self._launch: _Launch | None = None  # where new job contexts are made
-        self._retired: list[_Launch] = []  # still serving jobs that began on them
+        # Every open job context, with the launch it was made on: a retired launch is shut down
+        # when it owns none any more.
         self._owner: dict[BrowserContext, _Launch] = {}
         self._lock = asyncio.Lock()
 
@@ -158,13 +157,10 @@ class BrowserHost:
         is expected for, also make that job's page now, not when the job arrives. Without
         `hosts` nothing is made: a page is made for one allowlist, and a guess would be thrown
         away by the first job of another site."""
-        await self._ensure_browser()
+        await self._ensure_launch()
         warm = self.warm_up(hosts) if hosts is not None else None
         if warm is not None:
             await warm
-
-    async def _ensure_browser(self) -> Browser:
-        return (await self._ensure_launch())[1]
 
     async def _ensure_launch(self) -> tuple[_Launch, Browser]:
         async with self._lock:
@@ -182,7 +178,8 @@ class BrowserHost:
             return launch, launch.browser
 
     async def new_context(self, **options: Any) -> BrowserContext:
-        return await self._new_context(await self._ensure_browser(), **options)
+        _, browser = await self._ensure_launch()
+        return await self._new_context(browser, **options)
 
     async def _new_context(self, browser: Browser, **options: Any) -> BrowserContext:
         options.setdefault("viewport", VIEWPORT)
@@ -238,13 +235,13 @@ class BrowserHost:
         It is started before this context is closed: a queued job may be waiting for it.
         A context that is already gone (the browser crashed) is logged, not raised."""
         self.warm_up(job_page.hosts)
-        await self._close(job_page)
+        await self._close(job_page.context)
 
     def release(self, job_page: JobPage) -> None:
         """Like `close_page`, without waiting for the close: the job's report does not depend
         on it (~20-35 ms on 2 cores). `settled` and `stop` wait for it."""
         self.warm_up(job_page.hosts)
-        self._in_background(self._close(job_page), "close-job-context")
+        self._in_background(self._close(job_page.context), "close-job-context")
 
     async def settled(self) -> None:
         """Wait until the background work is done: the next job's page made (or failed to be),
@@ -282,13 +279,13 @@ class BrowserHost:
                 job_page = await warm
             except PlaywrightError:
                 return  # never made: nothing to close
-            await self._close(job_page)
+            await self._close(job_page.context)
 
         self._in_background(close(), "discard-warm-page")
 
-    async def _close(self, job_page: JobPage) -> None:
+    async def _close(self, context: BrowserContext) -> None:
         try:
-            await job_page.context.close()
+            await context.close()
         except PlaywrightError as exc:
             log.warning("context already gone at close: %s", exc.message)
         except Exception:
@@ -296,19 +293,12 @@ class BrowserHost:
             # in a way of its own is logged here, and must not end the worker's shutdown.
             log.exception("context not closed")
         finally:
-            self._closed(job_page.context)
-
-    def _closed(self, context: BrowserContext) -> None:
-        launch = self._owner.pop(context, None)
-        if launch is None:
-            return
-        launch.open -= 1
-        if launch.retired and launch.open == 0:
-            self._in_background(self._shut_down(launch), "shut-down-retired-browser")
+            launch = self._owner.pop(context, None)
+            if launch is not None and launch.retired and launch not in self._owner.values():
+                self._in_background(self._shut_down(launch), "shut-down-retired-browser")
 
     def _made(self, context: BrowserContext, launch: _Launch) -> None:
         launch.contexts += 1
-        launch.open += 1
         self._owner[context] = launch
         if (
             self.recycle_after is not None
@@ -321,12 +311,9 @@ class BrowserHost:
             self.recycles += 1
             if self._launch is launch:
                 self._launch = None
-            self._retired.append(launch)
             log.info("recycling chromium and the playwright driver after %s jobs", launch.contexts)
 
     async def _shut_down(self, launch: _Launch) -> None:
-        if launch in self._retired:
-            self._retired.remove(launch)
         try:
             if launch.browser is not None:
                 await launch.browser.close()
@@ -351,13 +338,8 @@ class BrowserHost:
             page = await context.new_page()
             return JobPage(context, page, await context.new_cdp_session(page), hosts)
         except BaseException:
-            await self._close_context(context)
+            await self._close(context)
             raise
-
-    async def _close_context(self, context: BrowserContext) -> None:
-        with contextlib.suppress(PlaywrightError):
-            await context.close()
-        self._closed(context)
 
     @property
     def browser(self) -> Browser | None:
@@ -372,11 +354,13 @@ class BrowserHost:
         while self._closing:  # a context's close may start a retired browser's shutdown
             await asyncio.gather(*self._closing)
         async with self._lock:
-            launches = [*self._retired, *([self._launch] if self._launch is not None else [])]
+            # The current launch, and any retired one a context left open keeps alive.
+            launches = dict.fromkeys([*self._owner.values(), self._launch])
             self._launch = None
-            for launch in launches:
-                await self._shut_down(launch)
             self._owner.clear()
+            for launch in launches:
+                if launch is not None:
+                    await self._shut_down(launch)
             if self._sink is not None:
                 self._sink.close()
                 self._sink = None
