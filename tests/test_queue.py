@@ -119,6 +119,20 @@ def raw_envelope(payload: Any) -> bytes:
     return json.dumps(body).encode()
 
 
+def envelope_with(payload: dict[str, Any], job_id: str, **fields: Any) -> bytes:
+    body = {"t": 1, "f": JOB_FUNCTION, "a": [{**payload, "job_id": job_id}], "k": {}, "et": 0}
+    return json.dumps({**body, **fields}).encode()
+
+
+def deep_envelope(payload: dict[str, Any], job_id: str, levels: int) -> bytes:
+    """A job whose `correlation` is nested `levels` deep: a few kilobytes, too deep to parse
+    (written by hand: Python's own json refuses to write it)."""
+    job = json.dumps({**payload, "job_id": job_id})[:-1]
+    nested = "[" * levels + "]" * levels
+    body = f'{job},"correlation":{nested}}}'
+    return f'{{"t":1,"f":"{JOB_FUNCTION}","a":[{body}],"k":{{}},"et":0}}'.encode()
+
+
 async def test_plain_redis_enqueue_without_arq_runs(
     billing: Site, client: FormworkClient, worker: Worker, settings: Settings
 ) -> None:
@@ -174,6 +188,27 @@ async def test_malformed_payloads_are_rejected_and_the_worker_keeps_serving(
             raw_envelope({**good, "job_id": "q-offsite", "site_url": "http://127.0.0.2:9"}),
             "job_invalid", "site_url host '127.0.0.2' is not one of site billing's allowed",
         ),
+        # arq reads `t` and `et` outside its own error handling: a wrong type there killed
+        # the worker (and every restart of it), a `t` over its tries dropped the job unseen.
+        "q-t-text": (envelope_with(good, "q-t-text", t="1"), "job_invalid", "'t' is invalid"),
+        "q-t-big": (envelope_with(good, "q-t-big", t=9), "job_invalid", "'t' is invalid"),
+        "q-et-text": (
+            envelope_with(good, "q-et-text", et="yesterday"), "job_invalid", "'et' is invalid"
+        ),
+        "q-et-null": (envelope_with(good, "q-et-null", et=None), "job_invalid", "'et' is invalid"),
+        "q-k-list": (envelope_with(good, "q-k-list", k=[]), "job_invalid", "'k' is invalid"),
+        "q-result": (b'{"s":true,"r":{},"t":1}', "job_invalid", "not an arq job envelope"),
+        "q-deep": (deep_envelope(good, "q-deep", 5_000), "job_invalid", "nests too deeply"),
+        # A job is a job whatever it carries: never taken for a decision or an expiry.
+        "q-resume": (
+            raw_envelope({**good, "job_id": "q-resume", "resume": "q-raw"}),
+            "job_invalid", "resume: Extra inputs are not permitted",
+        ),
+        "q-expire": (
+            raw_envelope({**good, "job_id": "q-expire", "expire": "zzz"}),
+            "job_invalid", "expire: Extra inputs are not permitted",
+        ),
+        "L" * 300: (raw_envelope({**good, "job_id": "L" * 300}), "job_invalid", "job_id"),
     }  # fmt: skip
     for job_id, (envelope, _, _) in bad.items():
         await raw_enqueue(settings, job_id, envelope)

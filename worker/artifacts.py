@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -65,8 +66,20 @@ def content_type(key: str) -> str:
     return _TYPES.get(Path(key).suffix, "application/octet-stream")
 
 
+_MAX_NAME = 128  # as long as a valid job id may be (worker.contract.JOB_ID)
+
+
 def safe_id(job_id: str) -> str:
-    return _UNSAFE.sub("_", job_id)
+    """`job_id` as one file name. A valid id only loses characters a path must not hold; the
+    id of a payload refused for being malformed still names a folder of its own: never `..`
+    or hidden, never too long for the file system (cut, with a digest of the whole)."""
+    name = _UNSAFE.sub("_", job_id)
+    if not name or name.startswith("."):
+        name = "_" + name
+    if len(name) > _MAX_NAME:
+        digest = hashlib.sha256(job_id.encode()).hexdigest()[:16]
+        name = f"{name[: _MAX_NAME - len(digest) - 1]}-{digest}"
+    return name
 
 
 class ArtifactStore(ABC):

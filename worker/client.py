@@ -32,9 +32,10 @@ from worker.contract import (
     JobStatus,
     ResumeDecision,
 )
+from worker.envelope import MAX_PAYLOAD_BYTES, envelope
 from worker.errors import JobInvalid
 from worker.keys import ARQ_JOB_PREFIX, RECORD_TTL_S, Keys, message_id
-from worker.queue import MAX_PAYLOAD_BYTES, enqueue_message, envelope
+from worker.queue import enqueue_message
 
 # KEYS: job record, idempotency key, arq job key, queue, job stream, global stream.
 # ARGV: job id, envelope, score ms, script, ttl s, enqueued-at, has-idempotency-key,
@@ -161,7 +162,7 @@ class FormworkClient:
     async def enqueue(self, job: BrowserJob) -> JobHandle:
         """Queue `job` once. A job with a job_id or idempotency key seen before is not queued
         again: the existing job's handle comes back, with `created=False`."""
-        body = envelope(job)
+        body = envelope(job.model_dump(mode="json", exclude_none=True))
         if len(body) > MAX_PAYLOAD_BYTES:
             raise JobInvalid(
                 f"job {job.job_id} is {len(body)} bytes; workers refuse more than "

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -23,7 +22,7 @@ import aiohttp
 from arq import Worker
 from arq.connections import RedisSettings
 from arq.worker import func
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -45,6 +44,7 @@ from worker.contract import (
     StepReport,
     Verification,
 )
+from worker.envelope import MALFORMED, MALFORMED_FIELD, MAX_TRIES, dumps, envelope, loads
 from worker.errors import JobInvalid, RejectedError
 from worker.events import EventListener, JobEvents
 from worker.executor import (
@@ -68,50 +68,45 @@ from worker.webhooks import WebhookSender, check_target
 
 log = logging.getLogger("formwork.queue")
 
-ENVELOPE_KEYS = {"t", "f", "a", "k", "et"}
-# A job is a script name and a few inputs: anything near this size is a mistake or an attack.
-MAX_PAYLOAD_BYTES = 64 * 1024
 JOB_TIMEOUT_MARGIN_S = 5.0
 
 
-# ---------------------------------------------------------------- wire format
+# ---------------------------------------------------------------- internal messages
 
 
-def dumps(value: Any) -> bytes:
-    if isinstance(value, dict) and {"s", "r", "a"} <= value.keys():
-        # arq stores a job's arguments again in its result, kept for an hour; the report in
-        # the result says everything, and a payload is never kept twice (it may be one a
-        # worker refused because it carried a credential).
-        value = {**value, "a": []}
-    return json.dumps(value, default=str, separators=(",", ":")).encode()
+class ResumeMessage(BaseModel):
+    """A decision about a paused job (`FormworkClient.resume`), for any worker to carry out."""
+
+    model_config = ConfigDict(extra="forbid")
+    resume: str
+    decision: dict[str, Any]
 
 
-def loads(data: bytes) -> Any:
-    """Decode an arq envelope. A malformed one is not an error here: it becomes a call of the
-    job function with a `__malformed__` marker, so the job ends `rejected` with a report
-    (arq itself would drop it with nothing but a log line)."""
-    if len(data) > MAX_PAYLOAD_BYTES:
-        return _malformed(f"the message is {len(data)} bytes; the limit is {MAX_PAYLOAD_BYTES}")
+class ExpireMessage(BaseModel):
+    """A pause's deadline, queued to fall due at the deadline."""
+
+    model_config = ConfigDict(extra="forbid")
+    expire: str
+    due: str
+
+
+def _message(arq_id: str, payload: Any) -> ResumeMessage | ExpireMessage | None:
+    """The internal message `payload` is, or None for a job. A message has no `job_id` or
+    `script` and is queued under its job's message id: a job that merely carries a `resume`
+    or `expire` field is a job (and is rejected for the extra field), never a decision."""
+    if not isinstance(payload, dict) or payload.keys() & {"job_id", "script"}:
+        return None
+    kind = "resume" if "resume" in payload else "expire" if "expire" in payload else None
+    if kind is None:
+        return None
     try:
-        value = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        return _malformed(f"the message is not JSON ({exc})")
-    if isinstance(value, dict) and {"s", "r"} <= value.keys():
-        return value  # a stored result, not a job
-    if not isinstance(value, dict) or not value.keys() >= ENVELOPE_KEYS:
-        missing = sorted(ENVELOPE_KEYS - set(value)) if isinstance(value, dict) else "all"
-        return _malformed(f"the message is not an arq job envelope (missing {missing})")
-    if value["f"] != JOB_FUNCTION:
-        return _malformed(f"unknown job function {value['f']!r} (expected {JOB_FUNCTION!r})")
-    args = value["a"]
-    if not (isinstance(args, list) and len(args) == 1 and not value["k"]):
-        return _malformed("the envelope's 'a' must hold exactly one BrowserJob object")
-    return value
-
-
-def _malformed(reason: str) -> dict[str, Any]:
-    now_ms = int(time.time() * 1000)
-    return {"t": 1, "f": JOB_FUNCTION, "a": [{"__malformed__": reason}], "k": {}, "et": now_ms}
+        message = (ResumeMessage if kind == "resume" else ExpireMessage).model_validate(payload)
+    except ValidationError as exc:
+        raise JobInvalid(f"{kind} message {arq_id!r} rejected: {exc.errors()[0]['msg']}") from exc
+    about = message.resume if isinstance(message, ResumeMessage) else message.expire
+    if arq_id == about or job_of(arq_id) != about:
+        raise JobInvalid(f"{kind} message {arq_id!r} about {about!r} is not queued as one")
+    return message
 
 
 async def enqueue_message(
@@ -119,20 +114,12 @@ async def enqueue_message(
 ) -> None:
     """Queue one internal message (a resume, an expiry) for whichever worker is free at
     `run_at_ms`, in the same arq layout as a job."""
-    data = dumps({"t": 1, "f": JOB_FUNCTION, "a": [body], "k": {}, "et": int(time.time() * 1000)})
+    data = envelope(body)
     ttl_ms = max(run_at_ms - int(time.time() * 1000), 0) + 24 * 3600 * 1000
     async with redis.pipeline(transaction=True) as pipe:
         pipe.set(ARQ_JOB_PREFIX + message_id, data, px=ttl_ms)
         pipe.zadd(keys.queue, {message_id: run_at_ms})
         await pipe.execute()
-
-
-def envelope(job: BrowserJob) -> bytes:
-    """The bytes stored at `arq:job:<job_id>` for `job`."""
-    payload = job.model_dump(mode="json", exclude_none=True)
-    return dumps(
-        {"t": 1, "f": JOB_FUNCTION, "a": [payload], "k": {}, "et": int(time.time() * 1000)}
-    )
 
 
 # ---------------------------------------------------------------- the worker
@@ -219,10 +206,11 @@ async def browser_job(ctx: dict[str, Any], payload: Any) -> dict[str, Any]:
 async def execute(
     state: WorkerState, job_id: str, payload: Any, *, run: int = 1
 ) -> JobReport | None:
-    if isinstance(payload, dict) and "resume" in payload:
-        return await execute_resume(state, payload, run=run)
-    if isinstance(payload, dict) and "expire" in payload:
-        return await execute_expire(state, payload)
+    message = _message(job_id, payload)
+    if isinstance(message, ResumeMessage):
+        return await execute_resume(state, message, run=run)
+    if isinstance(message, ExpireMessage):
+        return await execute_expire(state, message)
     redis, keys = state.redis, state.keys
     stored = await cast("Any", redis.hmget(keys.job(job_id), ["status", "report"]))
     if stored[0] is not None and JobStatus(stored[0].decode()).settled and stored[1]:
@@ -400,10 +388,10 @@ async def _forget_checkpoint(state: WorkerState, job_id: str) -> None:
     await cast("Any", state.redis.hdel(state.keys.job(job_id), CHECKPOINT_FIELD))
 
 
-async def execute_resume(state: WorkerState, payload: dict[str, Any], *, run: int = 1) -> JobReport:
+async def execute_resume(state: WorkerState, message: ResumeMessage, *, run: int = 1) -> JobReport:
     """Carry out a decision about a paused job, on whichever worker took the message."""
     redis, keys = state.redis, state.keys
-    job_id = str(payload["resume"])
+    job_id = message.resume
     fields = await cast("Any", redis.hmget(keys.job(job_id), ["status", "job", "report"]))
     status, raw_job, raw_report = (f.decode() if f is not None else None for f in fields)
     if raw_report is None or raw_job is None or status is None:
@@ -419,7 +407,7 @@ async def execute_resume(state: WorkerState, payload: dict[str, Any], *, run: in
     if not JobStatus(status).paused or report.handoff is None:
         log.info("job %s is %s, not paused: decision ignored", job_id, status)
         return report
-    decision = ResumeDecision.model_validate(payload.get("decision", {}))
+    decision = ResumeDecision.model_validate(message.decision)
     handoff = report.handoff
     if decision.decision not in handoff.allowed_decisions:
         log.warning("job %s: decision %s not allowed; still paused", job_id, decision.decision)
@@ -479,10 +467,10 @@ async def execute_resume(state: WorkerState, payload: dict[str, Any], *, run: in
     return await _run_tracked(state, job, events, listener, resume=point)
 
 
-async def execute_expire(state: WorkerState, payload: dict[str, Any]) -> JobReport | None:
+async def execute_expire(state: WorkerState, message: ExpireMessage) -> JobReport | None:
     """A pause's deadline fell due: end the job `expired` unless a decision came first."""
     redis, keys = state.redis, state.keys
-    job_id = str(payload["expire"])
+    job_id = message.expire
     fields = await cast("Any", redis.hmget(keys.job(job_id), ["status", "report"]))
     status, raw_report = (f.decode() if f is not None else None for f in fields)
     if raw_report is None or status is None:
@@ -492,7 +480,7 @@ async def execute_expire(state: WorkerState, payload: dict[str, Any]) -> JobRepo
     # Only the pause this message was scheduled for: a later pause has its own deadline.
     if not JobStatus(status).paused or handoff is None or handoff.expires_at is None:
         return report
-    if handoff.expires_at.isoformat() != payload.get("due"):
+    if handoff.expires_at.isoformat() != message.due:
         return report
     await _forget_checkpoint(state, job_id)
     report.status = JobStatus.expired
@@ -526,8 +514,9 @@ class RedisCommitJournal:
 
 
 def _parse(job_id: str, payload: Any) -> BrowserJob:
-    if isinstance(payload, dict) and "__malformed__" in payload:
-        raise JobInvalid(f"payload rejected: {payload['__malformed__']}", field="payload")
+    if isinstance(payload, dict) and MALFORMED in payload:
+        field = str(payload.get(MALFORMED_FIELD) or "payload")
+        raise JobInvalid(f"payload rejected: {payload[MALFORMED]}", field=field)
     try:
         job = BrowserJob.model_validate(payload)
     except ValidationError as exc:
@@ -584,7 +573,7 @@ def build_worker(
         job_serializer=dumps,
         job_deserializer=loads,
         # A job whose run was interrupted goes back on the queue a bounded number of times.
-        max_tries=3,
+        max_tries=MAX_TRIES,
     )
 
 
@@ -605,7 +594,7 @@ class WorkerSettings:
     keep_result = 3600
     job_serializer = dumps
     job_deserializer = loads
-    max_tries = 3
+    max_tries = MAX_TRIES
 
 
 @contextlib.asynccontextmanager
