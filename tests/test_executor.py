@@ -6,14 +6,23 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image, ImageChops, ImageStat
 
+from worker.actions import PageActions
 from worker.artifacts import LocalArtifacts
-from worker.contract import BrowserJob, FailureCode, JobReport, JobStatus, StepStatus
+from worker.contract import (
+    BrowserJob,
+    FailureCode,
+    JobReport,
+    JobStatus,
+    MatchedSelector,
+    StepStatus,
+)
 from worker.executor import Runtime, run_job
-from worker.script import ScriptStore
+from worker.script import PlannedStep, ScriptStore
 from worker.secretstore import SecretStore
 
 from .conftest import CREDIT_INPUTS, SCRIPTS, SELECTORS, Site
@@ -236,3 +245,39 @@ def test_artifact_paths_stay_inside_the_root(tmp_path: Path) -> None:
     assert ".." not in Path(rel).parts
     day, job = json.loads(artifacts.describe("x").model_dump_json())["path"].split("/")
     assert (len(day), job) == (len("2025-01-31"), "x")
+    # Whatever id a refused payload carried, its folder is one name of its own, never `..`.
+    for odd in ("..", ".", "", "L" * 300, "../" * 60):
+        _, rel = artifacts.step_image(odd, 1, "a", ".jpg")
+        assert ".." not in Path(rel).parts and Path(rel).parts[1] not in ("", ".")
+        assert len(Path(rel).parts[1]) <= 128
+    assert artifacts.describe("L" * 300).path != artifacts.describe("L" * 299).path
+
+
+async def test_an_internal_error_fails_the_step_and_keeps_the_record(
+    billing: Site, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug of the worker's, after the commit: the step fails like any other, and the report
+    still holds every step before it and the credit's claim."""
+    original = PageActions.extract
+
+    async def broken(
+        self: PageActions, planned: PlannedStep, *args: Any, **kwargs: Any
+    ) -> MatchedSelector | None:
+        if planned.id == "confirmation" and not kwargs.get("probe"):
+            raise RuntimeError("a bug in extract")
+        return await original(self, planned, *args, **kwargs)
+
+    monkeypatch.setattr(PageActions, "extract", broken)
+    report = await run_job(credit_job(billing, "job-bug"), runtime)
+
+    assert report.status != JobStatus.succeeded
+    status = {s.id: s.status for s in report.steps}
+    assert status["submit"] == StepStatus.succeeded
+    assert status["confirmation"] == StepStatus.failed
+    failed = next(s for s in report.steps if s.id == "confirmation")
+    assert failed.failure is not None and failed.failure.code == FailureCode.script_error
+    assert "internal error (RuntimeError: a bug in extract)" in failed.failure.message
+    assert len(billing.credits()) == 1  # sent once, and known to have been sent
+    (claim,) = [c for c in report.claims if c.kind == "effect"]
+    assert (claim.step_id, claim.verified) == ("submit", False)
+    assert claim.value == "credit of 15.00 issued to AC-10231, confirmation (not read)"

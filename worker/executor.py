@@ -68,7 +68,7 @@ from worker.script import (
     ScriptStore,
 )
 from worker.secretstore import Redactor, SecretStore
-from worker.templating import TemplateError, holds, render
+from worker.templating import TemplateError, holds, references, render
 from worker.trace import job_trace
 
 log = logging.getLogger("formwork.executor")
@@ -821,6 +821,16 @@ class _Run:
         except PlaywrightError as exc:
             error = translate_playwright_error(exc, doing=f"{planned.action} failed")
             failure = await self.explain(error, planned.id, stop_loading=actions.dispatched)
+        except Exception as exc:
+            # A bug of ours, or a script value nothing checked: the step fails like any other
+            # (the report keeps every step and claim so far, and a sent commit is still
+            # probed), instead of the job ending with a report that knows nothing.
+            log.exception("job %s step %s: internal error", self.job.job_id, planned.id)
+            error = StepError(
+                FailureCode.script_error,
+                f"{planned.action} failed: internal error ({type(exc).__name__}: {exc})",
+            )
+            failure = await self.explain(error, planned.id, stop_loading=actions.dispatched)
         report.dialogs += [
             seen.model_copy(update={"message": self.redact(seen.message) or ""})
             for seen in actions.take_dialogs()
@@ -1144,7 +1154,17 @@ class _Run:
         effect = self.loaded.script.effect
         commits = [s for s in self.report.steps if s.commit]
         if effect is not None and commits:
-            context = {"inputs": self.actions.inputs, "outputs": self.actions.outputs}
+            # An output the job never read (it failed first) is said to be missing, rather
+            # than the whole sentence left as the script's template.
+            unread = {
+                r.name: "(not read)"
+                for r in references(effect)
+                if r.namespace == "outputs" and r.name not in self.actions.outputs
+            }
+            context = {
+                "inputs": self.actions.inputs,
+                "outputs": {**unread, **self.actions.outputs},
+            }
             try:
                 text = render(effect, context)
             except TemplateError:
