@@ -121,11 +121,27 @@ def test_output_used_before_it_is_extracted_is_refused(tree: Path) -> None:
 def test_field_error_names_the_field(tree: Path) -> None:
     message = load_broken(tree, "bad_field", "  - {id: amt, fill: {target: credit.amount}}\n")
     assert "step 'amt'" in message and "fill > value" in message and "Field required" in message
+    # A misspelt action is a field of the step, not of the action beside it.
+    message = load_broken(
+        tree, "typo", "  - {id: r, expect: {visible: credit.amount}, klick: credit.review}\n"
+    )
+    assert "typo.yaml:7: steps[0] (step 'r') > klick: Extra inputs are not permitted" in message
+
+
+def test_duplicate_keys_and_a_quoted_version_are_refused(tree: Path) -> None:
+    # YAML itself keeps the last of two equal keys without a word.
+    write(tree, "twice", HEADER.format(name="twice") + "  - {id: a, goto: /, goto: /x}\n")
+    with pytest.raises(ScriptInvalid, match=r"twice.yaml:7: key 'goto' is given twice"):
+        ScriptStore(tree / "scripts", tree / "selectors").load("billing/twice")
+    write(tree, "quoted", HEADER.format(name="quoted").replace("version: 1", 'version: "1"'))
+    with pytest.raises(ScriptInvalid, match=r"quoted.yaml:2: version: Input should be a valid int"):
+        ScriptStore(tree / "scripts", tree / "selectors").load("billing/quoted")
 
 
 def test_duplicate_step_ids_and_bad_subflow_are_refused(tree: Path) -> None:
     message = load_broken(tree, "dupes", "  - {id: a, goto: /}\n  - {id: a, goto: /}\n")
-    assert "step id 'a' is used twice" in message
+    # At the second one's line and step, not at the top of the file.
+    assert "dupes.yaml:8: steps[1] (step 'a'): Value error, step id 'a' is used twice" in message
     message = load_broken(tree, "bad_use", "  - {id: signin, use: billing/no_such_flow}\n")
     assert "step 'signin'" in message and "billing/no_such_flow" in message
 
@@ -203,6 +219,16 @@ def test_rules_and_alternates_are_checked_at_load_time(tree: Path) -> None:
         ("- {id: a, click: credit.review, dialog: {action: accept, message: '('}}\n", "regular"),
         ("- {id: a, upload: {target: credit.amount, file: /etc/passwd}}\n", "relative path"),
         ("- {id: a, upload: {target: credit.amount, file: ../secrets.yaml}}\n", "no '..'"),
+        # Patterns run after a commit too: a bad one must not first show itself there.
+        (
+            "- {id: a, extract: {n: {target: credit.confirmation_number, pattern: 'CN-[0-9+'}}}\n",
+            "broken_dsl.yaml:7: steps[0] (step 'a') > extract > n > pattern: Value error, not a "
+            "valid regular expression: unterminated character set",
+        ),
+        (
+            "- {id: a, expect: {text: {target: credit.confirmation_number, matches: '(x'}}}\n",
+            "> matches: Value error, not a valid regular expression: missing )",
+        ),
     ],
 )
 def test_dialogs_and_uploads_are_checked_at_load_time(tree: Path, steps: str, message: str) -> None:

@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
     Field,
+    StrictInt,
     StringConstraints,
     Tag,
     ValidationError,
@@ -46,9 +48,21 @@ from worker.templating import (
     sole_reference,
 )
 from worker.uploads import UploadRefused, relative_upload, upload_path
-from worker.yamlfile import describe_loc, line_of, load_model, read_yaml
+from worker.yamlfile import At, describe_loc, line_of, load_model, read_yaml
 
 STEP_ID = r"^[a-z][a-z0-9_]*$"
+
+
+def _regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"not a valid regular expression: {exc}") from exc
+    return value
+
+
+# Checked when the script loads: a bad pattern must not first show itself after a commit.
+Regex = Annotated[str, AfterValidator(_regex)]
 TargetName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")]
 
 
@@ -127,7 +141,7 @@ class TextExpectation(_Strict):
     target: TargetName
     equals: str | None = None
     contains: str | None = None
-    matches: str | None = None
+    matches: Regex | None = None
 
     @model_validator(mode="after")
     def _one(self) -> TextExpectation:
@@ -422,7 +436,7 @@ class ExpectStep(_Step):
 class ExtractSpec(_Strict):
     target: TargetName
     attribute: str | None = None
-    pattern: str | None = Field(
+    pattern: Regex | None = Field(
         default=None, description="A regular expression; its first group (or match) is kept."
     )
 
@@ -564,7 +578,7 @@ class Script(_Strict):
     """One YAML script file."""
 
     name: str = Field(pattern=r"^[a-z0-9_]+/[a-z0-9_]+$")
-    version: int = Field(ge=1)
+    version: StrictInt = Field(ge=1)
     site: str = Field(pattern=r"^[a-z0-9_]+$")
     description: str | None = None
     inputs: dict[Annotated[str, StringConstraints(pattern=STEP_ID)], InputSpec] = Field(
@@ -610,36 +624,36 @@ class Script(_Strict):
 
     @model_validator(mode="after")
     def _unique_ids(self) -> Script:
-        seen: set[str] = set()
-        for step in self.steps:
-            if step.id in seen:
-                raise ValueError(f"step id {step.id!r} is used twice")
-            seen.add(step.id)
         if not self.name.startswith(f"{self.site}/"):
-            raise ValueError(f"name {self.name!r} must start with its site '{self.site}/'")
+            raise At(("name",), f"name {self.name!r} must start with its site '{self.site}/'")
+        seen: set[str] = set()
         for index, step in enumerate(self.steps):
-            earlier = {s.id for s in self.steps[:index]}
-            if step.retry_from is not None and step.retry_from not in earlier | {step.id}:
-                raise ValueError(
-                    f"step {step.id!r}: retry_from {step.retry_from!r} is not an earlier step"
+            at = ("steps", index)
+            if step.id in seen:
+                raise At(at, f"step id {step.id!r} is used twice")
+            seen.add(step.id)
+            if step.retry_from is not None and step.retry_from not in seen:
+                raise At(
+                    at, f"step {step.id!r}: retry_from {step.retry_from!r} is not an earlier step"
                 )
             if step.retry_from is not None and not step.commit:
-                raise ValueError(f"step {step.id!r}: retry_from only goes with commit: true")
+                raise At(at, f"step {step.id!r}: retry_from only goes with commit: true")
             if step.approval is not None and not step.commit:
-                raise ValueError(f"step {step.id!r}: approval only goes with commit: true")
+                raise At(at, f"step {step.id!r}: approval only goes with commit: true")
             if step.dialog is not None and step.action not in ("click", "press"):
-                raise ValueError(f"step {step.id!r}: dialog only goes with click or press")
+                raise At(at, f"step {step.id!r}: dialog only goes with click or press")
             if step.approval is not None and step.approval.when is not None:
                 for ref in condition_references(step.approval.when):
                     if ref.name not in self.inputs:
-                        raise ValueError(
+                        raise At(
+                            at,
                             f"step {step.id!r}: approval.when uses 'inputs.{ref.name}', "
-                            "which is not a declared input"
+                            "which is not a declared input",
                         )
             names = {step.alternate} | {r.alternate for r in step.on_failure.values()}
             for name in names - {None}:
                 if name not in self.alternates:
-                    raise ValueError(f"step {step.id!r}: no alternate path {name!r}")
+                    raise At(at, f"step {step.id!r}: no alternate path {name!r}")
         return self
 
 
@@ -791,7 +805,8 @@ class ScriptStore:
         for path in sorted([*folder.glob(f"{short}.yaml"), *folder.glob(f"{short}@*.yaml")]):
             version = self._version_of(path)
             if version is None:
-                continue  # loading it names the problem
+                load_model(path, Script)  # raises, naming the file, line and field
+                continue
             _, _, pinned = path.name.removesuffix(".yaml").partition("@")
             if pinned and pinned != str(version):
                 where = _field_where(path, ("version",))
@@ -809,7 +824,7 @@ class ScriptStore:
             return cached[1]
         data, _ = read_yaml(path)
         version = data.get("version") if isinstance(data, dict) else None
-        result = version if isinstance(version, int) else None
+        result = version if type(version) is int and version >= 1 else None
         self._versions[path] = (stamp, result)
         return result
 

@@ -27,7 +27,7 @@ from worker.contract import FailureCode, MatchedSelector
 from worker.errors import ScriptInvalid, StepError
 from worker.policy import Rule
 from worker.templating import render
-from worker.yamlfile import load_model
+from worker.yamlfile import At, load_model
 
 ELEMENT_NAME = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$"
 _KINDS = ("role", "label", "placeholder", "test_id", "text", "css")
@@ -171,12 +171,14 @@ class SiteRegistry(BaseModel):
     def _elements(self) -> SiteRegistry:
         for name, candidates in self.elements.items():
             if not re.match(ELEMENT_NAME, name):
-                raise ValueError(f"element name {name!r} must be dotted lower_case words")
+                raise At(
+                    ("elements", name), f"element name {name!r} must be dotted lower_case words"
+                )
             if not candidates:
-                raise ValueError(f"element {name!r} has no candidates")
-        for name in self.secret_elements:
+                raise At(("elements", name), f"element {name!r} has no candidates")
+        for index, name in enumerate(self.secret_elements):
             if name not in self.elements:
-                raise ValueError(f"secret_elements: {name!r} is not an element")
+                raise At(("secret_elements", index), f"{name!r} is not an element")
         return self
 
     def candidates(self, element: str) -> list[Candidate]:

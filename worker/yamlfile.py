@@ -16,6 +16,15 @@ from worker.errors import ScriptInvalid
 M = TypeVar("M", bound=BaseModel)
 
 
+class At(ValueError):
+    """A model validator's error about one place below the model (`("steps", 3)`): reported
+    at that place's line and step, not at the top of the file."""
+
+    def __init__(self, loc: tuple[int | str, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
 def read_text(path: Path) -> str:
     """The UTF-8 text of `path`; ScriptInvalid naming the file when it cannot be read."""
     try:
@@ -35,12 +44,39 @@ def read_yaml(path: Path, text: str | None = None) -> tuple[Any, yaml.Node | Non
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
+        if node is not None:
+            _refuse_duplicate_keys(path, node)
         data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         raise ScriptInvalid(f"{path}: not valid YAML: {exc}") from exc
     finally:
         loader.dispose()
     return data, node
+
+
+def _refuse_duplicate_keys(path: Path, root: yaml.Node) -> None:
+    """YAML keeps the last of two equal keys without a word; `version: 1` then `version: 2`
+    would quietly be version 2."""
+    pending, seen_nodes = [root], set()
+    while pending:
+        node = pending.pop()
+        if id(node) in seen_nodes:  # an alias: already looked at
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    line = key.start_mark.line + 1
+                    if key.value in first:
+                        raise ScriptInvalid(
+                            f"{path}:{line}: key {key.value!r} is given twice "
+                            f"(first on line {first[key.value]})"
+                        )
+                    first[key.value] = line
+                pending.append(value)
+        elif isinstance(node, yaml.SequenceNode):
+            pending.extend(node.value)
 
 
 def line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
@@ -82,13 +118,38 @@ def describe_loc(data: Any, loc: tuple[int | str, ...]) -> str:
     return "".join(parts) or "(top level)"
 
 
+def _without_tags(data: Any, loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    """`loc` without the tags of discriminated unions, which are not fields people wrote:
+    pydantic says `steps.3.fill.fill.timeout` for the `timeout` of step 3's `fill`, and
+    `steps.6.expect.klick` for a step with `expect` and a `klick` nobody knows. A part is a tag
+    when the part after it is not found under it, but is found beside it."""
+    kept: list[int | str] = []
+    current = data
+    for index, part in enumerate(loc):
+        after = loc[index + 1] if index + 1 < len(loc) else None
+        if isinstance(part, str) and isinstance(current, dict) and isinstance(after, str):
+            under = current.get(part)
+            if not (isinstance(under, dict) and after in under) and after in current:
+                continue
+        kept.append(part)
+        if isinstance(part, int) and isinstance(current, list) and 0 <= part < len(current):
+            current = current[part]
+        elif isinstance(part, str) and isinstance(current, dict):
+            current = current.get(part)
+        else:
+            current = None
+    return tuple(kept)
+
+
 def format_validation_error(
     path: Path, data: Any, node: yaml.Node | None, error: ValidationError
 ) -> str:
     lines = []
     for item in error.errors():
-        # Discriminated-union tags (e.g. 'fill') appear in loc; they are not fields people wrote.
-        loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith("tag:")))
+        loc = _without_tags(data, item["loc"])
+        cause = item.get("ctx", {}).get("error")
+        if isinstance(cause, At):
+            loc = (*loc, *cause.loc)
         line = line_of(node, loc)
         where = f"{path}:{line}" if line else str(path)
         lines.append(f"{where}: {describe_loc(data, loc)}: {item['msg']}")
