@@ -173,6 +173,15 @@ async def test_paused_jobs_are_listed_for_operators(
     assert one.returncode == 0
     assert "decisions: retry_with_inputs, abort" in one.stdout
     assert "evidence:" in one.stdout and ".jpg" in one.stdout
+    # A decision that cannot be carried out says why.
+    for decision, why in (
+        (["mark_done"], "job cli-paused does not allow mark_done; it allows: retry_with_inputs"),
+        (["reject"], "invalid decision: (all): a reject decision needs a reason (note)"),
+    ):
+        refused = await asyncio.to_thread(
+            formwork, "resume", "cli-paused", *decision, tmp_path=tmp_path, env=env
+        )
+        assert refused.returncode != 0 and why in refused.stderr, refused.stderr
     resumed = await asyncio.to_thread(
         formwork, "resume", "cli-paused", "retry_with_inputs", "--input", "amount=9.00",
         "--by", "qa", "--watch", tmp_path=tmp_path, env=env,
@@ -180,3 +189,11 @@ async def test_paused_jobs_are_listed_for_operators(
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "job cli-paused: succeeded" in resumed.stdout
     assert [c["amount"] for c in billing.credits()] == ["9.00"]
+    for job_id, why in (
+        ("cli-paused", "job cli-paused is succeeded, not paused"),
+        ("cli-nope", "no job 'cli-nope'"),
+    ):
+        refused = await asyncio.to_thread(
+            formwork, "resume", job_id, "abort", tmp_path=tmp_path, env=env
+        )
+        assert refused.returncode == 1 and why in refused.stderr, refused.stderr

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -45,6 +45,9 @@ _MARK = {
     StepStatus.running: "... ",
     StepStatus.pending: "    ",
 }
+
+if TYPE_CHECKING:
+    from worker.client import JobHandle
 
 
 def _parse_inputs(pairs: Sequence[str]) -> dict[str, str]:
@@ -163,7 +166,7 @@ async def _run(args: argparse.Namespace) -> int:
         )
         secrets = SecretStore(settings.secrets_file)
     except ValidationError as exc:
-        print(f"formwork: invalid job: {exc}", file=sys.stderr)
+        print(f"formwork: invalid job: {_problems(exc)}", file=sys.stderr)
         return 2
     except FormworkError as exc:
         print(f"formwork: {exc.message}", file=sys.stderr)
@@ -284,7 +287,7 @@ async def _enqueue(args: argparse.Namespace) -> int:
             idempotency_key=args.idempotency_key,
         )
     except ValidationError as exc:
-        print(f"formwork: invalid job: {exc}", file=sys.stderr)
+        print(f"formwork: invalid job: {_problems(exc)}", file=sys.stderr)
         return 2
     async with _client() as client:
         handle = await client.enqueue(job)
@@ -398,22 +401,36 @@ async def _resume(args: argparse.Namespace) -> int:
             outputs=_parse_inputs(args.output), note=args.note, by=args.by,
         )  # fmt: skip
     except ValidationError as exc:
-        print(f"formwork: invalid decision: {exc}", file=sys.stderr)
+        print(f"formwork: invalid decision: {_problems(exc)}", file=sys.stderr)
         return 2
     async with _client() as client:
         handle = client.handle(args.job_id)
         after = await handle.last_event_id()
         if not await client.resume(args.job_id, decision):
-            print(
-                f"formwork: job {args.job_id} is not paused, or {args.decision} is not one of "
-                "its allowed decisions (formwork handoff JOB)",
-                file=sys.stderr,
-            )
+            print(f"formwork: {await _why_not_resumed(handle, args.decision)}", file=sys.stderr)
             return 1
         print(f"{args.decision} sent for {args.job_id}")
         if args.watch:
             return await _follow(client, args.job_id, after)
     return 0
+
+
+async def _why_not_resumed(handle: JobHandle, decision: str) -> str:
+    status, report = await handle.status(), await handle.report()
+    if status is None:
+        return f"no job {handle.job_id!r} (or its record has expired)"
+    if not status.paused or report is None or report.handoff is None:
+        return f"job {handle.job_id} is {status}, not paused: there is nothing to decide"
+    allowed = ", ".join(str(d) for d in report.handoff.allowed_decisions)
+    return f"job {handle.job_id} does not allow {decision}; it allows: {allowed}"
+
+
+def _problems(error: ValidationError) -> str:
+    """A validation error in one line a person reads: `field: why; field: why`."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or '(all)'}: {e['msg'].removeprefix('Value error, ')}"
+        for e in error.errors()
+    )
 
 
 def _schema(args: argparse.Namespace) -> int:

@@ -493,7 +493,8 @@ class Rollouts:
     ) -> RolloutChange:
         config = self._config(name)
         if config.canary is None:
-            raise ScriptInvalid(f"{name}: the rollout file names no canary to {action}")
+            verb = "promote" if action == RolloutAction.promoted else "roll back"
+            raise ScriptInvalid(f"{name}: the rollout file names no canary to {verb}")
         change = await self._set(name, config, action, reason, by)
         assert change is not None
         return change
