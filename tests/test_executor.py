@@ -203,6 +203,31 @@ async def test_selector_matching_nothing_fails_that_step_and_skips_the_rest(
     assert billing.credits() == []
 
 
+async def test_a_registry_typo_is_named_as_one_not_taken_for_a_changed_site(
+    billing: Site, runtime: Runtime, tmp_path: Path
+) -> None:
+    # A candidate that is not valid CSS: a script error naming the registry and element,
+    # not a site that changed (which would wait out the step and ask a person).
+    runtime.scripts = broken_tree(tmp_path / "css", "account.header", '[{css: "h1#[[account"}]')
+    report = await run_job(credit_job(billing, "job-css"), runtime)
+    assert report.status == JobStatus.failed
+    assert report.error is not None and report.error.code == FailureCode.script_error
+    assert "selector registry billing.yaml, element 'account.header'" in report.error.message
+    assert 'Unexpected token "#"' in report.error.message
+    # A failure detector that is not valid CSS would never see the error it is there for:
+    # the first click that reads the detectors stops, before anything is sent.
+    store = broken_tree(tmp_path / "detector", "account.header", '[{css: "h1#account-header"}]')
+    registry = store.selectors_dir / "billing.yaml"
+    text = registry.read_text().replace('"p.error-text"]', '"p.error-text", "p[[[bad"]')
+    registry.write_text(text)
+    runtime.scripts = store
+    report = await run_job(credit_job(billing, "job-detector"), runtime)
+    assert report.error is not None and report.error.code == FailureCode.script_error
+    assert "failure detector(s) ['p[[[bad'] are not valid CSS" in report.error.message
+    assert report.error.step_id == "login.submit"
+    assert billing.credits() == []
+
+
 async def test_missing_link_takes_the_alternate_path(
     billing: Site, runtime: Runtime, tmp_path: Path
 ) -> None:

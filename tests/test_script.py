@@ -246,3 +246,22 @@ def test_dialog_shorthand_and_frame_candidates_load(script_store: ScriptStore) -
     )
     upload = next(p for p in loaded.plan if p.action == "upload")
     assert upload.step.targets() == ["refund.receipt"]
+
+
+def test_registry_roles_and_empty_selectors_are_checked_at_load(tree: Path) -> None:
+    registry = tree / "selectors" / "billing.yaml"
+    original = registry.read_text()
+    for old, new, message in (
+        (
+            "{role: heading, name: Billing console}",
+            "{role: headingz, name: Billing console}",
+            "billing.yaml:18: elements > dashboard.header[0] > role: Value error, 'headingz' "
+            "is not an ARIA role; did you mean 'heading'?",
+        ),
+        ('{css: "#account-name"}', '{css: ""}', "an empty selector matches nothing"),
+        ('"h1.server-error"]', '"h1.server-error", " "]', "an empty selector matches nothing"),
+    ):
+        registry.write_text(original.replace(old, new))
+        with pytest.raises(ScriptInvalid) as info:
+            ScriptStore(tree / "scripts", tree / "selectors").load("billing/issue_credit")
+        assert message in info.value.message

@@ -85,7 +85,10 @@ _DETECT_JS = """
   const found = {};
   for (const selector of selectors) {
     let nodes;
-    try { nodes = document.querySelectorAll(selector); } catch (e) { continue; }
+    try { nodes = document.querySelectorAll(selector); } catch (e) {
+      (found[""] = found[""] || []).push(selector);  // not valid CSS
+      continue;
+    }
     const texts = [];
     for (const node of nodes) {
       const box = node.getBoundingClientRect();
@@ -101,6 +104,9 @@ _DETECT_JS = """
 """
 
 
+_INVALID = ""  # the key under which _DETECT_JS lists selectors that are not valid CSS
+
+
 async def _detect(page: Page, selectors: list[str]) -> dict[str, list[str]]:
     if not selectors:
         return {}
@@ -109,16 +115,26 @@ async def _detect(page: Page, selectors: list[str]) -> dict[str, list[str]]:
 
 
 async def detectors_seen(page: Page, selectors: list[str]) -> set[str]:
-    """The selectors among `selectors` that match a visible element right now."""
+    """The selectors among `selectors` that match a visible element right now. Read before
+    every click that expects something, so a detector that is not valid CSS (and would never
+    see the error it is there for) stops the first job that uses it, before the click."""
     try:
-        return set(await _detect(page, selectors))
+        found = await _detect(page, selectors)
     except PlaywrightError:
         return set()  # the page is navigating: nothing is showing yet
+    invalid = found.pop(_INVALID, [])
+    if invalid:
+        raise StepError(
+            FailureCode.script_error,
+            f"selector registry: failure detector(s) {invalid} are not valid CSS",
+        )
+    return set(found)
 
 
 async def observe_page(page: Page, detectors: Detectors, status: int | None) -> PageState:
     """Read the detectors off the live page (the thin shell around `classify`)."""
     found = await _detect(page, detectors.selectors)
+    found.pop(_INVALID, None)  # said before the click (detectors_seen); the step failed anyway
 
     def texts(selectors: list[str]) -> list[str]:
         return [text for selector in selectors for text in found.get(selector, [])]

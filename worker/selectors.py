@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import ipaddress
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -21,7 +23,15 @@ from typing import Annotated, Any, Literal
 from playwright.async_api import Error as PlaywrightError
 from playwright.async_api import FrameLocator, Locator, Page
 from playwright.async_api import TimeoutError as PlaywrightTimeoutError
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    field_validator,
+    model_validator,
+)
 
 from worker.contract import FailureCode, MatchedSelector
 from worker.errors import ScriptInvalid, StepError
@@ -31,6 +41,8 @@ from worker.yamlfile import At, load_model
 
 ELEMENT_NAME = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$"
 _KINDS = ("role", "label", "placeholder", "test_id", "text", "css")
+# The roles Playwright's `get_by_role` knows, read off its own signature.
+ARIA_ROLES: tuple[str, ...] = typing.get_args(typing.get_type_hints(Page.get_by_role)["role"])
 
 
 class Candidate(BaseModel):
@@ -51,6 +63,21 @@ class Candidate(BaseModel):
         description="CSS of the iframe the element is in (a payment widget, an editor); "
         "absent: the page itself.",
     )
+
+    @field_validator("role")
+    @classmethod
+    def _aria_role(cls, role: str | None) -> str | None:
+        # A typo would match nothing, wait out the step and look like a changed site.
+        if role is not None and "{{" not in role and role not in ARIA_ROLES:
+            near = difflib.get_close_matches(role, ARIA_ROLES, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ValueError(f"{role!r} is not an ARIA role{hint}")
+        return role
+
+    @field_validator("css", "frame")
+    @classmethod
+    def _selector(cls, value: str | None) -> str | None:
+        return None if value is None else _not_blank(value)
 
     @model_validator(mode="after")
     def _one_kind(self) -> Candidate:
@@ -100,14 +127,24 @@ class Candidate(BaseModel):
         return root.locator(self.css)
 
 
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("an empty selector matches nothing")
+    return value
+
+
+# Checked for syntax by the browser, on first use (`worker.failures.detectors_seen`).
+CssSelector = Annotated[str, AfterValidator(_not_blank)]
+
+
 class Detectors(BaseModel):
     """CSS selectors that reveal how the site shows trouble."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    validation_error: list[str] = Field(default_factory=list)
-    login_page: list[str] = Field(default_factory=list)
-    error_banner: list[str] = Field(default_factory=list)
+    validation_error: list[CssSelector] = Field(default_factory=list)
+    login_page: list[CssSelector] = Field(default_factory=list)
+    error_banner: list[CssSelector] = Field(default_factory=list)
 
     @property
     def selectors(self) -> list[str]:
@@ -238,6 +275,16 @@ async def resolve(
             FailureCode.selector_not_found,
             f"element {element!r} not {state} within {timeout_ms / 1000:g}s; tried {tried}",
         ) from exc
+    except PlaywrightError as exc:
+        if "while parsing" in exc.message:
+            # A registry typo, not a changed site: say where it is written.
+            why = exc.message.splitlines()[0].split(": ", 1)[-1]
+            raise StepError(
+                FailureCode.script_error,
+                f"selector registry {registry.site}.yaml, element {element!r}: a candidate is "
+                f"not a valid selector ({why}); candidates: {tried}",
+            ) from exc
+        raise
     if len(candidates) == 1:
         return _resolved(element, candidates, locators, 0)  # the wait says which it was
     # The page may change between the combined wait and the per-candidate checks (a script
