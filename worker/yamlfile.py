@@ -42,6 +42,7 @@ def read_yaml(path: Path, text: str | None = None) -> tuple[Any, yaml.Node | Non
         text = read_text(path)
     # One parse gives both: the data is constructed from the very node tree the lines come from.
     loader = yaml.SafeLoader(text)
+    loader.name = str(path)  # YAML's own messages then say the file, not "<unicode string>"
     try:
         node = loader.get_single_node()
         if node is not None:
