@@ -278,6 +278,13 @@ async def test_inconclusive_probe_hands_off_and_mark_done_records_manual_complet
     assert report.outputs["confirmation_number"] == "CN-100001"
     effect = next(c for c in report.claims if c.kind == "effect")
     assert effect.verified and effect.how == "manual"
+    # Told with what the person supplied, not left as the script's template.
+    assert effect.value == "credit of 15.00 issued to AC-10231, confirmation CN-100001"
+    before = next(c for c in paused.claims if c.kind == "effect")
+    assert before.value == "credit of 15.00 issued to AC-10231, confirmation (not read)"
+    given = next(c for c in report.claims if c.kind == "output")
+    assert (given.name, given.value, given.how) == ("confirmation_number", "CN-100001", "manual")
+    assert given.source == "given by ops@billing"
     assert report.decisions[0].decision == "mark_done" and report.decisions[0].by == "ops@billing"
 
 

@@ -1154,21 +1154,7 @@ class _Run:
         effect = self.loaded.script.effect
         commits = [s for s in self.report.steps if s.commit]
         if effect is not None and commits:
-            # An output the job never read (it failed first) is said to be missing, rather
-            # than the whole sentence left as the script's template.
-            unread = {
-                r.name: "(not read)"
-                for r in references(effect)
-                if r.namespace == "outputs" and r.name not in self.actions.outputs
-            }
-            context = {
-                "inputs": self.actions.inputs,
-                "outputs": {**unread, **self.actions.outputs},
-            }
-            try:
-                text = render(effect, context)
-            except TemplateError:
-                text = effect
+            text = effect_text(effect, self.actions.inputs, self.actions.outputs)
             done = self.report.status == JobStatus.succeeded and all(
                 s.status == StepStatus.succeeded
                 and s.verified in (Verification.postcondition, Verification.probe)
@@ -1193,6 +1179,20 @@ class _Run:
                 )
             )
         self.report.claims = claims
+
+
+def effect_text(effect: str, inputs: dict[str, Any], outputs: dict[str, str]) -> str:
+    """The script's `effect` sentence for this job. An output the job never read (it stopped
+    first) is said to be missing, rather than the whole sentence left as its template."""
+    unread = {
+        r.name: "(not read)"
+        for r in references(effect)
+        if r.namespace == "outputs" and r.name not in outputs
+    }
+    try:
+        return render(effect, {"inputs": inputs, "outputs": {**unread, **outputs}})
+    except TemplateError:
+        return effect
 
 
 # Failures after a commit was sent that still tell what happened: the site said no.

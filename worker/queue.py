@@ -33,6 +33,7 @@ from worker.capacity import SiteCapacity
 from worker.checkpoint import CHECKPOINT_FIELD, Checkpoint, RedisCheckpoints, StateCipher
 from worker.contract import (
     BrowserJob,
+    Claim,
     Decision,
     DecisionRecord,
     Failure,
@@ -51,6 +52,7 @@ from worker.executor import (
     ResumePoint,
     RunListener,
     Runtime,
+    effect_text,
     fail_internally,
     now,
     reject,
@@ -443,9 +445,7 @@ async def execute_resume(state: WorkerState, message: ResumeMessage, *, run: int
     if decision.decision == Decision.mark_done:
         report.status, report.handoff, report.error = JobStatus.succeeded, None, None
         report.outputs.update(decision.outputs)
-        for claim in report.claims:
-            if claim.kind == "effect":
-                claim.verified, claim.how = True, Verification.manual
+        _claims_done_by_hand(state, job, report, decision, step_id=handoff.step_id)
         await _forget_checkpoint(state, job_id)
         return await settle(report, state.runtime, listener)
     if decision.inputs:
@@ -465,6 +465,40 @@ async def execute_resume(state: WorkerState, message: ResumeMessage, *, run: int
         storage_state=checkpoint.storage_state if checkpoint is not None else None,
     )
     return await _run_tracked(state, job, events, listener, resume=point)
+
+
+def _claims_done_by_hand(
+    state: WorkerState,
+    job: BrowserJob,
+    report: JobReport,
+    decision: ResumeDecision,
+    *,
+    step_id: str | None,
+) -> None:
+    """A person says the effect happened and supplies the outputs the job could not read: the
+    effect's sentence is told again with them, and each is a claim of its own, both verified
+    by that person (`manual`), never by the site."""
+    loaded = state.runtime.scripts.load(job.script_name, report.script_version or None)
+    inputs = loaded.validate_inputs(job.inputs)
+    for claim in report.claims:
+        if claim.kind == "effect":
+            claim.verified, claim.how = True, Verification.manual
+            if loaded.script.effect is not None:
+                claim.value = effect_text(loaded.script.effect, inputs, report.outputs)
+    given = decision.outputs
+    report.claims = [c for c in report.claims if not (c.kind == "output" and c.name in given)]
+    report.claims += [
+        Claim(
+            kind="output",
+            name=name,
+            value=value,
+            verified=True,
+            how=Verification.manual,
+            source=f"given by {decision.by}",
+            step_id=step_id,
+        )
+        for name, value in given.items()
+    ]
 
 
 async def execute_expire(state: WorkerState, message: ExpireMessage) -> JobReport | None:
