@@ -288,6 +288,46 @@ async def test_inconclusive_probe_hands_off_and_mark_done_records_manual_complet
     assert report.decisions[0].decision == "mark_done" and report.decisions[0].by == "ops@billing"
 
 
+async def test_skip_step_goes_on_from_the_next_step_without_redoing_the_skipped_one(
+    billing: Site, client: FormworkClient, browser_host: BrowserHost, settings: Settings,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    # The account page opens but never shows what the script expects: a person looks, says
+    # the page is right, and skips the step. The job goes on from the next step, on that page.
+    scripts = copy_scripts(tmp_path)
+    script = scripts / "billing" / "issue_credit.yaml"
+    script.write_text(
+        script.read_text().replace(
+            'goto: "/accounts/{{ inputs.account_id }}", expect: {visible: account.header}}',
+            'goto: "/accounts/{{ inputs.account_id }}", expect: {hidden: account.header}, '
+            "timeout_ms: 1000}",
+        )
+    )
+    settings = settings.model_copy(update={"scripts_dir": scripts})
+    job = BrowserJob(
+        job_id="s-skip", script="billing/issue_credit", inputs=CREDIT_INPUTS, site_url=billing.url
+    )
+    async with running_worker(settings, browser_host):
+        handle = await client.enqueue(job)
+        paused = await handle.wait(60)
+        assert paused.status == JobStatus.paused_for_handoff, paused.error
+        assert paused.handoff is not None and paused.handoff.step_id == "open_account"
+        assert "account.header" in (paused.handoff.detail or "")
+        tries = next(s.attempts for s in paused.steps if s.id == "open_account")
+        last = await handle.last_event_id()
+        skip = ResumeDecision(decision="skip_step", note="account checked by hand", by="ops")
+        assert await client.resume("s-skip", skip)
+        report = await handle.wait(60, after=last)
+
+    assert report.status == JobStatus.succeeded, report.error
+    steps = {s.id: s for s in report.steps}
+    assert steps["open_account"].status == StepStatus.skipped
+    assert steps["open_account"].recovered_by == "skip_step decision"
+    assert steps["open_account"].attempts == tries  # not run again to rebuild the page
+    assert steps["open_form"].status == StepStatus.succeeded
+    assert len(billing.credits()) == 1
+
+
 def copy_scripts(tmp_path: Path) -> Path:
     target = tmp_path / "scripts"
     shutil.copytree(SCRIPTS, target)

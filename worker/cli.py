@@ -366,7 +366,10 @@ async def _handoff(args: argparse.Namespace) -> int:
     async with _client() as client:
         report = await client.handle(args.job_id).report()
     if report is None or report.handoff is None:
-        print(f"formwork: job {args.job_id} is not waiting for a decision", file=sys.stderr)
+        why = (
+            f"no job {args.job_id!r}" if report is None else f"job {args.job_id} is {report.status}"
+        )
+        print(f"formwork: {why}, not waiting for a decision", file=sys.stderr)
         return 1
     handoff = report.handoff
     root = Path(report.artifacts.root) if report.artifacts else Path()
@@ -375,6 +378,8 @@ async def _handoff(args: argparse.Namespace) -> int:
         return 0
     print(f"job {report.job_id}: {handoff.status} at step {handoff.step_id} ({handoff.code})")
     print(f"  summary:   {handoff.summary}")
+    if handoff.detail:
+        print(f"  detail:    {handoff.detail}")
     print(f"  proposed:  {handoff.proposed_action}")
     print(f"  tell the customer: {handoff.recommended_response}")
     print(f"  decisions: {', '.join(handoff.allowed_decisions)}")

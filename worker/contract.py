@@ -404,6 +404,10 @@ class HandoffRequest(_Model):
     code: FailureCode
     step_id: str
     summary: str
+    detail: str | None = Field(
+        default=None,
+        description="The failure as the worker saw it (which element, which value; redacted).",
+    )
     evidence: HandoffEvidence
     context: HandoffContext
     proposed_action: str

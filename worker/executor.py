@@ -433,8 +433,12 @@ class _Run:
         if point.skip and index < len(plan):
             skipped = self.step_report(plan[index].id)
             skipped.status = StepStatus.skipped
-            skipped.recovered_by = "skip_step decision"
+            skipped.recovered_by = SKIPPED_BY_DECISION
             index += 1
+            if index < len(plan):
+                # The next step goes on where the skipped one left the page (a person did it
+                # by hand), never by running the skipped step again to rebuild that page.
+                self.step_report(plan[index].id).url_before = skipped.url or skipped.url_before
         for step in plan[index:]:
             self.step_report(step.id).status = StepStatus.pending
         sent_before = self.journal is not None and any(
@@ -500,9 +504,15 @@ class _Run:
         for earlier in range(start, -1, -1):
             if isinstance(plan[earlier].step, GotoStep):
                 return earlier
-            if earlier == 0 or plan[earlier - 1].step.commit:
+            if earlier == 0 or self.boundary(earlier - 1):
                 break
         return start
+
+    def boundary(self, index: int) -> bool:
+        """Rebuilding a page never redoes step `index`: a commit (it would be sent twice) or a
+        step a person decided to skip."""
+        step = self.loaded.plan[index]
+        return step.step.commit or self.step_report(step.id).recovered_by == SKIPPED_BY_DECISION
 
     async def sign_in_again(self, at: str) -> bool:
         if not self.loaded.relogin:
@@ -1000,7 +1010,7 @@ class _Run:
         start = index
         while start > 0:
             previous = self.step_report(plan[start - 1].id)
-            if plan[start - 1].step.commit or previous.url_before != page_url:
+            if self.boundary(start - 1) or previous.url_before != page_url:
                 break
             start -= 1
         return start
@@ -1194,6 +1204,8 @@ def effect_text(effect: str, inputs: dict[str, Any], outputs: dict[str, str]) ->
     except TemplateError:
         return effect
 
+
+SKIPPED_BY_DECISION = "skip_step decision"
 
 # Failures after a commit was sent that still tell what happened: the site said no.
 _KNOWN_OUTCOMES = {FailureCode.validation_rejected}

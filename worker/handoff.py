@@ -76,6 +76,7 @@ def handoff_request(
         code=failure.code,
         step_id=step_id,
         summary=summary,
+        detail=failure.message or None,
         evidence=HandoffEvidence(
             screenshot=step.screenshot if step else None,
             page_text=page_text,
