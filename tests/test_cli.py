@@ -100,6 +100,16 @@ def test_bad_input_is_rejected_with_exit_two(billing: Site, tmp_path: Path) -> N
     assert result.returncode == 2
     assert "rejected" in result.stdout and "input 'account_id'" in result.stdout
     assert billing.state()["requests"] == 0
+    # A command line that cannot be carried out says so in a line, with the same code.
+    for args, why in (
+        (["run", "billing/issue_credit", "--input", "account_id"], "--input takes key=value"),
+        (["run", "scripts/billing/nope.yaml"], "no script file scripts/billing/nope.yaml"),
+        (["run", "billing/issue_credit", "--site-url", "127.0.0.1:1"], "invalid job: site_url"),
+        (["schema", "--out", "README.md"], "--out README.md is a file"),
+    ):
+        wrong = formwork(*args, tmp_path=tmp_path)
+        assert wrong.returncode == 2 and why in wrong.stderr, (args, wrong.stderr)
+        assert "Traceback" not in wrong.stderr and "errors.pydantic.dev" not in wrong.stderr
 
 
 def test_schema_exports_the_public_field_names(tmp_path: Path) -> None:
@@ -146,6 +156,13 @@ async def test_enqueue_watch_and_status_through_the_queue(
     watch = await asyncio.to_thread(formwork, "watch", "cli-q-1", tmp_path=tmp_path, env=env)
     assert watch.returncode == 0 and "job cli-q-1: succeeded" in watch.stdout
     assert len(billing.credits()) == 1
+    # Rejected through the queue exits as `formwork run` does: 2.
+    rejected = await asyncio.to_thread(
+        formwork, "enqueue", "billing/issue_credit", "--site-url", billing.url,
+        "--job-id", "cli-q-2", "--input", "acount_id=AC-10231", "--watch",
+        tmp_path=tmp_path, env=env,
+    )  # fmt: skip
+    assert rejected.returncode == 2 and "job cli-q-2: rejected" in rejected.stdout
 
 
 async def test_paused_jobs_are_listed_for_operators(
@@ -189,6 +206,17 @@ async def test_paused_jobs_are_listed_for_operators(
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "job cli-paused: succeeded" in resumed.stdout
     assert [c["amount"] for c in billing.credits()] == ["9.00"]
+    # Followed from its start, the job is shown through its pause to its end.
+    watched = await asyncio.to_thread(formwork, "watch", "cli-paused", tmp_path=tmp_path, env=env)
+    assert watched.returncode == 0, watched.stderr
+    jobs = [line.split(maxsplit=2)[2] for line in watched.stdout.splitlines() if " job " in line]
+    assert jobs[0] == "queued" and jobs[-1] == "succeeded", jobs  # the events, then the summary
+    assert any(j.startswith("needs_customer_input") for j in jobs), jobs
+    bogus = await asyncio.to_thread(
+        formwork, "watch", "cli-paused", "--after", "bogus", tmp_path=tmp_path, env=env
+    )
+    assert bogus.returncode == 2 and "--after takes an event id" in bogus.stderr
+    assert "Traceback" not in bogus.stderr
     for job_id, why in (
         ("cli-paused", "job cli-paused is succeeded, not paused"),
         ("cli-nope", "no job 'cli-nope'"),

@@ -73,12 +73,15 @@ async def test_pause_holds_no_browser_and_retry_with_inputs_resumes_at_the_step(
 async def test_abort_ends_a_paused_job_without_touching_the_site(
     billing: Site, client: FormworkClient, worker: Worker
 ) -> None:
-    await paused_job(billing, client, "h-abort")
+    paused = await paused_job(billing, client, "h-abort")
     requests = billing.state()["requests"]
     last = await client.handle("h-abort").last_event_id()
     assert await client.resume("h-abort", ResumeDecision(decision="abort", by="ops"))
     report = await client.handle("h-abort").wait(30, after=last)
     assert report.status == JobStatus.cancelled
+    # The worker's time on the job is still there (the wait for the decision is not in it).
+    assert paused.duration_ms and report.duration_ms
+    assert paused.duration_ms <= report.duration_ms < paused.duration_ms + 1000
     assert report.decisions[0].decision == "abort"
     assert billing.credits() == [] and billing.state()["requests"] == requests
 
@@ -86,7 +89,7 @@ async def test_abort_ends_a_paused_job_without_touching_the_site(
 async def test_disallowed_or_invalid_decisions_leave_the_job_paused(
     billing: Site, client: FormworkClient, worker: Worker
 ) -> None:
-    await paused_job(billing, client, "h-done")
+    paused = await paused_job(billing, client, "h-done")
     # mark_done is not among the decisions a validation rejection allows.
     assert not await client.resume("h-done", ResumeDecision(decision="mark_done"))
     corrected = ResumeDecision(decision="retry_with_inputs", inputs={"amount": "-5"}, by="agent")
@@ -96,6 +99,8 @@ async def test_disallowed_or_invalid_decisions_leave_the_job_paused(
     # Refused by the script's input schema: still waiting, with the refusal on record.
     assert report.status == JobStatus.needs_customer_input
     assert "refused" in (report.decisions[-1].note or "")
+    # Nothing happened to the job: it is not counted as settling (pausing) a second time.
+    assert report.ended_at == paused.ended_at
     assert billing.credits() == []
     assert {s.status for s in report.steps if s.id == "submit"} == {StepStatus.skipped}
 

@@ -50,12 +50,21 @@ if TYPE_CHECKING:
     from worker.client import JobHandle
 
 
+# How `run`, `enqueue --watch`, `watch` and `resume --watch` exit: 0 succeeded, 2 refused
+# before any browser work, 1 anything else (a step failed, the job waits for a person, ...).
+_EXIT = {JobStatus.succeeded: 0, JobStatus.rejected: 2}
+
+
+class UsageError(Exception):
+    """A command line that cannot be carried out as given: said in one line, exit code 2."""
+
+
 def _parse_inputs(pairs: Sequence[str]) -> dict[str, str]:
     inputs: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"formwork: --input takes key=value, got {pair!r}")
+            raise UsageError(f"--input takes key=value, got {pair!r}")
         inputs[key] = value
     return inputs
 
@@ -65,7 +74,7 @@ def _script_ref(arg: str, settings: Settings) -> tuple[str, Settings]:
     path = Path(arg)
     if arg.endswith(".yaml"):
         if not path.is_file():
-            raise SystemExit(f"formwork: no script file {arg}")
+            raise UsageError(f"no script file {arg}")
         scripts_dir = path.resolve().parent.parent
         selectors_dir = settings.selectors_dir
         if not selectors_dir.is_dir() and (scripts_dir.parent / "selectors").is_dir():
@@ -183,9 +192,7 @@ async def _run(args: argparse.Namespace) -> int:
         print(report.model_dump_json(indent=2))
     else:
         print_summary(report, out)
-    if report.status == JobStatus.succeeded:
-        return 0
-    return 2 if report.status == JobStatus.rejected else 1
+    return _EXIT.get(report.status, 1)
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -307,13 +314,18 @@ async def _follow(client: Any, job_id: str, after: str) -> int:
     async for event_id, event in handle.events(after=after):
         print(format_event(event_id, event), flush=True)
     report = await handle.report()
-    if report is not None:
-        print_summary(report, sys.stdout)
-        return 0 if report.status == JobStatus.succeeded else 1
-    return 1
+    if report is None:
+        return 1
+    print_summary(report, sys.stdout)
+    refused = report.decisions[-1].note if report.decisions and report.status.paused else None
+    if refused and refused.startswith("refused"):
+        print(f"formwork: the decision was {refused}; the job still waits", file=sys.stderr)
+    return _EXIT.get(report.status, 1)
 
 
 async def _watch(args: argparse.Namespace) -> int:
+    if not re.fullmatch(r"\d+(-\d+)?", args.after):
+        raise UsageError(f"--after takes an event id such as 1732530000000-0, got {args.after!r}")
     async with _client() as client:
         return await _follow(client, args.job_id, args.after)
 
@@ -442,6 +454,8 @@ def _schema(args: argparse.Namespace) -> int:
     schemas = contract_schemas()
     if args.out:
         out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out} is a file; it takes a directory")
         out.mkdir(parents=True, exist_ok=True)
         for name, schema in schemas.items():
             (out / f"{name}.schema.json").write_text(json.dumps(schema, indent=2) + "\n")
@@ -861,7 +875,16 @@ def _configure_logging(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args)
-    code: int = args.handler(args)
+    try:
+        code: int = args.handler(args)
+    except UsageError as exc:
+        print(f"formwork: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # `formwork … | head`: the reader has gone. Nothing more to say, and no traceback
+        # when Python flushes stdout at exit (the recipe in Python's signal docs).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return code
 
 

@@ -89,7 +89,8 @@ class JobHandle:
     ) -> AsyncIterator[tuple[str, JobEvent]]:
         """(event id, event) pairs after `after` — pass the last id seen to resume without a
         gap. With `follow`, waits for new events and stops once the job settles (ends, or
-        pauses for a person)."""
+        pauses for a person) — at its latest settling: a job that paused and was resumed since
+        is followed through what the decision brought."""
         key = self.client.keys.events(self.job_id)
         last = after
         redis = self.client.redis
@@ -110,7 +111,7 @@ class JobHandle:
                     last = raw_id.decode()
                     event = JobEvent.model_validate_json(fields[b"event"])
                     yield last, event
-                    if follow and event.settled:
+                    if follow and event.settled and last == await self.last_event_id():
                         return
 
     async def last_event_id(self) -> str:

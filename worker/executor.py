@@ -270,8 +270,17 @@ async def reject(
     return await _finish(report, time.perf_counter(), runtime, listener or NullListener())
 
 
-async def settle(report: JobReport, runtime: Runtime, listener: RunListener) -> JobReport:
-    """Write and announce a report changed without running anything (a decision)."""
+async def settle(
+    report: JobReport, runtime: Runtime, listener: RunListener, *, unchanged: bool = False
+) -> JobReport:
+    """Write and announce a report changed without running anything (a decision). With
+    `unchanged` (a refused decision: the job waits as before), its end time stays as it was,
+    so it is not counted as settling a second time."""
+    if unchanged:
+        runtime.artifacts.write_report(report)
+        await runtime.artifacts.record(report)
+        await listener.job_changed(report)
+        return report
     return await _finish(report, time.perf_counter(), runtime, listener)
 
 
@@ -353,7 +362,8 @@ async def _finish(
     report: JobReport, started: float, runtime: Runtime, listener: RunListener
 ) -> JobReport:
     report.ended_at = now()
-    report.duration_ms = _ms(started)
+    # The worker's time on the job, over all its runs: a pause's wait is not in it.
+    report.duration_ms = (report.duration_ms or 0.0) + _ms(started)
     runtime.artifacts.write_report(report)
     await runtime.artifacts.record(report)
     await listener.job_changed(report)

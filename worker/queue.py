@@ -456,7 +456,7 @@ async def execute_resume(state: WorkerState, message: ResumeMessage, *, run: int
         except RejectedError as exc:
             report.decisions[-1].note = f"refused: {exc.message}"
             log.info("job %s: corrected inputs refused: %s", job_id, exc.message)
-            return await settle(report, state.runtime, listener)
+            return await settle(report, state.runtime, listener, unchanged=True)
     point = ResumePoint(
         report=report,
         step_id=handoff.step_id,

@@ -40,7 +40,9 @@ class SecretStore:
         values = {name: self.get(name) for name in sorted(set(names))}
         missing = [name for name, value in values.items() if not value]
         if missing:
-            where = f"{ENV_PREFIX}<NAME>" + (f" or {self.file}" if self.file else "")
+            where = f"set {ENV_PREFIX}<NAME>, or " + (
+                f"add them to {self.file}" if self.file else "point FORMWORK_SECRETS_FILE at a file"
+            )
             raise SecretMissing(
                 f"{script} needs secret(s) {missing}, not configured on this worker ({where})",
                 field="secrets",
