@@ -126,6 +126,11 @@ def test_field_error_names_the_field(tree: Path) -> None:
         tree, "typo", "  - {id: r, expect: {visible: credit.amount}, klick: credit.review}\n"
     )
     assert "typo.yaml:7: steps[0] (step 'r') > klick: Extra inputs are not permitted" in message
+    message = load_broken(tree, "no_action", "  - {id: r, fil: {target: credit.amount}}\n")
+    assert "step 'r'): Value error, a step needs exactly one action: goto, fill" in message
+    assert "'fil' is not an action (did you mean 'fill'?)" in message
+    message = load_broken(tree, "two", "  - {id: r, goto: /, click: credit.review}\n")
+    assert "a step has exactly one action; this one has goto and click" in message
 
 
 def test_duplicate_keys_and_a_quoted_version_are_refused(tree: Path) -> None:

@@ -179,6 +179,8 @@ def test_versions_side_by_side_must_agree_with_their_file_names(
     code, out = validate(tree, capsys)
     assert code == 1
     assert "issue_credit@3.yaml:3: version: is 2, but the file is named @3" in out
+    # Only the misnamed file fails: the versions beside it are not blamed for it.
+    assert "ok    billing/issue_credit@1" in out and "ok    billing/issue_credit@2" in out
 
 
 def test_a_rollout_file_must_name_versions_that_exist(
@@ -193,3 +195,17 @@ def test_a_rollout_file_must_name_versions_that_exist(
     code, out = validate(tree, capsys)
     assert code == 1
     assert "issue_credit.rollout.yaml:3: margin: Input should be less than or equal to 1" in out
+
+
+def test_a_rollout_fails_when_a_version_it_routes_to_does_not_load(
+    tree: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = (tree / "scripts" / "billing" / "issue_credit.yaml").read_text()
+    broken = source.replace("version: 1", "version: 2").replace("click: confirm.submit", "clik: x")
+    (tree / "scripts" / "billing" / "issue_credit@2.yaml").write_text(broken)
+    rollout = tree / "scripts" / "billing" / "issue_credit.rollout.yaml"
+    rollout.write_text("stable: 1\ncanary: 2\npercent: 10\n")
+    code, out = validate(tree, capsys)
+    assert code == 1
+    assert "FAIL  " + str(rollout) in out
+    assert "canary v2 does not load" in out and "clik: Extra inputs are not permitted" in out

@@ -478,13 +478,21 @@ def _validate(args: argparse.Namespace) -> int:
             if path in rollouts:
                 config = load_rollout(store, script_of(path))
                 assert config is not None
+                for role, version in (("stable", config.stable), ("canary", config.canary)):
+                    if version is not None:
+                        _loads(store, script_of(path), version, role)
                 canary = (
                     f", canary v{config.canary} at {config.percent:g}%" if config.canary else ""
                 )
                 print(f"ok    {script_of(path)} rollout: stable v{config.stable}{canary}")
                 continue
             loaded = store.load_path(path)
-            store.versions(loaded.name)
+            try:
+                store.versions(loaded.name)
+            except FormworkError as exc:
+                # Another file of the same script is at fault: it gets its own FAIL line.
+                if str(path) in exc.message:
+                    raise
             print(f"ok    {loaded.name}@{loaded.script.version}  ({len(loaded.plan)} steps)")
         except FormworkError as exc:
             failures += 1
@@ -492,6 +500,16 @@ def _validate(args: argparse.Namespace) -> int:
     total = len(scripts) + len(rollouts)
     print(f"{total - failures} valid, {failures} invalid")
     return 1 if failures else 0
+
+
+def _loads(store: ScriptStore, name: str, version: int, role: str) -> None:
+    """A version the rollout sends jobs to must load: a canary that does not would fail every
+    job routed to it."""
+    try:
+        store.load(name, version)
+    except FormworkError as exc:
+        exc.message = f"{role} v{version} does not load: {exc.message}"
+        raise
 
 
 async def _rollout(args: argparse.Namespace) -> int:

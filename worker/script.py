@@ -11,6 +11,7 @@ load time naming the file, line, step and field — never half-way through a cus
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import re
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -518,6 +520,29 @@ def _action_of(data: Any) -> str | None:
     return None
 
 
+def _one_action(data: Any) -> Any:
+    """Say what is wrong with a step that has no action, or several, by name: the union
+    alone can only list the actions there are."""
+    if not isinstance(data, dict) or _action_of(data) is not None:
+        return data
+    present = [key for key in ACTIONS if key in data]
+    if present:
+        raise ValueError(f"a step has exactly one action; this one has {' and '.join(present)}")
+    known = {*_Step.model_fields, *ACTIONS, "expect", "action"}
+    actions = (*ACTIONS, "expect")
+    unknown = [str(key) for key in data if key not in known]
+    hints = [
+        f"{key!r} is not an action" + (f" (did you mean {near[0]!r}?)" if near else "")
+        for key in unknown
+        for near in [difflib.get_close_matches(key, actions, n=1)]
+    ]
+    raise ValueError(
+        "a step needs exactly one action: "
+        + ", ".join(actions)
+        + (f"; {'; '.join(hints)}" if hints else "")
+    )
+
+
 Step = Annotated[
     Annotated[GotoStep, Tag("goto")]
     | Annotated[FillStep, Tag("fill")]
@@ -538,6 +563,7 @@ Step = Annotated[
             "a step needs exactly one action: " + ", ".join((*ACTIONS, "expect"))
         ),
     ),
+    BeforeValidator(_one_action),
 ]
 
 
