@@ -182,7 +182,11 @@ async def test_an_approval_gate_pauses_with_the_filled_form_and_approve_commits_
     assert request is not None and request.kind == HandoffKind.approval
     assert request.step_id == "submit" and request.role == "billing"
     assert request.allowed_decisions == ["approve", "reject", "abort"]
-    assert request.proposed_values["credit.amount"] == "150.00"
+    assert request.proposed_values == {
+        "credit.amount": "150.00",
+        "credit.reason": "damaged item",
+        "credit.reference": "T-a-approve",
+    }  # the sign-in fields are not what the form sends
     assert "150.00" in request.summary and "Nothing has been sent" in request.summary
     assert request.risk and "100.00" in request.risk
     # The evidence is the filled review page, as a person would check it.

@@ -262,14 +262,17 @@ def test_rollout_cli_promotes_rolls_back_and_resets(
         return capsys.readouterr().out
 
     assert "routing:  stable v1, canary v2 at 10%" in formwork("status", NAME)
-    assert "billing/issue_credit: promoted (canary v2); unpinned jobs run v2" in formwork(
+    assert "billing/issue_credit: promoted (canary v2); unpinned jobs: stable v2\n" in formwork(
         "promote", NAME, "--by", "ops", "--reason", "looks good"
     )
     shown = formwork("status", NAME)
     assert "state:    v2 promoted by ops" in shown and "routing:  stable v2" in shown
     formwork("rollback", NAME, "--by", "ops")
     assert "routing:  stable v1\n" in formwork("status", NAME)
-    formwork("reset", NAME)
+    # Back to the file: its canary share again, not "v1" alone.
+    assert "reset (canary v2); unpinned jobs: stable v1, canary v2 at 10%" in formwork(
+        "reset", NAME
+    )
     (status,) = json.loads(formwork("status", "--json"))
     assert (status["stable"], status["canary"], status["override"]) == (1, 2, None)
 

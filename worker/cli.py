@@ -184,6 +184,10 @@ async def _run(args: argparse.Namespace) -> int:
     out = sys.stderr if args.json else sys.stdout
     if not args.json:
         print(f"running {job.script} as job {job.job_id}", file=out, flush=True)
+        if job.site_url is None:
+            with contextlib.suppress(FormworkError):  # a bad script is the run's to report
+                site = runtime.scripts.load(job.script_name).registry.base_url
+                print(f"  on {site} (the registry's base_url; --site-url for another)", file=out)
     try:
         report = await run_job(job, runtime, _Printer(out))
     finally:
@@ -272,6 +276,14 @@ async def _insights(args: argparse.Namespace) -> int:
         await redis.aclose()
     insights = summarize(reports, since, until)
     print(insights.model_dump_json(indent=2) if args.json else render(insights, args.top))
+    if not reports and (args.site or args.script) and not args.json:
+        # A typo in the filter reads like a quiet day: say what was asked for.
+        asked = " and ".join(
+            f"{kind} {value!r}"
+            for kind, value in (("site", args.site), ("script", args.script))
+            if value
+        )
+        print(f"  (only jobs of {asked} were looked at)")
     return 0
 
 
@@ -537,13 +549,18 @@ async def _rollout(args: argparse.Namespace) -> int:
             change = await rollouts.promote(args.script, args.by, args.reason or "promoted")
         else:
             change = await rollouts.rollback(args.script, args.by, args.reason or "rolled back")
+        # Where unpinned jobs go now, canary split included (after a reset, the file's).
+        status = await rollouts.status(args.script)
     except FormworkError as exc:
         print(f"formwork: {exc.message}", file=sys.stderr)
         return 2
     finally:
         await redis.aclose()
     canary = f" (canary v{change.canary})" if change.canary else ""
-    print(f"{change.script}: {change.action}{canary}; unpinned jobs run v{change.stable}")
+    routing = f"stable v{status.stable}"
+    if status.canary is not None:
+        routing += f", canary v{status.canary} at {status.percent:g}%"
+    print(f"{change.script}: {change.action}{canary}; unpinned jobs: {routing}")
     return 0
 
 
@@ -620,12 +637,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def parse_age(text: str) -> timedelta:
-    """`30d`, `12h`, `2w` -> a timedelta."""
-    match = re.fullmatch(r"(\d+)([hdw])", text.strip())
-    if match is None:
-        raise argparse.ArgumentTypeError(f"{text!r}: use a number and h, d or w (30d)")
-    n, unit = int(match[1]), match[2]
-    return {"h": timedelta(hours=n), "d": timedelta(days=n), "w": timedelta(weeks=n)}[unit]
+    """`30d`, `12h`, `2w` -> a timedelta (the same spelling as `stats --last`)."""
+    return _window(text)
 
 
 def _audit_store(args: argparse.Namespace) -> ArtifactStore:

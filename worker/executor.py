@@ -669,7 +669,13 @@ class _Run:
         self.report.handoff = approval_request(
             self.report.handoff,
             approval,
-            fields=dict(self.actions.entered),
+            # What the form sends: the sign-in fields (the registry's secret elements) were
+            # filled on another page, long before, and are not part of it.
+            fields={
+                element: value
+                for element, value in self.actions.entered.items()
+                if element not in self.loaded.registry.secret_elements
+            },
             screenshot=shot,
             url=self.page.url,
         )
@@ -679,7 +685,13 @@ class _Run:
         shot = await self.screenshot(f"{planned.id}.dry_run", full_page=False)
         self.report.would_submit = WouldSubmit(
             step_id=planned.id,
-            fields=dict(self.actions.entered),
+            # What the form sends: the sign-in fields (the registry's secret elements) were
+            # filled on another page, long before, and are not part of it.
+            fields={
+                element: value
+                for element, value in self.actions.entered.items()
+                if element not in self.loaded.registry.secret_elements
+            },
             url=self.page.url,
             screenshot=shot,
         )

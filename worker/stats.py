@@ -243,9 +243,9 @@ def render(stats: Stats) -> str:
 
 
 def parse_window(text: str) -> timedelta:
-    """`30m`, `1h`, `1d`, `7d` -> a timedelta."""
-    units = {"m": "minutes", "h": "hours", "d": "days"}
-    number, unit = text[:-1], text[-1:]
+    """`30m`, `1h`, `7d`, `2w` -> a timedelta."""
+    units = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+    number, unit = text.strip()[:-1], text.strip()[-1:]
     if unit not in units or not number.isdigit() or int(number) <= 0:
-        raise ValueError(f"a window looks like 30m, 1h or 7d, not {text!r}")
+        raise ValueError(f"a window looks like 30m, 1h, 7d or 2w, not {text!r}")
     return timedelta(**{units[unit]: int(number)})
