@@ -650,6 +650,13 @@ class _Run:
             log.warning("job %s step %s: %s", self.job.job_id, planned.id, exc)
             return True
 
+    def form_fields(self) -> dict[str, str]:
+        """What the form about to be sent holds, as entered (secrets as '***'). The sign-in
+        fields (the registry's secret elements) were filled on another page, long before, and
+        are not part of it."""
+        secret = self.loaded.registry.secret_elements
+        return {k: v for k, v in self.actions.entered.items() if k not in secret}
+
     async def ask_approval(self, planned: PlannedStep) -> None:
         """Pause before the commit with the filled form as evidence; nothing is sent."""
         approval = planned.step.approval
@@ -669,13 +676,7 @@ class _Run:
         self.report.handoff = approval_request(
             self.report.handoff,
             approval,
-            # What the form sends: the sign-in fields (the registry's secret elements) were
-            # filled on another page, long before, and are not part of it.
-            fields={
-                element: value
-                for element, value in self.actions.entered.items()
-                if element not in self.loaded.registry.secret_elements
-            },
+            fields=self.form_fields(),
             screenshot=shot,
             url=self.page.url,
         )
@@ -685,13 +686,7 @@ class _Run:
         shot = await self.screenshot(f"{planned.id}.dry_run", full_page=False)
         self.report.would_submit = WouldSubmit(
             step_id=planned.id,
-            # What the form sends: the sign-in fields (the registry's secret elements) were
-            # filled on another page, long before, and are not part of it.
-            fields={
-                element: value
-                for element, value in self.actions.entered.items()
-                if element not in self.loaded.registry.secret_elements
-            },
+            fields=self.form_fields(),
             url=self.page.url,
             screenshot=shot,
         )
