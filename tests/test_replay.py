@@ -11,19 +11,25 @@ import sys
 import xml.etree.ElementTree as ET
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image, ImageDraw
 
-from worker.contract import BrowserJob, JobStatus
+from worker.contract import BrowserJob, JobStatus, StepStatus
 from worker.executor import Runtime, run_job
+from worker.har import SCRUBBED, Answer, HarReplay, Unanswered
 from worker.recording import export, from_report, load
-from worker.replay import ReplayResult, Verdict, replay_all
+from worker.replay import ReplayResult, Verdict, fixture_site, replay_all
 from worker.script import ScriptStore
 
 from .conftest import CREDIT_INPUTS, ROOT, SCRIPTS, SELECTORS, Site
 
 GOLDEN = ROOT / "fixtures" / "recordings" / "billing-issue_credit"
+GOLDENS = sorted(p.name for p in GOLDEN.parent.iterdir() if p.is_dir())
+# A replay takes seconds; one stuck on a request nobody answers never ends. Fail it long
+# before pytest's own timeout, with the replay named.
+OFFLINE_LIMIT_S = 60
 
 
 async def run(
@@ -219,3 +225,186 @@ async def test_a_recorded_har_replays_billing_offline_with_no_secret_in_it(
     )
     assert broken.verdict == Verdict.regression
     assert any(r.startswith("GET ") and "/credits/new" in r for r in broken.unmatched)
+
+
+async def offline(bundle: Path, runtime: Runtime, out: Path, **kwargs: bool) -> ReplayResult:
+    async with asyncio.timeout(OFFLINE_LIMIT_S):
+        [result] = await replay_all(
+            [bundle], runtime, site_url=None, out_dir=out, from_har=True, **kwargs
+        )
+    return result
+
+
+@pytest.mark.parametrize("bundle", GOLDENS)
+async def test_every_golden_recording_replays_offline_from_its_har(
+    bundle: str, runtime: Runtime, tmp_path: Path
+) -> None:
+    # helpdesk-reply_and_resolve: its reply answers 303 to /tickets/HD-2041#message-19, then
+    # the ticket page is fetched a second time, now with the reply in it.
+    result = await offline(GOLDEN.parent / bundle, runtime, tmp_path / "out")
+    assert result.verdict == Verdict.same, (problems(result), result.problems, result.unmatched)
+    assert result.unmatched == []
+
+
+async def test_a_request_recorded_without_a_response_is_aborted_and_listed(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    # What Playwright writes for a request aborted while recording: status -1, no headers.
+    bundle = tmp_path / "aborted"
+    shutil.copytree(GOLDEN, bundle)
+    har = json.loads((bundle / "network.har").read_text())
+    sign_in = next(e for e in har["log"]["entries"] if e["request"]["method"] == "POST")
+    sign_in["response"] |= {"status": -1, "headers": [], "_failureText": "net::ERR_ABORTED"}
+    (bundle / "network.har").write_text(json.dumps(har))
+
+    result = await offline(bundle, runtime, tmp_path / "out")
+    assert result.unmatched == [
+        f"POST {sign_in['request']['url']}: recorded without a response (net::ERR_ABORTED)"
+    ]
+    assert result.verdict == Verdict.regression
+    submit = next(s for s in result.report.steps if s.id == "login.submit")
+    assert submit.status == StepStatus.failed
+
+
+async def test_update_from_the_har_keeps_the_golden_traffic(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    bundle = tmp_path / "golden"
+    shutil.copytree(GOLDEN, bundle)
+    traffic = (bundle / "network.har").read_bytes()
+    before = load(bundle)
+    await offline(bundle, runtime, tmp_path / "out", update_golden=True)
+    # The run's own HAR would show each followed redirect as an aborted request (status -1)
+    # and the next offline replay would stop at the sign-in.
+    assert (bundle / "network.har").read_bytes() == traffic
+    assert load(bundle).recorded_at > before.recorded_at
+    again = await offline(bundle, runtime, tmp_path / "again")
+    assert again.verdict == Verdict.same, (problems(again), again.unmatched)
+
+
+async def test_recordings_on_one_fixture_each_start_from_its_seed_data(
+    helpdesk: Site, runtime: Runtime, tmp_path: Path
+) -> None:
+    # The reply resolves HD-2041, which the queue (on the next sign-in) shows; replayed again
+    # on the same ticket, it would find the ticket already resolved.
+    reply, context = (
+        GOLDEN.parent / "helpdesk-reply_and_resolve",
+        GOLDEN.parent / "helpdesk-ticket_context",
+    )
+    results = await replay_all(
+        [reply, context, reply], runtime, site_url=helpdesk.url, out_dir=tmp_path / "out"
+    )
+    for result in results:
+        assert result.verdict == Verdict.same, (result.bundle.name, problems(result))
+
+
+async def test_faults_set_before_the_replay_hold_for_every_recording(
+    billing: Site, runtime: Runtime, tmp_path: Path
+) -> None:
+    billing.faults(skin="v2")
+    results = await replay_all(
+        [GOLDEN, GOLDEN], runtime, site_url=billing.url, out_dir=tmp_path / "out", threshold=0.5
+    )
+    assert [r.verdict for r in results] == [Verdict.drift, Verdict.drift]
+    assert billing.state()["faults"]["skin"] == "v2"
+    assert len(billing.credits()) == 1  # reset before the second recording
+
+
+async def test_only_a_fixture_site_is_ever_reset(billing: Site) -> None:
+    fixture = await fixture_site(billing.url + "/")
+    assert fixture is not None and fixture.url == billing.url
+    assert await fixture_site(billing.url + "/login") is None  # a page, not a fixture's API
+
+
+# ---------------------------------------------------------------- HarReplay, without a browser
+
+SITE = "http://127.0.0.1:8897"
+
+
+def entry(
+    method: str,
+    path: str,
+    status: int = 200,
+    body: str = "",
+    *,
+    sent: str | None = None,
+    sent_type: str = "application/x-www-form-urlencoded",
+    headers: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    request: dict[str, Any] = {"method": method, "url": SITE + path, "headers": []}
+    if sent is not None:
+        request["postData"] = {"mimeType": sent_type, "text": sent}
+    response = {
+        "status": status,
+        "headers": [{"name": k, "value": v} for k, v in (headers or {}).items()],
+        "content": {"mimeType": "text/html", "text": body},
+    }
+    return {"request": request, "response": response}
+
+
+def served(found: Answer | Unanswered) -> bytes | str:
+    return found.reason if isinstance(found, Unanswered) else found.body
+
+
+def test_identical_requests_take_their_entries_in_recorded_order() -> None:
+    har = HarReplay(
+        [
+            entry("GET", "/tickets/1", body="before"),
+            entry("POST", "/tickets/1/messages", 303, sent="body=hi"),
+            entry("GET", "/tickets/1", body="after"),
+        ]
+    )
+
+    def ticket() -> bytes | str:
+        return served(har.answer("GET", SITE + "/tickets/1", None, None))
+
+    assert ticket() == b"before"
+    assert isinstance(har.answer("POST", SITE + "/tickets/1/messages", b"body=hi", None), Answer)
+    assert ticket() == b"after"
+    assert ticket() == b"after"  # a reload: the latest answer again
+    # A second send: the recording never showed what the site does then.
+    again = har.answer("POST", SITE + "/tickets/1/messages", b"body=hi", None)
+    assert served(again) == "sent more often than recorded (1x)"
+
+
+def test_a_request_matches_on_its_body_but_not_on_a_fragment_or_a_multipart_boundary() -> None:
+    multipart = "multipart/form-data; boundary=----WebKitFormBoundaryAAAA"
+    har = HarReplay(
+        [
+            entry("GET", "/tickets/1", body="page"),
+            entry("POST", "/login", 303, sent="user=a", headers={"Location": "/#top"}),
+            entry(
+                "POST", "/upload", body="ok", sent_type=multipart,
+                sent="------WebKitFormBoundaryAAAA\r\nContent-Disposition: form-data; "
+                'name="f"\r\n\r\n\ufffdPNG\r\n------WebKitFormBoundaryAAAA--\r\n',
+            ),
+        ]
+    )  # fmt: skip
+    page = har.answer("GET", SITE + "/tickets/1#message-19", None, None)
+    assert served(page) == b"page"
+    assert served(har.answer("POST", SITE + "/login", b"user=b", None)) == "not in the HAR"
+    redirect = har.answer("POST", SITE + "/login", b"user=a", None)
+    assert isinstance(redirect, Answer) and redirect.location == "/#top"
+    # Another boundary, and the upload's bytes as sent (not valid UTF-8), not as the HAR kept them.
+    body = (
+        b'------WebKitFormBoundaryBBBB\r\nContent-Disposition: form-data; name="f"\r\n\r\n'
+        b"\x89PNG\r\n------WebKitFormBoundaryBBBB--\r\n"
+    )
+    upload = har.answer("POST", SITE + "/upload", body, multipart.replace("AAAA", "BBBB"))
+    assert served(upload) == b"ok"
+
+
+def test_an_answer_drops_what_describes_the_recorded_wire_not_the_body() -> None:
+    headers = {"Content-Length": "999", "Set-Cookie": SCRUBBED, "Content-Type": "text/html"}
+    har = HarReplay([entry("GET", "/", body="scrubbed, so shorter", headers=headers)])
+    found = har.answer("GET", SITE + "/", None, None)
+    assert isinstance(found, Answer)
+    assert found.headers == {"Content-Type": "text/html"}
+    assert found.status == 200 and found.location is None
+
+
+def test_an_entry_without_a_response_answers_nothing() -> None:
+    aborted = entry("POST", "/login", -1, sent="user=a")
+    aborted["response"] = {"status": -1, "headers": [], "_failureText": "net::ERR_ABORTED"}
+    found = HarReplay([aborted]).answer("POST", SITE + "/login", b"user=a", None)
+    assert served(found) == "recorded without a response (net::ERR_ABORTED)"

@@ -11,17 +11,20 @@ is scrubbed before anything else reads it:
 
 Replay from a HAR (`formwork replay --from-har`) fills secret fields with the same
 placeholders, so the recorded sign-in request matches the replayed one byte for byte, and no
-real credential is needed — or present — anywhere in a bundle.
+real credential is needed — or present — anywhere in a bundle. `HarReplay` answers the
+replayed requests from the file (see its docstring for how a request finds its entry).
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, quote_plus
+from urllib.parse import quote, quote_plus, urldefrag
 
 from worker.secretstore import ENV_PREFIX
 
@@ -98,3 +101,142 @@ def _walk(node: Any, replacements: list[tuple[str, str]]) -> Any:
     if isinstance(node, dict):
         return {key: _walk(value, replacements) for key, value in node.items()}
     return node
+
+
+# ---------------------------------------------------------------- replay from a HAR
+
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+# Methods a browser may send again on its own (a reload, a second stylesheet link): past the
+# recorded answers they get the latest one again. Any other method changes the site.
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Headers that describe the bytes on the wire, not the decoded (and scrubbed, so resized) body a
+# HAR holds: Playwright sets the length of what it is handed itself.
+_WIRE_HEADERS = frozenset({"content-length", "content-encoding", "transfer-encoding"})
+_BOUNDARY = re.compile(r"boundary=\"?([^\";]+)\"?", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A recorded response, ready for `route.fulfill`."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def location(self) -> str | None:
+        """Where a redirect points (as recorded: maybe relative, maybe with a fragment)."""
+        if self.status not in REDIRECTS:
+            return None
+        return next((v for k, v in self.headers.items() if k.lower() == "location"), None)
+
+
+@dataclass(frozen=True)
+class Unanswered:
+    """Why a HAR has no answer for a request."""
+
+    reason: str
+
+
+@dataclass
+class HarReplay:
+    """Answers requests from a HAR's entries, as the site answered them, in the order it did.
+
+    - A request matches an entry with the same method, URL (fragment aside: it never reaches
+      the server, yet a redirect's `Location` may carry one) and body — multipart boundaries
+      aside, as the browser draws a new one for every form it sends.
+    - Identical requests take their entries in turn: a page fetched before and after the job
+      changed it gets each version where the job saw it (matching on the request alone would
+      answer the second fetch with the first page). Past the last entry a GET gets the last one
+      again; a POST gets nothing, as the recording never showed what sending it again does.
+    - An entry with no response (status -1: the request was aborted or never answered while
+      recording) answers nothing, so the request is aborted rather than left pending for ever.
+    """
+
+    entries: list[dict[str, Any]]
+    _used: set[int] = field(default_factory=set)
+
+    @classmethod
+    def load(cls, path: Path) -> HarReplay:
+        har = json.loads(path.read_text(encoding="utf-8"))
+        entries = har.get("log", {}).get("entries", [])
+        return cls([e for e in entries if isinstance(e, dict)])
+
+    def answer(
+        self, method: str, url: str, body: bytes | None, content_type: str | None
+    ) -> Answer | Unanswered:
+        request = _normalised(method, url, _decoded(body), content_type)
+        matching = [i for i, e in enumerate(self.entries) if _matches(e, *request)]
+        if not matching:
+            return Unanswered("not in the HAR")
+        answered = [i for i in matching if _status(self.entries[i]) > 0]
+        if not answered:
+            failure = self.entries[matching[-1]].get("response", {}).get("_failureText")
+            return Unanswered(f"recorded without a response ({failure or 'none'})")
+        fresh = [i for i in answered if i not in self._used]
+        if fresh:
+            self._used.add(fresh[0])
+            return _answer(self.entries[fresh[0]])
+        if method.upper() in _SAFE_METHODS:
+            return _answer(self.entries[answered[-1]])
+        return Unanswered(f"sent more often than recorded ({len(answered)}x)")
+
+
+def _normalised(
+    method: str, url: str, body: str | None, content_type: str | None
+) -> tuple[str, str, str | None]:
+    return method.upper(), urldefrag(url).url, _without_boundary(body, content_type)
+
+
+def _matches(entry: dict[str, Any], method: str, url: str, body: str | None) -> bool:
+    request = entry.get("request", {})
+    if str(request.get("method", "")).upper() != method:
+        return False
+    if urldefrag(str(request.get("url", ""))).url != url:
+        return False
+    recorded = request.get("postData")
+    # A body missing on either side (a HAR may leave it out; Chromium does not always pass a
+    # large one on) is not a difference, as in Playwright's own HAR matching.
+    if body is None or not isinstance(recorded, dict):
+        return True
+    recorded_body = _decoded(_content_bytes(recorded))
+    return body == _without_boundary(recorded_body, recorded.get("mimeType"))
+
+
+def _decoded(body: bytes | None) -> str | None:
+    # A HAR stores request bodies as text, binary parts (an uploaded image) already lossily
+    # decoded: compare as text decoded the same way, or such a body never matches itself.
+    return None if body is None else body.decode("utf-8", "replace")
+
+
+def _without_boundary(body: str | None, content_type: str | None) -> str | None:
+    match = _BOUNDARY.search(content_type or "")
+    if body is None or match is None:
+        return body
+    return body.replace(match[1], "")
+
+
+def _status(entry: dict[str, Any]) -> int:
+    status = entry.get("response", {}).get("status", -1)
+    return status if isinstance(status, int) else -1
+
+
+def _content_bytes(content: dict[str, Any]) -> bytes:
+    text = str(content.get("text", ""))
+    if content.get("encoding") == "base64":
+        return base64.b64decode(text)
+    return text.encode("utf-8")
+
+
+def _answer(entry: dict[str, Any]) -> Answer:
+    response = entry.get("response", {})
+    headers: dict[str, str] = {}
+    for header in response.get("headers", []):
+        name, value = str(header.get("name", "")), str(header.get("value", ""))
+        # A scrubbed credential (a session cookie) is nothing to hand the page back.
+        if name.lower() in _WIRE_HEADERS or value == SCRUBBED:
+            continue
+        # One name, several headers (Set-Cookie, Link): fulfil takes one value per name.
+        joiner = "\n" if name.lower() == "set-cookie" else ", "
+        headers[name] = f"{headers[name]}{joiner}{value}" if name in headers else value
+    return Answer(_status(entry), headers, _content_bytes(response.get("content", {})))

@@ -15,11 +15,18 @@ A replay with any regression fails (exit code 1 from `formwork replay`); drift i
 but passes — it is the early warning that a registry's primary candidate needs fixing.
 Results are printed as a table and written as an HTML report (expected / actual / diff side
 by side) and JUnit XML, which any CI shows.
+
+Each recording was made on a fresh site, and a replay changes the site it runs on (a credit
+issued, a ticket resolved). Against a Formwork fixture site (one that answers
+`/_fixture/faults`) each recording therefore starts from the fixture's seed data, with the
+faults that were set when the replay began; any other site is left as it is.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import shutil
 import uuid
 import xml.etree.ElementTree as ET
@@ -28,15 +35,17 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+from urllib.parse import urldefrag, urljoin
 
+import aiohttp
 from jinja2 import Environment, PackageLoader, select_autoescape
 from playwright.async_api import BrowserContext, Route
 
 from worker.artifacts import LocalArtifacts
-from worker.contract import BrowserJob, JobReport, StepReport, StepStatus
-from worker.errors import RecordingInvalid
+from worker.contract import BrowserJob, FailureCode, JobReport, StepReport, StepStatus
+from worker.errors import FormworkError, RecordingInvalid
 from worker.executor import Runtime, run_job
-from worker.har import placeholder_environ
+from worker.har import Answer, HarReplay, Unanswered, placeholder_environ
 from worker.imagediff import compare as compare_images
 from worker.recording import (
     SECRET_REF,
@@ -49,7 +58,12 @@ from worker.recording import (
 )
 from worker.secretstore import SecretStore
 
+log = logging.getLogger("formwork.replay")
+
 DEFAULT_THRESHOLD = 0.01
+# A redirect chain longer than this, answered from a HAR, is a loop.
+MAX_REDIRECTS = 20
+FIXTURE_TIMEOUT_S = 10.0
 
 
 class Verdict(StrEnum):
@@ -88,6 +102,7 @@ class ReplayResult:
     steps: list[StepResult]
     problems: list[str] = field(default_factory=list)  # about the job as a whole
     unmatched: list[str] = field(default_factory=list)  # HAR replay: requests it had no answer to
+    from_har: bool = False
 
     @property
     def verdict(self) -> Verdict:
@@ -145,7 +160,7 @@ async def replay(
     result = await asyncio.to_thread(
         compare, bundle, recording, report, _local_root(runtime), out_dir, threshold
     )
-    result.unmatched = unmatched
+    result.unmatched, result.from_har = unmatched, from_har
     return result
 
 
@@ -157,23 +172,85 @@ def offline(
     the HAR was scrubbed to, so the recorded sign-in matches and no real credential is used."""
     if recording.har is None or recording.site_origin is None:
         raise RecordingInvalid(f"{bundle}: recorded without a HAR (run the job with har: true)")
-    har = bundle / recording.har
+    har = HarReplay.load(bundle / recording.har)
     loaded = runtime.scripts.load(recording.script, recording.script_version)
     names = loaded.secret_names() | {
         str(v[SECRET_REF]) for v in recording.inputs.values() if isinstance(v, dict)
     }
 
     async def serve_from_har(context: BrowserContext) -> None:
-        async def no_match(route: Route) -> None:
-            unmatched.append(f"{route.request.method} {route.request.url}")
-            await route.abort()
-
-        # Routes registered later are asked first: the HAR answers, the rest falls to no_match.
-        await context.route("**/*", no_match)
-        await context.route_from_har(har, not_found="fallback")
+        # Not Playwright's route_from_har: it leaves a request whose entry has no response
+        # pending for ever (and the page with it), loses a redirect whose Location carries a
+        # #fragment, and answers a page fetched twice with its first version both times.
+        await context.route("**/*", lambda route: _serve(route, har, unmatched))
 
     secrets = SecretStore(None, environ=placeholder_environ(names))
     return replace(runtime, secrets=secrets, context_setup=serve_from_har), recording.site_origin
+
+
+async def _serve(route: Route, har: HarReplay, unmatched: list[str]) -> None:
+    """Answer one request from the HAR, or abort it: never leave it pending, since a page
+    waiting on a request blocks everything run in it (the step's evidence included)."""
+    request = route.request
+    found = await _lookup(route, har)
+    if isinstance(found, Answer) and found.location is not None:
+        if request.is_navigation_request():
+            await _redirect(route, found.location)
+            return
+        # A fetch is answered with where its redirects end: Playwright sends a request that
+        # follows a fulfilled redirect to the network, never back to this route.
+        found = _follow(har, request.url, found)
+    if isinstance(found, Unanswered):
+        unmatched.append(f"{request.method} {request.url}: {found.reason}")
+        await route.abort()
+        return
+    await route.fulfill(status=found.status, headers=found.headers, body=found.body)
+
+
+async def _lookup(route: Route, har: HarReplay) -> Answer | Unanswered:
+    request = route.request
+    try:
+        content_type = await request.header_value("content-type")
+        return har.answer(request.method, request.url, request.post_data_buffer, content_type)
+    except Exception as exc:  # a bug here must not leave the request pending: see _serve
+        log.exception("HAR lookup of %s %s failed", request.method, request.url)
+        return Unanswered(f"internal error ({type(exc).__name__}: {exc})")
+
+
+async def _redirect(route: Route, location: str) -> None:
+    # A navigation follows a recorded redirect as a new navigation, which comes back to this
+    # route: fulfilling the 3xx would let the browser fetch its target from the network.
+    # Playwright's own HAR routing does the same, through the same internal call.
+    request = route.request
+    target = urljoin(request.url, location)
+    if _same_document(request.frame.url, target):
+        # That navigation would only scroll the page the request came from (a form posting
+        # back to its own page, answered with `Location: /page#new-message`), where the site
+        # loads the page anew: load it from the request's own URL instead.
+        await route.fulfill(status=200, content_type="text/html", body=_moved_to(target))
+        return
+    await route._impl_obj._redirect_navigation_request(target)
+
+
+def _same_document(current: str, target: str) -> bool:
+    here, there = urldefrag(current), urldefrag(target)
+    return bool(there.fragment) and here.url == there.url
+
+
+def _moved_to(target: str) -> str:
+    # JSON is a JavaScript string literal; "<" escaped so no URL can close the script element.
+    literal = json.dumps(target).replace("<", "\\u003c")
+    return f"<!doctype html><script>location.replace({literal})</script>"
+
+
+def _follow(har: HarReplay, url: str, answer: Answer) -> Answer | Unanswered:
+    found: Answer | Unanswered = answer
+    for _ in range(MAX_REDIRECTS):
+        if isinstance(found, Unanswered) or found.location is None:
+            return found
+        url = urljoin(url, found.location)
+        found = har.answer("GET", url, None, None)
+    return Unanswered(f"more than {MAX_REDIRECTS} redirects")
 
 
 def compare(
@@ -291,6 +368,51 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
 
 
+# ---------------------------------------------------------------- fixture sites
+
+
+@dataclass(frozen=True)
+class FixtureSite:
+    """A Formwork fixture site (`fixtures/`), known by its `/_fixture/faults` endpoint, and
+    the faults set on it when the replay began."""
+
+    url: str
+    faults: dict[str, Any]
+
+
+def _http() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=FIXTURE_TIMEOUT_S))
+
+
+async def fixture_site(site_url: str) -> FixtureSite | None:
+    """`site_url` as a fixture site, or None for any other site (never reset)."""
+    url = site_url.rstrip("/")
+    try:
+        async with _http() as http, http.get(f"{url}/_fixture/faults") as response:
+            if response.status != 200:
+                return None
+            faults = await response.json()
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        # Not a fixture (no such page, not JSON), or no site at all: the replay says so.
+        return None
+    return FixtureSite(url, faults) if isinstance(faults, dict) else None
+
+
+async def restore(site: FixtureSite) -> None:
+    """Put the fixture back to its seed data, then set the faults the replay began with
+    again (a reset clears them too): every recording meets the site it was recorded on,
+    with the faults under test, whatever the recordings before it did."""
+    try:
+        async with _http() as http:
+            for path, body in (("/_fixture/reset", None), ("/_fixture/faults", site.faults)):
+                async with http.post(site.url + path, json=body) as response:
+                    response.raise_for_status()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise FormworkError(
+            f"could not reset the fixture site {site.url}: {exc}", code=FailureCode.network_error
+        ) from exc
+
+
 # ---------------------------------------------------------------- outputs
 
 
@@ -362,7 +484,13 @@ def update(result: ReplayResult, runtime: Runtime) -> Path:
     golden = fresh.model_copy(
         update={"job_id": result.recording.job_id, "inputs": result.recording.inputs}
     )
-    return export(golden, _local_root(runtime), result.bundle)
+    root = _local_root(runtime)
+    if result.from_har and result.recording.har is not None and fresh.har is not None:
+        # The run was served from the golden's HAR: what it recorded is a copy of those
+        # answers, made worse (a redirect it followed shows as an aborted request, one it
+        # had no answer for as a failure). The site's own traffic stays the golden's.
+        shutil.copyfile(result.bundle / result.recording.har, root / fresh.har)
+    return export(golden, root, result.bundle)
 
 
 async def replay_all(
@@ -380,9 +508,12 @@ async def replay_all(
     from worker.recording import load
 
     await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
+    fixture = None if from_har or site_url is None else await fixture_site(site_url)
     results = []
     for bundle in bundles:
         recording = load(bundle)
+        if fixture is not None:
+            await restore(fixture)
         result = await replay(
             bundle,
             recording,
