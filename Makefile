@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 REDIS_URL ?= redis://127.0.0.1:6379/0
 export REDIS_URL
 
-.PHONY: setup system redis demo test lint format bench chaos clean
+.PHONY: setup system redis demo test lint format bench bench-browsers chaos clean
 
 setup: $(STAMP) system redis
 
@@ -62,6 +62,19 @@ bench: setup
 	$(PY) bench/latency.py
 	$(PY) bench/throughput.py
 	$(PY) bench/memory.py
+
+# Debian's chromium against its chromium-headless-shell, side by side (~2 min): what the choice
+# of FORMWORK_CHROMIUM is worth. The shell is installed for it when missing and we are root.
+bench-browsers: setup
+	@if [ ! -x /usr/lib/chromium/chromium-headless-shell ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium-headless-shell with apt-get"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium-headless-shell >/dev/null; \
+	  else \
+	    echo "missing: chromium-headless-shell. Run: sudo apt-get install -y chromium-headless-shell"; exit 1; \
+	  fi; \
+	fi
+	$(PY) bench/browsers.py
 
 chaos: setup
 	$(PY) bench/chaos.py

@@ -581,7 +581,7 @@ def kind_of(pid: int) -> str:
         return "worker (python)"
     if program == "node":
         return "playwright driver (node)"
-    if program == "chromium":
+    if program in ("chromium", "chromium-headless-shell"):
         return "chromium browser"
     return program
 
