@@ -63,7 +63,7 @@ bench: setup
 	$(PY) bench/throughput.py
 	$(PY) bench/memory.py
 
-# Debian's chromium against its chromium-headless-shell, side by side (~2 min): what the choice
+# Debian's chromium against its chromium-headless-shell, side by side (~1 min): what the choice
 # of FORMWORK_CHROMIUM is worth. The shell is installed for it when missing and we are root.
 bench-browsers: setup
 	@if [ ! -x /usr/lib/chromium/chromium-headless-shell ]; then \
