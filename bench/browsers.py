@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,20 +51,11 @@ class Build:
     clients: dict[int, FormworkClient] = field(default_factory=dict)
     prefixes: dict[int, str] = field(default_factory=dict)
 
-    def version(self) -> str:
-        try:
-            out = subprocess.run(
-                [self.executable, "--version"], capture_output=True, text=True, timeout=30
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            return f"version unknown ({exc})"
-        return out.stdout.strip() or out.stderr.strip()
-
 
 async def measure(args: argparse.Namespace, report: h.Report) -> None:
     builds = [Build("full", args.full), Build("shell", args.shell)]
     for build in builds:
-        report.add(f"- {build.name}: {build.executable} ({build.version()})")
+        report.add(f"- {build.name}: {h.chromium_version(build.executable)}")
     report.add()
     levels = [int(c) for c in args.concurrency.split(",")]
     ids = h.JobIds(h.run_prefix("browsers"))

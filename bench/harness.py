@@ -176,9 +176,10 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def chromium_version() -> str:
-    """The browser every variant uses (FORMWORK_CHROMIUM, else the system Chromium)."""
-    path = find_chromium()
+def chromium_version(path: str | None = None) -> str:
+    """`path` and its version; by default the browser every variant uses (FORMWORK_CHROMIUM,
+    else the system Chromium)."""
+    path = path if path is not None else find_chromium()
     if path is None:
         return "Playwright's bundled Chromium"
     try:

@@ -155,6 +155,11 @@ class HarReplay:
 
     entries: list[dict[str, Any]]
     _used: set[int] = field(default_factory=set)
+    # Each entry's request as `answer` compares it, worked out once rather than per request.
+    _keys: list[tuple[str, str, str | None, bool]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._keys = [_key(entry.get("request", {})) for entry in self.entries]
 
     @classmethod
     def load(cls, path: Path) -> HarReplay:
@@ -166,7 +171,7 @@ class HarReplay:
         self, method: str, url: str, body: bytes | None, content_type: str | None
     ) -> Answer | Unanswered:
         request = _normalised(method, url, _decoded(body), content_type)
-        matching = [i for i, e in enumerate(self.entries) if _matches(e, *request)]
+        matching = [i for i, key in enumerate(self._keys) if _matches(key, *request)]
         if not matching:
             return Unanswered("not in the HAR")
         answered = [i for i in matching if _status(self.entries[i]) > 0]
@@ -188,19 +193,27 @@ def _normalised(
     return method.upper(), urldefrag(url).url, _without_boundary(body, content_type)
 
 
-def _matches(entry: dict[str, Any], method: str, url: str, body: str | None) -> bool:
-    request = entry.get("request", {})
-    if str(request.get("method", "")).upper() != method:
-        return False
-    if urldefrag(str(request.get("url", ""))).url != url:
-        return False
+def _key(request: dict[str, Any]) -> tuple[str, str, str | None, bool]:
+    """(method, URL without fragment, body without boundary, whether a body was recorded)."""
     recorded = request.get("postData")
+    body = None
+    if isinstance(recorded, dict):
+        body = _without_boundary(_decoded(_content_bytes(recorded)), recorded.get("mimeType"))
+    url = urldefrag(str(request.get("url", ""))).url
+    return str(request.get("method", "")).upper(), url, body, isinstance(recorded, dict)
+
+
+def _matches(
+    key: tuple[str, str, str | None, bool], method: str, url: str, body: str | None
+) -> bool:
+    recorded_method, recorded_url, recorded_body, has_body = key
+    if recorded_method != method or recorded_url != url:
+        return False
     # A body missing on either side (a HAR may leave it out; Chromium does not always pass a
     # large one on) is not a difference, as in Playwright's own HAR matching.
-    if body is None or not isinstance(recorded, dict):
+    if body is None or not has_body:
         return True
-    recorded_body = _decoded(_content_bytes(recorded))
-    return body == _without_boundary(recorded_body, recorded.get("mimeType"))
+    return body == recorded_body
 
 
 def _decoded(body: bytes | None) -> str | None:
