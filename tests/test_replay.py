@@ -20,7 +20,7 @@ from worker.contract import BrowserJob, JobStatus, StepStatus
 from worker.executor import Runtime, run_job
 from worker.har import SCRUBBED, Answer, HarReplay, Unanswered
 from worker.recording import export, from_report, load
-from worker.replay import ReplayResult, Verdict, fixture_site, replay_all
+from worker.replay import ReplayResult, Verdict, fixture_site, on_this_machine, replay_all
 from worker.script import ScriptStore
 
 from .conftest import CREDIT_INPUTS, ROOT, SCRIPTS, SELECTORS, Site
@@ -314,6 +314,17 @@ async def test_only_a_fixture_site_is_ever_reset(billing: Site) -> None:
     fixture = await fixture_site(billing.url + "/")
     assert fixture is not None and fixture.url == billing.url
     assert await fixture_site(billing.url + "/login") is None  # a page, not a fixture's API
+    local = billing.url.replace("127.0.0.1", "localhost")
+    assert (await fixture_site(local)) is not None
+
+
+def test_a_site_elsewhere_is_never_probed_as_a_fixture() -> None:
+    assert on_this_machine("http://127.0.0.1:8811/")
+    assert on_this_machine("http://localhost:8811")
+    assert on_this_machine("http://[::1]:8811/")
+    assert not on_this_machine("https://billing.example.com/")
+    assert not on_this_machine("http://10.0.0.5:8811/")
+    assert not on_this_machine("http://127.0.0.1.example.com/")
 
 
 # ---------------------------------------------------------------- HarReplay, without a browser

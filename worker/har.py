@@ -155,11 +155,16 @@ class HarReplay:
 
     entries: list[dict[str, Any]]
     _used: set[int] = field(default_factory=set)
-    # Each entry's request as `answer` compares it, worked out once rather than per request.
+    # Each entry's request as `answer` compares it, worked out once at load, and the entries
+    # by (method, URL), in recorded order: a request looks only at its own candidates.
     _keys: list[tuple[str, str, str | None, bool]] = field(init=False)
+    _by_target: dict[tuple[str, str], list[int]] = field(init=False)
 
     def __post_init__(self) -> None:
         self._keys = [_key(entry.get("request", {})) for entry in self.entries]
+        self._by_target = {}
+        for i, (method, url, _, _) in enumerate(self._keys):
+            self._by_target.setdefault((method, url), []).append(i)
 
     @classmethod
     def load(cls, path: Path) -> HarReplay:
@@ -171,7 +176,8 @@ class HarReplay:
         self, method: str, url: str, body: bytes | None, content_type: str | None
     ) -> Answer | Unanswered:
         request = _normalised(method, url, _decoded(body), content_type)
-        matching = [i for i, key in enumerate(self._keys) if _matches(key, *request)]
+        candidates = self._by_target.get(request[:2], [])
+        matching = [i for i in candidates if _matches(self._keys[i], *request)]
         if not matching:
             return Unanswered("not in the HAR")
         answered = [i for i in matching if _status(self.entries[i]) > 0]

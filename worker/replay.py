@@ -19,12 +19,14 @@ by side) and JUnit XML, which any CI shows.
 Each recording was made on a fresh site, and a replay changes the site it runs on (a credit
 issued, a ticket resolved). Against a Formwork fixture site (one that answers
 `/_fixture/faults`) each recording therefore starts from the fixture's seed data, with the
-faults that were set when the replay began; any other site is left as it is.
+faults that were set when the replay began; any other site is left as it is. Fixture sites
+serve on this machine only, so a site elsewhere is not even asked.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import shutil
@@ -35,7 +37,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
-from urllib.parse import urldefrag, urljoin
+from urllib.parse import urldefrag, urljoin, urlsplit
 
 import aiohttp
 from jinja2 import Environment, PackageLoader, select_autoescape
@@ -384,8 +386,22 @@ def _http() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=FIXTURE_TIMEOUT_S))
 
 
+def on_this_machine(site_url: str) -> bool:
+    """Whether `site_url` names a loopback host: the only place a fixture site serves."""
+    host = urlsplit(site_url).hostname or ""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 async def fixture_site(site_url: str) -> FixtureSite | None:
     """`site_url` as a fixture site, or None for any other site (never reset)."""
+    # A real portal gets no request it did not ask for, not even a probe that 404s.
+    if not on_this_machine(site_url):
+        return None
     url = site_url.rstrip("/")
     try:
         async with _http() as http, http.get(f"{url}/_fixture/faults") as response:
