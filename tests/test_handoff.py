@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from pathlib import Path
 
 import pytest
 from arq import Worker
+from arq.jobs import Job
 from pydantic import ValidationError
 
 from worker.browser import BrowserHost
 from worker.client import FormworkClient
 from worker.contract import (
     BrowserJob,
+    EventKind,
     HandoffKind,
     JobReport,
     JobStatus,
     ResumeDecision,
     StepStatus,
 )
-from worker.queue import running_worker
+from worker.queue import PauseClaim, loads, running_worker
 from worker.settings import Settings
 
 from .conftest import CREDIT_INPUTS, SCRIPTS, Site
@@ -103,6 +106,156 @@ async def test_disallowed_or_invalid_decisions_leave_the_job_paused(
     assert report.ended_at == paused.ended_at
     assert billing.credits() == []
     assert {s.status for s in report.steps if s.id == "submit"} == {StepStatus.skipped}
+
+
+async def test_two_decisions_at_once_only_one_is_carried_out(
+    billing: Site, client: FormworkClient, worker: Worker
+) -> None:
+    paused = await paused_job(billing, client, "h-race")
+    handle = client.handle("h-race")
+    last = await handle.last_event_id()
+    decisions = [
+        ResumeDecision(decision="retry_with_inputs", inputs={"amount": amount}, by=who)
+        for amount, who in (("9.00", "agent-a"), ("8.00", "agent-b"))
+    ]
+    outcomes = await asyncio.gather(*(client.decide("h-race", d) for d in decisions))
+    assert outcomes.count(PauseClaim.claimed) == 1
+    winner = decisions[outcomes.index(PauseClaim.claimed)]
+    # The other one is told the pause is taken: decided, or (once a worker has it) running.
+    assert set(outcomes) - {PauseClaim.claimed} <= {PauseClaim.decided, PauseClaim.not_paused}
+    assert not await client.resume("h-race", decisions[0])  # and so is a third
+    report = await handle.wait(60, after=last)
+
+    assert report.status == JobStatus.succeeded, report.error
+    # Ground truth: one credit, of the decision that was taken.
+    assert [c["amount"] for c in billing.credits()] == [winner.inputs["amount"]]
+    assert [(d.decision, d.by) for d in report.decisions] == [("retry_with_inputs", winner.by)]
+    events = [e async for _, e in handle.events(after=last, follow=False)]
+    assert [e.status for e in events if e.kind == EventKind.job] == ["running", "succeeded"]
+    assert paused.handoff is not None and report.handoff is None
+
+
+@pytest.mark.parametrize("kind", ["customer_input", "approval"])
+async def test_abort_of_a_paused_job_ends_it_at_once(
+    billing: Site, client: FormworkClient, worker: Worker, kind: str
+) -> None:
+    job_id = f"h-abort-{kind}"
+    if kind == "approval":
+        paused = await awaiting_approval(billing, client, job_id)
+    else:
+        paused = await paused_job(billing, client, job_id)
+    requests = billing.state()["requests"]
+    handle = client.handle(job_id)
+    last = await handle.last_event_id()
+    assert [j for j, _, _ in await client.paused()] == [job_id]
+
+    assert await client.abort(job_id, "customer withdrew the request", by="ops")
+    report = await handle.wait(30, after=last)
+
+    assert report.status == JobStatus.cancelled
+    assert report.error is not None and report.error.code == "cancelled"
+    assert "customer withdrew the request" in report.error.message
+    assert [(d.decision, d.by) for d in report.decisions] == [("abort", "ops")]
+    # The steps done before the pause are still in the report; nothing was sent since.
+    assert [(s.id, s.status) for s in report.steps] == [(s.id, s.status) for s in paused.steps]
+    assert report.handoff is None and await client.paused() == []
+    assert billing.credits() == [] and billing.state()["requests"] == requests
+    # Ended: nothing left to decide or abort.
+    assert await client.decide(job_id, ResumeDecision(decision="abort")) == PauseClaim.not_paused
+    assert not await client.abort(job_id)
+
+
+async def test_an_abort_asked_while_the_job_runs_is_carried_out_if_it_pauses_first(
+    billing: Site, client: FormworkClient, worker: Worker
+) -> None:
+    rule = {"field": "amount", "value": "15.00", "message": "Credits over 10.00 need approval"}
+    billing.faults(reject_value=[rule], latency_ms=150)  # the refused review takes a while
+    job = BrowserJob(
+        job_id="h-abort-late", script="billing/issue_credit", inputs=CREDIT_INPUTS,
+        site_url=billing.url,
+    )  # fmt: skip
+    handle = await client.enqueue(job)
+    async for _, event in handle.events():
+        if event.step is not None and event.step.id == "review" and event.status == "running":
+            # Past its last look at the abort flag: the job pauses before it would see one.
+            assert await client.abort("h-abort-late", "customer withdrew the request")
+            break
+    report = await handle.wait(60, after=await handle.last_event_id())
+    if report.status.paused:  # the pause came first: follow what the abort brings
+        report = await handle.wait(30, after=await handle.last_event_id())
+
+    assert report.status == JobStatus.cancelled
+    assert report.error is not None and "customer withdrew the request" in report.error.message
+    assert await client.paused() == []
+    assert not await client.resume("h-abort-late", ResumeDecision(decision="abort"))
+    assert billing.credits() == []
+
+
+async def test_a_stale_abort_flag_never_overturns_a_later_decision(
+    billing: Site, client: FormworkClient, worker: Worker
+) -> None:
+    await awaiting_approval(billing, client, "h-stale")
+    # The run that paused is over (arq has its result): nothing of it looks at the flag now.
+    run = Job("h-stale", client.redis, _queue_name=client.keys.queue, _deserializer=loads)
+    await run.result(timeout=10, poll_delay=0.01)
+    # What an earlier worker left behind: a flag on a job that is waiting for a person.
+    await client.redis.set(client.keys.abort("h-stale"), "aborted long ago")
+    handle = client.handle("h-stale")
+    last = await handle.last_event_id()
+    assert await client.resume("h-stale", ResumeDecision(decision="approve", by="lead@billing"))
+    report = await handle.wait(60, after=last)
+
+    assert report.status == JobStatus.succeeded, report.error
+    assert [c["amount"] for c in billing.credits()] == ["150.00"]
+    assert [d.decision for d in report.decisions] == ["approve"]
+
+
+async def test_a_decision_carrying_a_secret_is_refused_and_the_job_still_waits(
+    billing: Site,
+    client: FormworkClient,
+    worker: Worker,
+    settings: Settings,
+    fixture_secrets: dict[str, str],
+) -> None:
+    secret = fixture_secrets["billing_password"]
+    paused = await paused_job(billing, client, "h-secret")
+    handle = client.handle("h-secret")
+    last = await handle.last_event_id()
+    leaky = ResumeDecision(
+        decision="retry_with_inputs", inputs={"reason": f"pw {secret}"}, by="agent"
+    )
+    assert await client.resume("h-secret", leaky)
+    report = await handle.wait(30, after=last)
+
+    # Refused like any value the script refuses: still waiting, the refusal on record.
+    assert report.status == JobStatus.needs_customer_input
+    assert report.handoff is not None and report.handoff == paused.handoff
+    note = report.decisions[-1].note or ""
+    assert note.startswith("refused") and "inputs.reason carries the value of a configured" in note
+    assert [(s.id, s.status, s.attempts) for s in report.steps] == [
+        (s.id, s.status, s.attempts) for s in paused.steps
+    ]
+    assert report.ended_at == paused.ended_at
+    assert [j for j, _, _ in await client.paused()] == ["h-secret"]
+    # The secret is nowhere the job wrote: report, report.json, events.
+    assert report.artifacts is not None
+    on_disk = JobReport.model_validate_json(
+        (settings.artifacts_dir / report.artifacts.report).read_text()
+    )
+    assert on_disk.status == JobStatus.needs_customer_input and on_disk.steps == report.steps
+    events = [e async for _, e in handle.events(follow=False)]
+    dumps = [r.model_dump_json() for r in (report, on_disk, *events)]
+    for text in dumps:
+        assert secret not in text
+    assert billing.credits() == []
+
+    # The pause is free for the next decision.
+    last = await handle.last_event_id()
+    fixed = ResumeDecision(decision="retry_with_inputs", inputs={"amount": "9.00"}, by="agent")
+    assert await client.resume("h-secret", fixed)
+    done = await handle.wait(60, after=last)
+    assert done.status == JobStatus.succeeded, done.error
+    assert [c["amount"] for c in billing.credits()] == ["9.00"]
 
 
 async def test_a_pause_without_a_decision_expires(

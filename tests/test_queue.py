@@ -16,9 +16,16 @@ from redis.asyncio import Redis
 
 from worker.browser import BrowserHost
 from worker.client import FormworkClient
-from worker.contract import BrowserJob, EventKind, JobEvent, JobStatus, StepStatus
+from worker.contract import (
+    BrowserJob,
+    EventKind,
+    JobEvent,
+    JobStatus,
+    ResumeDecision,
+    StepStatus,
+)
 from worker.keys import ARQ_JOB_PREFIX, JOB_FUNCTION, Keys, job_of, message_id
-from worker.queue import loads, running_worker
+from worker.queue import enqueue_message, loads, resume_message, running_worker
 from worker.settings import Settings
 from worker.webhooks import SIGNATURE_HEADER, verify_signature
 
@@ -247,6 +254,38 @@ async def test_abort_stops_the_job_between_steps(
     assert status["submit"] == StepStatus.skipped
     assert billing.credits() == []
     assert not await client.abort(handle.job_id)  # already ended
+
+
+async def test_a_decision_runs_once_however_many_messages_carry_it(
+    billing: Site, client: FormworkClient, worker: Worker
+) -> None:
+    rule = {"field": "amount", "value": "15.00", "message": "Credits over 10.00 need approval"}
+    billing.faults(reject_value=[rule])
+    handle = await client.enqueue(credit_job(billing, "q-twice"))
+    paused = await handle.wait(60)
+    assert paused.status == JobStatus.needs_customer_input
+    last = await handle.last_event_id()
+    pause = int(await client.redis.hget(client.keys.job("q-twice"), "seq") or 0)
+    decision = ResumeDecision(decision="retry_with_inputs", inputs={"amount": "9.00"})
+    # Decisions queued around the client, so claimed by no one: for this pause, and for the
+    # one before it.
+    copies = {message_id("q-twice", "resume", 9000 + i): pause - i for i in range(2)}
+    for copy, about in copies.items():
+        body = resume_message("q-twice", about, decision)
+        await enqueue_message(client.redis, client.keys, copy, body, int(time.time() * 1000))
+    for copy in copies:
+        run = Job(copy, client.redis, _queue_name=client.keys.queue, _deserializer=loads)
+        await run.result(timeout=30, poll_delay=0.01)
+    assert await handle.status() == JobStatus.needs_customer_input  # they changed nothing
+    assert await handle.last_event_id() == last
+
+    assert await client.resume("q-twice", decision)
+    report = await handle.wait(60, after=last)
+    assert report.status == JobStatus.succeeded, report.error
+    assert [c["amount"] for c in billing.credits()] == ["9.00"]
+    assert len(report.decisions) == 1
+    events = await collect(client, "q-twice", after=last)
+    assert [e.status for e in events if e.kind == EventKind.job] == ["running", "succeeded"]
 
 
 async def test_a_reconnecting_watcher_misses_nothing(

@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 from worker.backlog import backlog
 from worker.contract import (
     BrowserJob,
+    Decision,
     EventKind,
     JobEvent,
     JobReport,
@@ -35,7 +36,13 @@ from worker.contract import (
 from worker.envelope import MAX_PAYLOAD_BYTES, envelope
 from worker.errors import JobInvalid
 from worker.keys import ARQ_JOB_PREFIX, RECORD_TTL_S, Keys, message_id
-from worker.queue import enqueue_message
+from worker.queue import (
+    PauseClaim,
+    claim_pause,
+    read_pause,
+    request_abort,
+    resume_message,
+)
 
 # KEYS: job record, idempotency key, arq job key, queue, job stream, global stream.
 # ARGV: job id, envelope, score ms, script, ttl s, enqueued-at, has-idempotency-key,
@@ -59,6 +66,9 @@ redis.call('ZADD', KEYS[4], tonumber(ARGV[3]), job_id)
 return {1, job_id}
 """
 ARQ_JOB_TTL_MS = 24 * 3600 * 1000  # arq's own default expiry for a queued job
+# How often a decision or an abort is judged again when the job changed under it: each retry
+# follows an event of the job's, so a few are plenty.
+_ATTEMPTS = 3
 
 
 class JobHandle:
@@ -205,45 +215,66 @@ class FormworkClient:
         owner_id = owner.decode() if isinstance(owner, bytes) else str(owner)
         return JobHandle(self, owner_id, created=bool(created))
 
-    async def abort(self, job_id: str, reason: str = "aborted by the orchestrator") -> bool:
-        """Ask the job to stop between steps (or before it starts). False if it already ended
-        or is unknown."""
-        handle = self.handle(job_id)
-        status = await handle.status()
-        if status is None or status.terminal:
-            return False
-        await self.redis.set(self.keys.abort(job_id), reason, ex=RECORD_TTL_S)
-        return True
+    async def abort(
+        self, job_id: str, reason: str = "aborted by the orchestrator", *, by: str = "unknown"
+    ) -> bool:
+        """Stop the job. A queued or running one stops between steps (or before it starts)
+        and ends `cancelled`; a paused one ends `cancelled` at once, as an `abort` decision
+        would. False if it already ended or is unknown."""
+        for _ in range(_ATTEMPTS):
+            flagged = await request_abort(self.redis, self.keys, job_id, reason)
+            if flagged != "paused":
+                return flagged == "flagged"
+            decision = ResumeDecision(decision=Decision.abort, note=reason[:2000], by=by)
+            if await self.decide(job_id, decision) == PauseClaim.claimed:
+                return True
+            # Decided or resumed meanwhile: look again — a pending decision is flagged.
+        return False
 
     async def resume(self, job_id: str, decision: ResumeDecision) -> bool:
         """Answer a paused job. Any worker picks it up: a fresh context signs in again,
         rebuilds the paused step's page and goes on (or the job ends, for abort, reject and
-        mark_done). False when the job is not paused or the decision is not one it allows."""
-        report = await self.handle(job_id).report()
-        status = await self.handle(job_id).status()
-        if report is None or status is None or not status.paused or report.handoff is None:
-            return False
-        if decision.decision not in report.handoff.allowed_decisions:
-            return False
-        number = await cast("Any", self.redis.hincrby(self.keys.job(job_id), "resumes", 1))
-        body = {"resume": job_id, "decision": decision.model_dump(mode="json")}
-        await enqueue_message(
-            self.redis,
-            self.keys,
-            message_id(job_id, "resume", number),
-            body,
-            int(time.time() * 1000),
-        )
-        return True
+        mark_done). False when the job is not paused, the decision is not one it allows, or
+        the pause already has its decision (`decide` says which)."""
+        return await self.decide(job_id, decision) == PauseClaim.claimed
+
+    async def decide(self, job_id: str, decision: ResumeDecision) -> PauseClaim:
+        """`resume`, saying what became of the decision: `claimed` (it is the pause's one
+        decision and is queued), `decided` (another decision about this pause came first),
+        `not_allowed`, `not_paused` or `unknown`. Of two decisions sent at once, exactly one
+        is claimed."""
+        for _ in range(_ATTEMPTS):
+            paused = await read_pause(self.redis, self.keys, job_id)
+            if paused.status is None:
+                return PauseClaim.unknown
+            report = paused.report
+            if not paused.status.paused or report is None or report.handoff is None:
+                return PauseClaim.not_paused
+            if paused.decided:
+                return PauseClaim.decided
+            if decision.decision not in report.handoff.allowed_decisions:
+                return PauseClaim.not_allowed
+            token = message_id(job_id, "resume", paused.seq)
+            body = resume_message(job_id, paused.seq, decision)
+            claimed = await claim_pause(self.redis, self.keys, job_id, paused.seq, token, body)
+            if claimed != PauseClaim.moved:
+                return claimed
+            # The job changed between the read and the claim (a refused decision re-announced
+            # the pause, say): judge the decision again against what it is now.
+        return PauseClaim.moved
 
     async def paused(self) -> list[tuple[str, datetime, JobReport | None]]:
-        """Jobs waiting for a person or the customer, oldest first: (id, paused at, report)."""
+        """Jobs waiting for a person or the customer, oldest first: (id, paused at, report).
+        A pause whose decision is taken and waits for a worker is no longer listed."""
         entries = await self.redis.zrange(self.keys.paused, 0, -1, withscores=True)
         found = []
         for raw_id, score in entries:
             job_id = raw_id.decode()
             at = datetime.fromtimestamp(score / 1000, UTC)
-            found.append((job_id, at, await self.handle(job_id).report()))
+            paused = await read_pause(self.redis, self.keys, job_id)
+            if paused.decided:
+                continue
+            found.append((job_id, at, paused.report))
         return found
 
     async def queue_depth(self) -> int:

@@ -49,7 +49,8 @@ class Keys:
         return f"{self.prefix}:queue"
 
     def job(self, job_id: str) -> str:
-        """Hash: status, script, site, seq, report (JSON), enqueued_at."""
+        """Hash: status, script, site, seq, report (JSON), enqueued_at; `decision`, the one
+        decision taken about the current pause (`queue.claim_pause`)."""
         return f"{self.prefix}:job:{job_id}"
 
     def idempotency(self, key: str) -> str:
@@ -71,6 +72,8 @@ class Keys:
         return f"{self.prefix}:paused"
 
     def abort(self, job_id: str) -> str:
+        """String: a reason, set to stop a queued or running job between steps. Taking a
+        decision about a pause drops it (`queue.claim_pause`)."""
         return f"{self.prefix}:abort:{job_id}"
 
     def site_slots(self, site: str) -> str:

@@ -16,6 +16,8 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
 from typing import Any, cast
 
 import aiohttp
@@ -54,12 +56,13 @@ from worker.executor import (
     Runtime,
     effect_text,
     fail_internally,
+    intake,
     now,
     reject,
     run_job,
     settle,
 )
-from worker.keys import ARQ_JOB_PREFIX, JOB_FUNCTION, Keys, job_of, message_id
+from worker.keys import ARQ_JOB_PREFIX, JOB_FUNCTION, RECORD_TTL_S, Keys, job_of, message_id
 from worker.metrics import Monitor
 from worker.outbox import Outbox
 from worker.rollout import Rollouts
@@ -81,6 +84,8 @@ class ResumeMessage(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     resume: str
+    # The pause decided about: the job's event `seq` when it was claimed (`claim_pause`).
+    pause: int | None = None
     decision: dict[str, Any]
 
 
@@ -117,11 +122,168 @@ async def enqueue_message(
     """Queue one internal message (a resume, an expiry) for whichever worker is free at
     `run_at_ms`, in the same arq layout as a job."""
     data = envelope(body)
-    ttl_ms = max(run_at_ms - int(time.time() * 1000), 0) + 24 * 3600 * 1000
+    ttl_ms = _message_ttl_ms(run_at_ms)
     async with redis.pipeline(transaction=True) as pipe:
         pipe.set(ARQ_JOB_PREFIX + message_id, data, px=ttl_ms)
         pipe.zadd(keys.queue, {message_id: run_at_ms})
         await pipe.execute()
+
+
+def _message_ttl_ms(run_at_ms: int) -> int:
+    return max(run_at_ms - int(time.time() * 1000), 0) + 24 * 3600 * 1000
+
+
+# ---------------------------------------------------------------- one decision per pause
+
+# Field of the job record: `<seq>|<token>`, the decision taken about the pause whose event had
+# that `seq` (token: the arq id of the message carrying it out, or of the expiry that ended it).
+DECISION_FIELD = "decision"
+
+
+class PauseClaim(StrEnum):
+    """What became of an attempt to decide a paused job."""
+
+    claimed = "claimed"  # this is the pause's one decision
+    decided = "decided"  # another decision about this pause came first
+    moved = "moved"  # the job changed since it was read: read it again
+    not_paused = "not_paused"  # queued, running or ended: nothing to decide
+    not_allowed = "not_allowed"  # the pause does not allow this decision
+    unknown = "unknown"  # no such job, or its record expired
+
+
+# KEYS: job record, abort flag, the message's arq job key, queue.
+# ARGV: pause seq, token, message id ('' to claim only), envelope, run-at ms, envelope ttl ms,
+#       paused statuses (comma-separated), DECISION_FIELD.
+# The status, the pause and the claim are checked and the claim taken and its message queued
+# in one step: of two decisions sent at once, exactly one is taken.
+_CLAIM = """
+local rec = redis.call('HMGET', KEYS[1], 'status', 'seq', ARGV[8])
+local status, seq, claim = rec[1], rec[2], rec[3]
+if not status then return 'unknown' end
+if not string.find(',' .. ARGV[7] .. ',', ',' .. status .. ',', 1, true) then
+  return 'not_paused'
+end
+if seq ~= ARGV[1] then return 'moved' end
+if claim and string.sub(claim, 1, #ARGV[1] + 1) == ARGV[1] .. '|' then return 'decided' end
+redis.call('HSET', KEYS[1], ARGV[8], ARGV[1] .. '|' .. ARGV[2])
+redis.call('DEL', KEYS[2])
+if ARGV[3] ~= '' then
+  redis.call('SET', KEYS[3], ARGV[4], 'PX', tonumber(ARGV[6]))
+  redis.call('ZADD', KEYS[4], tonumber(ARGV[5]), ARGV[3])
+end
+return 'claimed'
+"""
+
+# KEYS: job record, abort flag. ARGV: reason, ttl s, running statuses, paused statuses
+# (comma-separated), DECISION_FIELD. Returns what `request_abort` says.
+_ABORT = """
+local rec = redis.call('HMGET', KEYS[1], 'status', 'seq', ARGV[5])
+local status, seq, claim = rec[1], rec[2], rec[3]
+if not status then return 'unknown' end
+local function among(list) return string.find(',' .. list .. ',', ',' .. status .. ',', 1, true) end
+if among(ARGV[4]) then
+  if not (claim and seq and string.sub(claim, 1, #seq + 1) == seq .. '|') then return 'paused' end
+elseif not among(ARGV[3]) then
+  return 'ended'
+end
+redis.call('SET', KEYS[2], ARGV[1], 'EX', tonumber(ARGV[2]))
+return 'flagged'
+"""
+
+
+def _statuses(paused: bool) -> str:
+    return ",".join(s for s in JobStatus if not s.terminal and s.paused == paused)
+
+
+@dataclass(frozen=True)
+class PauseState:
+    """A job's record as a decision sees it, read in one step."""
+
+    status: JobStatus | None
+    seq: int
+    report: JobReport | None
+    claim: str | None
+
+    @property
+    def decided(self) -> bool:
+        """The current pause already has its decision (not yet carried out, or carried out
+        and found refused — a refusal re-announces the pause under a new `seq`)."""
+        return self.claim is not None and self.claim.startswith(f"{self.seq}|")
+
+    @property
+    def waiting(self) -> bool:
+        """Paused, with a request, and no decision taken yet."""
+        paused = self.status is not None and self.status.paused
+        asks = self.report is not None and self.report.handoff is not None
+        return paused and asks and not self.decided
+
+
+async def read_pause(redis: Redis, keys: Keys, job_id: str) -> PauseState:
+    """`job_id`'s status, event count, report and decision claim, as they stood together."""
+    fields = await cast(
+        "Any", redis.hmget(keys.job(job_id), ["status", "seq", "report", DECISION_FIELD])
+    )
+    status, seq, report, claim = (f.decode() if f is not None else None for f in fields)
+    return PauseState(
+        status=JobStatus(status) if status is not None else None,
+        seq=int(seq or 0),
+        report=JobReport.model_validate_json(report) if report else None,
+        claim=claim,
+    )
+
+
+def resume_message(job_id: str, pause: int, decision: ResumeDecision) -> dict[str, Any]:
+    """The body of the message carrying out `decision` about the pause at event `pause`."""
+    return {"resume": job_id, "pause": pause, "decision": decision.model_dump(mode="json")}
+
+
+async def claim_pause(
+    redis: Redis,
+    keys: Keys,
+    job_id: str,
+    pause: int,
+    token: str,
+    message: dict[str, Any] | None = None,
+) -> PauseClaim:
+    """Make `token` the one decision about `job_id`'s pause at event `pause` and, with a
+    `message`, queue it under the id `token` — both or neither. The claim also drops an abort
+    request left from before the pause: from here on, the decision is what happens."""
+    now_ms = int(time.time() * 1000)
+    script: Any = redis.register_script(_CLAIM)
+    result = await script(
+        keys=[keys.job(job_id), keys.abort(job_id), ARQ_JOB_PREFIX + token, keys.queue],
+        args=[
+            pause,
+            token,
+            token if message is not None else "",
+            envelope(message) if message is not None else b"",
+            now_ms,
+            _message_ttl_ms(now_ms),
+            _statuses(paused=True),
+            DECISION_FIELD,
+        ],
+    )
+    return PauseClaim(result.decode() if isinstance(result, bytes) else str(result))
+
+
+async def request_abort(redis: Redis, keys: Keys, job_id: str, reason: str) -> str:
+    """Flag a queued or running job — or a paused one whose decision is not yet carried out
+    — to stop between steps. Checked and set in one step, so the flag is never left on a
+    job waiting for a person, where it would overturn whatever was decided next. Returns
+    `flagged`, `paused` (a pause with no decision: decide `abort` instead), `ended` or
+    `unknown`."""
+    script: Any = redis.register_script(_ABORT)
+    result = await script(
+        keys=[keys.job(job_id), keys.abort(job_id)],
+        args=[
+            reason,
+            RECORD_TTL_S,
+            _statuses(paused=False),
+            _statuses(paused=True),
+            DECISION_FIELD,
+        ],
+    )
+    return result.decode() if isinstance(result, bytes) else str(result)
 
 
 # ---------------------------------------------------------------- the worker
@@ -210,9 +372,9 @@ async def execute(
 ) -> JobReport | None:
     message = _message(job_id, payload)
     if isinstance(message, ResumeMessage):
-        return await execute_resume(state, message, run=run)
+        return await execute_resume(state, message, job_id, run=run)
     if isinstance(message, ExpireMessage):
-        return await execute_expire(state, message)
+        return await execute_expire(state, message, job_id)
     redis, keys = state.redis, state.keys
     stored = await cast("Any", redis.hmget(keys.job(job_id), ["status", "report"]))
     if stored[0] is not None and JobStatus(stored[0].decode()).settled and stored[1]:
@@ -349,13 +511,9 @@ async def _run_tracked(
         if report.status.paused and report.handoff and report.handoff.expires_at:
             # The pause's deadline, as a message any worker acts on when it falls due.
             due = report.handoff.expires_at
-            await enqueue_message(
-                redis,
-                keys,
-                message_id(job_id, "expire", int(due.timestamp() * 1000)),
-                {"expire": job_id, "due": due.isoformat()},
-                int(due.timestamp() * 1000),
-            )
+            await _schedule_expiry(state, job_id, due, int(due.timestamp() * 1000))
+        if report.status.paused:
+            await _abort_if_requested(state, job_id)
         return report
     except Exception as exc:
         # A bug or an unexpected failure of ours: the job still ends with a report and a
@@ -375,6 +533,36 @@ async def _run_tracked(
             await events.webhook.close()
 
 
+async def _schedule_expiry(state: WorkerState, job_id: str, due: datetime, at_ms: int) -> None:
+    await enqueue_message(
+        state.redis,
+        state.keys,
+        message_id(job_id, "expire", at_ms),
+        {"expire": job_id, "due": due.isoformat()},
+        at_ms,
+    )
+
+
+async def _abort_if_requested(state: WorkerState, job_id: str) -> None:
+    """An abort asked for while the job ran, which paused before it next looked: carried out
+    now, as an abort decision — an operator who asked to stop the job should not find it
+    waiting, and a flag left on a paused job would overturn whatever was decided next."""
+    redis, keys = state.redis, state.keys
+    reason = await redis.get(keys.abort(job_id))
+    if reason is None:
+        return
+    paused = await read_pause(redis, keys, job_id)
+    if not paused.waiting:
+        return  # a decision came first (its claim dropped the flag)
+    decision = ResumeDecision(
+        decision=Decision.abort, by="abort request", note=reason.decode()[:2000]
+    )
+    token = message_id(job_id, "resume", paused.seq)
+    body = resume_message(job_id, paused.seq, decision)
+    claimed = await claim_pause(redis, keys, job_id, paused.seq, token, body)
+    log.info("job %s paused with an abort pending: abort decision %s", job_id, claimed)
+
+
 async def _count_drift(redis: Redis, keys: Keys, site: str, report: JobReport) -> None:
     """Selector drift per site and element: where the registry needs its primary fixed."""
     drifted = [step.drift.element for step in report.steps if step.drift is not None]
@@ -390,30 +578,45 @@ async def _forget_checkpoint(state: WorkerState, job_id: str) -> None:
     await cast("Any", state.redis.hdel(state.keys.job(job_id), CHECKPOINT_FIELD))
 
 
-async def execute_resume(state: WorkerState, message: ResumeMessage, *, run: int = 1) -> JobReport:
-    """Carry out a decision about a paused job, on whichever worker took the message."""
+async def execute_resume(
+    state: WorkerState, message: ResumeMessage, arq_id: str, *, run: int = 1
+) -> JobReport:
+    """Carry out a decision about a paused job, on whichever worker took the message — if it
+    is the decision claimed for the job's current pause (`claim_pause`); any other message
+    about the job (a second one, a stale one, one queued around the client) changes nothing."""
     redis, keys = state.redis, state.keys
     job_id = message.resume
-    fields = await cast("Any", redis.hmget(keys.job(job_id), ["status", "job", "report"]))
-    status, raw_job, raw_report = (f.decode() if f is not None else None for f in fields)
-    if raw_report is None or raw_job is None or status is None:
+    paused = await read_pause(redis, keys, job_id)
+    raw_job = await cast("Any", redis.hget(keys.job(job_id), "job"))
+    if paused.report is None or raw_job is None or paused.status is None:
         raise JobInvalid(f"resume of unknown job {job_id!r}")
-    report = JobReport.model_validate_json(raw_report)
+    report, status = paused.report, paused.status
     checkpoint = await state.checkpoints(job_id).load()
-    if run > 1 and not JobStatus(status).settled and checkpoint is not None:
+    if run > 1 and not status.settled and checkpoint is not None:
         # The worker carrying out this decision died mid-run: go on from its checkpoint.
         job = BrowserJob.model_validate_json(raw_job)
         events = await JobEvents.open(redis, keys, job_id)
         resume = _after_interruption(checkpoint, run)
         return await _run_tracked(state, job, events, EventListener(events), resume)
-    if not JobStatus(status).paused or report.handoff is None:
+    if not status.paused or report.handoff is None:
         log.info("job %s is %s, not paused: decision ignored", job_id, status)
+        return report
+    if message.pause != paused.seq or paused.claim != f"{paused.seq}|{arq_id}":
+        log.warning("job %s: %s is not the decision taken for its pause; ignored", job_id, arq_id)
         return report
     decision = ResumeDecision.model_validate(message.decision)
     handoff = report.handoff
     if decision.decision not in handoff.allowed_decisions:
         log.warning("job %s: decision %s not allowed; still paused", job_id, decision.decision)
         return report
+    aborted = await redis.get(keys.abort(job_id))
+    if aborted is not None:
+        # Asked after this decision was taken (taking it dropped any earlier request), before
+        # it was carried out: the later word wins.
+        await redis.delete(keys.abort(job_id))
+        decision = ResumeDecision(
+            decision=Decision.abort, by="abort request", note=aborted.decode()[:2000]
+        )
     job = BrowserJob.model_validate_json(raw_job)
     if decision.inputs:
         job = job.model_copy(update={"inputs": {**job.inputs, **decision.inputs}})
@@ -442,21 +645,23 @@ async def execute_resume(state: WorkerState, message: ResumeMessage, *, run: int
         )
         await _forget_checkpoint(state, job_id)
         return await settle(report, state.runtime, listener)
+    refusal = _refusal(state, job, report, decision)
+    if refusal is not None:
+        report.decisions[-1].note = f"refused: {refusal}"
+        log.info("job %s: decision refused: %s", job_id, refusal)
+        # The pause goes on, announced again (a new `seq`: free for the next decision).
+        settled = await settle(report, state.runtime, listener, unchanged=True)
+        if handoff.expires_at is not None and handoff.expires_at <= now():
+            # Its deadline fell due while the decision was pending, and the expiry stood
+            # aside for it: the pause is over now.
+            await _schedule_expiry(state, job_id, handoff.expires_at, int(time.time() * 1000))
+        return settled
     if decision.decision == Decision.mark_done:
         report.status, report.handoff, report.error = JobStatus.succeeded, None, None
         report.outputs.update(decision.outputs)
         _claims_done_by_hand(state, job, report, decision, step_id=handoff.step_id)
         await _forget_checkpoint(state, job_id)
         return await settle(report, state.runtime, listener)
-    if decision.inputs:
-        # retry_with_inputs: the corrected values must pass the script's schema first.
-        try:
-            version = report.script_version or job.script_version  # the one it started on
-            state.runtime.scripts.load(job.script_name, version).validate_inputs(job.inputs)
-        except RejectedError as exc:
-            report.decisions[-1].note = f"refused: {exc.message}"
-            log.info("job %s: corrected inputs refused: %s", job_id, exc.message)
-            return await settle(report, state.runtime, listener, unchanged=True)
     point = ResumePoint(
         report=report,
         step_id=handoff.step_id,
@@ -465,6 +670,30 @@ async def execute_resume(state: WorkerState, message: ResumeMessage, *, run: int
         storage_state=checkpoint.storage_state if checkpoint is not None else None,
     )
     return await _run_tracked(state, job, events, listener, resume=point)
+
+
+def _refusal(
+    state: WorkerState, job: BrowserJob, report: JobReport, decision: ResumeDecision
+) -> str | None:
+    """Why the job cannot go on as decided, or None. Everything the run's intake would refuse
+    is checked here first: a refused decision leaves the job paused with the refusal on
+    record, never a fresh `rejected` report in place of the job's own."""
+    secrets = state.runtime.secrets
+    try:
+        # First: a schema error quotes the value it refuses, and this value is a secret.
+        secrets.refuse_carried(job.inputs)
+        carried = secrets.carried_in(decision.outputs)
+        if carried is not None:
+            raise JobInvalid(
+                f"outputs.{carried} carries the value of a configured secret",
+                field=f"outputs.{carried}",
+            )
+        if decision.decision != Decision.mark_done:  # nothing runs for mark_done
+            version = report.script_version or job.script_version  # the one it started on
+            intake(job, state.runtime, version)
+    except RejectedError as exc:
+        return exc.message
+    return None
 
 
 def _claims_done_by_hand(
@@ -501,20 +730,24 @@ def _claims_done_by_hand(
     ]
 
 
-async def execute_expire(state: WorkerState, message: ExpireMessage) -> JobReport | None:
+async def execute_expire(
+    state: WorkerState, message: ExpireMessage, arq_id: str
+) -> JobReport | None:
     """A pause's deadline fell due: end the job `expired` unless a decision came first."""
     redis, keys = state.redis, state.keys
     job_id = message.expire
-    fields = await cast("Any", redis.hmget(keys.job(job_id), ["status", "report"]))
-    status, raw_report = (f.decode() if f is not None else None for f in fields)
-    if raw_report is None or status is None:
+    paused = await read_pause(redis, keys, job_id)
+    report, status = paused.report, paused.status
+    if report is None or status is None:
         return None
-    report = JobReport.model_validate_json(raw_report)
     handoff = report.handoff
     # Only the pause this message was scheduled for: a later pause has its own deadline.
-    if not JobStatus(status).paused or handoff is None or handoff.expires_at is None:
+    if not status.paused or handoff is None or handoff.expires_at is None:
         return report
     if handoff.expires_at.isoformat() != message.due:
+        return report
+    # Claimed like a decision: a decision taken before now is carried out, not expired.
+    if await claim_pause(redis, keys, job_id, paused.seq, arq_id) != PauseClaim.claimed:
         return report
     await _forget_checkpoint(state, job_id)
     report.status = JobStatus.expired
