@@ -136,3 +136,21 @@ def test_formwork_audit_prune_command(tmp_path: Path, capsys: pytest.CaptureFixt
                  "--dry-run"]) == 0  # fmt: skip
     assert "drop2" in capsys.readouterr().out
     assert sorted(p.name for p in store.root.glob("*/*")) == ["drop2", "keep"]
+
+
+def test_prune_skips_a_folder_named_like_a_day_that_is_none(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = LocalArtifacts(tmp_path / "artifacts")
+    now = datetime.now(UTC)
+    seed(store, {"keep": 3, "drop": 45}, now)
+    store.put("2020-02-30/someone/notes.txt", b"not ours")
+    removed = store.prune(timedelta(days=30), today=now.date())
+    assert [p.split("/")[1] for p in removed] == ["drop"]
+    assert "2020-02-30" in caplog.text  # the warning names the folder it left alone
+    assert (store.root / "2020-02-30" / "someone" / "notes.txt").is_file()
+    # The command, too: a dry run lists the rest and exits cleanly.
+    seed(store, {"drop2": 45}, now)
+    assert main(["audit", "prune", "--older-than", "30d", "--artifacts", str(store.root),
+                 "--dry-run"]) == 0  # fmt: skip
+    assert "would remove 1 job" in capsys.readouterr().out

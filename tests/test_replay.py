@@ -6,9 +6,11 @@ import asyncio
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,14 +18,23 @@ from typing import Any
 import pytest
 from PIL import Image, ImageDraw
 
-from worker.contract import BrowserJob, JobStatus, StepStatus
+from worker.cli import main
+from worker.contract import BrowserJob, FailureCode, JobStatus, StepStatus
+from worker.errors import FormworkError, RecordingInvalid
 from worker.executor import Runtime, run_job
 from worker.har import SCRUBBED, Answer, HarReplay, Unanswered
 from worker.recording import export, from_report, load
-from worker.replay import ReplayResult, Verdict, fixture_site, on_this_machine, replay_all
+from worker.replay import (
+    ReplayResult,
+    Verdict,
+    fixture_site,
+    on_this_machine,
+    replay_all,
+    table,
+)
 from worker.script import ScriptStore
 
-from .conftest import CREDIT_INPUTS, ROOT, SCRIPTS, SELECTORS, Site
+from .conftest import CREDIT_INPUTS, ROOT, SCRIPTS, SECRETS_FILE, SELECTORS, Site
 
 GOLDEN = ROOT / "fixtures" / "recordings" / "billing-issue_credit"
 GOLDENS = sorted(p.name for p in GOLDEN.parent.iterdir() if p.is_dir())
@@ -419,3 +430,161 @@ def test_an_entry_without_a_response_answers_nothing() -> None:
     aborted["response"] = {"status": -1, "headers": [], "_failureText": "net::ERR_ABORTED"}
     found = HarReplay([aborted]).answer("POST", SITE + "/login", b"user=a", None)
     assert served(found) == "recorded without a response (net::ERR_ABORTED)"
+
+
+# ---------------------------------------------------------------- what a replay cannot use
+
+
+def damaged(tmp_path: Path, name: str, source: Path = GOLDEN) -> Path:
+    """A copy of a golden bundle, to break."""
+    bundle = tmp_path / name
+    shutil.copytree(source, bundle)
+    return bundle
+
+
+@pytest.fixture
+def dead_url() -> Iterator[str]:
+    """A loopback URL where nothing listens: a bound socket that never listens refuses every
+    connection, and holds the port so nothing else can take it meanwhile."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{held.getsockname()[1]}"
+
+
+def breakage(tmp_path: Path, how: str, dead_url: str) -> tuple[list[str], str]:
+    """Command-line arguments that break the replay in a way `how` names, and the one line
+    of error expected (the bundle's path stands for `{b}`)."""
+    bundle = damaged(tmp_path, "bundle")
+    har, rec = bundle / "network.har", bundle / "recording.json"
+    from_har = [str(bundle), "--from-har"]
+    match how:
+        case "garbage har":
+            har.write_text("garbage\n")
+            return from_har, "{b}/network.har: not a valid HAR (invalid JSON at line 1 column 1)"
+        case "no har":
+            har.unlink()
+            return from_har, "{b} has no network.har (record it with har: true)"
+        case "empty object har":
+            har.write_text("{}")
+            return from_har, "{b}/network.har: not a valid HAR (no log.entries list)"
+        case "broken json":
+            rec.write_text("{x\n")
+            return from_har, "{b}/recording.json: not a recording (invalid JSON: key must be a string at line 1 column 2)"  # fmt: skip # noqa: E501
+        case "empty json":
+            rec.write_text("")
+            return from_har, "{b}/recording.json: not a recording (empty file)"
+        case "list json":
+            rec.write_text("[]")
+            return from_har, "{b}/recording.json: not a recording (Input should be an object)"
+        case "readme":
+            return ["README.md", "--from-har"], "README.md: not a recording (invalid JSON: expected value at line 1 column 1)"  # fmt: skip # noqa: E501
+        case "unknown script":
+            rec.write_text(rec.read_text().replace('"billing/issue_credit"', '"billing/nope"'))
+            return from_har, "{b}: no script 'billing/nope' under " + str(SCRIPTS)
+        case "har and site":
+            return [*from_har, "--site-url", dead_url], "--from-har and --site-url conflict"
+        case "dead site":
+            return [str(bundle), "--site-url", dead_url], f"nothing answers at {dead_url} ("
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "garbage har", "no har", "empty object har", "broken json", "empty json", "list json",
+        "readme", "unknown script", "har and site", "dead site",
+    ],
+)  # fmt: skip
+def test_what_a_replay_cannot_use_is_refused_in_one_line_before_any_run(
+    how: str, tmp_path: Path, dead_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args, expected = breakage(tmp_path, how, dead_url)
+    out = tmp_path / "out"
+    code = main(
+        ["replay", *args, "--out", str(out), "--scripts-dir", str(SCRIPTS),
+         "--selectors-dir", str(SELECTORS), "--secrets-file", str(SECRETS_FILE)]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 2, captured.out + captured.err
+    [line] = captured.err.splitlines()
+    assert line.startswith("formwork: " + expected.format(b=tmp_path / "bundle")), line
+    assert "pydantic" not in line and "Traceback" not in captured.err
+    assert not (out / "runs").exists()  # refused before any recording ran
+
+
+def test_a_recording_that_cannot_be_read_is_named_with_its_first_problem(
+    tmp_path: Path,
+) -> None:
+    bundle = damaged(tmp_path, "bundle")
+    text = (bundle / "recording.json").read_text()
+    (bundle / "recording.json").write_text(text[: len(text) // 2])  # truncated
+    with pytest.raises(RecordingInvalid) as truncated:
+        load(bundle)
+    assert truncated.value.message.startswith(f"{bundle}/recording.json: not a recording (")
+    assert "invalid JSON: EOF while parsing" in truncated.value.message
+    (bundle / "recording.json").write_text(text.replace('"succeeded"', '"done"', 1))
+    with pytest.raises(RecordingInvalid) as invalid:
+        load(bundle)
+    assert "\n" not in invalid.value.message and "errors.pydantic.dev" not in invalid.value.message
+    assert "(status: Input should be " in invalid.value.message
+
+
+async def test_an_unknown_script_names_the_bundle_when_replayed_against_a_site(
+    billing: Site, runtime: Runtime, tmp_path: Path
+) -> None:
+    bundle = damaged(tmp_path, "bundle")
+    recording = bundle / "recording.json"
+    recording.write_text(recording.read_text().replace("billing/issue_credit", "billing/nope"))
+    with pytest.raises(RecordingInvalid) as refused:
+        await replay_all([GOLDEN, bundle], runtime, site_url=billing.url, out_dir=tmp_path / "o")
+    assert refused.value.message == f"{bundle}: no script 'billing/nope' under {SCRIPTS}"
+    assert refused.value.code == FailureCode.script_not_found
+    assert billing.credits() == []  # the good recording before it did not run either
+
+
+async def test_a_site_where_nothing_answers_fails_before_any_recording(
+    runtime: Runtime, tmp_path: Path, dead_url: str
+) -> None:
+    with pytest.raises(FormworkError) as refused:
+        await replay_all([GOLDEN], runtime, site_url=dead_url, out_dir=tmp_path / "out")
+    assert refused.value.message == f"nothing answers at {dead_url} (connection refused)"
+    assert refused.value.code == FailureCode.network_error
+    assert not (tmp_path / "out").exists()
+
+
+async def test_an_unreadable_golden_screenshot_is_a_regression_and_the_replay_goes_on(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    bundle = damaged(tmp_path, "bundle")
+    (bundle / "steps" / "05-open_account.jpg").write_text("garbage\n")
+    other = GOLDEN.parent / "helpdesk-ticket_context"
+    async with asyncio.timeout(2 * OFFLINE_LIMIT_S):
+        broken, fine = await replay_all(
+            [bundle, other], runtime, site_url=None, out_dir=tmp_path / "out", from_har=True
+        )
+    assert problems(broken) == {
+        "open_account": [
+            "golden screenshot steps/05-open_account.jpg is unreadable (not an image): "
+            "no visual check"
+        ]
+    }
+    assert broken.verdict == Verdict.regression
+    assert fine.verdict == Verdict.same, (problems(fine), fine.unmatched)
+
+
+async def test_a_missing_golden_screenshot_is_a_regression_in_every_report(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    bundle = damaged(tmp_path, "bundle")
+    (bundle / "steps" / "05-open_account.jpg").unlink()
+    result = await offline(bundle, runtime, tmp_path / "out")
+    problem = "golden screenshot steps/05-open_account.jpg is missing: no visual check"
+    assert problems(result) == {"open_account": [problem]}
+    assert result.verdict == Verdict.regression
+    assert problem in table([result])
+    assert problem in (tmp_path / "out" / "index.html").read_text()
+    junit = ET.parse(tmp_path / "out" / "junit.xml").getroot()
+    suite = junit.find("testsuite")
+    assert suite is not None and suite.get("failures") == "1"
+    failure = suite.find("testcase[@name='open_account']/failure")
+    assert failure is not None and failure.get("message") == problem

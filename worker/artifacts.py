@@ -346,7 +346,14 @@ class ArtifactStore(ABC):
         cutoff = today - older_than
         removed: list[str] = []
         for day in self.days():
-            if date.fromisoformat(day) >= cutoff:
+            try:
+                seen = date.fromisoformat(day)
+            except ValueError:
+                # Named like a day but none (2020-02-30): not a folder this store wrote, so
+                # not one retention may remove; it must not stop the rest being pruned either.
+                log.warning("prune: skipping %s, which is not a date", day)
+                continue
+            if seen >= cutoff:
                 continue
             keys = self.keys(f"{day}/")
             removed += sorted({"/".join(k.split("/")[:2]) for k in keys if k.count("/") >= 2})

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, quote_plus, urldefrag
 
+from worker.errors import RecordingInvalid
 from worker.secretstore import ENV_PREFIX
 
 HAR_FILE = "network.har"
@@ -168,9 +169,22 @@ class HarReplay:
 
     @classmethod
     def load(cls, path: Path) -> HarReplay:
-        har = json.loads(path.read_text(encoding="utf-8"))
-        entries = har.get("log", {}).get("entries", [])
-        return cls([e for e in entries if isinstance(e, dict)])
+        """The HAR at `path`, or `RecordingInvalid` naming the file and its first problem."""
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError as exc:
+            raise RecordingInvalid(
+                f"{path.parent} has no {path.name} (record it with har: true)"
+            ) from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RecordingInvalid(f"{path}: not a valid HAR ({exc})") from exc
+        try:
+            return cls(_entries(json.loads(text)))
+        except json.JSONDecodeError as exc:
+            where = f"at line {exc.lineno} column {exc.colno}"
+            raise RecordingInvalid(f"{path}: not a valid HAR (invalid JSON {where})") from exc
+        except ValueError as exc:  # _entries, or a body that is not the base64 it claims
+            raise RecordingInvalid(f"{path}: not a valid HAR ({exc})") from exc
 
     def answer(
         self, method: str, url: str, body: bytes | None, content_type: str | None
@@ -191,6 +205,27 @@ class HarReplay:
         if method.upper() in _SAFE_METHODS:
             return _answer(self.entries[answered[-1]])
         return Unanswered(f"sent more often than recorded ({len(answered)}x)")
+
+
+def _entries(har: Any) -> list[dict[str, Any]]:
+    """A HAR's entries, each with a request to match on. Anything less is refused: a HAR
+    with no entries would answer nothing, and every request of the replay would be reported
+    as missing from it instead of the file as broken."""
+    log = har.get("log") if isinstance(har, dict) else None
+    entries = log.get("entries") if isinstance(log, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError("no log.entries list")
+    for i, entry in enumerate(entries):
+        request = entry.get("request") if isinstance(entry, dict) else None
+        if not (
+            isinstance(request, dict)
+            and isinstance(request.get("method"), str)
+            and isinstance(request.get("url"), str)
+        ):
+            raise ValueError(f"log.entries[{i}] has no request method and url")
+        if not isinstance(entry.get("response", {}), dict):
+            raise ValueError(f"log.entries[{i}].response is not an object")
+    return entries
 
 
 def _normalised(

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageChops, ImageDraw
+from PIL import Image, ImageChops, ImageDraw, UnidentifiedImageError
 
 from worker.contract import Box
 
@@ -24,11 +24,19 @@ class ImageDiff:
     ratio: float  # changed pixels / all pixels, after masking; 1.0 when the sizes differ
     size_changed: bool
     diff: Path | None  # an image of the changes over a faded copy of the actual screenshot
+    # An image Pillow could not read (which one, and why): then nothing was compared.
+    unreadable: Path | None = None
+    reason: str | None = None
 
 
 def compare(expected: Path, actual: Path, masks: list[Box], diff_out: Path | None) -> ImageDiff:
-    with Image.open(expected) as e, Image.open(actual) as a:
-        before, after = e.convert("RGB"), a.convert("RGB")
+    before, after = _rgb(expected), _rgb(actual)
+    if isinstance(before, str):
+        return ImageDiff(
+            ratio=1.0, size_changed=False, diff=None, unreadable=expected, reason=before
+        )
+    if isinstance(after, str):
+        return ImageDiff(ratio=1.0, size_changed=False, diff=None, unreadable=actual, reason=after)
     if before.size != after.size:
         return ImageDiff(ratio=1.0, size_changed=True, diff=None)
     for image in (before, after):
@@ -56,3 +64,20 @@ def compare(expected: Path, actual: Path, masks: list[Box], diff_out: Path | Non
         faded.save(diff_out)
         path = diff_out
     return ImageDiff(ratio=ratio, size_changed=False, diff=path)
+
+
+def _rgb(path: Path) -> Image.Image | str:
+    """The image at `path` in RGB, or why it cannot be read: not an image, or a truncated
+    one. A damaged golden is a finding of the replay, not a crash of it."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        return _reason(exc)
+
+
+def _reason(exc: Exception) -> str:
+    # Pillow's "cannot identify image file '<full path>'": the caller names the file already.
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image"
+    return str(exc) or type(exc).__name__

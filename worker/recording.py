@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from worker.contract import Box, JobReport, JobStatus, MatchedSelector, StepStatus
 from worker.errors import RecordingInvalid
@@ -177,10 +177,34 @@ def export(recording: Recording, artifacts_root: Path, bundle: Path) -> Path:
 
 
 def load(bundle: Path) -> Recording:
+    """The recording of a bundle (its directory, or its recording.json), or `RecordingInvalid`
+    naming the file and its first problem, in one line."""
     path = bundle / RECORDING_FILE if bundle.is_dir() else bundle
     if not path.is_file():
         raise RecordingInvalid(f"{bundle}: not a recording bundle (no {RECORDING_FILE})")
     try:
-        return Recording.model_validate_json(path.read_text())
-    except ValueError as exc:
-        raise RecordingInvalid(f"{path}: not a valid recording: {exc}") from exc
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecordingInvalid(f"{path}: not a recording (not UTF-8 text)") from exc
+    except OSError as exc:
+        raise RecordingInvalid(f"{path}: not a recording ({exc.strerror or exc})") from exc
+    if not text.strip():
+        raise RecordingInvalid(f"{path}: not a recording (empty file)")
+    try:
+        return Recording.model_validate_json(text)
+    except ValidationError as exc:
+        raise RecordingInvalid(f"{path}: not a recording ({first_problem(exc)})") from exc
+
+
+def first_problem(exc: ValidationError) -> str:
+    """Pydantic's first error as a phrase: where, and what (its full dump runs to lines,
+    with the input echoed and a URL for every error)."""
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    if first["type"] == "json_invalid":
+        what = f"invalid JSON: {first.get('ctx', {}).get('error', first['msg'])}"
+    else:
+        where = ".".join(str(part) for part in first["loc"])
+        what = f"{where}: {first['msg']}" if where else first["msg"]
+    more = len(errors) - 1
+    return what + (f"; {more} more problem{'s' if more > 1 else ''}" if more else "")

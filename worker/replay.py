@@ -8,6 +8,7 @@ compared with its new run:
   URL path      the page the step ended on                               → regression
   outputs       values read (dynamic ones by presence only)              → regression
   screenshot    changed-pixel ratio above `threshold` (dynamic regions masked) → regression
+                — as is a screenshot missing or unreadable: a check not made is no pass
   selector      the element found through another candidate (drift)     → drift
   path taken    steps the new run added (a relogin, an alternate)        → drift
 
@@ -26,9 +27,11 @@ serve on this machine only, so a site elsewhere is not even asked.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
+import os
 import shutil
 import uuid
 import xml.etree.ElementTree as ET
@@ -45,7 +48,7 @@ from playwright.async_api import BrowserContext, Route
 
 from worker.artifacts import LocalArtifacts
 from worker.contract import BrowserJob, FailureCode, JobReport, StepReport, StepStatus
-from worker.errors import FormworkError, RecordingInvalid
+from worker.errors import FormworkError, JobInvalid, RecordingInvalid
 from worker.executor import Runtime, run_job
 from worker.har import Answer, HarReplay, Unanswered, placeholder_environ
 from worker.imagediff import compare as compare_images
@@ -55,6 +58,7 @@ from worker.recording import (
     Recording,
     export,
     from_report,
+    load,
     outputs_by_step,
     url_path,
 )
@@ -334,16 +338,25 @@ def _compare_pixels(
     if recorded.screenshot is None or now.screenshot is None:
         return
     expected, actual = bundle / recorded.screenshot, artifacts_root / now.screenshot
-    if not (expected.is_file() and actual.is_file()):
-        return
+    golden, replayed = f"golden screenshot {recorded.screenshot}", "the replay's screenshot"
+    # A visual check that cannot be made is a regression, not a pass: a golden image lost
+    # from a bundle would otherwise let any visual change of that step through, for good.
+    for path, name in ((expected, golden), (actual, replayed)):
+        if not path.is_file():
+            result.flag(Verdict.regression, f"{name} is missing: no visual check")
+            return
     stem = _slug(recorded.id)
+    diff = compare_images(
+        expected, actual, [*recorded.dynamic, *now.dynamic], images / f"{stem}.diff.png"
+    )
+    if diff.unreadable is not None:
+        name = golden if diff.unreadable == expected else replayed
+        result.flag(Verdict.regression, f"{name} is unreadable ({diff.reason}): no visual check")
+        return
     kept_expected = images / f"{stem}.expected{expected.suffix}"
     kept_actual = images / f"{stem}.actual{actual.suffix}"
     shutil.copyfile(expected, kept_expected)
     shutil.copyfile(actual, kept_actual)
-    diff = compare_images(
-        expected, actual, [*recorded.dynamic, *now.dynamic], images / f"{stem}.diff.png"
-    )
     result.pixel_ratio = diff.ratio
     result.expected_image = str(kept_expected.relative_to(out_dir))
     result.actual_image = str(kept_actual.relative_to(out_dir))
@@ -520,14 +533,24 @@ async def replay_all(
     update_golden: bool = False,
     from_har: bool = False,
 ) -> list[ReplayResult]:
-    """Replay each bundle in turn (one browser, a fresh context each) and write the reports."""
-    from worker.recording import load
+    """Replay each bundle in turn (one browser, a fresh context each) and write the reports.
 
+    Everything that would stop the replay part-way — a bundle that cannot be read, a script
+    it names that is not here, a site that is not there — is found before the first runs."""
+    if from_har and site_url is not None:
+        # A HAR replay serves each site at the origin it was recorded on: nothing would be
+        # sent to `site_url`, and a user who gave it would believe the site was checked.
+        raise RecordingInvalid(
+            "--from-har and --site-url conflict: a HAR replay serves each recording's site "
+            "from its network.har, at the address it was recorded on; give one of them"
+        )
+    recordings = [_checked(bundle, runtime, script_version, from_har) for bundle in bundles]
+    if not from_har and site_url is not None:
+        await reachable(site_url)
     await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
     fixture = None if from_har or site_url is None else await fixture_site(site_url)
     results = []
-    for bundle in bundles:
-        recording = load(bundle)
+    for bundle, recording in zip(bundles, recordings, strict=True):
         if fixture is not None:
             await restore(fixture)
         result = await replay(
@@ -547,3 +570,57 @@ async def replay_all(
         for result in results:
             update(result, runtime)
     return results
+
+
+def _checked(bundle: Path, runtime: Runtime, version: int | None, from_har: bool) -> Recording:
+    """The bundle's recording, once what its replay needs is here: its script, and its
+    secrets — or, from a HAR, the HAR and the script version it was recorded with. Errors
+    name the bundle: in a replay of many, nothing else says which one is broken."""
+    recording = load(bundle)
+    if from_har:
+        if recording.har is None or recording.site_origin is None:
+            raise RecordingInvalid(f"{bundle}: recorded without a HAR (run the job with har: true)")
+        HarReplay.load(bundle / recording.har)  # its errors name the file
+    try:
+        runtime.scripts.load(recording.script, version)
+        if from_har:
+            runtime.scripts.load(recording.script, recording.script_version)  # as `offline`
+        else:
+            job_for(recording, runtime, None, version)  # resolves its secret inputs
+    except FormworkError as exc:
+        raise RecordingInvalid(f"{bundle}: {exc.message}", code=exc.code) from exc
+    return recording
+
+
+async def reachable(site_url: str) -> None:
+    """Fail unless something accepts a connection where `site_url` points: otherwise every
+    step of every recording fails on its first page, each reported as a regression.
+
+    A TCP connection only, no request: a real portal gets none it did not ask for."""
+    parts = urlsplit(site_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise JobInvalid(f"site URL {site_url!r} is not an http(s) URL", field="site_url")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:  # a port out of range, or not a number
+        raise JobInvalid(f"site URL {site_url!r}: {exc}", field="site_url") from exc
+    try:
+        async with asyncio.timeout(FIXTURE_TIMEOUT_S):
+            _, writer = await asyncio.open_connection(parts.hostname, port)
+    except (OSError, TimeoutError) as exc:
+        raise FormworkError(
+            f"nothing answers at {site_url} ({_why(exc)})", code=FailureCode.network_error
+        ) from exc
+    writer.close()
+    with contextlib.suppress(OSError):  # it answered; how it hangs up does not matter
+        await writer.wait_closed()
+
+
+def _why(exc: OSError) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"no connection within {FIXTURE_TIMEOUT_S:.0f}s"
+    # asyncio words a refused connection "Connect call failed ('127.0.0.1', 9)"; a lookup
+    # that failed has a negative errno and its own words.
+    if exc.errno is not None and exc.errno > 0:
+        return os.strerror(exc.errno).lower()
+    return exc.strerror or str(exc)
