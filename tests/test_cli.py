@@ -7,11 +7,13 @@ import json
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 from arq import Worker
 
-from worker.contract import JobReport, JobStatus
+from worker.client import FormworkClient, JobHandle
+from worker.contract import BrowserJob, JobReport, JobStatus
 from worker.settings import Settings
 
 from .conftest import ROOT, SECRETS_FILE, Site
@@ -165,21 +167,24 @@ async def test_enqueue_watch_and_status_through_the_queue(
     assert rejected.returncode == 2 and "job cli-q-2: rejected" in rejected.stdout
 
 
+async def paused_for_the_customer(billing: Site, client: FormworkClient, job_id: str) -> JobHandle:
+    """A billing job paused at needs_customer_input: the site refuses its amount."""
+    billing.faults(reject_value=[{"field": "amount", "value": "15.00", "message": "Too much"}])
+    job = BrowserJob(
+        job_id=job_id, script="billing/issue_credit", site_url=billing.url,
+        inputs={"account_id": "AC-10231", "amount": "15.00", "reason": "damaged item",
+                "reference": "T-88812"},
+    )  # fmt: skip
+    handle = await client.enqueue(job)
+    assert (await handle.wait(60)).status == JobStatus.needs_customer_input
+    return handle
+
+
 async def test_paused_jobs_are_listed_for_operators(
     billing: Site, tmp_path: Path, settings: Settings, worker: Worker
 ) -> None:
-    from worker.client import FormworkClient
-    from worker.contract import BrowserJob
-
-    billing.faults(reject_value=[{"field": "amount", "value": "15.00", "message": "Too much"}])
     async with FormworkClient(settings.redis_url, key_prefix=settings.key_prefix) as client:
-        job = BrowserJob(
-            job_id="cli-paused", script="billing/issue_credit", site_url=billing.url,
-            inputs={"account_id": "AC-10231", "amount": "15.00", "reason": "damaged item",
-                    "reference": "T-88812"},
-        )  # fmt: skip
-        report = await (await client.enqueue(job)).wait(60)
-        assert report.status == JobStatus.needs_customer_input
+        await paused_for_the_customer(billing, client, "cli-paused")
         assert [job_id for job_id, _, _ in await client.paused()] == ["cli-paused"]
     env = {"REDIS_URL": settings.redis_url, "FORMWORK_KEY_PREFIX": settings.key_prefix}
     listing = await asyncio.to_thread(formwork, "handoffs", tmp_path=tmp_path, env=env)
@@ -215,8 +220,17 @@ async def test_paused_jobs_are_listed_for_operators(
     bogus = await asyncio.to_thread(
         formwork, "watch", "cli-paused", "--after", "bogus", tmp_path=tmp_path, env=env
     )
-    assert bogus.returncode == 2 and "--after takes an event id" in bogus.stderr
+    assert bogus.returncode == 2 and "--after takes the number an event line" in bogus.stderr
     assert "Traceback" not in bogus.stderr
+    # Following again after the number a line started with shows only what came after it.
+    numbered = [line for line in watched.stdout.splitlines() if line[:4].strip().isdigit()]
+    middle = int(numbered[len(numbered) // 2][:4])
+    later = await asyncio.to_thread(
+        formwork, "watch", "cli-paused", "--after", str(middle), tmp_path=tmp_path, env=env
+    )
+    assert later.returncode == 0, later.stderr
+    seqs = [int(line[:4]) for line in later.stdout.splitlines() if line[:4].strip().isdigit()]
+    assert seqs == [int(line[:4]) for line in numbered if int(line[:4]) > middle], later.stdout
     for job_id, why in (
         ("cli-paused", "job cli-paused is succeeded, not paused"),
         ("cli-nope", "no job 'cli-nope'"),
@@ -225,3 +239,41 @@ async def test_paused_jobs_are_listed_for_operators(
             formwork, "resume", job_id, "abort", tmp_path=tmp_path, env=env
         )
         assert refused.returncode == 1 and why in refused.stderr, refused.stderr
+
+
+def test_audit_prune_says_the_age_as_given_and_which_days_it_came_to(tmp_path: Path) -> None:
+    root = tmp_path / "artifacts"
+    (root / "2020-01-01" / "old-job").mkdir(parents=True)
+    (root / "2020-01-01" / "old-job" / "report.json").write_text("{}")
+    (root / "2020-02-30").mkdir()  # named like a day, but none: left alone
+    dry = formwork("audit", "prune", "--older-than", "1h", "--dry-run", tmp_path=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    today = datetime.now(UTC).date()
+    assert dry.stdout.splitlines() == [
+        "would remove 2020-01-01/old-job",
+        f"would remove 1 job older than 1h (days before {today})",
+    ]
+    assert "skipping 2020-02-30" in dry.stderr and (root / "2020-02-30").is_dir()
+    bad = formwork("audit", "prune", "--older-than", "1x", tmp_path=tmp_path)
+    assert bad.returncode == 2 and "not '1x'" in bad.stderr
+
+
+async def test_abort_of_a_paused_job_says_it_ends_now(
+    billing: Site, tmp_path: Path, settings: Settings, worker: Worker
+) -> None:
+    async with FormworkClient(settings.redis_url, key_prefix=settings.key_prefix) as client:
+        handle = await paused_for_the_customer(billing, client, "cli-abort-paused")
+        last = await handle.last_event_id()
+        env = {"REDIS_URL": settings.redis_url, "FORMWORK_KEY_PREFIX": settings.key_prefix}
+        aborted = await asyncio.to_thread(
+            formwork, "abort", "cli-abort-paused", tmp_path=tmp_path, env=env
+        )
+        assert aborted.returncode == 0, aborted.stderr
+        assert aborted.stdout.strip() == (
+            "cli-abort-paused was needs_customer_input: it ends cancelled now"
+        )
+        report = await handle.wait(30, after=last)
+        assert report.status == JobStatus.cancelled
+        assert [s.id for s in report.steps if s.status == "succeeded"][:1] == ["login.open"]
+        assert await client.paused() == []
+    assert billing.credits() == []

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import redis as redis_sync
 from arq import Worker
+from pydantic import ValidationError
 
 from worker.cli import main
 from worker.client import FormworkClient
@@ -287,3 +288,21 @@ def test_rollout_cli_promotes_rolls_back_and_resets(
     ]
     assert main(["rollout", "promote", "billing/login", *dirs]) == 2
     assert "has no rollout file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        # The canary never ran, and nothing said so.
+        ({"stable": 1, "canary": 2}, "'canary' needs a 'percent' above 0"),
+        ({"stable": 1, "canary": 2, "percent": 0}, "'canary' needs a 'percent' above 0"),
+        # As a script's `version: "1"` is refused.
+        ({"stable": "1"}, "stable\n  Input should be a valid integer"),
+        ({"stable": 1, "canary": "2", "percent": 5}, "canary\n  Input should be a valid integer"),
+    ],
+)
+def test_a_rollout_that_cannot_mean_what_it_says_is_refused(
+    config: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValidationError, match=message):
+        RolloutConfig.model_validate(config)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from worker.cli import main
 from worker.errors import InputInvalid, ScriptInvalid, ScriptNotFound
 from worker.script import ScriptStore
 from worker.templating import TemplateError, references, render
@@ -120,14 +121,14 @@ def test_output_used_before_it_is_extracted_is_refused(tree: Path) -> None:
 
 def test_field_error_names_the_field(tree: Path) -> None:
     message = load_broken(tree, "bad_field", "  - {id: amt, fill: {target: credit.amount}}\n")
-    assert "step 'amt'" in message and "fill > value" in message and "Field required" in message
+    assert "bad_field.yaml:7: steps[0] (step 'amt') > fill: 'value' is required" in message
     # A misspelt action is a field of the step, not of the action beside it.
     message = load_broken(
         tree, "typo", "  - {id: r, expect: {visible: credit.amount}, klick: credit.review}\n"
     )
     assert "typo.yaml:7: steps[0] (step 'r') > klick: Extra inputs are not permitted" in message
     message = load_broken(tree, "no_action", "  - {id: r, fil: {target: credit.amount}}\n")
-    assert "step 'r'): Value error, a step needs exactly one action: goto, fill" in message
+    assert "step 'r'): a step needs exactly one action: goto, fill" in message
     assert "'fil' is not an action (did you mean 'fill'?)" in message
     message = load_broken(tree, "two", "  - {id: r, goto: /, click: credit.review}\n")
     assert "a step has exactly one action; this one has goto and click" in message
@@ -146,7 +147,7 @@ def test_duplicate_keys_and_a_quoted_version_are_refused(tree: Path) -> None:
 def test_duplicate_step_ids_and_bad_subflow_are_refused(tree: Path) -> None:
     message = load_broken(tree, "dupes", "  - {id: a, goto: /}\n  - {id: a, goto: /}\n")
     # At the second one's line and step, not at the top of the file.
-    assert "dupes.yaml:8: steps[1] (step 'a'): Value error, step id 'a' is used twice" in message
+    assert "dupes.yaml:8: steps[1] (step 'a'): step id 'a' is used twice" in message
     message = load_broken(tree, "bad_use", "  - {id: signin, use: billing/no_such_flow}\n")
     assert "step 'signin'" in message and "billing/no_such_flow" in message
 
@@ -227,12 +228,12 @@ def test_rules_and_alternates_are_checked_at_load_time(tree: Path) -> None:
         # Patterns run after a commit too: a bad one must not first show itself there.
         (
             "- {id: a, extract: {n: {target: credit.confirmation_number, pattern: 'CN-[0-9+'}}}\n",
-            "broken_dsl.yaml:7: steps[0] (step 'a') > extract > n > pattern: Value error, not a "
+            "broken_dsl.yaml:7: steps[0] (step 'a') > extract > n > pattern: not a "
             "valid regular expression: unterminated character set",
         ),
         (
             "- {id: a, expect: {text: {target: credit.confirmation_number, matches: '(x'}}}\n",
-            "> matches: Value error, not a valid regular expression: missing )",
+            "> matches: not a valid regular expression: missing )",
         ),
     ],
 )
@@ -260,7 +261,7 @@ def test_registry_roles_and_empty_selectors_are_checked_at_load(tree: Path) -> N
         (
             "{role: heading, name: Billing console}",
             "{role: headingz, name: Billing console}",
-            "billing.yaml:18: elements > dashboard.header[0] > role: Value error, 'headingz' "
+            "billing.yaml:18: elements > dashboard.header[0] > role: 'headingz' "
             "is not an ARIA role; did you mean 'heading'?",
         ),
         ('{css: "#account-name"}', '{css: ""}', "an empty selector matches nothing"),
@@ -270,3 +271,107 @@ def test_registry_roles_and_empty_selectors_are_checked_at_load(tree: Path) -> N
         with pytest.raises(ScriptInvalid) as info:
             ScriptStore(tree / "scripts", tree / "selectors").load("billing/issue_credit")
         assert message in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        # Passed load before, then crashed building the input model at the first job.
+        (
+            "{type: string, min_length: 1, max_length: -5}",
+            "bounds.yaml:6: inputs > x > max_length: Input should be greater than or equal to 0",
+        ),
+        (
+            '{type: decimal, min: "500", max: "0.01"}',
+            "bounds.yaml:6: inputs > x > max: 'min' (500) is more than 'max' (0.01)",
+        ),
+        ("{type: int, min: 10, max: 1}", "inputs > x > max: 'min' (10) is more than 'max' (1)"),
+        (
+            "{type: string, min_length: 5, max_length: 2}",
+            "inputs > x > max_length: 'min_length' (5) is more than 'max_length' (2)",
+        ),
+        (
+            "{type: bool, min_length: 3}",
+            "bounds.yaml:6: inputs > x: 'min_length'/'max_length' only go with type 'string'",
+        ),
+    ],
+)
+def test_input_bounds_that_cannot_hold_are_refused_at_load(
+    tree: Path, spec: str, message: str
+) -> None:
+    header = HEADER.format(name="bounds").replace("steps:", f"  x: {spec}\nsteps:")
+    write(
+        tree, "bounds", header + '  - {id: go, goto: "/{{ inputs.account_id }}/{{ inputs.x }}"}\n'
+    )
+    with pytest.raises(ScriptInvalid) as info:
+        ScriptStore(tree / "scripts", tree / "selectors").load("billing/bounds")
+    assert message in info.value.message
+
+
+def test_a_decimal_in_exponent_notation_is_typed_in_positional_notation(
+    script_store: ScriptStore,
+) -> None:
+    loaded = script_store.load("billing/issue_credit")
+    inputs = loaded.validate_inputs({**CREDIT_INPUTS, "amount": " 1E1 "})
+    assert render("{{ inputs.amount }}", {"inputs": inputs}) == "10"
+    assert loaded.redacted_inputs(inputs)["amount"] == "10"
+    # Below 1E-6 a Decimal prints as an exponent however it was written.
+    assert render("{{ inputs.a }}", {"inputs": {"a": Decimal("0.00000015")}}) == "0.00000015"
+
+
+def test_a_step_without_an_id_is_not_said_to_miss_it_inside_its_action(tree: Path) -> None:
+    message = load_broken(tree, "no_id", "  - {fill: {target: credit.amount, value: x}}\n")
+    assert message == f"{tree}/scripts/billing/no_id.yaml:7: steps[0]: 'id' is required"
+
+
+def test_a_broken_login_flow_is_blamed_on_the_registry(tree: Path) -> None:
+    registry = tree / "selectors" / "billing.yaml"
+    registry.write_text(
+        registry.read_text().replace("login_flow: billing/login", "login_flow: billing/logon")
+    )
+    with pytest.raises(ScriptInvalid) as info:
+        ScriptStore(tree / "scripts", tree / "selectors").load("billing/issue_credit")
+    assert f"{registry}:7: login_flow: no script 'billing/logon'" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        (
+            "{{ input.reference }}",
+            "billing.yaml:28: elements > account.credit_row[0] > css: bad template",
+        ),
+        (
+            "{{ secrets.billing_password }}",
+            "billing.yaml:28: elements > account.credit_row[0] > css: "
+            "'{{ secrets.billing_password }}': a secret may not appear in a selector",
+        ),
+    ],
+)
+def test_a_selector_template_is_checked_with_its_registry(
+    tree: Path, template: str, message: str
+) -> None:
+    registry = tree / "selectors" / "billing.yaml"
+    registry.write_text(registry.read_text().replace("{{ inputs.reference }}", template))
+    with pytest.raises(ScriptInvalid) as info:
+        ScriptStore(tree / "scripts", tree / "selectors").load("billing/issue_credit")
+    assert message in info.value.message
+    assert "steps[" not in info.value.message  # not blamed on the step using it
+
+
+def test_an_undeclared_input_in_a_selector_names_the_element_and_registry(tree: Path) -> None:
+    message = load_broken(tree, "row", "  - {id: find, click: account.credit_row}\n")
+    assert (
+        "row.yaml:7: steps[0] (step 'find'): the selector of 'account.credit_row' in "
+        "selectors/billing.yaml: '{{ inputs.reference }}' is not a declared input of billing/row"
+    ) in message
+
+
+@pytest.mark.parametrize("command", ["run", "enqueue", "resume"])
+def test_an_input_given_twice_on_the_command_line_is_refused(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = ["job-1", "retry_with_inputs"] if command == "resume" else ["billing/issue_credit"]
+    pairs = ["--input", "account_id=A", "--input", "account_id=B"]
+    assert main([command, *target, *pairs]) == 2
+    assert "input 'account_id' given twice" in capsys.readouterr().err

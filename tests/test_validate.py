@@ -209,3 +209,58 @@ def test_a_rollout_fails_when_a_version_it_routes_to_does_not_load(
     assert code == 1
     assert "FAIL  " + str(rollout) in out
     assert "canary v2 does not load" in out and "clik: Extra inputs are not permitted" in out
+
+
+def test_a_missing_or_empty_scripts_directory_fails_the_gate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A mistyped path used to print `0 valid, 0 invalid` and exit 0: a green CI gate.
+    scripts = tmp_path / "scripts"
+    assert main(["validate", "--scripts-dir", str(scripts)]) == 2
+    assert f"formwork: no scripts directory {scripts}\n" == capsys.readouterr().err
+    scripts.mkdir()
+    assert main(["validate", "--scripts-dir", str(scripts)]) == 2
+    assert f"formwork: no scripts under {scripts}" in capsys.readouterr().err
+
+
+def test_yaml_files_the_loader_never_reads_are_reported(
+    tree: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scripts = tree / "scripts"
+    shutil.copy(scripts / "billing" / "login.yaml", scripts / "billing" / "other.yml")
+    (scripts / "stray.yaml").write_text((scripts / "billing" / "login.yaml").read_text())
+    code, out = validate(tree, capsys)
+    assert code == 1
+    assert (
+        f"FAIL  {scripts}/billing/other.yml\n      {scripts}/billing/other.yml: not read: " in out
+    )
+    assert "the extension must be .yaml (other.yaml)" in out
+    assert f"{scripts}/stray.yaml: not read: scripts are {scripts}/<site>/<name>.yaml" in out
+    assert "2 invalid" in out
+
+
+def test_an_error_is_printed_once_under_the_file_it_is_in(
+    tree: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    billing = tree / "scripts" / "billing"
+    source = (billing / "issue_credit.yaml").read_text()
+    (billing / "issue_credit@2.yaml").write_text(source.replace("version: 1\n", ""))
+    code, out = validate(tree, capsys)
+    assert code == 1
+    assert out.count("'version' is required") == 1, out
+    assert "Field required" not in out
+    assert (
+        f"FAIL  {billing}/issue_credit.rollout.yaml\n      {billing}/issue_credit@2.yaml is invalid"
+        in out
+    )
+
+
+def test_a_rollout_file_for_a_sub_flow_is_refused(
+    tree: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rollout = tree / "scripts" / "billing" / "login.rollout.yaml"
+    rollout.write_text("stable: 1\n")
+    code, out = validate(tree, capsys)
+    assert code == 1
+    assert f"{rollout}: billing/login is a sub-flow (used by billing/issue_credit)" in out
+    assert "never the rollout's" in out

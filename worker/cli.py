@@ -12,7 +12,7 @@ import re
 import sys
 import uuid
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,8 +33,15 @@ from worker.contract import (
 )
 from worker.errors import FormworkError
 from worker.executor import Runtime, run_job
-from worker.rollout import Rollouts, describe, load_rollout, rollout_files, script_of
-from worker.script import ScriptStore
+from worker.rollout import (
+    Rollouts,
+    describe,
+    load_rollout,
+    refuse_subflow,
+    rollout_files,
+    script_of,
+)
+from worker.script import ScriptStore, misplaced
 from worker.secretstore import SecretStore
 from worker.settings import Settings
 
@@ -48,6 +55,7 @@ _MARK = {
 
 if TYPE_CHECKING:
     from worker.client import JobHandle
+    from worker.queue import PauseClaim
 
 
 # How `run`, `enqueue --watch`, `watch` and `resume --watch` exit: 0 succeeded, 2 refused
@@ -59,12 +67,16 @@ class UsageError(Exception):
     """A command line that cannot be carried out as given: said in one line, exit code 2."""
 
 
-def _parse_inputs(pairs: Sequence[str]) -> dict[str, str]:
+def _parse_inputs(pairs: Sequence[str], kind: str = "input") -> dict[str, str]:
+    """`--input key=value` pairs (or `--output`, as `kind` says) as a mapping."""
     inputs: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise UsageError(f"--input takes key=value, got {pair!r}")
+            raise UsageError(f"--{kind} takes key=value, got {pair!r}")
+        # Keeping the last of two would run the job on a value nobody noticed was dropped.
+        if key in inputs:
+            raise UsageError(f"{kind} {key!r} given twice")
         inputs[key] = value
     return inputs
 
@@ -318,13 +330,14 @@ async def _enqueue(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _follow(client: Any, job_id: str, after: str) -> int:
+async def _follow(client: Any, job_id: str, after: str, after_seq: int = 0) -> int:
     handle = client.handle(job_id)
     if await handle.status() is None:
         print(f"formwork: no job {job_id}", file=sys.stderr)
         return 2
     async for event_id, event in handle.events(after=after):
-        print(format_event(event_id, event), flush=True)
+        if event.seq > after_seq:
+            print(format_event(event_id, event), flush=True)
     report = await handle.report()
     if report is None:
         return 1
@@ -336,10 +349,19 @@ async def _follow(client: Any, job_id: str, after: str) -> int:
 
 
 async def _watch(args: argparse.Namespace) -> int:
-    if not re.fullmatch(r"\d+(-\d+)?", args.after):
-        raise UsageError(f"--after takes an event id such as 1732530000000-0, got {args.after!r}")
+    # The number each printed event starts with (its seq) is what a person has in front of
+    # them; an event id (a Redis stream id) is what a program that used the client has.
+    if re.fullmatch(r"\d+", args.after):
+        after, after_seq = "0-0", int(args.after)
+    elif re.fullmatch(r"\d+-\d+", args.after):
+        after, after_seq = args.after, 0
+    else:
+        raise UsageError(
+            "--after takes the number an event line starts with (26) or an event id "
+            f"(1732530000000-0), got {args.after!r}"
+        )
     async with _client() as client:
-        return await _follow(client, args.job_id, args.after)
+        return await _follow(client, args.job_id, after, after_seq)
 
 
 async def _status(args: argparse.Namespace) -> int:
@@ -361,8 +383,13 @@ async def _status(args: argparse.Namespace) -> int:
 
 async def _abort(args: argparse.Namespace) -> int:
     async with _client() as client:
-        if await client.abort(args.job_id, args.reason):
-            print(f"abort requested for {args.job_id}")
+        handle = client.handle(args.job_id)
+        status = await handle.status()
+        if await client.abort(args.job_id, args.reason, by="cli"):
+            if status is not None and status.paused:
+                print(f"{args.job_id} was {status}: it ends cancelled now")
+            else:
+                print(f"abort requested for {args.job_id}: it stops before its next step")
             return 0
     print(f"formwork: job {args.job_id} is unknown or already ended", file=sys.stderr)
     return 1
@@ -423,11 +450,12 @@ async def _handoff(args: argparse.Namespace) -> int:
 
 async def _resume(args: argparse.Namespace) -> int:
     from worker.contract import ResumeDecision
+    from worker.queue import PauseClaim
 
     try:
         decision = ResumeDecision(
             decision=args.decision, inputs=_parse_inputs(args.input),
-            outputs=_parse_inputs(args.output), note=args.note, by=args.by,
+            outputs=_parse_inputs(args.output, "output"), note=args.note, by=args.by,
         )  # fmt: skip
     except ValidationError as exc:
         print(f"formwork: invalid decision: {_problems(exc)}", file=sys.stderr)
@@ -435,8 +463,10 @@ async def _resume(args: argparse.Namespace) -> int:
     async with _client() as client:
         handle = client.handle(args.job_id)
         after = await handle.last_event_id()
-        if not await client.resume(args.job_id, decision):
-            print(f"formwork: {await _why_not_resumed(handle, args.decision)}", file=sys.stderr)
+        outcome = await client.decide(args.job_id, decision)
+        if outcome != PauseClaim.claimed:
+            why = await _why_not_resumed(handle, args.decision, outcome)
+            print(f"formwork: {why}", file=sys.stderr)
             return 1
         print(f"{args.decision} sent for {args.job_id}")
         if args.watch:
@@ -444,7 +474,13 @@ async def _resume(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _why_not_resumed(handle: JobHandle, decision: str) -> str:
+async def _why_not_resumed(handle: JobHandle, decision: str, outcome: PauseClaim) -> str:
+    from worker.queue import PauseClaim
+
+    if outcome == PauseClaim.decided:
+        # Another decision about this pause came first; the job still shows as paused until
+        # a worker carries that one out.
+        return f"job {handle.job_id} already has a decision waiting to be carried out"
     status, report = await handle.status(), await handle.report()
     if status is None:
         return f"no job {handle.job_id!r} (or its record has expired)"
@@ -481,37 +517,84 @@ def _validate(args: argparse.Namespace) -> int:
     """Every script version loads (with all its load-time checks), the versions of each script
     are laid out consistently, and every rollout file names versions that exist."""
     settings = Settings.from_env(scripts_dir=args.scripts_dir, selectors_dir=args.selectors_dir)
-    store = ScriptStore(settings.scripts_dir, settings.selectors_dir)
-    failures = 0
-    rollouts = rollout_files(settings.scripts_dir)
-    scripts = sorted(set(settings.scripts_dir.glob("*/*.yaml")) - set(rollouts))
+    scripts_dir = settings.scripts_dir
+    # A mistyped path must not turn the CI gate green with nothing checked.
+    if not scripts_dir.is_dir():
+        raise UsageError(f"no scripts directory {scripts_dir}")
+    store = ScriptStore(scripts_dir, settings.selectors_dir)
+    rollouts = rollout_files(scripts_dir)
+    scripts = sorted(set(scripts_dir.glob("*/*.yaml")) - set(rollouts))
+    outcomes: list[tuple[Path, str, bool]] = [(p, why, False) for p, why in misplaced(scripts_dir)]
+    if not scripts and not outcomes:
+        raise UsageError(f"no scripts under {scripts_dir} (a script is <site>/<name>.yaml)")
+    subflows: dict[str, str] = {}
     for path in [*scripts, *rollouts]:
         try:
             if path in rollouts:
-                config = load_rollout(store, script_of(path))
-                assert config is not None
-                for role, version in (("stable", config.stable), ("canary", config.canary)):
-                    if version is not None:
-                        _loads(store, script_of(path), version, role)
-                canary = (
-                    f", canary v{config.canary} at {config.percent:g}%" if config.canary else ""
-                )
-                print(f"ok    {script_of(path)} rollout: stable v{config.stable}{canary}")
-                continue
-            loaded = store.load_path(path)
-            try:
-                store.versions(loaded.name)
-            except FormworkError as exc:
-                # Another file of the same script is at fault: it gets its own FAIL line.
-                if str(path) in exc.message:
-                    raise
-            print(f"ok    {loaded.name}@{loaded.script.version}  ({len(loaded.plan)} steps)")
+                outcomes.append((path, _check_rollout(store, path, subflows), True))
+            else:
+                outcomes.append((path, _check_script(store, path, subflows), True))
         except FormworkError as exc:
-            failures += 1
-            print(f"FAIL  {path}\n      " + exc.message.replace("\n", "\n      "))
-    total = len(scripts) + len(rollouts)
-    print(f"{total - failures} valid, {failures} invalid")
-    return 1 if failures else 0
+            outcomes.append((path, exc.message, False))
+    failed = [(path, message) for path, message, ok in outcomes if not ok]
+    for path, message, ok in outcomes:
+        if ok:
+            print(message)
+        else:
+            print(f"FAIL  {path}\n      " + "\n      ".join(_own_lines(path, message, failed)))
+    print(f"{len(outcomes) - len(failed)} valid, {len(failed)} invalid")
+    return 1 if failed else 0
+
+
+def _check_script(store: ScriptStore, path: Path, subflows: dict[str, str]) -> str:
+    """The `ok` line of a script that loads; notes the sub-flows it runs in `subflows`."""
+    loaded = store.load_path(path)
+    try:
+        store.versions(loaded.name)
+    except FormworkError as exc:
+        # Another file of the same script is at fault: it gets its own FAIL line.
+        if str(path) in exc.message:
+            raise
+    planned = [*loaded.plan, *loaded.probe, *(p for a in loaded.alternates.values() for p in a)]
+    for each in planned:
+        if each.frame.parent is not None:
+            subflows.setdefault(each.frame.script.name, f"used by {loaded.name}")
+    login = loaded.registry.login_flow
+    if login is not None:
+        subflows.setdefault(login, f"the login_flow of selectors/{loaded.registry.site}.yaml")
+    return f"ok    {loaded.name}@{loaded.script.version}  ({len(loaded.plan)} steps)"
+
+
+def _check_rollout(store: ScriptStore, path: Path, subflows: dict[str, str]) -> str:
+    """The `ok` line of a rollout file whose versions exist and load."""
+    name = script_of(path)
+    config = load_rollout(store, name)
+    assert config is not None
+    refuse_subflow(path, name, subflows)
+    for role, version in (("stable", config.stable), ("canary", config.canary)):
+        if version is not None:
+            _loads(store, name, version, role)
+    canary = f", canary v{config.canary} at {config.percent:g}%" if config.canary else ""
+    return f"ok    {name} rollout: stable v{config.stable}{canary}"
+
+
+def _own_lines(path: Path, message: str, failed: list[tuple[Path, str]]) -> list[str]:
+    """The lines of `path`'s error, each once; an error in another file that has its own FAIL
+    entry (a sub-flow, a version beside it) points there instead of being printed again."""
+    lines: list[str] = []
+    for line in message.split("\n"):
+        other = next(
+            (
+                p
+                for p, m in failed
+                if p != path and line.startswith(f"{p}:") and line in m.split("\n")
+            ),
+            None,
+        )
+        shown = f"{other} is invalid (see its own FAIL entry)" if other else line
+        if shown not in lines:
+            lines.append(shown)
+    return lines
 
 
 def _loads(store: ScriptStore, name: str, version: int, role: str) -> None:
@@ -641,6 +724,11 @@ def parse_age(text: str) -> timedelta:
     return _window(text)
 
 
+def _age_as_typed(text: str) -> str:
+    parse_age(text)
+    return text
+
+
 def _audit_store(args: argparse.Namespace) -> ArtifactStore:
     settings = Settings.from_env(
         artifacts_dir=args.artifacts, artifacts_url=args.store, s3_endpoint_url=args.s3_endpoint
@@ -650,12 +738,15 @@ def _audit_store(args: argparse.Namespace) -> ArtifactStore:
 
 def _audit_prune(args: argparse.Namespace) -> int:
     store = _audit_store(args)
-    removed = store.prune(args.older_than, dry_run=args.dry_run)
+    age = parse_age(args.older_than)
+    removed = store.prune(age, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     for path in removed:
         print(f"{verb} {path}")
     plural = "" if len(removed) == 1 else "s"
-    print(f"{verb} {len(removed)} job{plural} older than {args.older_than.days} days")
+    # A day's folder goes whole: say which days an age shorter than a day's worth came to.
+    before = datetime.now(UTC).date() - age
+    print(f"{verb} {len(removed)} job{plural} older than {args.older_than} (days before {before})")
     return 0
 
 
@@ -706,7 +797,8 @@ def _add_audit(sub: Any) -> None:
     export.set_defaults(handler=_audit_export)
 
     prune = audit_sub.add_parser("prune", parents=[where], help="remove old jobs' artifacts")
-    prune.add_argument("--older-than", type=parse_age, required=True, metavar="AGE")
+    # Checked by type (a bad age is a usage error), kept as typed for the summary line.
+    prune.add_argument("--older-than", type=_age_as_typed, required=True, metavar="AGE")
     prune.add_argument("--dry-run", action="store_true", help="list, remove nothing")
     prune.set_defaults(handler=_audit_prune)
 
@@ -847,7 +939,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     watch = sub.add_parser("watch", help="print a job's events until it ends")
     watch.add_argument("job_id")
-    watch.add_argument("--after", default="0-0", help="resume after this event id")
+    watch.add_argument(
+        "--after",
+        default="0-0",
+        help="resume after this event: the number its line starts with, or its event id",
+    )
     watch.set_defaults(handler=lambda a: asyncio.run(_watch(a)))
 
     status = sub.add_parser("status", help="a job's status and report")

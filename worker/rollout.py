@@ -38,7 +38,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import cast
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, model_validator
 from redis.asyncio import Redis
 
 from worker.contract import (
@@ -135,18 +135,19 @@ class RolloutConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    stable: int = Field(ge=1, description="The version unpinned jobs run.")
-    canary: int | None = Field(default=None, ge=1, description="The version being tried out.")
-    percent: float = Field(
+    # Strict, like a script's `version:`: `stable: "1"` is refused in both places.
+    stable: StrictInt = Field(ge=1, description="The version unpinned jobs run.")
+    canary: StrictInt | None = Field(default=None, ge=1, description="The version being tried out.")
+    percent: StrictFloat = Field(
         default=0, ge=0, le=100, description="Share of unpinned jobs that run the canary."
     )
-    margin: float = Field(
+    margin: StrictFloat = Field(
         default=0.05,
         ge=0,
         le=1,
         description="Roll back when the canary's system-failure rate exceeds stable's by more.",
     )
-    min_sample: int = Field(
+    min_sample: StrictInt = Field(
         default=20, ge=1, description="Canary outcomes needed before a rollback can fire."
     )
 
@@ -156,6 +157,10 @@ class RolloutConfig(BaseModel):
             raise ValueError("'canary' must differ from 'stable'")
         if self.canary is None and self.percent:
             raise ValueError("'percent' needs a 'canary'")
+        if self.canary is not None and not self.percent:
+            raise ValueError(
+                "'canary' needs a 'percent' above 0: without one no job runs the canary"
+            )
         return self
 
 
@@ -191,6 +196,19 @@ def load_rollout(scripts: ScriptStore, name: str) -> RolloutConfig | None:
                 f"{path}: {role}: {name} has no version {version} (available: {known})"
             )
     return config
+
+
+def refuse_subflow(path: Path, name: str, subflows: dict[str, str]) -> None:
+    """A rollout file only routes jobs that name its script. A sub-flow runs inside other
+    scripts, where `use:` (and a registry's login_flow) take its highest version or the
+    pinned one: its canary would never run there, and nothing would say so."""
+    why = subflows.get(name)
+    if why is not None:
+        raise ScriptInvalid(
+            f"{path}: {name} is a sub-flow ({why}), which runs its highest or pinned version, "
+            "never the rollout's: roll out the scripts that use it (pin it with `use: "
+            f"{name}@N` in a new version of each)"
+        )
 
 
 class RolloutOverride(BaseModel):

@@ -91,8 +91,8 @@ class InputSpec(_Strict):
     required: bool = True
     default: str | int | bool | Decimal | None = None
     pattern: str | None = None
-    min_length: int | None = None
-    max_length: int | None = None
+    min_length: int | None = Field(default=None, ge=0)
+    max_length: int | None = Field(default=None, ge=0)
     min: Decimal | None = None
     max: Decimal | None = None
     values: list[str] | None = Field(default=None, description="The choices of an enum input.")
@@ -109,6 +109,15 @@ class InputSpec(_Strict):
             InputType.int,
         ):
             raise ValueError("'min'/'max' only go with type 'decimal' or 'int'")
+        if (self.min_length is not None or self.max_length is not None) and (
+            self.type != InputType.string
+        ):
+            raise ValueError("'min_length'/'max_length' only go with type 'string'")
+        # Checked here: the input model is only built when a job runs, too late to say where.
+        for low, high in (("min", "max"), ("min_length", "max_length")):
+            bottom, top = getattr(self, low), getattr(self, high)
+            if bottom is not None and top is not None and bottom > top:
+                raise At((high,), f"{low!r} ({bottom}) is more than {high!r} ({top})")
         if self.pattern is not None:
             if self.type != InputType.string:
                 raise ValueError("'pattern' only goes with type 'string'")
@@ -127,13 +136,23 @@ class InputSpec(_Strict):
                 ),
             ]
         if self.type == InputType.decimal:
-            return Annotated[Decimal, Field(ge=self.min, le=self.max, allow_inf_nan=False)]
+            return Annotated[
+                Decimal,
+                Field(ge=self.min, le=self.max, allow_inf_nan=False),
+                AfterValidator(_positional),
+            ]
         if self.type == InputType.int:
             return Annotated[int, Field(ge=self.min, le=self.max)]
         if self.type == InputType.bool:
             return bool
         assert self.values is not None
         return Literal[tuple(self.values)]
+
+
+def _positional(value: Decimal) -> Decimal:
+    """`1E+1` as `10`: the value is typed into a form, and sites refuse exponent notation
+    (blaming the customer). Values below 1E-6 still print as exponents; `render` formats them."""
+    return Decimal(format(value, "f"))
 
 
 # ---------------------------------------------------------------- postconditions
@@ -766,7 +785,7 @@ class LoadedScript:
 
 
 def _jsonable(value: Any) -> Any:
-    return str(value) if isinstance(value, Decimal) else value
+    return format(value, "f") if isinstance(value, Decimal) else value
 
 
 def input_model(script: Script) -> type[BaseModel]:
@@ -804,6 +823,26 @@ def validate_inputs(script: Script, raw: dict[str, Any]) -> dict[str, Any]:
             field=f"inputs.{first_field}" if first_field else "inputs",
         ) from exc
     return {k: v for k, v in model.model_dump().items() if v is not None}
+
+
+def misplaced(scripts_dir: Path) -> list[tuple[Path, str]]:
+    """YAML files under `scripts_dir` that no lookup ever reads, each with why: a mistyped
+    extension or folder would otherwise pass validation unread."""
+    found: list[tuple[Path, str]] = []
+    for path in sorted(scripts_dir.rglob("*.y*ml")):
+        parts = path.relative_to(scripts_dir).parts
+        if path.suffix not in (".yaml", ".yml") or any(p.startswith(".") for p in parts):
+            continue
+        if path.suffix == ".yml":
+            why = f"the extension must be .yaml ({path.stem}.yaml)"
+        elif len(parts) != 2:
+            why = "it must be in its site's folder, one level down"
+        else:
+            continue
+        found.append(
+            (path, f"{path}: not read: scripts are {scripts_dir}/<site>/<name>.yaml; {why}")
+        )
+    return found
 
 
 class ScriptStore:
@@ -915,7 +954,12 @@ class ScriptStore:
             probe.append(PlannedStep("verify.recover", recover, root, ("verify_effect", "extract")))
         relogin: list[PlannedStep] = []
         if registry.login_flow is not None:
-            login_path = self.path_of(registry.login_flow)
+            try:
+                login_path = self.path_of(registry.login_flow)
+            except ScriptNotFound as exc:
+                # The registry is at fault, not the script being loaded: say where.
+                where = _field_where(self.selectors_dir / f"{script.site}.yaml", ("login_flow",))
+                raise ScriptInvalid(f"{where}: {exc.message}") from exc
             digest.update(login_path.read_bytes())
             login = load_model(login_path, Script)
             relogin = list(
@@ -1040,6 +1084,10 @@ _FIELD = {
 }
 
 
+def _selector_of(element: str) -> str:
+    return f"the selector of {element!r}"
+
+
 def _sources(step: _Step, registry: SiteRegistry) -> list[tuple[str, str]]:
     """Every template a step renders, with what it is: (field, template). Targets missing
     from the registry are skipped here (_check_plan names them)."""
@@ -1050,7 +1098,7 @@ def _sources(step: _Step, registry: SiteRegistry) -> list[tuple[str, str]]:
         # Parameterised elements (`tr[data-reference="{{ inputs.reference }}"]`) take their
         # values from the script that uses them.
         for candidate in registry.elements.get(target, []):
-            found += [(f"the selector of {target!r}", t) for t in candidate.templates()]
+            found += [(_selector_of(target), t) for t in candidate.templates()]
     return found
 
 
@@ -1059,6 +1107,7 @@ def _check_plan(
 ) -> None:
     """Targets exist in the registry; templates only reference declared names."""
     produced: set[str] = set()
+    selectors = {_selector_of(name) for name in registry.elements}
     for planned in [*plan, *(extra or [])]:
         step, frame = planned.step, planned.frame
 
@@ -1068,15 +1117,17 @@ def _check_plan(
         for target in step.targets() + (step.expect.targets() if step.expect else []):
             if target not in registry.elements:
                 fail(f"target {target!r} is not in selectors/{registry.site}.yaml")
-        for _, source in _sources(step, registry):
+        for label, source in _sources(step, registry):
+            # A selector is written in the registry: say so, or the step looks at fault.
+            within = f"{label} in selectors/{registry.site}.yaml: " if label in selectors else ""
             try:
                 refs = references(source)
             except TemplateError as exc:
-                fail(str(exc))
+                fail(f"{within}{exc}")
             for ref in refs:
                 problem = _undeclared(ref, frame.script, produced)
                 if problem:
-                    fail(problem)
+                    fail(f"{within}{problem}")
         if isinstance(step, ExtractStep):
             produced.update(step.extract)
     # Sub-flow bindings are templates in the parent's namespace.

@@ -36,7 +36,7 @@ from pydantic import (
 from worker.contract import FailureCode, MatchedSelector
 from worker.errors import ScriptInvalid, StepError
 from worker.policy import Rule
-from worker.templating import render
+from worker.templating import TemplateError, references, render
 from worker.yamlfile import At, load_model
 
 ELEMENT_NAME = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$"
@@ -86,6 +86,10 @@ class Candidate(BaseModel):
             raise ValueError(f"give exactly one of {', '.join(_KINDS)} (got {given or 'none'})")
         if self.name is not None and self.role is None:
             raise ValueError("'name' only goes with 'role'")
+        for kind in (*_KINDS, "name", "frame"):
+            value = getattr(self, kind)
+            if isinstance(value, str) and "{{" in value:
+                _check_template(kind, value)
         return self
 
     def templates(self) -> list[str]:
@@ -125,6 +129,22 @@ class Candidate(BaseModel):
             return root.get_by_text(self.text, exact=self.exact)
         assert self.css is not None
         return root.locator(self.css)
+
+
+def _check_template(kind: str, source: str) -> None:
+    """A selector's template is checked with the registry, not blamed on each step using it."""
+    try:
+        refs = references(source)
+    except TemplateError as exc:
+        raise At((kind,), str(exc)) from exc
+    for ref in refs:
+        # A selector reaches the page's DOM queries, the step report and the logs in the clear.
+        if ref.namespace == "secrets":
+            raise At(
+                (kind,),
+                f"'{{{{ secrets.{ref.name} }}}}': a secret may not appear in a selector "
+                "(selectors are shown in step reports and logs)",
+            )
 
 
 def _not_blank(value: str) -> str:

@@ -9,6 +9,7 @@ Rendering uses Jinja2's sandbox with strict undefined values as a second line of
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import Decimal
 from functools import lru_cache
 from typing import Any, Literal
 
@@ -19,7 +20,15 @@ from jinja2.sandbox import SandboxedEnvironment
 Namespace = Literal["inputs", "secrets", "outputs"]
 NAMESPACES: tuple[Namespace, ...] = ("inputs", "secrets", "outputs")
 
-_env = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+
+def _positional(value: Any) -> Any:
+    # str(Decimal) writes `1E+1` or `1.5E-7`, which a form's amount field refuses.
+    return format(value, "f") if isinstance(value, Decimal) else value
+
+
+_env = SandboxedEnvironment(
+    undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True, finalize=_positional
+)
 
 
 class TemplateError(ValueError):
@@ -87,7 +96,8 @@ def _compiled(source: str) -> Any:
 
 
 def render(source: str, context: dict[str, dict[str, Any]]) -> str:
-    """Render a template that `references` accepted. Values are rendered with `str()`."""
+    """Render a template that `references` accepted. Values are rendered with `str()`, decimals
+    in positional notation."""
     if "{" not in source:
         return source
     try:

@@ -145,16 +145,45 @@ def _without_tags(data: Any, loc: tuple[int | str, ...]) -> tuple[int | str, ...
 def format_validation_error(
     path: Path, data: Any, node: yaml.Node | None, error: ValidationError
 ) -> str:
-    lines = []
+    lines: list[str] = []
     for item in error.errors():
         loc = _without_tags(data, item["loc"])
         cause = item.get("ctx", {}).get("error")
         if isinstance(cause, At):
             loc = (*loc, *cause.loc)
+        # Our own validators' words, without pydantic's `Value error, ` before them.
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "missing" and loc:
+            # Said of what holds it: a step without an id is `steps[3]: 'id' is required`,
+            # not `steps[3] > fill > id`, as if id were inside fill.
+            loc, message = _holder(data, loc[:-1], item["input"]), f"{loc[-1]!r} is required"
         line = line_of(node, loc)
         where = f"{path}:{line}" if line else str(path)
-        lines.append(f"{where}: {describe_loc(data, loc)}: {item['msg']}")
+        text = f"{where}: {describe_loc(data, loc)}: {message}" if loc else f"{where}: {message}"
+        if text not in lines:  # union members can report the same problem each
+            lines.append(text)
     return "\n".join(lines)
+
+
+def _holder(data: Any, loc: tuple[int | str, ...], value: Any) -> tuple[int | str, ...]:
+    """The longest start of `loc` at which `data` holds `value` (the mapping a field is
+    missing from); `loc` itself when none does. It drops a union tag that `_without_tags`
+    cannot tell from a field when the field after it is missing."""
+    for end in range(len(loc), -1, -1):
+        if _at(data, loc[:end]) == value:
+            return loc[:end]
+    return loc
+
+
+def _at(data: Any, loc: tuple[int | str, ...]) -> Any:
+    for part in loc:
+        if isinstance(part, int) and isinstance(data, list) and 0 <= part < len(data):
+            data = data[part]
+        elif isinstance(part, str) and isinstance(data, dict):
+            data = data.get(part)
+        else:
+            return None
+    return data
 
 
 def load_model(path: Path, model: type[M], text: str | None = None) -> M:
