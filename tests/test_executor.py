@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -21,11 +22,12 @@ from worker.contract import (
     MatchedSelector,
     StepStatus,
 )
+from worker.evidence import echo_mask_script
 from worker.executor import Runtime, run_job
 from worker.script import PlannedStep, ScriptStore
 from worker.secretstore import SecretStore
 
-from .conftest import CREDIT_INPUTS, SCRIPTS, SELECTORS, Site
+from .conftest import CREDIT_INPUTS, SCRIPTS, SECRETS_FILE, SELECTORS, Site
 
 
 def credit_job(site: Site, job_id: str = "job-1", **inputs: str) -> BrowserJob:
@@ -306,3 +308,83 @@ async def test_an_internal_error_fails_the_step_and_keeps_the_record(
     (claim,) = [c for c in report.claims if c.kind == "effect"]
     assert (claim.step_id, claim.verified) == ("submit", False)
     assert claim.value == "credit of 15.00 issued to AC-10231, confirmation (not read)"
+
+
+def _flat(image: Image.Image) -> bool:
+    return max(ImageStat.Stat(image.convert("L")).stddev) < 4
+
+
+async def test_a_secret_the_page_itself_shows_is_masked_before_it_is_painted(
+    runtime: Runtime, fixture_secrets: dict[str, str], tmp_path: Path
+) -> None:
+    password = fixture_secrets["billing_password"]
+    username = fixture_secrets["billing_username"]
+    script = echo_mask_script([password, username])
+    assert script is not None and password not in script and username not in script
+    assert runtime.browser.browser is not None
+    context = await runtime.browser.browser.new_context(viewport={"width": 800, "height": 400})
+    try:
+        await context.add_init_script(script)
+        page = await context.new_page()
+        # Served, then added by the page's own script later, as an error banner would be.
+        await page.set_content(
+            f'<p id="echo" style="font: 20px sans-serif">Denied: password {password} refused</p>'
+            f'<input id="name" value="{username}" style="font: 20px sans-serif" size="30">'
+            '<p id="plain" style="font: 20px sans-serif">Nothing secret here at all</p>'
+        )
+        await page.evaluate(
+            """(text) => {
+              const p = document.createElement("p");
+              p.id = "later"; p.style.font = "20px sans-serif"; p.textContent = text;
+              document.body.appendChild(p);
+            }""",
+            f"Hello {username}, try again",
+        )
+        shot = tmp_path / "page.png"
+        await page.screenshot(path=shot)
+        boxes = {
+            i: await page.locator(f"#{i}").bounding_box()
+            for i in ("echo", "name", "later", "plain")
+        }
+    finally:
+        await context.close()
+    for element, box in boxes.items():
+        assert box is not None
+        crop = _masked_crop(shot, box)
+        assert _flat(crop) == (element != "plain"), element
+
+
+async def test_refused_credentials_hand_off_at_once_with_the_sign_in_masked(
+    billing: Site, runtime: Runtime, fixture_secrets: dict[str, str]
+) -> None:
+    wrong = SecretStore(SECRETS_FILE, environ={"FORMWORK_SECRET_BILLING_PASSWORD": "not-the-pw-93"})
+    runtime = dataclasses.replace(runtime, secrets=wrong)
+    report = await run_job(credit_job(billing), runtime)
+
+    assert report.status == JobStatus.paused_for_handoff
+    assert report.error is not None
+    assert report.error.code == FailureCode.credentials_rejected
+    assert report.error.step_id == "login.submit"
+    assert report.error.evidence == "Invalid username or password."
+    assert not [r for r in report.rules_fired if r.action == "relogin"]
+    assert billing.state()["failed_logins"] == 1  # sent once: no second try to lock it out
+    assert report.handoff is not None and "refused the worker's sign-in" in report.handoff.summary
+
+    # The site filled the sign-in name back into its form: the evidence shows it masked.
+    step = next(s for s in report.steps if s.id == "login.submit")
+    assert step.screenshot is not None
+    assert runtime.browser.browser is not None
+    context = await runtime.browser.browser.new_context(viewport={"width": 1280, "height": 800})
+    try:
+        page = await context.new_page()
+        await page.goto(billing.url + "/login")
+        await page.fill("#username", fixture_secrets["billing_username"])
+        await page.fill("#password", "not-the-pw-93")
+        await page.click("button[type=submit]")
+        await page.wait_for_selector(".alert-danger")
+        assert await page.input_value("#username") == fixture_secrets["billing_username"]
+        box = await page.locator("#username").bounding_box()
+    finally:
+        await context.close()
+    assert box is not None
+    assert _flat(_masked_crop(runtime.artifacts.root / step.screenshot, box))

@@ -7,11 +7,14 @@ from typing import Any
 import pytest
 from tenacity import RetryCallState
 
+from worker.browser import BrowserHost
+from worker.client import FormworkClient
 from worker.contract import (
     BrowserJob,
     FailureCode,
     JobReport,
     JobStatus,
+    ResumeDecision,
     RuleAction,
     StepStatus,
     Verification,
@@ -19,6 +22,8 @@ from worker.contract import (
 from worker.executor import Runtime, run_job
 from worker.failures import PageState, classify
 from worker.policy import DEFAULT_RULES, Rule, retry_wait_s, rule_for
+from worker.queue import running_worker
+from worker.settings import Settings
 
 from .conftest import CREDIT_INPUTS, Site
 
@@ -271,4 +276,49 @@ async def test_dry_run_fills_the_form_and_submits_nothing(billing: Site, runtime
     assert step(report, "submit").status == StepStatus.skipped
     effect = next(c for c in report.claims if c.kind == "effect")
     assert not effect.verified
+    assert billing.credits() == []
+
+
+async def test_a_resumed_commit_without_a_kept_session_signs_in_before_its_probe(
+    billing: Site, client: FormworkClient, browser_host: BrowserHost, settings: Settings
+) -> None:
+    # No state key: checkpoints keep no session, so the resumed run starts signed out. The
+    # commit it resumes at was sent: its probe must find the account page, not the sign-in
+    # form (which it used to wait on for a whole step timeout, then call an expired session).
+    settings = settings.model_copy(update={"state_key": None})
+    billing.faults(commit_drop={"create": False, "mode": "error", "status": 502, "times": 5})
+    job = credit_job(billing).model_copy(update={"job_id": "resume-signed-out"})
+    async with running_worker(settings, browser_host):
+        handle = await client.enqueue(job)
+        paused = await handle.wait(90)
+        assert paused.status == JobStatus.paused_for_handoff, paused.error
+        assert paused.error is not None and paused.error.code == FailureCode.outcome_unknown
+        billing.faults()
+        last = await handle.last_event_id()
+        assert await client.resume(job.job_id, ResumeDecision(decision="retry_step"))
+        report = await handle.wait(90, after=last)
+
+    assert report.status == JobStatus.succeeded, report.error
+    assert len(billing.credits()) == 1
+    after_pause = report.rules_fired[len(paused.rules_fired) :]
+    assert not [r for r in after_pause if r.code == FailureCode.auth_expired], after_pause
+    probe = [s for s in report.steps if s.id.startswith("submit.verify.")]
+    assert probe and all(s.failure is None for s in probe)
+    assert billing.state()["logins"] == 2  # the first run's, and once before the probe
+
+
+async def test_a_step_that_times_out_on_a_slow_next_page_ends_at_its_timeout(
+    billing: Site, runtime: Runtime
+) -> None:
+    # The review page takes a minute: the click that asks for it times out after 2 s, and
+    # the attempt ends then, not when the page finally comes (reading the page for the
+    # failure's evidence used to wait for it).
+    billing.faults(latency_ms=60_000, latency_path_contains="/credits/review")
+    job = credit_job(billing).model_copy(update={"step_timeout_ms": 2_000})
+    report = await run_job(job, runtime)
+
+    assert report.status == JobStatus.failed
+    review = step(report, "review")
+    assert [a.failure.code for a in review.attempt_log if a.failure] == [FailureCode.timeout] * 3
+    assert all(a.duration_ms < 30_000 for a in review.attempt_log), review.attempt_log
     assert billing.credits() == []

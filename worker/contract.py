@@ -105,6 +105,9 @@ class FailureCode(StrEnum):
     navigation_blocked = "navigation_blocked"
     validation_rejected = "validation_rejected"
     auth_expired = "auth_expired"
+    # Signing in failed: the site showed its sign-in form again, after the credentials were
+    # sent. Another try sends the same values (and may lock the account): a person decides.
+    credentials_rejected = "credentials_rejected"
     unexpected_page = "unexpected_page"
     outcome_unknown = "outcome_unknown"
     script_error = "script_error"

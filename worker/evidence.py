@@ -2,8 +2,10 @@
 
 Masking happens in the page itself, before anything is painted: every context carries a style
 (`MASK_SCRIPT`, installed by `worker.browser`) that renders password inputs — and any field a
-secret was typed into, marked by `mark_secret` — as a solid box with transparent text. The
-browser never paints the secret, so no captured pixel, in memory or on disk, can hold it.
+secret was typed into, marked by `mark_secret` — as a solid box with transparent text. A
+secret the site paints by itself (echoed in a message, filled back into a field) is masked the
+same way by `echo_mask_script`, installed per job. The browser never paints the secret, so no
+captured pixel, in memory or on disk, can hold it.
 
 Capture goes straight to Chromium's DevTools `Page.captureScreenshot` (JPEG, optimised for
 speed): a step's evidence costs one round trip instead of Playwright's screenshot machinery
@@ -16,6 +18,7 @@ import asyncio
 import base64
 import contextlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 from playwright.async_api import CDPSession, FloatRect, Locator, Page
@@ -63,6 +66,106 @@ _MARK_JS = f"""
   }}
   return els.length;
 }}
+"""
+
+
+# Two 32-bit rolling hashes (bases 31 and 131) of a value's UTF-16 code units, as JavaScript's
+# Math.imul computes them: what `echo_mask_script` looks for instead of the value itself.
+_HASH_BASES = (31, 131)
+
+
+def _rolling_hash(value: str, base: int) -> int:
+    units = value.encode("utf-16-le")
+    h = 0
+    for i in range(0, len(units), 2):
+        h = (h * base + int.from_bytes(units[i : i + 2], "little")) & 0xFFFFFFFF
+    return h - (1 << 32) if h >= 1 << 31 else h  # signed, as `| 0` leaves it
+
+
+def echo_mask_script(values: Iterable[str]) -> str | None:
+    """In-page script that masks any element showing one of `values` that nothing typed: a
+    sign-in name the site filled back into its form, a password an error message repeats.
+
+    Typed secret fields are masked before typing (`mark_secret`); this covers what the site
+    itself paints. A MutationObserver callback runs before the next paint, so, as with the
+    mask style, no frame — capture or trace — holds the value. The page gets each value's
+    length and two rolling hashes, never the value: a frame of any allowlisted host may run
+    this. A text node holding a value masks its element (an error banner becomes one dark
+    box); a field holding one is masked like a typed secret field. A value split across
+    elements, or set by a script through `.value` with no input event, is not seen.
+    """
+    wanted = sorted(
+        {
+            (len(v.encode("utf-16-le")) // 2, *(_rolling_hash(v, b) for b in _HASH_BASES))
+            for v in values
+        }
+    )
+    if not wanted:
+        return None
+    b1, b2 = _HASH_BASES
+    return f"""
+(() => {{
+  const ATTR = {SECRET_ATTRIBUTE!r};
+  const power = (b, n) => {{
+    let p = 1;
+    for (let i = 0; i < n; i++) p = Math.imul(p, b);
+    return p;
+  }};
+  const specs = {json.dumps(wanted)}.map(([n, a, b]) =>
+    ({{ n, a, b, p1: power({b1}, n - 1), p2: power({b2}, n - 1) }}));
+  const holds = (text) => {{
+    if (!text) return false;
+    for (const s of specs) {{
+      let a = 0, b = 0;
+      for (let i = 0; i < text.length; i++) {{
+        const c = text.charCodeAt(i);
+        if (i >= s.n) {{
+          const out = text.charCodeAt(i - s.n);
+          a = (a - Math.imul(out, s.p1)) | 0;
+          b = (b - Math.imul(out, s.p2)) | 0;
+        }}
+        a = (Math.imul(a, {b1}) + c) | 0;
+        b = (Math.imul(b, {b2}) + c) | 0;
+        if (i >= s.n - 1 && a === s.a && b === s.b) return true;
+      }}
+    }}
+    return false;
+  }};
+  const mask = (el) => {{
+    if (!el || el.hasAttribute(ATTR)) return;
+    ({_MARK_JS})([el]);
+    const select = el.tagName === "OPTION" ? el.closest("select") : null;
+    if (select) ({_MARK_JS})([select]);  // the box shows the chosen option's text
+  }};
+  const field = (el) => {{
+    if ((el.tagName === "INPUT" && el.type !== "password") || el.tagName === "TEXTAREA") {{
+      if (holds(el.value) || holds(el.placeholder)) mask(el);
+    }}
+  }};
+  const tree = (root) => {{
+    if (root.nodeType === Node.TEXT_NODE) {{
+      if (holds(root.data)) mask(root.parentElement);
+      return;
+    }}
+    if (root.nodeType !== Node.ELEMENT_NODE) return;
+    field(root);
+    const walk = document.createTreeWalker(root, NodeFilter.SHOW_TEXT | NodeFilter.SHOW_ELEMENT);
+    for (let n = walk.nextNode(); n; n = walk.nextNode()) {{
+      if (n.nodeType === Node.TEXT_NODE) {{ if (holds(n.data)) mask(n.parentElement); }}
+      else field(n);
+    }}
+  }};
+  new MutationObserver((records) => {{
+    for (const r of records) {{
+      if (r.type === "characterData") {{ if (holds(r.target.data)) mask(r.target.parentElement); }}
+      else if (r.type === "attributes") field(r.target);
+      else for (const n of r.addedNodes) tree(n);
+    }}
+  }}).observe(document, {{ subtree: true, childList: true, characterData: true,
+                          attributes: true, attributeFilter: ["value", "placeholder"] }});
+  if (document.documentElement) tree(document.documentElement);
+  document.addEventListener("input", (e) => e.target instanceof Element && field(e.target), true);
+}})();
 """
 
 

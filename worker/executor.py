@@ -49,7 +49,7 @@ from worker.contract import (
 )
 from worker.downloads import Downloads
 from worker.errors import RejectedError, StepError
-from worker.evidence import IMAGE_SUFFIX, capture, measure
+from worker.evidence import IMAGE_SUFFIX, capture, echo_mask_script, measure
 from worker.failures import classify, detectors_seen, observe_page, translate_playwright_error
 from worker.guard import Guard
 from worker.handoff import approval_request, handoff_request
@@ -215,6 +215,9 @@ async def run_job(
                 context,
                 guard,
             )
+            echoes = echo_mask_script(run.redact.values)
+            if echoes is not None:
+                await context.add_init_script(echoes)  # every document the job loads
             async with job_trace(
                 context,
                 job.trace or loaded.script.trace,
@@ -454,7 +457,12 @@ class _Run:
         sent_before = self.journal is not None and any(
             p.id in self.journal.previously_sent for p in plan[index : index + 1]
         )
-        # A commit an earlier run sent goes straight to its probe, which finds its own page.
+        # A commit an earlier run sent goes straight to its probe, which finds its own page —
+        # signed in first when no session was kept: the probe's first page would otherwise
+        # wait out its timeout on the sign-in form, and count as a session that expired.
+        signed_out = point.storage_state is None and index > 0
+        if sent_before and signed_out and not await self.sign_in_again(plan[index].id):
+            return
         if index < len(plan) and not sent_before:
             start = await self.reenter(index, restored=point.storage_state is not None)
             if start is None:
@@ -858,6 +866,20 @@ class _Run:
                 f"{planned.action} failed: internal error ({type(exc).__name__}: {exc})",
             )
             failure = await self.explain(error, planned.id, stop_loading=actions.dispatched)
+        if (
+            failure is not None
+            and failure.code == FailureCode.auth_expired
+            and side_effect
+            and self.signing_in(planned)
+        ):
+            # The sign-in form again, right after sending it: not a session that expired (the
+            # relogin rule would send the same values again), but credentials the site refused.
+            failure = failure.model_copy(
+                update={
+                    "code": FailureCode.credentials_rejected,
+                    "message": f"the site refused the sign-in sent by {planned.id}",
+                }
+            )
         report.dialogs += [
             seen.model_copy(update={"message": self.redact(seen.message) or ""})
             for seen in actions.take_dialogs()
@@ -928,6 +950,11 @@ class _Run:
         if failure is not None:
             raise _AttemptFailed(failure, actions.dispatched)
 
+    def signing_in(self, planned: PlannedStep) -> bool:
+        """Whether `planned` is a step of the site's login flow."""
+        login = self.loaded.relogin
+        return bool(login) and planned.frame.path == login[0].frame.path
+
     def _drift(self, matched: MatchedSelector | None) -> SelectorDrift | None:
         if matched is None or matched.index == 0:
             return None
@@ -941,7 +968,9 @@ class _Run:
     ) -> Failure:
         """Turn a raw step error into a classified, redacted Failure."""
         code, evidence = error.code, error.evidence
-        if stop_loading:
+        # A step that timed out may have left a page loading (a click whose next page is slow
+        # to come): reading the page would wait for it, well past the step's timeout.
+        if stop_loading or code == FailureCode.timeout:
             # A sent commit whose answer is still pending: stop waiting for it (as a person
             # would press Esc), so the evidence can be taken and the probe can navigate —
             # anything run in the page blocks until that navigation ends. The site has the

@@ -64,7 +64,9 @@ def classify(code: FailureCode, state: PageState) -> tuple[FailureCode, str | No
     if code not in _VAGUE:
         return code, None
     if state.login_page:
-        return FailureCode.auth_expired, f"redirected to a login page ({state.url})"
+        # The form's own error ("Invalid username or password") says more than where it is.
+        where = f"redirected to a login page ({state.url})"
+        return FailureCode.auth_expired, _evidence(state.error_banners) or where
     if state.status is not None and state.status >= 500:
         return FailureCode.server_error, _evidence(state.error_banners) or f"HTTP {state.status}"
     if state.validation_errors:

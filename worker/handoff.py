@@ -27,6 +27,8 @@ _WHY = {
     FailureCode.expectation_failed: "the page did not show what the script expected",
     FailureCode.unexpected_page: "the site showed a page the script does not know",
     FailureCode.auth_expired: "the site keeps asking to sign in again",
+    FailureCode.credentials_rejected: "the site refused the worker's sign-in: its secrets may "
+    "be wrong or out of date, or the account locked",
 }
 
 

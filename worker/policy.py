@@ -6,10 +6,11 @@ exponential backoff with jitter. Everything here is pure: `rule_for` and `retry_
 tested without a browser.
 
 Defaults, chosen for legacy back-offices:
-- transient (`timeout`, `network_error`, `server_error`, `browser_crashed`): retry 3 times
+- transient (`timeout`, `network_error`, `server_error`, `browser_crashed`): 3 tries in all
   with backoff, then fail;
 - `validation_rejected`: ask the customer (the value they gave was refused);
 - `auth_expired`: sign in again once (the site's login flow), then hand off;
+- `credentials_rejected`: hand off (signing in again sends the same values);
 - `selector_not_found`: the step's alternate path when it has one, else hand off;
 - `expectation_failed`, `unexpected_page`, `outcome_unknown`: hand off to a person;
 - `navigation_blocked`, `navigation_failed`, `script_error`: fail.
@@ -73,6 +74,7 @@ DEFAULT_RULES: Rules = {
     **{code: Rule(action=RuleAction.retry, then=RuleAction.fail) for code in TRANSIENT},
     FailureCode.validation_rejected: Rule(action=RuleAction.ask_customer),
     FailureCode.auth_expired: Rule(action=RuleAction.relogin, attempts=1),
+    FailureCode.credentials_rejected: Rule(action=RuleAction.handoff),
     FailureCode.selector_not_found: Rule(action=RuleAction.handoff),
     FailureCode.expectation_failed: Rule(action=RuleAction.handoff),
     FailureCode.unexpected_page: Rule(action=RuleAction.handoff),

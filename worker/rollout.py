@@ -94,6 +94,8 @@ NOT_AGAINST_THE_VERSION = frozenset(
         FailureCode.secret_missing,
         # The artifact store failed; the job's outcome stands.
         FailureCode.storage_error,
+        # The site refused the worker's credentials: a secret to fix, whatever the version.
+        FailureCode.credentials_rejected,
     }
 )
 # Settled, but by a person, the customer or the clock — never a verdict on the version.

@@ -96,6 +96,14 @@ def _read_secrets_file(path: Path) -> dict[str, str]:
     return {k: str(v) for k, v in data.items() if v is not None}
 
 
+def _head(value: str) -> str:
+    """A pattern for any first two or more characters of `value`: `ab(?:c(?:d)?)?`."""
+    pattern = ""
+    for char in reversed(value[2:]):
+        pattern = f"(?:{re.escape(char)}{pattern})?"
+    return re.escape(value[:2]) + pattern
+
+
 class Redactor:
     """Replaces known secret values in text. Defence in depth: values are never written on
     purpose, but a page or an error message may echo one back."""
@@ -111,7 +119,11 @@ class Redactor:
         self._values.update(v for v in values if len(v) >= 4)
         if self._values:
             ordered = sorted(self._values, key=len, reverse=True)
-            self._pattern = re.compile("|".join(re.escape(v) for v in ordered))
+            whole = [re.escape(v) for v in ordered]
+            # A library that shortens what it logs (arq cuts a job's arguments at 80
+            # characters) may cut a value short: its head, up to the ellipsis, is masked too.
+            heads = [_head(v) for v in ordered]
+            self._pattern = re.compile("|".join([*whole, f"(?:{'|'.join(heads)})(?:…|\\.\\.\\.)"]))
 
     @property
     def values(self) -> frozenset[str]:
