@@ -267,7 +267,10 @@ async def test_metrics_stats_and_insights_match_the_jobs_run(
     assert value(scraped, "formwork_jobs_total", **job, status="rejected", version="") == 1
     assert value(scraped, "formwork_jobs_total") == 5
     assert value(scraped, "formwork_jobs_started_total", **job, version=version) == 4
-    assert value(scraped, "formwork_rules_fired_total", action="retry", code="server_error") == 1
+    fired = [(r.step_id, r.code, r.action) for r in retried.rules_fired]
+    assert value(scraped, "formwork_rules_fired_total", action="retry", code="server_error") == 1, (
+        fired
+    )
     assert value(scraped, "formwork_rules_fired_total", action="ask_customer") == 1
     assert value(scraped, "formwork_rules_fired_total", action="alternate") == 0
     assert value(scraped, "formwork_rules_fired_total", action="relogin") == 0
