@@ -293,6 +293,8 @@ async def test_a_resumed_commit_without_a_kept_session_signs_in_before_its_probe
         paused = await handle.wait(90)
         assert paused.status == JobStatus.paused_for_handoff, paused.error
         assert paused.error is not None and paused.error.code == FailureCode.outcome_unknown
+        # The probe looked, twice, and found nothing: the operator is told so.
+        assert paused.handoff is not None and "found no effect" in paused.handoff.summary
         billing.faults()
         last = await handle.last_event_id()
         assert await client.resume(job.job_id, ResumeDecision(decision="retry_step"))

@@ -718,7 +718,7 @@ class _Run:
         report.recovered_by = "verify_effect"
         return True
 
-    def end(self, status: JobStatus, failure: Failure | None) -> None:
+    def end(self, status: JobStatus, failure: Failure | None, why: str | None = None) -> None:
         for step in self.report.steps:
             if step.status == StepStatus.pending:
                 step.status = StepStatus.skipped
@@ -728,7 +728,7 @@ class _Run:
         self.claims()
         if status.paused and failure is not None:
             self.report.handoff = handoff_request(
-                self.report, failure, status, list(self.loaded.script.inputs)
+                self.report, failure, status, list(self.loaded.script.inputs), why
             )
             wait_s = self.job.pause_timeout_s or self.loaded.script.pause_timeout_s
             self.report.handoff.expires_at = now() + timedelta(seconds=wait_s)
@@ -1144,7 +1144,11 @@ class _Run:
             return start
         why = "the probe could not tell" if outcome == "inconclusive" else "still not applied"
         self.fire(planned.id, failure.code, RuleAction.handoff, f"{why}: a person decides")
-        self.end(JobStatus.paused_for_handoff, failure)
+        absent = (
+            "a submission was sent but the site never confirmed it, and checking afterwards "
+            "found no effect, also after the form was redone once"
+        )
+        self.end(JobStatus.paused_for_handoff, failure, absent if outcome == "absent" else None)
         return None
 
     async def probe(self, planned: PlannedStep) -> str:

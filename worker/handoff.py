@@ -33,12 +33,17 @@ _WHY = {
 
 
 def handoff_request(
-    report: JobReport, failure: Failure, status: JobStatus, input_names: list[str]
+    report: JobReport,
+    failure: Failure,
+    status: JobStatus,
+    input_names: list[str],
+    why: str | None = None,
 ) -> HandoffRequest:
-    """The request for a job paused with `status` because of `failure`."""
+    """The request for a job paused with `status` because of `failure`; `why`, when the
+    worker knows more than the failure's code says."""
     step_id = failure.step_id or ""
     step = next((s for s in report.steps if s.id == step_id), None)
-    why = _WHY.get(failure.code, f"the step failed ({failure.code})")
+    why = why or _WHY.get(failure.code, f"the step failed ({failure.code})")
     page_text = failure.evidence
     summary = f"{report.script} stopped at step '{step_id}': {why}"
     if page_text:
