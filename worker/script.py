@@ -20,6 +20,7 @@ from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -1102,6 +1103,14 @@ def _sources(step: _Step, registry: SiteRegistry) -> list[tuple[str, str]]:
     return found
 
 
+def _literal_host(url: str) -> str | None:
+    """The host of a full URL written out in a script; None for a path on the site, or a
+    host that a template fills in (known only when a job runs)."""
+    if "://" not in url or "{" in url.split("://", 1)[1].split("/", 1)[0]:
+        return None
+    return urlsplit(url).hostname or ""
+
+
 def _check_plan(
     registry: SiteRegistry, plan: list[PlannedStep], extra: list[PlannedStep] | None = None
 ) -> None:
@@ -1128,6 +1137,14 @@ def _check_plan(
                 problem = _undeclared(ref, frame.script, produced)
                 if problem:
                     fail(f"{within}{problem}")
+        if isinstance(step, GotoStep):
+            host = _literal_host(step.goto)
+            if host is not None and host not in registry.allowed_hosts:
+                # It would be refused at run time (navigation_blocked) on every job.
+                fail(
+                    f"goto {step.goto!r}: {host!r} is not one of site {registry.site}'s "
+                    f"allowed_hosts {registry.allowed_hosts}"
+                )
         if isinstance(step, ExtractStep):
             produced.update(step.extract)
     # Sub-flow bindings are templates in the parent's namespace.
