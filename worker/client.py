@@ -26,7 +26,6 @@ from redis.asyncio import Redis
 from worker.backlog import backlog
 from worker.contract import (
     BrowserJob,
-    Decision,
     EventKind,
     JobEvent,
     JobReport,
@@ -35,13 +34,13 @@ from worker.contract import (
 )
 from worker.envelope import MAX_PAYLOAD_BYTES, envelope
 from worker.errors import JobInvalid
-from worker.keys import ARQ_JOB_PREFIX, RECORD_TTL_S, Keys, message_id
+from worker.keys import ARQ_JOB_PREFIX, RECORD_TTL_S, Keys
 from worker.queue import (
     PauseClaim,
-    claim_pause,
+    abort_decision,
+    claim_decision,
     read_pause,
     request_abort,
-    resume_message,
 )
 
 # KEYS: job record, idempotency key, arq job key, queue, job stream, global stream.
@@ -225,8 +224,7 @@ class FormworkClient:
             flagged = await request_abort(self.redis, self.keys, job_id, reason)
             if flagged != "paused":
                 return flagged == "flagged"
-            decision = ResumeDecision(decision=Decision.abort, note=reason[:2000], by=by)
-            if await self.decide(job_id, decision) == PauseClaim.claimed:
+            if await self.decide(job_id, abort_decision(reason, by)) == PauseClaim.claimed:
                 return True
             # Decided or resumed meanwhile: look again — a pending decision is flagged.
         return False
@@ -254,9 +252,7 @@ class FormworkClient:
                 return PauseClaim.decided
             if decision.decision not in report.handoff.allowed_decisions:
                 return PauseClaim.not_allowed
-            token = message_id(job_id, "resume", paused.seq)
-            body = resume_message(job_id, paused.seq, decision)
-            claimed = await claim_pause(self.redis, self.keys, job_id, paused.seq, token, body)
+            claimed = await claim_decision(self.redis, self.keys, job_id, paused.seq, decision)
             if claimed != PauseClaim.moved:
                 return claimed
             # The job changed between the read and the claim (a refused decision re-announced

@@ -237,6 +237,20 @@ def resume_message(job_id: str, pause: int, decision: ResumeDecision) -> dict[st
     return {"resume": job_id, "pause": pause, "decision": decision.model_dump(mode="json")}
 
 
+def abort_decision(reason: str, by: str) -> ResumeDecision:
+    """The `abort` decision an abort request becomes (a note holds at most 2000 characters)."""
+    return ResumeDecision(decision=Decision.abort, by=by, note=reason[:2000])
+
+
+async def claim_decision(
+    redis: Redis, keys: Keys, job_id: str, pause: int, decision: ResumeDecision
+) -> PauseClaim:
+    """Claim the pause at event `pause` for `decision`, and queue the message carrying it out."""
+    token = message_id(job_id, "resume", pause)
+    body = resume_message(job_id, pause, decision)
+    return await claim_pause(redis, keys, job_id, pause, token, body)
+
+
 async def claim_pause(
     redis: Redis,
     keys: Keys,
@@ -554,12 +568,8 @@ async def _abort_if_requested(state: WorkerState, job_id: str) -> None:
     paused = await read_pause(redis, keys, job_id)
     if not paused.waiting:
         return  # a decision came first (its claim dropped the flag)
-    decision = ResumeDecision(
-        decision=Decision.abort, by="abort request", note=reason.decode()[:2000]
-    )
-    token = message_id(job_id, "resume", paused.seq)
-    body = resume_message(job_id, paused.seq, decision)
-    claimed = await claim_pause(redis, keys, job_id, paused.seq, token, body)
+    decision = abort_decision(reason.decode(), by="abort request")
+    claimed = await claim_decision(redis, keys, job_id, paused.seq, decision)
     log.info("job %s paused with an abort pending: abort decision %s", job_id, claimed)
 
 
@@ -614,9 +624,7 @@ async def execute_resume(
         # Asked after this decision was taken (taking it dropped any earlier request), before
         # it was carried out: the later word wins.
         await redis.delete(keys.abort(job_id))
-        decision = ResumeDecision(
-            decision=Decision.abort, by="abort request", note=aborted.decode()[:2000]
-        )
+        decision = abort_decision(aborted.decode(), by="abort request")
     job = BrowserJob.model_validate_json(raw_job)
     if decision.inputs:
         job = job.model_copy(update={"inputs": {**job.inputs, **decision.inputs}})
@@ -682,12 +690,7 @@ def _refusal(
     try:
         # First: a schema error quotes the value it refuses, and this value is a secret.
         secrets.refuse_carried(job.inputs)
-        carried = secrets.carried_in(decision.outputs)
-        if carried is not None:
-            raise JobInvalid(
-                f"outputs.{carried} carries the value of a configured secret",
-                field=f"outputs.{carried}",
-            )
+        secrets.refuse_carried(decision.outputs, "outputs")
         if decision.decision != Decision.mark_done:  # nothing runs for mark_done
             version = report.script_version or job.script_version  # the one it started on
             intake(job, state.runtime, version)

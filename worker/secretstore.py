@@ -72,16 +72,17 @@ class SecretStore:
 
         return next((name for name, value in inputs.items() if holds(value)), None)
 
-    def refuse_carried(self, inputs: Mapping[str, object]) -> None:
-        """JobInvalid when an input carries a secret's value. Such a credential is already
-        leaked (Redis, the orchestrator's logs): never use it, and name the field so the
-        sender can fix the integration — never the value."""
+    def refuse_carried(self, inputs: Mapping[str, object], kind: str = "inputs") -> None:
+        """JobInvalid when an input (or, with `kind`, another named value a job is sent)
+        carries a secret's value. Such a credential is already leaked (Redis, the
+        orchestrator's logs): never use it, and name the field so the sender can fix the
+        integration — never the value."""
         carried = self.carried_in(inputs)
         if carried:
             raise JobInvalid(
-                f"inputs.{carried} carries the value of a configured secret: secrets are named "
+                f"{kind}.{carried} carries the value of a configured secret: secrets are named "
                 "in scripts and resolved on the worker, never sent in a job",
-                field=f"inputs.{carried}",
+                field=f"{kind}.{carried}",
             )
 
 
