@@ -231,14 +231,21 @@ async def test_paused_jobs_are_listed_for_operators(
     assert later.returncode == 0, later.stderr
     seqs = [int(line[:4]) for line in later.stdout.splitlines() if line[:4].strip().isdigit()]
     assert seqs == [int(line[:4]) for line in numbered if int(line[:4]) > middle], later.stdout
-    for job_id, why in (
-        ("cli-paused", "job cli-paused is succeeded, not paused"),
-        ("cli-nope", "no job 'cli-nope'"),
+    # A job that ended is a state conflict (1); a job id nobody knows is a wrong command
+    # line (2), whichever command is given it, as `status` and `watch` answer it.
+    for command, job_id, code, why in (
+        (["resume", "cli-paused", "abort"], "cli-paused", 1, "is succeeded, not paused"),
+        (["abort", "cli-paused"], "cli-paused", 1, "already ended, nothing to abort"),
+        (["handoff", "cli-paused"], "cli-paused", 1, "is succeeded, not waiting for a decision"),
+        (["resume", "cli-nope", "abort"], "cli-nope", 2, "no job cli-nope"),
+        (["abort", "cli-nope"], "cli-nope", 2, "no job cli-nope"),
+        (["handoff", "cli-nope"], "cli-nope", 2, "no job cli-nope"),
+        (["status", "cli-nope"], "cli-nope", 2, "no job cli-nope"),
+        (["watch", "cli-nope"], "cli-nope", 2, "no job cli-nope"),
     ):
-        refused = await asyncio.to_thread(
-            formwork, "resume", job_id, "abort", tmp_path=tmp_path, env=env
-        )
-        assert refused.returncode == 1 and why in refused.stderr, refused.stderr
+        refused = await asyncio.to_thread(formwork, *command, tmp_path=tmp_path, env=env)
+        assert refused.returncode == code, (command, refused.returncode, refused.stderr)
+        assert f"job {job_id}" in refused.stderr and why in refused.stderr, refused.stderr
 
 
 def test_audit_prune_says_the_age_as_given_and_which_days_it_came_to(tmp_path: Path) -> None:

@@ -385,13 +385,16 @@ async def _abort(args: argparse.Namespace) -> int:
     async with _client() as client:
         handle = client.handle(args.job_id)
         status = await handle.status()
+        if status is None:  # a mistyped id is a wrong command line, like `status` says
+            print(f"formwork: no job {args.job_id}", file=sys.stderr)
+            return 2
         if await client.abort(args.job_id, args.reason, by="cli"):
             if status is not None and status.paused:
                 print(f"{args.job_id} was {status}: it ends cancelled now")
             else:
                 print(f"abort requested for {args.job_id}: it stops before its next step")
             return 0
-    print(f"formwork: job {args.job_id} is unknown or already ended", file=sys.stderr)
+    print(f"formwork: job {args.job_id} already ended, nothing to abort", file=sys.stderr)
     return 1
 
 
@@ -415,12 +418,18 @@ async def _handoffs(args: argparse.Namespace) -> int:
 
 async def _handoff(args: argparse.Namespace) -> int:
     async with _client() as client:
-        report = await client.handle(args.job_id).report()
+        handle = client.handle(args.job_id)
+        status = await handle.status()
+        report = await handle.report()
+    if report is None and status is None:
+        print(f"formwork: no job {args.job_id}", file=sys.stderr)
+        return 2
     if report is None or report.handoff is None:
-        why = (
-            f"no job {args.job_id!r}" if report is None else f"job {args.job_id} is {report.status}"
+        print(
+            f"formwork: job {args.job_id} is {report.status if report else status}, "
+            "not waiting for a decision",
+            file=sys.stderr,
         )
-        print(f"formwork: {why}, not waiting for a decision", file=sys.stderr)
         return 1
     handoff = report.handoff
     root = Path(report.artifacts.root) if report.artifacts else Path()
@@ -467,7 +476,7 @@ async def _resume(args: argparse.Namespace) -> int:
         if outcome != PauseClaim.claimed:
             why = await _why_not_resumed(handle, args.decision, outcome)
             print(f"formwork: {why}", file=sys.stderr)
-            return 1
+            return 2 if outcome == PauseClaim.unknown else 1
         print(f"{args.decision} sent for {args.job_id}")
         if args.watch:
             return await _follow(client, args.job_id, after)
@@ -483,7 +492,7 @@ async def _why_not_resumed(handle: JobHandle, decision: str, outcome: PauseClaim
         return f"job {handle.job_id} already has a decision waiting to be carried out"
     status, report = await handle.status(), await handle.report()
     if status is None:
-        return f"no job {handle.job_id!r} (or its record has expired)"
+        return f"no job {handle.job_id} (or its record has expired)"
     if not status.paused or report is None or report.handoff is None:
         return f"job {handle.job_id} is {status}, not paused: there is nothing to decide"
     allowed = ", ".join(str(d) for d in report.handoff.allowed_decisions)
