@@ -490,6 +490,47 @@ async def test_skip_step_goes_on_from_the_next_step_without_redoing_the_skipped_
     assert len(billing.credits()) == 1
 
 
+async def test_a_pause_before_the_commit_claims_no_effect_until_a_person_marks_it_done(
+    billing: Site, client: FormworkClient, browser_host: BrowserHost, settings: Settings,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    # The job stops at the account page, long before its commit: nothing was sent, so the
+    # report claims no effect (an unverified "credit … issued" would read as if it had been).
+    # A person issues the credit by hand and says so: then the effect is claimed, as theirs.
+    scripts = copy_scripts(tmp_path)
+    script = scripts / "billing" / "issue_credit.yaml"
+    script.write_text(
+        script.read_text().replace(
+            'goto: "/accounts/{{ inputs.account_id }}", expect: {visible: account.header}}',
+            'goto: "/accounts/{{ inputs.account_id }}", expect: {hidden: account.header}, '
+            "timeout_ms: 1000}",
+        )
+    )
+    settings = settings.model_copy(update={"scripts_dir": scripts})
+    job = BrowserJob(
+        job_id="m-early", script="billing/issue_credit", inputs=CREDIT_INPUTS, site_url=billing.url
+    )
+    async with running_worker(settings, browser_host):
+        handle = await client.enqueue(job)
+        paused = await handle.wait(60)
+        assert paused.status == JobStatus.paused_for_handoff, paused.error
+        assert paused.handoff is not None and "mark_done" in paused.handoff.allowed_decisions
+        assert [c for c in paused.claims if c.kind == "effect"] == []
+        last = await handle.last_event_id()
+        done = ResumeDecision(
+            decision="mark_done", outputs={"confirmation_number": "CN-4242"},
+            note="issued in the portal by hand", by="ops@billing",
+        )  # fmt: skip
+        assert await client.resume("m-early", done)
+        report = await handle.wait(30, after=last)
+
+    assert report.status == JobStatus.succeeded, report.error
+    assert billing.credits() == []  # the worker sent nothing; the person did it elsewhere
+    (effect,) = [c for c in report.claims if c.kind == "effect"]
+    assert (effect.verified, effect.how) == (True, "manual")
+    assert effect.value == "credit of 15.00 issued to AC-10231, confirmation CN-4242"
+
+
 def copy_scripts(tmp_path: Path) -> Path:
     target = tmp_path / "scripts"
     shutil.copytree(SCRIPTS, target)

@@ -1213,7 +1213,10 @@ class _Run:
             )
         effect = self.loaded.script.effect
         commits = [s for s in self.report.steps if s.commit]
-        if effect is not None and commits:
+        # Told only once a commit may have taken effect: a job that stopped before its commit
+        # reached the site (or whose commit the site refused) has no effect to tell of, and an
+        # unverified "credit … issued" would read as if it had been sent.
+        if effect is not None and any(_sent(s) for s in commits):
             text = effect_text(effect, self.actions.inputs, self.actions.outputs)
             done = self.report.status == JobStatus.succeeded and all(
                 s.status == StepStatus.succeeded
@@ -1239,6 +1242,15 @@ class _Run:
                 )
             )
         self.report.claims = claims
+
+
+def _sent(step: StepReport) -> bool:
+    """Whether the commit `step` reached the site and was not refused by it: it succeeded, or
+    an attempt of it was sent but not confirmed (`outcome_unknown`)."""
+    return step.status == StepStatus.succeeded or any(
+        a.failure is not None and a.failure.code == FailureCode.outcome_unknown
+        for a in step.attempt_log
+    )
 
 
 def effect_text(effect: str, inputs: dict[str, Any], outputs: dict[str, str]) -> str:

@@ -712,11 +712,20 @@ def _claims_done_by_hand(
     by that person (`manual`), never by the site."""
     loaded = state.runtime.scripts.load(job.script_name, report.script_version or None)
     inputs = loaded.validate_inputs(job.inputs)
+    effect = loaded.script.effect
+    if effect is not None and not any(c.kind == "effect" for c in report.claims):
+        # The job stopped before its commit was sent; the person did it by hand.
+        commits = [s for s in report.steps if s.commit]
+        claim = Claim(
+            kind="effect", name=loaded.name, value="", verified=True, how=Verification.manual
+        )
+        claim.step_id = commits[-1].id if commits else step_id
+        report.claims.append(claim)
     for claim in report.claims:
         if claim.kind == "effect":
             claim.verified, claim.how = True, Verification.manual
-            if loaded.script.effect is not None:
-                claim.value = effect_text(loaded.script.effect, inputs, report.outputs)
+            if effect is not None:
+                claim.value = effect_text(effect, inputs, report.outputs)
     given = decision.outputs
     report.claims = [c for c in report.claims if not (c.kind == "output" and c.name in given)]
     report.claims += [
