@@ -184,6 +184,10 @@ def test_failure_is_framed_in_red_with_its_code() -> None:
     shot = Image.open(io.BytesIO(rendered.images[0].image)).convert("RGB")
     for x, y in ((2, 150), (397, 150), (200, 2), (200, 297)):
         assert close(shot.getpixel((x, y)), FAIL_COLOR), (x, y)
+    # The code's label sits in the bottom left corner, leaving the page's header (where an
+    # error banner usually is) as it was captured.
+    assert close(shot.getpixel((12, 300 - 8 - 3)), FAIL_COLOR)
+    assert all(close(shot.getpixel((x, y)), (255, 255, 255)) for x in (14, 40) for y in (16, 30))
 
 
 def test_images_are_fitted_into_the_job_budget() -> None:

@@ -93,7 +93,8 @@ def annotate(raw: bytes, mark: Mark) -> Image.Image:
     if mark.failure is not None:
         w, h = image.size
         draw.rectangle((0, 0, w - 1, h - 1), outline=FAIL_COLOR, width=FRAME_WIDTH)
-        _tag(draw, f"FAILED: {mark.failure}", FRAME_WIDTH, FRAME_WIDTH + 22, FAIL_COLOR, w)
+        # Bottom left: the top of a failed page is where its header and error banner are.
+        _tag(draw, f"FAILED: {mark.failure}", FRAME_WIDTH, h - FRAME_WIDTH, FAIL_COLOR, w)
     return image
 
 
