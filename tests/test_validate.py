@@ -21,16 +21,14 @@ def tree(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def validate(tree: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    code = main(
-        [
-            "validate",
-            "--scripts-dir",
-            str(tree / "scripts"),
-            "--selectors-dir",
-            str(tree / "selectors"),
-        ]
-    )
+def validate(
+    tree: Path, capsys: pytest.CaptureFixture[str], *, browser: bool = False
+) -> tuple[int, str]:
+    """`formwork validate` on `tree`; the checks made in Chromium only when `browser` (they
+    have tests of their own, and launching a browser for every case would be slow)."""
+    args = ["validate", "--scripts-dir", str(tree / "scripts")]
+    args += ["--selectors-dir", str(tree / "selectors")]
+    code = main(args if browser else [*args, "--no-browser"])
     return code, capsys.readouterr().out
 
 
@@ -264,3 +262,53 @@ def test_a_rollout_file_for_a_sub_flow_is_refused(
     assert code == 1
     assert f"{rollout}: billing/login is a sub-flow (used by billing/issue_credit)" in out
     assert "never the rollout's" in out
+
+
+def test_a_broken_registry_has_its_own_entry_and_its_scripts_point_to_it(
+    tree: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    registry = tree / "selectors" / "orders.yaml"
+    source = registry.read_text().replace("\nelements:\n", "\nelements:\n  Bad-Name: []\n", 1)
+    registry.write_text(source)
+    code, out = validate(tree, capsys)
+    assert code == 1
+    assert f"FAIL  {registry}\n      {registry}:" in out
+    assert out.count("element name 'Bad-Name' must be dotted lower_case words") == 1
+    assert f"{registry} is invalid (see its own FAIL entry)" in out  # orders' scripts
+    assert f"ok    {tree / 'selectors' / 'billing.yaml'}  (" in out
+
+
+def test_selectors_and_keys_only_a_browser_can_judge_are_checked_in_chromium(
+    tree: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Each would load, pass every check Python can make, and stop the first job reaching it.
+    registry = tree / "selectors" / "billing.yaml"
+    source = registry.read_text()
+    source = source.replace('{css: "#confirmation-number"}', '{css: "#confirmation-number[["}')
+    source = source.replace('[{css: "#confirmation-date"}]', '[{css: "x", frame: "iframe[["}]')
+    source = source.replace('error_banner: [".alert-danger"', 'error_banner: [".alert-danger>>>"')
+    registry.write_text(source)
+    credit = tree / "scripts" / "billing" / "issue_credit.yaml"
+    credit.write_text(
+        credit.read_text().replace(
+            "  - {id: confirm_amount,",
+            "  - {id: tab_out, press: {key: Entr, target: credit.reference}}\n"
+            "  - {id: next_field, press: {key: Tab}}\n"
+            "  - {id: confirm_amount,",
+        )
+    )
+    code, out = validate(tree, capsys, browser=True)
+    assert code == 1
+    assert f"{registry}:41: elements > credit.confirmation_number[0] > css: " in out
+    assert "'#confirmation-number[[' is not a valid selector: Unexpected token" in out
+    assert f"{registry}:42: elements > credit.confirmation_date[0] > frame: 'iframe[['" in out
+    assert f"{registry}:48: detectors > error_banner[0]: '.alert-danger>>>' is not valid CSS" in out
+    assert (
+        f"{credit}:22: steps[7] (step 'tab_out') > press > key: 'Entr' is not a key Playwright "
+        "knows" in out
+    )
+    assert "'Tab'" not in out  # a real key passes
+    assert "2 invalid" in out
+    # The real tree passes, and the same broken tree passes without the browser's checks.
+    code, out = validate(tree, capsys)
+    assert code == 0, out

@@ -16,10 +16,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from playwright.async_api import Error as PlaywrightError
 from pydantic import ValidationError
 
 from worker.artifacts import ArtifactStore, LocalArtifacts, safe_id, store_for
-from worker.browser import BrowserHost
+from worker.browser import BrowserHost, find_chromium
 from worker.contract import (
     BrowserJob,
     Decision,
@@ -43,6 +44,7 @@ from worker.rollout import (
 )
 from worker.script import ScriptStore, misplaced
 from worker.secretstore import SecretStore
+from worker.selectors import SiteRegistry, load_registry
 from worker.settings import Settings
 
 _MARK = {
@@ -537,6 +539,16 @@ def _validate(args: argparse.Namespace) -> int:
     if not scripts and not outcomes:
         raise UsageError(f"no scripts under {scripts_dir} (a script is <site>/<name>.yaml)")
     subflows: dict[str, str] = {}
+    registries: dict[Path, SiteRegistry] = {}
+    for path in sorted(settings.selectors_dir.glob("*.yaml")):
+        # A registry gets its own entry: every script of its site would otherwise repeat its
+        # error, and one no script uses yet would not be checked at all.
+        try:
+            registries[path] = load_registry(settings.selectors_dir, path.stem)
+            elements = len(registries[path].elements)
+            outcomes.append((path, f"ok    {path}  ({elements} elements)", True))
+        except FormworkError as exc:
+            outcomes.append((path, exc.message, False))
     for path in [*scripts, *rollouts]:
         try:
             if path in rollouts:
@@ -545,6 +557,9 @@ def _validate(args: argparse.Namespace) -> int:
                 outcomes.append((path, _check_script(store, path, subflows), True))
         except FormworkError as exc:
             outcomes.append((path, exc.message, False))
+    if not args.no_browser:
+        chromium = settings.chromium or find_chromium()
+        outcomes = _checked_in_browser(outcomes, registries, scripts, chromium)
     failed = [(path, message) for path, message, ok in outcomes if not ok]
     for path, message, ok in outcomes:
         if ok:
@@ -553,6 +568,38 @@ def _validate(args: argparse.Namespace) -> int:
             print(f"FAIL  {path}\n      " + "\n      ".join(_own_lines(path, message, failed)))
     print(f"{len(outcomes) - len(failed)} valid, {len(failed)} invalid")
     return 1 if failed else 0
+
+
+def _checked_in_browser(
+    outcomes: list[tuple[Path, str, bool]],
+    registries: dict[Path, SiteRegistry],
+    scripts: list[Path],
+    chromium: str | None,
+) -> list[tuple[Path, str, bool]]:
+    """`outcomes` with what only a browser can tell added: selectors that do not parse, keys
+    that are not keys (see `worker.browsercheck`). Only files that loaded are tried."""
+    from worker.browsercheck import check, registry_probes, script_probes
+
+    loaded = {path for path, _, ok in outcomes if ok}
+    probes = [p for path, reg in registries.items() for p in registry_probes(path, reg)]
+    probes += [p for path in scripts if path in loaded for p in script_probes(path)]
+    try:
+        problems = asyncio.run(check(probes, chromium))
+    except PlaywrightError as exc:
+        print(
+            "note: selectors and press keys not checked in a browser "
+            f"({exc.message.splitlines()[0]}); --no-browser skips this check",
+            file=sys.stderr,
+        )
+        return outcomes
+    checked: list[tuple[Path, str, bool]] = []
+    for path, message, ok in outcomes:
+        lines = problems.get(path)
+        if lines and path in loaded:
+            checked.append((path, "\n".join(lines), False))
+        else:
+            checked.append((path, message, ok))
+    return checked
 
 
 def _check_script(store: ScriptStore, path: Path, subflows: dict[str, str]) -> str:
@@ -590,6 +637,10 @@ def _check_rollout(store: ScriptStore, path: Path, subflows: dict[str, str]) -> 
 def _own_lines(path: Path, message: str, failed: list[tuple[Path, str]]) -> list[str]:
     """The lines of `path`'s error, each once; an error in another file that has its own FAIL
     entry (a sub-flow, a version beside it) points there instead of being printed again."""
+    for elsewhere, text in failed:
+        # A registry's error, every line of it, repeated in each script of its site.
+        if elsewhere != path and text.startswith(f"{elsewhere}:") and text in message:
+            message = message.replace(text, f"{elsewhere} is invalid (see its own FAIL entry)")
     lines: list[str] = []
     for line in message.split("\n"):
         other = next(
@@ -865,6 +916,11 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="load and check every script")
     validate.add_argument("--scripts-dir", type=Path)
     validate.add_argument("--selectors-dir", type=Path)
+    validate.add_argument(
+        "--no-browser",
+        action="store_true",
+        help="skip the checks made in Chromium (CSS selectors parse, press keys are keys)",
+    )
     validate.set_defaults(handler=_validate)
 
     _add_rollout(sub)
