@@ -23,7 +23,7 @@ from worker.contract import (
     StepStatus,
 )
 from worker.evidence import echo_mask_script
-from worker.executor import Runtime, run_job
+from worker.executor import ResumePoint, Runtime, run_job
 from worker.script import PlannedStep, ScriptStore
 from worker.secretstore import SecretStore
 
@@ -388,3 +388,36 @@ async def test_refused_credentials_hand_off_at_once_with_the_sign_in_masked(
         await context.close()
     assert box is not None
     assert _flat(_masked_crop(runtime.artifacts.root / step.screenshot, box))
+
+
+async def test_a_job_taken_up_where_a_secret_is_missing_waits_with_its_report_intact(
+    billing: Site, runtime: Runtime
+) -> None:
+    # A job under way (here: paused by the site's refusal) is handed to a worker that lacks
+    # the site's password. Refused like a new job, its report would be replaced by an empty
+    # one; it waits for a person instead, with every step it did still on record.
+    rule = {"field": "amount", "value": "15.00", "message": "Credits over 10.00 need approval"}
+    billing.faults(reject_value=[rule])
+    paused = await run_job(credit_job(billing, "job-held"), runtime)
+    assert paused.status == JobStatus.needs_customer_input
+    done = [s.id for s in paused.steps if s.status == StepStatus.succeeded]
+    assert "reference" in done
+    billing.faults(reject_value=[])
+
+    bare = dataclasses.replace(runtime, secrets=SecretStore(None, environ={}))
+    point = ResumePoint(report=paused, step_id="review")
+    held = await run_job(credit_job(billing, "job-held"), bare, resume=point)
+    assert held.status == JobStatus.paused_for_handoff
+    assert held.error is not None and held.error.code == FailureCode.secret_missing
+    assert held.error.step_id == "review"
+    assert [s.id for s in held.steps if s.status == StepStatus.succeeded] == done
+    assert held.handoff is not None and "retry_step" in held.handoff.allowed_decisions
+    assert "could not take the job up again" in held.handoff.summary
+    assert "billing_password" in held.handoff.summary
+    assert billing.credits() == []
+
+    # The worker put right, the job goes on at that step: one credit.
+    point = ResumePoint(report=held, step_id="review")
+    final = await run_job(credit_job(billing, "job-held"), runtime, resume=point)
+    assert final.status == JobStatus.succeeded, final.error
+    assert len(billing.credits()) == 1

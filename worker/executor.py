@@ -57,6 +57,7 @@ from worker.har import scrub
 from worker.policy import Rule, retry_wait_s, rule_for
 from worker.rollout import Rollouts, route
 from worker.script import (
+    PAUSE_TIMEOUT_S,
     ClickStep,
     ExpectStep,
     ExtractStep,
@@ -161,6 +162,8 @@ async def run_job(
         )
         loaded, inputs, secrets = intake(job, runtime, chosen.version)
     except RejectedError as exc:
+        if resume is not None:
+            return await _held_at_intake(job, resume, exc, runtime, listener, started)
         return await reject(
             job.job_id, job.script_name, exc, runtime, listener, correlation=job.correlation
         )
@@ -271,6 +274,31 @@ async def reject(
         error=error.to_failure(),
     )
     return await _finish(report, time.perf_counter(), runtime, listener or NullListener())
+
+
+async def _held_at_intake(
+    job: BrowserJob,
+    resume: ResumePoint,
+    error: RejectedError,
+    runtime: Runtime,
+    listener: RunListener,
+    started: float,
+) -> JobReport:
+    """A job under way that this worker cannot take up again (its script version is not here,
+    a secret is missing here) waits for a person with its report as it was. Refused like a new
+    job, its record would be replaced by an empty one, and the steps it did (a commit maybe
+    among them) would be lost from it. Once the worker is put right, `retry_step` goes on."""
+    log.warning("job %s: cannot be taken up again here: %s", job.job_id, error.code)
+    report = resume.report
+    failure = error.to_failure()
+    failure.step_id = resume.step_id
+    status = JobStatus.paused_for_handoff
+    report.status, report.error = status, failure
+    why = f"this worker could not take the job up again ({error.message})"
+    report.handoff = handoff_request(report, failure, status, [], why)
+    wait_s = job.pause_timeout_s or PAUSE_TIMEOUT_S
+    report.handoff.expires_at = now() + timedelta(seconds=wait_s)
+    return await _finish(report, started, runtime, listener)
 
 
 async def settle(

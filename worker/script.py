@@ -53,6 +53,8 @@ from worker.templating import (
 from worker.uploads import UploadRefused, relative_upload, upload_path
 from worker.yamlfile import At, describe_loc, line_of, load_model, read_yaml
 
+# How long a paused job waits for a decision, unless its script or job says otherwise.
+PAUSE_TIMEOUT_S = 24 * 3600
 STEP_ID = r"^[a-z][a-z0-9_]*$"
 
 
@@ -633,7 +635,7 @@ class Script(_Strict):
     secrets: list[Annotated[str, StringConstraints(pattern=STEP_ID)]] = Field(default_factory=list)
     timeout_ms: int = Field(default=10_000, gt=0, le=600_000)
     pause_timeout_s: int = Field(
-        default=24 * 3600,
+        default=PAUSE_TIMEOUT_S,
         gt=0,
         le=30 * 24 * 3600,
         description="How long a paused job waits for a decision before it ends `expired`.",
