@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
 from arq import Worker
 from redis.asyncio import Redis
 
-from worker.checkpoint import CHECKPOINT_FIELD, RedisCheckpoints, StateCipher
+from worker.browser import BrowserHost
+from worker.checkpoint import CHECKPOINT_FIELD, JOB_FIELD, RedisCheckpoints, StateCipher
 from worker.client import FormworkClient
-from worker.contract import ResumeDecision
+from worker.contract import BrowserJob, JobReport, JobStatus, ResumeDecision
 from worker.keys import Keys
+from worker.queue import running_worker
 from worker.settings import Settings
 
-from .conftest import Site
+from .conftest import CREDIT_INPUTS, SCRIPTS, Site
 from .test_handoff import paused_job
 
 
@@ -63,3 +67,81 @@ async def test_a_paused_job_leaves_a_checkpoint_with_its_session_sealed(
 def test_a_short_state_key_is_refused() -> None:
     with pytest.raises(ValueError, match="at least 16"):
         StateCipher("short")
+
+
+def credit_as_script(scripts: Path) -> None:
+    """billing/credit_as: issue_credit signing in with the agent's own name and password,
+    given as inputs declared `secret: true`."""
+    source = (scripts / "billing" / "issue_credit.yaml").read_text()
+    source = source.replace("name: billing/issue_credit", "name: billing/credit_as")
+    source = source.replace(
+        "inputs:\n",
+        "inputs:\n"
+        "  agent_user: {type: string, secret: true}\n"
+        "  agent_pw: {type: string, secret: true}\n",
+        1,
+    )
+    source = source.replace(
+        "  - {id: login, use: billing/login}\n",
+        "  - {id: open_login, goto: /login, expect: {visible: login.form}}\n"
+        '  - {id: agent_user, fill: {target: login.username, value: "{{ inputs.agent_user }}"}}\n'
+        '  - {id: agent_pw, fill: {target: login.password, value: "{{ inputs.agent_pw }}"}}\n'
+        "  - {id: sign_in, click: login.submit, expect: {visible: dashboard.header}}\n",
+    )
+    (scripts / "billing" / "credit_as.yaml").write_text(source)
+
+
+async def test_secret_inputs_kept_for_a_resume_are_sealed_and_dropped_when_the_job_ends(
+    billing: Site, client: FormworkClient, browser_host: BrowserHost, settings: Settings,
+    tmp_path: Path, fixture_secrets: dict[str, str],
+) -> None:  # fmt: skip
+    # A job waiting for approval keeps what a resume needs, on any worker: the job itself
+    # among it. Its secret inputs are sealed under the workers' key, and gone once it ends.
+    scripts = tmp_path / "scripts"
+    shutil.copytree(SCRIPTS, scripts)
+    credit_as_script(scripts)
+    # The agent's own sign-in is the one the fixture accepts; the worker's service account
+    # (which a job may never carry) is another.
+    own = tmp_path / "secrets.yaml"
+    own.write_text("billing_username: service-bot\nbilling_password: not-the-agents-0000\n")
+    settings = settings.model_copy(update={"scripts_dir": scripts, "secrets_file": own})
+    user, password = fixture_secrets["billing_username"], fixture_secrets["billing_password"]
+    inputs = {**CREDIT_INPUTS, "amount": "150.00", "agent_user": user, "agent_pw": password}
+    keys = Keys(settings.key_prefix)
+    redis: Redis = client.redis
+
+    async def approve(job_id: str, settings: Settings) -> JobReport:
+        handle = client.handle(job_id)
+        last = await handle.last_event_id()
+        async with running_worker(settings, browser_host):
+            assert await client.resume(job_id, ResumeDecision(decision="approve", by="lead"))
+            return await handle.wait(60, after=last)
+
+    for job_id in ("k-sealed", "k-other-key"):
+        job = BrowserJob(
+            job_id=job_id, script="billing/credit_as", inputs=inputs, site_url=billing.url
+        )
+        async with running_worker(settings, browser_host):
+            paused = await (await client.enqueue(job)).wait(60)
+        assert paused.status == JobStatus.awaiting_approval, paused.error
+        kept = await redis.hget(keys.job(job_id), JOB_FIELD)  # type: ignore[misc]
+        assert kept is not None and b"k-" in kept
+        assert user.encode() not in kept and password.encode() not in kept
+        assert b'"account_id":"AC-10231"' in kept  # an ordinary input, kept as it is
+
+    # Opened by a worker holding the key: the job goes on and the credit is issued once.
+    done = await approve("k-sealed", settings)
+    assert done.status == JobStatus.succeeded, done.error
+    assert len(billing.credits()) == 1
+    record = await redis.hgetall(keys.job("k-sealed"))  # type: ignore[misc]
+    assert JOB_FIELD.encode() not in record and CHECKPOINT_FIELD.encode() not in record
+    assert b"report" in record  # the job's record itself stays
+
+    # A worker with another key cannot open them: the decision is refused, the job waits,
+    # and nothing was typed into the site in their place.
+    other = settings.model_copy(update={"state_key": "another-fleet-key-0000"})
+    refused = await approve("k-other-key", other)
+    assert refused.status == JobStatus.awaiting_approval
+    assert refused.decisions[-1].note is not None
+    assert "agent_pw" in refused.decisions[-1].note and "agent_user" in refused.decisions[-1].note
+    assert len(billing.credits()) == 1

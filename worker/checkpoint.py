@@ -10,6 +10,9 @@ lasts, so it is sealed at rest with Fernet (AES-128-CBC with an HMAC-SHA256 tag,
 `cryptography` package — never hand-rolled) under a key from the worker's environment
 (`FORMWORK_STATE_KEY`). Without a key the session is simply not kept: a resumed job signs in
 again. A checkpoint sealed under another key reads as "no session", never as an error.
+
+The job itself is kept beside it (field `job`) for a resume: its inputs declared
+`secret: true` are sealed under the same key (`keep_job`). Both are dropped when the job ends.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import asyncio
 import base64
 import json
 import logging
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, Protocol, cast
 
@@ -29,7 +33,7 @@ from playwright.async_api import Error as PlaywrightError
 from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 
-from worker.contract import JobReport
+from worker.contract import BrowserJob, JobReport
 from worker.keys import Keys
 from worker.outbox import Outbox
 
@@ -90,6 +94,41 @@ class StateCipher:
         except InvalidToken:
             return None
         return cast(dict[str, Any], value)
+
+
+JOB_FIELD = "job"  # the job as enqueued, for a later resume on any worker
+_SEALED = "$sealed"
+
+
+def keep_job(job: BrowserJob, secret_inputs: Iterable[str], cipher: StateCipher | None) -> str:
+    """The job as its record keeps it for a later resume: its secret inputs sealed when a key
+    is configured. Without one they are kept as given (the orchestrator put them in Redis so,
+    and a resume must type them again), and only while the job may resume (see `forget`)."""
+    if cipher is None:
+        return job.model_dump_json()
+    inputs = {
+        name: {_SEALED: cipher.seal({"value": value})} if name in secret_inputs else value
+        for name, value in job.inputs.items()
+    }
+    return job.model_copy(update={"inputs": inputs}).model_dump_json()
+
+
+def kept_job(raw: bytes | str, cipher: StateCipher | None) -> tuple[BrowserJob, list[str]]:
+    """The job `keep_job` kept, with its secret inputs opened; and the names of those that
+    could not be (sealed under another key, or no key here): they are left out, so the job's
+    intake says they are missing, rather than a token being typed into the site."""
+    job = BrowserJob.model_validate_json(raw)
+    inputs: dict[str, Any] = {}
+    lost: list[str] = []
+    for name, value in job.inputs.items():
+        if isinstance(value, dict) and set(value) == {_SEALED}:
+            opened = cipher.open(value[_SEALED]) if cipher is not None else None
+            if opened is None:
+                lost.append(name)
+                continue
+            value = opened["value"]
+        inputs[name] = value
+    return job.model_copy(update={"inputs": inputs}), lost
 
 
 class Checkpoints(Protocol):

@@ -32,7 +32,15 @@ from worker import logs
 from worker.artifacts import store_for
 from worker.browser import BrowserHost
 from worker.capacity import SiteCapacity
-from worker.checkpoint import CHECKPOINT_FIELD, Checkpoint, RedisCheckpoints, StateCipher
+from worker.checkpoint import (
+    CHECKPOINT_FIELD,
+    JOB_FIELD,
+    Checkpoint,
+    RedisCheckpoints,
+    StateCipher,
+    keep_job,
+    kept_job,
+)
 from worker.contract import (
     BrowserJob,
     Claim,
@@ -48,7 +56,7 @@ from worker.contract import (
     Verification,
 )
 from worker.envelope import MALFORMED, MALFORMED_FIELD, MAX_TRIES, dumps, envelope, loads
-from worker.errors import JobInvalid, RejectedError
+from worker.errors import FormworkError, JobInvalid, RejectedError
 from worker.events import EventListener, JobEvents
 from worker.executor import (
     ResumePoint,
@@ -423,11 +431,28 @@ async def execute(
             state.http, job.webhook.url, state.settings.webhook_secret, job_id
         )
 
-    # Kept for a later resume on any worker, whoever enqueued the job.
-    await cast("Any", redis.hset(keys.job(job_id), "job", job.model_dump_json()))
+    # Kept for a later resume on any worker, whoever enqueued the job; secret inputs sealed.
+    kept = keep_job(job, _secret_inputs(state, job), state.cipher)
+    await cast("Any", redis.hset(keys.job(job_id), JOB_FIELD, kept))
     checkpoint = await state.checkpoints(job_id).load()
     resume = _after_interruption(checkpoint, run) if checkpoint is not None else None
     return await _run_tracked(state, job, events, listener, resume)
+
+
+def _secret_inputs(state: WorkerState, job: BrowserJob) -> set[str]:
+    """The job's inputs declared `secret: true` by any version of its script (a rollout picks
+    the version later). A script that does not load keeps nothing in the clear: every input
+    counts (the job is refused at intake anyway)."""
+    scripts = state.runtime.scripts
+    try:
+        return {
+            name
+            for version in scripts.versions(job.script_name)
+            for name, spec in scripts.load(job.script_name, version).script.inputs.items()
+            if spec.secret
+        }
+    except FormworkError:
+        return set(job.inputs)
 
 
 def _after_interruption(checkpoint: Checkpoint, run: int) -> ResumePoint:
@@ -521,7 +546,7 @@ async def _run_tracked(
             )
         await _count_drift(redis, keys, job.site, report)
         if report.status.terminal:
-            await _forget_checkpoint(state, job_id)
+            await _forget_kept(state, job_id)
         if report.status.paused and report.handoff and report.handoff.expires_at:
             # The pause's deadline, as a message any worker acts on when it falls due.
             due = report.handoff.expires_at
@@ -583,9 +608,22 @@ async def _count_drift(redis: Redis, keys: Keys, site: str, report: JobReport) -
             await pipe.execute()
 
 
-async def _forget_checkpoint(state: WorkerState, job_id: str) -> None:
-    # An ended job will not resume: its sealed session has no reason to outlive it.
-    await cast("Any", state.redis.hdel(state.keys.job(job_id), CHECKPOINT_FIELD))
+async def _forget_kept(state: WorkerState, job_id: str) -> None:
+    # An ended job will not resume: its session and its secret inputs (sealed or not) have no
+    # reason to outlive it.
+    await cast("Any", state.redis.hdel(state.keys.job(job_id), CHECKPOINT_FIELD, JOB_FIELD))
+
+
+def _kept(job_id: str, raw: bytes, cipher: StateCipher | None) -> BrowserJob:
+    job, lost = kept_job(raw, cipher)
+    if lost:
+        log.warning(
+            "job %s: secret inputs %s were sealed under another FORMWORK_STATE_KEY (or none is "
+            "set here): the job cannot go on with them",
+            job_id,
+            ", ".join(lost),
+        )
+    return job
 
 
 async def execute_resume(
@@ -597,14 +635,17 @@ async def execute_resume(
     redis, keys = state.redis, state.keys
     job_id = message.resume
     paused = await read_pause(redis, keys, job_id)
-    raw_job = await cast("Any", redis.hget(keys.job(job_id), "job"))
-    if paused.report is None or raw_job is None or paused.status is None:
+    raw_job = await cast("Any", redis.hget(keys.job(job_id), JOB_FIELD))
+    if paused.report is None or paused.status is None:
         raise JobInvalid(f"resume of unknown job {job_id!r}")
     report, status = paused.report, paused.status
+    if raw_job is None:  # it ended, and dropped what it kept for a resume
+        log.info("job %s is %s: decision ignored", job_id, status)
+        return report
     checkpoint = await state.checkpoints(job_id).load()
     if run > 1 and not status.settled and checkpoint is not None:
         # The worker carrying out this decision died mid-run: go on from its checkpoint.
-        job = BrowserJob.model_validate_json(raw_job)
+        job = _kept(job_id, raw_job, state.cipher)
         events = await JobEvents.open(redis, keys, job_id)
         resume = _after_interruption(checkpoint, run)
         return await _run_tracked(state, job, events, EventListener(events), resume)
@@ -625,7 +666,7 @@ async def execute_resume(
         # it was carried out: the later word wins.
         await redis.delete(keys.abort(job_id))
         decision = abort_decision(aborted.decode(), by="abort request")
-    job = BrowserJob.model_validate_json(raw_job)
+    job = _kept(job_id, raw_job, state.cipher)
     if decision.inputs:
         job = job.model_copy(update={"inputs": {**job.inputs, **decision.inputs}})
     report.decisions.append(
@@ -651,7 +692,7 @@ async def execute_resume(
             + (f": {decision.note}" if decision.note else ""),
             step_id=handoff.step_id,
         )
-        await _forget_checkpoint(state, job_id)
+        await _forget_kept(state, job_id)
         return await settle(report, state.runtime, listener)
     refusal = _refusal(state, job, report, decision)
     if refusal is not None:
@@ -668,7 +709,7 @@ async def execute_resume(
         report.status, report.handoff, report.error = JobStatus.succeeded, None, None
         report.outputs.update(decision.outputs)
         _claims_done_by_hand(state, job, report, decision, step_id=handoff.step_id)
-        await _forget_checkpoint(state, job_id)
+        await _forget_kept(state, job_id)
         return await settle(report, state.runtime, listener)
     point = ResumePoint(
         report=report,
@@ -761,7 +802,7 @@ async def execute_expire(
     # Claimed like a decision: a decision taken before now is carried out, not expired.
     if await claim_pause(redis, keys, job_id, paused.seq, arq_id) != PauseClaim.claimed:
         return report
-    await _forget_checkpoint(state, job_id)
+    await _forget_kept(state, job_id)
     report.status = JobStatus.expired
     report.error = Failure(
         code=FailureCode.timeout,
