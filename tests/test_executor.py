@@ -28,6 +28,7 @@ from worker.script import PlannedStep, ScriptStore
 from worker.secretstore import SecretStore
 
 from .conftest import CREDIT_INPUTS, SCRIPTS, SECRETS_FILE, SELECTORS, Site
+from .test_checkpoint import credit_as_script
 
 
 def credit_job(site: Site, job_id: str = "job-1", **inputs: str) -> BrowserJob:
@@ -420,4 +421,42 @@ async def test_a_job_taken_up_where_a_secret_is_missing_waits_with_its_report_in
     point = ResumePoint(report=held, step_id="review")
     final = await run_job(credit_job(billing, "job-held"), runtime, resume=point)
     assert final.status == JobStatus.succeeded, final.error
+    assert len(billing.credits()) == 1
+
+
+async def test_a_script_signing_in_with_its_own_steps_needs_no_service_account(
+    billing: Site, runtime: Runtime, tmp_path: Path, fixture_secrets: dict[str, str]
+) -> None:
+    # billing/credit_as signs in with the agent's own name and password (secret inputs). The
+    # site's login flow, which needs the worker's service account, is only for signing in
+    # again; a worker without that account runs the script, and never types missing secrets.
+    scripts = tmp_path / "scripts"
+    shutil.copytree(SCRIPTS, scripts)
+    credit_as_script(scripts)
+    empty = tmp_path / "secrets.yaml"
+    empty.write_text("{}\n")
+    runtime = dataclasses.replace(
+        runtime,
+        scripts=ScriptStore(scripts, SELECTORS),
+        secrets=SecretStore(empty, environ={}),
+    )
+    user, password = fixture_secrets["billing_username"], fixture_secrets["billing_password"]
+
+    def job(job_id: str, pw: str) -> BrowserJob:
+        inputs = {**CREDIT_INPUTS, "agent_user": user, "agent_pw": pw}
+        return BrowserJob(
+            job_id=job_id, script="billing/credit_as", inputs=inputs, site_url=billing.url
+        )
+
+    # A wrong password of the agent's own: refused credentials, handed off at once, sent once
+    # (it used to be taken for an expired session, and the login flow was run without secrets).
+    refused = await run_job(job("own-wrong", "not-the-pw-93"), runtime)
+    assert refused.status == JobStatus.paused_for_handoff
+    assert refused.error is not None and refused.error.code == FailureCode.credentials_rejected
+    assert refused.error.step_id == "sign_in"
+    assert not [r for r in refused.rules_fired if r.action == "relogin"]
+    assert billing.state()["failed_logins"] == 1
+
+    done = await run_job(job("own-right", password), runtime)
+    assert done.status == JobStatus.succeeded, done.error
     assert len(billing.credits()) == 1

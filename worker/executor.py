@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -48,7 +49,7 @@ from worker.contract import (
     WouldSubmit,
 )
 from worker.downloads import Downloads
-from worker.errors import RejectedError, StepError
+from worker.errors import RejectedError, SecretMissing, StepError
 from worker.evidence import IMAGE_SUFFIX, capture, echo_mask_script, measure
 from worker.failures import classify, detectors_seen, observe_page, translate_playwright_error
 from worker.guard import Guard
@@ -368,6 +369,16 @@ def intake(
     inputs = loaded.validate_inputs(job.inputs)
     loaded.check_uploads(inputs, runtime.uploads)
     secrets = runtime.secrets.resolve(loaded.secret_names(), script=loaded.name)
+    login = loaded.relogin_secret_names() - set(secrets)
+    if login:
+        try:
+            secrets |= runtime.secrets.resolve(login, script=str(loaded.registry.login_flow))
+        except SecretMissing as exc:
+            # The script signs in with its own steps, and this worker has no credentials for
+            # the site's login flow: an expired session is then handed to a person, not
+            # signed into again (a sign-in typed from missing secrets would fail anyway).
+            log.warning("job %s: no signing in again: %s", job.job_id, exc.message)
+            loaded = dataclasses.replace(loaded, relogin=[])
     if job.site_url is not None:
         host = urlsplit(job.site_url).hostname or ""
         if host not in loaded.registry.allowed_hosts:
@@ -898,7 +909,7 @@ class _Run:
             failure is not None
             and failure.code == FailureCode.auth_expired
             and side_effect
-            and self.signing_in(planned)
+            and (self.signing_in(planned) or self.on_sign_in_form(actions))
         ):
             # The sign-in form again, right after sending it: not a session that expired (the
             # relogin rule would send the same values again), but credentials the site refused.
@@ -982,6 +993,11 @@ class _Run:
         """Whether `planned` is a step of the site's login flow."""
         login = self.loaded.relogin
         return bool(login) and planned.frame.path == login[0].frame.path
+
+    def on_sign_in_form(self, actions: PageActions) -> bool:
+        """Whether the step's action was sent from the site's sign-in form (its `login_page`
+        detector showed before the click): a script signing in with steps of its own."""
+        return bool(actions.showing_before & set(self.loaded.registry.detectors.login_page))
 
     def _drift(self, matched: MatchedSelector | None) -> SelectorDrift | None:
         if matched is None or matched.index == 0:

@@ -751,7 +751,13 @@ class LoadedScript:
         return next(i for i, planned in enumerate(self.plan) if planned.id == step_id)
 
     def secret_names(self) -> set[str]:
-        return {name for planned in self.plan for name in planned.frame.script.secrets}
+        """The secrets the job's own steps may use: its plan, its probe, its alternates."""
+        own = [*self.plan, *self.probe, *(p for path in self.alternates.values() for p in path)]
+        return {name for planned in own for name in planned.frame.script.secrets}
+
+    def relogin_secret_names(self) -> set[str]:
+        """The secrets of the site's login flow, run to sign in again."""
+        return {name for planned in self.relogin for name in planned.frame.script.secrets}
 
     def validate_inputs(self, raw: dict[str, Any]) -> dict[str, Any]:
         """Typed inputs, or InputInvalid naming every bad field."""
