@@ -419,3 +419,97 @@ def test_a_message_id_names_the_job_it_is_about() -> None:
     assert job_of(message_id("job.v2-1", "resume", 3)) == "job.v2-1"
     assert job_of(message_id("job-1", "expire", 1764000000000)) == "job-1"
     assert job_of("job.resume-notes") == "job.resume-notes"
+
+
+async def test_a_raw_enqueue_with_a_taken_idempotency_key_is_refused_not_run(
+    billing: Site, client: FormworkClient, worker: Worker, settings: Settings
+) -> None:
+    # Two jobs sent the wire protocol's raw way (no client to take the key) with one key: the
+    # worker takes it for the first, and the second is refused as its duplicate — one credit.
+    for job_id in ("q-idem-a", "q-idem-b"):
+        job = credit_job(billing, job_id, idempotency_key="K-RAW-1")
+        payload = job.model_dump(mode="json", exclude_none=True)
+        await raw_enqueue(settings, job_id, raw_envelope(payload))
+        await client.handle(job_id).wait(60)
+    first = await client.handle("q-idem-a").report()
+    second = await client.handle("q-idem-b").report()
+    assert first is not None and first.status == JobStatus.succeeded
+    assert second is not None and second.status == JobStatus.rejected
+    assert second.error is not None and second.error.field == "idempotency_key"
+    assert "belongs to job q-idem-a" in second.error.message
+    assert len(billing.credits()) == 1
+    # A client enqueue with the key, after: the existing job, nothing queued.
+    again = await client.enqueue(credit_job(billing, "q-idem-c", idempotency_key="K-RAW-1"))
+    assert (again.job_id, again.created) == ("q-idem-a", False)
+
+
+async def test_a_secret_in_the_correlation_or_the_idempotency_key_is_refused_and_not_kept(
+    billing: Site,
+    client: FormworkClient,
+    worker: Worker,
+    settings: Settings,
+    fixture_secrets: dict[str, str],
+) -> None:
+    password = fixture_secrets["billing_password"]
+    cases = {
+        "q-carry-corr": ({"correlation": {"note": password}}, "correlation.note"),
+        "q-carry-idem": ({"idempotency_key": password}, "idempotency_key"),
+    }
+    for job_id, (fields, field) in cases.items():
+        handle = await client.enqueue(credit_job(billing, job_id, **fields))
+        report = await handle.wait(30)
+        assert report.status == JobStatus.rejected
+        assert report.error is not None and report.error.field == field
+        assert password not in report.model_dump_json()
+    redis: Redis = client.redis
+    keys = Keys(settings.key_prefix)
+    assert await redis.exists(keys.idempotency(password)) == 0  # its name held the secret
+    assert billing.state()["requests"] == 0
+
+
+async def test_webhook_follows_the_job_through_a_decision_to_its_end(
+    billing: Site, client: FormworkClient, settings: Settings, browser_host: BrowserHost
+) -> None:
+    # A large credit waits for approval; the approval is carried out by whichever worker takes
+    # it. The webhook hears every event, the pause's and the decision's, to the report.
+    secret = "whsec-test-2291"
+    received: list[dict[str, Any]] = []
+    done = asyncio.Event()
+
+    async def hook(request: web.Request) -> web.Response:
+        body = await request.read()
+        assert verify_signature(secret, request.headers[SIGNATURE_HEADER], body)
+        received.append(json.loads(body))
+        if received[-1].get("status") == "succeeded":
+            done.set()
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    signed = settings.model_copy(update={"webhook_secret": secret})
+    try:
+        async with running_worker(signed, browser_host):
+            job = credit_job(
+                billing, "q-hook-decided", inputs={"amount": "150.00"},
+                webhook={"url": f"http://127.0.0.1:{port}/hook"},
+            )  # fmt: skip
+            handle = await client.enqueue(job)
+            paused = await handle.wait(60)
+            assert paused.status == JobStatus.awaiting_approval
+            last = await handle.last_event_id()
+            assert await client.resume("q-hook-decided", ResumeDecision(decision="approve"))
+            report = await handle.wait(60, after=last)
+            await asyncio.wait_for(done.wait(), 30)
+    finally:
+        await runner.cleanup()
+
+    assert report.status == JobStatus.succeeded
+    seqs = [event["seq"] for event in received]
+    assert seqs == list(range(2, len(seqs) + 2))  # in order, none missing
+    assert "awaiting_approval" in [e["status"] for e in received if e["kind"] == "job"]
+    assert received[-1]["status"] == "succeeded" and received[-1]["report"] is not None
+    assert len(billing.credits()) == 1

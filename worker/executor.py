@@ -359,6 +359,15 @@ async def fail_internally(
     return await _finish(report, time.perf_counter(), runtime, listener)
 
 
+def refuse_carried(secrets: SecretStore, job: BrowserJob) -> None:
+    """JobInvalid when anything the job was sent with carries a configured secret's value:
+    its inputs, its correlation, its idempotency key — each is stored and shown in the clear."""
+    secrets.refuse_carried(job.inputs)
+    secrets.refuse_carried(job.correlation, "correlation")
+    if job.idempotency_key is not None:
+        secrets.refuse_carried({"idempotency_key": job.idempotency_key}, "")
+
+
 def intake(
     job: BrowserJob, runtime: Runtime, version: int | None = None
 ) -> tuple[LoadedScript, dict[str, Any], dict[str, str]]:
@@ -390,7 +399,7 @@ def intake(
                 code=FailureCode.job_invalid,
                 field="site_url",
             )
-    runtime.secrets.refuse_carried(job.inputs)
+    refuse_carried(runtime.secrets, job)
     if job.deadline is not None and job.deadline <= now():
         raise RejectedError(
             f"deadline {job.deadline.isoformat()} passed before the job started",

@@ -66,6 +66,7 @@ from worker.executor import (
     fail_internally,
     intake,
     now,
+    refuse_carried,
     reject,
     run_job,
     settle,
@@ -410,26 +411,33 @@ async def execute(
     try:
         job = _parse(job_id, payload)
         # Also checked at intake; here it is before the job is written to its record.
-        state.runtime.secrets.refuse_carried(job.inputs)
+        refuse_carried(state.runtime.secrets, job)
         if job.webhook is not None:
             check_target(
                 job.webhook.url, state.settings.webhook_secret, state.settings.webhook_hosts
             )
+        await _own_idempotency_key(state, job)
     except RejectedError as exc:
         script = payload.get("script") if isinstance(payload, dict) else None
+        key = payload.get("idempotency_key") if isinstance(payload, dict) else None
+        if isinstance(key, str) and state.runtime.secrets.carried_in({"key": key}):
+            # The client's enqueue took the key under its own name: a name holding a secret.
+            await redis.delete(keys.idempotency(key))
+        carried = exc.field in ("correlation", "idempotency_key") or (exc.field or "").startswith(
+            "correlation."
+        )
         return await reject(
             job_id,
             str(script or ""),
             exc,
             state.runtime,
             listener,
-            correlation=_correlation(payload),
+            # A secret carried in the correlation is not written to the report either.
+            correlation={} if carried else _correlation(payload),
         )
 
-    if job.webhook is not None and state.settings.webhook_secret:
-        events.webhook = WebhookSender(
-            state.http, job.webhook.url, state.settings.webhook_secret, job_id
-        )
+    logs.bind_job(job.job_id, job.site, job.script_name)  # webhook lines name the job too
+    _attach_webhook(state, events, job)
 
     # Kept for a later resume on any worker, whoever enqueued the job; secret inputs sealed.
     kept = keep_job(job, _secret_inputs(state, job), state.cipher)
@@ -437,6 +445,47 @@ async def execute(
     checkpoint = await state.checkpoints(job_id).load()
     resume = _after_interruption(checkpoint, run) if checkpoint is not None else None
     return await _run_tracked(state, job, events, listener, resume)
+
+
+async def _own_idempotency_key(state: WorkerState, job: BrowserJob) -> None:
+    """Take the job's idempotency key for it, or refuse the job when another job has it.
+
+    `FormworkClient.enqueue` takes the key as it queues the job; a job queued the raw way (the
+    wire protocol) reaches the worker with its key untaken: the worker takes it here, so two
+    jobs sent with one key never both run (two credits for one request)."""
+    key = job.idempotency_key
+    if key is None:
+        return
+    redis, name = state.redis, state.keys.idempotency(key)
+    if await redis.set(name, job.job_id, nx=True, ex=RECORD_TTL_S):
+        return
+    owner = await redis.get(name)
+    if owner is not None and owner.decode() != job.job_id:
+        raise JobInvalid(
+            f"idempotency key {key!r} belongs to job {owner.decode()}: this job is a "
+            "duplicate of it and was not run",
+            field="idempotency_key",
+        )
+
+
+def _attach_webhook(state: WorkerState, events: JobEvents, job: BrowserJob) -> None:
+    """Every event of the job goes to its webhook, whichever worker (a first run, a decision
+    carried out, an expiry) announces it."""
+    if job.webhook is not None and state.settings.webhook_secret:
+        events.webhook = WebhookSender(
+            state.http, job.webhook.url, state.settings.webhook_secret, job.job_id
+        )
+
+
+async def _settle(
+    state: WorkerState, report: JobReport, events: JobEvents, *, unchanged: bool = False
+) -> JobReport:
+    """`settle` a report changed by a decision or an expiry, its webhook drained after."""
+    try:
+        return await settle(report, state.runtime, EventListener(events), unchanged=unchanged)
+    finally:
+        if events.webhook is not None:
+            await events.webhook.close()
 
 
 def _secret_inputs(state: WorkerState, job: BrowserJob) -> set[str]:
@@ -610,8 +659,12 @@ async def _count_drift(redis: Redis, keys: Keys, site: str, report: JobReport) -
 
 async def _forget_kept(state: WorkerState, job_id: str) -> None:
     # An ended job will not resume: its session and its secret inputs (sealed or not) have no
-    # reason to outlive it.
-    await cast("Any", state.redis.hdel(state.keys.job(job_id), CHECKPOINT_FIELD, JOB_FIELD))
+    # reason to outlive it, nor has an abort request (one set the raw way has no expiry).
+    keys = state.keys
+    async with state.redis.pipeline(transaction=False) as pipe:
+        pipe.hdel(keys.job(job_id), CHECKPOINT_FIELD, JOB_FIELD)
+        pipe.delete(keys.abort(job_id))
+        await pipe.execute()
 
 
 def _kept(job_id: str, raw: bytes, cipher: StateCipher | None) -> BrowserJob:
@@ -646,7 +699,9 @@ async def execute_resume(
     if run > 1 and not status.settled and checkpoint is not None:
         # The worker carrying out this decision died mid-run: go on from its checkpoint.
         job = _kept(job_id, raw_job, state.cipher)
+        logs.bind_job(job.job_id, job.site, job.script_name)
         events = await JobEvents.open(redis, keys, job_id)
+        _attach_webhook(state, events, job)
         resume = _after_interruption(checkpoint, run)
         return await _run_tracked(state, job, events, EventListener(events), resume)
     if not status.paused or report.handoff is None:
@@ -680,7 +735,9 @@ async def execute_resume(
             outputs_given=sorted(decision.outputs),
         )
     )
+    logs.bind_job(job.job_id, job.site, job.script_name)
     events = await JobEvents.open(redis, keys, job_id)
+    _attach_webhook(state, events, job)
     listener = EventListener(events)
     if decision.decision in (Decision.reject, Decision.abort):
         rejected = decision.decision == Decision.reject
@@ -693,13 +750,13 @@ async def execute_resume(
             step_id=handoff.step_id,
         )
         await _forget_kept(state, job_id)
-        return await settle(report, state.runtime, listener)
+        return await _settle(state, report, events)
     refusal = _refusal(state, job, report, decision)
     if refusal is not None:
         report.decisions[-1].note = f"refused: {refusal}"
         log.info("job %s: decision refused: %s", job_id, refusal)
         # The pause goes on, announced again (a new `seq`: free for the next decision).
-        settled = await settle(report, state.runtime, listener, unchanged=True)
+        settled = await _settle(state, report, events, unchanged=True)
         if handoff.expires_at is not None and handoff.expires_at <= now():
             # Its deadline fell due while the decision was pending, and the expiry stood
             # aside for it: the pause is over now.
@@ -710,7 +767,7 @@ async def execute_resume(
         report.outputs.update(decision.outputs)
         _claims_done_by_hand(state, job, report, decision, step_id=handoff.step_id)
         await _forget_kept(state, job_id)
-        return await settle(report, state.runtime, listener)
+        return await _settle(state, report, events)
     point = ResumePoint(
         report=report,
         step_id=handoff.step_id,
@@ -730,7 +787,7 @@ def _refusal(
     secrets = state.runtime.secrets
     try:
         # First: a schema error quotes the value it refuses, and this value is a secret.
-        secrets.refuse_carried(job.inputs)
+        refuse_carried(secrets, job)
         secrets.refuse_carried(decision.outputs, "outputs")
         if decision.decision != Decision.mark_done:  # nothing runs for mark_done
             version = report.script_version or job.script_version  # the one it started on
@@ -802,6 +859,8 @@ async def execute_expire(
     # Claimed like a decision: a decision taken before now is carried out, not expired.
     if await claim_pause(redis, keys, job_id, paused.seq, arq_id) != PauseClaim.claimed:
         return report
+    raw_job = await cast("Any", redis.hget(keys.job(job_id), JOB_FIELD))
+    job = _kept(job_id, raw_job, state.cipher) if raw_job is not None else None
     await _forget_kept(state, job_id)
     report.status = JobStatus.expired
     report.error = Failure(
@@ -810,7 +869,10 @@ async def execute_expire(
         step_id=handoff.step_id,
     )
     events = await JobEvents.open(redis, keys, job_id)
-    return await settle(report, state.runtime, EventListener(events))
+    if job is not None:
+        logs.bind_job(job.job_id, job.site, job.script_name)
+        _attach_webhook(state, events, job)
+    return await _settle(state, report, events)
 
 
 class RedisCommitJournal:

@@ -79,10 +79,11 @@ class SecretStore:
         integration — never the value."""
         carried = self.carried_in(inputs)
         if carried:
+            field = f"{kind}.{carried}" if kind else carried  # kind "": top-level fields
             raise JobInvalid(
-                f"{kind}.{carried} carries the value of a configured secret: secrets are named "
+                f"{field} carries the value of a configured secret: secrets are named "
                 "in scripts and resolved on the worker, never sent in a job",
-                field=f"{kind}.{carried}",
+                field=field,
             )
 
 
