@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 from arq import Worker
 from arq.jobs import Job
@@ -25,7 +26,13 @@ from worker.contract import (
     StepStatus,
 )
 from worker.keys import ARQ_JOB_PREFIX, JOB_FUNCTION, Keys, job_of, message_id
-from worker.queue import enqueue_message, loads, resume_message, running_worker
+from worker.queue import (
+    DECISION_FIELD,
+    enqueue_message,
+    loads,
+    resume_message,
+    running_worker,
+)
 from worker.settings import Settings
 from worker.webhooks import SIGNATURE_HEADER, verify_signature
 
@@ -513,3 +520,53 @@ async def test_webhook_follows_the_job_through_a_decision_to_its_end(
     assert "awaiting_approval" in [e["status"] for e in received if e["kind"] == "job"]
     assert received[-1]["status"] == "succeeded" and received[-1]["report"] is not None
     assert len(billing.credits()) == 1
+
+
+async def test_a_decision_queued_under_another_id_gives_its_pause_back(
+    billing: Site, client: FormworkClient, worker: Worker
+) -> None:
+    # A client of the wire protocol claims the pause, then queues its message under an id of
+    # its own. The worker does not carry it out, and the claim must not keep the job waiting
+    # for it for ever: the pause is free again for a decision.
+    handle = await client.enqueue(credit_job(billing, "q-misq", inputs={"amount": "150.00"}))
+    assert (await handle.wait(60)).status == JobStatus.awaiting_approval
+    record = client.keys.job("q-misq")
+    pause = int(await client.redis.hget(record, "seq") or 0)  # type: ignore[misc]
+    await client.redis.hset(record, DECISION_FIELD, f"{pause}|q-misq-approve")  # type: ignore[misc]
+    body = resume_message("q-misq", pause, ResumeDecision(decision="approve"))
+    await enqueue_message(
+        client.redis, client.keys, "q-misq-approve", body, int(time.time() * 1000)
+    )
+    run = Job("q-misq-approve", client.redis, _queue_name=client.keys.queue, _deserializer=loads)
+    with pytest.raises(Exception, match="not queued as one"):
+        await run.result(timeout=30, poll_delay=0.01)
+    assert await client.redis.hget(record, DECISION_FIELD) is None  # type: ignore[misc]
+    assert await handle.status() == JobStatus.awaiting_approval
+
+    last = await handle.last_event_id()
+    assert await client.resume("q-misq", ResumeDecision(decision="approve", by="lead"))
+    report = await handle.wait(60, after=last)
+    assert report.status == JobStatus.succeeded, report.error
+    assert len(billing.credits()) == 1
+
+
+async def test_a_job_queued_the_raw_way_is_seen_and_aborted_before_a_worker_takes_it(
+    billing: Site, client: FormworkClient, worker: Worker, settings: Settings
+) -> None:
+    payload = credit_job(billing, "q-raw-later").model_dump(mode="json", exclude_none=True)
+    redis: Redis = client.redis
+    await redis.set(ARQ_JOB_PREFIX + "q-raw-later", raw_envelope(payload))
+    later = int(time.time() * 1000) + 3_600_000  # not due yet: no worker has taken it
+    await redis.zadd(client.keys.queue, {"q-raw-later": later})
+    handle = client.handle("q-raw-later")
+    assert await handle.status() == JobStatus.queued
+    assert await client.abort("q-raw-later", "wrong account", by="agent")
+
+    await redis.zadd(client.keys.queue, {"q-raw-later": int(time.time() * 1000)})  # due now
+    report = await handle.wait(60)
+    assert report.status == JobStatus.cancelled
+    assert billing.state()["requests"] == 0
+    # The request goes too, once the worker is done with the job (just after its last event).
+    run = Job("q-raw-later", redis, _queue_name=client.keys.queue, _deserializer=loads)
+    await run.result(timeout=30, poll_delay=0.01)
+    assert await redis.exists(client.keys.abort("q-raw-later")) == 0

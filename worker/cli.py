@@ -384,14 +384,22 @@ async def _status(args: argparse.Namespace) -> int:
 
 
 async def _abort(args: argparse.Namespace) -> int:
+    from worker.queue import read_pause
+
     async with _client() as client:
         handle = client.handle(args.job_id)
         status = await handle.status()
         if status is None:  # a mistyped id is a wrong command line, like `status` says
             print(f"formwork: no job {args.job_id}", file=sys.stderr)
             return 2
+        pending = (await read_pause(client.redis, client.keys, args.job_id)).decided
         if await client.abort(args.job_id, args.reason, by="cli"):
-            if status is not None and status.paused:
+            if status.paused and pending:
+                print(
+                    f"{args.job_id} is {status} with a decision already taken: the abort "
+                    "overrides it when a worker carries it out"
+                )
+            elif status.paused:
                 print(f"{args.job_id} was {status}: it ends cancelled now")
             else:
                 print(f"abort requested for {args.job_id}: it stops before its next step")

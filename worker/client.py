@@ -85,7 +85,11 @@ class JobHandle:
         value = await cast(
             "Any", self.client.redis.hget(self.client.keys.job(self.job_id), "status")
         )
-        return JobStatus(value.decode()) if value is not None else None
+        if value is None:
+            # Queued the raw way (the wire protocol): no record until a worker takes it.
+            queued = await self.client.redis.exists(ARQ_JOB_PREFIX + self.job_id)
+            return JobStatus.queued if queued else None
+        return JobStatus(value.decode())
 
     async def report(self) -> JobReport | None:
         value = await cast(

@@ -183,12 +183,16 @@ end
 return 'claimed'
 """
 
-# KEYS: job record, abort flag. ARGV: reason, ttl s, running statuses, paused statuses
-# (comma-separated), DECISION_FIELD. Returns what `request_abort` says.
+# KEYS: job record, abort flag, the job's arq key. ARGV: reason, ttl s, running statuses,
+# paused statuses (comma-separated), DECISION_FIELD. Returns what `request_abort` says. A job
+# queued the raw way has no record until a worker takes it: its arq key says it is queued.
 _ABORT = """
 local rec = redis.call('HMGET', KEYS[1], 'status', 'seq', ARGV[5])
 local status, seq, claim = rec[1], rec[2], rec[3]
-if not status then return 'unknown' end
+if not status then
+  if redis.call('EXISTS', KEYS[3]) == 0 then return 'unknown' end
+  status = 'queued'
+end
 local function among(list) return string.find(',' .. list .. ',', ',' .. status .. ',', 1, true) end
 if among(ARGV[4]) then
   if not (claim and seq and string.sub(claim, 1, #seq + 1) == seq .. '|') then return 'paused' end
@@ -297,7 +301,7 @@ async def request_abort(redis: Redis, keys: Keys, job_id: str, reason: str) -> s
     `unknown`."""
     script: Any = redis.register_script(_ABORT)
     result = await script(
-        keys=[keys.job(job_id), keys.abort(job_id)],
+        keys=[keys.job(job_id), keys.abort(job_id), ARQ_JOB_PREFIX + job_id],
         args=[
             reason,
             RECORD_TTL_S,
@@ -393,7 +397,11 @@ async def browser_job(ctx: dict[str, Any], payload: Any) -> dict[str, Any]:
 async def execute(
     state: WorkerState, job_id: str, payload: Any, *, run: int = 1
 ) -> JobReport | None:
-    message = _message(job_id, payload)
+    try:
+        message = _message(job_id, payload)
+    except JobInvalid:
+        await _release_claim(state, job_id, payload)
+        raise
     if isinstance(message, ResumeMessage):
         return await execute_resume(state, message, job_id, run=run)
     if isinstance(message, ExpireMessage):
@@ -445,6 +453,41 @@ async def execute(
     checkpoint = await state.checkpoints(job_id).load()
     resume = _after_interruption(checkpoint, run) if checkpoint is not None else None
     return await _run_tracked(state, job, events, listener, resume)
+
+
+# KEYS: job record. ARGV: the claim to drop, DECISION_FIELD. Compare-and-delete: a claim taken
+# by another decision since is left alone.
+_RELEASE = """
+if redis.call('HGET', KEYS[1], ARGV[2]) == ARGV[1] then
+  redis.call('HDEL', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+async def _release_claim(state: WorkerState, arq_id: str, payload: Any) -> None:
+    """A decision message this worker cannot carry out (queued under an id other than
+    `<job_id>.resume<pause>`, as a client of the wire protocol might) must not hold the pause
+    it claimed: the job would wait for it forever, deaf to other decisions and to its own
+    deadline. The claim goes, and the job waits for a decision again (an abort asked for
+    meanwhile is carried out now)."""
+    if not isinstance(payload, dict):
+        return
+    about, pause = payload.get("resume"), payload.get("pause")
+    if not isinstance(about, str) or not isinstance(pause, int):
+        return
+    script: Any = state.redis.register_script(_RELEASE)
+    claim = f"{pause}|{arq_id}"
+    if await script(keys=[state.keys.job(about)], args=[claim, DECISION_FIELD]):
+        log.warning(
+            "job %s: decision message %s is not queued as %s; its claim on the pause is "
+            "dropped, and the job waits for a decision again",
+            about,
+            arq_id,
+            message_id(about, "resume", pause),
+        )
+        await _abort_if_requested(state, about)
 
 
 async def _own_idempotency_key(state: WorkerState, job: BrowserJob) -> None:
