@@ -284,3 +284,22 @@ async def test_abort_of_a_paused_job_says_it_ends_now(
         assert [s.id for s in report.steps if s.status == "succeeded"][:1] == ["login.open"]
         assert await client.paused() == []
     assert billing.credits() == []
+
+
+def test_wrong_command_lines_exit_two_with_one_line_and_no_traceback(
+    tmp_path: Path, settings: Settings
+) -> None:
+    env = {"REDIS_URL": settings.redis_url, "FORMWORK_KEY_PREFIX": settings.key_prefix}
+    huge = "x" * 70_000
+    for args, why in (
+        (["insights", "--top", "0"], "argument --top: at least 1, not 0"),
+        (
+            ["enqueue", "billing/issue_credit", "--input", f"reason={huge}"],
+            "invalid job: job ",  # "... is 70... bytes; workers refuse more than 65536"
+        ),
+        (["audit", "export", "cli-nope"], "no audit record for job 'cli-nope'"),
+        (["recording", "export", "cli-nope"], "no report for job cli-nope"),
+    ):
+        result = formwork(*args, tmp_path=tmp_path, env=env)
+        assert result.returncode == 2, (args[:2], result.stderr)
+        assert why in result.stderr and "Traceback" not in result.stderr, result.stderr

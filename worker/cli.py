@@ -32,7 +32,7 @@ from worker.contract import (
     StepStatus,
     contract_schemas,
 )
-from worker.errors import FormworkError
+from worker.errors import FormworkError, JobInvalid
 from worker.executor import Runtime, run_job
 from worker.rollout import (
     Rollouts,
@@ -323,7 +323,11 @@ async def _enqueue(args: argparse.Namespace) -> int:
         print(f"formwork: invalid job: {_problems(exc)}", file=sys.stderr)
         return 2
     async with _client() as client:
-        handle = await client.enqueue(job)
+        try:
+            handle = await client.enqueue(job)
+        except JobInvalid as exc:  # over the size a worker takes, say
+            print(f"formwork: invalid job: {exc.message}", file=sys.stderr)
+            return 2
         print(handle.job_id)
         if not handle.created:
             print(f"(already enqueued as {handle.job_id}; not queued again)", file=sys.stderr)
@@ -507,6 +511,17 @@ async def _why_not_resumed(handle: JobHandle, decision: str, outcome: PauseClaim
         return f"job {handle.job_id} is {status}, not paused: there is nothing to decide"
     allowed = ", ".join(str(d) for d in report.handoff.allowed_decisions)
     return f"job {handle.job_id} does not allow {decision}; it allows: {allowed}"
+
+
+def _positive(text: str) -> int:
+    """An argparse type: a whole number of 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"at least 1, not {value}")
+    return value
 
 
 def _problems(error: ValidationError) -> str:
@@ -733,8 +748,9 @@ async def _recording_export(args: argparse.Namespace) -> int:
         async with _client() as client:
             report = await client.handle(args.job_id).report()
     if report is None or report.artifacts is None:
+        # An id no job has, like every command taking a job id: a wrong command line.
         print(f"formwork: no report for job {args.job_id} (try --report PATH)", file=sys.stderr)
-        return 1
+        return 2
     try:
         store = ScriptStore(settings.scripts_dir, settings.selectors_dir)
         recording = from_report(report, store.load(report.script, report.script_version))
@@ -824,9 +840,9 @@ def _audit_export(args: argparse.Namespace) -> int:
     store = _audit_store(args)
     try:
         record = store.find_audit(args.job_id)
-    except FormworkError as exc:
+    except FormworkError as exc:  # no such job's record: a wrong command line
         print(f"formwork: {exc.message}", file=sys.stderr)
-        return 1
+        return 2
     out = Path(args.out or f"audit-{safe_id(record.job_id)}.html")
     out.write_text(export_html(store, record), encoding="utf-8")
     out.chmod(0o600)  # evidence may show customer data
@@ -997,7 +1013,7 @@ def build_parser() -> argparse.ArgumentParser:
     insights.add_argument("--last", type=_window, default="1d", help="window: 1d (default)")
     insights.add_argument("--site")
     insights.add_argument("--script", help="billing/issue_credit (or issue_credit)")
-    insights.add_argument("--top", type=int, default=10, help="rows per section (default 10)")
+    insights.add_argument("--top", type=_positive, default=10, help="rows per section (default 10)")
     insights.add_argument("--json", action="store_true")
     insights.set_defaults(handler=lambda a: asyncio.run(_insights(a)))
 
