@@ -460,3 +460,34 @@ async def test_a_script_signing_in_with_its_own_steps_needs_no_service_account(
     done = await run_job(job("own-right", password), runtime)
     assert done.status == JobStatus.succeeded, done.error
     assert len(billing.credits()) == 1
+
+
+async def test_a_takeover_right_after_a_confirmed_commit_reads_the_effect_back(
+    billing: Site, runtime: Runtime
+) -> None:
+    # The run that sent the credit died the moment the site confirmed it, before the next
+    # step read the confirmation number off the response page. That page has no address to
+    # open again; the next run reads the credit back through the probe, sends nothing again.
+    done = await run_job(credit_job(billing, "job-taken"), runtime)
+    assert done.status == JobStatus.succeeded and len(billing.credits()) == 1
+    died = done.model_copy(deep=True)  # as the last checkpoint had it: submit done, no more
+    died.status, died.outputs = JobStatus.running, {}
+    died.claims = [c for c in died.claims if c.kind != "output"]
+    confirmation = next(s for s in died.steps if s.id == "confirmation")
+    confirmation.status, confirmation.url_before, confirmation.attempts = (
+        StepStatus.pending,
+        None,
+        0,
+    )
+
+    point = ResumePoint(report=died, step_id="confirmation")
+    report = await run_job(credit_job(billing, "job-taken"), runtime, resume=point)
+    assert report.status == JobStatus.succeeded, report.error
+    assert len(billing.credits()) == 1  # nothing sent again
+    assert report.outputs["confirmation_number"] == billing.credits()[0]["confirmation"]
+    steps = {s.id: s for s in report.steps}
+    assert steps["confirmation"].status == StepStatus.skipped
+    assert steps["confirmation"].recovered_by == "verify_effect"
+    assert [r.action for r in report.rules_fired if r.step_id == "submit"] == ["verify_effect"]
+    claim = next(c for c in report.claims if c.name == "confirmation_number")
+    assert claim.verified and claim.how == "probe"

@@ -570,3 +570,64 @@ async def test_a_job_queued_the_raw_way_is_seen_and_aborted_before_a_worker_take
     run = Job("q-raw-later", redis, _queue_name=client.keys.queue, _deserializer=loads)
     await run.result(timeout=30, poll_delay=0.01)
     assert await redis.exists(client.keys.abort("q-raw-later")) == 0
+
+
+@pytest.mark.timeout(90)
+async def test_a_job_over_its_timeout_on_a_hanging_page_ends_failed_with_its_steps(
+    billing: Site, client: FormworkClient, settings: Settings, browser_host: BrowserHost
+) -> None:
+    # The review page never answers. The job ends at its timeout (less the margin) with a
+    # report that keeps the steps it did — not left "queued" for a rerun that never comes.
+    billing.faults(latency_ms=40_000, latency_path_contains="/review")
+    short = settings.model_copy(update={"job_timeout_s": 12})
+    async with running_worker(short, browser_host):
+        handle = await client.enqueue(credit_job(billing, "q-timeout"))
+        report = await handle.wait(40)
+    assert report.status == JobStatus.failed
+    assert report.error is not None and report.error.code == "timeout"
+    assert report.error.step_id == "review"
+    steps = {s.id: s.status for s in report.steps}
+    assert steps["reference"] == StepStatus.succeeded and steps["review"] == StepStatus.failed
+    assert steps["submit"] == StepStatus.skipped
+    events = await collect(client, "q-timeout")
+    assert events[-1].status == "failed"
+    assert billing.credits() == []
+
+
+@pytest.mark.timeout(90)
+async def test_a_job_over_its_timeout_after_its_commit_was_sent_waits_for_a_person(
+    billing: Site, client: FormworkClient, settings: Settings, browser_host: BrowserHost
+) -> None:
+    # The credit is created, its answer never comes, and the job's time runs out: whether it
+    # took effect is not known, so a person looks — never a bare `failed` an orchestrator
+    # would retry into a second credit.
+    billing.faults(commit_drop={"create": True, "mode": "hang", "hang_ms": 30_000})
+    short = settings.model_copy(update={"job_timeout_s": 12})
+    async with running_worker(short, browser_host):
+        handle = await client.enqueue(credit_job(billing, "q-timeout-sent"))
+        report = await handle.wait(40)
+    assert report.status == JobStatus.paused_for_handoff
+    assert report.error is not None and report.error.code == "outcome_unknown"
+    assert report.error.step_id == "submit" and "timeout" in report.error.message
+    assert report.handoff is not None and "mark_done" in report.handoff.allowed_decisions
+    assert {s.id: s.status for s in report.steps}["confirm_amount"] == StepStatus.succeeded
+    assert len(billing.credits()) == 1
+
+
+async def test_an_abort_after_the_commit_was_sent_lets_the_job_finish(
+    billing: Site, client: FormworkClient, worker: Worker
+) -> None:
+    # Asked to stop while its commit is under way: too late. Ended there, the job would say
+    # "cancelled" over a credit the site made; it reads the confirmation and says why.
+    billing.faults(latency_ms=3_000, latency_path_contains="/credits/CN-")
+    handle = await client.enqueue(credit_job(billing, "q-late-abort"))
+    async for _, event in handle.events():
+        if event.step is not None and event.step.id == "submit":
+            assert await client.abort("q-late-abort", "customer changed their mind")
+            break
+    report = await handle.wait(60)
+    assert report.status == JobStatus.succeeded, report.error
+    assert len(billing.credits()) == 1
+    assert report.outputs["confirmation_number"] == billing.credits()[0]["confirmation"]
+    late = [r for r in report.rules_fired if r.action == "continue"]
+    assert len(late) == 1 and "after a commit was sent" in late[0].reason

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from worker.keys import Keys
 from worker.selectors import SiteLimits
@@ -110,13 +111,24 @@ class SiteCapacity:
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
-            await self.redis.zrem(slots, lease)
+            # The slot is the site's courtesy, not the job's outcome: with Redis gone for a
+            # moment the lease simply runs out (LEASE_MS), and the job's report stands.
+            try:
+                await self.redis.zrem(slots, lease)
+            except RedisError as exc:
+                log.warning("lease %s on %s not given back (%s); it expires", lease, slots, exc)
 
     async def _keep(self, slots: str, lease: str) -> None:
         while True:
             await asyncio.sleep(RENEW_EVERY_S)
-            now = await _redis_now_ms(self.redis)
-            if not await self._renew(keys=[slots], args=[lease, now + LEASE_MS, LEASE_MS]):
+            try:
+                now = await _redis_now_ms(self.redis)
+                held = await self._renew(keys=[slots], args=[lease, now + LEASE_MS, LEASE_MS])
+            except RedisError as exc:
+                # Redis unreachable for a moment: try again at the next renewal; the job runs on.
+                log.warning("lease %s on %s not renewed (%s)", lease, slots, exc)
+                continue
+            if not held:
                 log.warning("lease %s on %s was lost (worker stalled?)", lease, slots)
                 return
 

@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -233,8 +233,11 @@ async def run_job(
                     await run.resume(resume, stop_check)
                 else:
                     await run.steps(stop_check)
-        finally:
+            # Only a job that ran its course waits for its downloads: one cut short (the job
+            # timeout, a shutdown) must end now, not up to Downloads.SETTLE_S later — past the
+            # timeout's margin, arq would cancel it with no report.
             await downloads.settle()
+        finally:
             if har is None:
                 # Nothing in the report waits for the close: it goes on in the background.
                 runtime.browser.release(job_page)
@@ -347,15 +350,54 @@ async def fail_internally(
     listener: RunListener,
     *,
     code: FailureCode = FailureCode.script_error,
+    last: JobReport | None = None,
+    sent: Iterable[str] = (),
 ) -> JobReport:
-    """The report of a job the worker itself ended: a bug, or the job timeout."""
-    report = _new_report(job, runtime, JobStatus.failed)
-    report.error = Failure(
+    """The report of a job the worker itself ended: a bug, or the job timeout.
+
+    `last` is the run's report as it last stood: its steps stay on record, the one running
+    marked failed. A commit step among `sent` (the commit journal's) that the report does not
+    show confirmed may have taken effect: the job then waits for a person to look
+    (`outcome_unknown`), never a bare `failed` an orchestrator would retry into a second one."""
+    failure = Failure(
         code=code,
         message=str(error)
         if code == FailureCode.timeout
         else f"internal error in the worker: {type(error).__name__}",
     )
+    if last is None or last.status.settled:
+        report = _new_report(job, runtime, JobStatus.failed)
+        report.error = failure
+        return await _finish(report, time.perf_counter(), runtime, listener)
+    report = last.model_copy(deep=True)
+    for step in report.steps:
+        if step.status == StepStatus.running:
+            step.status = StepStatus.failed
+            step.failure = failure.model_copy(update={"step_id": step.id})
+            failure.step_id = step.id
+        elif step.status == StepStatus.pending:
+            step.status = StepStatus.skipped
+    sent_ids = set(sent)
+    unconfirmed = [
+        s
+        for s in report.steps
+        if s.commit and s.id in sent_ids and s.status != StepStatus.succeeded
+    ]
+    if unconfirmed:
+        step_id = unconfirmed[-1].id
+        failure = Failure(
+            code=FailureCode.outcome_unknown,
+            message=f"{step_id} was sent to the site, then the worker ended the job "
+            f"({failure.message}): whether it took effect is not known",
+            step_id=step_id,
+        )
+        status = JobStatus.paused_for_handoff
+        report.status, report.error = status, failure
+        report.handoff = handoff_request(report, failure, status, [])
+        wait_s = job.pause_timeout_s or PAUSE_TIMEOUT_S
+        report.handoff.expires_at = now() + timedelta(seconds=wait_s)
+    else:
+        report.status, report.error = JobStatus.failed, failure
     return await _finish(report, time.perf_counter(), runtime, listener)
 
 
@@ -457,6 +499,7 @@ class _Run:
     dynamic_css: list[str] = field(init=False)
     shots: int = 0
     relogins: dict[str, int] = field(default_factory=dict)
+    stop_refused: bool = False  # an abort (or the deadline) came after a commit was sent
     commit_tries: dict[str, int] = field(default_factory=dict)
     probe_used: bool = False
     # The storage state last read for a checkpoint, and (responses, navigations) at the time.
@@ -511,7 +554,16 @@ class _Run:
         signed_out = point.storage_state is None and index > 0
         if sent_before and signed_out and not await self.sign_in_again(plan[index].id):
             return
-        if index < len(plan) and not sent_before:
+        if index < len(plan) and not sent_before and self.page_gone_with_commit(index):
+            # The run before sent the commit, the site confirmed it, and the run died before
+            # the next step read its answer: that page (a confirmation) was the commit's
+            # response and has no address to open again. The probe reads the effect back.
+            commit = plan[index - 1]
+            if signed_out and not await self.sign_in_again(plan[index].id):
+                return
+            if await self.read_back(commit) is None:
+                return
+        elif index < len(plan) and not sent_before:
             start = await self.reenter(index, restored=point.storage_state is not None)
             if start is None:
                 return
@@ -519,6 +571,47 @@ class _Run:
                 self.report.interruptions[-1].redone = [p.id for p in plan[start:index]]
             index = start
         await self.steps(stop_check, start=index)
+
+    def page_gone_with_commit(self, index: int) -> bool:
+        """Whether step `index` worked on the page a confirmed commit left, with nothing
+        recorded to get back there: never started, so no `url_before`, and no redoing across
+        the commit before it."""
+        plan = self.loaded.plan
+        if index == 0 or isinstance(plan[index].step, GotoStep):
+            return False
+        before = self.step_report(plan[index - 1].id)
+        return (
+            plan[index - 1].step.commit
+            and before.status == StepStatus.succeeded
+            and self.step_report(plan[index].id).url_before is None
+        )
+
+    async def read_back(self, commit: PlannedStep) -> int | None:
+        """Read a confirmed commit's outputs back through its probe (the steps that would
+        have read them on its response page are then skipped as recovered). None: the job
+        waits for a person, who is told why."""
+        at = self.loaded.index_of(commit.id)
+        probe = self.loaded.script.verify_effect
+        gone = Failure(
+            code=FailureCode.unexpected_page,
+            message=f"the page {commit.id} left (its confirmation) is gone with the run that "
+            "died, and there is no probe to read the effect back",
+            step_id=self.loaded.plan[at + 1].id,
+        )
+        if probe is None or probe.opt_out is not None or probe.present is None:
+            self.end(JobStatus.paused_for_handoff, gone)
+            return None
+        why = "reading back the confirmed effect: its confirmation page was lost with the run"
+        self.fire(commit.id, FailureCode.outcome_unknown, "verify_effect", why)
+        self.probe_used = True
+        if await self.probe(commit) != "present":
+            gone.message = (
+                f"{commit.id} was confirmed by the site, but its probe does not find the "
+                "effect now: a person looks"
+            )
+            self.end(JobStatus.paused_for_handoff, gone)
+            return None
+        return at + 1
 
     def restore_extracted(self) -> None:
         """Outputs read by an earlier run, with how they were verified (for the claims)."""
@@ -610,6 +703,19 @@ class _Run:
             reason = await stop_check() if stop_check else None
             if reason is None and self.job.deadline is not None and self.job.deadline <= now():
                 reason = "job deadline passed"
+            if reason is not None and self.committed():
+                # Too late to stop: the site took (or may have taken) the commit. Ended here,
+                # the job would read "cancelled" over an effect that exists; it goes on to read
+                # what the site confirmed, once, and says why it did not stop.
+                if not self.stop_refused:
+                    self.stop_refused = True
+                    self.fire(
+                        plan[index].id,
+                        FailureCode.cancelled,
+                        "continue",
+                        f"{reason}, after a commit was sent: finishing the job instead",
+                    )
+                reason = None
             if reason is not None:
                 self.end(JobStatus.cancelled, Failure(code=FailureCode.cancelled, message=reason))
                 return
@@ -997,6 +1103,10 @@ class _Run:
         await self.listener.step_changed(self.report, report)
         if failure is not None:
             raise _AttemptFailed(failure, actions.dispatched)
+
+    def committed(self) -> bool:
+        """Whether a commit step of this job reached the site (and was not refused by it)."""
+        return any(_sent(s) for s in self.report.steps if s.commit)
 
     def signing_in(self, planned: PlannedStep) -> bool:
         """Whether `planned` is a step of the site's login flow."""

@@ -600,7 +600,8 @@ async def _run_tracked(
     """run_job with the queue around it: abort flag, site slot, commit journal, job timeout,
     drift counters, and the right last word when the worker is stopped or fails."""
     redis, keys, job_id = state.redis, state.keys, job.job_id
-    listener = _OutcomeCounter(listener, state.runtime.rollouts)
+    latest = _Latest(_OutcomeCounter(listener, state.runtime.rollouts))
+    listener = latest
 
     async def stop_check() -> str | None:
         reason = await redis.get(keys.abort(job_id))
@@ -629,28 +630,31 @@ async def _run_tracked(
                 )
         except TimeoutError:
             log.warning("job %s: over FORMWORK_JOB_TIMEOUT", job_id)
-            return await fail_internally(
+            report = await fail_internally(
                 job,
                 TimeoutError(f"over the job timeout of {state.settings.job_timeout_s}s"),
                 state.runtime,
                 listener,
                 code=FailureCode.timeout,
+                last=latest.report,
+                sent=(await RedisCommitJournal.open(redis, keys, job_id)).previously_sent,
             )
         await _count_drift(redis, keys, job.site, report)
-        if report.status.terminal:
-            await _forget_kept(state, job_id)
-        if report.status.paused and report.handoff and report.handoff.expires_at:
-            # The pause's deadline, as a message any worker acts on when it falls due.
-            due = report.handoff.expires_at
-            await _schedule_expiry(state, job_id, due, int(due.timestamp() * 1000))
-        if report.status.paused:
-            await _abort_if_requested(state, job_id)
+        await _after_run(state, job_id, report)
         return report
     except Exception as exc:
         # A bug or an unexpected failure of ours: the job still ends with a report and a
         # terminal event, so no orchestrator waits forever on a job stuck at "running".
         log.exception("job %s: internal error", job_id)
-        return await fail_internally(job, exc, state.runtime, listener)
+        sent: set[str] = set()
+        with contextlib.suppress(RedisError):
+            sent = (await RedisCommitJournal.open(redis, keys, job_id)).previously_sent
+        report = await fail_internally(
+            job, exc, state.runtime, listener, last=latest.report, sent=sent
+        )
+        with contextlib.suppress(RedisError):
+            await _after_run(state, job_id, report)
+        return report
     except asyncio.CancelledError:
         # Shutdown (or arq's job timeout) cancelled us mid-job. arq puts the job back on the
         # queue; say so, so a watcher knows it is not lost.
@@ -662,6 +666,36 @@ async def _run_tracked(
     finally:
         if events.webhook is not None:
             await events.webhook.close()
+
+
+async def _after_run(state: WorkerState, job_id: str, report: JobReport) -> None:
+    """What a run's end leaves in Redis: an ended job forgets what it kept for a resume; a
+    paused one gets its deadline, and an abort asked for while it ran."""
+    if report.status.terminal:
+        await _forget_kept(state, job_id)
+    if report.status.paused and report.handoff and report.handoff.expires_at:
+        # The pause's deadline, as a message any worker acts on when it falls due.
+        due = report.handoff.expires_at
+        await _schedule_expiry(state, job_id, due, int(due.timestamp() * 1000))
+    if report.status.paused:
+        await _abort_if_requested(state, job_id)
+
+
+class _Latest:
+    """Passes every transition on, keeping the report as it last stood: a run cut short (the
+    job timeout, a bug of ours) is reported from it, steps and all."""
+
+    def __init__(self, inner: RunListener) -> None:
+        self.inner = inner
+        self.report: JobReport | None = None
+
+    async def step_changed(self, report: JobReport, step: StepReport) -> None:
+        self.report = report
+        await self.inner.step_changed(report, step)
+
+    async def job_changed(self, report: JobReport) -> None:
+        self.report = report
+        await self.inner.job_changed(report)
 
 
 async def _schedule_expiry(state: WorkerState, job_id: str, due: datetime, at_ms: int) -> None:
