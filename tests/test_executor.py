@@ -474,12 +474,11 @@ async def test_a_takeover_right_after_a_confirmed_commit_reads_the_effect_back(
     died.status, died.outputs = JobStatus.running, {}
     died.claims = [c for c in died.claims if c.kind != "output"]
     confirmation = next(s for s in died.steps if s.id == "confirmation")
-    confirmation.status, confirmation.url_before, confirmation.attempts = (
-        StepStatus.pending,
-        None,
-        0,
-    )
+    confirmation.status, confirmation.url_before = StepStatus.pending, None
+    confirmation.attempts, confirmation.attempt_log, confirmation.screenshot = 0, [], None
 
+    first = {int(Path(a.screenshot).name.split("-", 1)[0]) for s in died.steps
+             for a in s.attempt_log if a.screenshot}  # fmt: skip
     point = ResumePoint(report=died, step_id="confirmation")
     report = await run_job(credit_job(billing, "job-taken"), runtime, resume=point)
     assert report.status == JobStatus.succeeded, report.error
@@ -491,3 +490,11 @@ async def test_a_takeover_right_after_a_confirmed_commit_reads_the_effect_back(
     assert [r.action for r in report.rules_fired if r.step_id == "submit"] == ["verify_effect"]
     claim = next(c for c in report.claims if c.name == "confirmation_number")
     assert claim.verified and claim.how == "probe"
+
+    # The second run's captures are numbered after the first run's: none written over.
+    def numbers(of: JobReport) -> set[int]:
+        shots = [a.screenshot for s in of.steps for a in s.attempt_log if a.screenshot]
+        return {int(Path(shot).name.split("-", 1)[0]) for shot in shots}
+
+    later = numbers(report) - first
+    assert later and min(later) > max(first)

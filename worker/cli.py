@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import sys
+import time
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from playwright.async_api import Error as PlaywrightError
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
 from worker.artifacts import ArtifactStore, LocalArtifacts, safe_id, store_for
 from worker.browser import BrowserHost, find_chromium
@@ -222,19 +224,35 @@ def _worker(args: argparse.Namespace) -> int:
         secrets_file=args.secrets_file,
         metrics_port=args.metrics_port,
     )
-    worker = build_worker(settings, burst=args.burst)
     metrics = (
         f", metrics on http://{settings.metrics_host}:{settings.metrics_port}/metrics"
         if settings.metrics_port
         else ""
     )
-    print(
-        f"formwork worker: queue {worker.queue_name} on {settings.redis_url}, "
-        f"max {settings.max_jobs} jobs{metrics}",
-        flush=True,
-    )
-    worker.run()
-    return 0
+    wait_s = 1.0
+    while True:
+        worker = build_worker(settings, burst=args.burst)
+        print(
+            f"formwork worker: queue {worker.queue_name} on {settings.redis_url}, "
+            f"max {settings.max_jobs} jobs{metrics}",
+            flush=True,
+        )
+        try:
+            worker.run()
+            return 0
+        except (RedisError, OSError) as exc:
+            # Redis restarted or failed over: a worker that exits leaves the queue unserved
+            # until something restarts it. It waits and connects again; jobs it was running
+            # are handed on by arq when their in-progress keys expire (and resume from their
+            # checkpoints).
+            print(
+                f"formwork worker: lost Redis ({type(exc).__name__}: {exc}); "
+                f"connecting again in {wait_s:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+            time.sleep(wait_s)
+            wait_s = min(wait_s * 2, 30.0)
 
 
 def _client() -> Any:

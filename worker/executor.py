@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -516,6 +516,9 @@ class _Run:
             for c in elements[name]
             if c.css and "{{" not in c.css
         ]
+        # A run that goes on with an earlier run's report numbers its captures after that
+        # run's: starting again at 01 would write over the first run's evidence.
+        self.shots = max((_shot_number(p) for p in _shots_of(self.report)), default=0)
 
     @property
     def page(self) -> Page:
@@ -1405,6 +1408,20 @@ class _Run:
                 )
             )
         self.report.claims = claims
+
+
+def _shots_of(report: JobReport) -> Iterable[str]:
+    """Every screenshot a report refers to, from any of its steps' attempts."""
+    for step in report.steps:
+        if step.screenshot:
+            yield step.screenshot
+        yield from (a.screenshot for a in step.attempt_log if a.screenshot)
+
+
+def _shot_number(path: str) -> int:
+    """The capture number a screenshot's name starts with (`…/07-review.jpg` → 7)."""
+    head = PurePosixPath(path).name.split("-", 1)[0]
+    return int(head) if head.isdigit() else 0
 
 
 def _sent(step: StepReport) -> bool:
