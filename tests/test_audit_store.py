@@ -4,8 +4,9 @@ S3-compatible server (moto's, over HTTP), and retention that removes only old jo
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
-from worker.artifacts import ArtifactStore, LocalArtifacts, S3Artifacts
+from worker.artifacts import ArtifactStore, LocalArtifacts, S3Artifacts, safe_id
 from worker.browser import BrowserHost
 from worker.cli import main
 from worker.contract import BrowserJob, JobStatus
@@ -154,3 +155,89 @@ def test_prune_skips_a_folder_named_like_a_day_that_is_none(
     assert main(["audit", "prune", "--older-than", "30d", "--artifacts", str(store.root),
                  "--dry-run"]) == 0  # fmt: skip
     assert "would remove 1 job" in capsys.readouterr().out
+
+
+async def test_ids_that_differ_only_in_unsafe_characters_keep_separate_records(
+    billing: Site, runtime: Runtime, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `:` is allowed in a job id and not in a folder name: `coll:T` must not land in `coll_T`.
+    store = runtime.artifacts
+    reports = {}
+    for job_id, reference in (("coll:T", "T-COLON"), ("coll_T", "T-UNDERSCORE")):
+        inputs = {**CREDIT_INPUTS, "reference": reference}
+        job = BrowserJob(job_id=job_id, script="billing/issue_credit", inputs=inputs,
+                         site_url=billing.url)  # fmt: skip
+        reports[job_id] = await run_job(job, runtime)
+        assert reports[job_id].status == JobStatus.succeeded
+    # Ground truth: the site holds both credits, each with its own reference.
+    assert sorted(c["reference"] for c in billing.credits()) == ["T-COLON", "T-UNDERSCORE"]
+
+    colon, underscore = reports["coll:T"].artifacts, reports["coll_T"].artifacts
+    assert colon is not None and underscore is not None
+    assert colon.path != underscore.path
+    assert underscore.path.endswith("/coll_T")  # an id that is already a safe name is kept
+    for job_id, reference in (("coll:T", "T-COLON"), ("coll_T", "T-UNDERSCORE")):
+        record = store.find_audit(job_id)
+        assert (record.job_id, record.report.inputs["reference"]) == (job_id, reference)
+        assert record.report == reports[job_id]
+        on_disk = json.loads(store.get(f"{record.path}/report.json"))
+        assert on_disk["job_id"] == job_id
+        assert all(e.source.startswith(f"{record.path}/") for e in record.evidence.values())
+    assert sorted(r.job_id for r in store.audits()) == ["coll:T", "coll_T"]
+
+    # The command finds each job's own record too.
+    out = tmp_path / "colon.html"
+    root = str(store.location)
+    assert main(["audit", "export", "coll:T", "--artifacts", root, "--out", str(out)]) == 0
+    assert "T-COLON" in out.read_text() and "T-UNDERSCORE" not in out.read_text()
+    capsys.readouterr()
+
+
+def test_a_folder_name_is_kept_apart_for_every_id() -> None:
+    ids = ["coll:T", "coll_T", "coll.T", "a:b:c", "a_b:c", "a:b_c", "x" * 128, "x" * 127 + ":"]
+    names = [safe_id(i) for i in ids]
+    assert len(set(names)) == len(ids)
+    assert safe_id("coll_T") == "coll_T" and safe_id("run-42.a") == "run-42.a"
+    for name in names:
+        assert len(name) <= 128 and not name.startswith(".") and "/" not in name
+    # A malformed payload's id still names a folder of its own, never a hidden or parent one.
+    for bad in ("", ".", "..", "../x", ".hidden"):
+        assert safe_id(bad) not in ("", ".", "..") and not safe_id(bad).startswith(".")
+
+
+def test_a_record_written_before_ids_were_kept_apart_is_still_found(tmp_path: Path) -> None:
+    # A job whose id held a `:` was filed under the id with `_` for it: still found, but only
+    # when the record there is its own (the folder may be one two jobs shared).
+    store = LocalArtifacts(tmp_path / "artifacts")
+    store.put("2025-01-30/old_1/report.json", b'{"job_id": "old:1"}')
+    assert store.find_job("old:1") == "2025-01-30/old_1"
+    assert store.find_job("old_1") == "2025-01-30/old_1"  # a safe id: its own name
+    store.put("2025-01-30/shared_2/report.json", b'{"job_id": "shared_2"}')
+    assert store.find_job("shared:2") is None
+
+
+async def test_prune_removes_a_pruned_jobs_whole_folder_and_its_emptied_day(
+    billing: Site, runtime: Runtime, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = runtime.artifacts
+    assert isinstance(store, LocalArtifacts)
+    job = BrowserJob(job_id="old-job", script="billing/issue_credit", inputs=CREDIT_INPUTS,
+                     site_url=billing.url)  # fmt: skip
+    report = await run_job(job, runtime)
+    assert report.status == JobStatus.succeeded and report.artifacts is not None
+    folder = store.root / report.artifacts.path
+    # A job leaves folders that may hold no file: its downloads/ (none were made here).
+    assert (folder / "downloads").is_dir() and not any((folder / "downloads").iterdir())
+    day = report.artifacts.path.split("/")[0]
+
+    # Forty days on, the command removes the job and its day entirely.
+    later = date.fromisoformat(day) + timedelta(days=40)
+    assert store.prune(timedelta(days=30), today=later) == [report.artifacts.path]
+    assert not folder.exists()
+    assert list(store.root.iterdir()) == []
+
+    # A job folder holding nothing but empty folders goes too, and is named.
+    (store.root / "2020-01-01" / "empty-job" / "downloads").mkdir(parents=True)
+    assert main(["audit", "prune", "--older-than", "30d", "--artifacts", str(store.root)]) == 0
+    assert "removed 2020-01-01/empty-job" in capsys.readouterr().out
+    assert list(store.root.iterdir()) == []

@@ -295,3 +295,73 @@ def test_traces_are_kept_per_mode(audited: LocalArtifacts) -> None:
     assert len(audited.find_audit("ui-ok").traces) == 1  # always
     assert len(audited.find_audit("ui-ask").traces) == 1  # on_failure, and it did not succeed
     assert audited.find_audit("ui-drift").traces == []  # on_failure, and it succeeded
+
+
+async def test_enter_on_a_focused_link_follows_it_and_never_opens_the_lightbox(
+    ui: str, page: Page
+) -> None:
+    await page.goto(ui + "/")
+    await page.get_by_role("link", name="ui-ask").click()
+    lightbox = page.locator("#lightbox")
+    current = page.locator(".detail:not([hidden])")
+    await expect(current.locator(".step-title")).to_have_text(re.compile(r"\d+\. review$"))
+
+    # A link inside the page (the failure's step): Enter follows it, no lightbox.
+    await page.locator("#failure a[data-goto]").focus()
+    await page.keyboard.press("Enter")
+    await expect(page.locator(".step.current")).to_contain_text("review")
+    await expect(lightbox).to_be_hidden()
+    # Enter with a modifier is the browser's (open in a new tab…), never the lightbox.
+    await page.locator("#steps .step.current").focus()
+    await page.keyboard.press("Control+Enter")
+    await expect(lightbox).to_be_hidden()
+
+    # The brand link: Enter goes to the job list. What the job page showed as it left is
+    # kept where the next page can read it (the same tab's sessionStorage).
+    await page.evaluate(
+        """() => addEventListener("pagehide", () => sessionStorage.setItem(
+            "lightbox-at-leave", String(document.getElementById("lightbox").hidden)))"""
+    )
+    await page.locator("a.brand").focus()
+    await page.keyboard.press("Enter")
+    await expect(page).to_have_url(ui + "/")
+    await shows_jobs(page, "ui-drift", "ui-ask", "ui-ok")
+    assert await page.evaluate("sessionStorage.getItem('lightbox-at-leave')") == "true"
+
+
+async def test_tab_reaches_each_step_and_enter_enlarges_the_focused_one(
+    ui: str, page: Page
+) -> None:
+    await page.goto(ui + "/")
+    await page.get_by_role("link", name="ui-ok").click()
+    await expect(page.locator("#job-status")).to_have_text("succeeded")
+    steps = page.locator("#steps .step")
+    count = await steps.count()
+    assert count >= 5
+
+    # From the top of the page, Tab alone reaches the first step (past the page's links).
+    focused_step = "() => document.activeElement?.closest('#steps .step')?.dataset.index ?? null"
+    for _ in range(20):
+        await page.keyboard.press("Tab")
+        if await page.evaluate(focused_step) is not None:
+            break
+    assert await page.evaluate(focused_step) == "0"
+    current = page.locator(".detail:not([hidden])")
+    # Each Tab moves to the next step and shows it.
+    for index in range(1, 4):
+        await page.keyboard.press("Tab")
+        assert await page.evaluate(focused_step) == str(index)
+        await expect(current).to_have_attribute("data-index", str(index))
+        await expect(steps.nth(index)).to_have_class(re.compile(r"\bcurrent\b"))
+    # Enter on the focused step enlarges its screenshot; Esc closes it.
+    await page.keyboard.press("Enter")
+    lightbox = page.locator("#lightbox")
+    await expect(lightbox).to_be_visible()
+    shown = await current.locator("img.shot").evaluate("img => img.src")
+    assert await lightbox.locator("img").evaluate("img => img.src") == shown
+    await page.keyboard.press("Escape")
+    await expect(lightbox).to_be_hidden()
+    # j moves on from the focused step, and the focus goes along (Tab carries on from there).
+    await page.keyboard.press("j")
+    await expect(current).to_have_attribute("data-index", "4")
+    assert await page.evaluate(focused_step) == "4"

@@ -32,6 +32,7 @@ from worker.contract import (
     JobStatus,
     RuleFired,
 )
+from worker.executor import Runtime, run_job
 from worker.keys import Keys
 from worker.metrics import Monitor
 from worker.outcome import UNKNOWN_SCRIPT, outcome_of
@@ -115,6 +116,51 @@ def test_a_rejection_naming_an_unknown_script_gets_no_label_of_its_own() -> None
         error=Failure(code=FailureCode.script_not_found, message="no such script"),
     )
     assert (outcome_of(bogus).site, outcome_of(bogus).script) == (UNKNOWN_SCRIPT, UNKNOWN_SCRIPT)
+
+
+async def test_a_rejection_of_a_script_that_exists_is_labelled_with_it(
+    runtime: Runtime, settings: Settings, fixture_secrets: dict[str, str]
+) -> None:
+    # Refused at intake, each for its inputs or its payload, by a script that exists: counted
+    # under that script. Only a script that does not exist is "(unknown)".
+    def job(job_id: str, script: str = "billing/issue_credit", **changes: Any) -> BrowserJob:
+        inputs = {**CREDIT_INPUTS, **changes.pop("inputs", {})}
+        return BrowserJob(job_id=job_id, script=script, inputs=inputs, **changes)
+
+    jobs = [
+        job("rj-amount", inputs={"amount": "-3"}),
+        job("rj-site", site_url="http://billing.example.net"),
+        job("rj-secret", inputs={"reason": fixture_secrets["billing_password"]}),
+        job("rj-version", script="billing/issue_credit@9"),
+        job("rj-nope", script="billing/no_such_script_9f3"),
+    ]
+    reports = [await run_job(j, runtime) for j in jobs]
+    assert [(r.status, r.error and r.error.code) for r in reports] == [
+        (JobStatus.rejected, FailureCode.input_invalid),
+        (JobStatus.rejected, FailureCode.job_invalid),
+        (JobStatus.rejected, FailureCode.job_invalid),
+        (JobStatus.rejected, FailureCode.script_not_found),
+        (JobStatus.rejected, FailureCode.script_not_found),
+    ]
+
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        monitor = Monitor(redis, Keys(settings.key_prefix), scripts=runtime.scripts)
+        for r in reports:
+            await monitor.settled(r)
+        scraped = samples((await monitor.metrics.exposition()).decode())
+        stats = await JobStats(redis, Keys(settings.key_prefix)).read(timedelta(hours=1))
+    finally:
+        await redis.aclose()
+    credit = {"site": "billing", "script": "billing/issue_credit", "status": "rejected"}
+    assert value(scraped, "formwork_jobs_total", **credit, version="") == 4
+    unknown = {"site": UNKNOWN_SCRIPT, "script": UNKNOWN_SCRIPT}
+    assert value(scraped, "formwork_jobs_total", **unknown, status="rejected") == 1
+    assert value(scraped, "formwork_metrics_errors_total") == 0
+    assert {scope: one.jobs for scope, one in stats.scripts.items()} == {
+        "billing/issue_credit": {"rejected": 4},
+        UNKNOWN_SCRIPT: {"rejected": 1},
+    }
 
 
 async def test_a_settling_is_counted_once_however_often_its_report_is_delivered(

@@ -10,6 +10,8 @@ moved, synced or served as a whole:
     <day>/<job_id>/network.har          the job's traffic, scrubbed (`har: true` only)
 
 `<day>` is the UTC date the job started (`2025-01-31`): retention removes whole days.
+`<job_id>` is the id itself when it is a safe file name; any other id is named by `safe_id`
+(`coll:T` -> `coll_T-<16 hex of its SHA-256>`), so no two jobs ever share a folder.
 
 While a job runs, captures and traces are written to a local spool directory (for
 `LocalArtifacts`, the root itself). `record` — called whenever the report is written — builds the
@@ -25,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
@@ -70,9 +73,25 @@ _MAX_NAME = 128  # as long as a valid job id may be (worker.contract.JOB_ID)
 
 
 def safe_id(job_id: str) -> str:
-    """`job_id` as one file name. A valid id only loses characters a path must not hold; the
-    id of a payload refused for being malformed still names a folder of its own: never `..`
-    or hidden, never too long for the file system (cut, with a digest of the whole)."""
+    """`job_id` as one file name, a different one for every id: the one function that names a
+    job's folder (and its S3 pointer), for writing and finding alike.
+
+    An id that is already a safe name is kept as it is. Any other loses the characters a path
+    must not hold (`:` in a valid id; anything in the id of a payload refused for being
+    malformed) and gains a digest of the whole id, or `coll:T` would share `coll_T`'s folder
+    and overwrite its records. Never `..` or hidden, never too long for the file system."""
+    name = _UNSAFE.sub("_", job_id)
+    if name.startswith("."):
+        name = "_" + name
+    if name == job_id and 0 < len(name) <= _MAX_NAME:
+        return name
+    digest = hashlib.sha256(job_id.encode()).hexdigest()[:16]
+    return f"{name[: _MAX_NAME - len(digest) - 1]}-{digest}"
+
+
+def _shared_name(job_id: str) -> str:
+    """The folder name `safe_id` gave before it told ids apart (the same for a safe id): jobs
+    whose ids differ only in unsafe characters shared it."""
     name = _UNSAFE.sub("_", job_id)
     if not name or name.startswith("."):
         name = "_" + name
@@ -128,8 +147,26 @@ class ArtifactStore(ABC):
         """The `<day>` folders at the root."""
 
     @abstractmethod
+    def _locate(self, name: str) -> str | None:
+        """The path (`<day>/<name>`) of the job folder called `name`, if the store holds one."""
+
     def find_job(self, job_id: str) -> str | None:
-        """The path of a job this store already holds (a resumed job's), if any."""
+        """The path of a job this store already holds (a resumed job's), if any.
+
+        A job filed before folder names told ids apart (an id with a `:`) is found in the
+        folder it shared, but only while the report there is its own."""
+        found = self._locate(safe_id(job_id))
+        shared = _shared_name(job_id)
+        if found is not None or shared == safe_id(job_id):
+            return found
+        path = self._locate(shared)
+        if path is None:
+            return None
+        try:
+            owner = json.loads(self.get(f"{path}/report.json")).get("job_id")
+        except (ArtifactError, ValueError, AttributeError):
+            return None
+        return path if owner == job_id else None
 
     def publish(self, path: str) -> None:
         """Move what the job spooled locally under `path` into the store."""
@@ -356,17 +393,25 @@ class ArtifactStore(ABC):
             if seen >= cutoff:
                 continue
             keys = self.keys(f"{day}/")
-            removed += sorted({"/".join(k.split("/")[:2]) for k in keys if k.count("/") >= 2})
+            removed += self._jobs_in(day, keys)
             if not dry_run:
-                self.delete(keys)
+                self._remove_day(day, keys)
         if not dry_run:
             self._forget(removed)
         return removed
 
+    def _jobs_in(self, day: str, keys: Sequence[str]) -> list[str]:
+        """The paths of the jobs in `day`, whose keys are `keys`."""
+        return sorted({"/".join(k.split("/")[:2]) for k in keys if k.count("/") >= 2})
+
+    def _remove_day(self, day: str, keys: Sequence[str]) -> None:
+        """Remove a day being pruned, whose keys are `keys` (a bucket has no folders)."""
+        self.delete(keys)
+
     def _forget(self, paths: list[str]) -> None:
         """Drop whatever else points at removed jobs (back ends with an index)."""
-        gone = {p.split("/", 1)[1] for p in paths}
-        self._paths = {k: v for k, v in self._paths.items() if safe_id(k) not in gone}
+        gone = set(paths)
+        self._paths = {k: v for k, v in self._paths.items() if v not in gone}
 
 
 def _retrieve(future: asyncio.Future[Encoded]) -> None:
@@ -437,8 +482,26 @@ class LocalArtifacts(ArtifactStore):
             return []
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and DAY.match(p.name))
 
-    def find_job(self, job_id: str) -> str | None:
-        found = sorted(self.root.glob(f"*/{safe_id(job_id)}"))
+    def _jobs_in(self, day: str, keys: Sequence[str]) -> list[str]:
+        # A job's folder may hold no file at all, only folders (an unused downloads/).
+        folders = {f"{day}/{p.name}" for p in self._path(day).iterdir() if p.is_dir()}
+        return sorted(folders.union(super()._jobs_in(day, keys)))
+
+    def _remove_day(self, day: str, keys: Sequence[str]) -> None:
+        self.delete(keys)
+        # What no key names goes too, so that the day goes whole: the folders a job makes
+        # before it needs them (downloads/), the `.tmp` of a write a crash cut short. A file
+        # written since the listing stays, and with it its folders.
+        for parent, _, files in os.walk(self._path(day), topdown=False):
+            folder = Path(parent)
+            for name in files:
+                if name.endswith(".tmp"):
+                    (folder / name).unlink(missing_ok=True)
+            if not any(folder.iterdir()):
+                folder.rmdir()
+
+    def _locate(self, name: str) -> str | None:
+        found = sorted(self.root.glob(f"*/{name}"))
         return found[-1].relative_to(self.root).as_posix() if found else None
 
 
@@ -532,9 +595,9 @@ class S3Artifacts(ArtifactStore):
         ]
         return sorted(n for n in names if DAY.match(n))
 
-    def find_job(self, job_id: str) -> str | None:
+    def _locate(self, name: str) -> str | None:
         try:
-            return self.get(f"jobs/{safe_id(job_id)}").decode()
+            return self.get(f"jobs/{name}").decode()
         except ArtifactError:
             return None
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Iterable
-from typing import Any, cast
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -27,9 +27,13 @@ from redis.asyncio import Redis
 from worker.backlog import backlog
 from worker.browser import BrowserHost
 from worker.contract import JobReport
+from worker.errors import ScriptInvalid
 from worker.keys import Keys
 from worker.outcome import JobOutcome, outcome_of
 from worker.stats import JobStats
+
+if TYPE_CHECKING:
+    from worker.script import ScriptStore
 
 log = logging.getLogger("formwork.metrics")
 
@@ -200,13 +204,40 @@ def tree_rss(root: int) -> int:
     return total
 
 
+def _exists_in(scripts: ScriptStore) -> Callable[[str], bool]:
+    """Whether a script of that name is in `scripts`, in any version."""
+
+    def exists(name: str) -> bool:
+        # A glob and a stat per version file (versions are cached by mtime), for rejected
+        # jobs only: intake looked the same files up a moment before, on the loop too.
+        try:
+            return bool(scripts.versions(name))
+        except ScriptInvalid:
+            return True  # its files are there, only broken
+        except OSError:
+            return False
+
+    return exists
+
+
 class Monitor:
     """Counts every settling of a job once: Prometheus (this worker) and the hourly rollups
-    (all workers). Never raises: a metrics failure must not fail or delay a job."""
+    (all workers). Never raises: a metrics failure must not fail or delay a job.
 
-    def __init__(self, redis: Redis, keys: Keys, browser: BrowserHost | None = None) -> None:
+    With `scripts` (the worker's), a job refused at intake is counted under the script it
+    names when that script exists; without, under `(unknown)` whenever it may not exist."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        browser: BrowserHost | None = None,
+        *,
+        scripts: ScriptStore | None = None,
+    ) -> None:
         self.stats = JobStats(redis, keys)
         self.metrics = WorkerMetrics(redis, keys, browser)
+        self.known = _exists_in(scripts) if scripts is not None else None
         self._server: web.AppRunner | None = None
         self.port: int | None = None
 
@@ -218,7 +249,7 @@ class Monitor:
             first, since = await self.stats.settle_once(report.job_id, report.ended_at)
             if not first:
                 return
-            outcome = outcome_of(report, since)
+            outcome = outcome_of(report, since, known=self.known)
             self.metrics.observe(outcome)
             await self.stats.add(outcome, report.ended_at)
         except Exception:

@@ -8,14 +8,15 @@ and the hourly rollups (`worker/stats.py`) both count `JobOutcome`s, so they agr
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from worker.contract import FailureCode, JobReport, JobStatus, RuleFired
+from worker.contract import SCRIPT_REF, FailureCode, JobReport, JobStatus, RuleFired
 
-# Rejections that may name a script that does not exist: never a label of their own, or any
-# sender could mint metric series at will.
+# A rejection may name a script that does not exist: such a name is never a label of its own,
+# or any sender could mint metric series at will. Without a way to tell (`known`), the
+# rejections that may name one are these.
 _UNTRUSTED_NAME = {FailureCode.script_not_found, FailureCode.job_invalid}
 UNKNOWN_SCRIPT = "(unknown)"
 
@@ -41,17 +42,34 @@ class JobOutcome:
         return f"{self.script}@{self.version}" if self.version else self.script
 
 
-def outcome_of(report: JobReport, since: datetime | None = None) -> JobOutcome:
-    """What `report` adds, counting only what happened after `since` (the job's last settling)."""
+def script_label(report: JobReport, known: Callable[[str], bool] | None = None) -> str:
+    """The `script` label of `report`. A rejected job's is the script it names when `known`
+    says that script exists (whatever it was refused for: inputs, site_url, a duplicate…),
+    else `(unknown)`; without `known`, every rejection that may name a missing script is."""
+    if report.status != JobStatus.rejected:
+        return report.script or UNKNOWN_SCRIPT
+    if known is None:
+        untrusted = report.error is None or report.error.code in _UNTRUSTED_NAME
+        return UNKNOWN_SCRIPT if untrusted else report.script or UNKNOWN_SCRIPT
+    # Refused before it was parsed, a job's script is whatever the payload held (a version
+    # pin included): only a well-formed name is looked up.
+    ref = SCRIPT_REF.match(report.script)
+    return ref["name"] if ref is not None and known(ref["name"]) else UNKNOWN_SCRIPT
+
+
+def outcome_of(
+    report: JobReport,
+    since: datetime | None = None,
+    *,
+    known: Callable[[str], bool] | None = None,
+) -> JobOutcome:
+    """What `report` adds, counting only what happened after `since` (the job's last settling).
+    `known(name)`: whether the script `name` exists (`script_label`)."""
 
     def new(at: datetime | None) -> bool:
         return since is None or (at is not None and at > since)
 
-    script = report.script or UNKNOWN_SCRIPT
-    if report.status == JobStatus.rejected and (
-        report.error is None or report.error.code in _UNTRUSTED_NAME
-    ):
-        script = UNKNOWN_SCRIPT
+    script = script_label(report, known)
     site = script.split("/", 1)[0] if "/" in script else script
     rules = [r for r in report.rules_fired if new(r.at)]
     steps = [s for s in report.steps if new(s.ended_at)]

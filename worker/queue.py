@@ -79,6 +79,7 @@ from worker.script import LoadedScript, ScriptStore
 from worker.secretstore import SecretStore
 from worker.settings import Settings
 from worker.webhooks import WebhookSender, check_target
+from worker.webhooks import drain as drain_webhooks
 
 log = logging.getLogger("formwork.queue")
 
@@ -362,7 +363,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         ),
         capacity=SiteCapacity(redis, keys),
         http=aiohttp.ClientSession(),
-        monitor=Monitor(redis, keys, browser),
+        monitor=Monitor(redis, keys, browser, scripts=scripts),
         cipher=StateCipher(settings.state_key) if settings.state_key else None,
         owns_browser=owns_browser,
     )
@@ -379,6 +380,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     state: WorkerState | None = ctx.get("formwork")
     if state is None:
         return
+    await drain_webhooks()  # deliveries still pending get their last seconds, then go
     await state.http.close()
     await state.monitor.close()
     if state.owns_browser:

@@ -1,4 +1,6 @@
-// Keyboard review of a job: j/k or arrows move between steps, Enter enlarges, Esc closes.
+// Keyboard review of a job: j/k or arrows move between steps, and Tab reaches each one; Enter
+// enlarges the step's screenshot, Esc closes it. Keys stay the focused element's own where it
+// uses them (typing in a field, Enter on a link or button), and so do modified keys.
 (() => {
   const steps = Array.from(document.querySelectorAll("#steps .step"));
   const details = Array.from(document.querySelectorAll(".detail"));
@@ -8,7 +10,10 @@
 
   const show = (index) => {
     current = Math.max(0, Math.min(steps.length - 1, index));
-    steps.forEach((s, i) => s.classList.toggle("current", i === current));
+    steps.forEach((s, i) => {
+      s.classList.toggle("current", i === current);
+      s.setAttribute("aria-current", i === current ? "step" : "false");
+    });
     details.forEach((d, i) => { d.hidden = i !== current; });
     // Keep the current step in view inside the timeline only: the page itself stays put.
     const nav = steps[current].closest(".timeline");
@@ -18,6 +23,10 @@
       nav.scrollTop = el.offsetTop + el.offsetHeight - nav.clientHeight;
     }
     history.replaceState(null, "", "#step-" + current);
+    // On the timeline, the focus follows the step shown: Tab goes on from there.
+    if (steps.includes(document.activeElement) && document.activeElement !== el) {
+      el.focus({ preventScroll: true });
+    }
   };
   const enlarge = () => {
     const img = details[current].querySelector("img.shot");
@@ -27,7 +36,10 @@
   };
   const close = () => { if (box) box.hidden = true; };
 
-  steps.forEach((s, i) => s.addEventListener("click", () => show(i)));
+  steps.forEach((s, i) => {
+    s.addEventListener("click", () => show(i));
+    s.addEventListener("focus", () => show(i));
+  });
   details.forEach((d) => d.querySelector("img.shot")?.addEventListener("click", enlarge));
   box?.addEventListener("click", close);
   document.querySelectorAll("[data-goto]").forEach((a) => a.addEventListener("click", (e) => {
@@ -35,13 +47,19 @@
     const i = steps.findIndex((s) => s.dataset.step === a.dataset.goto);
     if (i >= 0) show(i);
   }));
+  const typing = (el) =>
+    el instanceof Element && (el.closest("input, textarea, select") !== null || el.isContentEditable);
+  const activates = (el) =>
+    el instanceof Element &&
+    el.closest("a[href], button, summary, [role=button], [role=link]") !== null;
   document.addEventListener("keydown", (e) => {
-    if (e.target instanceof HTMLInputElement || e.metaKey || e.ctrlKey || e.altKey) return;
+    if (e.defaultPrevented || e.metaKey || e.ctrlKey || e.altKey || e.shiftKey) return;
+    if (e.isComposing || typing(e.target)) return;
     const open = box && !box.hidden;
     if (e.key === "Escape") { close(); return; }
     if (e.key === "j" || e.key === "ArrowDown" || e.key === "ArrowRight") { close(); show(current + 1); }
     else if (e.key === "k" || e.key === "ArrowUp" || e.key === "ArrowLeft") { close(); show(current - 1); }
-    else if (e.key === "Enter" && !open) enlarge();
+    else if (e.key === "Enter" && !open && !activates(e.target)) enlarge();
     else return;
     e.preventDefault();
   });
