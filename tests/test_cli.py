@@ -126,6 +126,10 @@ def test_schema_exports_the_public_field_names(tmp_path: Path) -> None:
     assert {"job_id", "script", "inputs", "site_url", "idempotency_key", "deadline"} <= set(
         schemas["BrowserJob"]["properties"]
     )
+    # What a decision about a paused job carries (the wire protocol's resume message).
+    assert {"decision", "inputs", "outputs", "note", "by"} <= set(
+        schemas["ResumeDecision"]["properties"]
+    )
 
 
 def test_validate_checks_every_script(tmp_path: Path) -> None:

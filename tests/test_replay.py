@@ -27,12 +27,14 @@ from worker.recording import export, from_report, load
 from worker.replay import (
     ReplayResult,
     Verdict,
+    _candidate_of,
     fixture_site,
     on_this_machine,
     replay_all,
     table,
 )
 from worker.script import ScriptStore
+from worker.selectors import load_registry
 
 from .conftest import CREDIT_INPUTS, ROOT, SCRIPTS, SECRETS_FILE, SELECTORS, Site
 
@@ -126,6 +128,115 @@ async def test_a_step_that_now_fails_is_a_regression(
     assert "status succeeded -> failed" in problems(result)["review"]
     assert result.problems[0].startswith(f"job succeeded -> {result.report.status}")
     assert billing.credits() == []
+
+
+def registry_with(tmp_path: Path, **elements: str) -> ScriptStore:
+    """The scripts with a copy of the registries whose billing `elements` are replaced."""
+    selectors = tmp_path / "selectors"
+    shutil.copytree(SELECTORS, selectors, dirs_exist_ok=True)
+    registry = selectors / "billing.yaml"
+    lines = registry.read_text().splitlines(keepends=True)
+    for name, candidates in elements.items():
+        [index] = [i for i, line in enumerate(lines) if line.startswith(f"  {name}:")]
+        lines[index] = f"  {name}: {candidates}\n"
+    registry.write_text("".join(lines))
+    return ScriptStore(SCRIPTS, selectors)
+
+
+async def test_a_registry_that_points_a_step_at_another_field_is_a_regression(
+    billing: Site, runtime: Runtime, tmp_path: Path
+) -> None:
+    # Each field's selector is the other's: every step succeeds, typing into the wrong field.
+    swapped = registry_with(
+        tmp_path,
+        **{
+            "credit.reason": '[{css: "#credit-reference"}]',
+            "credit.reference": '[{css: "#credit-reason"}]',
+        },
+    )
+    result = await run(GOLDEN, replace(runtime, scripts=swapped), billing, tmp_path / "out")
+    assert result.verdict == Verdict.regression
+    found = problems(result)
+    assert sorted(found) == ["reason", "reference"], found
+    [reason] = found["reason"]
+    assert reason.startswith(
+        "credit.reason found by another candidate: css=#credit-reference (recorded: "
+        "label=Reason), which is another element: acted at ("
+    )
+    assert ", while label=Reason still finds one at (" in reason
+    assert "which is another element" in found["reference"][0]
+    # Ground truth: the site got each value in the other field.
+    [credit] = billing.credits()
+    assert (credit["reason"], credit["reference"]) == ("T-88812", "damaged item")
+    junit = ET.parse(tmp_path / "out" / "junit.xml").getroot()
+    assert junit.find("testsuite").get("failures") == "2"  # type: ignore[union-attr]
+
+
+async def test_another_candidate_that_finds_the_same_element_stays_drift(
+    billing: Site, runtime: Runtime, tmp_path: Path
+) -> None:
+    reordered = registry_with(tmp_path, **{"credit.amount": '[{css: "#credit-amount"}]'})
+    result = await run(GOLDEN, replace(runtime, scripts=reordered), billing, tmp_path / "out")
+    assert result.verdict == Verdict.drift, problems(result)
+    assert problems(result) == {
+        "amount": [
+            "credit.amount found by another candidate: css=#credit-amount (recorded: label=Amount)"
+        ]
+    }
+    assert billing.credits()[0]["amount"] == "15.00"
+
+
+async def test_a_recorded_box_shows_a_step_acting_elsewhere_when_its_candidate_is_gone(
+    billing: Site, runtime: Runtime, tmp_path: Path
+) -> None:
+    # A recording made now carries the acted element's box per step. Its reason step is
+    # doctored to have matched a label the page no longer has, so only the box can tell.
+    job = BrowserJob(
+        job_id="rec-box", script="billing/issue_credit", inputs=CREDIT_INPUTS, site_url=billing.url
+    )
+    report = await run_job(job, runtime)
+    loaded = runtime.scripts.load(report.script, report.script_version)
+    bundle = export(from_report(report, loaded), runtime.artifacts.root, tmp_path / "rec-box")
+    data = json.loads((bundle / "recording.json").read_text())
+    [reason] = [step for step in data["steps"] if step["id"] == "reason"]
+    assert reason["matched"]["box"] is not None
+    reason["matched"]["candidate"] = "label=Motive"
+    (bundle / "recording.json").write_text(json.dumps(data))
+
+    # The same field, found through another candidate: drift.
+    billing.reset()
+    same = await run(bundle, runtime, billing, tmp_path / "same")
+    assert same.verdict == Verdict.drift, problems(same)
+    assert problems(same) == {
+        "reason": [
+            "credit.reason found by another candidate: label=Reason (recorded: label=Motive)"
+        ]
+    }
+    # Another field: a regression, said with both places.
+    billing.reset()
+    swapped = registry_with(tmp_path, **{"credit.reason": '[{css: "#credit-reference"}]'})
+    moved = await run(bundle, replace(runtime, scripts=swapped), billing, tmp_path / "moved")
+    assert moved.verdict == Verdict.regression
+    [problem] = problems(moved)["reason"]
+    assert problem.startswith(
+        "credit.reason found by another candidate: css=#credit-reference (recorded: "
+        "label=Motive), which is another element: acted at ("
+    )
+    assert ", recorded at (" in problem
+
+
+def test_every_registry_candidate_reads_back_from_how_a_recording_names_it() -> None:
+    # A recording keeps a candidate as `Candidate.describe` wrote it; replay reads it back to
+    # look for the recorded element. One that no longer reads back would make every swapped
+    # field look like harmless drift again.
+    for registry in SELECTORS.glob("*.yaml"):
+        for candidate in (
+            c for cs in load_registry(SELECTORS, registry.stem).elements.values() for c in cs
+        ):
+            back = _candidate_of(candidate.describe())
+            assert back is not None, candidate.describe()
+            assert back.describe() == candidate.describe()
+            assert back == candidate.model_copy(update={"exact": True}), candidate
 
 
 async def test_a_visual_change_fails_above_the_threshold_and_passes_below(

@@ -308,15 +308,114 @@ def test_input_bounds_that_cannot_hold_are_refused_at_load(
     assert message in info.value.message
 
 
-def test_a_decimal_in_exponent_notation_is_typed_in_positional_notation(
+def test_a_decimal_in_exponent_notation_is_refused_and_a_json_number_is_taken(
     script_store: ScriptStore,
 ) -> None:
     loaded = script_store.load("billing/issue_credit")
-    inputs = loaded.validate_inputs({**CREDIT_INPUTS, "amount": " 1E1 "})
-    assert render("{{ inputs.amount }}", {"inputs": inputs}) == "10"
-    assert loaded.redacted_inputs(inputs)["amount"] == "10"
+    # Typed into the site, "1e2" would be 100: a value nobody wrote.
+    for written in ("1e2", " 1E1 ", "2.5e-1", "-1E+1"):
+        with pytest.raises(InputInvalid) as info:
+            loaded.validate_inputs({**CREDIT_INPUTS, "amount": written})
+        assert info.value.message == (
+            "inputs rejected by billing/issue_credit@1: input 'amount': a decimal is written in "
+            f"plain digits (like 100 or 0.05), not in exponent notation (got {written!r})"
+        )
+        assert info.value.field == "inputs.amount"
+    for written in ("NaN", "Infinity", "-inf"):
+        with pytest.raises(InputInvalid, match="input 'amount': Input should be a finite number"):
+            loaded.validate_inputs({**CREDIT_INPUTS, "amount": written})
+    # A JSON number is the sender's serializer's text, and is typed as its digits.
+    for number, typed in ((15, "15"), (0.1, "0.1"), (1e2, "100.0")):
+        inputs = loaded.validate_inputs({**CREDIT_INPUTS, "amount": number})
+        assert render("{{ inputs.amount }}", {"inputs": inputs}) == typed
+        assert loaded.redacted_inputs(inputs)["amount"] == typed
     # Below 1E-6 a Decimal prints as an exponent however it was written.
     assert render("{{ inputs.a }}", {"inputs": {"a": Decimal("0.00000015")}}) == "0.00000015"
+
+
+def test_a_rejected_value_is_echoed_in_part_with_its_length(script_store: ScriptStore) -> None:
+    # The message is copied into events, reports and webhooks: a 5000-character value (or
+    # name) would be copied whole into each.
+    loaded = script_store.load("billing/issue_credit")
+    with pytest.raises(InputInvalid) as info:
+        loaded.validate_inputs({**CREDIT_INPUTS, "reason": "r" * 5000, "n" * 3000: "x"})
+    message = info.value.message
+    assert (
+        f"input 'reason': String should have at most 200 characters (got {'r' * 60!r}… "
+        "(5000 characters))" in message
+    )
+    assert f"input {'n' * 60!r}… (3000 characters): not declared by the script" in message
+    assert len(message) < 400, len(message)
+    # A short value is shown whole, as before.
+    with pytest.raises(InputInvalid, match=r"\(got 'AC-1'\)"):
+        loaded.validate_inputs({**CREDIT_INPUTS, "account_id": "AC-1"})
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (
+            "{type: bool, default: maybe}",
+            "defaults.yaml:6: inputs > x > default: 'maybe' is not a valid bool default: "
+            "Input should be a valid boolean",
+        ),
+        (
+            '{type: int, default: "abc"}',
+            "defaults.yaml:6: inputs > x > default: 'abc' is not a valid int default: "
+            "Input should be a valid integer",
+        ),
+        ("{type: int, default: true}", "inputs > x > default: True is not a valid int default"),
+        (
+            "{type: int, min: 1, max: 9, default: 10}",
+            "inputs > x > default: 10 is not a valid int default: Input should be less than "
+            "or equal to 9",
+        ),
+        (
+            '{type: decimal, default: "1e2"}',
+            "inputs > x > default: '1e2' is not a valid decimal default: a decimal is written "
+            "in plain digits",
+        ),
+        (
+            "{type: enum, values: [a, b], default: c}",
+            "inputs > x > default: 'c' is not a valid enum default: Input should be 'a' or 'b'",
+        ),
+        (
+            '{type: string, pattern: "^[0-9]+$", default: "x1"}',
+            "inputs > x > default: 'x1' is not a valid string default: String should match",
+        ),
+        ("{type: string, default: 5}", "'x' > default: 5 is not a valid string default"),
+    ],
+)
+def test_an_input_default_that_is_not_a_value_of_its_type_is_refused_at_load(
+    tree: Path, spec: str, message: str
+) -> None:
+    # Defaults were never validated: `maybe` and `abc` were typed into a URL as written.
+    header = HEADER.format(name="defaults").replace("steps:", f"  x: {spec}\nsteps:")
+    write(
+        tree,
+        "defaults",
+        header + '  - {id: go, goto: "/{{ inputs.account_id }}/{{ inputs.x }}"}\n',
+    )
+    with pytest.raises(ScriptInvalid) as info:
+        ScriptStore(tree / "scripts", tree / "selectors").load("billing/defaults")
+    assert message.replace("'x' > ", "inputs > x > ") in info.value.message
+
+
+def test_an_input_default_is_used_as_a_value_of_its_type(tree: Path) -> None:
+    inputs = (
+        "  flag: {type: bool, default: false}\n"
+        '  count: {type: int, default: "7"}\n'
+        '  amount: {type: decimal, default: "0.50"}\n'
+    )
+    header = HEADER.format(name="typed").replace("steps:", inputs + "steps:")
+    url = "/{{ inputs.account_id }}/{{ inputs.flag }}/{{ inputs.count }}/{{ inputs.amount }}"
+    write(tree, "typed", header + f'  - {{id: go, goto: "{url}"}}\n')
+    loaded = ScriptStore(tree / "scripts", tree / "selectors").load("billing/typed")
+    typed = loaded.validate_inputs({"account_id": "AC-1"})
+    assert typed == {
+        "account_id": "AC-1", "flag": False, "count": 7, "amount": Decimal("0.50")
+    }  # fmt: skip
+    assert render(url, {"inputs": typed}) == "/AC-1/False/7/0.50"
 
 
 def test_a_step_without_an_id_is_not_said_to_miss_it_inside_its_action(tree: Path) -> None:

@@ -312,3 +312,61 @@ def test_selectors_and_keys_only_a_browser_can_judge_are_checked_in_chromium(
     # The real tree passes, and the same broken tree passes without the browser's checks.
     code, out = validate(tree, capsys)
     assert code == 0, out
+
+
+def test_an_unknown_top_level_key_is_named_on_its_own_line(
+    tree: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `input:` for `inputs:`: its fields are on the lines below, the typo is on this one.
+    typo = tree / "scripts" / "billing" / "typo.yaml"
+    typo.write_text(
+        "name: billing/typo\nversion: 1\nsite: billing\n"
+        "input:\n  account_id: {type: string}\n"
+        'steps:\n  - {id: go, goto: "/accounts/x"}\n'
+    )
+    code, out = validate(tree, capsys)
+    assert code == 1
+    assert f"{typo}:4: input: Extra inputs are not permitted" in out
+
+
+def test_an_input_default_that_is_not_of_its_type_fails_validate(
+    tree: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inputs = '  d: {type: bool, default: maybe}\n  n: {type: int, default: "abc"}\n'
+    step = '- {id: go, goto: "/accounts/{{ inputs.d }}{{ inputs.n }}"}'
+    path = tree / "scripts" / "billing" / "defaults.yaml"
+    path.write_text(script("defaults", step, inputs=inputs))
+    code, out = validate(tree, capsys)
+    assert code == 1
+    assert f"{path}:6: inputs > d > default: 'maybe' is not a valid bool default" in out
+    assert f"{path}:7: inputs > n > default: 'abc' is not a valid int default" in out
+
+
+def test_a_dynamic_element_not_in_the_registry_is_named_with_its_line(
+    tree: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    body = script(
+        "dyn",
+        "- {id: go, click: credit.review}",
+        extra="dynamic: [credit.confirmation_date,\n          credit.nope]\n",
+    )
+    path = tree / "scripts" / "billing" / "dyn.yaml"
+    path.write_text(body)
+    code, out = validate(tree, capsys)
+    assert code == 1
+    assert f"{path}:11: dynamic[1]: 'credit.nope' is not in selectors/billing.yaml" in out
+
+
+def test_redact_selectors_are_checked_in_chromium(
+    tree: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The blur skips a selector the browser cannot parse: a typo turned it off without a word.
+    credit = tree / "scripts" / "billing" / "issue_credit.yaml"
+    credit.write_text(credit.read_text() + 'redact: ["#account-name",\n  "div[[["]\n')
+    lines = credit.read_text().splitlines()
+    line = lines.index('  "div[[["]') + 1
+    code, out = validate(tree, capsys, browser=True)
+    assert code == 1
+    assert f"{credit}:{line}: redact[1]: 'div[[[' is not valid CSS" in out
+    assert "'#account-name'" not in out  # a real selector passes
+    assert "1 invalid" in out

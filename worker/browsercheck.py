@@ -1,11 +1,12 @@
-"""What only a browser can check before a job runs: that a registry's CSS selectors parse, and
-that a script's `press` keys are keys.
+"""What only a browser can check before a job runs: that a registry's CSS selectors and a
+script's `redact:` selectors parse, and that a script's `press` keys are keys.
 
 Loading a script or a registry checks everything Python can. A selector's syntax is the
 browser's to judge (Playwright's selector engine for candidates, the page's own
-`querySelectorAll` for failure detectors), and the key names a `press` may use are Playwright's
-keyboard layout. Without this, `#credit[[` or `Entr` would pass `formwork validate` and stop
-the first job that reached them. `formwork validate` runs these checks in one Chromium, on
+`querySelectorAll` for failure detectors and redacted regions), and the key names a `press`
+may use are Playwright's keyboard layout. Without this, `#credit[[` or `Entr` would pass
+`formwork validate` and stop the first job that reached them (or, in `redact:`, quietly leave
+the region unblurred). `formwork validate` runs these checks in one Chromium, on
 about:blank: no site is contacted and nothing is typed anywhere that matters.
 """
 
@@ -32,7 +33,9 @@ class Probe:
 
     path: Path
     loc: tuple[int | str, ...]
-    kind: Kind  # locator: a candidate (Playwright's engine); css: a detector; key: a key name
+    # locator: a candidate (Playwright's engine); css: a detector or a redacted region (the
+    # page's querySelectorAll); key: a key name
+    kind: Kind
     value: str
 
 
@@ -55,9 +58,16 @@ def registry_probes(path: Path, registry: SiteRegistry) -> list[Probe]:
 
 def script_probes(path: Path) -> list[Probe]:
     """The key of every `press` step in the script at `path`, wherever the step is (its
-    steps, alternates, probe), when it is not a template."""
+    steps, alternates, probe), when it is not a template; and its `redact:` selectors."""
     data, _ = read_yaml(path)
-    return [Probe(path, loc, "key", key) for loc, key in _press_keys(data, ()) if "{{" not in key]
+    probes = [Probe(path, loc, "key", key) for loc, key in _press_keys(data, ()) if "{{" not in key]
+    redact = data.get("redact") if isinstance(data, dict) else None
+    for index, selector in enumerate(redact if isinstance(redact, list) else []):
+        # Applied with the page's own querySelector (worker.evidence.redact_script), which
+        # skips one it cannot parse: a typo would turn the blur off without a word.
+        if isinstance(selector, str):
+            probes.append(Probe(path, ("redact", index), "css", selector))
+    return probes
 
 
 def _press_keys(

@@ -163,8 +163,11 @@ class BrowserJob(_Model):
         description="How long a pause may wait for a decision before the job ends `expired` "
         "(the script's `pause_timeout_s` otherwise).",
     )
+    # Booleans are strict: lax pydantic would run `"dry_run": "yes"` (or "no", or 1) as
+    # whatever it guessed, and the schema says boolean.
     dry_run: bool = Field(
         default=False,
+        strict=True,
         description="Run up to the first commit step and stop there: nothing is submitted; the "
         "report says what would have been (`would_submit`), with the evidence screenshot.",
     )
@@ -176,6 +179,7 @@ class BrowserJob(_Model):
     )
     har: bool | None = Field(
         default=None,
+        strict=True,
         description="Record the job's network traffic as a HAR (credentials and secret values "
         "scrubbed) for offline replay; the script's `har:` otherwise.",
     )
@@ -311,7 +315,8 @@ class RuleFired(_Model):
     code: FailureCode
     action: str = Field(
         description="retry, alternate, relogin, handoff, ask_customer, fail, "
-        "or verify_effect (a commit step's probe)."
+        "verify_effect (a commit step's probe), or continue (an abort or the deadline came "
+        "after a commit was sent: the job finished instead)."
     )
     reason: str
     at: datetime
@@ -587,5 +592,5 @@ class JobEvent(_Model):
 
 def contract_schemas() -> dict[str, Any]:
     """JSON Schemas of every model on the wire, keyed by model name."""
-    models: list[type[BaseModel]] = [BrowserJob, JobReport, StepReport, JobEvent]
+    models: list[type[BaseModel]] = [BrowserJob, JobReport, StepReport, JobEvent, ResumeDecision]
     return {model.__name__: model.model_json_schema() for model in models}

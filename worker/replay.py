@@ -10,6 +10,9 @@ compared with its new run:
   screenshot    changed-pixel ratio above `threshold` (dynamic regions masked) → regression
                 — as is a screenshot missing or unreadable: a check not made is no pass
   selector      the element found through another candidate (drift)     → drift
+                — unless that candidate acted on another element than recorded: the
+                recorded candidate still finds one elsewhere on the page right after the
+                step, or (without it) the acted box is away from the recorded one → regression
   path taken    steps the new run added (a relogin, an alternate)        → drift
 
 A replay with any regression fails (exit code 1 from `formwork replay`); drift is reported
@@ -26,6 +29,7 @@ serve on this machine only, so a site elsewhere is not even asked.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import ipaddress
@@ -35,7 +39,7 @@ import os
 import shutil
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
@@ -44,10 +48,20 @@ from urllib.parse import urldefrag, urljoin, urlsplit
 
 import aiohttp
 from jinja2 import Environment, PackageLoader, select_autoescape
-from playwright.async_api import BrowserContext, Route
+from playwright.async_api import BrowserContext, Page, Route
+from playwright.async_api import Error as PlaywrightError
+from pydantic import ValidationError
 
 from worker.artifacts import LocalArtifacts
-from worker.contract import BrowserJob, FailureCode, JobReport, StepReport, StepStatus
+from worker.contract import (
+    Box,
+    BrowserJob,
+    FailureCode,
+    JobReport,
+    MatchedSelector,
+    StepReport,
+    StepStatus,
+)
 from worker.errors import FormworkError, JobInvalid, RecordingInvalid
 from worker.executor import Runtime, run_job
 from worker.har import Answer, HarReplay, Unanswered, placeholder_environ
@@ -63,6 +77,7 @@ from worker.recording import (
     url_path,
 )
 from worker.secretstore import SecretStore
+from worker.selectors import Candidate
 
 log = logging.getLogger("formwork.replay")
 
@@ -70,6 +85,8 @@ DEFAULT_THRESHOLD = 0.01
 # A redirect chain longer than this, answered from a HAR, is a loop.
 MAX_REDIRECTS = 20
 FIXTURE_TIMEOUT_S = 10.0
+# Looking where a recorded candidate's element is: it is visible already, so no real wait.
+LOOK_TIMEOUT_MS = 1_000
 
 
 class Verdict(StrEnum):
@@ -162,12 +179,106 @@ async def replay(
     if from_har:
         runtime, site_url = offline(bundle, recording, runtime, unmatched)
     job = job_for(recording, runtime, site_url, script_version)
-    report = await run_job(job, runtime)
+    witness = _Witness(recording)
+    runtime = replace(runtime, context_setup=witness.watching(runtime.context_setup))
+    report = await run_job(job, runtime, witness)
     result = await asyncio.to_thread(
-        compare, bundle, recording, report, _local_root(runtime), out_dir, threshold
+        compare,
+        bundle,
+        recording,
+        report,
+        _local_root(runtime),
+        out_dir,
+        threshold,
+        witness.seen,
     )
     result.unmatched, result.from_har = unmatched, from_har
     return result
+
+
+class _Witness:
+    """Listens to a replayed job. Right after a step that found its element through another
+    candidate than the recording's, it looks on the page for the recorded candidate's element:
+    in the same page state, at the moment the acted element was measured. Found elsewhere, the
+    step acted on another element than the recorded one (a registry that now points at the
+    wrong field); not found, it is the fallback that drift is."""
+
+    def __init__(self, recording: Recording) -> None:
+        self.recorded = {s.id: s.matched for s in recording.steps if s.matched is not None}
+        self.page: Page | None = None
+        # step id -> the box of the recorded candidate's element, None when it shows none.
+        self.seen: dict[str, Box | None] = {}
+
+    def watching(
+        self, setup: Callable[[BrowserContext], Awaitable[None]] | None
+    ) -> Callable[[BrowserContext], Awaitable[None]]:
+        """A context setup that does `setup`, then keeps the job's page to look at."""
+
+        async def watch(context: BrowserContext) -> None:
+            if setup is not None:
+                await setup(context)
+            self.page = context.pages[0] if context.pages else None
+
+        return watch
+
+    async def step_changed(self, report: JobReport, step: StepReport) -> None:
+        before, after = self.recorded.get(step.id), step.selector
+        if (
+            self.page is None
+            or before is None
+            or after is None
+            or before.candidate == after.candidate
+            or step.status not in (StepStatus.succeeded, StepStatus.failed)
+        ):
+            return
+        self.seen[step.id] = await _look(self.page, before.candidate)
+
+    async def job_changed(self, report: JobReport) -> None:
+        return None
+
+
+async def _look(page: Page, described: str) -> Box | None:
+    """The box of the element a candidate (as `Candidate.describe` wrote it) finds on the
+    page now; None when it finds none showing, or cannot be read back."""
+    candidate = _candidate_of(described)
+    if candidate is None:
+        return None
+    locator = candidate.locator(page).first
+    try:
+        if not await locator.is_visible():
+            return None
+        found = await locator.bounding_box(timeout=LOOK_TIMEOUT_MS)
+    except PlaywrightError:
+        return None  # the page moved on (a navigation): nothing to compare with
+    return Box.model_validate(found) if found else None
+
+
+def _candidate_of(described: str) -> Candidate | None:
+    """The candidate `Candidate.describe` wrote as `described` (a recording keeps no more),
+    or None when it cannot be read back."""
+    fields: dict[str, str | None] = {}
+    if described.startswith("frame="):
+        frame, sep, described = described.partition(" >> ")
+        if not sep:
+            return None
+        fields["frame"] = frame.removeprefix("frame=")
+    kind, sep, value = described.partition("=")
+    if not sep:
+        return None
+    if kind == "role":
+        role, named, name = value.partition("[name=")
+        fields["role"] = role
+        if named:
+            try:
+                fields["name"] = ast.literal_eval(name.removesuffix("]"))
+            except (ValueError, SyntaxError):
+                return None
+    else:
+        fields[kind] = value
+    try:
+        return Candidate.model_validate(fields)
+    except ValidationError:
+        return None
 
 
 def offline(
@@ -266,8 +377,10 @@ def compare(
     artifacts_root: Path,
     out_dir: Path,
     threshold: float,
+    seen: Mapping[str, Box | None] | None = None,
 ) -> ReplayResult:
-    """Compare a new run's report with the recording (pure but for the image files)."""
+    """Compare a new run's report with the recording (pure but for the image files). `seen`:
+    where the `_Witness` found each step's recorded candidate's element."""
     images = out_dir / _slug(recording.job_id)
     images.mkdir(parents=True, exist_ok=True)
     actual = {s.id: s for s in report.steps}
@@ -288,7 +401,7 @@ def compare(
         result.actual_status = now.status
         if now.status != recorded.status:
             result.flag(Verdict.regression, f"status {recorded.status} -> {now.status}")
-        _compare_selector(recorded, now, result)
+        _compare_selector(recorded, now, result, (seen or {}).get(recorded.id))
         before, after = _masked(recorded.url_path, dynamic), _masked(url_path(now.url), dynamic)
         if recorded.status == now.status and before != after:
             result.flag(Verdict.regression, f"page {before} -> {after}")
@@ -314,15 +427,52 @@ def compare(
     return ReplayResult(bundle, recording, report, results, problems)
 
 
-def _compare_selector(recorded: RecordedStep, now: StepReport, result: StepResult) -> None:
+def _compare_selector(
+    recorded: RecordedStep, now: StepReport, result: StepResult, seen: Box | None
+) -> None:
     before, after = recorded.matched, now.selector
     if before is None or after is None or before.candidate == after.candidate:
         return
     how = "a fallback" if after.index > before.index else "another candidate"
-    result.flag(
-        Verdict.drift,
-        f"{after.element} found by {how}: {after.candidate} (recorded: {before.candidate})",
+    found = f"{after.element} found by {how}: {after.candidate} (recorded: {before.candidate})"
+    elsewhere = _elsewhere(before, after, seen)
+    if elsewhere is not None:
+        result.flag(Verdict.regression, f"{found}, which is another element: {elsewhere}")
+    else:
+        result.flag(Verdict.drift, found)
+
+
+def _elsewhere(before: MatchedSelector, after: MatchedSelector, seen: Box | None) -> str | None:
+    """Why the element the replay acted on is not the recorded one, or None when nothing says
+    so. A fallback is drift only while it finds the same element: a registry that swapped two
+    fields' selectors has each step type into the other field, every step succeeding."""
+    acted = after.box
+    if acted is None:
+        return None  # the step left the page (a click that navigated): nothing to compare
+    if seen is not None:
+        # Both measured on the same page at the same moment: this settles it either way.
+        if _same_place(seen, acted):
+            return None
+        return f"acted at {_at(acted)}, while {before.candidate} still finds one at {_at(seen)}"
+    if before.box is not None and not _same_place(before.box, acted):
+        return f"acted at {_at(acted)}, recorded at {_at(before.box)}"
+    return None
+
+
+def _same_place(a: Box, b: Box) -> bool:
+    """Each box's centre lies in the other: the same element, give or take a few pixels of
+    layout (or a wrapper around it), and not the field above or beside it."""
+
+    def inside(box: Box, x: float, y: float) -> bool:
+        return box.x <= x <= box.x + box.width and box.y <= y <= box.y + box.height
+
+    return inside(b, a.x + a.width / 2, a.y + a.height / 2) and inside(
+        a, b.x + b.width / 2, b.y + b.height / 2
     )
+
+
+def _at(box: Box) -> str:
+    return f"({box.x:.0f}, {box.y:.0f}) {box.width:.0f}x{box.height:.0f}"
 
 
 def _compare_pixels(

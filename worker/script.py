@@ -32,6 +32,7 @@ from pydantic import (
     StrictInt,
     StringConstraints,
     Tag,
+    TypeAdapter,
     ValidationError,
     create_model,
     field_validator,
@@ -128,7 +129,23 @@ class InputSpec(_Strict):
                 re.compile(self.pattern)
             except re.error as exc:
                 raise ValueError(f"'pattern' is not a valid regular expression: {exc}") from exc
+        if self.default is not None:
+            # Defaults are not validated when the input model is built: an unchecked one
+            # would be typed into the site as written (`maybe`, `abc`) on every job.
+            self.typed_default()
         return self
+
+    def typed_default(self) -> Any:
+        """The default as a value of the input's type, or At naming `default`."""
+        value = self.default
+        if isinstance(value, bool) and self.type != InputType.bool:
+            # Pydantic would take `true` for 1; no author means that.
+            raise At(("default",), f"{value!r} is not a valid {self.type} default")
+        try:
+            return TypeAdapter(self.annotation()).validate_python(value)
+        except ValidationError as exc:
+            why = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+            raise At(("default",), f"{value!r} is not a valid {self.type} default: {why}") from exc
 
     def annotation(self) -> Any:
         if self.type == InputType.string:
@@ -142,6 +159,7 @@ class InputSpec(_Strict):
             return Annotated[
                 Decimal,
                 Field(ge=self.min, le=self.max, allow_inf_nan=False),
+                BeforeValidator(_plain_decimal),
                 AfterValidator(_positional),
             ]
         if self.type == InputType.int:
@@ -152,9 +170,26 @@ class InputSpec(_Strict):
         return Literal[tuple(self.values)]
 
 
+def _plain_decimal(value: Any) -> Any:
+    """Refuse a decimal written in exponent notation (`1e2`): typed into a form it would be
+    `100`, a value nobody wrote, from what is more likely a mangled reference or a
+    spreadsheet's rendering than an amount. A JSON number (15, 0.1) is its sender's
+    serializer's text, and is taken; non-finite values are refused by `allow_inf_nan`."""
+    if isinstance(value, str) and _EXPONENT.match(value):
+        raise ValueError(
+            "a decimal is written in plain digits (like 100 or 0.05), not in exponent notation"
+        )
+    return value
+
+
+_EXPONENT = re.compile(r"^\s*[+-]?(\d+\.?\d*|\.\d+)e[+-]?\d+\s*$", re.IGNORECASE)
+
+
 def _positional(value: Decimal) -> Decimal:
-    """`1E+1` as `10`: the value is typed into a form, and sites refuse exponent notation
-    (blaming the customer). Values below 1E-6 still print as exponents; `render` formats them."""
+    """Positional digits for a value that came as a number with an exponent (a JSON number
+    like 1e21 is a float, then `Decimal('1E+21')`): the value is typed into a form, and sites
+    refuse exponent notation (blaming the customer). Values below 1E-6 still print as
+    exponents; `render` formats them."""
     return Decimal(format(value, "f"))
 
 
@@ -801,7 +836,7 @@ def input_model(script: Script) -> type[BaseModel]:
     fields: dict[str, Any] = {}
     for name, spec in script.inputs.items():
         if spec.default is not None:
-            fields[name] = (spec.annotation(), spec.default)
+            fields[name] = (spec.annotation(), spec.typed_default())
         elif spec.required:
             fields[name] = (spec.annotation(), ...)
         else:
@@ -824,14 +859,28 @@ def validate_inputs(script: Script, raw: dict[str, Any]) -> dict[str, Any]:
             first_field = first_field or name
             secret = name in script.inputs and script.inputs[name].secret
             # Never echo a secret input's value back in an error.
-            shown = "" if secret or item["type"] == "missing" else f" (got {item['input']!r})"
+            shown = "" if secret or item["type"] == "missing" else f" (got {_echo(item['input'])})"
             msg = "not declared by the script" if item["type"] == "extra_forbidden" else item["msg"]
-            problems.append(f"input {name!r}: {msg}{shown}")
+            msg = msg.removeprefix("Value error, ")
+            problems.append(f"input {_echo(name)}: {msg}{shown}")
         raise InputInvalid(
             f"inputs rejected by {script.name}@{script.version}: " + "; ".join(problems),
             field=f"inputs.{first_field}" if first_field else "inputs",
         ) from exc
     return {k: v for k, v in model.model_dump().items() if v is not None}
+
+
+# How much of a rejected value an error repeats: enough to recognise it. The message is copied
+# into events, reports and webhooks; a 5000-character value would be copied whole each time.
+ECHO_CHARS = 60
+
+
+def _echo(value: Any) -> str:
+    """`value` as an error message shows it: its repr, or the start of it and its length."""
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) <= ECHO_CHARS:
+        return repr(value)
+    return f"{text[:ECHO_CHARS]!r}… ({len(text)} characters)"
 
 
 def misplaced(scripts_dir: Path) -> list[tuple[Path, str]]:
@@ -987,14 +1036,16 @@ class ScriptStore:
         _check_commits(root, own)
         _check_secrets(registry, [*own, *relogin], root)
         _check_inputs_used(root, registry, own)
-        for element in script.dynamic:
+        for index, element in enumerate(script.dynamic):
             candidates = registry.elements.get(element)
             if candidates is None:
+                where = _field_where(path, ("dynamic", index))
                 raise ScriptInvalid(
-                    f"{path}: dynamic: {element!r} is not in selectors/{registry.site}.yaml"
+                    f"{where}: {element!r} is not in selectors/{registry.site}.yaml"
                 )
             if not any(c.css for c in candidates):
-                raise ScriptInvalid(f"{path}: dynamic: {element!r} needs a css candidate")
+                where = _field_where(path, ("dynamic", index))
+                raise ScriptInvalid(f"{where}: {element!r} needs a css candidate")
         return LoadedScript(
             script,
             path,

@@ -81,21 +81,26 @@ def _refuse_duplicate_keys(path: Path, root: yaml.Node) -> None:
 
 
 def line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
-    """1-based line of the deepest node on `loc` that exists in the YAML tree."""
+    """1-based line of the deepest node on `loc` that exists in the YAML tree. A mapping
+    entry is at its key's line: a key whose value is a block (`input:` with its fields on
+    the lines below) is where the author looks, not the first line of that block."""
     line = node.start_mark.line + 1 if node is not None else None
     for part in loc:
         if isinstance(node, yaml.MappingNode):
-            node = next(
-                (value for key, value in node.value if getattr(key, "value", None) == part),
+            entry = next(
+                ((key, value) for key, value in node.value if getattr(key, "value", None) == part),
                 None,
             )
+            if entry is None:
+                break
+            line, node = entry[0].start_mark.line + 1, entry[1]
         elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
-            node = node.value[part] if 0 <= part < len(node.value) else None
+            if not 0 <= part < len(node.value):
+                break
+            node = node.value[part]
+            line = node.start_mark.line + 1
         else:
-            node = None
-        if node is None:
             break
-        line = node.start_mark.line + 1
     return line
 
 

@@ -1,0 +1,90 @@
+"""The wire contract: what the schema says a field is, the worker holds it to."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import pytest
+from arq import Worker
+from pydantic import ValidationError
+from redis.asyncio import Redis
+
+from worker.client import FormworkClient
+from worker.contract import BrowserJob, JobEvent, JobStatus, contract_schemas
+from worker.keys import ARQ_JOB_PREFIX, JOB_FUNCTION
+from worker.settings import Settings
+
+from .conftest import CREDIT_INPUTS, Site
+
+
+@pytest.mark.parametrize("field", ["dry_run", "har"])
+@pytest.mark.parametrize("value", ["yes", "true", "false", 1, 0])
+def test_a_jobs_boolean_fields_take_booleans_only(field: str, value: Any) -> None:
+    # `"dry_run": "yes"` ran as a dry run: pydantic guessed, the schema says boolean.
+    with pytest.raises(ValidationError) as info:
+        BrowserJob.model_validate({"job_id": "j", "script": "billing/issue_credit", field: value})
+    [error] = info.value.errors()
+    assert error["loc"] == (field,) and error["msg"] == "Input should be a valid boolean"
+
+
+def test_the_schema_of_a_jobs_boolean_fields_says_boolean() -> None:
+    fields = contract_schemas()["BrowserJob"]["properties"]
+    assert fields["dry_run"]["type"] == "boolean"
+    assert fields["har"]["anyOf"] == [{"type": "boolean"}, {"type": "null"}]
+    job = BrowserJob.model_validate_json(
+        '{"job_id": "j", "script": "billing/issue_credit", "dry_run": true, "har": false}'
+    )
+    assert job.dry_run is True and job.har is False
+
+
+async def enqueue_raw(settings: Settings, payload: dict[str, Any]) -> None:
+    """What an orchestrator in another language does: its own JSON, two Redis commands."""
+    body = {"t": 1, "f": JOB_FUNCTION, "a": [payload], "k": {}, "et": int(time.time() * 1000)}
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        await redis.set(ARQ_JOB_PREFIX + payload["job_id"], json.dumps(body))
+        await redis.zadd(f"{settings.key_prefix}:queue", {payload["job_id"]: time.time() * 1000})
+    finally:
+        await redis.aclose()
+
+
+async def settled(client: FormworkClient, job_id: str) -> JobEvent:
+    events = [event async for _, event in client.handle(job_id).events()]
+    return events[-1]
+
+
+async def test_a_job_whose_fields_would_be_guessed_is_rejected_before_any_browser_work(
+    billing: Site, client: FormworkClient, worker: Worker, settings: Settings
+) -> None:
+    job = {"script": "billing/issue_credit", "inputs": CREDIT_INPUTS, "site_url": billing.url}
+    refused = {
+        "c-dry-yes": ({**job, "dry_run": "yes"}, "job_invalid", "dry_run: Input should be a"),
+        "c-har-1": ({**job, "har": 1}, "job_invalid", "har: Input should be a valid boolean"),
+        "c-exponent": (
+            {**job, "inputs": {**CREDIT_INPUTS, "amount": "1e1"}},
+            "input_invalid",
+            "input 'amount': a decimal is written in plain digits (like 100 or 0.05), not in "
+            "exponent notation (got '1e1')",
+        ),
+    }
+    for job_id, (payload, _, _) in refused.items():
+        await enqueue_raw(settings, {**payload, "job_id": job_id})
+    # A JSON number is an amount as its sender wrote it.
+    number = {**job, "job_id": "c-number", "inputs": {**CREDIT_INPUTS, "amount": 15}}
+    await enqueue_raw(settings, number)
+
+    for job_id, (_, code, text) in refused.items():
+        last = await asyncio.wait_for(settled(client, job_id), 60)
+        assert last.status == JobStatus.rejected, job_id
+        assert last.report is not None and last.report.error is not None
+        assert last.report.error.code == code, job_id
+        assert text in last.report.error.message, last.report.error.message
+        assert all(step.started_at is None for step in last.report.steps), job_id
+    last = await asyncio.wait_for(settled(client, "c-number"), 60)
+    assert last.status == JobStatus.succeeded
+    # Ground truth: one credit, of 15, from the one job that ran; none from the refused ones.
+    [credit] = billing.credits()
+    assert credit["amount"] == "15.00"
