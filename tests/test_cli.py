@@ -237,7 +237,7 @@ async def test_paused_jobs_are_listed_for_operators(
     assert seqs == [int(line[:4]) for line in numbered if int(line[:4]) > middle], later.stdout
     # A job that ended is a state conflict (1); a job id nobody knows is a wrong command
     # line (2), whichever command is given it, as `status` and `watch` answer it.
-    for command, job_id, code, why in (
+    cases = [
         (["resume", "cli-paused", "abort"], "cli-paused", 1, "is succeeded, not paused"),
         (["abort", "cli-paused"], "cli-paused", 1, "already ended, nothing to abort"),
         (["handoff", "cli-paused"], "cli-paused", 1, "is succeeded, not waiting for a decision"),
@@ -246,8 +246,12 @@ async def test_paused_jobs_are_listed_for_operators(
         (["handoff", "cli-nope"], "cli-nope", 2, "no job cli-nope"),
         (["status", "cli-nope"], "cli-nope", 2, "no job cli-nope"),
         (["watch", "cli-nope"], "cli-nope", 2, "no job cli-nope"),
-    ):
-        refused = await asyncio.to_thread(formwork, *command, tmp_path=tmp_path, env=env)
+    ]
+    # At once: each is a process of its own, and none changes the job.
+    results = await asyncio.gather(
+        *(asyncio.to_thread(formwork, *c[0], tmp_path=tmp_path, env=env) for c in cases)
+    )
+    for (command, job_id, code, why), refused in zip(cases, results, strict=True):
         assert refused.returncode == code, (command, refused.returncode, refused.stderr)
         assert f"job {job_id}" in refused.stderr and why in refused.stderr, refused.stderr
 

@@ -130,6 +130,21 @@ async def test_a_step_that_now_fails_is_a_regression(
     assert billing.credits() == []
 
 
+def impatient(runtime: Runtime, tmp_path: Path) -> Runtime:
+    """`runtime` with billing's steps timing out after 3 s, not 10: for tests whose replay
+    must fail a step (a page the HAR lacks, a sign-in it has no answer to), which otherwise
+    wait out the full timeout. Replayed pages come from the HAR, in milliseconds."""
+    scripts = tmp_path / "impatient-scripts"
+    shutil.copytree(SCRIPTS, scripts)
+    for name in ("issue_credit", "login"):  # a sub-flow's steps keep its own timeout
+        script = scripts / "billing" / f"{name}.yaml"
+        text = script.read_text()
+        script.write_text(
+            text.replace("\nsite: billing\n", "\nsite: billing\ntimeout_ms: 3000\n", 1)
+        )
+    return replace(runtime, scripts=ScriptStore(scripts, SELECTORS))
+
+
 def registry_with(tmp_path: Path, **elements: str) -> ScriptStore:
     """The scripts with a copy of the registries whose billing `elements` are replaced."""
     selectors = tmp_path / "selectors"
@@ -337,6 +352,7 @@ async def test_a_recorded_har_replays_billing_offline_with_no_secret_in_it(
     assert after["requests"] == before["requests"] and after["credits"] == before["credits"]
 
     # A page the HAR does not hold is reported, and the step that needed it fails.
+    runtime = impatient(runtime, tmp_path)
     data = json.loads(har)
     data["log"]["entries"] = [
         e for e in data["log"]["entries"] if "/credits/new" not in e["request"]["url"]
@@ -379,7 +395,7 @@ async def test_a_request_recorded_without_a_response_is_aborted_and_listed(
     sign_in["response"] |= {"status": -1, "headers": [], "_failureText": "net::ERR_ABORTED"}
     (bundle / "network.har").write_text(json.dumps(har))
 
-    result = await offline(bundle, runtime, tmp_path / "out")
+    result = await offline(bundle, impatient(runtime, tmp_path), tmp_path / "out")
     assert result.unmatched == [
         f"POST {sign_in['request']['url']}: recorded without a response (net::ERR_ABORTED)"
     ]

@@ -131,7 +131,8 @@ async def test_worker_killed_mid_commit_never_submits_twice(
     # the worker is killed -9 while it waits. arq hands the job to the next worker once the
     # dead one's in-progress key expires (job timeout + 10 s).
     billing.faults(commit_drop={"create": True, "mode": "hang", "hang_ms": 60_000})
-    settings = settings.model_copy(update={"job_timeout_s": 30})
+    # Short, so the takeover comes soon: the second run needs ~3 s of its 10 (15 less margin).
+    settings = settings.model_copy(update={"job_timeout_s": 15})
     handle = await client.enqueue(job(billing, "p-kill", "T-9"))
     with worker_process(settings, tmp_path / "w1.log") as first:
         async for _, event in handle.events():
