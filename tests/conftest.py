@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
+import shutil
+import socket
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -12,6 +16,8 @@ from typing import Any
 
 import pytest
 from arq import Worker
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from fixtures import FixtureServer, start_fixture
 from worker.artifacts import LocalArtifacts
@@ -264,3 +270,52 @@ def no_secret_left_behind(
     leaks = _leaks_in_files(tmp_path_factory.getbasetemp(), values)
     leaks += [f"redis {key}" for key in _leaks_in_redis(redis_url, values)]
     assert leaks == [], f"secret values found in: {leaks}"
+
+
+class OwnRedis:
+    """A `redis-server` of a test's own, on a free port: for tests that stop Redis (an outage)
+    and start it again, which the shared one must never be."""
+
+    def __init__(self, folder: Path) -> None:
+        server = shutil.which("redis-server")
+        assert server is not None, "redis-server is installed by make setup"
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port: int = probe.getsockname()[1]
+        self.argv = [server, "--port", str(self.port), "--save", "", "--appendonly", "no",
+                     "--dir", str(folder)]  # fmt: skip
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        """Start it, and return once it answers."""
+        self.process = await asyncio.create_subprocess_exec(
+            *self.argv, stdout=asyncio.subprocess.DEVNULL
+        )
+        probe = Redis(port=self.port, socket_connect_timeout=0.5, socket_timeout=0.5)
+        try:
+            async with asyncio.timeout(15):
+                while True:  # another process starting: it can only be polled
+                    try:
+                        await probe.ping()
+                        return
+                    except RedisError:
+                        await asyncio.sleep(0.05)
+        finally:
+            await probe.aclose()
+
+    async def stop(self) -> None:
+        """Kill it, as an outage would."""
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+
+
+@contextlib.asynccontextmanager
+async def own_redis(folder: Path) -> AsyncIterator[OwnRedis]:
+    server = OwnRedis(folder)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()

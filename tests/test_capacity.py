@@ -5,19 +5,18 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import shutil
-import socket
 import time
 from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from worker.capacity import RENEW_EVERY_S, SiteCapacity
 from worker.keys import Keys
 from worker.selectors import SiteLimits
 from worker.settings import Settings
+
+from .conftest import own_redis
 
 
 async def test_a_dead_workers_slot_frees_itself(settings: Settings) -> None:
@@ -97,17 +96,7 @@ async def test_min_interval_spaces_job_starts(settings: Settings) -> None:
 async def test_redis_gone_while_a_slot_is_held_does_not_end_the_job(tmp_path: Path) -> None:
     # The slot is the site's courtesy: Redis unreachable for a moment while a job holds one
     # (a renewal fails, the lease cannot be given back) must not turn the job's outcome into
-    # an internal error. A Redis of the test's own, so it can be stopped.
-    server = shutil.which("redis-server")
-    assert server is not None, "redis-server is installed by make setup"
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = await asyncio.create_subprocess_exec(
-        server, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(tmp_path),
-        stdout=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    redis = Redis(port=port, socket_connect_timeout=0.5, socket_timeout=0.5)
+    # an internal error.
     renewal_failed = asyncio.Event()
 
     class Heard(logging.Handler):
@@ -118,25 +107,15 @@ async def test_redis_gone_while_a_slot_is_held_does_not_end_the_job(tmp_path: Pa
     heard = Heard()
     logging.getLogger("formwork.capacity").addHandler(heard)
     try:
-        async with asyncio.timeout(10):
-            while not await _answers(redis):  # noqa: ASYNC110 (a process starting: polled)
-                await asyncio.sleep(0.05)
-        capacity = SiteCapacity(redis, Keys("cap"))
-        async with capacity.slot("billing", SiteLimits(max_concurrent_jobs=1)):
-            process.kill()
-            await process.wait()
-            await asyncio.wait_for(renewal_failed.wait(), RENEW_EVERY_S + 10)
-        # Leaving the slot raised nothing: the job's report would stand.
+        async with own_redis(tmp_path) as server:
+            redis = Redis(port=server.port, socket_connect_timeout=0.5, socket_timeout=0.5)
+            try:
+                capacity = SiteCapacity(redis, Keys("cap"))
+                async with capacity.slot("billing", SiteLimits(max_concurrent_jobs=1)):
+                    await server.stop()
+                    await asyncio.wait_for(renewal_failed.wait(), RENEW_EVERY_S + 10)
+                # Leaving the slot raised nothing: the job's report would stand.
+            finally:
+                await redis.aclose()
     finally:
         logging.getLogger("formwork.capacity").removeHandler(heard)
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-        await redis.aclose()
-
-
-async def _answers(redis: Redis) -> bool:
-    try:
-        return bool(await redis.ping())
-    except RedisError:
-        return False

@@ -456,16 +456,7 @@ async def test_skip_step_goes_on_from_the_next_step_without_redoing_the_skipped_
 ) -> None:  # fmt: skip
     # The account page opens but never shows what the script expects: a person looks, says
     # the page is right, and skips the step. The job goes on from the next step, on that page.
-    scripts = copy_scripts(tmp_path)
-    script = scripts / "billing" / "issue_credit.yaml"
-    script.write_text(
-        script.read_text().replace(
-            'goto: "/accounts/{{ inputs.account_id }}", expect: {visible: account.header}}',
-            'goto: "/accounts/{{ inputs.account_id }}", expect: {hidden: account.header}, '
-            "timeout_ms: 1000}",
-        )
-    )
-    settings = settings.model_copy(update={"scripts_dir": scripts})
+    settings = settings.model_copy(update={"scripts_dir": stuck_at_the_account(tmp_path)})
     job = BrowserJob(
         job_id="s-skip", script="billing/issue_credit", inputs=CREDIT_INPUTS, site_url=billing.url
     )
@@ -497,16 +488,7 @@ async def test_a_pause_before_the_commit_claims_no_effect_until_a_person_marks_i
     # The job stops at the account page, long before its commit: nothing was sent, so the
     # report claims no effect (an unverified "credit … issued" would read as if it had been).
     # A person issues the credit by hand and says so: then the effect is claimed, as theirs.
-    scripts = copy_scripts(tmp_path)
-    script = scripts / "billing" / "issue_credit.yaml"
-    script.write_text(
-        script.read_text().replace(
-            'goto: "/accounts/{{ inputs.account_id }}", expect: {visible: account.header}}',
-            'goto: "/accounts/{{ inputs.account_id }}", expect: {hidden: account.header}, '
-            "timeout_ms: 1000}",
-        )
-    )
-    settings = settings.model_copy(update={"scripts_dir": scripts})
+    settings = settings.model_copy(update={"scripts_dir": stuck_at_the_account(tmp_path)})
     job = BrowserJob(
         job_id="m-early", script="billing/issue_credit", inputs=CREDIT_INPUTS, site_url=billing.url
     )
@@ -529,6 +511,21 @@ async def test_a_pause_before_the_commit_claims_no_effect_until_a_person_marks_i
     (effect,) = [c for c in report.claims if c.kind == "effect"]
     assert (effect.verified, effect.how) == (True, "manual")
     assert effect.value == "credit of 15.00 issued to AC-10231, confirmation CN-4242"
+
+
+def stuck_at_the_account(tmp_path: Path) -> Path:
+    """The scripts, with billing/issue_credit's account page never showing what it expects:
+    every job stops there, long before its commit, and hands off."""
+    scripts = copy_scripts(tmp_path)
+    script = scripts / "billing" / "issue_credit.yaml"
+    script.write_text(
+        script.read_text().replace(
+            'goto: "/accounts/{{ inputs.account_id }}", expect: {visible: account.header}}',
+            'goto: "/accounts/{{ inputs.account_id }}", expect: {hidden: account.header}, '
+            "timeout_ms: 1000}",
+        )
+    )
+    return scripts
 
 
 def copy_scripts(tmp_path: Path) -> Path:

@@ -37,6 +37,8 @@ from worker.settings import Settings
 from worker.webhooks import SIGNATURE_HEADER, verify_signature
 
 from .conftest import CREDIT_INPUTS, SCRIPTS, SELECTORS, Site
+from .test_webhooks import SECRET as WEBHOOK_SECRET
+from .test_webhooks import receiver
 
 
 def credit_job(site: Site, job_id: str, **overrides: Any) -> BrowserJob:
@@ -479,46 +481,31 @@ async def test_webhook_follows_the_job_through_a_decision_to_its_end(
 ) -> None:
     # A large credit waits for approval; the approval is carried out by whichever worker takes
     # it. The webhook hears every event, the pause's and the decision's, to the report.
-    secret = "whsec-test-2291"
-    received: list[dict[str, Any]] = []
-    done = asyncio.Event()
-
-    async def hook(request: web.Request) -> web.Response:
-        body = await request.read()
-        assert verify_signature(secret, request.headers[SIGNATURE_HEADER], body)
-        received.append(json.loads(body))
-        if received[-1].get("status") == "succeeded":
-            done.set()
-        return web.Response(status=204)
-
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    port = runner.addresses[0][1]
-    signed = settings.model_copy(update={"webhook_secret": secret})
-    try:
-        async with running_worker(signed, browser_host):
-            job = credit_job(
-                billing, "q-hook-decided", inputs={"amount": "150.00"},
-                webhook={"url": f"http://127.0.0.1:{port}/hook"},
-            )  # fmt: skip
-            handle = await client.enqueue(job)
-            paused = await handle.wait(60)
-            assert paused.status == JobStatus.awaiting_approval
-            last = await handle.last_event_id()
-            assert await client.resume("q-hook-decided", ResumeDecision(decision="approve"))
-            report = await handle.wait(60, after=last)
-            await asyncio.wait_for(done.wait(), 30)
-    finally:
-        await runner.cleanup()
+    signed = settings.model_copy(update={"webhook_secret": WEBHOOK_SECRET})
+    async with (
+        receiver(lambda event, attempt: (0.0, 204)) as hook,
+        running_worker(signed, browser_host),
+    ):
+        job = credit_job(
+            billing, "q-hook-decided", inputs={"amount": "150.00"}, webhook={"url": hook.url}
+        )
+        handle = await client.enqueue(job)
+        paused = await handle.wait(60)
+        assert paused.status == JobStatus.awaiting_approval
+        last = await handle.last_event_id()
+        assert await client.resume("q-hook-decided", ResumeDecision(decision="approve"))
+        report = await handle.wait(60, after=last)
+        # Each settling event delivered sets `settled` (the pause's too): until the last one.
+        async with asyncio.timeout(30):
+            while not (hook.delivered and hook.delivered[-1]["status"] == "succeeded"):
+                hook.settled.clear()
+                await hook.settled.wait()
 
     assert report.status == JobStatus.succeeded
-    seqs = [event["seq"] for event in received]
+    seqs = [event["seq"] for event in hook.delivered]
     assert seqs == list(range(2, len(seqs) + 2))  # in order, none missing
-    assert "awaiting_approval" in [e["status"] for e in received if e["kind"] == "job"]
-    assert received[-1]["status"] == "succeeded" and received[-1]["report"] is not None
+    assert "awaiting_approval" in [e["status"] for e in hook.delivered if e["kind"] == "job"]
+    assert hook.delivered[-1]["status"] == "succeeded" and hook.delivered[-1]["report"]
     assert len(billing.credits()) == 1
 
 

@@ -6,7 +6,6 @@ import asyncio
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,13 +13,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from redis.exceptions import RedisError
 
 from worker.client import FormworkClient
 from worker.contract import BrowserJob, EventKind, JobStatus
 from worker.settings import Settings
 
-from .conftest import CREDIT_INPUTS, ROOT, SCRIPTS, Site, worker_env
+from .conftest import CREDIT_INPUTS, ROOT, SCRIPTS, Site, own_redis, worker_env
 
 
 @contextmanager
@@ -223,51 +221,22 @@ async def test_a_worker_outlives_a_redis_restart(
     billing: Site, settings: Settings, tmp_path: Path
 ) -> None:
     # Redis goes away under an idle worker and comes back: the worker connects again and
-    # serves the queue (it used to exit, leaving the queue unserved). A Redis of the test's
-    # own, so it can be restarted.
-    server = shutil.which("redis-server")
-    assert server is not None, "redis-server is installed by make setup"
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    argv = [server, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
-    own = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{port}/0"})
-    redis_log = tmp_path / "worker.log"
-    first = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.DEVNULL)
-    second = None
-    try:
+    # serves the queue (it used to exit, leaving the queue unserved).
+    async with own_redis(tmp_path) as server:
+        own = settings.model_copy(update={"redis_url": server.url})
+        log = tmp_path / "worker.log"
         async with FormworkClient(own.redis_url, key_prefix=own.key_prefix) as client:
-            await _until_answers(client)
-            with worker_process(own, redis_log) as proc:
+            with worker_process(own, log) as proc:
                 handle = await client.enqueue(job(billing, "p-before", "T-R1"))
                 assert (await handle.wait(60)).status == JobStatus.succeeded
-                first.kill()
-                await first.wait()
-                await _until_logged(redis_log, "lost Redis")
-                second = await asyncio.create_subprocess_exec(
-                    *argv, stdout=asyncio.subprocess.DEVNULL
-                )
-                await _until_answers(client)
+                await server.stop()
+                await _until_logged(log, "lost Redis")
+                await server.start()
                 handle = await client.enqueue(job(billing, "p-after", "T-R2"))
                 report = await handle.wait(90)
                 assert proc.poll() is None  # the same process, still serving
-        assert report.status == JobStatus.succeeded, report.error
-        assert [c["reference"] for c in billing.credits()] == ["T-R1", "T-R2"]
-    finally:
-        for process in (first, second):
-            if process is not None and process.returncode is None:
-                process.kill()
-                await process.wait()
-
-
-async def _until_answers(client: FormworkClient) -> None:
-    async with asyncio.timeout(15):
-        while True:
-            try:
-                await client.redis.ping()
-                return
-            except RedisError:
-                await asyncio.sleep(0.05)  # a process starting: polled
+    assert report.status == JobStatus.succeeded, report.error
+    assert [c["reference"] for c in billing.credits()] == ["T-R1", "T-R2"]
 
 
 async def _until_logged(log: Path, text: str) -> None:
