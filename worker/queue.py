@@ -433,17 +433,16 @@ async def execute(
         if isinstance(key, str) and state.runtime.secrets.carried_in({"key": key}):
             # The client's enqueue took the key under its own name: a name holding a secret.
             await redis.delete(keys.idempotency(key))
-        carried = exc.field in ("correlation", "idempotency_key") or (exc.field or "").startswith(
-            "correlation."
-        )
+        # A correlation carrying a secret is not written to the report either; any other
+        # refusal (a duplicate's, a secret in the key) keeps the orchestrator's correlation.
+        in_correlation = (exc.field or "").split(".")[0] == "correlation"
         return await reject(
             job_id,
             str(script or ""),
             exc,
             state.runtime,
             listener,
-            # A secret carried in the correlation is not written to the report either.
-            correlation={} if carried else _correlation(payload),
+            correlation={} if in_correlation else _correlation(payload),
         )
 
     logs.bind_job(job.job_id, job.site, job.script_name)  # webhook lines name the job too
