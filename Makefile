@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 REDIS_URL ?= redis://127.0.0.1:6379/0
+# Test processes (pytest-xdist), each with its own Chromium, fixture sites and Redis database.
+TEST_PROCESSES ?= 2
 export REDIS_URL
 
 .PHONY: setup system redis demo test lint format bench bench-browsers chaos clean
@@ -52,7 +54,7 @@ format: $(STAMP)
 
 test: setup lint
 	$(BIN)/formwork validate
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_PROCESSES)
 
 # Benchmarks print tables and append them to bench/RESULTS.md (under 10 minutes in all on 2
 # cores: 6 min 10 s to 6 min 39 s on a quiet machine, 8 min 41 s and 9 min 40 s with other test

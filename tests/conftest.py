@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import socket
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -140,7 +141,20 @@ def fixture_secrets() -> dict[str, str]:
 
 # ---------------------------------------------------------------- the queue: real Redis
 
-TEST_REDIS_URL = os.environ.get("FORMWORK_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+
+def _test_redis_url() -> str:
+    """The session's database: FORMWORK_TEST_REDIS_URL (default db 9), and under pytest-xdist
+    the next ones up, one per test process (gw0 on 9, gw1 on 10, ...): each empties its own."""
+    url = os.environ.get("FORMWORK_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        return url
+    parts = urllib.parse.urlsplit(url)
+    db = int(parts.path.strip("/") or 0) + int(worker[2:])
+    return urllib.parse.urlunsplit(parts._replace(path=f"/{db}"))
+
+
+TEST_REDIS_URL = _test_redis_url()
 
 
 # The name of a connection each test session holds open on its database for as long as it runs.
