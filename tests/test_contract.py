@@ -69,6 +69,12 @@ async def test_a_job_whose_fields_would_be_guessed_is_rejected_before_any_browse
             "input 'amount': a decimal is written in plain digits (like 100 or 0.05), not in "
             "exponent notation (got '1e1')",
         ),
+        # The script declares `places: 2`: refused here, not by the form after it was filled.
+        "c-places": (
+            {**job, "inputs": {**CREDIT_INPUTS, "amount": "15.005"}},
+            "input_invalid",
+            "input 'amount': Decimal input should have no more than 2 decimal places",
+        ),
     }
     for job_id, (payload, _, _) in refused.items():
         await enqueue_raw(settings, {**payload, "job_id": job_id})

@@ -290,6 +290,8 @@ def test_registry_roles_and_empty_selectors_are_checked_at_load(tree: Path) -> N
             "{type: string, min_length: 5, max_length: 2}",
             "inputs > x > max_length: 'min_length' (5) is more than 'max_length' (2)",
         ),
+        ("{type: int, places: 2}", "bounds.yaml:6: inputs > x: 'places' only goes with type"),
+        ("{type: decimal, places: -1}", "inputs > x > places: Input should be greater than or"),
         (
             "{type: bool, min_length: 3}",
             "bounds.yaml:6: inputs > x: 'min_length'/'max_length' only go with type 'string'",

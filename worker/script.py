@@ -99,6 +99,9 @@ class InputSpec(_Strict):
     max_length: int | None = Field(default=None, ge=0)
     min: Decimal | None = None
     max: Decimal | None = None
+    places: int | None = Field(
+        default=None, ge=0, description="The most digits a decimal may have after its point."
+    )
     values: list[str] | None = Field(default=None, description="The choices of an enum input.")
     secret: bool = Field(default=False, description="Masked in screenshots, reports and logs.")
 
@@ -113,6 +116,8 @@ class InputSpec(_Strict):
             InputType.int,
         ):
             raise ValueError("'min'/'max' only go with type 'decimal' or 'int'")
+        if self.places is not None and self.type != InputType.decimal:
+            raise ValueError("'places' only goes with type 'decimal'")
         if (self.min_length is not None or self.max_length is not None) and (
             self.type != InputType.string
         ):
@@ -158,7 +163,9 @@ class InputSpec(_Strict):
         if self.type == InputType.decimal:
             return Annotated[
                 Decimal,
-                Field(ge=self.min, le=self.max, allow_inf_nan=False),
+                # `places` is checked here, at intake: a site that takes cents refuses 15.005
+                # only after the form is filled, and then the job asks the customer.
+                Field(ge=self.min, le=self.max, allow_inf_nan=False, decimal_places=self.places),
                 BeforeValidator(_plain_decimal),
                 AfterValidator(_positional),
             ]
