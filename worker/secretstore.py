@@ -8,10 +8,12 @@ to the queue) never handles credentials.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from urllib.parse import unquote, unquote_plus
 
 import yaml
 
@@ -56,14 +58,19 @@ class SecretStore:
 
     def carried_in(self, inputs: Mapping[str, object]) -> str | None:
         """The name of the first input (searched through lists and mappings) whose text
-        contains a configured secret value; None when there is none."""
+        contains a configured secret value — as it is, percent-encoded (a URL's query, a
+        form body) or in base64 (a Basic auth header, a token); None when there is none."""
         values = [v for v in self.values() if len(v) >= 4]
         if not values:
             return None
+        encoded = {core for v in values for core in _base64_cores(v.encode())}
 
         def holds(node: object) -> bool:
             if isinstance(node, str):
-                return any(v in node for v in values)
+                texts = {node, unquote(node), unquote_plus(node)}
+                return any(v in t for v in values for t in texts) or any(
+                    core in node for core in encoded
+                )
             if isinstance(node, Mapping):
                 return any(holds(k) or holds(v) for k, v in node.items())
             if isinstance(node, list | tuple):
@@ -85,6 +92,27 @@ class SecretStore:
                 "in scripts and resolved on the worker, never sent in a job",
                 field=field,
             )
+
+
+# Shorter base64 runs than this are too likely to occur by chance in ordinary text.
+BASE64_MIN = 8
+
+
+def _base64_cores(value: bytes) -> set[str]:
+    """What base64 of any text holding `value` is sure to contain, wherever `value` starts.
+
+    Base64 encodes 3 bytes as 4 characters, so the characters that depend on `value` alone
+    are those of the 3-byte groups wholly inside it; which groups those are depends on where
+    `value` starts modulo 3. Both alphabets (standard and URL-safe) are covered."""
+    cores: set[str] = set()
+    for offset in range(3):
+        text = base64.b64encode(b"\0" * offset + value).decode()
+        first = (offset + 2) // 3  # the first group wholly inside `value`
+        end = (offset + len(value)) // 3  # one past the last
+        core = text[4 * first : 4 * end]
+        if len(core) >= BASE64_MIN:
+            cores |= {core, core.replace("+", "-").replace("/", "_")}
+    return cores
 
 
 def _read_secrets_file(path: Path) -> dict[str, str]:
