@@ -22,7 +22,8 @@ from worker.contract import (
     ResumeDecision,
     StepStatus,
 )
-from worker.queue import PauseClaim, loads, running_worker
+from worker.keys import message_id
+from worker.queue import DECISION_FIELD, PauseClaim, loads, read_pause, running_worker
 from worker.settings import Settings
 
 from .conftest import CREDIT_INPUTS, SCRIPTS, Site
@@ -258,8 +259,9 @@ async def test_a_decision_carrying_a_secret_is_refused_and_the_job_still_waits(
     assert [c["amount"] for c in billing.credits()] == ["9.00"]
 
 
+@pytest.mark.parametrize("claimed_unqueued", [False, True], ids=["no-decision", "claim-only"])
 async def test_a_pause_without_a_decision_expires(
-    billing: Site, client: FormworkClient, worker: Worker
+    billing: Site, client: FormworkClient, worker: Worker, claimed_unqueued: bool
 ) -> None:
     rule = {"field": "amount", "value": "15.00", "message": "Credits over 10.00 need approval"}
     billing.faults(reject_value=[rule])
@@ -271,6 +273,12 @@ async def test_a_pause_without_a_decision_expires(
     paused = await handle.wait(60)
     assert paused.status == JobStatus.needs_customer_input
     assert paused.handoff is not None and paused.handoff.expires_at is not None
+    if claimed_unqueued:
+        # A wire-protocol client claims the pause and stops before queueing its message: the
+        # claim would hold the job past its deadline for ever.
+        pause = await read_pause(client.redis, client.keys, "h-expire")
+        token = message_id("h-expire", "resume", pause.seq)
+        await client.redis.hset(client.keys.job("h-expire"), DECISION_FIELD, f"{pause.seq}|{token}")
 
     expired = await handle.wait(30, after=await handle.last_event_id())
     assert expired.status == JobStatus.expired

@@ -14,6 +14,7 @@ from typing import Literal
 DEFAULT_PREFIX = "formwork"
 ARQ_JOB_PREFIX = "arq:job:"  # arq.constants.job_key_prefix: the plain-Redis wire protocol uses it
 ARQ_IN_PROGRESS_PREFIX = "arq:in-progress:"  # arq.constants.in_progress_key_prefix
+ARQ_RESULT_PREFIX = "arq:result:"  # arq.constants.result_key_prefix
 JOB_FUNCTION = "browser_job"  # the arq function name a raw enqueuer writes into the payload
 
 MessageKind = Literal["resume", "expire"]

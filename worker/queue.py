@@ -71,7 +71,16 @@ from worker.executor import (
     run_job,
     settle,
 )
-from worker.keys import ARQ_JOB_PREFIX, JOB_FUNCTION, RECORD_TTL_S, Keys, job_of, message_id
+from worker.keys import (
+    ARQ_IN_PROGRESS_PREFIX,
+    ARQ_JOB_PREFIX,
+    ARQ_RESULT_PREFIX,
+    JOB_FUNCTION,
+    RECORD_TTL_S,
+    Keys,
+    job_of,
+    message_id,
+)
 from worker.metrics import Monitor
 from worker.outbox import Outbox
 from worker.rollout import Rollouts
@@ -489,6 +498,30 @@ async def _release_claim(state: WorkerState, arq_id: str, payload: Any) -> None:
             message_id(about, "resume", pause),
         )
         await _abort_if_requested(state, about)
+
+
+async def _drop_unqueued_claim(state: WorkerState, job_id: str) -> bool:
+    """Drop the pause's claim when its decision message is nowhere: not queued, not being
+    carried out, not carried out. A wire-protocol client that set the claim and stopped
+    before queueing the message (the protocol asks for both in one script) would otherwise
+    keep the job from its own deadline for ever. Only at the deadline, so a client that is
+    merely slow between its two writes loses nothing but a decision that came too late."""
+    raw = await cast("Any", state.redis.hget(state.keys.job(job_id), DECISION_FIELD))
+    claim = raw.decode() if raw is not None else ""
+    token = claim.partition("|")[2]
+    arq_keys = (ARQ_JOB_PREFIX + token, ARQ_IN_PROGRESS_PREFIX + token, ARQ_RESULT_PREFIX + token)
+    if not token or await cast("Any", state.redis.exists(*arq_keys)):
+        return False
+    script: Any = state.redis.register_script(_RELEASE)
+    if not await script(keys=[state.keys.job(job_id)], args=[claim, DECISION_FIELD]):
+        return False
+    log.warning(
+        "job %s: the decision %s claimed its pause but was never queued; its claim is dropped "
+        "at the pause's deadline",
+        job_id,
+        token,
+    )
+    return True
 
 
 async def _own_idempotency_key(state: WorkerState, job: BrowserJob) -> None:
@@ -935,7 +968,10 @@ async def execute_expire(
     if handoff.expires_at.isoformat() != message.due:
         return report
     # Claimed like a decision: a decision taken before now is carried out, not expired.
-    if await claim_pause(redis, keys, job_id, paused.seq, arq_id) != PauseClaim.claimed:
+    claimed = await claim_pause(redis, keys, job_id, paused.seq, arq_id)
+    if claimed == PauseClaim.decided and await _drop_unqueued_claim(state, job_id):
+        claimed = await claim_pause(redis, keys, job_id, paused.seq, arq_id)
+    if claimed != PauseClaim.claimed:
         return report
     raw_job = await cast("Any", redis.hget(keys.job(job_id), JOB_FIELD))
     job = _kept(job_id, raw_job, state.cipher) if raw_job is not None else None
