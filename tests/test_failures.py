@@ -306,6 +306,11 @@ async def test_a_resumed_commit_without_a_kept_session_signs_in_before_its_probe
     probe = [s for s in report.steps if s.id.startswith("submit.verify.")]
     assert probe and all(s.failure is None for s in probe)
     assert billing.state()["logins"] == 2  # the first run's, and once before the probe
+    # The sign-in is on record under the step it came after, named like the login script's
+    # own steps (not `reference.resume_login.relogin.open`).
+    signed_in = [s.id for s in report.steps if ".resume_login." in s.id]
+    assert signed_in and all(".relogin." not in i for i in signed_in), signed_in
+    assert all(s.status == StepStatus.succeeded for s in report.steps if s.id in signed_in)
 
 
 async def test_a_step_that_times_out_on_a_slow_next_page_ends_at_its_timeout(

@@ -681,7 +681,7 @@ class _Run:
             return True
         plan = self.loaded.plan
         anchor = plan[max(self.loaded.index_of(at) - 1, 0)].id
-        if await self.run_subplan(self.loaded.relogin, anchor, "resume_login"):
+        if await self.run_subplan(self.loaded.relogin, anchor, "resume_login", drop="relogin."):
             return True
         failure = Failure(
             code=FailureCode.auth_expired, message="could not sign in again to resume", step_id=at
@@ -1252,11 +1252,15 @@ class _Run:
             return True
         return False
 
-    async def run_subplan(self, steps: list[PlannedStep], after: str, name: str) -> bool:
+    async def run_subplan(
+        self, steps: list[PlannedStep], after: str, name: str, drop: str | None = None
+    ) -> bool:
         """Run extra steps (a sign-in, an alternate path, a probe) inserted into the report
-        after step `after` in execution order. True when all succeeded."""
+        after step `after` in execution order, named `<after>.<name>.<step>`: the plan's own
+        prefix (`drop`, by default `<name>.`) is not repeated. True when all succeeded."""
+        drop = f"{name}." if drop is None else drop
         reports = [
-            StepReport(id=f"{after}.{name}.{p.id.removeprefix(name + '.')}", action=p.action)
+            StepReport(id=f"{after}.{name}.{p.id.removeprefix(drop)}", action=p.action)
             for p in steps
         ]
         position = next(i for i, s in enumerate(self.report.steps) if s.id == after) + 1
