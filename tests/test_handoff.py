@@ -23,7 +23,14 @@ from worker.contract import (
     StepStatus,
 )
 from worker.keys import message_id
-from worker.queue import DECISION_FIELD, PauseClaim, loads, read_pause, running_worker
+from worker.queue import (
+    DECISION_FIELD,
+    PauseClaim,
+    claim_pause,
+    loads,
+    read_pause,
+    running_worker,
+)
 from worker.settings import Settings
 
 from .conftest import CREDIT_INPUTS, SCRIPTS, Site
@@ -257,6 +264,52 @@ async def test_a_decision_carrying_a_secret_is_refused_and_the_job_still_waits(
     done = await handle.wait(60, after=last)
     assert done.status == JobStatus.succeeded, done.error
     assert [c["amount"] for c in billing.credits()] == ["9.00"]
+
+
+async def test_decisions_sent_around_the_client_are_refused_and_free_the_pause(
+    billing: Site,
+    client: FormworkClient,
+    worker: Worker,
+    settings: Settings,
+    fixture_secrets: dict[str, str],
+) -> None:
+    # The wire protocol, as README shows it: claim the pause and queue the message in one
+    # script, with no client to check the decision first. Each used to fail in the worker
+    # and keep its claim: the job then refused every later decision, for ever.
+    secret = fixture_secrets["billing_password"]
+    await paused_job(billing, client, "h-raw")
+    handle = client.handle("h-raw")
+    sent = [
+        ({"decision": "maybe"}, "invalid decision: decision: Input should be"),
+        ({"decision": "abort", "bogus": 1}, "invalid decision: bogus: Extra inputs"),
+        ({"decision": "approve"}, "approve is not a decision this pause takes"),
+        ({"decision": "abort", "note": f"pw {secret}"}, "its note carries the value of a"),
+        ({"decision": "abort", "by": secret}, "its by carries the value of a configured"),
+    ]
+    for decision, why in sent:
+        pause = await read_pause(client.redis, client.keys, "h-raw")
+        last = await handle.last_event_id()
+        token = message_id("h-raw", "resume", pause.seq)
+        body = {"resume": "h-raw", "pause": pause.seq, "decision": decision}
+        claimed = await claim_pause(client.redis, client.keys, "h-raw", pause.seq, token, body)
+        assert claimed == PauseClaim.claimed, decision
+        report = await handle.wait(30, after=last)
+        # Still waiting, announced again: the next decision is free to come.
+        assert report.status == JobStatus.needs_customer_input, decision
+        assert (await read_pause(client.redis, client.keys, "h-raw")).waiting, decision
+        if decision["decision"] != "maybe" and "bogus" not in decision:
+            assert (report.decisions[-1].note or "").startswith(f"refused: {why}"), decision
+    assert [d.decision for d in report.decisions] == ["approve", "abort", "abort"]
+    assert [d.by for d in report.decisions][1:] == ["(withheld)", "(withheld)"]
+
+    last = await handle.last_event_id()
+    assert await client.resume("h-raw", ResumeDecision(decision="abort", by="agent"))
+    done = await handle.wait(30, after=last)
+    assert done.status == JobStatus.cancelled
+    assert billing.credits() == []
+    events = [e async for _, e in handle.events(follow=False)]
+    for text in [done.model_dump_json(), *(e.model_dump_json() for e in events)]:
+        assert secret not in text
 
 
 @pytest.mark.parametrize("claimed_unqueued", [False, True], ids=["no-decision", "claim-only"])

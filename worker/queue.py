@@ -48,6 +48,7 @@ from worker.contract import (
     DecisionRecord,
     Failure,
     FailureCode,
+    HandoffRequest,
     Interruption,
     JobReport,
     JobStatus,
@@ -821,18 +822,28 @@ async def execute_resume(
     if message.pause != paused.seq or paused.claim != f"{paused.seq}|{arq_id}":
         log.warning("job %s: %s is not the decision taken for its pause; ignored", job_id, arq_id)
         return report
-    decision = ResumeDecision.model_validate(message.decision)
     handoff = report.handoff
-    if decision.decision not in handoff.allowed_decisions:
-        log.warning("job %s: decision %s not allowed; still paused", job_id, decision.decision)
-        return report
+    job = _kept(job_id, raw_job, state.cipher)
+    logs.bind_job(job.job_id, job.site, job.script_name)
+    events = await JobEvents.open(redis, keys, job_id)
+    _attach_webhook(state, events, job)
     aborted = await redis.get(keys.abort(job_id))
     if aborted is not None:
         # Asked after this decision was taken (taking it dropped any earlier request), before
         # it was carried out: the later word wins.
         await redis.delete(keys.abort(job_id))
-        decision = abort_decision(aborted.decode(), by="abort request")
-    job = _kept(job_id, raw_job, state.cipher)
+        decision: ResumeDecision | None = abort_decision(aborted.decode(), by="abort request")
+        why = None
+    else:
+        decision, why = _read_decision(state, message.decision, handoff)
+    if why is not None:
+        if decision is not None:
+            record = DecisionRecord(
+                decision=decision.decision, step_id=handoff.step_id, by=decision.by, at=now()
+            )
+            report.decisions.append(record)
+        return await _refuse(state, job_id, report, events, why, recorded=decision is not None)
+    assert decision is not None  # read, and nothing against it
     if decision.inputs:
         job = job.model_copy(update={"inputs": {**job.inputs, **decision.inputs}})
     report.decisions.append(
@@ -846,9 +857,6 @@ async def execute_resume(
             outputs_given=sorted(decision.outputs),
         )
     )
-    logs.bind_job(job.job_id, job.site, job.script_name)
-    events = await JobEvents.open(redis, keys, job_id)
-    _attach_webhook(state, events, job)
     listener = EventListener(events)
     if decision.decision in (Decision.reject, Decision.abort):
         rejected = decision.decision == Decision.reject
@@ -864,15 +872,7 @@ async def execute_resume(
         return await _settle(state, report, events)
     refusal = _refusal(state, job, report, decision)
     if refusal is not None:
-        report.decisions[-1].note = f"refused: {refusal}"
-        log.info("job %s: decision refused: %s", job_id, refusal)
-        # The pause goes on, announced again (a new `seq`: free for the next decision).
-        settled = await _settle(state, report, events, unchanged=True)
-        if handoff.expires_at is not None and handoff.expires_at <= now():
-            # Its deadline fell due while the decision was pending, and the expiry stood
-            # aside for it: the pause is over now.
-            await _schedule_expiry(state, job_id, handoff.expires_at, int(time.time() * 1000))
-        return settled
+        return await _refuse(state, job_id, report, events, refusal)
     if decision.decision == Decision.mark_done:
         report.status, report.handoff, report.error = JobStatus.succeeded, None, None
         report.outputs.update(decision.outputs)
@@ -887,6 +887,54 @@ async def execute_resume(
         storage_state=checkpoint.storage_state if checkpoint is not None else None,
     )
     return await _run_tracked(state, job, events, listener, resume=point)
+
+
+def _read_decision(
+    state: WorkerState, sent: dict[str, Any], handoff: HandoffRequest
+) -> tuple[ResumeDecision | None, str | None]:
+    """The decision a message carries, and why it cannot be carried out at all (None when it
+    can be tried). The client checks all this before it claims a pause; a message sent around
+    it is checked here, so that it is refused instead of holding the pause for ever."""
+    try:
+        decision = ResumeDecision.model_validate(sent)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'decision'}: {e['msg']}" for e in exc.errors()
+        )
+        return None, f"invalid decision: {problems}"
+    if decision.decision not in handoff.allowed_decisions:
+        allowed = ", ".join(handoff.allowed_decisions)
+        return decision, f"{decision.decision} is not a decision this pause takes ({allowed})"
+    carried = state.runtime.secrets.carried_in({"note": decision.note or "", "by": decision.by})
+    if carried is not None:
+        # Its note and name are shown to every operator and orchestrator: never stored.
+        withheld = decision.model_copy(update={"by": "(withheld)", "note": None})
+        return withheld, f"its {carried} carries the value of a configured secret"
+    return decision, None
+
+
+async def _refuse(
+    state: WorkerState,
+    job_id: str,
+    report: JobReport,
+    events: JobEvents,
+    why: str,
+    *,
+    recorded: bool = True,
+) -> JobReport:
+    """A decision refused: why, on the record of it (`recorded`: the report's last decision),
+    and the pause announced again under a new `seq`, free for the next decision."""
+    assert report.handoff is not None
+    log.warning("job %s: decision refused: %s", job_id, why)
+    if recorded:
+        report.decisions[-1].note = f"refused: {why}"
+    expires_at = report.handoff.expires_at
+    settled = await _settle(state, report, events, unchanged=True)
+    if expires_at is not None and expires_at <= now():
+        # Its deadline fell due while the decision was pending, and the expiry stood aside
+        # for it: the pause is over now.
+        await _schedule_expiry(state, job_id, expires_at, int(time.time() * 1000))
+    return settled
 
 
 def _refusal(
