@@ -345,6 +345,30 @@ async def test_site_cap_is_never_exceeded(
     assert billing.state()["max_concurrent_visitors"] == 2
 
 
+async def test_a_job_for_a_script_yaml_cannot_read_is_rejected_and_the_next_runs(
+    billing: Site,
+    client: FormworkClient,
+    settings: Settings,
+    browser_host: BrowserHost,
+    tmp_path: Path,
+) -> None:
+    # A NUL in the script file (a bad paste): the job stayed `queued` for ever, with no
+    # event, while arq kept a traceback nobody reads.
+    shutil.copytree(SCRIPTS, tmp_path / "scripts")
+    broken = tmp_path / "scripts" / "billing" / "issue_credit.yaml"
+    broken.write_text(broken.read_text().replace("Issue a goodwill", "Issue a\x00goodwill"))
+    own = settings.model_copy(update={"scripts_dir": tmp_path / "scripts"})
+    async with running_worker(own, browser_host):
+        refused = await (await client.enqueue(credit_job(billing, "q-nul"))).wait(60)
+        assert refused.status == JobStatus.rejected
+        assert refused.error is not None and refused.error.code == "script_invalid"
+        assert "issue_credit.yaml:1: not valid YAML: character U+0000" in refused.error.message
+        broken.write_text(broken.read_text().replace("\x00", " "))
+        done = await (await client.enqueue(credit_job(billing, "q-after-nul"))).wait(60)
+    assert done.status == JobStatus.succeeded, done.error
+    assert len(billing.credits()) == 1
+
+
 async def test_webhook_events_are_signed_and_verifiable(
     billing: Site, client: FormworkClient, settings: Settings, browser_host: BrowserHost
 ) -> None:

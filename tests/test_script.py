@@ -169,6 +169,17 @@ def test_a_script_that_is_not_utf8_is_refused_by_name(tree: Path) -> None:
         ScriptStore(tree / "scripts", tree / "selectors").load("billing/latin1")
 
 
+def test_a_character_yaml_does_not_allow_is_refused_with_its_line(tree: Path) -> None:
+    # A NUL pasted into a description: the YAML reader refuses it as it is made, which used
+    # to escape as a traceback (and, in a worker, left the job `queued` with no event).
+    write(tree, "nul", "").write_text("name: billing/nul\nversion: 1\ndescription: Good\x00will\n")
+    with pytest.raises(ScriptInvalid) as info:
+        ScriptStore(tree / "scripts", tree / "selectors").load("billing/nul")
+    assert info.value.message.endswith(
+        "nul.yaml:3: not valid YAML: character U+0000 is not allowed in YAML"
+    )
+
+
 def test_inputs_are_typed_and_checked(script_store: ScriptStore) -> None:
     loaded = script_store.load("billing/issue_credit")
     assert loaded.validate_inputs(CREDIT_INPUTS)["amount"] == Decimal("15.00")

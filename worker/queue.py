@@ -57,7 +57,7 @@ from worker.contract import (
     Verification,
 )
 from worker.envelope import MALFORMED, MALFORMED_FIELD, MAX_TRIES, dumps, envelope, loads
-from worker.errors import FormworkError, JobInvalid, RejectedError
+from worker.errors import JobInvalid, RejectedError
 from worker.events import EventListener, JobEvents
 from worker.executor import (
     ResumePoint,
@@ -569,7 +569,9 @@ async def _settle(
 def _secret_inputs(state: WorkerState, job: BrowserJob) -> set[str]:
     """The job's inputs declared `secret: true` by any version of its script (a rollout picks
     the version later). A script that does not load keeps nothing in the clear: every input
-    counts (the job is refused at intake anyway)."""
+    counts. Whatever went wrong is not this function's to report: the run's intake loads the
+    script again and reports it as the job's outcome (a ScriptInvalid, or an internal error),
+    where an exception raised here would leave the job `queued` with no event, for ever."""
     scripts = state.runtime.scripts
     try:
         return {
@@ -578,7 +580,7 @@ def _secret_inputs(state: WorkerState, job: BrowserJob) -> set[str]:
             for name, spec in scripts.load(job.script_name, version).script.inputs.items()
             if spec.secret
         }
-    except FormworkError:
+    except Exception:  # reported by the run, see above
         return set(job.inputs)
 
 

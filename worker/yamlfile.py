@@ -41,7 +41,15 @@ def read_yaml(path: Path, text: str | None = None) -> tuple[Any, yaml.Node | Non
     if text is None:
         text = read_text(path)
     # One parse gives both: the data is constructed from the very node tree the lines come from.
-    loader = yaml.SafeLoader(text)
+    try:
+        # The reader refuses characters YAML does not allow (a NUL) as it is made.
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        char = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        raise ScriptInvalid(
+            f"{path}:{line}: not valid YAML: character U+{char:04X} is not allowed in YAML"
+        ) from exc
     loader.name = str(path)  # YAML's own messages then say the file, not "<unicode string>"
     try:
         node = loader.get_single_node()
