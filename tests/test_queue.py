@@ -200,6 +200,23 @@ async def test_malformed_payloads_are_rejected_and_the_worker_keeps_serving(
                 **good["inputs"], "reason": f"pw {fixture_secrets['billing_password']}"}}),
             "job_invalid", "inputs.reason carries the value of a configured secret",
         ),
+        # Anywhere else a job carries text that is stored and shown: a correlation's names,
+        # the site's address (its query, or a user name before the host).
+        "q-secret-name": (
+            raw_envelope({**good, "job_id": "q-secret-name",
+                          "correlation": {fixture_secrets["billing_password"]: "x"}}),
+            "job_invalid", "a name in correlation carries the value of a configured secret",
+        ),
+        "q-secret-site": (
+            raw_envelope({**good, "job_id": "q-secret-site",
+                          "site_url": f"{billing.url}/?pw={fixture_secrets['billing_password']}"}),
+            "job_invalid", "site_url carries the value of a configured secret",
+        ),
+        "q-userinfo": (
+            raw_envelope({**good, "job_id": "q-userinfo",
+                          "site_url": billing.url.replace("//", "//evil.example@")}),
+            "job_invalid", "site_url: Value error, must not carry a user name or password",
+        ),
         "q-offsite": (
             raw_envelope({**good, "job_id": "q-offsite", "site_url": "http://127.0.0.2:9"}),
             "job_invalid", "site_url host '127.0.0.2' is not one of site billing's allowed",
@@ -241,6 +258,29 @@ async def test_malformed_payloads_are_rejected_and_the_worker_keeps_serving(
     after = await client.handle("q-after-bad").wait(60)
     assert after.status == JobStatus.succeeded
     assert len(billing.credits()) == 1  # only the good job touched the site
+
+
+async def test_a_job_whose_id_carries_a_secret_is_refused_before_it_runs(
+    billing: Site,
+    client: FormworkClient,
+    settings: Settings,
+    browser_host: BrowserHost,
+    tmp_path: Path,
+) -> None:
+    # A secret of this test's own (the suite's end scans everything for the fixtures' ones,
+    # and the refused id still names the job's record and events: the orchestrator chose it,
+    # and follows the job by it).
+    secrets = tmp_path / "secrets.yaml"
+    secrets.write_text("api_token: zebra-quartz-hollow-58\n")  # refused before sign-in
+    own = settings.model_copy(update={"secrets_file": secrets})
+    async with running_worker(own, browser_host):
+        handle = await client.enqueue(credit_job(billing, "q-zebra-quartz-hollow-58-credit"))
+        report = await handle.wait(30)
+    assert report.status == JobStatus.rejected
+    assert report.error is not None and report.error.field == "job_id"
+    assert report.error.message.startswith("job_id carries the value of a configured secret")
+    assert all(step.started_at is None for step in report.steps)
+    assert billing.credits() == []
 
 
 async def test_abort_stops_the_job_between_steps(

@@ -58,3 +58,11 @@ def test_a_secret_carried_in_any_common_encoding_is_refused(carried: str) -> Non
 )
 def test_ordinary_text_and_fragments_are_not_taken_for_the_secret(ordinary: str) -> None:
     assert STORE.carried_in({"reason": ordinary}) is None
+
+
+def test_a_name_that_is_the_secret_is_refused_without_being_named() -> None:
+    with pytest.raises(JobInvalid) as info:
+        STORE.refuse_carried({"ticket": "T-1", PASSWORD: "x"}, "correlation")
+    assert info.value.field == "correlation"
+    assert info.value.message.startswith("a name in correlation carries the value of a")
+    assert PASSWORD not in info.value.message

@@ -10,6 +10,7 @@ import re
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -201,6 +202,10 @@ class BrowserJob(_Model):
     def _site_url(cls, value: str | None) -> str | None:
         if value is not None and not re.match(r"^https?://[^/\s]+", value):
             raise ValueError("must be an absolute http(s) URL")
+        if value is not None and "@" in urlsplit(value).netloc:
+            # `http://name@host`: a user name (or name:password) before the host, which a
+            # reader takes for the host; sign-in credentials come from the worker's secrets.
+            raise ValueError("must not carry a user name or password before its host ('…@')")
         return value.rstrip("/") if value else value
 
     @property

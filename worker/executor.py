@@ -403,11 +403,17 @@ async def fail_internally(
 
 def refuse_carried(secrets: SecretStore, job: BrowserJob) -> None:
     """JobInvalid when anything the job was sent with carries a configured secret's value:
-    its inputs, its correlation, its idempotency key — each is stored and shown in the clear."""
+    its id (a folder, a key, in every event), inputs, correlation, idempotency key, site and
+    webhook addresses — each is stored and shown in the clear."""
+    secrets.refuse_carried({"job_id": job.job_id}, "")
     secrets.refuse_carried(job.inputs)
     secrets.refuse_carried(job.correlation, "correlation")
-    if job.idempotency_key is not None:
-        secrets.refuse_carried({"idempotency_key": job.idempotency_key}, "")
+    named = {
+        "idempotency_key": job.idempotency_key,
+        "site_url": job.site_url,
+        "webhook.url": job.webhook.url if job.webhook is not None else None,
+    }
+    secrets.refuse_carried({k: v for k, v in named.items() if v is not None}, "")
 
 
 def intake(

@@ -77,7 +77,7 @@ class SecretStore:
                 return any(holds(item) for item in node)
             return False
 
-        return next((name for name, value in inputs.items() if holds(value)), None)
+        return next((name for name, value in inputs.items() if holds(name) or holds(value)), None)
 
     def refuse_carried(self, inputs: Mapping[str, object], kind: str = "inputs") -> None:
         """JobInvalid when an input (or, with `kind`, another named value a job is sent)
@@ -85,13 +85,19 @@ class SecretStore:
         orchestrator's logs): never use it, and name the field so the sender can fix the
         integration — never the value."""
         carried = self.carried_in(inputs)
-        if carried:
+        if carried is None:
+            return
+        if self.carried_in({carried: ""}) is not None:
+            # The name itself is the secret: say where, never the name.
+            where, field = f"a name in {kind or 'the job'}", kind or "job"
+        else:
             field = f"{kind}.{carried}" if kind else carried  # kind "": top-level fields
-            raise JobInvalid(
-                f"{field} carries the value of a configured secret: secrets are named "
-                "in scripts and resolved on the worker, never sent in a job",
-                field=field,
-            )
+            where = field
+        raise JobInvalid(
+            f"{where} carries the value of a configured secret: secrets are named "
+            "in scripts and resolved on the worker, never sent in a job",
+            field=field,
+        )
 
 
 # Shorter base64 runs than this are too likely to occur by chance in ordinary text.
