@@ -92,6 +92,18 @@ def test_an_allowed_host_that_is_not_a_bare_host_names_file_line_and_value(tree:
     assert "'billing:8080' is not a host name or IP address" in message
 
 
+def test_a_base_url_outside_the_allowed_hosts_is_refused_at_load(tree: Path) -> None:
+    # Every job would be stopped at its first page (navigation_blocked).
+    registry = tree / "selectors" / "billing.yaml"
+    text = registry.read_text()
+    registry.write_text(text.replace("http://127.0.0.1:8811", "http://evil.example:8811"))
+    with pytest.raises(ScriptInvalid) as info:
+        ScriptStore(tree / "scripts", tree / "selectors").load("billing/issue_credit")
+    assert "billing.yaml:4: base_url: host 'evil.example' is not one of allowed_hosts" in (
+        info.value.message
+    )
+
+
 def test_undeclared_input_is_refused(tree: Path) -> None:
     message = load_broken(
         tree,
@@ -224,6 +236,23 @@ def test_rules_and_alternates_are_checked_at_load_time(tree: Path) -> None:
         tree, "bad_rule", "  - {id: go, click: account.issue_credit, on_failure: {timeout: redo}}\n"
     )
     assert "step 'go'" in message and "on_failure" in message
+    # Rules for the whole script are checked too.
+    message = load_broken(
+        tree,
+        "bad_script_rule",
+        "  - {id: go, click: account.issue_credit}\n"
+        "on_failure: {selector_not_found: {action: alternate, alternate: nope}}\n",
+    )
+    assert (
+        "bad_script_rule.yaml:8: on_failure > selector_not_found: no alternate path 'nope'"
+        in message
+    )
+    message = load_broken(
+        tree,
+        "no_reason",
+        '  - {id: pay, click: confirm.submit, commit: true}\nverify_effect: {opt_out: "  "}\n',
+    )
+    assert "verify_effect > opt_out: String should have at least 1 character" in message
 
 
 @pytest.mark.parametrize(
@@ -303,6 +332,17 @@ def test_registry_roles_and_empty_selectors_are_checked_at_load(tree: Path) -> N
         ),
         ("{type: int, places: 2}", "bounds.yaml:6: inputs > x: 'places' only goes with type"),
         ("{type: decimal, places: -1}", "inputs > x > places: Input should be greater than or"),
+        ("{type: decimal, places: true}", "inputs > x > places: Input should be a valid integer"),
+        (
+            "{type: decimal, places: 100000000000000000000}",
+            "inputs > x > places: Input should be less than or equal to 28",
+        ),
+        (
+            '{type: decimal, min: "0.001", places: 2}',
+            "bounds.yaml:6: inputs > x > min: 'min' (0.001) has more decimal places than "
+            "'places' allows (2)",
+        ),
+        ('{type: decimal, min: "1e-2"}', "inputs > x > min: a decimal is written in plain digits"),
         (
             "{type: bool, min_length: 3}",
             "bounds.yaml:6: inputs > x: 'min_length'/'max_length' only go with type 'string'",
@@ -498,6 +538,9 @@ def test_a_goto_to_a_host_outside_the_allowlist_is_refused_at_load(tree: Path) -
     )
     assert "away.yaml:7" in message and "step 'away'" in message
     assert "'evil.example.com' is not one of site billing's allowed_hosts" in message
+    for scheme in ("javascript:alert(1)", "data:text/html,hi", "file:///etc/passwd"):
+        message = load_broken(tree, "scheme", f'  - {{id: away, goto: "{scheme}"}}\n')
+        assert "step 'away'" in message and "only a path on the site or an http(s) URL" in message
     # An allowed host written out, and a host a template fills in, both load.
     for name, url in (
         ("here", "http://127.0.0.1:8811/accounts"),

@@ -491,12 +491,14 @@ async def _release_claim(state: WorkerState, arq_id: str, payload: Any) -> None:
     script: Any = state.redis.register_script(_RELEASE)
     claim = f"{pause}|{arq_id}"
     if await script(keys=[state.keys.job(about)], args=[claim, DECISION_FIELD]):
+        expected = message_id(about, "resume", pause)
+        why = "cannot be read" if arq_id == expected else f"is not queued as {expected}"
         log.warning(
-            "job %s: decision message %s is not queued as %s; its claim on the pause is "
-            "dropped, and the job waits for a decision again",
+            "job %s: decision message %s %s; its claim on the pause is dropped, and the job "
+            "waits for a decision again",
             about,
             arq_id,
-            message_id(about, "resume", pause),
+            why,
         )
         await _abort_if_requested(state, about)
 

@@ -87,6 +87,35 @@ class InputType(StrEnum):
     enum = "enum"
 
 
+def _places(value: Decimal) -> int:
+    """Digits after the point, trailing zeros aside (as pydantic's `decimal_places` counts)."""
+    exponent = value.normalize().as_tuple().exponent
+    return -exponent if isinstance(exponent, int) and exponent < 0 else 0
+
+
+def _plain_decimal(value: Any) -> Any:
+    """Refuse a decimal written in exponent notation (`1e2`): typed into a form it would be
+    `100`, a value nobody wrote, from what is more likely a mangled reference or a
+    spreadsheet's rendering than an amount. A JSON number (15, 0.1) is its sender's
+    serializer's text, and is taken; non-finite values are refused by `allow_inf_nan`."""
+    if isinstance(value, str) and _EXPONENT.match(value):
+        raise ValueError(
+            "a decimal is written in plain digits (like 100 or 0.05), not in exponent notation"
+        )
+    return value
+
+
+_EXPONENT = re.compile(r"^\s*[+-]?(\d+\.?\d*|\.\d+)e[+-]?\d+\s*$", re.IGNORECASE)
+
+
+def _positional(value: Decimal) -> Decimal:
+    """Positional digits for a value that came as a number with an exponent (a JSON number
+    like 1e21 is a float, then `Decimal('1E+21')`): the value is typed into a form, and sites
+    refuse exponent notation (blaming the customer). Values below 1E-6 still print as
+    exponents; `render` formats them."""
+    return Decimal(format(value, "f"))
+
+
 class InputSpec(_Strict):
     """One typed input of a script."""
 
@@ -97,10 +126,16 @@ class InputSpec(_Strict):
     pattern: str | None = None
     min_length: int | None = Field(default=None, ge=0)
     max_length: int | None = Field(default=None, ge=0)
-    min: Decimal | None = None
-    max: Decimal | None = None
+    min: Annotated[Decimal | None, BeforeValidator(_plain_decimal)] = None
+    max: Annotated[Decimal | None, BeforeValidator(_plain_decimal)] = None
+    # Strict: YAML's `places: true` would otherwise be 1. Beyond 28 places a Decimal is not
+    # exact anyway (its default precision).
     places: int | None = Field(
-        default=None, ge=0, description="The most digits a decimal may have after its point."
+        default=None,
+        ge=0,
+        le=28,
+        strict=True,
+        description="The most digits a decimal may have after its point.",
     )
     values: list[str] | None = Field(default=None, description="The choices of an enum input.")
     secret: bool = Field(default=False, description="Masked in screenshots, reports and logs.")
@@ -118,6 +153,16 @@ class InputSpec(_Strict):
             raise ValueError("'min'/'max' only go with type 'decimal' or 'int'")
         if self.places is not None and self.type != InputType.decimal:
             raise ValueError("'places' only goes with type 'decimal'")
+        for bound in ("min", "max"):
+            value = getattr(self, bound)
+            if self.places is not None and value is not None and _places(value) > self.places:
+                # No value of this input could be that bound: a `min` of 0.001 with `places: 2`
+                # is really 0.01, and the script says otherwise.
+                raise At(
+                    (bound,),
+                    f"{bound!r} ({value}) has more decimal places than 'places' allows"
+                    f" ({self.places})",
+                )
         if (self.min_length is not None or self.max_length is not None) and (
             self.type != InputType.string
         ):
@@ -175,29 +220,6 @@ class InputSpec(_Strict):
             return bool
         assert self.values is not None
         return Literal[tuple(self.values)]
-
-
-def _plain_decimal(value: Any) -> Any:
-    """Refuse a decimal written in exponent notation (`1e2`): typed into a form it would be
-    `100`, a value nobody wrote, from what is more likely a mangled reference or a
-    spreadsheet's rendering than an amount. A JSON number (15, 0.1) is its sender's
-    serializer's text, and is taken; non-finite values are refused by `allow_inf_nan`."""
-    if isinstance(value, str) and _EXPONENT.match(value):
-        raise ValueError(
-            "a decimal is written in plain digits (like 100 or 0.05), not in exponent notation"
-        )
-    return value
-
-
-_EXPONENT = re.compile(r"^\s*[+-]?(\d+\.?\d*|\.\d+)e[+-]?\d+\s*$", re.IGNORECASE)
-
-
-def _positional(value: Decimal) -> Decimal:
-    """Positional digits for a value that came as a number with an exponent (a JSON number
-    like 1e21 is a float, then `Decimal('1E+21')`): the value is typed into a form, and sites
-    refuse exponent notation (blaming the customer). Values below 1E-6 still print as
-    exponents; `render` formats them."""
-    return Decimal(format(value, "f"))
 
 
 # ---------------------------------------------------------------- postconditions
@@ -646,7 +668,8 @@ class VerifyEffect(_Strict):
         description="Outputs read off the probe's page once the effect is found (e.g. the "
         "confirmation number the lost response would have shown).",
     )
-    opt_out: str | None = Field(
+    # A reason, not a formality: an empty one would pass review unread.
+    opt_out: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)] | None = Field(
         default=None, description="Why this script's commit steps need no probe."
     )
 
@@ -744,6 +767,9 @@ class Script(_Strict):
             for name in names - {None}:
                 if name not in self.alternates:
                     raise At(at, f"step {step.id!r}: no alternate path {name!r}")
+        for code, rule in self.on_failure.items():
+            if rule.alternate is not None and rule.alternate not in self.alternates:
+                raise At(("on_failure", code.value), f"no alternate path {rule.alternate!r}")
         return self
 
 
@@ -1204,6 +1230,10 @@ def _check_plan(
                 if problem:
                     fail(f"{within}{problem}")
         if isinstance(step, GotoStep):
+            scheme = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*):", step.goto)
+            if scheme is not None and scheme[1].lower() not in ("http", "https"):
+                # `javascript:`, `data:`, `file:`: never a page of the site.
+                fail(f"goto {step.goto!r}: only a path on the site or an http(s) URL")
             host = _literal_host(step.goto)
             if host is not None and host not in registry.allowed_hosts:
                 # It would be refused at run time (navigation_blocked) on every job.

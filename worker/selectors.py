@@ -236,6 +236,12 @@ class SiteRegistry(BaseModel):
         for index, name in enumerate(self.secret_elements):
             if name not in self.elements:
                 raise At(("secret_elements", index), f"{name!r} is not an element")
+        if self.base_url.host not in self.allowed_hosts:
+            # Every job would be refused at its first page (navigation_blocked).
+            raise At(
+                ("base_url",),
+                f"host {self.base_url.host!r} is not one of allowed_hosts {self.allowed_hosts}",
+            )
         return self
 
     def candidates(self, element: str) -> list[Candidate]:
