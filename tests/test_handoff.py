@@ -283,8 +283,14 @@ async def test_decisions_sent_around_the_client_are_refused_and_free_the_pause(
         ({"decision": "maybe"}, "invalid decision: decision: Input should be"),
         ({"decision": "abort", "bogus": 1}, "invalid decision: bogus: Extra inputs"),
         ({"decision": "approve"}, "approve is not a decision this pause takes"),
-        ({"decision": "abort", "note": f"pw {secret}"}, "its note carries the value of a"),
-        ({"decision": "abort", "by": secret}, "its by carries the value of a configured"),
+        (
+            {"decision": "retry_with_inputs", "inputs": {"amount": "9.00"}, "note": f"pw {secret}"},
+            "its note carries the value of a",
+        ),
+        (
+            {"decision": "retry_with_inputs", "inputs": {"amount": "9.00"}, "by": secret},
+            "its by carries the value of a configured",
+        ),
     ]
     for decision, why in sent:
         pause = await read_pause(client.redis, client.keys, "h-raw")
@@ -299,13 +305,16 @@ async def test_decisions_sent_around_the_client_are_refused_and_free_the_pause(
         assert (await read_pause(client.redis, client.keys, "h-raw")).waiting, decision
         if decision["decision"] != "maybe" and "bogus" not in decision:
             assert (report.decisions[-1].note or "").startswith(f"refused: {why}"), decision
-    assert [d.decision for d in report.decisions] == ["approve", "abort", "abort"]
+    assert [d.decision for d in report.decisions] == ["approve", *["retry_with_inputs"] * 2]
     assert [d.by for d in report.decisions][1:] == ["(withheld)", "(withheld)"]
 
+    # An abort is carried out whatever its note says; the note is not kept.
     last = await handle.last_event_id()
-    assert await client.resume("h-raw", ResumeDecision(decision="abort", by="agent"))
+    leaky = ResumeDecision(decision="abort", by="agent", note=f"customer said pw is {secret}")
+    assert await client.resume("h-raw", leaky)
     done = await handle.wait(30, after=last)
     assert done.status == JobStatus.cancelled
+    assert done.error is not None and "(withheld: it carries the value" in done.error.message
     assert billing.credits() == []
     events = [e async for _, e in handle.events(follow=False)]
     for text in [done.model_dump_json(), *(e.model_dump_json() for e in events)]:

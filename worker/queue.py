@@ -266,6 +266,16 @@ def abort_decision(reason: str, by: str) -> ResumeDecision:
     return ResumeDecision(decision=Decision.abort, by=by, note=reason[:2000])
 
 
+WITHHELD = "(withheld: it carries the value of a configured secret)"
+
+
+def _abort_reason(state: WorkerState, raw: bytes) -> str:
+    """An abort request's reason as it may be shown: an abort is carried out whatever its
+    reason says, but a reason holding a secret is never stored or announced."""
+    reason = raw.decode(errors="replace")
+    return WITHHELD if state.runtime.secrets.carried_in({"reason": reason}) else reason
+
+
 async def claim_decision(
     redis: Redis, keys: Keys, job_id: str, pause: int, decision: ResumeDecision
 ) -> PauseClaim:
@@ -644,7 +654,7 @@ async def _run_tracked(
 
     async def stop_check() -> str | None:
         reason = await redis.get(keys.abort(job_id))
-        return f"aborted: {reason.decode()}" if reason is not None else None
+        return f"aborted: {_abort_reason(state, reason)}" if reason is not None else None
 
     def gate(loaded: LoadedScript) -> contextlib.AbstractAsyncContextManager[None]:
         return state.capacity.slot(loaded.script.site, loaded.registry.limits)
@@ -758,7 +768,7 @@ async def _abort_if_requested(state: WorkerState, job_id: str) -> None:
     paused = await read_pause(redis, keys, job_id)
     if not paused.waiting:
         return  # a decision came first (its claim dropped the flag)
-    decision = abort_decision(reason.decode(), by="abort request")
+    decision = abort_decision(_abort_reason(state, reason), by="abort request")
     claimed = await claim_decision(redis, keys, job_id, paused.seq, decision)
     log.info("job %s paused with an abort pending: abort decision %s", job_id, claimed)
 
@@ -836,7 +846,9 @@ async def execute_resume(
         # Asked after this decision was taken (taking it dropped any earlier request), before
         # it was carried out: the later word wins.
         await redis.delete(keys.abort(job_id))
-        decision: ResumeDecision | None = abort_decision(aborted.decode(), by="abort request")
+        decision: ResumeDecision | None = abort_decision(
+            _abort_reason(state, aborted), by="abort request"
+        )
         why = None
     else:
         decision, why = _read_decision(state, message.decision, handoff)
@@ -911,8 +923,12 @@ def _read_decision(
         return decision, f"{decision.decision} is not a decision this pause takes ({allowed})"
     carried = state.runtime.secrets.carried_in({"note": decision.note or "", "by": decision.by})
     if carried is not None:
-        # Its note and name are shown to every operator and orchestrator: never stored.
-        withheld = decision.model_copy(update={"by": "(withheld)", "note": None})
+        # Its note and name are shown to every operator and orchestrator: never stored. An
+        # abort is still carried out (stopping must always be possible); any other decision
+        # is refused, to be sent again without it.
+        withheld = decision.model_copy(update={"by": "(withheld)", "note": WITHHELD})
+        if decision.decision == Decision.abort:
+            return withheld, None
         return withheld, f"its {carried} carries the value of a configured secret"
     return decision, None
 
