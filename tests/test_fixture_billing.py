@@ -105,6 +105,25 @@ def test_stop_ends_a_hanging_request_promptly() -> None:
         server.stop()
 
 
+def test_a_request_from_before_a_reset_is_not_counted_after_it() -> None:
+    # An earlier test's slow page, still being served after its browser went away, counted
+    # as a third concurrent visitor in the next test's ground truth (a cap of 2 "exceeded").
+    server = start_fixture("billing")
+    try:
+        set_faults(server.url, latency_ms=3_000, latency_path_contains="/login")
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(Browser(server.url, "billing").get, "/login")
+            wait_until(lambda: state(server.url)["requests"] == 1)
+            control(server.url, "POST", "/_fixture/reset")
+            assert state(server.url)["max_concurrent_visitors"] == 0
+            Browser(server.url, "billing").get("/login")
+            slow.result(timeout=TIMEOUT_S)  # its exit, after the reset, changes nothing
+        Browser(server.url, "billing").get("/login")
+        assert state(server.url)["max_concurrent_visitors"] == 1
+    finally:
+        server.stop()
+
+
 # --- sign-in ---------------------------------------------------------------------------------
 
 
