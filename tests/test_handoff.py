@@ -11,6 +11,8 @@ from arq import Worker
 from arq.jobs import Job
 from pydantic import ValidationError
 
+from worker.artifacts import LocalArtifacts
+from worker.audit_ui import export_html
 from worker.browser import BrowserHost
 from worker.client import FormworkClient
 from worker.contract import (
@@ -82,7 +84,7 @@ async def test_pause_holds_no_browser_and_retry_with_inputs_resumes_at_the_step(
 
 
 async def test_abort_ends_a_paused_job_without_touching_the_site(
-    billing: Site, client: FormworkClient, worker: Worker
+    billing: Site, client: FormworkClient, worker: Worker, settings: Settings
 ) -> None:
     paused = await paused_job(billing, client, "h-abort")
     requests = billing.state()["requests"]
@@ -95,6 +97,15 @@ async def test_abort_ends_a_paused_job_without_touching_the_site(
     assert paused.duration_ms <= report.duration_ms < paused.duration_ms + 1000
     assert report.decisions[0].decision == "abort"
     assert billing.credits() == [] and billing.state()["requests"] == requests
+    # The request the person answered stays on record, though the job no longer waits: the
+    # audit trail shows what they were shown when they decided.
+    assert report.handoff is None and report.decisions[0].request == paused.handoff
+    store = LocalArtifacts(settings.artifacts_dir)
+    assert report.artifacts is not None and report.artifacts.audit is not None
+    record = store.audit(report.artifacts.audit.removesuffix("/audit.json"))
+    assert record.report.decisions[0].request == paused.handoff
+    page = export_html(store, record)
+    assert "The request answered" in page and "Credits over 10.00 need approval" in page
 
 
 async def test_disallowed_or_invalid_decisions_leave_the_job_paused(

@@ -386,6 +386,11 @@ class DecisionRecord(_Model):
     note: str | None = None
     inputs_changed: list[str] = Field(default_factory=list)
     outputs_given: list[str] = Field(default_factory=list)
+    request: HandoffRequest | None = Field(
+        default=None,
+        description="The request the decision answered, as the person saw it: the report's "
+        "own `handoff` is cleared once the job goes on, and the audit trail keeps it here.",
+    )
 
 
 class HandoffEvidence(_Model):

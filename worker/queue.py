@@ -855,7 +855,11 @@ async def execute_resume(
     if why is not None:
         if decision is not None:
             record = DecisionRecord(
-                decision=decision.decision, step_id=handoff.step_id, by=decision.by, at=now()
+                decision=decision.decision,
+                step_id=handoff.step_id,
+                by=decision.by,
+                at=now(),
+                request=handoff,
             )
             report.decisions.append(record)
         return await _refuse(state, job_id, report, events, why, recorded=decision is not None)
@@ -871,6 +875,7 @@ async def execute_resume(
             note=decision.note,
             inputs_changed=sorted(decision.inputs),
             outputs_given=sorted(decision.outputs),
+            request=handoff,
         )
     )
     listener = EventListener(events)
