@@ -88,6 +88,18 @@ async def test_abort_ends_a_paused_job_without_touching_the_site(
 ) -> None:
     paused = await paused_job(billing, client, "h-abort")
     requests = billing.state()["requests"]
+
+    async def deadlines() -> list[bytes]:
+        queued = await client.redis.zrange(client.keys.queue, 0, -1)
+        return [m for m in queued if m.startswith(b"h-abort.expire")]
+
+    async def deadline_queued() -> None:
+        # Queued by the worker just after it announced the pause: polled, bounded below.
+        while not await deadlines():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(deadline_queued(), 10)  # for when it falls due, a day from now
+    assert len(await deadlines()) == 1
     last = await client.handle("h-abort").last_event_id()
     assert await client.resume("h-abort", ResumeDecision(decision="abort", by="ops"))
     report = await client.handle("h-abort").wait(30, after=last)
@@ -97,6 +109,7 @@ async def test_abort_ends_a_paused_job_without_touching_the_site(
     assert paused.duration_ms <= report.duration_ms < paused.duration_ms + 1000
     assert report.decisions[0].decision == "abort"
     assert billing.credits() == [] and billing.state()["requests"] == requests
+    assert await deadlines() == []  # decided: nothing left on the queue for it
     # The request the person answered stays on record, though the job no longer waits: the
     # audit trail shows what they were shown when they decided.
     assert report.handoff is None and report.decisions[0].request == paused.handoff

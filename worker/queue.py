@@ -757,6 +757,19 @@ async def _schedule_expiry(state: WorkerState, job_id: str, due: datetime, at_ms
     )
 
 
+async def _drop_expiry(state: WorkerState, job_id: str, handoff: HandoffRequest) -> None:
+    """The pause is over (decided): its deadline's message, queued for when it falls due, is
+    taken off the queue. It would change nothing then, but it would sit there until that day
+    (a day by default), and keep a `--burst` worker from finding the queue empty."""
+    if handoff.expires_at is None:
+        return
+    token = message_id(job_id, "expire", int(handoff.expires_at.timestamp() * 1000))
+    async with state.redis.pipeline(transaction=True) as pipe:
+        pipe.zrem(state.keys.queue, token)
+        pipe.delete(ARQ_JOB_PREFIX + token)
+        await pipe.execute()
+
+
 async def _abort_if_requested(state: WorkerState, job_id: str) -> None:
     """An abort asked for while the job ran, which paused before it next looked: carried out
     now, as an abort decision — an operator who asked to stop the job should not find it
@@ -890,10 +903,12 @@ async def execute_resume(
             step_id=handoff.step_id,
         )
         await _forget_kept(state, job_id)
+        await _drop_expiry(state, job_id, handoff)
         return await _settle(state, report, events)
     refusal = _refusal(state, job, report, decision)
     if refusal is not None:
         return await _refuse(state, job_id, report, events, refusal)
+    await _drop_expiry(state, job_id, handoff)
     if decision.decision == Decision.mark_done:
         report.status, report.handoff, report.error = JobStatus.succeeded, None, None
         report.outputs.update(decision.outputs)
