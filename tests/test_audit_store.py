@@ -241,3 +241,25 @@ async def test_prune_removes_a_pruned_jobs_whole_folder_and_its_emptied_day(
     assert main(["audit", "prune", "--older-than", "30d", "--artifacts", str(store.root)]) == 0
     assert "removed 2020-01-01/empty-job" in capsys.readouterr().out
     assert list(store.root.iterdir()) == []
+
+
+async def test_a_jobs_folders_and_files_are_the_owners_alone(
+    billing: Site, browser_host: BrowserHost, tmp_path: Path
+) -> None:
+    # Every folder the store creates is 0700, the root and the day included (they came out
+    # 0755: anyone on the machine could list the job ids), every file 0600.
+    root = tmp_path / "fresh" / "artifacts"
+    runtime = runtime_with(LocalArtifacts(root), browser_host)
+    job = BrowserJob(
+        job_id="perm-1", script="billing/issue_credit", inputs=CREDIT_INPUTS, site_url=billing.url
+    )
+    report = await run_job(job, runtime)
+    assert report.status == JobStatus.succeeded, report.error
+    made = [root.parent, root, *root.rglob("*")]
+    folders = [p for p in made if p.is_dir()]
+    files = [p for p in made if p.is_file()]
+    assert len(folders) >= 4 and len(files) >= 10  # fresh, artifacts, the day, the job …
+    assert {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777) for p in folders} == {
+        p.relative_to(tmp_path).as_posix(): "0o700" for p in folders
+    }
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {"0o600"}

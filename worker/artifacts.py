@@ -187,7 +187,7 @@ class ArtifactStore(ABC):
 
     def _spooled(self, job_id: str) -> Path:
         path = self.spool / self.job_path(job_id)
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _private_dir(path)
         return path
 
     def describe(self, job_id: str) -> Artifacts:
@@ -340,7 +340,7 @@ class ArtifactStore(ABC):
     def _put_spooled(self, key: str, data: bytes) -> None:
         # Into the spool, published with the rest: one upload path for every file of a job.
         local = self.spool / key
-        local.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _private_dir(local.parent)
         _write_private(local, data)
 
     # ------------------------------------------------------------ reading and retention
@@ -419,6 +419,19 @@ def _retrieve(future: asyncio.Future[Encoded]) -> None:
         future.exception()  # retrieved: asyncio would otherwise log it as never seen
 
 
+def _private_dir(path: Path) -> None:
+    """`path` and every folder missing above it, created `0700`. (`mkdir(parents=True,
+    mode=…)` gives the mode to the last folder only: the root and day folders came out `0755`,
+    and anyone on the machine could list the job ids, often ticket ids.) Folders that exist
+    already are left as their owner set them."""
+    missing: list[Path] = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        folder.mkdir(mode=0o700, exist_ok=True)
+
+
 def _write_private(path: Path, data: bytes) -> None:
     """Write then rename, readable by the worker's user only: a reader never sees half a file,
     and evidence may show customer data."""
@@ -448,7 +461,7 @@ class LocalArtifacts(ArtifactStore):
 
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _private_dir(path.parent)
         _write_private(path, data)
 
     def get(self, key: str) -> bytes:
