@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -16,7 +18,7 @@ from worker.client import FormworkClient, JobHandle
 from worker.contract import BrowserJob, JobReport, JobStatus
 from worker.settings import Settings
 
-from .conftest import ROOT, SECRETS_FILE, Site
+from .conftest import CREDIT_INPUTS, ROOT, SECRETS_FILE, Site, worker_env
 
 RUN_INPUTS = [
     "--input", "account_id=AC-10231", "--input", "amount=15.00",
@@ -311,3 +313,169 @@ def test_wrong_command_lines_exit_two_with_one_line_and_no_traceback(
         result = formwork(*args, tmp_path=tmp_path, env=env)
         assert result.returncode == 2, (args[:2], result.stderr)
         assert why in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_worker_whose_metrics_port_is_taken_says_so_and_exits(
+    tmp_path: Path, settings: Settings
+) -> None:
+    # Waiting cannot free a port another process holds: it used to be taken for a lost Redis
+    # and tried again for ever.
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "worker.cli", "worker", "--metrics-port", str(port)],
+            cwd=ROOT, env=worker_env(settings), capture_output=True, text=True, timeout=60,
+            check=False,
+        )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert f"formwork: metrics port {port} on 127.0.0.1 is in use" in result.stderr
+    assert "lost Redis" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_files_and_ports_that_cannot_be_used_are_said_in_one_line(
+    billing: Site, tmp_path: Path
+) -> None:
+    ran = formwork(
+        "run", "billing/issue_credit", "--site-url", billing.url, "--job-id", "cli-files",
+        *RUN_INPUTS, tmp_path=tmp_path,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    # A `formwork run` job is in no queue: its recording is made from its report on disk.
+    exported = formwork("recording", "export", "cli-files", "--out", str(tmp_path / "rec"),
+                        tmp_path=tmp_path)  # fmt: skip
+    assert exported.returncode == 0, exported.stderr
+    assert json.loads((tmp_path / "rec" / "recording.json").read_text())["job_id"] == "cli-files"
+    (tmp_path / "bad.json").write_text("{bad")
+    (tmp_path / "a-file").write_text("")
+    missing = tmp_path / "nowhere" / "x.html"
+    port = billing.url.rsplit(":", 1)[1].rstrip("/")  # held by the running fixture site
+    cases = [
+        (["audit", "export", "cli-files", "--out", str(missing)], 1,
+         f"formwork: cannot write audit export {missing}: No such file or directory"),
+        (["recording", "export", "x", "--report", str(tmp_path / "none.json")], 1,
+         f"formwork: cannot read report {tmp_path / 'none.json'}: No such file or directory"),
+        (["recording", "export", "x", "--report", str(tmp_path / "bad.json")], 1,
+         f"formwork: report {tmp_path / 'bad.json'} is not a job report: (all): Invalid JSON"),
+        (["schema", "--out", str(tmp_path / "a-file" / "x")], 1,
+         f"formwork: cannot write schemas to {tmp_path / 'a-file' / 'x'}: Not a directory"),
+        (["fixtures", "serve", "nosuch"], 2,
+         "formwork: unknown fixture site 'nosuch'; known sites: billing, helpdesk, orders"),
+        (["fixtures", "serve", "billing", "--port", port], 1,
+         f"formwork: cannot listen on 127.0.0.1:{port}: the port is in use"),
+        (["audit", "serve", "--port", port], 1,
+         f"formwork: cannot listen on 127.0.0.1:{port}: the port is in use"),
+        (["fixtures", "serve", "billing", "--port", "99999"], 2,
+         "argument --port: a port is 0 to 65535, not 99999"),
+        (["worker", "--metrics-port", "-1"], 2, "argument --metrics-port: a port is 0 to 65535"),
+    ]  # fmt: skip
+    for args, code, why in cases:
+        result = formwork(*args, tmp_path=tmp_path)
+        assert result.returncode == code, (args, result.returncode, result.stderr)
+        assert why in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not missing.parent.exists()
+
+
+def test_a_script_file_must_sit_in_the_scripts_layout(tmp_path: Path) -> None:
+    copy = tmp_path / "copy.yaml"
+    shutil.copy(ROOT / "scripts" / "billing" / "issue_credit.yaml", copy)
+    (tmp_path / "broken.yaml").write_text("name: [bad\n")
+    for outside in (copy, tmp_path / "broken.yaml"):
+        result = formwork("run", str(outside), tmp_path=tmp_path)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert f"script file {outside} must sit at <scripts dir>/<site>/<name>.yaml" in (
+            result.stderr
+        )
+        assert "must look like 'site/name'" not in result.stderr
+    # Inside the layout, a broken file is reported as what it is, like `formwork validate`.
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT / "selectors", tree / "selectors")
+    (tree / "scripts" / "billing").mkdir(parents=True)
+    shutil.copy(tmp_path / "broken.yaml", tree / "scripts" / "billing" / "broken.yaml")
+    broken = formwork("run", str(tree / "scripts" / "billing" / "broken.yaml"), tmp_path=tmp_path)
+    assert broken.returncode == 2
+    assert "broken.yaml: not valid YAML" in broken.stdout, broken.stdout + broken.stderr
+
+
+def test_a_secrets_file_that_is_not_there_is_said_to_be_missing(tmp_path: Path) -> None:
+    absent = tmp_path / "secrets.yaml"
+    result = formwork(
+        "run", "billing/issue_credit", "--secrets-file", str(absent), tmp_path=tmp_path
+    )
+    assert result.returncode == 2
+    assert f"formwork: secrets file {absent} does not exist" in result.stderr, result.stderr
+
+
+def test_stats_refuses_a_window_longer_than_the_rollups_are_kept(
+    tmp_path: Path, settings: Settings
+) -> None:
+    env = {"REDIS_URL": settings.redis_url, "FORMWORK_KEY_PREFIX": settings.key_prefix}
+    longer = formwork("stats", "--last", "30d", tmp_path=tmp_path, env=env)
+    assert longer.returncode == 2, longer.stdout
+    assert "hourly rollups are kept 8 days: at most 8d, not '30d'" in longer.stderr
+    kept = formwork("stats", "--last", "8d", tmp_path=tmp_path, env=env)
+    assert kept.returncode == 0, kept.stderr
+
+
+async def test_resume_refuses_inputs_the_jobs_script_refuses_before_sending(
+    billing: Site, tmp_path: Path, settings: Settings, worker: Worker
+) -> None:
+    env = {"REDIS_URL": settings.redis_url, "FORMWORK_KEY_PREFIX": settings.key_prefix}
+    async with FormworkClient(settings.redis_url, key_prefix=settings.key_prefix) as client:
+        handle = await paused_for_the_customer(billing, client, "cli-inputs")
+        for pair, why in (
+            ("nosuch=1", "input 'nosuch' is not declared by billing/issue_credit@1; it takes: "
+             "account_id, amount, reason, reference"),
+            ("amount=lots", "inputs refused by billing/issue_credit@1: input 'amount': "),
+            ("amount=900", "input 'amount': "),
+        ):  # fmt: skip
+            refused = await asyncio.to_thread(
+                formwork, "resume", "cli-inputs", "retry_with_inputs", "--input", pair,
+                tmp_path=tmp_path, env=env,
+            )  # fmt: skip
+            assert refused.returncode == 2, refused.stdout + refused.stderr
+            assert why in refused.stderr and "nothing was sent" in refused.stderr
+            assert "sent for" not in refused.stdout
+        # Nothing was sent: the pause still waits for its one decision.
+        assert [job_id for job_id, _, _ in await client.paused()] == ["cli-inputs"]
+        report = await handle.report()
+        assert report is not None and report.decisions == []
+        # Where the script cannot be loaded, the inputs go unchecked and that is said.
+        elsewhere = {**env, "FORMWORK_SCRIPTS_DIR": str(tmp_path / "no-scripts")}
+        sent = await asyncio.to_thread(
+            formwork, "resume", "cli-inputs", "retry_with_inputs", "--input", "amount=9.00",
+            "--watch", tmp_path=tmp_path, env=elsewhere,
+        )  # fmt: skip
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        assert "inputs not checked here" in sent.stderr and "the worker checks them" in sent.stderr
+    assert [c["amount"] for c in billing.credits()] == ["9.00"]
+
+
+async def test_handoff_shows_its_deadline_and_each_done_step_once(
+    billing: Site, tmp_path: Path, settings: Settings, worker: Worker
+) -> None:
+    env = {"REDIS_URL": settings.redis_url, "FORMWORK_KEY_PREFIX": settings.key_prefix}
+    async with FormworkClient(settings.redis_url, key_prefix=settings.key_prefix) as client:
+        # The site never answers the commit: its probe looks twice and finds no credit.
+        billing.faults(commit_drop={"create": False, "mode": "error", "status": 502, "times": 5})
+        job = BrowserJob(
+            job_id="cli-twice", script="billing/issue_credit", site_url=billing.url,
+            inputs=CREDIT_INPUTS,
+        )  # fmt: skip
+        report = await (await client.enqueue(job)).wait(90)
+        assert report.status == JobStatus.paused_for_handoff and report.handoff is not None
+        assert report.handoff.expires_at is not None
+        done = report.handoff.context.completed_steps
+        assert len(done) > len(set(done))  # the record lists each run of a step
+    shown = await asyncio.to_thread(formwork, "handoff", "cli-twice", tmp_path=tmp_path, env=env)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    expires = f"{report.handoff.expires_at:%Y-%m-%d %H:%M:%S} UTC, in "
+    assert any(line.startswith(f"  expires:   {expires}") for line in lines), shown.stdout
+    [listed] = [line.removeprefix("  done:      ") for line in lines if "done:" in line]
+    assert listed.split(", ") == list(dict.fromkeys(done))
+    listing = await asyncio.to_thread(formwork, "handoffs", tmp_path=tmp_path, env=env)
+    header, *rows = listing.stdout.splitlines()
+    assert header.split() == ["job", "age", "site", "status", "summary"]
+    assert [row.split()[0] for row in rows] == ["cli-twice"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from redis.exceptions import RedisError
 from worker.artifacts import ArtifactStore, LocalArtifacts, safe_id, store_for
 from worker.browser import BrowserHost, find_chromium
 from worker.contract import (
+    SCRIPT_REF,
     BrowserJob,
     Decision,
     EventKind,
@@ -44,7 +46,7 @@ from worker.rollout import (
     rollout_files,
     script_of,
 )
-from worker.script import ScriptStore, misplaced
+from worker.script import Script, ScriptStore, input_model, misplaced
 from worker.secretstore import SecretStore
 from worker.selectors import SiteRegistry, load_registry
 from worker.settings import Settings
@@ -71,6 +73,40 @@ class UsageError(Exception):
     """A command line that cannot be carried out as given: said in one line, exit code 2."""
 
 
+class CommandFailed(Exception):
+    """A right command line that cannot be carried out here (a path it cannot write, a port
+    another process holds): said in one line, exit code 1."""
+
+
+def _why(exc: OSError) -> str:
+    """What the system said, without the errno and path Python adds around it."""
+    return exc.strerror or str(exc)
+
+
+def _port(text: str) -> int:
+    """An argparse type: a TCP port (0: any free one)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a port number, not {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535, not {value}")
+    return value
+
+
+def _check_secrets_file(path: Path | None) -> None:
+    """A secrets file that is missing or unreadable is said as such, not as bad YAML."""
+    if path is None:
+        return
+    if not path.exists():
+        raise UsageError(f"secrets file {path} does not exist")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"secrets file {path} cannot be read: {_why(exc)}") from exc
+
+
 def _parse_inputs(pairs: Sequence[str], kind: str = "input") -> dict[str, str]:
     """`--input key=value` pairs (or `--output`, as `kind` says) as a mapping."""
     inputs: dict[str, str] = {}
@@ -92,15 +128,32 @@ def _script_ref(arg: str, settings: Settings) -> tuple[str, Settings]:
         if not path.is_file():
             raise UsageError(f"no script file {arg}")
         scripts_dir = path.resolve().parent.parent
+        name = f"{path.parent.name}/{path.name.removesuffix('.yaml')}"
+        _check_layout(arg, scripts_dir, name, settings)
         selectors_dir = settings.selectors_dir
         if not selectors_dir.is_dir() and (scripts_dir.parent / "selectors").is_dir():
             selectors_dir = scripts_dir.parent / "selectors"
-        name = f"{path.parent.name}/{path.name.removesuffix('.yaml')}"
         updated = settings.model_copy(
             update={"scripts_dir": scripts_dir, "selectors_dir": selectors_dir}
         )
         return name, updated
     return arg, settings
+
+
+def _check_layout(arg: str, scripts_dir: Path, name: str, settings: Settings) -> None:
+    """A script file is found by its place: `<scripts dir>/<site>/<name>.yaml`, the scripts dir
+    being the configured one or any with a `selectors/` beside it. A file anywhere else would
+    be read under a name made from whatever folder holds it, and refused for that name."""
+    known = scripts_dir == settings.scripts_dir.resolve() or (
+        (scripts_dir.parent / "selectors").is_dir()
+    )
+    if known and SCRIPT_REF.fullmatch(name):
+        return
+    raise UsageError(
+        f"script file {arg} must sit at <scripts dir>/<site>/<name>.yaml (the scripts dir is "
+        f"{settings.scripts_dir.resolve()}; site and name in a-z, 0-9 and _), or be named like "
+        "billing/issue_credit"
+    )
 
 
 class _Printer:
@@ -181,6 +234,7 @@ async def _run(args: argparse.Namespace) -> int:
         selectors_dir=args.selectors_dir,
     )
     name, settings = _script_ref(args.script, settings)
+    _check_secrets_file(settings.secrets_file)
     try:
         job = BrowserJob(
             job_id=args.job_id or f"run-{uuid.uuid4().hex[:12]}",
@@ -216,6 +270,7 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from worker.metrics import MetricsPortUnavailable
     from worker.queue import build_worker
 
     settings = Settings.from_env(
@@ -224,6 +279,7 @@ def _worker(args: argparse.Namespace) -> int:
         secrets_file=args.secrets_file,
         metrics_port=args.metrics_port,
     )
+    _check_secrets_file(settings.secrets_file)
     metrics = (
         f", metrics on http://{settings.metrics_host}:{settings.metrics_port}/metrics"
         if settings.metrics_port
@@ -240,7 +296,10 @@ def _worker(args: argparse.Namespace) -> int:
         try:
             worker.run()
             return 0
-        except (RedisError, OSError) as exc:
+        except MetricsPortUnavailable as exc:
+            # This worker's own setting: waiting cannot free the port, so say it and stop.
+            raise CommandFailed(str(exc)) from exc
+        except (RedisError, ConnectionError, TimeoutError) as exc:
             # Redis restarted or failed over: a worker that exits leaves the queue unserved
             # until something restarts it. It waits and connects again; jobs it was running
             # are handed on by arq when their in-progress keys expire (and resume from their
@@ -270,6 +329,20 @@ def _window(text: str) -> timedelta:
         return parse_window(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _stats_window(text: str) -> timedelta:
+    """`stats --last`: a window no longer than the hourly rollups are kept, since a longer one
+    would be headed with a span whose older part was never counted."""
+    from worker.keys import STATS_TTL_S
+
+    window = _window(text)
+    kept = timedelta(seconds=STATS_TTL_S)
+    if window > kept:
+        raise argparse.ArgumentTypeError(
+            f"hourly rollups are kept {kept.days} days: at most {kept.days}d, not {text!r}"
+        )
+    return window
 
 
 async def _stats(args: argparse.Namespace) -> int:
@@ -437,7 +510,9 @@ async def _handoffs(args: argparse.Namespace) -> int:
         paused = await client.paused()
     if not paused:
         print("no paused jobs")
+        return 0
     now = datetime.now(UTC)
+    print(f"{'job':<24} {'age':>7}  {'site':<10} {'status':<22} summary")
     for job_id, at, report in paused:
         age = int((now - at).total_seconds())
         handoff = report.handoff if report else None
@@ -485,8 +560,24 @@ async def _handoff(args: argparse.Namespace) -> int:
         print(f"  evidence:  {root / handoff.evidence.screenshot}")
     if handoff.evidence.url:
         print(f"  page:      {handoff.evidence.url}")
-    print(f"  done:      {', '.join(handoff.context.completed_steps)}")
+    if handoff.expires_at is not None:
+        print(f"  expires:   {_when(handoff.expires_at)} (then the job ends expired)")
+    # A step run again (a retry, a resume) is listed once per run in the context.
+    done = dict.fromkeys(handoff.context.completed_steps)
+    print(f"  done:      {', '.join(done)}")
     return 0
+
+
+def _when(at: datetime) -> str:
+    """A deadline as a person reads it: UTC to the second, and how far off it is."""
+    left = int((at - datetime.now(UTC)).total_seconds())
+    off = f"in {_span(left)}" if left >= 0 else f"{_span(-left)} ago"
+    return f"{at.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC, {off}"
+
+
+def _span(seconds: int) -> str:
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
 async def _resume(args: argparse.Namespace) -> int:
@@ -503,6 +594,8 @@ async def _resume(args: argparse.Namespace) -> int:
         return 2
     async with _client() as client:
         handle = client.handle(args.job_id)
+        if decision.inputs:
+            _check_new_inputs(await handle.report(), decision.inputs)
         after = await handle.last_event_id()
         outcome = await client.decide(args.job_id, decision)
         if outcome != PauseClaim.claimed:
@@ -513,6 +606,57 @@ async def _resume(args: argparse.Namespace) -> int:
         if args.watch:
             return await _follow(client, args.job_id, after)
     return 0
+
+
+def _check_new_inputs(report: JobReport | None, inputs: dict[str, Any]) -> None:
+    """Corrected inputs the job's script refuses are refused here (UsageError): sent, they
+    would be refused by the worker later, seen only in the job's decisions. A script this
+    machine cannot load is left to the worker to check, and that is said."""
+    if report is None or report.handoff is None:
+        return  # no job, or not paused: `decide` says which
+    ref = SCRIPT_REF.fullmatch(report.script)
+    name = ref["name"] if ref else report.script
+    settings = Settings.from_env()
+    try:
+        script = (
+            ScriptStore(settings.scripts_dir, settings.selectors_dir)
+            .load(name, report.script_version)
+            .script
+        )
+    except FormworkError as exc:
+        print(
+            f"note: inputs not checked here ({exc.message.splitlines()[0]}); the worker "
+            "checks them, and a refusal shows in `formwork status --json` (decisions)",
+            file=sys.stderr,
+        )
+        return
+    why = _refused_inputs(script, report.inputs, inputs)
+    if why is not None:
+        raise UsageError(f"{why}; nothing was sent")
+
+
+def _refused_inputs(script: Script, kept: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """Why `script` refuses the corrected inputs `new` on top of the job's own `kept` (as its
+    report shows them), or None. Only the new inputs are judged: secret ones are not in the
+    report (`***`), and the others were accepted when the job started."""
+    ref = f"{script.name}@{script.version}"
+    unknown = sorted(set(new) - set(script.inputs))
+    if unknown:
+        return (
+            f"input {unknown[0]!r} is not declared by {ref}; it takes: {', '.join(script.inputs)}"
+        )
+    shown = {k: v for k, v in kept.items() if k in script.inputs and not script.inputs[k].secret}
+    try:
+        input_model(script).model_validate({**shown, **new})
+    except ValidationError as exc:
+        problems = [
+            f"input {e['loc'][0]!r}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
+            if e["loc"] and e["loc"][0] in new
+        ]
+        if problems:
+            return f"inputs refused by {ref}: " + "; ".join(problems)
+    return None
 
 
 async def _why_not_resumed(handle: JobHandle, decision: str, outcome: PauseClaim) -> str:
@@ -556,9 +700,12 @@ def _schema(args: argparse.Namespace) -> int:
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise UsageError(f"--out {out} is a file; it takes a directory")
-        out.mkdir(parents=True, exist_ok=True)
-        for name, schema in schemas.items():
-            (out / f"{name}.schema.json").write_text(json.dumps(schema, indent=2) + "\n")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            for name, schema in schemas.items():
+                (out / f"{name}.schema.json").write_text(json.dumps(schema, indent=2) + "\n")
+        except OSError as exc:
+            raise CommandFailed(f"cannot write schemas to {out}: {_why(exc)}") from exc
         print(f"wrote {len(schemas)} schemas to {out}")
     else:
         print(json.dumps(schemas, indent=2))
@@ -749,9 +896,15 @@ async def _rollout(args: argparse.Namespace) -> int:
 
 
 def _fixtures(args: argparse.Namespace) -> int:
-    from fixtures.server import serve_forever
+    from fixtures.server import SITES, serve_forever
 
-    serve_forever(args.site, args.host, args.port)
+    if args.site not in SITES:
+        known = ", ".join(sorted(SITES))
+        raise UsageError(f"unknown fixture site {args.site!r}; known sites: {known}")
+    try:
+        serve_forever(args.site, args.host, args.port)
+    except OSError as exc:
+        raise CommandFailed(_cannot_listen(args.host, args.port, exc)) from exc
     return 0
 
 
@@ -759,12 +912,16 @@ async def _recording_export(args: argparse.Namespace) -> int:
     from worker.recording import export, from_report
 
     settings = Settings.from_env(scripts_dir=args.scripts_dir, selectors_dir=args.selectors_dir)
+    report: JobReport | None
     if args.report is not None:
-        text = await asyncio.to_thread(Path(args.report).read_text)
-        report = JobReport.model_validate_json(text)
+        report = await _read_report(args.report)
     else:
         async with _client() as client:
             report = await client.handle(args.job_id).report()
+        if report is None:
+            # `formwork run` jobs never touch Redis, and a queue's records expire: the
+            # job's own report.json in the artifacts is the same report.
+            report = await asyncio.to_thread(_stored_report, settings, args.job_id)
     if report is None or report.artifacts is None:
         # An id no job has, like every command taking a job id: a wrong command line.
         print(f"formwork: no report for job {args.job_id} (try --report PATH)", file=sys.stderr)
@@ -779,6 +936,31 @@ async def _recording_export(args: argparse.Namespace) -> int:
     export(recording, Path(report.artifacts.root), out)
     print(f"recording of {report.job_id} ({recording.script_ref}, {report.status}): {out}/")
     return 0
+
+
+def _stored_report(settings: Settings, job_id: str) -> JobReport | None:
+    """The report a job left in the artifacts (FORMWORK_ARTIFACTS_DIR / _URL), if any."""
+    store = store_for(settings)
+    path = store.find_job(job_id)
+    if path is None:
+        return None
+    try:
+        return JobReport.model_validate_json(store.get(f"{path}/report.json"))
+    except (FormworkError, OSError, ValidationError):
+        return None  # not readable as a report: said as "no report" by the caller
+
+
+async def _read_report(path: Path) -> JobReport:
+    """A job's report.json, or a one-line reason it cannot be used."""
+    try:
+        text = await asyncio.to_thread(path.read_text, encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = _why(exc) if isinstance(exc, OSError) else "not UTF-8 text"
+        raise CommandFailed(f"cannot read report {path}: {why}") from exc
+    try:
+        return JobReport.model_validate_json(text)
+    except ValidationError as exc:
+        raise CommandFailed(f"report {path} is not a job report: {_problems(exc)}") from exc
 
 
 async def _replay(args: argparse.Namespace) -> int:
@@ -862,8 +1044,12 @@ def _audit_export(args: argparse.Namespace) -> int:
         print(f"formwork: {exc.message}", file=sys.stderr)
         return 2
     out = Path(args.out or f"audit-{safe_id(record.job_id)}.html")
-    out.write_text(export_html(store, record), encoding="utf-8")
-    out.chmod(0o600)  # evidence may show customer data
+    page = export_html(store, record)
+    try:
+        out.write_text(page, encoding="utf-8")
+        out.chmod(0o600)  # evidence may show customer data
+    except OSError as exc:
+        raise CommandFailed(f"cannot write audit export {out}: {_why(exc)}") from exc
     print(f"wrote {out} ({out.stat().st_size // 1024} KiB)")
     return 0
 
@@ -874,8 +1060,18 @@ def _audit_serve(args: argparse.Namespace) -> int:
     store = _audit_store(args)
     print(f"formwork audit: http://{args.host}:{args.port}/ ({store.location})", flush=True)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how it is meant to stop
-        asyncio.run(serve(store, args.host, args.port))
+        try:
+            asyncio.run(serve(store, args.host, args.port))
+        except OSError as exc:
+            raise CommandFailed(_cannot_listen(args.host, args.port, exc)) from exc
     return 0
+
+
+def _cannot_listen(host: str, port: int, exc: OSError) -> str:
+    """Why a server command could not start, in a line: the port in use, most often."""
+    # asyncio's message repeats the address; the port is what a person changes.
+    why = "the port is in use" if exc.errno == errno.EADDRINUSE else _why(exc)
+    return f"cannot listen on {host}:{port}: {why}"
 
 
 def _add_audit(sub: Any) -> None:
@@ -888,7 +1084,7 @@ def _add_audit(sub: Any) -> None:
 
     serve = audit_sub.add_parser("serve", parents=[where], help="read-only review UI (local)")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8840)
+    serve.add_argument("--port", type=_port, default=8840)
     serve.set_defaults(handler=_audit_serve)
 
     export = audit_sub.add_parser(
@@ -972,7 +1168,11 @@ def build_parser() -> argparse.ArgumentParser:
     export = recording_sub.add_parser("export", help="write a job's recording bundle")
     export.add_argument("job_id")
     export.add_argument("--out", type=Path, help="bundle directory (default recordings/JOB)")
-    export.add_argument("--report", type=Path, help="read the report from this file, not Redis")
+    export.add_argument(
+        "--report",
+        type=Path,
+        help="read the report from this file (default: Redis, then the artifacts)",
+    )
     export.add_argument("--scripts-dir", type=Path)
     export.add_argument("--selectors-dir", type=Path)
     export.set_defaults(handler=lambda a: asyncio.run(_recording_export(a)))
@@ -1002,13 +1202,17 @@ def build_parser() -> argparse.ArgumentParser:
     fixtures_sub = fixtures.add_subparsers(dest="fixtures_command", required=True)
     serve = fixtures_sub.add_parser("serve", help="serve a fixture site in the foreground")
     serve.add_argument("site")
-    serve.add_argument("--port", type=int, default=8811)
+    serve.add_argument("--port", type=_port, default=8811)
     serve.add_argument("--host", default="127.0.0.1")
     serve.set_defaults(handler=_fixtures)
 
     worker = sub.add_parser("worker", help="run a queue worker (arq on Redis)")
     worker.add_argument("--max-jobs", type=int, help="jobs at once (FORMWORK_MAX_JOBS)")
-    worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    worker.add_argument(
+        "--burst",
+        action="store_true",
+        help="exit when the queue is empty (a paused job's deadline waits on it until decided)",
+    )
     worker.add_argument("--artifacts", type=Path)
     worker.add_argument("--secrets-file", type=Path)
     worker.add_argument(
@@ -1016,12 +1220,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="json lines (the default for workers) or text (FORMWORK_LOG_FORMAT)",
     )  # fmt: skip
     worker.add_argument(
-        "--metrics-port", type=int, help="serve Prometheus /metrics here (FORMWORK_METRICS_PORT)"
+        "--metrics-port", type=_port, help="serve Prometheus /metrics here (FORMWORK_METRICS_PORT)"
     )
     worker.set_defaults(handler=_worker)
 
     stats = sub.add_parser("stats", help="activity and quality of settled jobs, from Redis")
-    stats.add_argument("--last", type=_window, default="1h", help="window: 1h (default), 1d, 7d")
+    stats.add_argument(
+        "--last", type=_stats_window, default="1h", help="window: 1h (default), 1d, 7d; at most 8d"
+    )
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(handler=lambda a: asyncio.run(_stats(a)))
 
@@ -1114,6 +1320,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"formwork: {exc}", file=sys.stderr)
         return 2
+    except CommandFailed as exc:
+        print(f"formwork: {exc}", file=sys.stderr)
+        return 1
     except BrokenPipeError:
         # `formwork … | head`: the reader has gone. Nothing more to say, and no traceback
         # when Python flushes stdout at exit (the recipe in Python's signal docs).

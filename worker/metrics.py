@@ -12,6 +12,7 @@ are read when Prometheus scrapes.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -36,6 +37,22 @@ if TYPE_CHECKING:
     from worker.script import ScriptStore
 
 log = logging.getLogger("formwork.metrics")
+
+
+class MetricsPortUnavailable(Exception):
+    """The worker's /metrics port cannot be listened on (another process holds it, say).
+
+    Not an `OSError`, on purpose: the worker command takes connection errors (`OSError`s) for
+    a lost Redis and tries again, and waiting cannot free a port this worker's setting names."""
+
+    def __init__(self, host: str, port: int, cause: OSError) -> None:
+        if cause.errno == errno.EADDRINUSE:
+            why = "is in use (another process listens on it)"
+        else:
+            why = f"cannot be listened on: {cause.strerror or cause}"
+        super().__init__(f"metrics port {port} on {host} {why}")
+        self.port = port
+
 
 JOB = ["site", "script", "version"]
 # Form steps take tens of milliseconds to a few seconds; a commit waiting on a slow back
@@ -268,7 +285,11 @@ class Monitor:
         self._server = web.AppRunner(app, access_log=None)
         await self._server.setup()
         site = web.TCPSite(self._server, host, port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await self.close()
+            raise MetricsPortUnavailable(host, port, exc) from exc
         sockets = cast("Any", site._server).sockets  # aiohttp has no public bound-port accessor
         self.port = int(sockets[0].getsockname()[1])
         log.info("metrics on http://%s:%s/metrics", host, self.port)
