@@ -653,10 +653,14 @@ async def test_a_job_over_its_timeout_after_its_commit_was_sent_waits_for_a_pers
     # took effect is not known, so a person looks — never a bare `failed` an orchestrator
     # would retry into a second credit.
     billing.faults(commit_drop={"create": True, "mode": "hang", "hang_ms": 30_000})
-    short = settings.model_copy(update={"job_timeout_s": 12})
+    # 20 s: the commit is reached in ~3 s, and still before the timeout on a loaded machine
+    # (with 12 s, a suite run beside another one's reached it too late, once). Its steps wait
+    # longer than that, so the job's timeout, not the step's, is what ends the hang.
+    short = settings.model_copy(update={"job_timeout_s": 20})
+    job = credit_job(billing, "q-timeout-sent", step_timeout_ms=60_000)
     async with running_worker(short, browser_host):
-        handle = await client.enqueue(credit_job(billing, "q-timeout-sent"))
-        report = await handle.wait(40)
+        handle = await client.enqueue(job)
+        report = await handle.wait(50)
     assert report.status == JobStatus.paused_for_handoff
     assert report.error is not None and report.error.code == "outcome_unknown"
     assert report.error.step_id == "submit" and "timeout" in report.error.message
