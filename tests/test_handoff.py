@@ -291,11 +291,7 @@ async def test_a_decision_carrying_a_secret_is_refused_and_the_job_still_waits(
 
 
 async def test_decisions_sent_around_the_client_are_refused_and_free_the_pause(
-    billing: Site,
-    client: FormworkClient,
-    worker: Worker,
-    settings: Settings,
-    fixture_secrets: dict[str, str],
+    billing: Site, client: FormworkClient, worker: Worker, fixture_secrets: dict[str, str]
 ) -> None:
     # The wire protocol, as README shows it: claim the pause and queue the message in one
     # script, with no client to check the decision first. Each used to fail in the worker

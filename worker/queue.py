@@ -487,6 +487,12 @@ return 0
 """
 
 
+async def _drop_claim(state: WorkerState, job_id: str, claim: str) -> bool:
+    """Drop `claim` from the job's pause, unless another decision has claimed it since."""
+    script: Any = state.redis.register_script(_RELEASE)
+    return bool(await script(keys=[state.keys.job(job_id)], args=[claim, DECISION_FIELD]))
+
+
 async def _release_claim(state: WorkerState, arq_id: str, payload: Any) -> None:
     """A decision message this worker cannot carry out (queued under an id other than
     `<job_id>.resume<pause>`, as a client of the wire protocol might) must not hold the pause
@@ -498,9 +504,7 @@ async def _release_claim(state: WorkerState, arq_id: str, payload: Any) -> None:
     about, pause = payload.get("resume"), payload.get("pause")
     if not isinstance(about, str) or not isinstance(pause, int):
         return
-    script: Any = state.redis.register_script(_RELEASE)
-    claim = f"{pause}|{arq_id}"
-    if await script(keys=[state.keys.job(about)], args=[claim, DECISION_FIELD]):
+    if await _drop_claim(state, about, f"{pause}|{arq_id}"):
         expected = message_id(about, "resume", pause)
         why = "cannot be read" if arq_id == expected else f"is not queued as {expected}"
         log.warning(
@@ -525,8 +529,7 @@ async def _drop_unqueued_claim(state: WorkerState, job_id: str) -> bool:
     arq_keys = (ARQ_JOB_PREFIX + token, ARQ_IN_PROGRESS_PREFIX + token, ARQ_RESULT_PREFIX + token)
     if not token or await cast("Any", state.redis.exists(*arq_keys)):
         return False
-    script: Any = state.redis.register_script(_RELEASE)
-    if not await script(keys=[state.keys.job(job_id)], args=[claim, DECISION_FIELD]):
+    if not await _drop_claim(state, job_id, claim):
         return False
     log.warning(
         "job %s: the decision %s claimed its pause but was never queued; its claim is dropped "
