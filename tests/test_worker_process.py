@@ -6,8 +6,10 @@ import asyncio
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -237,6 +239,54 @@ async def test_a_worker_outlives_a_redis_restart(
                 assert proc.poll() is None  # the same process, still serving
     assert report.status == JobStatus.succeeded, report.error
     assert [c["reference"] for c in billing.credits()] == ["T-R1", "T-R2"]
+
+
+def _drivers_under(root: int) -> int:
+    """How many Playwright drivers (each with its Chromium) run as children of `root`."""
+    count = 0
+    for entry in Path("/proc").iterdir():
+        try:
+            parent = int((entry / "stat").read_bytes().rsplit(b")", 1)[1].split()[1])
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue  # not a process, or one that has just ended
+        count += parent == root and b"run-driver" in argv
+    return count
+
+
+def _scrape(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        status: int = response.status
+        return status
+
+
+@pytest.mark.timeout(120)
+async def test_a_worker_serving_metrics_outlives_a_redis_restart_with_one_browser(
+    billing: Site, settings: Settings, tmp_path: Path
+) -> None:
+    # arq's close gives up at its first Redis call, before the worker's shutdown hook: the
+    # next attempt found its own metrics port still held and exited (a worker with metrics
+    # did not survive a Redis restart), and each attempt left a Chromium behind.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    async with own_redis(tmp_path) as server:
+        own = settings.model_copy(update={"redis_url": server.url, "metrics_port": port})
+        log = tmp_path / "worker.log"
+        async with FormworkClient(own.redis_url, key_prefix=own.key_prefix) as client:
+            with worker_process(own, log) as proc:
+                handle = await client.enqueue(job(billing, "m-before", "T-M1"))
+                assert (await handle.wait(60)).status == JobStatus.succeeded
+                await server.stop()
+                await _until_logged(log, "lost Redis")
+                await server.start()
+                handle = await client.enqueue(job(billing, "m-after", "T-M2"))
+                report = await handle.wait(90)
+                assert proc.poll() is None, log.read_text()  # the same process, still serving
+                assert await asyncio.to_thread(_scrape, port) == 200
+                assert _drivers_under(proc.pid) == 1
+    assert report.status == JobStatus.succeeded, report.error
+    assert "is in use" not in log.read_text()
 
 
 async def _until_logged(log: Path, text: str) -> None:

@@ -271,7 +271,7 @@ async def _run(args: argparse.Namespace) -> int:
 
 def _worker(args: argparse.Namespace) -> int:
     from worker.metrics import MetricsPortUnavailable
-    from worker.queue import build_worker
+    from worker.queue import build_worker, shutdown
 
     settings = Settings.from_env(
         max_jobs=args.max_jobs,
@@ -303,7 +303,10 @@ def _worker(args: argparse.Namespace) -> int:
             # Redis restarted or failed over: a worker that exits leaves the queue unserved
             # until something restarts it. It waits and connects again; jobs it was running
             # are handed on by arq when their in-progress keys expire (and resume from their
-            # checkpoints).
+            # checkpoints). arq's close gives up at its first Redis call, before the shutdown
+            # hook: what startup made (Chromium, the metrics port) is let go here, or the next
+            # attempt would find its own port taken and a Chromium would be left per attempt.
+            worker.loop.run_until_complete(shutdown(worker.ctx))
             print(
                 f"formwork worker: lost Redis ({type(exc).__name__}: {exc}); "
                 f"connecting again in {wait_s:.0f} s",

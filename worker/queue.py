@@ -397,7 +397,8 @@ async def startup(ctx: dict[str, Any]) -> None:
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
-    state: WorkerState | None = ctx.get("formwork")
+    # Once: `formwork worker` calls it again when arq's own close failed on a lost Redis.
+    state: WorkerState | None = ctx.pop("formwork", None)
     if state is None:
         return
     await drain_webhooks()  # deliveries still pending get their last seconds, then go
