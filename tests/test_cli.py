@@ -334,6 +334,26 @@ def test_a_worker_whose_metrics_port_is_taken_says_so_and_exits(
     assert "lost Redis" not in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_worker_never_prints_the_redis_password(tmp_path: Path, settings: Settings) -> None:
+    # Its first line names the queue and the Redis it serves: it printed REDIS_URL whole,
+    # password and all, into whatever collects the worker's output.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]  # nothing listens: the worker keeps trying, printing
+    url = f"redis://:cli-redis-pass-71@127.0.0.1:{closed}/12"
+    with subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "worker"], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, env=worker_env(settings, REDIS_URL=url),
+    ) as worker:  # fmt: skip
+        try:
+            assert worker.stdout is not None
+            lines = [worker.stdout.readline() for _ in range(3)]
+        finally:
+            worker.kill()
+    assert f"on redis://:***@127.0.0.1:{closed}/12" in lines[0], lines
+    assert not [line for line in lines if "cli-redis-pass-71" in line], lines
+
+
 def test_files_and_ports_that_cannot_be_used_are_said_in_one_line(
     billing: Site, tmp_path: Path
 ) -> None:

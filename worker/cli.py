@@ -49,7 +49,7 @@ from worker.rollout import (
 from worker.script import Script, ScriptStore, input_model, misplaced
 from worker.secretstore import SecretStore
 from worker.selectors import SiteRegistry, load_registry
-from worker.settings import Settings
+from worker.settings import Settings, shown_url
 
 _MARK = {
     StepStatus.succeeded: "ok  ",
@@ -289,7 +289,7 @@ def _worker(args: argparse.Namespace) -> int:
     while True:
         worker = build_worker(settings, burst=args.burst)
         print(
-            f"formwork worker: queue {worker.queue_name} on {settings.redis_url}, "
+            f"formwork worker: queue {worker.queue_name} on {shown_url(settings.redis_url)}, "
             f"max {settings.max_jobs} jobs{metrics}",
             flush=True,
         )

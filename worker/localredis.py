@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 
 import redis
 
+from worker.settings import shown_url
+
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 START_TIMEOUT_S = 10.0
 
@@ -32,11 +34,13 @@ def answers(url: str) -> bool:
 def ensure(url: str) -> str:
     """Return a line saying what was found or started; raise SystemExit when impossible."""
     if answers(url):
-        return f"redis: answering at {url}"
+        return f"redis: answering at {shown_url(url)}"
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 6379
     if host not in LOCAL_HOSTS:
-        raise SystemExit(f"redis: nothing answers at {url}, and it is not local to start it")
+        raise SystemExit(
+            f"redis: nothing answers at {shown_url(url)}, and it is not local to start it"
+        )
     server = shutil.which("redis-server")
     if server is None:
         raise SystemExit("redis: redis-server is not installed (apt-get install redis-server)")
@@ -60,7 +64,7 @@ def ensure(url: str) -> str:
     deadline = time.monotonic() + START_TIMEOUT_S
     while not answers(url):  # poll the condition itself: the daemon forks before it listens
         if time.monotonic() > deadline:
-            raise SystemExit(f"redis: started redis-server but nothing answers at {url}")
+            raise SystemExit(f"redis: started redis-server but nothing answers at {shown_url(url)}")
         time.sleep(0.05)
     return f"redis: started a local redis-server on port {port}"
 

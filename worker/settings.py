@@ -3,10 +3,26 @@
 from __future__ import annotations
 
 import os
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
+
+
+def shown_url(url: str) -> str:
+    """`url` as it may be printed or logged: a password in it (`redis://:pw@host`, or a
+    `?password=` query) becomes `***`."""
+    parts = urllib.parse.urlsplit(url)
+    head, sep, query = url.partition("?")
+    if parts.password is not None:
+        user, _, host = parts.netloc.rpartition("@")
+        head = head.replace(parts.netloc, f"{user.partition(':')[0]}:***@{host}", 1)
+    if sep:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+        hidden = [(k, "***" if k.lower() == "password" else v) for k, v in pairs]
+        query = urllib.parse.urlencode(hidden, safe="*/")
+    return head + sep + query
 
 
 class Settings(BaseModel):
