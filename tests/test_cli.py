@@ -315,6 +315,30 @@ def test_wrong_command_lines_exit_two_with_one_line_and_no_traceback(
         assert why in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
+def test_a_setting_with_a_bad_value_is_named_in_one_line_without_a_traceback(
+    tmp_path: Path, settings: Settings
+) -> None:
+    # Every command read the environment through pydantic and printed its traceback, the
+    # value of a secret setting included.
+    base = {"REDIS_URL": settings.redis_url, "FORMWORK_KEY_PREFIX": settings.key_prefix}
+    for variable, value, said in (
+        ("FORMWORK_MAX_JOBS", "abc", "FORMWORK_MAX_JOBS='abc': Input should be a valid integer"),
+        ("FORMWORK_POLL_DELAY", "0", "FORMWORK_POLL_DELAY='0': Input should be greater than 0"),
+        ("FORMWORK_KEY_PREFIX", "a b", "FORMWORK_KEY_PREFIX='a b': String should match"),
+        ("FORMWORK_STATE_KEY", "cli-short-key", "FORMWORK_STATE_KEY: String should have at least"),
+        ("REDIS_URL", "foo://:cli-pw-63@h/0", "REDIS_URL='foo://:***@h/0': a Redis URL starts"),
+        ("FORMWORK_LOG_FORMAT", "xml", "FORMWORK_LOG_FORMAT='xml': should be json or text"),
+    ):
+        result = formwork("stats", tmp_path=tmp_path, env={**base, variable: value})
+        assert result.returncode == 2, (variable, result.stderr)
+        assert result.stderr.startswith(f"formwork: {said}"), result.stderr
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+        assert "cli-short-key" not in result.stderr and "cli-pw-63" not in result.stderr
+    result = formwork("worker", "--max-jobs", "0", tmp_path=tmp_path, env=base)
+    assert result.returncode == 2
+    assert result.stderr == "formwork: --max-jobs=0: Input should be greater than or equal to 1\n"
+
+
 def test_a_worker_whose_metrics_port_is_taken_says_so_and_exits(
     tmp_path: Path, settings: Settings
 ) -> None:

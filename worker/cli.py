@@ -49,7 +49,7 @@ from worker.rollout import (
 from worker.script import Script, ScriptStore, input_model, misplaced
 from worker.secretstore import SecretStore
 from worker.selectors import SiteRegistry, load_registry
-from worker.settings import Settings, shown_url
+from worker.settings import Settings, SettingsInvalid, shown_url
 
 _MARK = {
     StepStatus.succeeded: "ok  ",
@@ -1305,6 +1305,8 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
     # Workers log JSON lines for log pipelines; commands people run read better as text.
     fmt = getattr(args, "log_format", None) or os.environ.get("FORMWORK_LOG_FORMAT")
+    if fmt not in (None, "", "json", "text"):
+        raise SettingsInvalid(f"FORMWORK_LOG_FORMAT={fmt!r}: should be json or text")
     fmt = fmt or ("json" if args.command == "worker" else "text")
     try:
         secrets_file = getattr(args, "secrets_file", None) or Settings.from_env().secrets_file
@@ -1317,10 +1319,10 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _configure_logging(args)
     try:
+        _configure_logging(args)
         code: int = args.handler(args)
-    except UsageError as exc:
+    except (UsageError, SettingsInvalid) as exc:
         print(f"formwork: {exc}", file=sys.stderr)
         return 2
     except CommandFailed as exc:

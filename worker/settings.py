@@ -7,7 +7,7 @@ import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 def shown_url(url: str) -> str:
@@ -23,6 +23,16 @@ def shown_url(url: str) -> str:
         hidden = [(k, "***" if k.lower() == "password" else v) for k, v in pairs]
         query = urllib.parse.urlencode(hidden, safe="*/")
     return head + sep + query
+
+
+class SettingsInvalid(ValueError):
+    """A setting (an environment variable, or the option that overrides it) with a value the
+    worker cannot use; the message names it and says why, in one line."""
+
+
+# Settings whose values are never repeated in an error message.
+_SECRET_SETTINGS = {"webhook_secret", "state_key"}
+REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 class Settings(BaseModel):
@@ -62,6 +72,14 @@ class Settings(BaseModel):
     # for weeks (worker.browser); past the 500 jobs bench/memory.py checks, so that check
     # measures the pair itself, not a recycle that happened to fall just before its end.
     browser_recycle_jobs: int = Field(default=1000, ge=0)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, url: str) -> str:
+        scheme = url.partition("://")[0] if "://" in url else ""
+        if scheme not in REDIS_SCHEMES:
+            raise ValueError("a Redis URL starts with redis://, rediss:// or unix://")
+        return url
 
     def to_env(self) -> dict[str, str]:
         """The environment that gives a `formwork worker` process these settings."""
@@ -120,5 +138,22 @@ class Settings(BaseModel):
         values: dict[str, object] = {f: env[v] for f, v in names.items() if env.get(v)}
         if env.get("FORMWORK_WEBHOOK_HOSTS"):
             values["webhook_hosts"] = [h.strip() for h in env["FORMWORK_WEBHOOK_HOSTS"].split(",")]
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.model_validate(values)
+        given = {k: v for k, v in overrides.items() if v is not None}
+        values.update(given)
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            problems = []
+            for error in exc.errors():
+                field = str(error["loc"][0]) if error["loc"] else ""
+                # An option given on the command line, else the variable it came from.
+                source = f"--{field.replace('_', '-')}" if field in given else names.get(field)
+                source = source or {"webhook_hosts": "FORMWORK_WEBHOOK_HOSTS"}.get(field, field)
+                why = error["msg"].removeprefix("Value error, ")
+                value = values.get(field)
+                if field in _SECRET_SETTINGS or value is None:
+                    problems.append(f"{source}: {why}")
+                else:
+                    shown = shown_url(str(value)) if field == "redis_url" else value
+                    problems.append(f"{source}={shown!r}: {why}")
+            raise SettingsInvalid("; ".join(problems)) from None
