@@ -339,6 +339,21 @@ def test_a_setting_with_a_bad_value_is_named_in_one_line_without_a_traceback(
     assert result.stderr == "formwork: --max-jobs=0: Input should be greater than or equal to 1\n"
 
 
+def test_commands_say_in_one_line_that_redis_cannot_be_reached(tmp_path: Path) -> None:
+    # Every command that reads Redis printed redis-py's traceback when nothing answered.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    env = {"REDIS_URL": f"redis://:cli-pw-17@127.0.0.1:{closed}/12"}
+    for args in (["stats"], ["status", "cli-x"], ["handoffs"], ["rollout", "status"]):
+        result = formwork(*args, tmp_path=tmp_path, env=env)
+        assert result.returncode == 1, (args, result.stderr)
+        assert result.stderr.startswith(
+            f"formwork: Redis at redis://:***@127.0.0.1:{closed}/12: Error 111 connecting"
+        ), result.stderr
+        assert result.stderr.count("\n") == 1 and "cli-pw-17" not in result.stderr
+
+
 def test_a_worker_whose_metrics_port_is_taken_says_so_and_exits(
     tmp_path: Path, settings: Settings
 ) -> None:

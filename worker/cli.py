@@ -1328,6 +1328,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandFailed as exc:
         print(f"formwork: {exc}", file=sys.stderr)
         return 1
+    except RedisError as exc:
+        # Down, unreachable, or refusing this password: said once, not as redis-py's traceback.
+        where = shown_url(Settings.from_env().redis_url)
+        print(f"formwork: Redis at {where}: {exc}", file=sys.stderr)
+        return 1
     except BrokenPipeError:
         # `formwork … | head`: the reader has gone. Nothing more to say, and no traceback
         # when Python flushes stdout at exit (the recipe in Python's signal docs).
