@@ -195,6 +195,26 @@ async def test_a_metrics_failure_never_fails_the_job(settings: Settings) -> None
     assert monitor.metrics.registry.get_sample_value("formwork_metrics_errors_total") == 1
 
 
+async def test_a_scrape_while_redis_is_down_still_serves_what_the_worker_counted(
+    settings: Settings,
+) -> None:
+    # The queue gauges are read from Redis at scrape time: a failed read made the whole
+    # scrape a 500, so during an outage Prometheus lost every count the worker keeps itself.
+    dead = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.5)
+    try:
+        monitor = Monitor(dead, Keys(settings.key_prefix))
+        monitor.metrics.observe(outcome_of(report(JobStatus.succeeded, [], ended_at=at(5))))
+        text = (await monitor.metrics.exposition()).decode()
+    finally:
+        await dead.aclose()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    [sample] = [s for s in families["formwork_jobs"].samples if s.name == "formwork_jobs_total"]
+    assert sample.labels["status"] == "succeeded" and sample.value == 1
+    assert "formwork_worker_memory_bytes" in families
+    # Unknown, not a stale or made-up number: absent until Redis answers again.
+    assert "formwork_queue_depth" not in families and "formwork_jobs_waiting" not in families
+
+
 # ---------------------------------------------------------------- real jobs through a worker
 
 

@@ -24,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from worker.backlog import backlog
 from worker.browser import BrowserHost
@@ -153,22 +154,31 @@ class _Live(Collector):
 
     def __init__(self, redis: Redis, keys: Keys, browser: BrowserHost | None) -> None:
         self.redis, self.keys, self.browser = redis, keys, browser
-        self.ready = self.waiting = self.rss = 0
+        self.rss = 0
+        self.ready: int | None = 0  # None: Redis did not answer this scrape
+        self.waiting: int | None = 0
 
     async def refresh(self) -> None:
-        self.ready = await backlog(self.redis, self.keys)
-        self.waiting = await self.redis.zcard(self.keys.paused)
         self.rss = await asyncio.to_thread(tree_rss, os.getpid())
+        try:
+            self.ready = await backlog(self.redis, self.keys)
+            self.waiting = await self.redis.zcard(self.keys.paused)
+        except RedisError as exc:
+            # The scrape goes on without them: a 500 would hide every count this worker
+            # keeps itself, in the very outage they are wanted for.
+            self.ready = self.waiting = None
+            log.warning("metrics: queue depth not read, Redis did not answer: %s", exc)
 
     def collect(self) -> Iterable[Metric]:
-        yield GaugeMetricFamily(
-            "formwork_queue_depth", "Jobs due on the queue, not yet taken.", value=self.ready
-        )
-        yield GaugeMetricFamily(
-            "formwork_jobs_waiting",
-            "Jobs paused for a person or the customer (all workers).",
-            value=self.waiting,
-        )
+        if self.ready is not None and self.waiting is not None:
+            yield GaugeMetricFamily(
+                "formwork_queue_depth", "Jobs due on the queue, not yet taken.", value=self.ready
+            )
+            yield GaugeMetricFamily(
+                "formwork_jobs_waiting",
+                "Jobs paused for a person or the customer (all workers).",
+                value=self.waiting,
+            )
         launches = self.browser.launches if self.browser is not None else 0
         recycles = self.browser.recycles if self.browser is not None else 0
         yield CounterMetricFamily(
