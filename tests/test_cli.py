@@ -354,6 +354,16 @@ def test_commands_say_in_one_line_that_redis_cannot_be_reached(tmp_path: Path) -
         assert result.stderr.count("\n") == 1 and "cli-pw-17" not in result.stderr
 
 
+def test_replay_takes_a_threshold_from_0_to_1_only(tmp_path: Path) -> None:
+    # NaN, or 5 meant as 5%, passed every screenshot however much it changed; a negative
+    # one failed every step. Each turned the QA gate's verdict into noise, silently.
+    bundle = str(ROOT / "fixtures" / "recordings" / "billing-issue_credit")
+    for given in ("nan", "5", "-0.1", "1%"):
+        result = formwork("replay", bundle, "--from-har", "--threshold", given, tmp_path=tmp_path)
+        assert result.returncode == 2, (given, result.stderr)
+        assert "argument --threshold: a share from 0 to 1" in result.stderr, result.stderr
+
+
 def test_a_worker_whose_metrics_port_is_taken_says_so_and_exits(
     tmp_path: Path, settings: Settings
 ) -> None:

@@ -678,6 +678,18 @@ async def _why_not_resumed(handle: JobHandle, decision: str, outcome: PauseClaim
     return f"job {handle.job_id} does not allow {decision}; it allows: {allowed}"
 
 
+def _share(text: str) -> float:
+    """An argparse type: a share from 0 to 1 (`0.01` is 1%)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a share from 0 to 1, not {text!r}") from None
+    # NaN compares false with everything: as a threshold it would pass every screenshot.
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"a share from 0 to 1 (0.01 is 1%), not {text}")
+    return value
+
+
 def _positive(text: str) -> int:
     """An argparse type: a whole number of 1 or more."""
     try:
@@ -1191,7 +1203,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     replay.add_argument("--script-version", type=int, help="replay with this script version")
     replay.add_argument(
-        "--threshold", type=float, default=0.01,
+        "--threshold", type=_share, default=0.01,
         help="share of changed pixels above which a screenshot is a regression (default 0.01)",
     )  # fmt: skip
     replay.add_argument("--update", action="store_true", help="accept the runs as the goldens")
