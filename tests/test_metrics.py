@@ -106,6 +106,24 @@ def test_a_resumed_job_counts_only_what_happened_after_its_pause() -> None:
     assert later.status == JobStatus.succeeded and not later.started
 
 
+def test_a_step_redone_after_a_pause_adds_only_its_new_attempts_to_the_durations() -> None:
+    from worker.contract import Attempt, StepReport, StepStatus
+
+    # A step's duration_ms sums all its attempts, those of the run before the pause too: the
+    # resumed run observed the earlier run's time again, which was counted at the pause.
+    redone = StepReport(
+        id="open_account", action="goto", status=StepStatus.succeeded, attempts=2,
+        started_at=at(1), ended_at=at(61), duration_ms=800.0,
+        attempt_log=[
+            Attempt(number=1, started_at=at(1), duration_ms=200.0),
+            Attempt(number=2, started_at=at(60), duration_ms=600.0),
+        ],
+    )  # fmt: skip
+    resumed = report(JobStatus.succeeded, [], steps=[redone], ended_at=at(70))
+    assert outcome_of(resumed).step_times == [("goto", 0.8)]
+    assert outcome_of(resumed, since=at(10)).step_times == [("goto", 0.6)]
+
+
 def test_a_rejection_naming_an_unknown_script_gets_no_label_of_its_own() -> None:
     from worker.contract import Failure
 

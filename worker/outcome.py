@@ -12,7 +12,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from worker.contract import SCRIPT_REF, FailureCode, JobReport, JobStatus, RuleFired
+from worker.contract import (
+    SCRIPT_REF,
+    FailureCode,
+    JobReport,
+    JobStatus,
+    RuleFired,
+    StepReport,
+)
 
 # A rejection may name a script that does not exist: such a name is never a label of its own,
 # or any sender could mint metric series at will. Without a way to tell (`known`), the
@@ -80,7 +87,7 @@ def outcome_of(
         status=report.status,
         started=any(new(a.started_at) for s in report.steps for a in s.attempt_log),
         rules=[(r.action, r.code.value) for r in rules],
-        step_times=[(s.action, s.duration_ms / 1000) for s in steps if s.duration_ms is not None],
+        step_times=[(s.action, t) for s in steps if (t := _run_time(s, new)) is not None],
         drift=[(s.drift.element, s.drift.used) for s in steps if s.drift is not None],
         handoff=report.handoff.code.value
         if report.status.paused and report.handoff is not None
@@ -89,6 +96,17 @@ def outcome_of(
         claims=[(c.how.value, c.verified) for c in report.claims] if report.status.terminal else [],
         unknown=list(_resolutions(report, rules, since)),
     )
+
+
+def _run_time(step: StepReport, new: Callable[[datetime | None], bool]) -> float | None:
+    """Seconds `step` took in this run: its attempts since the job last settled (a step redone
+    after a pause keeps the earlier run's attempts, already counted then), waits included."""
+    if step.duration_ms is None:
+        return None
+    attempts = [a for a in step.attempt_log if new(a.started_at)]
+    if len(attempts) == len(step.attempt_log):
+        return step.duration_ms / 1000
+    return sum(a.duration_ms + (a.wait_ms or 0) for a in attempts) / 1000
 
 
 def _resolutions(
