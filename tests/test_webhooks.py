@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 from arq.jobs import Job
 from redis.asyncio import Redis
@@ -72,7 +74,7 @@ async def receiver(answer: Answer) -> AsyncIterator[Receiver]:
         return web.Response(status=status)
 
     app = web.Application()
-    app.router.add_post("/hook", hook)
+    app.router.add_post("/hook{rest:.*}", hook)  # a token in the path, too
     runner = web.AppRunner(app)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
@@ -163,6 +165,23 @@ async def test_a_receiver_that_is_down_gets_every_attempt_at_the_settling_event(
     assert attempted == sorted(attempted) and attempted[-1] == 11
     assert sender.delivered == 0
     assert sender.dropped + sender.skipped == len(run) and sender.skipped > 0
+
+
+async def test_failed_deliveries_are_logged_without_the_receivers_token(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A webhook URL often is the receiver's credential (a token in its path or query): the
+    # warnings about a receiver that is down printed it whole into the worker's logs.
+    caplog.set_level(logging.WARNING, logger="formwork.webhooks")
+    run = events("wh-token", 2, 8, JobStatus.failed)
+    async with receiver(lambda e, n: (0.0, 503)) as got, aiohttp.ClientSession() as http:
+        origin = got.url.removesuffix("/hook")
+        url = f"{origin}/hook/T0K3N-path-42?token=T0K3N-query-42"
+        sender = await send_run(http, url, "wh-token", run, timeout_s=0.5)
+        await asyncio.wait_for(sender.wait(), 60)
+    assert got.hits, "the receiver was called with the full URL"
+    assert f"webhook delivery to {origin}/… failed" in caplog.text
+    assert "T0K3N" not in caplog.text
 
 
 async def test_the_settling_event_is_retried_until_a_receiver_coming_back_takes_it() -> None:

@@ -117,6 +117,10 @@ class WebhookSender:
     def __init__(self, session: aiohttp.ClientSession, url: str, secret: str, job_id: str) -> None:
         self.session = session
         self.url = url
+        # A webhook URL is often the receiver's credential (a token in its path or query):
+        # logs name only its origin.
+        parts = urlsplit(url)
+        self.shown = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/…"
         self.secret = secret
         self.job_id = job_id
         self.delivered = 0
@@ -180,7 +184,9 @@ class WebhookSender:
                 return
             except (RetryError, DeliveryFailed, aiohttp.ClientError, TimeoutError) as exc:
                 self.dropped += 1
-                log.warning("job %s: webhook delivery to %s failed: %r", self.job_id, self.url, exc)
+                log.warning(
+                    "job %s: webhook delivery to %s failed: %r", self.job_id, self.shown, exc
+                )
             self._busy_s += self._loop.time() - started
             self._done += 1
 
@@ -209,7 +215,7 @@ class WebhookSender:
                 "job %s: webhook receiver %s is behind: %d event(s) skipped to deliver the "
                 "job's latest status in time (the job's stream holds them all)",
                 self.job_id,
-                self.url,
+                self.shown,
                 skipped,
             )
 
