@@ -28,6 +28,7 @@ from worker.contract import (
     RolloutAction,
     Routing,
 )
+from worker.errors import ScriptInvalid
 from worker.keys import Keys
 from worker.rollout import (
     NOT_AGAINST_THE_VERSION,
@@ -37,6 +38,7 @@ from worker.rollout import (
     Rollouts,
     Verdict,
     bucket,
+    load_rollout,
     rollback_reason,
     verdict,
 )
@@ -306,3 +308,14 @@ def test_a_rollout_that_cannot_mean_what_it_says_is_refused(
 ) -> None:
     with pytest.raises(ValidationError, match=message):
         RolloutConfig.model_validate(config)
+
+
+def test_a_rollout_naming_a_version_that_does_not_exist_says_on_which_line(tree: Path) -> None:
+    # Every other rollout error names its line; this one named only the file.
+    write_rollout(tree, stable=1, canary=3, percent=10)
+    path = tree / "scripts" / "billing" / "issue_credit.rollout.yaml"
+    with pytest.raises(ScriptInvalid) as refused:
+        load_rollout(ScriptStore(tree / "scripts", tree / "selectors"), NAME)
+    assert refused.value.message == (
+        f"{path}:2: canary: billing/issue_credit has no version 3 (available: 1, 2)"
+    )

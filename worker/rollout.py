@@ -56,7 +56,7 @@ from worker.errors import ScriptInvalid, ScriptNotFound
 from worker.events import announce
 from worker.keys import Keys
 from worker.script import ScriptStore
-from worker.yamlfile import load_model, read_text
+from worker.yamlfile import line_of, load_model, read_text, read_yaml
 
 ROLLOUT_SUFFIX = ".rollout.yaml"
 
@@ -194,8 +194,9 @@ def load_rollout(scripts: ScriptStore, name: str) -> RolloutConfig | None:
     for role, version in (("stable", config.stable), ("canary", config.canary)):
         if version is not None and version not in versions:
             known = ", ".join(str(v) for v in sorted(versions)) or "none"
+            line = line_of(read_yaml(path, text)[1], (role,))
             raise ScriptInvalid(
-                f"{path}: {role}: {name} has no version {version} (available: {known})"
+                f"{path}:{line}: {role}: {name} has no version {version} (available: {known})"
             )
     return config
 
