@@ -487,6 +487,19 @@ def test_stats_refuses_a_window_longer_than_the_rollups_are_kept(
     assert kept.returncode == 0, kept.stderr
 
 
+def test_insights_refuses_a_window_longer_than_the_job_records_are_kept(
+    tmp_path: Path, settings: Settings
+) -> None:
+    # Its header claimed the whole span ("jobs settled 2026-08-26 - …" for 100d) while the
+    # index it reads keeps a week.
+    env = {"REDIS_URL": settings.redis_url, "FORMWORK_KEY_PREFIX": settings.key_prefix}
+    longer = formwork("insights", "--last", "100d", tmp_path=tmp_path, env=env)
+    assert longer.returncode == 2, longer.stdout
+    assert "job records are kept 7 days: at most 7d, not '100d'" in longer.stderr
+    kept = formwork("insights", "--last", "7d", tmp_path=tmp_path, env=env)
+    assert kept.returncode == 0, kept.stderr
+
+
 async def test_resume_refuses_inputs_the_jobs_script_refuses_before_sending(
     billing: Site, tmp_path: Path, settings: Settings, worker: Worker
 ) -> None:

@@ -348,6 +348,19 @@ def _stats_window(text: str) -> timedelta:
     return window
 
 
+def _insights_window(text: str) -> timedelta:
+    """`insights --last`: a window no longer than the job records it reads are kept."""
+    from worker.keys import RECORD_TTL_S
+
+    window = _window(text)
+    kept = timedelta(seconds=RECORD_TTL_S)
+    if window > kept:
+        raise argparse.ArgumentTypeError(
+            f"job records are kept {kept.days} days: at most {kept.days}d, not {text!r}"
+        )
+    return window
+
+
 async def _stats(args: argparse.Namespace) -> int:
     from redis.asyncio import Redis
 
@@ -1249,7 +1262,9 @@ def build_parser() -> argparse.ArgumentParser:
     insights = sub.add_parser(
         "insights", help="where scripts fail, drift, hand off and spend time, with examples"
     )
-    insights.add_argument("--last", type=_window, default="1d", help="window: 1d (default)")
+    insights.add_argument(
+        "--last", type=_insights_window, default="1d", help="window: 1d (default); at most 7d"
+    )
     insights.add_argument("--site")
     insights.add_argument("--script", help="billing/issue_credit (or issue_credit)")
     insights.add_argument("--top", type=_positive, default=10, help="rows per section (default 10)")
