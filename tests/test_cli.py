@@ -364,6 +364,27 @@ def test_replay_takes_a_threshold_from_0_to_1_only(tmp_path: Path) -> None:
         assert "argument --threshold: a share from 0 to 1" in result.stderr, result.stderr
 
 
+def test_a_chromium_that_cannot_be_launched_is_said_in_one_line(
+    billing: Site, tmp_path: Path, settings: Settings
+) -> None:
+    # `run` and `worker` printed Playwright's traceback for a mistyped FORMWORK_CHROMIUM.
+    missing = str(tmp_path / "no-chromium")
+    said = (
+        "formwork: Chromium: BrowserType.launch: Failed to launch chromium because executable "
+        f"doesn't exist at {missing}\n"
+    )
+    ran = formwork(
+        "run", "billing/issue_credit", "--site-url", billing.url, *RUN_INPUTS,
+        tmp_path=tmp_path, env={"FORMWORK_CHROMIUM": missing},
+    )  # fmt: skip
+    assert ran.returncode == 1 and ran.stderr == said, ran.stderr
+    worker = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "worker"], cwd=ROOT, capture_output=True,
+        text=True, timeout=60, check=False, env=worker_env(settings, FORMWORK_CHROMIUM=missing),
+    )  # fmt: skip
+    assert worker.returncode == 1 and worker.stderr == said, worker.stderr
+
+
 def test_a_worker_whose_metrics_port_is_taken_says_so_and_exits(
     tmp_path: Path, settings: Settings
 ) -> None:

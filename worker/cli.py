@@ -1355,6 +1355,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandFailed as exc:
         print(f"formwork: {exc}", file=sys.stderr)
         return 1
+    except PlaywrightError as exc:
+        # Jobs turn Playwright's errors into failure codes; one that gets here is the browser
+        # not starting at all (a mistyped FORMWORK_CHROMIUM, a missing library).
+        print(f"formwork: Chromium: {exc.message.splitlines()[0]}", file=sys.stderr)
+        return 1
     except RedisError as exc:
         # Down, unreachable, or refusing this password: said once, not as redis-py's traceback.
         where = shown_url(Settings.from_env().redis_url)
