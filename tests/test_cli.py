@@ -385,6 +385,29 @@ def test_a_chromium_that_cannot_be_launched_is_said_in_one_line(
     assert worker.returncode == 1 and worker.stderr == said, worker.stderr
 
 
+def test_a_secrets_file_that_is_not_yaml_is_one_line_without_its_values(
+    tmp_path: Path, settings: Settings
+) -> None:
+    # The worker printed a traceback whose chained YAML error quoted the broken line: a
+    # password, in the worker's output.
+    broken = tmp_path / "secrets.yaml"
+    broken.write_text("billing_username: cli-bot\nbilling_password: cli-Pa55: word\n")
+    said = f"formwork: secrets file {broken} cannot be read as YAML (line 2, column 27)\n"
+    worker = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "worker"], cwd=ROOT, capture_output=True,
+        text=True, timeout=60, check=False,
+        env=worker_env(settings, FORMWORK_SECRETS_FILE=str(broken)),
+    )  # fmt: skip
+    assert worker.returncode == 2 and worker.stderr == said, worker.stderr
+    assert "cli-Pa55" not in worker.stdout + worker.stderr
+    bundle = str(ROOT / "fixtures" / "recordings" / "billing-issue_credit")
+    replay = formwork(
+        "replay", bundle, "--from-har", "--out", str(tmp_path / "replay"), tmp_path=tmp_path,
+        env={"FORMWORK_SECRETS_FILE": str(broken)},
+    )  # fmt: skip
+    assert replay.returncode == 2 and replay.stderr == said, replay.stderr
+
+
 def test_a_worker_whose_metrics_port_is_taken_says_so_and_exits(
     tmp_path: Path, settings: Settings
 ) -> None:

@@ -280,6 +280,10 @@ def _worker(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
     )
     _check_secrets_file(settings.secrets_file)
+    try:
+        SecretStore(settings.secrets_file)  # read again at startup; refused here in one line
+    except FormworkError as exc:
+        raise UsageError(exc.message) from None
     metrics = (
         f", metrics on http://{settings.metrics_host}:{settings.metrics_port}/metrics"
         if settings.metrics_port
@@ -1355,6 +1359,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandFailed as exc:
         print(f"formwork: {exc}", file=sys.stderr)
         return 1
+    except FormworkError as exc:
+        # A refusal the command did not word itself (a broken secrets file under `replay`).
+        print(f"formwork: {exc.message}", file=sys.stderr)
+        return 2
     except PlaywrightError as exc:
         # Jobs turn Playwright's errors into failure codes; one that gets here is the browser
         # not starting at all (a mistyped FORMWORK_CHROMIUM, a missing library).

@@ -125,8 +125,11 @@ def _read_secrets_file(path: Path) -> dict[str, str]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
-        # The message names the file only: a YAML error would quote the line, i.e. a value.
-        raise SecretMissing(f"secrets file {path} cannot be read as YAML") from exc
+        # The message names the file and the place only: a YAML error would quote the line,
+        # i.e. a value; and not chained (`from None`), or a traceback would print it anyway.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise SecretMissing(f"secrets file {path} cannot be read as YAML{where}") from None
     if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
         raise SecretMissing(f"secrets file {path} must be a mapping of name: value")
     return {k: str(v) for k, v in data.items() if v is not None}
