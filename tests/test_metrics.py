@@ -124,6 +124,16 @@ def test_a_step_redone_after_a_pause_adds_only_its_new_attempts_to_the_durations
     assert outcome_of(resumed, since=at(10)).step_times == [("goto", 0.6)]
 
 
+def test_the_stats_header_dates_both_ends_of_a_window_over_days() -> None:
+    from worker.stats import Stats, render
+
+    # "jobs settled 2025-01-24 09:00 - 10:47 UTC" read as under two hours, for a week.
+    week = Stats(since=at(0) - timedelta(days=7), until=at(6420))
+    assert render(week) == "no jobs settled in 2025-01-24 09:00 - 2025-01-31 10:47 UTC"
+    hour = Stats(since=at(0), until=at(6420))
+    assert render(hour) == "no jobs settled in 2025-01-31 09:00 - 10:47 UTC"
+
+
 def test_a_rejection_naming_an_unknown_script_gets_no_label_of_its_own() -> None:
     from worker.contract import Failure
 

@@ -194,7 +194,9 @@ def _grid(heads: list[str], rows: list[list[str]]) -> list[str]:
 
 def render(stats: Stats) -> str:
     """Activity and quality, one row per script version and a total."""
-    span = f"{stats.since:%Y-%m-%d %H:%M} - {stats.until:%H:%M} UTC"
+    # The end's date too when the window spans days: "09:00 - 10:47" alone reads as hours.
+    end = "%H:%M" if stats.since.date() == stats.until.date() else "%Y-%m-%d %H:%M"
+    span = f"{stats.since:%Y-%m-%d %H:%M} - {stats.until.strftime(end)} UTC"
     if not stats.scripts:
         return f"no jobs settled in {span}"
     rows = sorted(stats.scripts.items())
