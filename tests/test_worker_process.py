@@ -287,6 +287,9 @@ async def test_a_worker_serving_metrics_outlives_a_redis_restart_with_one_browse
                 assert _drivers_under(proc.pid) == 1
     assert report.status == JobStatus.succeeded, report.error
     assert "is in use" not in log.read_text()
+    # Said as a JSON log line with its level, like the rest of a worker's log (it was bare text).
+    [lost, *_] = [line for line in log.read_text().splitlines() if "lost Redis" in line]
+    assert json.loads(lost)["level"] == "error", lost
 
 
 async def _until_logged(log: Path, text: str) -> None:

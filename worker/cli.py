@@ -311,11 +311,9 @@ def _worker(args: argparse.Namespace) -> int:
             # hook: what startup made (Chromium, the metrics port) is let go here, or the next
             # attempt would find its own port taken and a Chromium would be left per attempt.
             worker.loop.run_until_complete(shutdown(worker.ctx))
-            print(
-                f"formwork worker: lost Redis ({type(exc).__name__}: {exc}); "
-                f"connecting again in {wait_s:.0f} s",
-                file=sys.stderr,
-                flush=True,
+            # A log line like every other (JSON for workers), so alerting on level sees it.
+            logging.getLogger("formwork.worker").error(
+                "lost Redis (%s: %s); connecting again in %.0f s", type(exc).__name__, exc, wait_s
             )
             time.sleep(wait_s)
             wait_s = min(wait_s * 2, 30.0)
