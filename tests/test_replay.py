@@ -715,3 +715,28 @@ async def test_a_missing_golden_screenshot_is_a_regression_in_every_report(
     assert suite is not None and suite.get("failures") == "1"
     failure = suite.find("testcase[@name='open_account']/failure")
     assert failure is not None and failure.get("message") == problem
+
+
+async def test_two_bundles_of_one_recorded_job_keep_their_own_images_in_the_report(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    # A bundle copied to try a variant has the recorded job's id: both bundles' images went
+    # to one folder, the later wrote over the earlier, and the report showed the regression
+    # with the clean bundle's golden image and an empty diff.
+    variant = damaged(tmp_path, "variant")
+    shot = variant / "steps" / "08-reason.jpg"
+    with Image.open(shot) as image:
+        ImageDraw.Draw(image).rectangle((100, 100, 500, 400), fill=(255, 0, 0))
+        image.save(shot)
+    async with asyncio.timeout(2 * OFFLINE_LIMIT_S):
+        changed, clean = await replay_all(
+            [variant, GOLDEN], runtime, site_url=None, out_dir=tmp_path / "out", from_har=True
+        )
+    assert problems(clean) == {}
+    [reason] = [s for s in changed.steps if s.step_id == "reason"]
+    assert reason.verdict == Verdict.regression and reason.expected_image is not None
+    with Image.open(tmp_path / "out" / reason.expected_image) as shown:
+        red, green, _ = shown.convert("RGB").getpixel((300, 250))
+        assert red > 200 and green < 50  # the variant's red box, not the clean golden
+    [kept] = [s for s in clean.steps if s.step_id == "reason"]
+    assert kept.expected_image != reason.expected_image

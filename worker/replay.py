@@ -174,7 +174,10 @@ async def replay(
     script_version: int | None = None,
     threshold: float = DEFAULT_THRESHOLD,
     from_har: bool = False,
+    images: str | None = None,
 ) -> ReplayResult:
+    """Run `bundle` again and compare; its images go to `out_dir/<images>` (default: the
+    recorded job's id)."""
     unmatched: list[str] = []
     if from_har:
         runtime, site_url = offline(bundle, recording, runtime, unmatched)
@@ -191,6 +194,7 @@ async def replay(
         out_dir,
         threshold,
         witness.seen,
+        images,
     )
     result.unmatched, result.from_har = unmatched, from_har
     return result
@@ -378,10 +382,12 @@ def compare(
     out_dir: Path,
     threshold: float,
     seen: Mapping[str, Box | None] | None = None,
+    images_name: str | None = None,
 ) -> ReplayResult:
     """Compare a new run's report with the recording (pure but for the image files). `seen`:
-    where the `_Witness` found each step's recorded candidate's element."""
-    images = out_dir / _slug(recording.job_id)
+    where the `_Witness` found each step's recorded candidate's element; `images_name`: the
+    folder under `out_dir` for this bundle's images (default: the recorded job's id)."""
+    images = out_dir / (images_name or _slug(recording.job_id))
     images.mkdir(parents=True, exist_ok=True)
     actual = {s.id: s for s in report.steps}
     outputs = outputs_by_step(report)
@@ -700,7 +706,16 @@ async def replay_all(
     await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
     fixture = None if from_har or site_url is None else await fixture_site(site_url)
     results = []
-    for bundle, recording in zip(bundles, recordings, strict=True):
+    # One images folder per bundle: two bundles of the same recorded job (a copy made to try
+    # a variant) wrote over each other's images, and the report showed the wrong ones.
+    folders: list[str] = []
+    for recording in recordings:
+        name, base, n = _slug(recording.job_id), _slug(recording.job_id), 1
+        while name in folders:
+            n += 1
+            name = f"{base}-{n}"
+        folders.append(name)
+    for bundle, recording, folder in zip(bundles, recordings, folders, strict=True):
         if fixture is not None:
             await restore(fixture)
         result = await replay(
@@ -712,6 +727,7 @@ async def replay_all(
             script_version=script_version,
             threshold=threshold,
             from_har=from_har,
+            images=folder,
         )
         results.append(result)
     write_html(results, out_dir, threshold)
