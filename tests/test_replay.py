@@ -740,3 +740,25 @@ async def test_two_bundles_of_one_recorded_job_keep_their_own_images_in_the_repo
         assert red > 200 and green < 50  # the variant's red box, not the clean golden
     [kept] = [s for s in clean.steps if s.step_id == "reason"]
     assert kept.expected_image != reason.expected_image
+
+
+async def test_a_script_that_types_something_else_is_a_regression(
+    billing: Site, runtime: Runtime, tmp_path: Path
+) -> None:
+    # A new version fills the reason with more words: a few pixels of the field change, far
+    # under the threshold, but the site now stores another reason.
+    scripts = tmp_path / "scripts"
+    shutil.copytree(SCRIPTS, scripts)
+    script = scripts / "billing" / "issue_credit.yaml"
+    text = script.read_text()
+    typed = 'value: "{{ inputs.reason }}"'
+    assert typed in text
+    script.write_text(text.replace(typed, 'value: "refund {{ inputs.reason }} per policy"'))
+    changed = replace(runtime, scripts=ScriptStore(scripts, SELECTORS))
+    result = await run(GOLDEN, changed, billing, tmp_path / "out")
+    assert result.verdict == Verdict.regression
+    assert problems(result) == {
+        "reason": ["entered 'damaged item' -> 'refund damaged item per policy'"]
+    }
+    [credit] = billing.credits()
+    assert credit["reason"] == "refund damaged item per policy"  # what the replay caught

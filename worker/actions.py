@@ -203,6 +203,15 @@ class PageActions:
         self._no_unexpected_dialog()
         return matched
 
+    def entered_by(self, planned: PlannedStep) -> str | None:
+        """What a fill or select step put in its element ('***' for a secret); None for others."""
+        step = planned.step
+        if isinstance(step, FillStep):
+            return self.entered.get(step.fill.target)
+        if isinstance(step, SelectStep):
+            return self.entered.get(step.select.target)
+        return None
+
     def acted_on(self) -> Locator | None:
         """The element the step acted on, while its page is still the one showing (a step that
         navigated away has nothing left to point at)."""
@@ -236,9 +245,9 @@ class PageActions:
                 await found.locator.select_option(value=choice, timeout=timeout_ms)
             else:
                 assert step.select.label is not None
-                await found.locator.select_option(
-                    label=self.value(step.select.label, frame), timeout=timeout_ms
-                )
+                label = self.value(step.select.label, frame)
+                self.entered[step.select.target] = label
+                await found.locator.select_option(label=label, timeout=timeout_ms)
             return found.matched
         if isinstance(step, CheckStep):
             found = await self.find(step.check.target, frame, timeout_ms)

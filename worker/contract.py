@@ -462,6 +462,11 @@ class StepReport(_Model):
     ended_at: datetime | None = None
     duration_ms: float | None = None
     selector: MatchedSelector | None = None
+    entered: str | None = Field(
+        default=None,
+        description="What a fill or select step put in its element: the value typed or the "
+        "option chosen; '***' for a secret.",
+    )
     url_before: str | None = None
     url: str | None = Field(default=None, description="The page URL after the step.")
     screenshot: str | None = Field(

@@ -998,6 +998,7 @@ class _Run:
         full_page = False
         try:
             report.selector = await actions.perform(planned, timeout_ms)
+            report.entered = actions.entered_by(planned)
             report.drift = self._drift(report.selector)
             report.verified = Verification.none
             if isinstance(step, ExpectStep):

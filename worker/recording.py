@@ -42,6 +42,9 @@ class RecordedStep(_Model):
     matched: MatchedSelector | None = None
     url_path: str | None = Field(default=None, description="The page's path after the step.")
     outputs: dict[str, str] = Field(default_factory=dict, description="Read by this step.")
+    entered: str | None = Field(
+        default=None, description="What a fill or select step put in; '***' for a secret."
+    )
     screenshot: str | None = Field(default=None, description="Relative to the bundle.")
     dynamic: list[Box] = Field(default_factory=list)
 
@@ -124,6 +127,7 @@ def from_report(report: JobReport, loaded: LoadedScript) -> Recording:
             matched=step.selector,
             url_path=url_path(step.url),
             outputs=by_step.get(step.id, {}),
+            entered=step.entered,
             screenshot=step.screenshot,
             dynamic=step.dynamic,
         )

@@ -7,6 +7,7 @@ compared with its new run:
   status        a step that succeeded and now fails (or is not reached)  → regression
   URL path      the page the step ended on                               → regression
   outputs       values read (dynamic ones by presence only)              → regression
+  entered       what a fill or select put in (secrets stay '***')        → regression
   screenshot    changed-pixel ratio above `threshold` (dynamic regions masked) → regression
                 — as is a screenshot missing or unreadable: a check not made is no pass
   selector      the element found through another candidate (drift)     → drift
@@ -418,6 +419,14 @@ def compare(
                     result.flag(Verdict.regression, f"output {name} not read")
             elif new != value:
                 result.flag(Verdict.regression, f"output {name} {value!r} -> {new!r}")
+        # What a fill or select put in: a script change that types something else changes
+        # what the site stores, though it moves only a few pixels of the screenshot.
+        typed_before, typed_after = (
+            _masked(recorded.entered, dynamic),
+            _masked(now.entered, dynamic),
+        )
+        if typed_before is not None and typed_after is not None and typed_before != typed_after:
+            result.flag(Verdict.regression, f"entered {typed_before!r} -> {typed_after!r}")
         _compare_pixels(bundle, recorded, now, artifacts_root, images, out_dir, threshold, result)
         results.append(result)
     recorded_ids = {s.id for s in recording.steps}
