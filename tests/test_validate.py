@@ -278,6 +278,31 @@ def test_a_broken_registry_has_its_own_entry_and_its_scripts_point_to_it(
     assert f"ok    {tree / 'selectors' / 'billing.yaml'}  (" in out
 
 
+def test_a_registry_whose_login_flow_is_missing_fails_on_its_own_line(
+    tree: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    registry = tree / "selectors" / "orders.yaml"
+    registry.write_text(
+        registry.read_text().replace("login_flow: orders/login", "login_flow: orders/signin")
+    )
+    code, out = validate(tree, capsys)
+    assert code == 1
+    # The registry is at fault (it said "ok" while every orders script failed naming it).
+    assert f"FAIL  {registry}\n      {registry}:6: login_flow: no script 'orders/signin'" in out
+    assert f"{registry} is invalid (see its own FAIL entry)" in out  # orders' scripts
+
+
+def test_a_chromium_that_does_not_start_fails_the_gate(
+    tree: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A mistyped FORMWORK_CHROMIUM in CI must not pass with the browser's checks skipped.
+    monkeypatch.setenv("FORMWORK_CHROMIUM", str(tree / "no-such-chromium"))
+    code, out = validate(tree, capsys, browser=True)
+    assert code == 1
+    assert f"FAIL  {tree / 'no-such-chromium'}\n      Chromium did not start (" in out
+    assert "were not checked in a browser; --no-browser skips this check" in out
+
+
 def test_selectors_and_keys_only_a_browser_can_judge_are_checked_in_chromium(
     tree: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -763,6 +763,7 @@ def _validate(args: argparse.Namespace) -> int:
         # error, and one no script uses yet would not be checked at all.
         try:
             registries[path] = load_registry(settings.selectors_dir, path.stem)
+            store.login_flow_path(registries[path])  # a sign-in script that is not there
             elements = len(registries[path].elements)
             outcomes.append((path, f"ok    {path}  ({elements} elements)", True))
         except FormworkError as exc:
@@ -804,12 +805,12 @@ def _checked_in_browser(
     try:
         problems = asyncio.run(check(probes, chromium))
     except PlaywrightError as exc:
-        print(
-            "note: selectors and press keys not checked in a browser "
-            f"({exc.message.splitlines()[0]}); --no-browser skips this check",
-            file=sys.stderr,
+        # A CI gate must not pass with half its checks skipped (a mistyped FORMWORK_CHROMIUM).
+        why = (
+            f"Chromium did not start ({exc.message.splitlines()[0]}): selectors and press keys "
+            "were not checked in a browser; --no-browser skips this check"
         )
-        return outcomes
+        return [*outcomes, (Path(chromium or "chromium"), why, False)]
     checked: list[tuple[Path, str, bool]] = []
     for path, message, ok in outcomes:
         lines = problems.get(path)

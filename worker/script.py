@@ -984,6 +984,17 @@ class ScriptStore:
         self._versions[path] = (stamp, result)
         return result
 
+    def login_flow_path(self, registry: SiteRegistry) -> Path | None:
+        """The file of the script `registry` signs in with (its highest version), if any."""
+        if registry.login_flow is None:
+            return None
+        try:
+            return self.path_of(registry.login_flow)
+        except ScriptNotFound as exc:
+            # The registry is at fault, not a script that uses it: say where.
+            where = _field_where(self.selectors_dir / f"{registry.site}.yaml", ("login_flow",))
+            raise ScriptInvalid(f"{where}: {exc.message}") from exc
+
     def path_of(self, name: str, version: int | None = None) -> Path:
         versions = self.versions(name)
         if not versions:
@@ -1044,13 +1055,8 @@ class ScriptStore:
             recover = ExtractStep(id="recover", extract=effect.extract)
             probe.append(PlannedStep("verify.recover", recover, root, ("verify_effect", "extract")))
         relogin: list[PlannedStep] = []
-        if registry.login_flow is not None:
-            try:
-                login_path = self.path_of(registry.login_flow)
-            except ScriptNotFound as exc:
-                # The registry is at fault, not the script being loaded: say where.
-                where = _field_where(self.selectors_dir / f"{script.site}.yaml", ("login_flow",))
-                raise ScriptInvalid(f"{where}: {exc.message}") from exc
+        login_path = self.login_flow_path(registry)
+        if login_path is not None:
             digest.update(login_path.read_bytes())
             login = load_model(login_path, Script)
             relogin = list(
