@@ -478,6 +478,36 @@ async def test_reject_at_an_approval_gate_creates_nothing(
     assert report.decisions[0].note == "customer already refunded"
 
 
+async def test_an_approval_sends_only_the_values_the_approver_saw(
+    billing: Site, client: FormworkClient, worker: Worker
+) -> None:
+    # Inputs riding on any decision but retry_with_inputs were merged into the job: an
+    # approve of a 150.00 credit carrying amount=450.00 issued 450.00.
+    await awaiting_approval(billing, client, "a-values")
+    with pytest.raises(ValidationError, match="approve takes no inputs"):
+        ResumeDecision(decision="approve", inputs={"amount": "450.00"}, by="lead@billing")
+    with pytest.raises(ValidationError, match="approve takes no outputs"):
+        ResumeDecision(decision="approve", outputs={"confirmation_number": "CN-1"})
+    # The wire protocol, around the client: refused by the worker, the job still waits.
+    handle = client.handle("a-values")
+    pause = await read_pause(client.redis, client.keys, "a-values")
+    last = await handle.last_event_id()
+    token = message_id("a-values", "resume", pause.seq)
+    body = {"resume": "a-values", "pause": pause.seq,
+            "decision": {"decision": "approve", "inputs": {"amount": "450.00"}}}  # fmt: skip
+    claimed = await claim_pause(client.redis, client.keys, "a-values", pause.seq, token, body)
+    assert claimed == PauseClaim.claimed
+    report = await handle.wait(30, after=last)
+    assert report.status == JobStatus.awaiting_approval
+    assert billing.credits() == []
+
+    last = await handle.last_event_id()
+    assert await client.resume("a-values", ResumeDecision(decision="approve", by="lead@billing"))
+    report = await handle.wait(60, after=last)
+    assert report.status == JobStatus.succeeded, report.error
+    assert [c["amount"] for c in billing.credits()] == ["150.00"]
+
+
 async def test_small_amounts_pass_the_approval_gate_without_pausing(
     billing: Site, client: FormworkClient, worker: Worker
 ) -> None:

@@ -359,10 +359,10 @@ class ResumeDecision(_Model):
 
     decision: Decision
     inputs: dict[str, Any] = Field(
-        default_factory=dict, description="retry_with_inputs: the corrected inputs."
+        default_factory=dict, description="retry_with_inputs only: the corrected inputs."
     )
     outputs: dict[str, str] = Field(
-        default_factory=dict, description="skip_step / mark_done: outputs the person supplies."
+        default_factory=dict, description="skip_step / mark_done only: outputs the person supplies."
     )
     note: str | None = Field(
         default=None, max_length=2000, description="Why; required for `reject`."
@@ -373,6 +373,16 @@ class ResumeDecision(_Model):
     def _reject_says_why(self) -> ResumeDecision:
         if self.decision == Decision.reject and not (self.note and self.note.strip()):
             raise ValueError("a reject decision needs a reason (note)")
+        return self
+
+    @model_validator(mode="after")
+    def _values_only_where_used(self) -> ResumeDecision:
+        # Inputs carried by any other decision used to be merged into the job all the same:
+        # an `approve` with inputs sent values the approver never saw.
+        if self.inputs and self.decision != Decision.retry_with_inputs:
+            raise ValueError(f"{self.decision} takes no inputs: only retry_with_inputs does")
+        if self.outputs and self.decision not in (Decision.skip_step, Decision.mark_done):
+            raise ValueError(f"{self.decision} takes no outputs: only skip_step and mark_done do")
         return self
 
 
