@@ -3,7 +3,9 @@ a job page stepped through by keyboard, the one-file export — and no secret an
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -289,6 +291,56 @@ async def test_export_is_one_offline_file_without_secrets(
     for where, text in places.items():
         for secret in secrets:
             assert secret not in text, where
+
+
+async def test_an_unreadable_audit_record_is_said_in_the_list_the_page_and_the_export(
+    audited: LocalArtifacts, page: Page, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A record cut short or edited used to vanish from the list (a log line only), answer
+    # its page with a bare 500, and end the export in a traceback.
+    store = LocalArtifacts(tmp_path / "artifacts")
+    ok = audited.find_audit("ui-ok")
+    day = ok.path.split("/")[0]
+    for name in ("cut-short", "edited", "fine"):
+        shutil.copytree(audited.root / ok.path, store.root / day / name)
+    (store.root / day / "cut-short" / "audit.json").write_text('{"job_id": "cut-sh')
+    edited = json.loads((store.root / day / "edited" / "audit.json").read_text())
+    edited["status"] = "weird"
+    (store.root / day / "edited" / "audit.json").write_text(json.dumps(edited))
+
+    runner = web.AppRunner(build_app(store))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        await page.goto(f"http://{host}:{port}/")
+        await shows_jobs(page, "ui-ok")  # the readable copy
+        card = page.locator("#unreadable")
+        await expect(card.locator("h2")).to_contain_text("2 jobs not listed")
+        await expect(card.locator("li", has_text="cut-short")).to_contain_text("Invalid JSON")
+        await expect(card.locator("li", has_text="edited")).to_contain_text("status: Input")
+        await card.get_by_role("link", name=f"{day}/edited").click()
+        await expect(page.locator("#unreadable h2")).to_have_text(
+            "This job's audit record cannot be read"
+        )
+        await expect(page.locator("#unreadable")).to_contain_text(
+            f"{day}/edited/audit.json is not a readable audit record: status: Input should be"
+        )
+        answer = await page.goto(f"http://{host}:{port}/jobs/{day}/cut-short")
+        assert answer is not None and answer.status == 200
+        await expect(page.locator("#unreadable")).to_contain_text("Invalid JSON")
+        await page.get_by_role("link", name="report.json").click()
+        await expect(page.locator("body")).to_contain_text('"job_id": "ui-ok"')
+    finally:
+        await runner.cleanup()
+
+    out = tmp_path / "edited.html"
+    code = main(["audit", "export", "edited", "--artifacts", str(store.root), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and not out.exists()
+    assert err.startswith(f"formwork: {day}/edited/audit.json is not a readable audit record")
+    assert "Traceback" not in err and len(err.splitlines()) == 1
 
 
 def test_traces_are_kept_per_mode(audited: LocalArtifacts) -> None:

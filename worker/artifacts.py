@@ -38,10 +38,12 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
 from worker.annotate import Encoded, ImageFormat, Mark, prepare, render
 from worker.audit import AuditRecord, Evidence, ImageBudget, screenshot_marks
 from worker.contract import Artifacts, JobReport
-from worker.errors import ArtifactError
+from worker.errors import ArtifactError, ArtifactUnreadable
 from worker.har import HAR_FILE
 from worker.settings import Settings
 
@@ -346,8 +348,20 @@ class ArtifactStore(ABC):
     # ------------------------------------------------------------ reading and retention
 
     def audit(self, path: str) -> AuditRecord:
-        """The audit record of the job at `path` (`<day>/<job_id>`)."""
-        return AuditRecord.model_validate_json(self.get(f"{path}/audit.json"))
+        """The audit record of the job at `path` (`<day>/<job_id>`); ArtifactUnreadable,
+        saying what is wrong, when the file is there but is not a record."""
+        key = f"{path}/audit.json"
+        raw = self.get(key)
+        try:
+            return AuditRecord.model_validate_json(raw)
+        except ValidationError as exc:
+            problems = exc.errors()
+            where = ".".join(str(p) for p in problems[0]["loc"])
+            first = f"{where}: {problems[0]['msg']}" if where else problems[0]["msg"]
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise ArtifactUnreadable(
+                f"{key} is not a readable audit record: {first}{more}"
+            ) from exc
 
     def audit_paths(self) -> list[str]:
         """The path (`<day>/<job_id>`) of every job with an audit record, newest day first."""

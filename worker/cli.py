@@ -36,7 +36,7 @@ from worker.contract import (
     StepStatus,
     contract_schemas,
 )
-from worker.errors import FormworkError, JobInvalid
+from worker.errors import ArtifactUnreadable, FormworkError, JobInvalid
 from worker.executor import Runtime, run_job
 from worker.rollout import (
     Rollouts,
@@ -1071,6 +1071,8 @@ def _audit_export(args: argparse.Namespace) -> int:
     store = _audit_store(args)
     try:
         record = store.find_audit(args.job_id)
+    except ArtifactUnreadable as exc:  # the job is there, its record is not readable
+        raise CommandFailed(exc.message) from exc
     except FormworkError as exc:  # no such job's record: a wrong command line
         print(f"formwork: {exc.message}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@
     │   └── RecordingInvalid       a recording bundle cannot be read or replayed (job_invalid)
     ├── StepError                  a step failed on the page (`.code` says how)
     └── ArtifactError              the artifact store failed, or has no such object (storage_error)
+        └── ArtifactUnreadable     the object is there but cannot be read (a corrupt audit.json)
 
 Playwright's own exceptions are translated into `StepError` in exactly one place:
 `worker.failures.translate_playwright_error`.
@@ -89,3 +90,8 @@ class ArtifactError(FormworkError):
     """The artifact store could not be read or written, or holds no such object."""
 
     code = FailureCode.storage_error
+
+
+class ArtifactUnreadable(ArtifactError):
+    """The store holds the object, but it is not what it should be: a truncated or edited
+    `audit.json`, a record of a format this version does not read."""

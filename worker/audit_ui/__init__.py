@@ -28,7 +28,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from worker.artifacts import ArtifactStore, content_type
 from worker.audit import AuditRecord
 from worker.contract import JobStatus, StepStatus
-from worker.errors import ArtifactError
+from worker.errors import ArtifactError, ArtifactUnreadable
 
 __all__ = ["PAGE_SIZE", "JobIndex", "JobRow", "build_app", "export_html", "filter_rows", "serve"]
 
@@ -144,20 +144,27 @@ class JobIndex:
 
     def rows(self) -> list[JobRow]:
         """Every job's row, newest day first (blocking: run it in a thread)."""
-        rows, final = [], {}
+        return self.scan()[0]
+
+    def scan(self) -> tuple[list[JobRow], dict[str, str]]:
+        """Every readable job's row, newest day first, and why each other job's record could
+        not be read, by path: a job the list leaves out must be said, not just logged
+        (blocking: run it in a thread)."""
+        rows, final, unreadable = [], {}, {}
         for path in self.store.audit_paths():
             row = self._final.get(path)
             if row is None:
                 try:
                     row = JobRow.of(self.store.audit(path))
-                except (ArtifactError, ValueError) as exc:
-                    log.warning("skipping %s/audit.json: %s", path, exc)
+                except ArtifactError as exc:
+                    log.warning("skipping %s/audit.json: %s", path, exc.message)
+                    unreadable[path] = exc.message
                     continue
             if row.status.terminal:
                 final[path] = row
             rows.append(row)
         self._final = final
-        return rows
+        return rows, unreadable
 
 
 @dataclass(frozen=True)
@@ -233,7 +240,7 @@ def build_app(store: ArtifactStore, *, page_size: int = PAGE_SIZE) -> web.Applic
     index = JobIndex(store)
 
     async def jobs(request: web.Request) -> web.Response:
-        rows = await asyncio.to_thread(index.rows)
+        rows, unreadable = await asyncio.to_thread(index.scan)
         filters = Filters.from_query(request.query)
         shown = filter_rows(rows, filters)
         pages = max(1, math.ceil(len(shown) / page_size))
@@ -251,6 +258,7 @@ def build_app(store: ArtifactStore, *, page_size: int = PAGE_SIZE) -> web.Applic
             sites=sorted({r.site for r in rows}),
             scripts=sorted({r.script for r in rows}),
             days=sorted({r.path.split("/")[0] for r in rows}, reverse=True),
+            unreadable=unreadable,
         )
         return web.Response(text=html, content_type="text/html")
 
@@ -258,6 +266,15 @@ def build_app(store: ArtifactStore, *, page_size: int = PAGE_SIZE) -> web.Applic
         path = f"{request.match_info['day']}/{request.match_info['job']}"
         try:
             record = await asyncio.to_thread(store.audit, path)
+        except ArtifactUnreadable as exc:
+            # Said on a page of its own, with the report it was made from if that is there.
+            keys = await asyncio.to_thread(store.keys, f"{path}/")
+            html = _env.get_template("unreadable.html").render(
+                path=path,
+                why=exc.message,
+                report=f"/files/{path}/report.json" if f"{path}/report.json" in keys else None,
+            )
+            return web.Response(text=html, content_type="text/html")
         except ArtifactError as exc:
             raise web.HTTPNotFound(text=f"no audit record at {path}") from exc
         html = _page(record, lambda key: f"/files/{key}", inline=False)
