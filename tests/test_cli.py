@@ -13,9 +13,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from arq import Worker
+from playwright.async_api import expect
 
+from worker.artifacts import LocalArtifacts
+from worker.audit_ui import export_html
+from worker.browser import BrowserHost
 from worker.client import FormworkClient, JobHandle
-from worker.contract import BrowserJob, JobReport, JobStatus
+from worker.contract import BrowserJob, JobReport, JobStatus, ResumeDecision
+from worker.queue import running_worker
 from worker.settings import Settings
 
 from .conftest import CREDIT_INPUTS, ROOT, SECRETS_FILE, Site, worker_env
@@ -605,3 +610,53 @@ async def test_handoff_shows_its_deadline_and_each_done_step_once(
     header, *rows = listing.stdout.splitlines()
     assert header.split() == ["job", "age", "site", "status", "summary"]
     assert [row.split()[0] for row in rows] == ["cli-twice"]
+
+
+async def test_handoff_says_when_a_job_no_longer_waits_for_a_decision(
+    billing: Site, tmp_path: Path, settings: Settings, browser_host: BrowserHost
+) -> None:
+    # An expired job keeps the request it waited with, and a pause whose decision is taken
+    # stays paused until a worker carries it out: both were shown as open questions.
+    env = {"REDIS_URL": settings.redis_url, "FORMWORK_KEY_PREFIX": settings.key_prefix}
+    async with FormworkClient(settings.redis_url, key_prefix=settings.key_prefix) as client:
+        async with running_worker(settings, browser_host):
+            rule = {"field": "amount", "value": "15.00", "message": "Too much"}
+            billing.faults(reject_value=[rule])
+            job = BrowserJob(
+                job_id="cli-late", script="billing/issue_credit", site_url=billing.url,
+                inputs=CREDIT_INPUTS, pause_timeout_s=1,
+            )  # fmt: skip
+            handle = await client.enqueue(job)
+            paused = await handle.wait(60)
+            assert paused.status == JobStatus.needs_customer_input
+            expired = await handle.wait(30, after=await handle.last_event_id())
+            assert expired.status == JobStatus.expired and expired.handoff is not None
+            await paused_for_the_customer(billing, client, "cli-decided")
+        # No worker now: the decision is taken and waits.
+        assert await client.resume("cli-decided", ResumeDecision(decision="abort", by="qa"))
+
+    late = await asyncio.to_thread(formwork, "handoff", "cli-late", tmp_path=tmp_path, env=env)
+    assert late.returncode == 1 and late.stdout == ""
+    assert "job cli-late is expired, not waiting for a decision" in late.stderr
+    decided = await asyncio.to_thread(
+        formwork, "handoff", "cli-decided", tmp_path=tmp_path, env=env
+    )
+    assert decided.returncode == 0, decided.stderr
+    assert decided.stdout.splitlines()[1].startswith("  DECIDED:   a decision is taken")
+
+    # The review page of the expired job shows its request as closed, not as a question.
+    record = LocalArtifacts(settings.artifacts_dir).find_audit("cli-late")
+    page_file = tmp_path / "late.html"
+    page_file.write_text(export_html(LocalArtifacts(settings.artifacts_dir), record))
+    context = await browser_host.new_context()
+    try:
+        page = await context.new_page()
+        await page.goto(page_file.as_uri())
+        card = page.locator("#handoff")
+        await expect(card.locator("h2")).to_have_text(
+            "Handoff closed: no decision came before its deadline"
+        )
+        await expect(card.locator("details")).not_to_have_attribute("open", "")
+        await expect(page.locator("#job-status")).to_have_text("expired")
+    finally:
+        await context.close()

@@ -542,19 +542,20 @@ async def _handoffs(args: argparse.Namespace) -> int:
 
 
 async def _handoff(args: argparse.Namespace) -> int:
+    from worker.queue import read_pause
+
     async with _client() as client:
         handle = client.handle(args.job_id)
         status = await handle.status()
         report = await handle.report()
+        decided = (await read_pause(client.redis, client.keys, args.job_id)).decided
     if report is None and status is None:
         print(f"formwork: no job {args.job_id}", file=sys.stderr)
         return 2
-    if report is None or report.handoff is None:
-        print(
-            f"formwork: job {args.job_id} is {report.status if report else status}, "
-            "not waiting for a decision",
-            file=sys.stderr,
-        )
+    # An expired job keeps the request it waited with: it is history, not a question.
+    if report is None or report.handoff is None or not (status and status.paused):
+        now = status or (report.status if report else None)
+        print(f"formwork: job {args.job_id} is {now}, not waiting for a decision", file=sys.stderr)
         return 1
     handoff = report.handoff
     root = Path(report.artifacts.root) if report.artifacts else Path()
@@ -562,6 +563,11 @@ async def _handoff(args: argparse.Namespace) -> int:
         print(handoff.model_dump_json(indent=2))
         return 0
     print(f"job {report.job_id}: {handoff.status} at step {handoff.step_id} ({handoff.code})")
+    if decided:
+        print(
+            "  DECIDED:   a decision is taken and waits for a worker to carry it out; no other "
+            f"is taken (formwork watch {report.job_id} follows it)"
+        )
     print(f"  summary:   {handoff.summary}")
     if handoff.detail:
         print(f"  detail:    {handoff.detail}")
