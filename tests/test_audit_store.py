@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -115,11 +115,27 @@ def test_prune_removes_only_jobs_older_than_the_cutoff(
     )
     now = datetime.now(UTC)
     seed(store, {"fresh": 0, "recent": 29, "old": 31, "ancient": 400}, now)
-    removed = store.prune(timedelta(days=30), today=now.date())
+    removed = store.prune(timedelta(days=30), now=now)
     assert sorted(p.split("/")[1] for p in removed) == ["ancient", "old"]
     stored = store.keys("")
     left = {k.split("/")[1] for k in stored if k.count("/") >= 2}
     assert left == {"fresh", "recent"}
+
+
+def test_prune_never_removes_a_job_younger_than_the_age(tmp_path: Path) -> None:
+    # An age that is not whole days lost its hours: at 01:00, --older-than 36h removed the
+    # day before yesterday (jobs from 25 hours ago) and 12h removed yesterday (from 1 hour ago).
+    store = LocalArtifacts(tmp_path / "a")
+    now = datetime(2026, 3, 10, 1, 0, tzinfo=UTC)
+    for day in ("2026-03-09", "2026-03-08", "2026-03-07"):
+        store.put(f"{day}/late-{day}/report.json", b"{}")  # as if written at 23:59 that day
+    assert store.prune(timedelta(hours=12), now=now, dry_run=True) == [
+        "2026-03-07/late-2026-03-07", "2026-03-08/late-2026-03-08",
+    ]  # fmt: skip
+    assert store.prune(timedelta(hours=36), now=now) == ["2026-03-07/late-2026-03-07"]
+    assert sorted(p.name for p in store.root.iterdir()) == ["2026-03-08", "2026-03-09"]
+    # Whole days are as before: 1d at 01:00 keeps yesterday, whose last jobs are 1 hour old.
+    assert store.prune(timedelta(days=1), now=now) == ["2026-03-08/late-2026-03-08"]
 
 
 def test_formwork_audit_prune_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -146,7 +162,7 @@ def test_prune_skips_a_folder_named_like_a_day_that_is_none(
     now = datetime.now(UTC)
     seed(store, {"keep": 3, "drop": 45}, now)
     store.put("2020-02-30/someone/notes.txt", b"not ours")
-    removed = store.prune(timedelta(days=30), today=now.date())
+    removed = store.prune(timedelta(days=30), now=now)
     assert [p.split("/")[1] for p in removed] == ["drop"]
     assert "2020-02-30" in caplog.text  # the warning names the folder it left alone
     assert (store.root / "2020-02-30" / "someone" / "notes.txt").is_file()
@@ -231,8 +247,8 @@ async def test_prune_removes_a_pruned_jobs_whole_folder_and_its_emptied_day(
     day = report.artifacts.path.split("/")[0]
 
     # Forty days on, the command removes the job and its day entirely.
-    later = date.fromisoformat(day) + timedelta(days=40)
-    assert store.prune(timedelta(days=30), today=later) == [report.artifacts.path]
+    later = datetime.fromisoformat(day).replace(tzinfo=UTC) + timedelta(days=40)
+    assert store.prune(timedelta(days=30), now=later) == [report.artifacts.path]
     assert not folder.exists()
     assert list(store.root.iterdir()) == []
 

@@ -389,12 +389,14 @@ class ArtifactStore(ABC):
         return self.audit(path)
 
     def prune(
-        self, older_than: timedelta, *, today: date | None = None, dry_run: bool = False
+        self, older_than: timedelta, *, now: datetime | None = None, dry_run: bool = False
     ) -> list[str]:
-        """Remove every job whose day is more than `older_than` before `today`; the job paths
-        removed (with `dry_run`, that would be). Jobs are never split: a day goes whole."""
-        today = today or datetime.now(UTC).date()
-        cutoff = today - older_than
+        """Remove every job whose whole day ended more than `older_than` before `now`; the job
+        paths removed (with `dry_run`, that would be). Jobs are never split: a day goes whole."""
+        # The first day kept is the one `now - older_than` falls in: a day before it ended by
+        # then. (`date - timedelta` drops the hours: 36h at 01:00 removed yesterday's
+        # jobs, some of them 25 hours old.)
+        cutoff = prune_cutoff(older_than, now)
         removed: list[str] = []
         for day in self.days():
             try:
@@ -426,6 +428,11 @@ class ArtifactStore(ABC):
         """Drop whatever else points at removed jobs (back ends with an index)."""
         gone = set(paths)
         self._paths = {k: v for k, v in self._paths.items() if v not in gone}
+
+
+def prune_cutoff(older_than: timedelta, now: datetime | None = None) -> date:
+    """The first day `prune(older_than)` keeps at `now`: every job of an earlier day is older."""
+    return ((now or datetime.now(UTC)) - older_than).astimezone(UTC).date()
 
 
 def _retrieve(future: asyncio.Future[Encoded]) -> None:

@@ -22,7 +22,7 @@ from playwright.async_api import Error as PlaywrightError
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from worker.artifacts import ArtifactStore, LocalArtifacts, safe_id, store_for
+from worker.artifacts import ArtifactStore, LocalArtifacts, prune_cutoff, safe_id, store_for
 from worker.browser import BrowserHost, find_chromium
 from worker.contract import (
     SCRIPT_REF,
@@ -1065,8 +1065,8 @@ def _audit_prune(args: argparse.Namespace) -> int:
     for path in removed:
         print(f"{verb} {path}")
     plural = "" if len(removed) == 1 else "s"
-    # A day's folder goes whole: say which days an age shorter than a day's worth came to.
-    before = datetime.now(UTC).date() - age
+    # A day's folder goes whole: say which days the age came to.
+    before = prune_cutoff(age)
     print(f"{verb} {len(removed)} job{plural} older than {args.older_than} (days before {before})")
     return 0
 
