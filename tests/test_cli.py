@@ -660,3 +660,36 @@ async def test_handoff_says_when_a_job_no_longer_waits_for_a_decision(
         await expect(page.locator("#job-status")).to_have_text("expired")
     finally:
         await context.close()
+
+
+async def test_control_characters_from_the_site_never_reach_the_terminal(
+    billing: Site, tmp_path: Path, settings: Settings, worker: Worker
+) -> None:
+    # The site's error text went to the operator's terminal as it was: an escape sequence
+    # in it recoloured, moved the cursor or retitled the window; CR overwrote the line.
+    said = "Refused \x1b[2J\x1b]0;pwned\x07 \r\u202eevil\u202c \x9b1m"
+    env = {"REDIS_URL": settings.redis_url, "FORMWORK_KEY_PREFIX": settings.key_prefix}
+    async with FormworkClient(settings.redis_url, key_prefix=settings.key_prefix) as client:
+        billing.faults(reject_value=[{"field": "amount", "value": "15.00", "message": said}])
+        job = BrowserJob(
+            job_id="cli-esc", script="billing/issue_credit", site_url=billing.url,
+            inputs=CREDIT_INPUTS,
+        )  # fmt: skip
+        report = await (await client.enqueue(job)).wait(60)
+    assert report.status == JobStatus.needs_customer_input
+    assert report.handoff is not None and "\x1b[2J" in (report.handoff.evidence.page_text or "")
+    commands = [
+        ["handoffs"], ["handoff", "cli-esc"], ["status", "cli-esc"], ["watch", "cli-esc"],
+        ["handoff", "cli-esc", "--json"],
+    ]  # fmt: skip
+    runs = await asyncio.gather(
+        *(asyncio.to_thread(formwork, *command, tmp_path=tmp_path, env=env) for command in commands)
+    )
+    for shown in runs:
+        text = shown.stdout + shown.stderr
+        assert "cli-esc" in text or "Refused" in text, text
+        for raw in ("\x1b", "\x07", "\r", "\u202e", "\x9b"):
+            assert raw not in text, (shown.args, raw)
+    assert "Refused \\u001b[2J\\u001b]0;pwned\\u0007" in runs[1].stdout
+    # --json is still JSON, and means the same text.
+    assert json.loads(runs[4].stdout)["evidence"]["page_text"] == report.handoff.evidence.page_text

@@ -78,6 +78,33 @@ class CommandFailed(Exception):
     another process holds): said in one line, exit code 1."""
 
 
+# What a terminal would act on instead of showing: C0 and C1 controls but tab and newline
+# (ESC starts sequences that recolour, move the cursor, retitle the window or write the
+# clipboard; CR overwrites a line) and the bidi controls that reorder what follows them.
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """`text` with each control character shown as its JSON escape (`\\u001b`). Page text and
+    values come from the target site and the job: they reach the operator's terminal. Inside
+    a JSON string the escape means the same character, so `--json` stays valid JSON."""
+    return _UNPRINTABLE.sub(lambda found: f"\\u{ord(found[0]):04x}", text)
+
+
+class _Printable:
+    """A text stream that writes everything through `printable`."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        written: int = self._stream.write(printable(text))
+        return written
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def _why(exc: OSError) -> str:
     """What the system said, without the errno and path Python adds around it."""
     return exc.strerror or str(exc)
@@ -1357,6 +1384,8 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Printable(sys.stdout), _Printable(sys.stderr)
     try:
         _configure_logging(args)
         code: int = args.handler(args)
@@ -1385,6 +1414,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # when Python flushes stdout at exit (the recipe in Python's signal docs).
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    finally:
+        sys.stdout, sys.stderr = streams
     return code
 
 
