@@ -20,7 +20,7 @@ from worker.audit_ui import export_html
 from worker.browser import BrowserHost
 from worker.client import FormworkClient, JobHandle
 from worker.contract import BrowserJob, JobReport, JobStatus, ResumeDecision
-from worker.queue import running_worker
+from worker.queue import read_pause, running_worker
 from worker.settings import Settings
 
 from .conftest import CREDIT_INPUTS, ROOT, SECRETS_FILE, Site, worker_env
@@ -579,7 +579,7 @@ async def test_resume_refuses_inputs_the_jobs_script_refuses_before_sending(
             "--watch", tmp_path=tmp_path, env=elsewhere,
         )  # fmt: skip
         assert sent.returncode == 0, sent.stdout + sent.stderr
-        assert "inputs not checked here" in sent.stderr and "the worker checks them" in sent.stderr
+        assert "values not checked here" in sent.stderr and "the worker checks them" in sent.stderr
     assert [c["amount"] for c in billing.credits()] == ["9.00"]
 
 
@@ -693,3 +693,45 @@ async def test_control_characters_from_the_site_never_reach_the_terminal(
     assert "Refused \\u001b[2J\\u001b]0;pwned\\u0007" in runs[1].stdout
     # --json is still JSON, and means the same text.
     assert json.loads(runs[4].stdout)["evidence"]["page_text"] == report.handoff.evidence.page_text
+
+
+async def test_outputs_a_person_supplies_must_be_ones_the_script_extracts(
+    billing: Site, tmp_path: Path, settings: Settings, worker: Worker
+) -> None:
+    # mark_done with a misspelt output was carried out: the job succeeded with a claim of
+    # `confirmation_nmber` and none of the confirmation_number the orchestrator reads.
+    env = {"REDIS_URL": settings.redis_url, "FORMWORK_KEY_PREFIX": settings.key_prefix}
+    async with FormworkClient(settings.redis_url, key_prefix=settings.key_prefix) as client:
+        billing.faults(commit_drop={"create": False, "mode": "error", "status": 502, "times": 5})
+        job = BrowserJob(
+            job_id="cli-typo", script="billing/issue_credit", site_url=billing.url,
+            inputs=CREDIT_INPUTS,
+        )  # fmt: skip
+        handle = await client.enqueue(job)
+        paused = await handle.wait(90)
+        assert paused.status == JobStatus.paused_for_handoff and paused.handoff is not None
+        assert "mark_done" in paused.handoff.allowed_decisions
+
+        typo = ["resume", "cli-typo", "mark_done", "--output", "confirmation_nmber=CN-7"]
+        refused = await asyncio.to_thread(formwork, *typo, tmp_path=tmp_path, env=env)
+        assert refused.returncode == 2, refused.stderr
+        assert (
+            "output 'confirmation_nmber' is not one billing/issue_credit@1 extracts; "
+            "it extracts: confirmation_number; nothing was sent"
+        ) in refused.stderr
+        assert (await read_pause(client.redis, client.keys, "cli-typo")).waiting
+
+        # Sent around the command, the worker refuses it; the job still waits.
+        last = await handle.last_event_id()
+        around = ResumeDecision(decision="mark_done", outputs={"confirmation_nmber": "CN-7"})
+        assert await client.resume("cli-typo", around)
+        still = await handle.wait(30, after=last)
+        assert still.status == JobStatus.paused_for_handoff
+        assert (still.decisions[-1].note or "").startswith("refused: output 'confirmation_nmber'")
+
+        done = ["resume", "cli-typo", "mark_done", "--output", "confirmation_number=CN-7"]
+        sent = await asyncio.to_thread(formwork, *done, "--watch", tmp_path=tmp_path, env=env)
+        assert sent.returncode == 0, sent.stderr
+        report = await handle.report()
+    assert report is not None and report.status == JobStatus.succeeded
+    assert report.outputs == {"confirmation_number": "CN-7"}

@@ -32,6 +32,7 @@ from worker.contract import (
     JobEvent,
     JobReport,
     JobStatus,
+    ResumeDecision,
     StepReport,
     StepStatus,
     contract_schemas,
@@ -632,7 +633,6 @@ def _span(seconds: int) -> str:
 
 
 async def _resume(args: argparse.Namespace) -> int:
-    from worker.contract import ResumeDecision
     from worker.queue import PauseClaim
 
     try:
@@ -645,8 +645,8 @@ async def _resume(args: argparse.Namespace) -> int:
         return 2
     async with _client() as client:
         handle = client.handle(args.job_id)
-        if decision.inputs:
-            _check_new_inputs(await handle.report(), decision.inputs)
+        if decision.inputs or decision.outputs:
+            _check_new_values(await handle.report(), decision)
         after = await handle.last_event_id()
         outcome = await client.decide(args.job_id, decision)
         if outcome != PauseClaim.claimed:
@@ -659,29 +659,29 @@ async def _resume(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_new_inputs(report: JobReport | None, inputs: dict[str, Any]) -> None:
-    """Corrected inputs the job's script refuses are refused here (UsageError): sent, they
-    would be refused by the worker later, seen only in the job's decisions. A script this
-    machine cannot load is left to the worker to check, and that is said."""
+def _check_new_values(report: JobReport | None, decision: ResumeDecision) -> None:
+    """Corrected inputs the job's script refuses, and outputs it does not extract, are
+    refused here (UsageError): sent, they would be refused by the worker later, seen only in
+    the job's decisions. A script this machine cannot load is left to the worker to check,
+    and that is said."""
     if report is None or report.handoff is None:
         return  # no job, or not paused: `decide` says which
     ref = SCRIPT_REF.fullmatch(report.script)
     name = ref["name"] if ref else report.script
     settings = Settings.from_env()
     try:
-        script = (
-            ScriptStore(settings.scripts_dir, settings.selectors_dir)
-            .load(name, report.script_version)
-            .script
+        loaded = ScriptStore(settings.scripts_dir, settings.selectors_dir).load(
+            name, report.script_version
         )
     except FormworkError as exc:
         print(
-            f"note: inputs not checked here ({exc.message.splitlines()[0]}); the worker "
+            f"note: values not checked here ({exc.message.splitlines()[0]}); the worker "
             "checks them, and a refusal shows in `formwork status --json` (decisions)",
             file=sys.stderr,
         )
         return
-    why = _refused_inputs(script, report.inputs, inputs)
+    why = _refused_inputs(loaded.script, report.inputs, decision.inputs)
+    why = why or loaded.unknown_outputs(decision.outputs)
     if why is not None:
         raise UsageError(f"{why}; nothing was sent")
 

@@ -992,8 +992,13 @@ def _refusal(
         # First: a schema error quotes the value it refuses, and this value is a secret.
         refuse_carried(secrets, job)
         secrets.refuse_carried(decision.outputs, "outputs")
+        version = report.script_version or job.script_version  # the one it started on
+        if decision.outputs:
+            loaded = state.runtime.scripts.load(job.script_name, version)
+            unknown = loaded.unknown_outputs(decision.outputs)
+            if unknown is not None:
+                return unknown
         if decision.decision != Decision.mark_done:  # nothing runs for mark_done
-            version = report.script_version or job.script_version  # the one it started on
             intake(job, state.runtime, version)
     except RejectedError as exc:
         return exc.message

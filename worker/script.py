@@ -831,6 +831,29 @@ class LoadedScript:
         """Typed inputs, or InputInvalid naming every bad field."""
         return validate_inputs(self.script, raw)
 
+    def output_names(self) -> list[str]:
+        """Every output the job may extract, in order: its plan, its alternates, its probe."""
+        own = [*self.plan, *(p for path in self.alternates.values() for p in path), *self.probe]
+        names = [
+            name
+            for planned in own
+            if isinstance(planned.step, ExtractStep)
+            for name in planned.step.extract
+        ]
+        if self.script.verify_effect is not None:
+            names += self.script.verify_effect.extract
+        return list(dict.fromkeys(names))
+
+    def unknown_outputs(self, given: dict[str, str]) -> str | None:
+        """Why outputs a person supplies (skip_step, mark_done) are refused, or None: each
+        must be one the script extracts, or the job would claim a value nothing reads."""
+        unknown = sorted(set(given) - set(self.output_names()))
+        if not unknown:
+            return None
+        known = ", ".join(self.output_names()) or "nothing"
+        ref = f"{self.name}@{self.script.version}"
+        return f"output {unknown[0]!r} is not one {ref} extracts; it extracts: {known}"
+
     def secret_inputs(self, inputs: dict[str, Any]) -> dict[str, str]:
         """The values of inputs declared `secret: true`, by name."""
         specs = self.script.inputs
