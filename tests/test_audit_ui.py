@@ -17,7 +17,7 @@ from playwright.async_api import Page, expect
 from fixtures import FixtureServer
 from worker.artifacts import LocalArtifacts
 from worker.audit import AuditRecord
-from worker.audit_ui import JobIndex, build_app
+from worker.audit_ui import JobIndex, build_app, export_html
 from worker.browser import BrowserHost
 from worker.cli import main
 from worker.contract import BrowserJob, JobStatus, TraceMode
@@ -341,6 +341,52 @@ async def test_an_unreadable_audit_record_is_said_in_the_list_the_page_and_the_e
     assert code == 1 and not out.exists()
     assert err.startswith(f"formwork: {day}/edited/audit.json is not a readable audit record")
     assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+async def test_evidence_deleted_from_the_store_is_said_to_be_missing(
+    audited: LocalArtifacts, page: Page, tmp_path: Path
+) -> None:
+    # A deleted image showed as a broken-image icon (an empty src in the export), with
+    # nothing to say what was lost; the capture as taken, still there, went unused.
+    store = LocalArtifacts(tmp_path / "artifacts")
+    ok = audited.find_audit("ui-ok")
+    shutil.copytree(audited.root / ok.path, store.root / ok.path)
+    shots = [s.screenshot for s in ok.report.steps if s.screenshot]
+    first, second = ok.evidence[shots[0]], ok.evidence[shots[1]]
+    assert first.image != second.image
+    (store.root / first.image).unlink()  # the annotated image only: the capture stands in
+    (store.root / second.image).unlink()
+    (store.root / second.source).unlink()  # nothing left of this one
+    (store.root / ok.traces[0]).unlink()
+
+    runner = web.AppRunner(build_app(store))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    export = tmp_path / "ui-ok.html"
+    export.write_text(export_html(store, store.find_audit("ui-ok")))
+    try:
+        for url in (f"http://{host}:{port}/jobs/{ok.path}", export.as_uri()):
+            await page.goto(url)
+            current = page.locator(".detail:not([hidden])")
+            await expect(current.locator("figcaption")).to_contain_text(
+                "the annotated image is missing from the store: this is the capture as taken"
+            )
+            shot = current.locator("img.shot")
+            assert await shot.evaluate("img => img.decode().then(() => img.naturalWidth)") > 100
+            await page.keyboard.press("j")
+            await expect(current.locator(".noshot")).to_have_text(
+                f"The screenshot of this step is missing from the store: {second.image} "
+                f"(and the capture {second.source})."
+            )
+            await expect(current.locator("img")).to_have_count(0)
+        await page.goto(f"http://{host}:{port}/jobs/{ok.path}")
+        await expect(page.locator(".summary")).to_contain_text(
+            f"{ok.traces[0].split('/')[-1]} (missing)"
+        )
+    finally:
+        await runner.cleanup()
 
 
 def test_traces_are_kept_per_mode(audited: LocalArtifacts) -> None:

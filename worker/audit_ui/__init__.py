@@ -214,7 +214,8 @@ def _page_number(raw: str | None, pages: int) -> int:
     return max(1, min(number, pages))
 
 
-def _page(record: AuditRecord, src: Callable[[str], str], *, inline: bool) -> str:
+def _page(record: AuditRecord, src: Callable[[str], str | None], *, inline: bool) -> str:
+    """The job page; `src(key)` is where an artifact is read from, None when it is gone."""
     context: dict[str, Any] = {"r": record, "report": record.report, "src": src, "inline": inline}
     if inline:
         context["css"] = (STATIC / "audit.css").read_text()
@@ -225,11 +226,11 @@ def _page(record: AuditRecord, src: Callable[[str], str], *, inline: bool) -> st
 def export_html(store: ArtifactStore, record: AuditRecord) -> str:
     """The job page as one self-contained HTML file: styles, script and images inlined."""
 
-    def data_uri(key: str) -> str:
+    def data_uri(key: str) -> str | None:
         try:
             data = store.get(key)
         except ArtifactError:
-            return ""
+            return None  # the page says it is missing
         return f"data:{content_type(key)};base64,{base64.b64encode(data).decode()}"
 
     return _page(record, data_uri, inline=True)
@@ -277,7 +278,9 @@ def build_app(store: ArtifactStore, *, page_size: int = PAGE_SIZE) -> web.Applic
             return web.Response(text=html, content_type="text/html")
         except ArtifactError as exc:
             raise web.HTTPNotFound(text=f"no audit record at {path}") from exc
-        html = _page(record, lambda key: f"/files/{key}", inline=False)
+        # What is there now: a file deleted since the record was written is said to be gone.
+        present = set(await asyncio.to_thread(store.keys, f"{path}/"))
+        html = _page(record, lambda key: f"/files/{key}" if key in present else None, inline=False)
         return web.Response(text=html, content_type="text/html")
 
     async def files(request: web.Request) -> web.Response:
