@@ -389,6 +389,47 @@ async def test_evidence_deleted_from_the_store_is_said_to_be_missing(
         await runner.cleanup()
 
 
+async def test_long_ids_and_texts_wrap_instead_of_widening_the_page(
+    audited: LocalArtifacts, page: Page, tmp_path: Path
+) -> None:
+    # A 128-character job id or a long ticket stretched the job list to thousands of pixels
+    # (every other column squeezed off screen) and ran out of the job page's header bar.
+    store = LocalArtifacts(tmp_path / "artifacts")
+    asked = audited.find_audit("ui-ask")
+    day = asked.path.split("/")[0]
+    shutil.copytree(audited.root / asked.path, store.root / day / "long")
+    record = json.loads((store.root / day / "long" / "audit.json").read_text())
+    long_id = "J" * 128
+    record["job_id"] = record["report"]["job_id"] = long_id
+    record["path"] = f"{day}/long"
+    record["report"]["correlation"] = {"ticket": "ZD-" + "7" * 600}
+    record["report"]["error"]["message"] += " " + "M" * 500
+    failed = next(step for step in record["report"]["steps"] if step["failure"])
+    failed["failure"]["message"] += " " + "M" * 500
+    (store.root / day / "long" / "audit.json").write_text(json.dumps(record))
+
+    runner = web.AppRunner(build_app(store))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    await page.set_viewport_size({"width": 1280, "height": 800})
+    wide = "() => document.documentElement.scrollWidth - document.documentElement.clientWidth"
+    try:
+        await page.goto(f"http://{host}:{port}/")
+        await shows_jobs(page, long_id)
+        assert await page.evaluate(wide) <= 0
+        await page.get_by_role("link", name=long_id).click()
+        await expect(page.locator("h1.job-id")).to_have_text(long_id)
+        assert await page.evaluate(wide) <= 0
+        bar = await page.locator("header.bar").bounding_box()
+        title = await page.locator("h1.job-id").bounding_box()
+        assert bar is not None and title is not None
+        assert title["x"] + title["width"] <= bar["x"] + bar["width"]
+    finally:
+        await runner.cleanup()
+
+
 def test_traces_are_kept_per_mode(audited: LocalArtifacts) -> None:
     assert len(audited.find_audit("ui-ok").traces) == 1  # always
     assert len(audited.find_audit("ui-ask").traces) == 1  # on_failure, and it did not succeed
