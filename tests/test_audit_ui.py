@@ -430,6 +430,41 @@ async def test_long_ids_and_texts_wrap_instead_of_widening_the_page(
         await runner.cleanup()
 
 
+async def test_a_job_awaiting_approval_stands_out_as_waiting_for_a_person(
+    billing_server: FixtureServer, browser_host: BrowserHost, page: Page, tmp_path: Path
+) -> None:
+    # It was grey, like a cancelled job, while the other paused statuses are amber.
+    store = LocalArtifacts(tmp_path / "artifacts")
+    runtime = Runtime(
+        scripts=ScriptStore(SCRIPTS, SELECTORS),
+        browser=browser_host,
+        artifacts=store,
+        secrets=SecretStore(SECRETS_FILE, environ={}),
+    )
+    site = Site(billing_server)
+    site.reset()
+    job = BrowserJob(
+        job_id="ui-approve", script="billing/issue_credit", site_url=site.url,
+        inputs={**CREDIT_INPUTS, "amount": "150.00"},
+    )  # fmt: skip
+    assert (await run_job(job, runtime)).status == JobStatus.awaiting_approval
+    runner = web.AppRunner(build_app(store))
+    await runner.setup()
+    server = web.TCPSite(runner, "127.0.0.1", 0)
+    await server.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        await page.goto(f"http://{host}:{port}/")
+        pill = page.locator("tr.job-row", has_text="ui-approve").locator(".pill")
+        await expect(pill).to_have_text("awaiting approval")
+        await expect(pill).to_have_class(re.compile(r"\bwait\b"))
+        await page.get_by_role("link", name="ui-approve").click()
+        await expect(page.locator("#job-status")).to_have_class(re.compile(r"\bwait\b"))
+    finally:
+        await runner.cleanup()
+        site.reset()
+
+
 def test_traces_are_kept_per_mode(audited: LocalArtifacts) -> None:
     assert len(audited.find_audit("ui-ok").traces) == 1  # always
     assert len(audited.find_audit("ui-ask").traces) == 1  # on_failure, and it did not succeed

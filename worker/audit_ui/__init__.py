@@ -53,6 +53,7 @@ TONE = {
     StepStatus.failed: "bad",
     JobStatus.paused_for_handoff: "wait",
     JobStatus.needs_customer_input: "wait",
+    JobStatus.awaiting_approval: "wait",
     JobStatus.running: "run",
     StepStatus.running: "run",
     JobStatus.queued: "idle",
@@ -61,6 +62,7 @@ TONE = {
     JobStatus.cancelled: "idle",
     JobStatus.rejected: "bad",
     JobStatus.expired: "idle",
+    JobStatus.rejected_by_approver: "idle",  # a person's answer, not a failure
 }
 
 
