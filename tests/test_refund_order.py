@@ -171,3 +171,21 @@ async def test_refund_through_the_queue_uses_the_workers_uploads_directory(
     assert report.status == JobStatus.succeeded, report.error
     (refund,) = orders.refunds()
     assert refund["receipt"]["filename"] == RECEIPT
+
+
+async def test_a_refused_refund_asks_the_customer_without_naming_another_system(
+    orders: Site, runtime: Runtime
+) -> None:
+    # The request's customer response named "our billing system" whatever the site: an
+    # agent passing it on told an orders customer about billing.
+    rule = {"field": "reference", "value": "T-5001", "message": "Reference already used"}
+    orders.faults(reject_value=[rule])
+    report = await run_job(refund_job(orders, "refund-asks"), runtime)
+
+    assert report.status == JobStatus.needs_customer_input, report.error
+    assert report.handoff is not None
+    response = report.handoff.recommended_response
+    assert "billing" not in response
+    assert response.startswith("We tried to complete your request, but our system did not")
+    assert '("Reference already used")' in response
+    assert orders.refunds() == []

@@ -54,7 +54,7 @@ def handoff_request(
         fields = ", ".join(input_names) or "the details"
         proposed = "Ask the customer for corrected values, then resume with retry_with_inputs."
         response = (
-            "We tried to complete your request, but our billing system did not accept it"
+            "We tried to complete your request, but our system did not accept it"
             + (f' ("{page_text}")' if page_text else "")
             + f". Could you check {fields} for us?"
         )
