@@ -735,3 +735,19 @@ async def test_outputs_a_person_supplies_must_be_ones_the_script_extracts(
         report = await handle.report()
     assert report is not None and report.status == JobStatus.succeeded
     assert report.outputs == {"confirmation_number": "CN-7"}
+
+
+async def test_handoff_shows_the_values_a_decision_would_correct(
+    billing: Site, tmp_path: Path, settings: Settings, worker: Worker
+) -> None:
+    # It asked to "check account_id, amount, reason, reference" without showing them: the
+    # operator had to read `status --json` to see what the customer should correct.
+    async with FormworkClient(settings.redis_url, key_prefix=settings.key_prefix) as client:
+        await paused_for_the_customer(billing, client, "cli-values")
+    env = {"REDIS_URL": settings.redis_url, "FORMWORK_KEY_PREFIX": settings.key_prefix}
+    shown = await asyncio.to_thread(formwork, "handoff", "cli-values", tmp_path=tmp_path, env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert (
+        "  inputs:    account_id = AC-10231, amount = 15.00, reason = damaged item, "
+        "reference = T-88812"
+    ) in shown.stdout.splitlines()

@@ -602,6 +602,11 @@ async def _handoff(args: argparse.Namespace) -> int:
     print(f"  proposed:  {handoff.proposed_action}")
     print(f"  tell the customer: {handoff.recommended_response}")
     print(f"  decisions: {', '.join(handoff.allowed_decisions)}")
+    # What a retry_with_inputs corrects, and what mark_done or skip_step may supply.
+    context = handoff.context
+    print(f"  inputs:    {', '.join(f'{k} = {v}' for k, v in context.inputs.items()) or '-'}")
+    if context.outputs:
+        print(f"  outputs:   {', '.join(f'{k} = {v}' for k, v in context.outputs.items())}")
     if handoff.role:
         print(f"  approver:  {handoff.role}")
     if handoff.risk:
