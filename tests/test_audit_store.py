@@ -259,6 +259,29 @@ async def test_prune_removes_a_pruned_jobs_whole_folder_and_its_emptied_day(
     assert list(store.root.iterdir()) == []
 
 
+async def test_prune_keeps_a_job_still_waiting_for_a_decision(
+    billing: Site, runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A job paused with a long deadline lost its evidence, the screenshot its request points
+    # the person deciding to, to a prune of its day.
+    store = runtime.artifacts
+    job = BrowserJob(job_id="still-waiting", script="billing/issue_credit", site_url=billing.url,
+                     inputs={**CREDIT_INPUTS, "amount": "150.00"})  # fmt: skip
+    report = await run_job(job, runtime)
+    assert report.status == JobStatus.awaiting_approval and report.handoff is not None
+    assert report.artifacts is not None
+    day = report.artifacts.path.split("/")[0]
+    store.put(f"{day}/done-job/report.json", b"{}")
+    later = datetime.fromisoformat(day).replace(tzinfo=UTC) + timedelta(days=40)
+
+    assert store.prune(timedelta(days=30), now=later) == [f"{day}/done-job"]
+    assert f"keeping {report.artifacts.path}, which is awaiting_approval" in caplog.text
+    assert store.keys(f"{day}/done-job/") == []
+    evidence = report.handoff.evidence.screenshot
+    assert evidence is not None and store.get(evidence)
+    assert store.find_audit("still-waiting").status == JobStatus.awaiting_approval
+
+
 async def test_a_jobs_folders_and_files_are_the_owners_alone(
     billing: Site, browser_host: BrowserHost, tmp_path: Path
 ) -> None:

@@ -392,7 +392,8 @@ class ArtifactStore(ABC):
         self, older_than: timedelta, *, now: datetime | None = None, dry_run: bool = False
     ) -> list[str]:
         """Remove every job whose whole day ended more than `older_than` before `now`; the job
-        paths removed (with `dry_run`, that would be). Jobs are never split: a day goes whole."""
+        paths removed (with `dry_run`, that would be). Jobs are never split: a day goes whole,
+        but for any job still waiting for a decision, which is kept (and logged)."""
         # The first day kept is the one `now - older_than` falls in: a day before it ended by
         # then. (`date - timedelta` drops the hours: 36h at 01:00 removed yesterday's
         # jobs, some of them 25 hours old.)
@@ -409,12 +410,29 @@ class ArtifactStore(ABC):
             if seen >= cutoff:
                 continue
             keys = self.keys(f"{day}/")
-            removed += self._jobs_in(day, keys)
+            jobs = self._jobs_in(day, keys)
+            waiting = [job for job in jobs if self._still_paused(job)]
+            if waiting:
+                # Its evidence is what the person deciding looks at, and the job writes here
+                # again when it goes on: it goes with a later prune, once it has ended.
+                keys = [k for k in keys if not any(k.startswith(f"{job}/") for job in waiting)]
+                jobs = [job for job in jobs if job not in waiting]
+            removed += jobs
             if not dry_run:
                 self._remove_day(day, keys)
         if not dry_run:
             self._forget(removed)
         return removed
+
+    def _still_paused(self, path: str) -> bool:
+        """Whether the job at `path` waits for a person (its record says so), said when so."""
+        try:
+            status = self.audit(path).status
+        except ArtifactError:
+            return False  # no record (or none readable): nothing says it is waiting
+        if status.paused:
+            log.warning("prune: keeping %s, which is %s (waiting for a decision)", path, status)
+        return status.paused
 
     def _jobs_in(self, day: str, keys: Sequence[str]) -> list[str]:
         """The paths of the jobs in `day`, whose keys are `keys`."""
