@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -751,3 +752,23 @@ async def test_handoff_shows_the_values_a_decision_would_correct(
         "  inputs:    account_id = AC-10231, amount = 15.00, reason = damaged item, "
         "reference = T-88812"
     ) in shown.stdout.splitlines()
+
+
+async def test_handoffs_keeps_its_columns_and_says_ages_as_people_read_them(
+    billing: Site, tmp_path: Path, settings: Settings, worker: Worker
+) -> None:
+    # Ages were seconds only (a day-old pause: 86400s), and an id longer than 24 characters
+    # pushed its row's columns out from under the header.
+    long_id = "zendesk-ticket-4471902-credit-request-2"
+    async with FormworkClient(settings.redis_url, key_prefix=settings.key_prefix) as client:
+        await paused_for_the_customer(billing, client, long_id)
+    env = {"REDIS_URL": settings.redis_url, "FORMWORK_KEY_PREFIX": settings.key_prefix}
+    listing = await asyncio.to_thread(formwork, "handoffs", tmp_path=tmp_path, env=env)
+    assert listing.returncode == 0, listing.stderr
+    header, row = listing.stdout.splitlines()
+    assert row.startswith(long_id + " ")
+    for column, value in (("site", "billing"), ("status", "needs_customer_input")):
+        assert row.index(value) == header.index(column), (header, row)
+    age = row[len(long_id) :].split()[0]
+    assert re.fullmatch(r"\d+m\d\ds", age), age
+    assert header.index("age") + len("age") == row.index(age) + len(age)  # right-aligned

@@ -558,14 +558,16 @@ async def _handoffs(args: argparse.Namespace) -> int:
         print("no paused jobs")
         return 0
     now = datetime.now(UTC)
-    print(f"{'job':<24} {'age':>7}  {'site':<10} {'status':<22} summary")
+    # As wide as the longest id (up to 128 characters), so the columns stay columns.
+    width = max(24, *(len(job_id) for job_id, _, _ in paused))
+    print(f"{'job':<{width}} {'age':>7}  {'site':<10} {'status':<22} summary")
     for job_id, at, report in paused:
-        age = int((now - at).total_seconds())
+        age = _span(max(0, int((now - at).total_seconds())))  # 2h05m, not 7500s
         handoff = report.handoff if report else None
         site = report.script.split("/")[0] if report else "?"
         status = report.status if report else "?"
         reason = handoff.summary if handoff else ""
-        print(f"{job_id:<24} {age:>6}s  {site:<10} {status:<22} {reason}")
+        print(f"{job_id:<{width}} {age:>7}  {site:<10} {status:<22} {reason}")
     return 0
 
 
