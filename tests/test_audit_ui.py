@@ -465,6 +465,68 @@ async def test_a_job_awaiting_approval_stands_out_as_waiting_for_a_person(
         site.reset()
 
 
+async def test_an_approval_and_a_dry_run_show_the_form_they_would_send(
+    billing_server: FixtureServer, browser_host: BrowserHost, page: Page, tmp_path: Path
+) -> None:
+    # The approver's evidence (the filled form, the values to be sent) and a dry run's result
+    # (would_submit) were in audit.json but on no page and in no export.
+    store = LocalArtifacts(tmp_path / "artifacts")
+    runtime = Runtime(
+        scripts=ScriptStore(SCRIPTS, SELECTORS),
+        browser=browser_host,
+        artifacts=store,
+        secrets=SecretStore(SECRETS_FILE, environ={}),
+    )
+    site = Site(billing_server)
+    site.reset()
+    big = {**CREDIT_INPUTS, "amount": "150.00"}
+    for job_id, inputs, dry_run in (("ui-gate", big, False), ("ui-dry", CREDIT_INPUTS, True)):
+        job = BrowserJob(job_id=job_id, script="billing/issue_credit", site_url=site.url,
+                         inputs=inputs, dry_run=dry_run)  # fmt: skip
+        await run_job(job, runtime)
+    gate, dry = store.find_audit("ui-gate"), store.find_audit("ui-dry")
+    assert gate.status == JobStatus.awaiting_approval and dry.report.would_submit is not None
+    runner = web.AppRunner(build_app(store))
+    await runner.setup()
+    server = web.TCPSite(runner, "127.0.0.1", 0)
+    await server.start()
+    host, port = runner.addresses[0][:2]
+    exports = tmp_path / "gate.html", tmp_path / "dry.html"
+    exports[0].write_text(export_html(store, gate))
+    exports[1].write_text(export_html(store, dry))
+    loaded = "img => img.decode().then(() => img.naturalWidth)"
+    try:
+        for url in (f"http://{host}:{port}/jobs/{gate.path}", exports[0].as_uri()):
+            await page.goto(url)
+            card = page.locator("#handoff")
+            sent = card.locator("dt", has_text="Will send").locator(
+                "xpath=following-sibling::dd[1]"
+            )
+            await expect(sent).to_have_text(
+                [
+                    "credit.amount = 150.00",
+                    "credit.reason = damaged item",
+                    "credit.reference = T-88812",
+                ]
+            )
+            assert await card.locator("figure.evidence img").evaluate(loaded) > 100
+        for url in (f"http://{host}:{port}/jobs/{dry.path}", exports[1].as_uri()):
+            await page.goto(url)
+            card = page.locator("#would-submit")
+            await expect(card.locator("h2")).to_have_text(
+                "Dry run: what step submit would have sent"
+            )
+            await expect(card.locator("dt", has_text="credit.amount")).to_have_count(1)
+            await expect(card.locator("dd").first).to_have_text("15.00")
+            shot = card.locator("figure.evidence img")
+            assert await shot.evaluate(loaded) > 100
+            await shot.click()
+            await expect(page.locator("#lightbox")).to_be_visible()
+    finally:
+        await runner.cleanup()
+        site.reset()
+
+
 def test_traces_are_kept_per_mode(audited: LocalArtifacts) -> None:
     assert len(audited.find_audit("ui-ok").traces) == 1  # always
     assert len(audited.find_audit("ui-ask").traces) == 1  # on_failure, and it did not succeed

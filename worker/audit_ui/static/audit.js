@@ -41,6 +41,12 @@
     s.addEventListener("focus", () => show(i));
   });
   details.forEach((d) => d.querySelector("img.shot")?.addEventListener("click", enlarge));
+  // The screenshots of a request or a dry run, outside the timeline, enlarge on a click too.
+  document.querySelectorAll(".card img.shot").forEach((img) => img.addEventListener("click", () => {
+    if (!box) return;
+    box.querySelector("img").src = img.src;
+    box.hidden = false;
+  }));
   box?.addEventListener("click", close);
   document.querySelectorAll("[data-goto]").forEach((a) => a.addEventListener("click", (e) => {
     e.preventDefault();
