@@ -12,9 +12,11 @@ from typing import Any
 
 import boto3
 import pytest
+from aiohttp import ClientSession, web
 from moto.server import ThreadedMotoServer
 
 from worker.artifacts import ArtifactStore, LocalArtifacts, S3Artifacts, safe_id
+from worker.audit_ui import build_app
 from worker.browser import BrowserHost
 from worker.cli import main
 from worker.contract import BrowserJob, JobStatus
@@ -280,6 +282,45 @@ async def test_prune_keeps_a_job_still_waiting_for_a_decision(
     evidence = report.handoff.evidence.screenshot
     assert evidence is not None and store.get(evidence)
     assert store.find_audit("still-waiting").status == JobStatus.awaiting_approval
+
+
+async def test_a_store_that_cannot_be_read_is_said_in_one_line_not_a_traceback(
+    s3_endpoint: str,
+    s3_client: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # prune and export with a bucket they cannot list, or a --store that is no store, ended in
+    # tracebacks; the review UI answered a bare 500.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "formwork-test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "formwork-test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    where = ["--store", "s3://no-such-bucket/p", "--s3-endpoint", s3_endpoint,
+             "--artifacts", str(tmp_path / "spool")]  # fmt: skip
+    assert main(["audit", "prune", "--older-than", "30d", *where]) == 1
+    err = capsys.readouterr().err  # moto's own request log is on it too
+    said = [line for line in err.splitlines() if line.startswith("formwork:")]
+    assert "Traceback" not in err and len(said) == 1
+    assert said[0].startswith("formwork: could not list s3://no-such-bucket/p/: ")
+    assert "NoSuchBucket" in said[0]
+    assert main(["audit", "prune", "--older-than", "30d", "--store", "ftp://evidence"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("formwork: artifacts_url: ") and len(err.splitlines()) == 1
+
+    store = S3Artifacts("no-such-bucket", tmp_path / "spool", client=s3_client)
+    runner = web.AppRunner(build_app(store))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        async with ClientSession() as session, session.get(f"http://{host}:{port}/") as answer:
+            text = await answer.text()
+    finally:
+        await runner.cleanup()
+    assert answer.status == 503
+    assert text.startswith("cannot list the jobs: could not list s3://no-such-bucket/")
 
 
 async def test_a_jobs_folders_and_files_are_the_owners_alone(

@@ -37,7 +37,7 @@ from worker.contract import (
     StepStatus,
     contract_schemas,
 )
-from worker.errors import ArtifactUnreadable, FormworkError, JobInvalid
+from worker.errors import ArtifactError, ArtifactUnreadable, FormworkError, JobInvalid
 from worker.executor import Runtime, run_job
 from worker.rollout import (
     Rollouts,
@@ -1085,16 +1085,24 @@ def _age_as_typed(text: str) -> str:
 
 
 def _audit_store(args: argparse.Namespace) -> ArtifactStore:
-    settings = Settings.from_env(
-        artifacts_dir=args.artifacts, artifacts_url=args.store, s3_endpoint_url=args.s3_endpoint
-    )
-    return store_for(settings)
+    try:
+        settings = Settings.from_env(
+            artifacts_dir=args.artifacts, artifacts_url=args.store, s3_endpoint_url=args.s3_endpoint
+        )
+        return store_for(settings)
+    except ValidationError as exc:  # --store ftp://…: a wrong command line
+        raise UsageError(_problems(exc)) from exc
+    except ArtifactError as exc:
+        raise UsageError(exc.message) from exc
 
 
 def _audit_prune(args: argparse.Namespace) -> int:
     store = _audit_store(args)
     age = parse_age(args.older_than)
-    removed = store.prune(age, dry_run=args.dry_run)
+    try:
+        removed = store.prune(age, dry_run=args.dry_run)
+    except ArtifactError as exc:  # the bucket unreachable, the credentials refused
+        raise CommandFailed(exc.message) from exc
     verb = "would remove" if args.dry_run else "removed"
     for path in removed:
         print(f"{verb} {path}")

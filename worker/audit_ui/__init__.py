@@ -243,7 +243,10 @@ def build_app(store: ArtifactStore, *, page_size: int = PAGE_SIZE) -> web.Applic
     index = JobIndex(store)
 
     async def jobs(request: web.Request) -> web.Response:
-        rows, unreadable = await asyncio.to_thread(index.scan)
+        try:
+            rows, unreadable = await asyncio.to_thread(index.scan)
+        except ArtifactError as exc:  # the bucket unreachable, its credentials refused
+            raise web.HTTPServiceUnavailable(text=f"cannot list the jobs: {exc.message}") from exc
         filters = Filters.from_query(request.query)
         shown = filter_rows(rows, filters)
         pages = max(1, math.ceil(len(shown) / page_size))
