@@ -3,8 +3,12 @@ S3-compatible server (moto's, over HTTP), and retention that removes only old jo
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,10 +23,13 @@ from worker.artifacts import ArtifactStore, LocalArtifacts, S3Artifacts, safe_id
 from worker.audit_ui import build_app
 from worker.browser import BrowserHost
 from worker.cli import main
+from worker.client import FormworkClient
 from worker.contract import BrowserJob, JobStatus
 from worker.executor import Runtime, run_job
+from worker.queue import running_worker
 from worker.script import ScriptStore
 from worker.secretstore import SecretStore
+from worker.settings import Settings
 
 from .conftest import CREDIT_INPUTS, SCRIPTS, SECRETS_FILE, SELECTORS, Site
 
@@ -97,6 +104,46 @@ async def test_a_job_lands_in_s3_in_the_same_layout_as_on_disk(
     elsewhere = S3Artifacts("evidence", tmp_path / "other", prefix="prod/eu", client=s3_client)
     assert elsewhere.describe("s3-1").path == f"{day}/s3-1"
     assert [a.job_id for a in elsewhere.audits()] == ["s3-1"]
+
+
+async def test_handoff_names_evidence_in_a_bucket_by_its_url(
+    billing: Site,
+    browser_host: BrowserHost,
+    settings: Settings,
+    s3_endpoint: str,
+    s3_client: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The evidence line went through a Path, which made s3://evidence/... s3:/evidence/...
+    creds = {"AWS_ACCESS_KEY_ID": "formwork-test", "AWS_SECRET_ACCESS_KEY": "formwork-test",
+             "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+    for name, value in creds.items():
+        monkeypatch.setenv(name, value)
+    settings = settings.model_copy(
+        update={"artifacts_url": "s3://evidence/prod", "s3_endpoint_url": s3_endpoint}
+    )
+    billing.faults(reject_value=[{"field": "amount", "value": "15.00", "message": "Too much"}])
+    job = BrowserJob(
+        job_id="s3-ask", script="billing/issue_credit", inputs=CREDIT_INPUTS, site_url=billing.url
+    )
+    async with (
+        running_worker(settings, browser_host),
+        FormworkClient(settings.redis_url, key_prefix=settings.key_prefix) as client,
+    ):
+        report = await (await client.enqueue(job)).wait(60)
+    assert report.status == JobStatus.needs_customer_input and report.handoff is not None
+    env = {
+        **os.environ,
+        "REDIS_URL": settings.redis_url,
+        "FORMWORK_KEY_PREFIX": settings.key_prefix,
+    }
+    shown = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "worker.cli", "handoff", "s3-ask"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    evidence = f"  evidence:  s3://evidence/prod/{report.handoff.evidence.screenshot}"
+    assert evidence in shown.stdout.splitlines(), shown.stdout
 
 
 def seed(store: ArtifactStore, days_ago: dict[str, int], today: datetime) -> None:

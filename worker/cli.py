@@ -588,7 +588,8 @@ async def _handoff(args: argparse.Namespace) -> int:
         print(f"formwork: job {args.job_id} is {now}, not waiting for a decision", file=sys.stderr)
         return 1
     handoff = report.handoff
-    root = Path(report.artifacts.root) if report.artifacts else Path()
+    # A directory, or s3://bucket/prefix (which a Path would make s3:/bucket/prefix).
+    root = report.artifacts.root.rstrip("/") if report.artifacts else "."
     if args.json:
         print(handoff.model_dump_json(indent=2))
         return 0
@@ -616,7 +617,7 @@ async def _handoff(args: argparse.Namespace) -> int:
     for name, value in handoff.proposed_values.items():
         print(f"  will send: {name} = {value}")
     if handoff.evidence.screenshot:
-        print(f"  evidence:  {root / handoff.evidence.screenshot}")
+        print(f"  evidence:  {root}/{handoff.evidence.screenshot}")
     if handoff.evidence.url:
         print(f"  page:      {handoff.evidence.url}")
     if handoff.expires_at is not None:
