@@ -772,3 +772,23 @@ async def test_handoffs_keeps_its_columns_and_says_ages_as_people_read_them(
     age = row[len(long_id) :].split()[0]
     assert re.fullmatch(r"\d+m\d\ds", age), age
     assert header.index("age") + len("age") == row.index(age) + len(age)  # right-aligned
+
+
+async def test_operator_commands_say_in_one_line_when_redis_does_not_answer(
+    tmp_path: Path,
+) -> None:
+    # Each ended in a redis ConnectionError traceback.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens once it is closed
+    env = {"REDIS_URL": f"redis://:not-shown-pw@127.0.0.1:{port}/0"}
+    commands = [["handoffs"], ["handoff", "j"], ["resume", "j", "abort"], ["abort", "j"],
+                ["status", "j"], ["watch", "j"]]  # fmt: skip
+    runs = await asyncio.gather(
+        *(asyncio.to_thread(formwork, *command, tmp_path=tmp_path, env=env) for command in commands)
+    )
+    for command, run in zip(commands, runs, strict=True):
+        assert run.returncode == 1, (command, run.stderr)
+        assert run.stderr.startswith("formwork: Redis at "), (command, run.stderr)
+        assert f"127.0.0.1:{port}" in run.stderr and len(run.stderr.splitlines()) == 1
+        assert "not-shown-pw" not in run.stderr
