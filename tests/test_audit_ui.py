@@ -236,6 +236,15 @@ async def test_a_paused_job_opens_at_its_failed_step_and_steps_by_keyboard(
     await expect(current.locator(".step-title")).to_have_text(re.compile(r"login\.password$"))
 
 
+async def test_the_list_flags_a_job_that_survived_selector_drift(ui: str, page: Page) -> None:
+    # A job that succeeded on a fallback selector looked like any clean success in the list:
+    # the registry fix it calls for was seen only by opening each job.
+    await page.goto(ui + "/")
+    flag = page.locator("tr.job-row", has_text="ui-drift").locator(".warn")
+    await expect(flag).to_have_text(re.compile(r"^drift \u00d7[1-9][0-9]*$"))
+    await expect(page.locator("tr.job-row", has_text="ui-ok").locator(".warn")).to_have_count(0)
+
+
 async def test_drift_and_attempts_are_shown_on_the_step(ui: str, page: Page) -> None:
     await page.goto(ui + "/")
     await page.get_by_role("link", name="ui-drift").click()

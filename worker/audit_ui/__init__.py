@@ -100,6 +100,7 @@ class JobRow:
     steps_ok: int
     steps: int
     error: str | None
+    drifted: int  # steps that fell back from their primary selector: the registry needs a fix
     thumbnail: str | None  # of the screen an operator looks at first (see `_first_look`)
 
     @classmethod
@@ -122,6 +123,7 @@ class JobRow:
             steps_ok=sum(1 for s in report.steps if s.status == StepStatus.succeeded),
             steps=len(report.steps),
             error=report.error.code if report.error else None,
+            drifted=sum(1 for s in report.steps if s.drift is not None),
             thumbnail=record.evidence[look].thumbnail if look in record.evidence else None,
         )
 
