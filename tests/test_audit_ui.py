@@ -536,6 +536,55 @@ async def test_an_approval_and_a_dry_run_show_the_form_they_would_send(
         site.reset()
 
 
+async def test_each_attempt_of_a_retried_step_shows_its_own_screen(
+    billing_server: FixtureServer, browser_host: BrowserHost, page: Page, tmp_path: Path
+) -> None:
+    # Each failed attempt keeps a screenshot of what the page showed (README: attempt_log),
+    # but the page listed attempts without them: only the last attempt's screen was seen.
+    store = LocalArtifacts(tmp_path / "artifacts")
+    runtime = Runtime(
+        scripts=ScriptStore(SCRIPTS, SELECTORS),
+        browser=browser_host,
+        artifacts=store,
+        secrets=SecretStore(SECRETS_FILE, environ={}),
+    )
+    site = Site(billing_server)
+    site.reset()
+    site.faults(fail=[{"path_contains": "/accounts/", "method": "GET", "status": 503, "times": 1}])
+    job = BrowserJob(job_id="ui-retried", script="billing/issue_credit", site_url=site.url,
+                     inputs=CREDIT_INPUTS)  # fmt: skip
+    assert (await run_job(job, runtime)).status == JobStatus.succeeded
+    site.reset()
+    record = store.find_audit("ui-retried")
+    step = next(s for s in record.report.steps if s.id == "open_account")
+    first = step.attempt_log[0]
+    assert step.attempts == 2 and first.failure is not None and first.screenshot is not None
+    runner = web.AppRunner(build_app(store))
+    await runner.setup()
+    server = web.TCPSite(runner, "127.0.0.1", 0)
+    await server.start()
+    host, port = runner.addresses[0][:2]
+    export = tmp_path / "retried.html"
+    export.write_text(export_html(store, record))
+    try:
+        for url in (f"http://{host}:{port}/jobs/{record.path}", export.as_uri()):
+            await page.goto(url)
+            await page.locator(".step", has_text="open_account").click()
+            rows = page.locator(".detail:not([hidden]) table.attempts tbody tr")
+            await expect(rows).to_have_count(2)
+            await rows.nth(0).get_by_role("button", name="Screenshot of attempt 1").click()
+            shown = page.locator("#lightbox img")
+            await expect(page.locator("#lightbox")).to_be_visible()
+            assert await shown.evaluate("img => img.decode().then(() => img.naturalWidth)") > 100
+            if url.startswith("http"):
+                image = record.evidence[first.screenshot].image
+                await expect(shown).to_have_attribute("src", f"/files/{image}")
+            await page.keyboard.press("Escape")
+            await expect(page.locator("#lightbox")).to_be_hidden()
+    finally:
+        await runner.cleanup()
+
+
 def test_traces_are_kept_per_mode(audited: LocalArtifacts) -> None:
     assert len(audited.find_audit("ui-ok").traces) == 1  # always
     assert len(audited.find_audit("ui-ask").traces) == 1  # on_failure, and it did not succeed

@@ -41,12 +41,15 @@
     s.addEventListener("focus", () => show(i));
   });
   details.forEach((d) => d.querySelector("img.shot")?.addEventListener("click", enlarge));
-  // The screenshots of a request or a dry run, outside the timeline, enlarge on a click too.
-  document.querySelectorAll(".card img.shot").forEach((img) => img.addEventListener("click", () => {
+  // The screenshots of a request or a dry run, outside the timeline, and each attempt's,
+  // enlarge on a click too.
+  const enlargeSrc = (src) => {
     if (!box) return;
-    box.querySelector("img").src = img.src;
+    box.querySelector("img").src = src;
     box.hidden = false;
-  }));
+  };
+  document.querySelectorAll(".card img.shot").forEach((img) => img.addEventListener("click", () => enlargeSrc(img.src)));
+  document.querySelectorAll("button.attempt-shot").forEach((b) => b.addEventListener("click", () => enlargeSrc(b.dataset.src)));
   box?.addEventListener("click", close);
   document.querySelectorAll("[data-goto]").forEach((a) => a.addEventListener("click", (e) => {
     e.preventDefault();
