@@ -398,6 +398,30 @@ async def test_evidence_deleted_from_the_store_is_said_to_be_missing(
         await runner.cleanup()
 
 
+async def test_a_thumbnail_deleted_from_the_store_is_said_to_be_missing_in_the_list(
+    audited: LocalArtifacts, page: Page, tmp_path: Path
+) -> None:
+    # The list showed a broken-image icon for it.
+    store = LocalArtifacts(tmp_path / "artifacts")
+    ok = audited.find_audit("ui-ok")
+    shutil.copytree(audited.root / ok.path, store.root / ok.path)
+    row = JobIndex(store).rows()[0]
+    assert row.thumbnail is not None
+    (store.root / row.thumbnail).unlink()
+    runner = web.AppRunner(build_app(store))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        await page.goto(f"http://{host}:{port}/")
+        thumb = page.locator("tr.job-row", has_text="ui-ok").locator("td.thumb")
+        await expect(thumb).to_have_text("image missing")
+        await expect(thumb.locator("img")).to_have_count(0)
+    finally:
+        await runner.cleanup()
+
+
 async def test_long_ids_and_texts_wrap_instead_of_widening_the_page(
     audited: LocalArtifacts, page: Page, tmp_path: Path
 ) -> None:

@@ -2,6 +2,19 @@
 // enlarges the step's screenshot, Esc closes it. Keys stay the focused element's own where it
 // uses them (typing in a field, Enter on a link or button), and so do modified keys.
 (() => {
+  // The job list: a thumbnail whose image was deleted from the store says so, instead of a
+  // broken-image icon (lazy images that have not loaded yet are not complete, and not broken).
+  const missing = (img) => {
+    const cell = img.closest("td.thumb");
+    if (cell) cell.replaceChildren(Object.assign(document.createElement("span"), {
+      className: "missing bad-text", textContent: "image missing",
+    }));
+  };
+  document.querySelectorAll("td.thumb img").forEach((img) => {
+    if (img.complete && img.naturalWidth === 0) missing(img);
+    else img.addEventListener("error", () => missing(img));
+  });
+
   const steps = Array.from(document.querySelectorAll("#steps .step"));
   const details = Array.from(document.querySelectorAll(".detail"));
   const box = document.getElementById("lightbox");
