@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import getpass
 import json
 import os
 import re
@@ -792,3 +793,19 @@ async def test_operator_commands_say_in_one_line_when_redis_does_not_answer(
         assert run.stderr.startswith("formwork: Redis at "), (command, run.stderr)
         assert f"127.0.0.1:{port}" in run.stderr and len(run.stderr.splitlines()) == 1
         assert "not-shown-pw" not in run.stderr
+
+
+async def test_a_decision_sent_without_by_names_the_login_it_came_from(
+    billing: Site, tmp_path: Path, settings: Settings, worker: Worker
+) -> None:
+    # Without --by the audit trail said the decision was "by cli": no person at all.
+    env = {"REDIS_URL": settings.redis_url, "FORMWORK_KEY_PREFIX": settings.key_prefix}
+    async with FormworkClient(settings.redis_url, key_prefix=settings.key_prefix) as client:
+        handle = await paused_for_the_customer(billing, client, "cli-who")
+        last = await handle.last_event_id()
+        sent = await asyncio.to_thread(formwork, "resume", "cli-who", "abort", tmp_path=tmp_path,
+                                       env=env)  # fmt: skip
+        assert sent.returncode == 0, sent.stderr
+        report = await handle.wait(30, after=last)
+    assert report.status == JobStatus.cancelled
+    assert [d.by for d in report.decisions] == [f"{getpass.getuser()} (cli)"]

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import getpass
 import json
 import logging
 import os
@@ -104,6 +105,15 @@ class _Printable:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
+
+
+def _operator() -> str:
+    """Who a decision or an abort sent from this command is by, when `--by` is not given: the
+    login it runs under, so the audit trail names a person rather than the tool."""
+    try:
+        return f"{getpass.getuser()} (cli)"
+    except (OSError, KeyError):  # no login name (a container's nameless uid)
+        return "cli"
 
 
 def _why(exc: OSError) -> str:
@@ -534,7 +544,7 @@ async def _abort(args: argparse.Namespace) -> int:
             print(f"formwork: no job {args.job_id}", file=sys.stderr)
             return 2
         pending = (await read_pause(client.redis, client.keys, args.job_id)).decided
-        if await client.abort(args.job_id, args.reason, by="cli"):
+        if await client.abort(args.job_id, args.reason, by=_operator()):
             if status.paused and pending:
                 print(
                     f"{args.job_id} is {status} with a decision already taken: the abort "
@@ -646,7 +656,7 @@ async def _resume(args: argparse.Namespace) -> int:
     try:
         decision = ResumeDecision(
             decision=args.decision, inputs=_parse_inputs(args.input),
-            outputs=_parse_inputs(args.output, "output"), note=args.note, by=args.by,
+            outputs=_parse_inputs(args.output, "output"), note=args.note, by=args.by or _operator(),
         )  # fmt: skip
     except ValidationError as exc:
         print(f"formwork: invalid decision: {_problems(exc)}", file=sys.stderr)
@@ -1370,7 +1380,7 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--input", action="append", default=[], metavar="KEY=VALUE")
     resume.add_argument("--output", action="append", default=[], metavar="KEY=VALUE")
     resume.add_argument("--note", "--reason", dest="note", help="why (required for reject)")
-    resume.add_argument("--by", default="cli")
+    resume.add_argument("--by", help="who decides (default: your login name)")
     resume.add_argument("--watch", action="store_true", help="then print events until it settles")
     resume.set_defaults(handler=lambda a: asyncio.run(_resume(a)))
 
