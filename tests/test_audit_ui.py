@@ -256,6 +256,18 @@ async def test_drift_and_attempts_are_shown_on_the_step(ui: str, page: Page) -> 
     await expect(current.locator("table.attempts tbody tr")).to_have_count(1)
 
 
+async def test_a_fill_step_shows_what_it_entered_and_a_secret_as_stars(ui: str, page: Page) -> None:
+    await page.goto(ui + "/")
+    await page.get_by_role("link", name="ui-ok").click()
+    for step, entered in (("reason", CREDIT_INPUTS["reason"]), ("login.password", "***")):
+        await page.locator(f'.step[data-step="{step}"]').click()
+        current = page.locator(".detail:not([hidden])")
+        await expect(current.locator("dt", has_text="Entered")).to_have_count(1)
+        await expect(current.locator("dt:text-is('Entered') + dd")).to_have_text(entered)
+    await page.locator('.step[data-step="review"]').click()  # a click enters nothing
+    await expect(page.locator(".detail:not([hidden]) dt", has_text="Entered")).to_have_count(0)
+
+
 async def test_export_is_one_offline_file_without_secrets(
     audited: LocalArtifacts,
     page: Page,
