@@ -809,3 +809,20 @@ async def test_a_decision_sent_without_by_names_the_login_it_came_from(
         report = await handle.wait(30, after=last)
     assert report.status == JobStatus.cancelled
     assert [d.by for d in report.decisions] == [f"{getpass.getuser()} (cli)"]
+
+
+def test_audit_serve_beyond_this_machine_warns_that_it_has_no_sign_in(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # The port is held, so the command stops right after its warning.
+        exposed = formwork("audit", "serve", "--host", "0.0.0.0", "--port", str(port),
+                           tmp_path=tmp_path)  # fmt: skip
+        local = formwork("audit", "serve", "--port", str(port), tmp_path=tmp_path)
+    assert exposed.returncode == 1, exposed.stderr
+    assert exposed.stderr.splitlines()[0] == (
+        f"formwork audit: warning: the review UI has no sign-in; anyone who can reach "
+        f"0.0.0.0:{port} can read every job's evidence"
+    )
+    assert "no sign-in" not in local.stderr

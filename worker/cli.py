@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import errno
 import getpass
+import ipaddress
 import json
 import logging
 import os
@@ -1151,12 +1152,29 @@ def _audit_serve(args: argparse.Namespace) -> int:
 
     store = _audit_store(args)
     print(f"formwork audit: http://{args.host}:{args.port}/ ({store.location})", flush=True)
+    if not _loopback(args.host):
+        print(
+            f"formwork audit: warning: the review UI has no sign-in; anyone who can reach "
+            f"{args.host}:{args.port} can read every job's evidence",
+            file=sys.stderr,
+            flush=True,
+        )
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how it is meant to stop
         try:
             asyncio.run(serve(store, args.host, args.port))
         except OSError as exc:
             raise CommandFailed(_cannot_listen(args.host, args.port, exc)) from exc
     return 0
+
+
+def _loopback(host: str) -> bool:
+    """Whether `host` is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
 
 
 def _cannot_listen(host: str, port: int, exc: OSError) -> str:
