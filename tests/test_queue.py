@@ -120,12 +120,15 @@ async def test_queue_depth_counts_jobs_no_worker_has_taken(
     assert await client.queue_depth() == 2
 
 
-async def raw_enqueue(settings: Settings, job_id: str, envelope: bytes) -> None:
+async def raw_enqueue(
+    settings: Settings, job_id: str, envelope: bytes, score: float | None = None
+) -> None:
     """What an orchestrator in another language does: two plain Redis commands."""
     redis = Redis.from_url(settings.redis_url)
     try:
         await redis.set(ARQ_JOB_PREFIX + job_id, envelope)
-        await redis.zadd(f"{settings.key_prefix}:queue", {job_id: int(time.time() * 1000)})
+        at = int(time.time() * 1000) if score is None else score
+        await redis.zadd(f"{settings.key_prefix}:queue", {job_id: at})
     finally:
         await redis.aclose()
 
@@ -157,6 +160,23 @@ async def test_plain_redis_enqueue_without_arq_runs(
     events = await asyncio.wait_for(collect(client, "q-raw"), 60)
     assert events[-1].status == "succeeded"
     assert len(billing.credits()) == 1
+
+
+async def test_a_job_queued_with_a_score_arq_cannot_read_runs_and_the_worker_keeps_serving(
+    billing: Site, client: FormworkClient, worker: Worker, settings: Settings
+) -> None:
+    # A ZADD written by hand: -inf killed the worker (every worker, while it stayed queued);
+    # a job scored 0 was never run, and said `queued` for ever.
+    for job_id, score in (("q-minus-inf", float("-inf")), ("q-zero", 0.0)):
+        job = credit_job(billing, job_id, inputs={"reference": job_id})
+        await raw_enqueue(settings, job_id, raw_envelope(job.model_dump(mode="json")), score)
+    await client.enqueue(credit_job(billing, "q-after-scores"))
+    for job_id in ("q-minus-inf", "q-zero", "q-after-scores"):
+        report = await client.handle(job_id).wait(60)
+        assert report.status == JobStatus.succeeded, (job_id, report.error)
+    assert sorted(c["reference"] for c in billing.credits()) == sorted(
+        ["q-minus-inf", "q-zero", CREDIT_INPUTS["reference"]]
+    )
 
 
 async def test_malformed_payloads_are_rejected_and_the_worker_keeps_serving(
@@ -229,6 +249,7 @@ async def test_malformed_payloads_are_rejected_and_the_worker_keeps_serving(
             envelope_with(good, "q-et-text", et="yesterday"), "job_invalid", "'et' is invalid"
         ),
         "q-et-null": (envelope_with(good, "q-et-null", et=None), "job_invalid", "'et' is invalid"),
+        "q-et-big": (envelope_with(good, "q-et-big", et=10**22), "job_invalid", "'et' is invalid"),
         "q-k-list": (envelope_with(good, "q-k-list", k=[]), "job_invalid", "'k' is invalid"),
         "q-result": (b'{"s":true,"r":{},"t":1}', "job_invalid", "not an arq job envelope"),
         "q-deep": (deep_envelope(good, "q-deep", 5_000), "job_invalid", "nests too deeply"),

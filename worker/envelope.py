@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
@@ -24,6 +25,9 @@ MAX_PAYLOAD_BYTES = 64 * 1024
 # How often arq may start a job (the first run, then after a worker died mid-job).
 MAX_TRIES = 3
 ENVELOPE_KEYS = ("t", "f", "a", "k", "et")
+# arq makes a datetime of `et` outside its error handling: one past the year 9999 (a few days'
+# margin for arq's own timezone setting) killed the worker, and every restart of it.
+MAX_ENQUEUE_MS = int(datetime(9999, 1, 1, tzinfo=UTC).timestamp() * 1000)
 MALFORMED = "__malformed__"
 MALFORMED_FIELD = "__field__"
 
@@ -38,7 +42,7 @@ class Envelope(BaseModel):
     f: StrictStr
     a: list[Any]
     k: dict[str, Any]
-    et: StrictInt = Field(ge=0)
+    et: StrictInt = Field(ge=0, le=MAX_ENQUEUE_MS)
 
 
 class StoredResult(Envelope):

@@ -1139,6 +1139,28 @@ async def on_job_start(ctx: dict[str, Any]) -> None:
     logs.job_id.set(job_of(str(ctx["job_id"])))
 
 
+# KEYS: the queue. Scores arq cannot take, written by a wire-protocol client by hand, become
+# 1 ms: due, and first in line. arq converts a score to an int outside its error handling, so
+# `-inf` killed the worker (and every worker after it, while the entry stayed queued); it reads
+# a score of 0 as "not queued" and left such a job there, never run, for ever.
+_MEND_SCORES = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', 0)
+for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], 'XX', 1, id) end
+return #ids
+"""
+
+
+class _Worker(Worker):
+    """arq's Worker, minding queue scores it would choke on before it reads them."""
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        if job_ids:
+            mend: Any = self.pool.register_script(_MEND_SCORES)
+            if await mend(keys=[self.queue_name]):
+                log.warning("queue %s: entries scored 0 or below are due now", self.queue_name)
+        await super().start_jobs(job_ids)
+
+
 def build_worker(
     settings: Settings,
     *,
@@ -1148,7 +1170,7 @@ def build_worker(
 ) -> Worker:
     """An arq Worker for `settings` (tests pass a shared browser and handle_signals=False)."""
     keys = Keys(settings.key_prefix)
-    return Worker(
+    return _Worker(
         functions=[func(browser_job, name=JOB_FUNCTION)],
         queue_name=keys.queue,
         redis_settings=RedisSettings.from_dsn(settings.redis_url),
