@@ -124,6 +124,39 @@ async def test_sigterm_past_the_grace_period_requeues_the_job_for_another_worker
 
 
 @pytest.mark.timeout(240)
+async def test_a_job_whose_every_run_is_cut_short_ends_with_a_report_not_queued_for_ever(
+    billing: Site, client: FormworkClient, settings: Settings, tmp_path: Path
+) -> None:
+    # Three workers in a row stopped past their grace mid-job (a rolling deploy on a slow
+    # site). arq gives a job three runs, then dropped it with a log line: the job said
+    # `queued` ("it will run again") for ever, and a watcher waited for ever.
+    billing.faults(latency_ms=400)
+    settings = settings.model_copy(update={"shutdown_grace_s": 0})
+    handle = await client.enqueue(job(billing, "p-cut", "T-11"))
+    last = "0-0"
+    for run in (1, 2, 3):
+        with worker_process(settings, tmp_path / f"w{run}.log") as proc:
+            async for _, event in handle.events(after=last):
+                if event.step is not None and event.step.status == "succeeded":
+                    proc.send_signal(signal.SIGTERM)
+                    break
+            await asyncio.to_thread(proc.wait, 60)
+        events = [e async for _, e in handle.events(after=last, follow=False)]
+        assert events[-1].status == "queued", run
+        last = await handle.last_event_id()
+
+    with worker_process(settings, tmp_path / "w4.log"):
+        report = await handle.wait(60)
+    assert report.status == JobStatus.failed
+    assert report.error is not None and "3 runs was cut short" in report.error.message
+    assert billing.credits() == []
+    # The steps the runs did are on record, and each takeover.
+    assert [i.run for i in report.interruptions] == [2, 3, 4]
+    assert any(s.status == "succeeded" for s in report.steps)
+    assert await handle.status() == JobStatus.failed
+
+
+@pytest.mark.timeout(240)
 async def test_worker_killed_mid_commit_never_submits_twice(
     billing: Site, client: FormworkClient, settings: Settings, tmp_path: Path
 ) -> None:

@@ -350,10 +350,12 @@ async def fail_internally(
     listener: RunListener,
     *,
     code: FailureCode = FailureCode.script_error,
+    message: str | None = None,
     last: JobReport | None = None,
     sent: Iterable[str] = (),
 ) -> JobReport:
-    """The report of a job the worker itself ended: a bug, or the job timeout.
+    """The report of a job the worker itself ended: a bug, the job timeout, or runs all cut
+    short (`message`, when given, says why in place of the generic words).
 
     `last` is the run's report as it last stood: its steps stay on record, the one running
     marked failed. A commit step among `sent` (the commit journal's) that the report does not
@@ -361,9 +363,12 @@ async def fail_internally(
     (`outcome_unknown`), never a bare `failed` an orchestrator would retry into a second one."""
     failure = Failure(
         code=code,
-        message=str(error)
-        if code == FailureCode.timeout
-        else f"internal error in the worker: {type(error).__name__}",
+        message=message
+        or (
+            str(error)
+            if code == FailureCode.timeout
+            else f"internal error in the worker: {type(error).__name__}"
+        ),
     )
     if last is None or last.status.settled:
         report = _new_report(job, runtime, JobStatus.failed)

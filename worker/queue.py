@@ -474,7 +474,7 @@ async def execute(
     await cast("Any", redis.hset(keys.job(job_id), JOB_FIELD, kept))
     checkpoint = await state.checkpoints(job_id).load()
     resume = _after_interruption(checkpoint, run) if checkpoint is not None else None
-    return await _run_tracked(state, job, events, listener, resume)
+    return await _run_tracked(state, job, events, listener, resume, run=run)
 
 
 # KEYS: job record. ARGV: the claim to drop, DECISION_FIELD. Compare-and-delete: a claim taken
@@ -649,6 +649,8 @@ async def _run_tracked(
     events: JobEvents,
     listener: RunListener,
     resume: ResumePoint | None = None,
+    *,
+    run: int = 1,
 ) -> JobReport:
     """run_job with the queue around it: abort flag, site slot, commit journal, job timeout,
     drift counters, and the right last word when the worker is stopped or fails."""
@@ -665,6 +667,10 @@ async def _run_tracked(
 
     try:
         journal = await RedisCommitJournal.open(redis, keys, job_id)
+        if run > MAX_TRIES:
+            report = await _give_up(state, job, listener, resume, journal.previously_sent, run)
+            await _after_run(state, job_id, report)
+            return report
         # Our own limit, a little inside arq's: a job that overruns ends with a report and a
         # terminal event, instead of arq cancelling it silently with the record at "running".
         try:
@@ -719,6 +725,38 @@ async def _run_tracked(
     finally:
         if events.webhook is not None:
             await events.webhook.close()
+
+
+async def _give_up(
+    state: WorkerState,
+    job: BrowserJob,
+    listener: RunListener,
+    resume: ResumePoint | None,
+    sent: set[str],
+    run: int,
+) -> JobReport:
+    """Every run the job was given was cut short (its worker stopped past the shutdown grace,
+    or died): it is not run again, and it ends with a report — from its last checkpoint — where
+    arq would drop it with a log line, leaving it `queued` for ever. A commit it sent and never
+    saw confirmed makes it wait for a person instead (`fail_internally`)."""
+    last = resume.report if resume is not None else None
+    if last is not None and last.interruptions:
+        last.interruptions[-1].resumed_at = None  # it did not go on
+    tries = run - 1
+    log.warning("job %s: its %s runs were all cut short; not run again", job.job_id, tries)
+    message = (
+        f"each of the job's {tries} runs was cut short (its worker stopped or died): "
+        "it is not run again"
+    )
+    return await fail_internally(
+        job,
+        RuntimeError(message),
+        state.runtime,
+        listener,
+        message=message,
+        last=last,
+        sent=sent,
+    )
 
 
 async def _after_run(state: WorkerState, job_id: str, report: JobReport) -> None:
@@ -846,7 +884,7 @@ async def execute_resume(
         events = await JobEvents.open(redis, keys, job_id)
         _attach_webhook(state, events, job)
         resume = _after_interruption(checkpoint, run)
-        return await _run_tracked(state, job, events, EventListener(events), resume)
+        return await _run_tracked(state, job, events, EventListener(events), resume, run=run)
     if not status.paused or report.handoff is None:
         log.info("job %s is %s, not paused: decision ignored", job_id, status)
         return report
@@ -1188,7 +1226,8 @@ def build_worker(
         job_serializer=dumps,
         job_deserializer=loads,
         # A job whose run was interrupted goes back on the queue a bounded number of times.
-        max_tries=MAX_TRIES,
+        # One more than a job's runs: the last delivery only settles it (`_give_up`).
+        max_tries=MAX_TRIES + 1,
     )
 
 
@@ -1209,7 +1248,7 @@ class WorkerSettings:
     keep_result = 3600
     job_serializer = dumps
     job_deserializer = loads
-    max_tries = MAX_TRIES
+    max_tries = MAX_TRIES + 1
 
 
 @contextlib.asynccontextmanager
