@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import signal
 import socket
@@ -293,6 +294,36 @@ def _scrape(port: int) -> int:
         return status
 
 
+@pytest.mark.timeout(180)
+async def test_a_job_whose_renderer_is_killed_goes_on_in_a_fresh_run(
+    billing: Site, client: FormworkClient, settings: Settings, tmp_path: Path
+) -> None:
+    # The page's renderer killed mid-job (the OOM killer's favourite): every retry of the step
+    # hit the same dead page ("Target crashed") and the job ended failed, for a transient
+    # failure its rule says to retry.
+    billing.faults(latency_ms=200)
+    handle = await client.enqueue(job(billing, "p-crash", "T-12"))
+    killed: list[int] = []
+    with worker_process(settings, tmp_path / "w.log") as proc:
+        async for _, event in handle.events():
+            if event.step is not None and (event.step.id, event.step.status) == (
+                "amount",
+                "succeeded",
+            ):
+                killed = _renderers_of(proc.pid)
+                for pid in killed:
+                    os.kill(pid, signal.SIGKILL)
+                break
+        assert killed
+        report = await handle.wait(120)
+    assert report.status == JobStatus.succeeded, report.error
+    assert len(billing.credits()) == 1
+    assert report.outputs["confirmation_number"] == billing.credits()[0]["confirmation"]
+    [interruption] = report.interruptions  # the fresh run went on from the checkpoint
+    assert interruption.run == 2 and interruption.last_checkpoint is not None
+    assert billing.state()["logins"] == 1  # in the session the checkpoint kept
+
+
 @pytest.mark.timeout(120)
 async def test_a_worker_serving_metrics_outlives_a_redis_restart_with_one_browser(
     billing: Site, settings: Settings, tmp_path: Path
@@ -323,6 +354,29 @@ async def test_a_worker_serving_metrics_outlives_a_redis_restart_with_one_browse
     # Said as a JSON log line with its level, like the rest of a worker's log (it was bare text).
     [lost, *_] = [line for line in log.read_text().splitlines() if "lost Redis" in line]
     assert json.loads(lost)["level"] == "error", lost
+
+
+def _processes() -> dict[int, tuple[int, bytes]]:
+    """Every process: pid -> (parent pid, command line)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            found[int(stat.parent.name)] = (parent, (stat.parent / "cmdline").read_bytes())
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+    return found
+
+
+def _renderers_of(pid: int) -> list[int]:
+    """The Chromium renderer processes under `pid` (never another session's)."""
+    table = _processes()
+    tree, grew = {pid}, True
+    while grew:
+        more = {p for p, (parent, _) in table.items() if parent in tree} - tree
+        tree |= more
+        grew = bool(more)
+    return [p for p in tree if b"--type=renderer" in table[p][1]]
 
 
 async def _until_logged(log: Path, text: str) -> None:

@@ -501,7 +501,8 @@ class StepReport(_Model):
 
 
 class Interruption(_Model):
-    """A run of the job that ended without finishing it (its worker died or was stopped)."""
+    """A run of the job that ended without finishing it (its worker died or was stopped, or
+    its browser crashed)."""
 
     detected_at: datetime = Field(description="When a later run picked the job up again.")
     run: int = Field(description="The number of the run that took over (2 for the first).")

@@ -9,6 +9,7 @@
     │   ├── SecretMissing          a secret the script needs is not configured on this worker
     │   └── RecordingInvalid       a recording bundle cannot be read or replayed (job_invalid)
     ├── StepError                  a step failed on the page (`.code` says how)
+    ├── BrowserLost                the job's page or browser died mid-run (browser_crashed)
     └── ArtifactError              the artifact store failed, or has no such object (storage_error)
         └── ArtifactUnreadable     the object is there but cannot be read (a corrupt audit.json)
 
@@ -71,6 +72,14 @@ class RecordingInvalid(RejectedError):
     """A recording bundle is missing, malformed, or names what this worker cannot run."""
 
     code = FailureCode.job_invalid
+
+
+class BrowserLost(FormworkError):
+    """The job's renderer or browser died mid-run: no retry can use its page again. Raised out
+    of a run that asked for it (`run_job(hand_over_crashes=True)`), so the queue gives the job
+    a fresh run that goes on from its last checkpoint in a new context."""
+
+    code = FailureCode.browser_crashed
 
 
 class StepError(FormworkError):

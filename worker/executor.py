@@ -49,7 +49,7 @@ from worker.contract import (
     WouldSubmit,
 )
 from worker.downloads import Downloads
-from worker.errors import RejectedError, SecretMissing, StepError
+from worker.errors import BrowserLost, RejectedError, SecretMissing, StepError
 from worker.evidence import IMAGE_SUFFIX, capture, echo_mask_script, measure
 from worker.failures import classify, detectors_seen, observe_page, translate_playwright_error
 from worker.guard import Guard
@@ -140,13 +140,16 @@ async def run_job(
     journal: CommitJournal | None = None,
     resume: ResumePoint | None = None,
     checkpoints: Checkpoints | None = None,
+    hand_over_crashes: bool = False,
 ) -> JobReport:
     """Execute `job` end to end and return its report (also written to the artifacts).
 
     With `resume`, continue a job's report at a step — the one a person decided about, or the
     one after the last checkpoint of a run that died — in a fresh context: restore the session
     (or sign in again), rebuild that step's page, and go on from there. With `checkpoints`,
-    leave a checkpoint after every completed step.
+    leave a checkpoint after every completed step. With `hand_over_crashes`, a step whose
+    renderer or browser died is not retried on the dead page: `BrowserLost` is raised, the
+    job unsettled, for a fresh run to go on from the last checkpoint.
     """
     listener = listener or NullListener()
     started = time.perf_counter()
@@ -218,6 +221,7 @@ async def run_job(
                 checkpoints,
                 context,
                 guard,
+                hand_over_crashes=hand_over_crashes,
             )
             echoes = echo_mask_script(run.redact.values)
             if echoes is not None:
@@ -511,6 +515,7 @@ class _Run:
     shots: int = 0
     relogins: dict[str, int] = field(default_factory=dict)
     stop_refused: bool = False  # an abort (or the deadline) came after a commit was sent
+    hand_over_crashes: bool = False  # see run_job
     commit_tries: dict[str, int] = field(default_factory=dict)
     probe_used: bool = False
     # The storage state last read for a checkpoint, and (responses, navigations) at the time.
@@ -933,6 +938,8 @@ class _Run:
             error = state.outcome.exception() if state.outcome else None
             if not isinstance(error, _AttemptFailed) or error.dispatched:
                 return True  # a commit that reached the site is never simply sent again
+            if self.handed_over(error.failure):
+                return True
             rule = self.rule(planned, error.failure.code)
             return rule.action != RuleAction.retry or state.attempt_number >= rule.attempts
 
@@ -968,8 +975,15 @@ class _Run:
                         await self.restore_page(index, planned, report)
                     await self.attempt(planned, report)
         except _AttemptFailed as exc:
+            if self.handed_over(exc.failure):
+                raise BrowserLost(exc.failure.message) from exc
             return exc.failure
         return None
+
+    def handed_over(self, failure: Failure) -> bool:
+        """Whether `failure` (the page's renderer or the browser died) ends this run for a fresh
+        one: every retry on this page would fail the same way (`Target crashed`)."""
+        return self.hand_over_crashes and failure.code == FailureCode.browser_crashed
 
     async def attempt(self, planned: PlannedStep, report: StepReport) -> None:
         """One try: act, check the postcondition, look for trouble, take the screenshot."""

@@ -23,7 +23,7 @@ from typing import Any, cast
 import aiohttp
 from arq import Worker
 from arq.connections import RedisSettings
-from arq.worker import func
+from arq.worker import Retry, func
 from pydantic import BaseModel, ConfigDict, ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -57,7 +57,7 @@ from worker.contract import (
     Verification,
 )
 from worker.envelope import MALFORMED, MALFORMED_FIELD, MAX_TRIES, dumps, envelope, loads
-from worker.errors import JobInvalid, RejectedError
+from worker.errors import BrowserLost, JobInvalid, RejectedError
 from worker.events import EventListener, JobEvents
 from worker.executor import (
     ResumePoint,
@@ -686,6 +686,7 @@ async def _run_tracked(
                     journal=journal,
                     resume=resume,
                     checkpoints=state.checkpoints(job_id, events.outbox),
+                    hand_over_crashes=True,
                 )
         except TimeoutError:
             log.warning("job %s: over FORMWORK_JOB_TIMEOUT", job_id)
@@ -701,6 +702,13 @@ async def _run_tracked(
         await _count_drift(redis, keys, job.site, report)
         await _after_run(state, job_id, report)
         return report
+    except BrowserLost as exc:
+        # The page's renderer or the browser died: a retry on that page would fail the same
+        # way. Back on the queue, the job goes on from its last checkpoint in a new context
+        # (the browser relaunched if need be), as after a worker that died — a run of its 3.
+        log.warning("job %s: %s; it runs again from its last checkpoint", job_id, exc.message)
+        await events.job(JobStatus.queued, message="the browser crashed mid-job; it will run again")
+        raise Retry() from exc
     except Exception as exc:
         # A bug or an unexpected failure of ours: the job still ends with a report and a
         # terminal event, so no orchestrator waits forever on a job stuck at "running".
@@ -745,7 +753,8 @@ async def _give_up(
     tries = run - 1
     log.warning("job %s: its %s runs were all cut short; not run again", job.job_id, tries)
     message = (
-        f"each of the job's {tries} runs was cut short (its worker stopped or died): "
+        f"each of the job's {tries} runs was cut short (its worker stopped or died, or its "
+        "browser crashed): "
         "it is not run again"
     )
     return await fail_internally(
