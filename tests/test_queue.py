@@ -20,6 +20,7 @@ from worker.client import FormworkClient
 from worker.contract import (
     BrowserJob,
     EventKind,
+    FailureCode,
     JobEvent,
     JobStatus,
     ResumeDecision,
@@ -177,6 +178,28 @@ async def test_a_job_queued_with_a_score_arq_cannot_read_runs_and_the_worker_kee
     assert sorted(c["reference"] for c in billing.credits()) == sorted(
         ["q-minus-inf", "q-zero", CREDIT_INPUTS["reference"]]
     )
+
+
+async def test_a_job_whose_artifacts_folder_cannot_be_made_ends_with_a_storage_error(
+    billing: Site,
+    client: FormworkClient,
+    settings: Settings,
+    browser_host: BrowserHost,
+    tmp_path: Path,
+) -> None:
+    # A file where the artifacts folder should be (as a full or read-only disk would do): the
+    # job raised at its first write, again at its report, and stayed `running` for ever.
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the artifacts folder should be")
+    own = settings.model_copy(update={"artifacts_dir": blocked})
+    async with running_worker(own, browser_host):
+        handle = await client.enqueue(credit_job(billing, "q-store"))
+        report = await handle.wait(60)
+    assert report.status == JobStatus.failed
+    assert report.error is not None and report.error.code == FailureCode.storage_error
+    assert "could not make the job's folder" in report.error.message
+    assert report.artifacts is None  # nothing was kept, and the report says so
+    assert billing.credits() == []
 
 
 async def test_malformed_payloads_are_rejected_and_the_worker_keeps_serving(

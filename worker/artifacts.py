@@ -189,7 +189,10 @@ class ArtifactStore(ABC):
 
     def _spooled(self, job_id: str) -> Path:
         path = self.spool / self.job_path(job_id)
-        _private_dir(path)
+        try:
+            _private_dir(path)
+        except OSError as exc:  # not a folder, not writable, the disk full
+            raise ArtifactError(f"could not make the job's folder {path}: {exc}") from exc
         return path
 
     def describe(self, job_id: str) -> Artifacts:
@@ -214,7 +217,10 @@ class ArtifactStore(ABC):
     def downloads_dir(self, job_id: str) -> Path:
         """The only place a job's downloads are kept (published with the rest of the job)."""
         path = self._spooled(job_id) / "downloads"
-        path.mkdir(exist_ok=True, mode=0o700)
+        try:
+            path.mkdir(exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise ArtifactError(f"could not make {path}: {exc}") from exc
         return path
 
     def har_file(self, job_id: str) -> tuple[Path, str]:
@@ -223,7 +229,10 @@ class ArtifactStore(ABC):
 
     def write_report(self, report: JobReport) -> Path:
         path = self._spooled(report.job_id) / "report.json"
-        _write_private(path, report.model_dump_json(indent=2).encode())
+        try:
+            _write_private(path, report.model_dump_json(indent=2).encode())
+        except OSError as exc:
+            raise ArtifactError(f"could not write {path}: {exc}") from exc
         return path
 
     # ------------------------------------------------------------ the audit record

@@ -49,7 +49,7 @@ from worker.contract import (
     WouldSubmit,
 )
 from worker.downloads import Downloads
-from worker.errors import BrowserLost, RejectedError, SecretMissing, StepError
+from worker.errors import ArtifactError, BrowserLost, RejectedError, SecretMissing, StepError
 from worker.evidence import IMAGE_SUFFIX, capture, echo_mask_script, measure
 from worker.failures import classify, detectors_seen, observe_page, translate_playwright_error
 from worker.guard import Guard
@@ -472,8 +472,15 @@ async def _finish(
     report.ended_at = now()
     # The worker's time on the job, over all its runs: a pause's wait is not in it.
     report.duration_ms = (report.duration_ms or 0.0) + _ms(started)
-    runtime.artifacts.write_report(report)
-    await runtime.artifacts.record(report)
+    try:
+        runtime.artifacts.write_report(report)
+    except ArtifactError as exc:
+        # The outcome stands, and is announced: a job whose folder cannot be written still
+        # settles (it stayed `running` for ever). Its report names no folder that is not there.
+        log.error("job %s: report not stored: %s", report.job_id, exc.message)
+        report.artifacts = None
+    else:
+        await runtime.artifacts.record(report)
     await listener.job_changed(report)
     return report
 

@@ -57,7 +57,7 @@ from worker.contract import (
     Verification,
 )
 from worker.envelope import MALFORMED, MALFORMED_FIELD, MAX_TRIES, dumps, envelope, loads
-from worker.errors import BrowserLost, JobInvalid, RejectedError
+from worker.errors import ArtifactError, BrowserLost, JobInvalid, RejectedError
 from worker.events import EventListener, JobEvents
 from worker.executor import (
     ResumePoint,
@@ -716,8 +716,17 @@ async def _run_tracked(
         sent: set[str] = set()
         with contextlib.suppress(RedisError):
             sent = (await RedisCommitJournal.open(redis, keys, job_id)).previously_sent
+        # The artifact store failing (no folder, a full disk) is a code of its own, not a bug.
+        stored = exc if isinstance(exc, ArtifactError) else None
         report = await fail_internally(
-            job, exc, state.runtime, listener, last=latest.report, sent=sent
+            job,
+            exc,
+            state.runtime,
+            listener,
+            code=stored.code if stored else FailureCode.script_error,
+            message=stored.message if stored else None,
+            last=latest.report,
+            sent=sent,
         )
         with contextlib.suppress(RedisError):
             await _after_run(state, job_id, report)
