@@ -25,7 +25,7 @@ from worker.contract import BrowserJob, JobReport, JobStatus, ResumeDecision
 from worker.queue import read_pause, running_worker
 from worker.settings import Settings
 
-from .conftest import CREDIT_INPUTS, ROOT, SECRETS_FILE, Site, worker_env
+from .conftest import CREDIT_INPUTS, ROOT, SECRETS_FILE, Site, own_redis, worker_env
 
 RUN_INPUTS = [
     "--input", "account_id=AC-10231", "--input", "amount=15.00",
@@ -178,6 +178,37 @@ async def test_enqueue_watch_and_status_through_the_queue(
         tmp_path=tmp_path, env=env,
     )  # fmt: skip
     assert rejected.returncode == 2 and "job cli-q-2: rejected" in rejected.stdout
+
+
+async def test_watch_follows_a_job_across_a_dropped_redis_connection(
+    billing: Site, settings: Settings, browser_host: BrowserHost, tmp_path: Path
+) -> None:
+    # Redis dropped the watcher's connection (a restart, a failover): `watch` ended with a
+    # traceback and exit 1, the code that says the job failed, while the job went on.
+    async with own_redis(tmp_path) as server:
+        own = settings.model_copy(update={"redis_url": server.url})
+        env = {"REDIS_URL": own.redis_url, "FORMWORK_KEY_PREFIX": own.key_prefix}
+        async with FormworkClient(own.redis_url, key_prefix=own.key_prefix) as client:
+            job = BrowserJob(
+                job_id="cli-drop", script="billing/issue_credit", inputs=CREDIT_INPUTS,
+                site_url=billing.url,
+            )  # fmt: skip
+            handle = await client.enqueue(job)
+            watch = asyncio.create_task(
+                asyncio.to_thread(formwork, "watch", "cli-drop", tmp_path=tmp_path, env=env)
+            )
+            async with asyncio.timeout(30):  # another process's connection: only polled
+                while not [c for c in await client.redis.client_list() if c["cmd"] == "xread"]:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            await client.redis.client_kill_filter(_type="normal", skipme=True)
+            async with running_worker(own, browser_host):
+                await handle.wait(60)
+            result = await watch
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "lost Redis" in result.stderr
+    assert "job cli-drop: succeeded" in result.stdout
+    assert result.stdout.splitlines().count("   1 job queued") == 1  # followed on, not again
+    assert len(billing.credits()) == 1
 
 
 async def paused_for_the_customer(billing: Site, client: FormworkClient, job_id: str) -> JobHandle:

@@ -489,10 +489,27 @@ async def _follow(client: Any, job_id: str, after: str, after_seq: int = 0) -> i
     if await handle.status() is None:
         print(f"formwork: no job {job_id}", file=sys.stderr)
         return 2
-    async for event_id, event in handle.events(after=after):
-        if event.seq > after_seq:
-            print(format_event(event_id, event), flush=True)
-    report = await handle.report()
+    wait_s = 1.0
+    while True:
+        try:
+            async for event_id, event in handle.events(after=after):
+                after, wait_s = event_id, 1.0
+                if event.seq > after_seq:
+                    print(format_event(event_id, event), flush=True)
+            report = await handle.report()
+            break
+        except (RedisError, ConnectionError, TimeoutError) as exc:
+            # Redis restarted, failed over or dropped the connection: the job goes on, and
+            # its stream is read again from the last event printed. Ending here would exit 1,
+            # which says the job failed.
+            print(
+                f"formwork: lost Redis ({type(exc).__name__}: {exc}); following again in "
+                f"{wait_s:.0f} s after event {after}",
+                file=sys.stderr,
+                flush=True,
+            )
+            await asyncio.sleep(wait_s)
+            wait_s = min(wait_s * 2, 30.0)
     if report is None:
         return 1
     print_summary(report, sys.stdout)
