@@ -163,7 +163,7 @@ async def test_plain_redis_enqueue_without_arq_runs(
     assert len(billing.credits()) == 1
 
 
-async def test_a_job_queued_with_a_score_arq_cannot_read_runs_and_the_worker_keeps_serving(
+async def test_queue_entries_arq_cannot_read_neither_kill_nor_strand_the_worker(
     billing: Site, client: FormworkClient, worker: Worker, settings: Settings
 ) -> None:
     # A ZADD written by hand: -inf killed the worker (every worker, while it stayed queued);
@@ -171,6 +171,13 @@ async def test_a_job_queued_with_a_score_arq_cannot_read_runs_and_the_worker_kee
     for job_id, score in (("q-minus-inf", float("-inf")), ("q-zero", 0.0)):
         job = credit_job(billing, job_id, inputs={"reference": job_id})
         await raw_enqueue(settings, job_id, raw_envelope(job.model_dump(mode="json")), score)
+    # An id that is not UTF-8 killed every worker at once, for as long as it stayed queued.
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        queue = f"{settings.key_prefix}:queue"
+        await redis.zadd(queue, {b"q-\xff\xfe": int(time.time() * 1000)})
+    finally:
+        await redis.aclose()
     await client.enqueue(credit_job(billing, "q-after-scores"))
     for job_id in ("q-minus-inf", "q-zero", "q-after-scores"):
         report = await client.handle(job_id).wait(60)
@@ -178,6 +185,7 @@ async def test_a_job_queued_with_a_score_arq_cannot_read_runs_and_the_worker_kee
     assert sorted(c["reference"] for c in billing.credits()) == sorted(
         ["q-minus-inf", "q-zero", CREDIT_INPUTS["reference"]]
     )
+    assert await client.queue_depth() == 0  # the unreadable entry went too
 
 
 async def test_a_job_whose_artifacts_folder_cannot_be_made_ends_with_a_storage_error(

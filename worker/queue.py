@@ -1207,14 +1207,29 @@ return #ids
 
 
 class _Worker(Worker):
-    """arq's Worker, minding queue scores it would choke on before it reads them."""
+    """arq's Worker, minding queue entries it would choke on before it reads them."""
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         if job_ids:
             mend: Any = self.pool.register_script(_MEND_SCORES)
             if await mend(keys=[self.queue_name]):
                 log.warning("queue %s: entries scored 0 or below are due now", self.queue_name)
-        await super().start_jobs(job_ids)
+        readable = []
+        for job_id in job_ids:
+            try:
+                job_id.decode()
+            except UnicodeDecodeError:
+                # arq decodes it outside its error handling: the worker died, and every worker
+                # after it, at once, for as long as it stayed queued. No job can have it for
+                # an id, so there is no record to report it in: it goes, and is logged.
+                log.error("queue %s: entry %r is not UTF-8; taken off", self.queue_name, job_id)
+                async with self.pool.pipeline(transaction=True) as pipe:
+                    pipe.zrem(self.queue_name, job_id)
+                    pipe.delete(ARQ_JOB_PREFIX.encode() + job_id)
+                    await pipe.execute()
+                continue
+            readable.append(job_id)
+        await super().start_jobs(readable)
 
 
 def build_worker(
