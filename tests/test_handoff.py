@@ -341,9 +341,11 @@ async def test_decisions_sent_around_the_client_are_refused_and_free_the_pause(
         assert secret not in text
 
 
-@pytest.mark.parametrize("claimed_unqueued", [False, True], ids=["no-decision", "claim-only"])
+@pytest.mark.parametrize(
+    "claimed_by", [None, "resume", "expire"], ids=["no-decision", "claim-only", "expiry-cut-short"]
+)
 async def test_a_pause_without_a_decision_expires(
-    billing: Site, client: FormworkClient, worker: Worker, claimed_unqueued: bool
+    billing: Site, client: FormworkClient, worker: Worker, claimed_by: str | None
 ) -> None:
     rule = {"field": "amount", "value": "15.00", "message": "Credits over 10.00 need approval"}
     billing.faults(reject_value=[rule])
@@ -355,11 +357,17 @@ async def test_a_pause_without_a_decision_expires(
     paused = await handle.wait(60)
     assert paused.status == JobStatus.needs_customer_input
     assert paused.handoff is not None and paused.handoff.expires_at is not None
-    if claimed_unqueued:
+    pause = await read_pause(client.redis, client.keys, "h-expire")
+    if claimed_by == "resume":
         # A wire-protocol client claims the pause and stops before queueing its message: the
         # claim would hold the job past its deadline for ever.
-        pause = await read_pause(client.redis, client.keys, "h-expire")
         token = message_id("h-expire", "resume", pause.seq)
+        await client.redis.hset(client.keys.job("h-expire"), DECISION_FIELD, f"{pause.seq}|{token}")
+    elif claimed_by == "expire":
+        # The expiry's own earlier run claimed the pause and died before ending the job: its
+        # next run stood aside for the claim it had taken itself, and the job waited for ever.
+        due = int(paused.handoff.expires_at.timestamp() * 1000)
+        token = message_id("h-expire", "expire", due)
         await client.redis.hset(client.keys.job("h-expire"), DECISION_FIELD, f"{pause.seq}|{token}")
 
     expired = await handle.wait(30, after=await handle.last_event_id())

@@ -1122,6 +1122,11 @@ async def execute_expire(
         return report
     # Claimed like a decision: a decision taken before now is carried out, not expired.
     claimed = await claim_pause(redis, keys, job_id, paused.seq, arq_id)
+    if claimed == PauseClaim.decided and paused.claim == f"{paused.seq}|{arq_id}":
+        # This message claimed the pause in a run that ended before the job did (its worker
+        # killed, a Redis error): it goes on. Stood aside as if another decision held the
+        # pause, it left the job paused for ever, past its deadline, deaf to decisions.
+        claimed = PauseClaim.claimed
     if claimed == PauseClaim.decided and await _drop_unqueued_claim(state, job_id):
         claimed = await claim_pause(redis, keys, job_id, paused.seq, arq_id)
     if claimed != PauseClaim.claimed:
