@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
 
 from worker.client import FormworkClient
 from worker.contract import BrowserJob, EventKind, JobStatus
@@ -325,6 +326,36 @@ async def test_a_job_whose_renderer_is_killed_goes_on_in_a_fresh_run(
 
 
 @pytest.mark.timeout(120)
+async def test_a_job_whose_redis_connection_drops_mid_write_goes_on_in_a_fresh_run(
+    billing: Site, settings: Settings, tmp_path: Path
+) -> None:
+    # Redis dropped the connection a job was writing on (a failover, a proxy's cut): the run
+    # raised ConnectionError and the job ended `failed` ("internal error in the worker"),
+    # though neither it nor the site had anything wrong.
+    billing.faults(latency_ms=200)
+    async with own_redis(tmp_path) as server:
+        own = settings.model_copy(update={"redis_url": server.url})
+        admin = Redis(port=server.port)
+        async with FormworkClient(own.redis_url, key_prefix=own.key_prefix) as client:
+            with worker_process(own, tmp_path / "w.log"):
+                handle = await client.enqueue(job(billing, "p-drop", "T-13"))
+                async for _, event in handle.events():
+                    if event.step is not None and event.step.id == "amount":
+                        break
+                # Writes wait while Redis is paused: the job's next one is in flight when its
+                # connection is cut.
+                await admin.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")
+                blocked = await _until_blocked(admin)
+                await admin.client_kill_filter(_id=blocked["id"])
+                await admin.execute_command("CLIENT", "UNPAUSE")
+                report = await handle.wait(90)
+        await admin.aclose()
+    assert report.status == JobStatus.succeeded, report.error
+    assert len(billing.credits()) == 1
+    assert [i.run for i in report.interruptions] == [2]
+
+
+@pytest.mark.timeout(120)
 async def test_a_worker_serving_metrics_outlives_a_redis_restart_with_one_browser(
     billing: Site, settings: Settings, tmp_path: Path
 ) -> None:
@@ -354,6 +385,19 @@ async def test_a_worker_serving_metrics_outlives_a_redis_restart_with_one_browse
     # Said as a JSON log line with its level, like the rest of a worker's log (it was bare text).
     [lost, *_] = [line for line in log.read_text().splitlines() if "lost Redis" in line]
     assert json.loads(lost)["level"] == "error", lost
+
+
+async def _until_blocked(admin: Redis) -> dict[str, str]:
+    """A connection of the job's that waits on a paused Redis to write (not the site slot's
+    lease renewal, a script that tolerates a lost connection). Another process's connection:
+    it can only be polled."""
+    async with asyncio.timeout(30):
+        while True:
+            clients = await admin.client_list()
+            blocked = [c for c in clients if "b" in c["flags"] and c["cmd"] != "evalsha"]
+            if blocked:
+                return blocked[0]
+            await asyncio.sleep(0.05)
 
 
 def _processes() -> dict[int, tuple[int, bytes]]:

@@ -26,7 +26,9 @@ from arq.connections import RedisSettings
 from arq.worker import Retry, func
 from pydantic import BaseModel, ConfigDict, ValidationError
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import logs
 from worker.artifacts import store_for
@@ -702,12 +704,18 @@ async def _run_tracked(
         await _count_drift(redis, keys, job.site, report)
         await _after_run(state, job_id, report)
         return report
-    except BrowserLost as exc:
-        # The page's renderer or the browser died: a retry on that page would fail the same
-        # way. Back on the queue, the job goes on from its last checkpoint in a new context
-        # (the browser relaunched if need be), as after a worker that died — a run of its 3.
-        log.warning("job %s: %s; it runs again from its last checkpoint", job_id, exc.message)
-        await events.job(JobStatus.queued, message="the browser crashed mid-job; it will run again")
+    except (BrowserLost, RedisConnectionError, RedisTimeoutError) as exc:
+        # The page's renderer or the browser died (a retry on that page would fail the same
+        # way), or Redis dropped the run's connection (a restart, a failover: the run cannot
+        # keep its record). Neither is the job's outcome: back on the queue, it goes on from
+        # its last checkpoint in a fresh run and a new context, as after a worker that died —
+        # one of its 3 runs. With Redis still gone, arq hands it on once Redis is back.
+        why = "the browser crashed" if isinstance(exc, BrowserLost) else "lost Redis"
+        log.warning("job %s: %s (%s); it runs again from its last checkpoint", job_id, why, exc)
+        with contextlib.suppress(RedisError):
+            await events.outbox.flush()  # raises (and clears) what the run failed to write
+        with contextlib.suppress(RedisError):
+            await events.job(JobStatus.queued, message=f"{why} mid-job; it will run again")
         raise Retry() from exc
     except Exception as exc:
         # A bug or an unexpected failure of ours: the job still ends with a report and a
