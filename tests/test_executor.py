@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -11,6 +12,8 @@ from typing import Any
 
 import pytest
 from PIL import Image, ImageChops, ImageStat
+from playwright.async_api import BrowserContext
+from playwright.async_api import Error as PlaywrightError
 
 from worker.actions import PageActions
 from worker.artifacts import LocalArtifacts
@@ -22,6 +25,7 @@ from worker.contract import (
     MatchedSelector,
     StepStatus,
 )
+from worker.errors import BrowserLost
 from worker.evidence import echo_mask_script
 from worker.executor import ResumePoint, Runtime, run_job
 from worker.script import PlannedStep, ScriptStore
@@ -38,6 +42,22 @@ def credit_job(site: Site, job_id: str = "job-1", **inputs: str) -> BrowserJob:
         inputs={**CREDIT_INPUTS, **inputs},
         site_url=site.url,
     )
+
+
+async def test_a_page_that_dies_before_the_first_step_is_handed_over(
+    billing: Site, runtime: Runtime
+) -> None:
+    # The renderer died while the job's context was being set up (its init scripts, its
+    # trace): the PlaywrightError escaped as a bug of the worker's, and a queued job ended
+    # failed where one whose page died in a step goes on in a fresh run.
+    async def crash(context: BrowserContext) -> None:
+        with contextlib.suppress(PlaywrightError):  # the navigation dies with the renderer
+            await context.pages[0].goto("chrome://crash")
+
+    crashing = dataclasses.replace(runtime, context_setup=crash)
+    with pytest.raises(BrowserLost):
+        await run_job(credit_job(billing), crashing, hand_over_crashes=True)
+    assert billing.state()["requests"] == 0
 
 
 async def test_issue_credit_succeeds_with_exactly_one_credit(

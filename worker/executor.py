@@ -241,6 +241,13 @@ async def run_job(
             # timeout, a shutdown) must end now, not up to Downloads.SETTLE_S later — past the
             # timeout's margin, arq would cancel it with no report.
             await downloads.settle()
+        except PlaywrightError as exc:
+            # Outside a step (the context's setup, its trace): a page or browser that died is
+            # handed over as one a step finds dead; anything else is the worker's to report.
+            lost = translate_playwright_error(exc, doing="setting up the job's page")
+            if hand_over_crashes and lost.code == FailureCode.browser_crashed:
+                raise BrowserLost(lost.message) from exc
+            raise
         finally:
             if har is None:
                 # Nothing in the report waits for the close: it goes on in the background.
