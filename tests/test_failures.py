@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from playwright.async_api import Error as PlaywrightError
 from tenacity import RetryCallState
 
 from worker.browser import BrowserHost
@@ -20,7 +21,7 @@ from worker.contract import (
     Verification,
 )
 from worker.executor import Runtime, run_job
-from worker.failures import PageState, classify
+from worker.failures import PageState, classify, translate_playwright_error
 from worker.policy import DEFAULT_RULES, Rule, retry_wait_s, rule_for
 from worker.queue import running_worker
 from worker.settings import Settings
@@ -46,6 +47,20 @@ def fired(report: JobReport) -> list[tuple[str, str]]:
 
 
 # ---------------------------------------------------------------- pure: classification, rules
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "Locator.wait_for: Target crashed ",
+        "Page.goto: Page crashed",
+        "Page.goto: Navigation failed because page crashed!",
+        "Page.goto: Target page, context or browser has been closed",
+    ],
+)
+def test_a_page_or_browser_that_died_is_browser_crashed(message: str) -> None:
+    error = translate_playwright_error(PlaywrightError(message), doing="goto failed")
+    assert error.code == FailureCode.browser_crashed
 
 
 def test_classification_reads_the_page_state() -> None:

@@ -29,6 +29,11 @@ _NETWORK_MARKERS = ("net::ERR_", "NS_ERROR_", "ECONNREFUSED", "Connection refuse
 _CRASH_MARKERS = (
     "Target page, context or browser has been closed",
     "Target crashed",
+    # A navigation on a page whose renderer died: "Page.goto: Page crashed", or "Navigation
+    # failed because page crashed!" (read as a script error, a probe's goto made the commit
+    # it checked a person's to decide, where a fresh run would have looked).
+    "Page crashed",
+    "page crashed",
     "Browser has been closed",
     "browser has disconnected",
 )
