@@ -176,14 +176,20 @@ async def test_queue_entries_arq_cannot_read_neither_kill_nor_strand_the_worker(
     try:
         queue = f"{settings.key_prefix}:queue"
         await redis.zadd(queue, {b"q-\xff\xfe": int(time.time() * 1000)})
+        # Keys arq reads first, of a type it cannot read: the worker restarted each time.
+        await redis.hset(ARQ_JOB_PREFIX + "q-hash", "a", "b")
+        await redis.zadd(queue, {"q-hash": int(time.time() * 1000)})
+        await redis.set("arq:retry:q-retry", "many")
+        job = credit_job(billing, "q-retry", inputs={"reference": "q-retry"})
+        await raw_enqueue(settings, "q-retry", raw_envelope(job.model_dump(mode="json")))
     finally:
         await redis.aclose()
     await client.enqueue(credit_job(billing, "q-after-scores"))
-    for job_id in ("q-minus-inf", "q-zero", "q-after-scores"):
+    for job_id in ("q-minus-inf", "q-zero", "q-retry", "q-after-scores"):
         report = await client.handle(job_id).wait(60)
         assert report.status == JobStatus.succeeded, (job_id, report.error)
     assert sorted(c["reference"] for c in billing.credits()) == sorted(
-        ["q-minus-inf", "q-zero", CREDIT_INPUTS["reference"]]
+        ["q-minus-inf", "q-zero", "q-retry", CREDIT_INPUTS["reference"]]
     )
     assert await client.queue_depth() == 0  # the unreadable entry went too
 

@@ -15,6 +15,7 @@ DEFAULT_PREFIX = "formwork"
 ARQ_JOB_PREFIX = "arq:job:"  # arq.constants.job_key_prefix: the plain-Redis wire protocol uses it
 ARQ_IN_PROGRESS_PREFIX = "arq:in-progress:"  # arq.constants.in_progress_key_prefix
 ARQ_RESULT_PREFIX = "arq:result:"  # arq.constants.result_key_prefix
+ARQ_RETRY_PREFIX = "arq:retry:"  # arq.constants.retry_key_prefix: a job's try count
 JOB_FUNCTION = "browser_job"  # the arq function name a raw enqueuer writes into the payload
 
 MessageKind = Literal["resume", "expire"]

@@ -27,7 +27,7 @@ from arq.worker import Retry, func
 from pydantic import BaseModel, ConfigDict, ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import logs
@@ -78,6 +78,7 @@ from worker.keys import (
     ARQ_IN_PROGRESS_PREFIX,
     ARQ_JOB_PREFIX,
     ARQ_RESULT_PREFIX,
+    ARQ_RETRY_PREFIX,
     JOB_FUNCTION,
     RECORD_TTL_S,
     Keys,
@@ -1243,6 +1244,30 @@ class _Worker(Worker):
                 continue
             readable.append(job_id)
         await super().start_jobs(readable)
+
+    async def run_job(self, job_id: str, score: int) -> None:
+        try:
+            await super().run_job(job_id, score)
+        except ResponseError as exc:
+            # arq reads a job's envelope and counts its try outside its error handling: an
+            # `arq:job:<id>` of another type than a string, or an `arq:retry:<id>` that is not
+            # a number (written by hand), raised out of the poll loop and restarted the worker,
+            # again each time the entry fell due.
+            if "not an integer" in str(exc):
+                # The count alone is unreadable: it starts again, and the job runs.
+                log.error("job %s: its try count cannot be read (%s); reset", job_id, exc)
+                drop = [ARQ_RETRY_PREFIX + job_id, ARQ_IN_PROGRESS_PREFIX + job_id]
+                await self.pool.delete(*drop)
+                return
+            if "WRONGTYPE" not in str(exc):
+                raise
+            log.error(
+                "queue %s: job %s cannot be read (%s); taken off", self.queue_name, job_id, exc
+            )
+            async with self.pool.pipeline(transaction=True) as pipe:
+                pipe.zrem(self.queue_name, job_id)
+                pipe.delete(ARQ_IN_PROGRESS_PREFIX + job_id)
+                await pipe.execute()
 
 
 def build_worker(
