@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,6 +34,12 @@ class SettingsInvalid(ValueError):
 # Settings whose values are never repeated in an error message.
 _SECRET_SETTINGS = {"webhook_secret", "state_key"}
 REDIS_SCHEMES = ("redis", "rediss", "unix")
+# The command-line options that set a field under another name than `--<field>`.
+_OPTIONS = {
+    "artifacts_dir": "--artifacts",
+    "artifacts_url": "--store",
+    "s3_endpoint_url": "--s3-endpoint",
+}
 
 
 class Settings(BaseModel):
@@ -45,7 +52,7 @@ class Settings(BaseModel):
     artifacts_dir: Path = Path("artifacts")
     # s3://bucket/prefix: artifacts go to an S3-compatible store; artifacts_dir is then the
     # local spool a job writes into while it runs.
-    artifacts_url: str | None = Field(default=None, pattern=r"^s3://[^/\s]+(/.*)?$")
+    artifacts_url: str | None = None
     s3_endpoint_url: str | None = None  # a non-AWS server (MinIO, Ceph, ...)
     scripts_dir: Path = Path("scripts")
     selectors_dir: Path = Path("selectors")
@@ -79,6 +86,13 @@ class Settings(BaseModel):
         scheme = url.partition("://")[0] if "://" in url else ""
         if scheme not in REDIS_SCHEMES:
             raise ValueError("a Redis URL starts with redis://, rediss:// or unix://")
+        return url
+
+    @field_validator("artifacts_url")
+    @classmethod
+    def _s3_url(cls, url: str | None) -> str | None:
+        if url is not None and not re.fullmatch(r"s3://[^/\s]+(/.*)?", url):
+            raise ValueError("an object store is named s3://bucket or s3://bucket/prefix")
         return url
 
     def to_env(self) -> dict[str, str]:
@@ -147,7 +161,8 @@ class Settings(BaseModel):
             for error in exc.errors():
                 field = str(error["loc"][0]) if error["loc"] else ""
                 # An option given on the command line, else the variable it came from.
-                source = f"--{field.replace('_', '-')}" if field in given else names.get(field)
+                option = _OPTIONS.get(field, f"--{field.replace('_', '-')}")
+                source = option if field in given else names.get(field)
                 source = source or {"webhook_hosts": "FORMWORK_WEBHOOK_HOSTS"}.get(field, field)
                 why = error["msg"].removeprefix("Value error, ")
                 value = values.get(field)
