@@ -23,11 +23,12 @@ from worker.contract import (
     JobReport,
     JobStatus,
     MatchedSelector,
+    StepReport,
     StepStatus,
 )
 from worker.errors import BrowserLost
 from worker.evidence import echo_mask_script
-from worker.executor import ResumePoint, Runtime, run_job
+from worker.executor import NullListener, ResumePoint, Runtime, fail_internally, run_job
 from worker.script import PlannedStep, ScriptStore
 from worker.secretstore import SecretStore
 
@@ -518,3 +519,62 @@ async def test_a_takeover_right_after_a_confirmed_commit_reads_the_effect_back(
 
     later = numbers(report) - first
     assert later and min(later) > max(first)
+
+
+async def test_a_failure_after_a_confirmed_commit_says_the_effect_exists(
+    billing: Site, runtime: Runtime, tmp_path: Path
+) -> None:
+    # The credit is made and confirmed, then reading its number fails and the job ends failed.
+    # Read alone, "failed" says nothing about the credit: an orchestrator would run it again.
+    runtime.scripts = broken_tree(tmp_path, "credit.confirmation_number", '[{css: "#gone"}]')
+    script = tmp_path / "scripts" / "billing" / "issue_credit.yaml"
+    text = script.read_text()
+    assert "  - id: confirmation\n    extract:" in text
+    script.write_text(
+        text.replace(
+            "  - id: confirmation\n    extract:",
+            "  - id: confirmation\n    on_failure: {selector_not_found: fail}\n    extract:",
+        )
+    )
+
+    report = await run_job(credit_job(billing), runtime)
+
+    assert report.status == JobStatus.failed
+    assert report.error is not None and report.error.code == FailureCode.selector_not_found
+    assert report.error.message.endswith(
+        "(after submit was confirmed by the site: its effect exists, and running the job "
+        "again would repeat it)"
+    )
+    [confirmation] = [s for s in report.steps if s.id == "confirmation"]
+    assert confirmation.failure is not None and "effect exists" not in confirmation.failure.message
+    assert len(billing.credits()) == 1
+
+
+async def test_the_job_timeout_after_a_confirmed_commit_says_the_effect_exists(
+    billing: Site, runtime: Runtime
+) -> None:
+    # The worker ends the job itself (its timeout) while it reads the confirmation.
+    job = credit_job(billing)
+    last = JobReport(
+        job_id=job.job_id,
+        status=JobStatus.running,
+        script=job.script,
+        steps=[
+            StepReport(id="submit", action="click", status=StepStatus.succeeded, commit=True),
+            StepReport(id="confirmation", action="extract", status=StepStatus.running),
+        ],
+    )
+    report = await fail_internally(
+        job,
+        TimeoutError("over the job timeout of 20s"),
+        runtime,
+        NullListener(),
+        code=FailureCode.timeout,
+        last=last,
+        sent={"submit"},
+    )
+    assert report.status == JobStatus.failed
+    assert report.error is not None and report.error.message == (
+        "over the job timeout of 20s (after submit was confirmed by the site: its effect "
+        "exists, and running the job again would repeat it)"
+    )

@@ -413,8 +413,22 @@ async def fail_internally(
         wait_s = job.pause_timeout_s or PAUSE_TIMEOUT_S
         report.handoff.expires_at = now() + timedelta(seconds=wait_s)
     else:
-        report.status, report.error = JobStatus.failed, failure
+        report.status, report.error = JobStatus.failed, _after_confirmed_commit(report, failure)
     return await _finish(report, time.perf_counter(), runtime, listener)
+
+
+def _after_confirmed_commit(report: JobReport, failure: Failure) -> Failure:
+    """`failure`, saying so when it came after a commit the site confirmed. The job is
+    `failed` (a later step did not work: an output not read, say), but its effect exists:
+    whoever reads "failed" and a retryable code must not run it again for a second one."""
+    done = [s.id for s in report.steps if s.commit and s.status == StepStatus.succeeded]
+    if not done:
+        return failure
+    after = (
+        f"after {done[-1]} was confirmed by the site: its effect exists, and running the job "
+        "again would repeat it"
+    )
+    return failure.model_copy(update={"message": f"{failure.message} ({after})"})
 
 
 def refuse_carried(secrets: SecretStore, job: BrowserJob) -> None:
@@ -913,6 +927,8 @@ class _Run:
         self.report.error = failure
         self.report.outputs = dict(self.actions.outputs)
         self.claims()
+        if status == JobStatus.failed and failure is not None:
+            self.report.error = _after_confirmed_commit(self.report, failure)
         if status.paused and failure is not None:
             self.report.handoff = handoff_request(
                 self.report, failure, status, list(self.loaded.script.inputs), why
