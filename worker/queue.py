@@ -1303,7 +1303,8 @@ def build_worker(
 
 
 class WorkerSettings:
-    """For `arq worker.queue.WorkerSettings`: the same worker, configured from the environment."""
+    """For `arq worker.queue.WorkerSettings`: the worker configured from the environment, but
+    run by arq's own `Worker`, without `_Worker`'s guards against entries arq cannot read."""
 
     _settings = Settings.from_env()
     functions = (func(browser_job, name=JOB_FUNCTION),)
