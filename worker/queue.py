@@ -668,6 +668,7 @@ async def _run_tracked(
     def gate(loaded: LoadedScript) -> contextlib.AbstractAsyncContextManager[None]:
         return state.capacity.slot(loaded.script.site, loaded.registry.limits)
 
+    settled: JobReport | None = None  # the run's report, once announced: then only bookkeeping
     try:
         journal = await RedisCommitJournal.open(redis, keys, job_id)
         if run > MAX_TRIES:
@@ -702,26 +703,25 @@ async def _run_tracked(
                 last=latest.report,
                 sent=(await RedisCommitJournal.open(redis, keys, job_id)).previously_sent,
             )
+        settled = report
         await _count_drift(redis, keys, job.site, report)
         await _after_run(state, job_id, report)
         return report
-    except (BrowserLost, RedisConnectionError, RedisTimeoutError) as exc:
-        # The page's renderer or the browser died (a retry on that page would fail the same
-        # way), or Redis dropped the run's connection (a restart, a failover: the run cannot
-        # keep its record). Neither is the job's outcome: back on the queue, it goes on from
-        # its last checkpoint in a fresh run and a new context, as after a worker that died —
-        # one of its 3 runs. With Redis still gone, arq hands it on once Redis is back.
-        why = "the browser crashed" if isinstance(exc, BrowserLost) else "lost Redis"
-        log.warning("job %s: %s (%s); it runs again from its last checkpoint", job_id, why, exc)
-        with contextlib.suppress(RedisError):
-            await events.outbox.flush()  # raises (and clears) what the run failed to write
-        with contextlib.suppress(RedisError):
-            await events.job(JobStatus.queued, message=f"{why} mid-job; it will run again")
-        raise Retry() from exc
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        if settled is None:
+            raise await _hand_on(job_id, events, "lost Redis", exc) from exc
+        # The job has ended and said so: losing Redis in its bookkeeping is no reason to run it
+        # again, nor to announce it as queued after its last word.
+        log.error("job %s: ended %s, then lost Redis (%s)", job_id, settled.status, exc)
+        return settled
+    except BrowserLost as exc:
+        raise await _hand_on(job_id, events, "the browser crashed", exc) from exc
     except Exception as exc:
         # A bug or an unexpected failure of ours: the job still ends with a report and a
         # terminal event, so no orchestrator waits forever on a job stuck at "running".
         log.exception("job %s: internal error", job_id)
+        if settled is not None:
+            return settled  # it had ended already: a second last word would contradict it
         sent: set[str] = set()
         with contextlib.suppress(RedisError):
             sent = (await RedisCommitJournal.open(redis, keys, job_id)).previously_sent
@@ -742,7 +742,10 @@ async def _run_tracked(
         return report
     except asyncio.CancelledError:
         # Shutdown (or arq's job timeout) cancelled us mid-job. arq puts the job back on the
-        # queue; say so, so a watcher knows it is not lost.
+        # queue; say so, so a watcher knows it is not lost. (Cancelled once it had ended, its
+        # next run only answers with the stored report: nothing to announce.)
+        if settled is not None:
+            raise
         with contextlib.suppress(Exception):
             await asyncio.shield(
                 events.job(JobStatus.queued, message="worker stopped mid-job; it will run again")
@@ -751,6 +754,20 @@ async def _run_tracked(
     finally:
         if events.webhook is not None:
             await events.webhook.close()
+
+
+async def _hand_on(job_id: str, events: JobEvents, why: str, exc: Exception) -> Retry:
+    """The page's renderer or the browser died (a retry on that page would fail the same way),
+    or Redis dropped the run's connection (a restart, a failover: the run cannot keep its
+    record). Neither is the job's outcome: back on the queue, it goes on from its last
+    checkpoint in a fresh run and a new context, as after a worker that died — one of its 3
+    runs. With Redis still gone, arq hands it on once Redis is back."""
+    log.warning("job %s: %s (%s); it runs again from its last checkpoint", job_id, why, exc)
+    with contextlib.suppress(RedisError):
+        await events.outbox.flush()  # raises (and clears) what the run failed to write
+    with contextlib.suppress(RedisError):
+        await events.job(JobStatus.queued, message=f"{why} mid-job; it will run again")
+    return Retry()
 
 
 async def _give_up(
