@@ -22,6 +22,7 @@ from worker.audit_ui import export_html
 from worker.browser import BrowserHost
 from worker.client import FormworkClient, JobHandle
 from worker.contract import BrowserJob, JobReport, JobStatus, ResumeDecision
+from worker.keys import ARQ_JOB_PREFIX
 from worker.queue import read_pause, running_worker
 from worker.settings import Settings
 
@@ -857,3 +858,40 @@ def test_audit_serve_beyond_this_machine_warns_that_it_has_no_sign_in(tmp_path: 
         f"0.0.0.0:{port} can read every job's evidence"
     )
     assert "no sign-in" not in local.stderr
+
+
+async def test_watch_says_so_when_the_jobs_record_is_gone(
+    billing: Site, tmp_path: Path, settings: Settings
+) -> None:
+    # A Redis that came back without its data (no snapshot) or a record deleted by hand: the
+    # stream ends with no report, and `watch` exited 1 without a word, as if the job failed.
+    env = {"REDIS_URL": settings.redis_url, "FORMWORK_KEY_PREFIX": settings.key_prefix}
+    async with FormworkClient(settings.redis_url, key_prefix=settings.key_prefix) as client:
+        job = BrowserJob(
+            job_id="cli-gone", script="billing/issue_credit", inputs=CREDIT_INPUTS,
+            site_url=billing.url,
+        )  # fmt: skip
+        await client.enqueue(job)  # no worker: it stays queued
+        watch = asyncio.create_task(
+            asyncio.to_thread(formwork, "watch", "cli-gone", tmp_path=tmp_path, env=env)
+        )
+        db = str(client.redis.connection_pool.connection_kwargs.get("db", 0))
+
+        async def watching() -> bool:  # the watch's XREAD, on our database (others share Redis)
+            clients = await client.redis.client_list()
+            return any(c["cmd"] == "xread" and c["db"] == db for c in clients)
+
+        async with asyncio.timeout(30):  # another process's connection: only polled
+            while not await watching():  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        keys = client.keys
+        await client.redis.zrem(keys.queue, "cli-gone")
+        await client.redis.delete(
+            ARQ_JOB_PREFIX + "cli-gone", keys.job("cli-gone"), keys.events("cli-gone")
+        )
+        result = await watch
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "formwork: job cli-gone has no record any more (it expired, or Redis lost its data): "
+        "how it ended is not known here"
+    ]

@@ -511,6 +511,13 @@ async def _follow(client: Any, job_id: str, after: str, after_seq: int = 0) -> i
             await asyncio.sleep(wait_s)
             wait_s = min(wait_s * 2, 30.0)
     if report is None:
+        # The stream ended without a report: the job's keys are gone (its record expired, or
+        # Redis came back without its data). Said, so exit 1 does not read as "the job failed".
+        print(
+            f"formwork: job {job_id} has no record any more (it expired, or Redis lost its "
+            "data): how it ended is not known here",
+            file=sys.stderr,
+        )
         return 1
     print_summary(report, sys.stdout)
     refused = report.decisions[-1].note if report.decisions and report.status.paused else None
