@@ -323,10 +323,12 @@ async def test_decisions_sent_around_the_client_are_refused_and_free_the_pause(
         # Still waiting, announced again: the next decision is free to come.
         assert report.status == JobStatus.needs_customer_input, decision
         assert (await read_pause(client.redis, client.keys, "h-raw")).waiting, decision
-        if decision["decision"] != "maybe" and "bogus" not in decision:
+        if decision["decision"] != "maybe":
             assert (report.decisions[-1].note or "").startswith(f"refused: {why}"), decision
-    assert [d.decision for d in report.decisions] == ["approve", *["retry_with_inputs"] * 2]
-    assert [d.by for d in report.decisions][1:] == ["(withheld)", "(withheld)"]
+    assert [d.decision for d in report.decisions] == [
+        "abort", "approve", *["retry_with_inputs"] * 2
+    ]  # fmt: skip
+    assert [d.by for d in report.decisions][2:] == ["(withheld)", "(withheld)"]
 
     # An abort is carried out whatever its note says; the note is not kept.
     last = await handle.last_event_id()
@@ -508,6 +510,11 @@ async def test_an_approval_sends_only_the_values_the_approver_saw(
     report = await handle.wait(30, after=last)
     assert report.status == JobStatus.awaiting_approval
     assert billing.credits() == []
+    # The refusal is on the record the orchestrator reads, not only in the worker's log.
+    refused = report.decisions[-1]
+    assert refused.decision == "approve" and refused.by == "unknown"
+    assert (refused.note or "").startswith("refused: invalid decision: ")
+    assert "approve takes no inputs" in (refused.note or "")
 
     last = await handle.last_event_id()
     assert await client.resume("a-values", ResumeDecision(decision="approve", by="lead@billing"))

@@ -1011,6 +1011,21 @@ async def execute_resume(
     return await _run_tracked(state, job, events, listener, resume=point)
 
 
+def _unread(state: WorkerState, sent: dict[str, Any]) -> ResumeDecision | None:
+    """What the record of a refused decision can say of one that does not validate (an
+    `approve` carrying inputs, say): its kind and who sent it. Without it the refusal was only
+    in the worker's log, and the orchestrator saw the pause announced again with no reason."""
+    kind = sent.get("decision")
+    if not isinstance(kind, str) or kind not in set(Decision):
+        return None
+    by = sent.get("by")
+    if not isinstance(by, str) or not 0 < len(by) <= 200:
+        by = "unknown"
+    elif state.runtime.secrets.carried_in({"by": by}) is not None:
+        by = "(withheld)"
+    return ResumeDecision(decision=Decision(kind), by=by)
+
+
 def _read_decision(
     state: WorkerState, sent: dict[str, Any], handoff: HandoffRequest
 ) -> tuple[ResumeDecision | None, str | None]:
@@ -1023,7 +1038,7 @@ def _read_decision(
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'decision'}: {e['msg']}" for e in exc.errors()
         )
-        return None, f"invalid decision: {problems}"
+        return _unread(state, sent), f"invalid decision: {problems}"
     if decision.decision not in handoff.allowed_decisions:
         allowed = ", ".join(handoff.allowed_decisions)
         return decision, f"{decision.decision} is not a decision this pause takes ({allowed})"
