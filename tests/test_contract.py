@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from worker.client import FormworkClient
-from worker.contract import BrowserJob, JobEvent, JobStatus, contract_schemas
+from worker.contract import BrowserJob, JobEvent, JobStatus, ResumeDecision, contract_schemas
 from worker.keys import ARQ_JOB_PREFIX, JOB_FUNCTION
 from worker.settings import Settings
 
@@ -38,6 +38,28 @@ def test_the_schema_of_a_jobs_boolean_fields_says_boolean() -> None:
         '{"job_id": "j", "script": "billing/issue_credit", "dry_run": true, "har": false}'
     )
     assert job.dry_run is True and job.har is False
+
+
+def test_the_schema_of_a_decision_says_what_the_worker_refuses() -> None:
+    # An orchestrator validating against `formwork schema` sent an approve carrying inputs, or
+    # a reject with no reason: the schema passed them and the worker refused them.
+    rules = contract_schemas()["ResumeDecision"]["allOf"]
+    inputs, outputs, reject = rules
+    assert inputs["if"]["properties"]["decision"] == {"not": {"const": "retry_with_inputs"}}
+    assert inputs["then"]["properties"]["inputs"] == {"maxProperties": 0}
+    assert outputs["if"]["properties"]["decision"] == {"not": {"enum": ["skip_step", "mark_done"]}}
+    assert outputs["then"]["properties"]["outputs"] == {"maxProperties": 0}
+    assert reject["if"]["properties"]["decision"] == {"const": "reject"}
+    assert reject["then"]["required"] == ["note"]
+    assert reject["then"]["properties"]["note"] == {"type": "string", "pattern": "\\S"}
+    # The model refuses exactly these.
+    with pytest.raises(ValidationError, match="approve takes no inputs"):
+        ResumeDecision.model_validate({"decision": "approve", "inputs": {"amount": "1.00"}})
+    with pytest.raises(ValidationError, match="abort takes no outputs"):
+        ResumeDecision.model_validate({"decision": "abort", "outputs": {"n": "CN-1"}})
+    with pytest.raises(ValidationError, match="needs a reason"):
+        ResumeDecision.model_validate({"decision": "reject", "note": " "})
+    ResumeDecision.model_validate({"decision": "mark_done", "outputs": {"n": "CN-1"}, "inputs": {}})
 
 
 async def enqueue_raw(settings: Settings, payload: dict[str, Any]) -> None:

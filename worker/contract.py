@@ -354,8 +354,34 @@ class Decision(StrEnum):
     reject = "reject"
 
 
+# What ResumeDecision's validators refuse, said in its JSON Schema as well: an orchestrator in
+# another language validates against `formwork schema` and would otherwise send an `approve`
+# carrying inputs, or a `reject` with no reason, only to have the worker refuse it.
+_DECISION_RULES: dict[str, Any] = {
+    "allOf": [
+        {
+            "if": {"properties": {"decision": {"not": {"const": "retry_with_inputs"}}}},
+            "then": {"properties": {"inputs": {"maxProperties": 0}}},
+        },
+        {
+            "if": {"properties": {"decision": {"not": {"enum": ["skip_step", "mark_done"]}}}},
+            "then": {"properties": {"outputs": {"maxProperties": 0}}},
+        },
+        {
+            "if": {"properties": {"decision": {"const": "reject"}}},
+            "then": {
+                "required": ["note"],
+                "properties": {"note": {"type": "string", "pattern": "\\S"}},
+            },
+        },
+    ]
+}
+
+
 class ResumeDecision(_Model):
     """A person's (or the customer's) answer to a paused job."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_DECISION_RULES)
 
     decision: Decision
     inputs: dict[str, Any] = Field(
