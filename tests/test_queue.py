@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import time
@@ -29,6 +30,8 @@ from worker.contract import (
 from worker.keys import ARQ_JOB_PREFIX, JOB_FUNCTION, Keys, job_of, message_id
 from worker.queue import (
     DECISION_FIELD,
+    PauseClaim,
+    claim_pause,
     enqueue_message,
     loads,
     resume_message,
@@ -654,6 +657,45 @@ async def test_a_decision_queued_under_another_id_gives_its_pause_back(
 
     last = await handle.last_event_id()
     assert await client.resume("q-misq", ResumeDecision(decision="approve", by="lead"))
+    report = await handle.wait(60, after=last)
+    assert report.status == JobStatus.succeeded, report.error
+    assert len(billing.credits()) == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "sent"),
+    [
+        ("null", {"pause": None, "decision": {"decision": "approve"}}),
+        ("missing", {"decision": {"decision": "approve"}}),
+        ("text", {"pause": "the last one", "decision": {"decision": "approve"}}),
+        ("bare", {"pause": None, "decision": "approve"}),
+        ("other", {"pause": 1, "decision": {"decision": "approve"}}),
+    ],
+)
+async def test_a_decision_message_that_does_not_say_its_pause_gives_the_pause_back(
+    billing: Site, client: FormworkClient, worker: Worker, name: str, sent: dict[str, Any]
+) -> None:
+    # A client of the wire protocol claims the pause as README says, under the right id, and
+    # queues a message without a readable `pause`. The worker cannot carry it out; the claim
+    # it held kept the job deaf to every other decision and, its message having run, to its
+    # own deadline: paused for ever.
+    job_id = f"q-nopause-{name}"
+    handle = await client.enqueue(credit_job(billing, job_id, inputs={"amount": "150.00"}))
+    assert (await handle.wait(60)).status == JobStatus.awaiting_approval
+    record = client.keys.job(job_id)
+    pause = int(await client.redis.hget(record, "seq") or 0)  # type: ignore[misc]
+    token = message_id(job_id, "resume", pause)
+    body = {"resume": job_id, **sent}
+    claimed = await claim_pause(client.redis, client.keys, job_id, pause, token, body)
+    assert claimed == PauseClaim.claimed
+    run = Job(token, client.redis, _queue_name=client.keys.queue, _deserializer=loads)
+    with contextlib.suppress(Exception):  # refused as unreadable, or ignored
+        await run.result(timeout=30, poll_delay=0.01)
+    assert await client.redis.hget(record, DECISION_FIELD) is None  # type: ignore[misc]
+    assert await handle.status() == JobStatus.awaiting_approval
+
+    last = await handle.last_event_id()
+    assert await client.resume(job_id, ResumeDecision(decision="approve", by="lead"))
     report = await handle.wait(60, after=last)
     assert report.status == JobStatus.succeeded, report.error
     assert len(billing.credits()) == 1

@@ -497,6 +497,15 @@ async def _drop_claim(state: WorkerState, job_id: str, claim: str) -> bool:
     return bool(await script(keys=[state.keys.job(job_id)], args=[claim, DECISION_FIELD]))
 
 
+async def _drop_own_claim(state: WorkerState, job_id: str, arq_id: str) -> bool:
+    """Drop the job's claim if it is the one message `arq_id` took, for whichever pause."""
+    raw = await cast("Any", state.redis.hget(state.keys.job(job_id), DECISION_FIELD))
+    claim = raw.decode() if raw is not None else ""
+    if claim.partition("|")[2] != arq_id:
+        return False
+    return await _drop_claim(state, job_id, claim)
+
+
 async def _release_claim(state: WorkerState, arq_id: str, payload: Any) -> None:
     """A decision message this worker cannot carry out (queued under an id other than
     `<job_id>.resume<pause>`, as a client of the wire protocol might) must not hold the pause
@@ -506,7 +515,19 @@ async def _release_claim(state: WorkerState, arq_id: str, payload: Any) -> None:
     if not isinstance(payload, dict):
         return
     about, pause = payload.get("resume"), payload.get("pause")
-    if not isinstance(about, str) or not isinstance(pause, int):
+    if not isinstance(about, str):
+        return
+    if not isinstance(pause, int):
+        # Its pause unreadable (`"pause": null`, missing, not a number): the claim it holds is
+        # the one naming its own id, whichever pause that was.
+        if await _drop_own_claim(state, about, arq_id):
+            log.warning(
+                "job %s: decision message %s cannot be read; its claim on the pause is "
+                "dropped, and the job waits for a decision again",
+                about,
+                arq_id,
+            )
+            await _abort_if_requested(state, about)
         return
     if await _drop_claim(state, about, f"{pause}|{arq_id}"):
         expected = message_id(about, "resume", pause)
@@ -934,6 +955,11 @@ async def execute_resume(
         return report
     if message.pause != paused.seq or paused.claim != f"{paused.seq}|{arq_id}":
         log.warning("job %s: %s is not the decision taken for its pause; ignored", job_id, arq_id)
+        if await _drop_own_claim(state, job_id, arq_id):
+            # It holds the claim but names no pause, or another one (a wire-protocol message
+            # without `pause`, or with a stale one): kept, the claim left the job deaf to
+            # decisions and to its deadline.
+            await _abort_if_requested(state, job_id)
         return report
     handoff = report.handoff
     job = _kept(job_id, raw_job, state.cipher)
