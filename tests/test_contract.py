@@ -85,6 +85,13 @@ async def test_a_job_whose_fields_would_be_guessed_is_rejected_before_any_browse
     refused = {
         "c-dry-yes": ({**job, "dry_run": "yes"}, "job_invalid", "dry_run: Input should be a"),
         "c-har-1": ({**job, "har": 1}, "job_invalid", "har: Input should be a valid boolean"),
+        # Which instant a deadline without its offset means is a guess; it also failed the job
+        # as an internal error of the worker's (comparing it with an aware clock).
+        "c-naive-deadline": (
+            {**job, "deadline": "2099-01-01T00:00:00"},
+            "job_invalid",
+            "deadline: Input should have timezone info",
+        ),
         "c-exponent": (
             {**job, "inputs": {**CREDIT_INPUTS, "amount": "1e1"}},
             "input_invalid",

@@ -12,7 +12,14 @@ from enum import StrEnum
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 CONTRACT_VERSION = 1
 
@@ -149,8 +156,12 @@ class BrowserJob(_Model):
         description="The orchestrator's reference for the effect (e.g. its ticket id); "
         "the same key is never executed twice.",
     )
-    deadline: datetime | None = Field(
-        default=None, description="Past this instant the job is not started (or is stopped)."
+    # Aware only: a naive one, compared with the worker's clock, failed the job as an internal
+    # error of the worker's (TypeError), and which instant it meant would be a guess.
+    deadline: AwareDatetime | None = Field(
+        default=None,
+        description="Past this instant the job is not started (or is stopped); with its UTC "
+        "offset (`Z` or `+01:00`).",
     )
     correlation: dict[str, str] = Field(
         default_factory=dict,
