@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -786,3 +787,19 @@ async def test_an_abort_after_the_commit_was_sent_lets_the_job_finish(
     assert report.outputs["confirmation_number"] == billing.credits()[0]["confirmation"]
     late = [r for r in report.rules_fired if r.action == "continue"]
     assert len(late) == 1 and "after a commit was sent" in late[0].reason
+
+
+async def test_a_decision_about_a_job_that_does_not_exist_is_ignored_without_an_error(
+    client: FormworkClient, worker: Worker, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Sent the wire protocol's way about a job with no record (never queued, or expired): it
+    # ended as an error of the worker's, with a traceback in its log.
+    token = message_id("q-nobody", "resume", 2)
+    body = {"resume": "q-nobody", "pause": 2, "decision": {"decision": "approve"}}
+    redis: Redis = client.redis
+    await redis.set(ARQ_JOB_PREFIX + token, raw_envelope(body))
+    await redis.zadd(client.keys.queue, {token: int(time.time() * 1000)})
+    run = Job(token, redis, _queue_name=client.keys.queue, _deserializer=loads)
+    assert await run.result(timeout=30, poll_delay=0.01) == {}
+    assert "decision q-nobody.resume2 about unknown job 'q-nobody': ignored" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

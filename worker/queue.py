@@ -927,7 +927,7 @@ def _kept(job_id: str, raw: bytes, cipher: StateCipher | None) -> BrowserJob:
 
 async def execute_resume(
     state: WorkerState, message: ResumeMessage, arq_id: str, *, run: int = 1
-) -> JobReport:
+) -> JobReport | None:
     """Carry out a decision about a paused job, on whichever worker took the message — if it
     is the decision claimed for the job's current pause (`claim_pause`); any other message
     about the job (a second one, a stale one, one queued around the client) changes nothing."""
@@ -936,7 +936,10 @@ async def execute_resume(
     paused = await read_pause(redis, keys, job_id)
     raw_job = await cast("Any", redis.hget(keys.job(job_id), JOB_FIELD))
     if paused.report is None or paused.status is None:
-        raise JobInvalid(f"resume of unknown job {job_id!r}")
+        # No record: a job that never was, or one whose record has expired. Nothing to carry
+        # out, and nothing wrong with the worker (it was an error, with a traceback).
+        log.warning("decision %s about unknown job %r: ignored", arq_id, job_id)
+        return None
     report, status = paused.report, paused.status
     if raw_job is None:  # it ended, and dropped what it kept for a resume
         log.info("job %s is %s: decision ignored", job_id, status)
