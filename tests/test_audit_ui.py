@@ -475,10 +475,10 @@ async def test_long_ids_and_texts_wrap_instead_of_widening_the_page(
         await runner.cleanup()
 
 
-async def test_a_job_awaiting_approval_stands_out_as_waiting_for_a_person(
-    billing_server: FixtureServer, browser_host: BrowserHost, page: Page, tmp_path: Path
-) -> None:
-    # It was grey, like a cancelled job, while the other paused statuses are amber.
+def fresh_billing(
+    billing_server: FixtureServer, browser_host: BrowserHost, tmp_path: Path
+) -> tuple[LocalArtifacts, Runtime, Site]:
+    """A store of the test's own, a runtime writing into it, and the billing site reset."""
     store = LocalArtifacts(tmp_path / "artifacts")
     runtime = Runtime(
         scripts=ScriptStore(SCRIPTS, SELECTORS),
@@ -488,6 +488,14 @@ async def test_a_job_awaiting_approval_stands_out_as_waiting_for_a_person(
     )
     site = Site(billing_server)
     site.reset()
+    return store, runtime, site
+
+
+async def test_a_job_awaiting_approval_stands_out_as_waiting_for_a_person(
+    billing_server: FixtureServer, browser_host: BrowserHost, page: Page, tmp_path: Path
+) -> None:
+    # It was grey, like a cancelled job, while the other paused statuses are amber.
+    store, runtime, site = fresh_billing(billing_server, browser_host, tmp_path)
     job = BrowserJob(
         job_id="ui-approve", script="billing/issue_credit", site_url=site.url,
         inputs={**CREDIT_INPUTS, "amount": "150.00"},
@@ -515,15 +523,7 @@ async def test_an_approval_and_a_dry_run_show_the_form_they_would_send(
 ) -> None:
     # The approver's evidence (the filled form, the values to be sent) and a dry run's result
     # (would_submit) were in audit.json but on no page and in no export.
-    store = LocalArtifacts(tmp_path / "artifacts")
-    runtime = Runtime(
-        scripts=ScriptStore(SCRIPTS, SELECTORS),
-        browser=browser_host,
-        artifacts=store,
-        secrets=SecretStore(SECRETS_FILE, environ={}),
-    )
-    site = Site(billing_server)
-    site.reset()
+    store, runtime, site = fresh_billing(billing_server, browser_host, tmp_path)
     big = {**CREDIT_INPUTS, "amount": "150.00"}
     for job_id, inputs, dry_run in (("ui-gate", big, False), ("ui-dry", CREDIT_INPUTS, True)):
         job = BrowserJob(job_id=job_id, script="billing/issue_credit", site_url=site.url,
@@ -577,15 +577,7 @@ async def test_each_attempt_of_a_retried_step_shows_its_own_screen(
 ) -> None:
     # Each failed attempt keeps a screenshot of what the page showed (README: attempt_log),
     # but the page listed attempts without them: only the last attempt's screen was seen.
-    store = LocalArtifacts(tmp_path / "artifacts")
-    runtime = Runtime(
-        scripts=ScriptStore(SCRIPTS, SELECTORS),
-        browser=browser_host,
-        artifacts=store,
-        secrets=SecretStore(SECRETS_FILE, environ={}),
-    )
-    site = Site(billing_server)
-    site.reset()
+    store, runtime, site = fresh_billing(billing_server, browser_host, tmp_path)
     site.faults(fail=[{"path_contains": "/accounts/", "method": "GET", "status": 503, "times": 1}])
     job = BrowserJob(job_id="ui-retried", script="billing/issue_credit", site_url=site.url,
                      inputs=CREDIT_INPUTS)  # fmt: skip
