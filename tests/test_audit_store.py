@@ -16,11 +16,10 @@ from typing import Any
 
 import boto3
 import pytest
-from aiohttp import ClientSession, web
+from aiohttp import ClientSession
 from moto.server import ThreadedMotoServer
 
 from worker.artifacts import ArtifactStore, LocalArtifacts, S3Artifacts, safe_id
-from worker.audit_ui import build_app
 from worker.browser import BrowserHost
 from worker.cli import main
 from worker.client import FormworkClient
@@ -32,6 +31,7 @@ from worker.secretstore import SecretStore
 from worker.settings import Settings
 
 from .conftest import CREDIT_INPUTS, SCRIPTS, SECRETS_FILE, SELECTORS, Site
+from .test_audit_ui import serve_ui
 
 
 @pytest.fixture(scope="module")
@@ -359,11 +359,7 @@ async def test_a_store_that_cannot_be_read_is_said_in_one_line_not_a_traceback(
     )
 
     store = S3Artifacts("no-such-bucket", tmp_path / "spool", client=s3_client)
-    runner = web.AppRunner(build_app(store))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
+    runner, host, port = await serve_ui(store)
     try:
         async with ClientSession() as session, session.get(f"http://{host}:{port}/") as answer:
             text = await answer.text()

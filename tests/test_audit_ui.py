@@ -9,13 +9,14 @@ import shutil
 import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
 from playwright.async_api import Page, expect
 
 from fixtures import FixtureServer
-from worker.artifacts import LocalArtifacts
+from worker.artifacts import ArtifactStore, LocalArtifacts
 from worker.audit import AuditRecord
 from worker.audit_ui import JobIndex, build_app, export_html
 from worker.browser import BrowserHost
@@ -69,13 +70,18 @@ async def audited(
 
 @pytest.fixture(scope="module")
 async def ui(audited: LocalArtifacts) -> AsyncIterator[str]:
-    runner = web.AppRunner(build_app(audited))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
+    runner, host, port = await serve_ui(audited)
     yield f"http://{host}:{port}"
     await runner.cleanup()
+
+
+async def serve_ui(store: ArtifactStore, **options: Any) -> tuple[web.AppRunner, str, int]:
+    """The review UI over `store`, serving on a free port: its runner (to clean up), host, port."""
+    runner = web.AppRunner(build_app(store, **options))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    host, port = runner.addresses[0][:2]
+    return runner, host, port
 
 
 @pytest.fixture
@@ -128,11 +134,7 @@ async def test_the_job_list_filters_by_status_site_script_and_date_and_searches(
 
 
 async def test_the_job_list_pages_keep_the_filters(audited: LocalArtifacts, page: Page) -> None:
-    runner = web.AppRunner(build_app(audited, page_size=2))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
+    runner, host, port = await serve_ui(audited, page_size=2)
     try:
         await page.goto(f"http://{host}:{port}/?q=T-88812")
         await shows_jobs(page, "ui-drift", "ui-ask")
@@ -329,11 +331,7 @@ async def test_an_unreadable_audit_record_is_said_in_the_list_the_page_and_the_e
     edited["status"] = "weird"
     (store.root / day / "edited" / "audit.json").write_text(json.dumps(edited))
 
-    runner = web.AppRunner(build_app(store))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
+    runner, host, port = await serve_ui(store)
     try:
         await page.goto(f"http://{host}:{port}/")
         await shows_jobs(page, "ui-ok")  # the readable copy
@@ -380,11 +378,7 @@ async def test_evidence_deleted_from_the_store_is_said_to_be_missing(
     (store.root / second.source).unlink()  # nothing left of this one
     (store.root / ok.traces[0]).unlink()
 
-    runner = web.AppRunner(build_app(store))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
+    runner, host, port = await serve_ui(store)
     export = tmp_path / "ui-ok.html"
     export.write_text(export_html(store, store.find_audit("ui-ok")))
     try:
@@ -420,11 +414,7 @@ async def test_a_thumbnail_deleted_from_the_store_is_said_to_be_missing_in_the_l
     row = JobIndex(store).rows()[0]
     assert row.thumbnail is not None
     (store.root / row.thumbnail).unlink()
-    runner = web.AppRunner(build_app(store))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
+    runner, host, port = await serve_ui(store)
     try:
         await page.goto(f"http://{host}:{port}/")
         thumb = page.locator("tr.job-row", has_text="ui-ok").locator("td.thumb")
@@ -453,11 +443,7 @@ async def test_long_ids_and_texts_wrap_instead_of_widening_the_page(
     failed["failure"]["message"] += " " + "M" * 500
     (store.root / day / "long" / "audit.json").write_text(json.dumps(record))
 
-    runner = web.AppRunner(build_app(store))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
+    runner, host, port = await serve_ui(store)
     await page.set_viewport_size({"width": 1280, "height": 800})
     wide = "() => document.documentElement.scrollWidth - document.documentElement.clientWidth"
     try:
@@ -501,11 +487,7 @@ async def test_a_job_awaiting_approval_stands_out_as_waiting_for_a_person(
         inputs={**CREDIT_INPUTS, "amount": "150.00"},
     )  # fmt: skip
     assert (await run_job(job, runtime)).status == JobStatus.awaiting_approval
-    runner = web.AppRunner(build_app(store))
-    await runner.setup()
-    server = web.TCPSite(runner, "127.0.0.1", 0)
-    await server.start()
-    host, port = runner.addresses[0][:2]
+    runner, host, port = await serve_ui(store)
     try:
         await page.goto(f"http://{host}:{port}/")
         pill = page.locator("tr.job-row", has_text="ui-approve").locator(".pill")
@@ -531,11 +513,7 @@ async def test_an_approval_and_a_dry_run_show_the_form_they_would_send(
         await run_job(job, runtime)
     gate, dry = store.find_audit("ui-gate"), store.find_audit("ui-dry")
     assert gate.status == JobStatus.awaiting_approval and dry.report.would_submit is not None
-    runner = web.AppRunner(build_app(store))
-    await runner.setup()
-    server = web.TCPSite(runner, "127.0.0.1", 0)
-    await server.start()
-    host, port = runner.addresses[0][:2]
+    runner, host, port = await serve_ui(store)
     exports = tmp_path / "gate.html", tmp_path / "dry.html"
     exports[0].write_text(export_html(store, gate))
     exports[1].write_text(export_html(store, dry))
@@ -587,11 +565,7 @@ async def test_each_attempt_of_a_retried_step_shows_its_own_screen(
     step = next(s for s in record.report.steps if s.id == "open_account")
     first = step.attempt_log[0]
     assert step.attempts == 2 and first.failure is not None and first.screenshot is not None
-    runner = web.AppRunner(build_app(store))
-    await runner.setup()
-    server = web.TCPSite(runner, "127.0.0.1", 0)
-    await server.start()
-    host, port = runner.addresses[0][:2]
+    runner, host, port = await serve_ui(store)
     export = tmp_path / "retried.html"
     export.write_text(export_html(store, record))
     try:
