@@ -288,16 +288,19 @@ def no_secret_left_behind(
 
 class OwnRedis:
     """A `redis-server` of a test's own, on a free port: for tests that stop Redis (an outage)
-    and start it again, which the shared one must never be."""
+    and start it again, which the shared one must never be. `persistent`: every write is on
+    disk before it is answered, so a restart comes back with what it had, as a production
+    Redis with an append-only file does."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, *, persistent: bool = False) -> None:
         server = shutil.which("redis-server")
         assert server is not None, "redis-server is installed by make setup"
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port: int = probe.getsockname()[1]
-        self.argv = [server, "--port", str(self.port), "--save", "", "--appendonly", "no",
-                     "--dir", str(folder)]  # fmt: skip
+        aof = ["--appendonly", "yes", "--appendfsync", "always"] if persistent else [
+            "--appendonly", "no"]  # fmt: skip
+        self.argv = [server, "--port", str(self.port), "--save", "", *aof, "--dir", str(folder)]
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: asyncio.subprocess.Process | None = None
 
@@ -326,8 +329,8 @@ class OwnRedis:
 
 
 @contextlib.asynccontextmanager
-async def own_redis(folder: Path) -> AsyncIterator[OwnRedis]:
-    server = OwnRedis(folder)
+async def own_redis(folder: Path, *, persistent: bool = False) -> AsyncIterator[OwnRedis]:
+    server = OwnRedis(folder, persistent=persistent)
     await server.start()
     try:
         yield server

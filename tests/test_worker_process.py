@@ -276,6 +276,39 @@ async def test_a_worker_outlives_a_redis_restart(
     assert [c["reference"] for c in billing.credits()] == ["T-R1", "T-R2"]
 
 
+@pytest.mark.timeout(180)
+async def test_a_job_on_a_worker_whose_redis_restarted_is_handed_back_at_once(
+    billing: Site, settings: Settings, tmp_path: Path
+) -> None:
+    # Redis restarted (with its data: an append-only file) under a running job. arq's mark
+    # that the job is in progress came back with the data and held the job for the mark's
+    # whole life, FORMWORK_JOB_TIMEOUT + 10 s (10 minutes by default), its record at
+    # `running`. The worker that lost it now hands it back when it connects again.
+    billing.faults(latency_ms=200)
+    own = settings.model_copy(update={"job_timeout_s": 900})
+    async with own_redis(tmp_path, persistent=True) as server:
+        own = own.model_copy(update={"redis_url": server.url})
+        log = tmp_path / "worker.log"
+        with worker_process(own, log) as proc:
+            async with FormworkClient(own.redis_url, key_prefix=own.key_prefix) as client:
+                handle = await client.enqueue(job(billing, "p-restart", "T-R3"))
+                async for _, event in handle.events():
+                    if event.step is not None and event.step.id == "amount":
+                        break
+            await server.stop()
+            await _until_logged(log, "lost Redis")
+            await server.start()
+            async with FormworkClient(own.redis_url, key_prefix=own.key_prefix) as client:
+                # Far inside the mark's 910 s: only a hand-back gets the job run again.
+                report = await client.handle(handle.job_id).wait(120)
+            assert proc.poll() is None
+    assert report.status == JobStatus.succeeded, report.error
+    assert len(billing.credits()) == 1
+    assert report.outputs["confirmation_number"] == billing.credits()[0]["confirmation"]
+    assert [i.run for i in report.interruptions] == [2]
+    assert "handed back" in log.read_text(errors="replace")
+
+
 def _drivers_under(root: int) -> int:
     """How many Playwright drivers (each with its Chromium) run as children of `root`."""
     count = 0

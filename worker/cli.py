@@ -309,6 +309,7 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from worker.handback import TakenJobs
     from worker.metrics import MetricsPortUnavailable
     from worker.queue import build_worker, shutdown
 
@@ -329,8 +330,9 @@ def _worker(args: argparse.Namespace) -> int:
         else ""
     )
     wait_s = 1.0
+    taken = TakenJobs()  # one process: what each worker it builds took, handed back on
     while True:
-        worker = build_worker(settings, burst=args.burst)
+        worker = build_worker(settings, burst=args.burst, taken=taken)
         print(
             f"formwork worker: queue {worker.queue_name} on {shown_url(settings.redis_url)}, "
             f"max {settings.max_jobs} jobs{metrics}",
@@ -344,12 +346,13 @@ def _worker(args: argparse.Namespace) -> int:
             raise CommandFailed(str(exc)) from exc
         except (RedisError, ConnectionError, TimeoutError) as exc:
             # Redis restarted or failed over: a worker that exits leaves the queue unserved
-            # until something restarts it. It waits and connects again; jobs it was running
-            # are handed on by arq when their in-progress keys expire (and resume from their
-            # checkpoints). arq's close gives up at its first Redis call, before the shutdown
-            # hook: what startup made (Chromium, the metrics port) is let go here, or the next
-            # attempt would find its own port taken and a Chromium would be left per attempt.
+            # until something restarts it. It waits and connects again, and hands back the
+            # jobs it was running (they go on from their checkpoints; `worker.handback`).
+            # arq's close gives up at its first Redis call, before the shutdown hook: what
+            # startup made (Chromium, the metrics port) is let go here, or the next attempt
+            # would find its own port taken and a Chromium would be left per attempt.
             worker.loop.run_until_complete(shutdown(worker.ctx))
+            worker.lost_redis()
             # A log line like every other (JSON for workers), so alerting on level sees it.
             logging.getLogger("formwork.worker").error(
                 "lost Redis (%s: %s); connecting again in %.0f s", type(exc).__name__, exc, wait_s

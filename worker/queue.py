@@ -74,6 +74,7 @@ from worker.executor import (
     run_job,
     settle,
 )
+from worker.handback import TakenJobs
 from worker.keys import (
     ARQ_IN_PROGRESS_PREFIX,
     ARQ_JOB_PREFIX,
@@ -97,6 +98,8 @@ from worker.webhooks import drain as drain_webhooks
 log = logging.getLogger("formwork.queue")
 
 JOB_TIMEOUT_MARGIN_S = 5.0
+# How long a worker that lost Redis gives its runs to end (their browser is stopped first).
+LOST_REDIS_GRACE_S = 30.0
 
 
 # ---------------------------------------------------------------- internal messages
@@ -396,6 +399,9 @@ async def startup(ctx: dict[str, Any]) -> None:
         )
     if settings.metrics_port is not None:
         await ctx["formwork"].monitor.serve(settings.metrics_host, settings.metrics_port)
+    taken: TakenJobs | None = ctx.get("taken")
+    if taken is not None:
+        await taken.hand_back(redis, keys)  # what this process held when it lost Redis
     log.info("worker ready: max_jobs=%s queue=%s", settings.max_jobs, keys.queue)
 
 
@@ -1282,7 +1288,12 @@ return #ids
 
 
 class _Worker(Worker):
-    """arq's Worker, minding queue entries it would choke on before it reads them."""
+    """arq's Worker, minding queue entries it would choke on before it reads them, and
+    remembering the jobs it takes until their end is written (`worker.handback`)."""
+
+    def __init__(self, *args: Any, taken: TakenJobs, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.taken = taken
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         if job_ids:
@@ -1307,6 +1318,22 @@ class _Worker(Worker):
         await super().start_jobs(readable)
 
     async def run_job(self, job_id: str, score: int) -> None:
+        await self.taken.take(self.pool, job_id)
+        await self._run_job(job_id, score)
+        self.taken.seen_through(job_id)  # not reached when writing its end failed
+
+    def lost_redis(self) -> None:
+        """Redis went away under this worker: runs that are still going (their page is gone
+        with the browser, so they end soon) are given a moment; one that does not end is not
+        handed back when the next worker connects."""
+        running = {job_id for job_id, task in self.tasks.items() if not task.done()}
+        if running:
+            tasks = [self.tasks[job_id] for job_id in running]
+            self.loop.run_until_complete(asyncio.wait(tasks, timeout=LOST_REDIS_GRACE_S))
+            running = {job_id for job_id, task in self.tasks.items() if not task.done()}
+        self.taken.still_running(running)
+
+    async def _run_job(self, job_id: str, score: int) -> None:
         try:
             await super().run_job(job_id, score)
         except ResponseError as exc:
@@ -1337,9 +1364,12 @@ def build_worker(
     browser: BrowserHost | None = None,
     burst: bool = False,
     handle_signals: bool = True,
-) -> Worker:
-    """An arq Worker for `settings` (tests pass a shared browser and handle_signals=False)."""
+    taken: TakenJobs | None = None,
+) -> _Worker:
+    """An arq Worker for `settings` (tests pass a shared browser and handle_signals=False).
+    `formwork worker` passes the same `taken` to each worker it builds after losing Redis."""
     keys = Keys(settings.key_prefix)
+    taken = taken or TakenJobs()
     return _Worker(
         functions=[func(browser_job, name=JOB_FUNCTION)],
         queue_name=keys.queue,
@@ -1347,7 +1377,8 @@ def build_worker(
         on_startup=startup,
         on_shutdown=shutdown,
         on_job_start=on_job_start,
-        ctx={"settings": settings, "browser": browser},
+        ctx={"settings": settings, "browser": browser, "taken": taken},
+        taken=taken,
         burst=burst,
         handle_signals=handle_signals,
         max_jobs=settings.max_jobs,
