@@ -301,6 +301,15 @@ def test_rollout_cli_promotes_rolls_back_and_resets(
         # As a script's `version: "1"` is refused.
         ({"stable": "1"}, "stable\n  Input should be a valid integer"),
         ({"stable": 1, "canary": "2", "percent": 5}, "canary\n  Input should be a valid integer"),
+        # YAML's `.nan` was refused as "should be less than or equal to 100".
+        (
+            {"stable": 1, "canary": 2, "percent": float("nan")},
+            "percent\n  Input should be a finite",
+        ),
+        (
+            {"stable": 1, "canary": 2, "percent": 5, "margin": float("inf")},
+            "margin\n  Input should be a finite",
+        ),
     ],
 )
 def test_a_rollout_that_cannot_mean_what_it_says_is_refused(

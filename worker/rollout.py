@@ -135,7 +135,9 @@ def verdict(report: JobReport) -> Verdict | None:
 class RolloutConfig(BaseModel):
     """A script's rollout file: the desired split between its stable and canary versions."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # YAML reads `.nan` and `.inf` as floats: a NaN share passed every range check's message
+    # as "should be <= 100" and would split nothing sensibly.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     # Strict, like a script's `version:`: `stable: "1"` is refused in both places.
     stable: StrictInt = Field(ge=1, description="The version unpinned jobs run.")
