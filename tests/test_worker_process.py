@@ -26,10 +26,12 @@ from .conftest import CREDIT_INPUTS, ROOT, SCRIPTS, Site, own_redis, worker_env
 
 
 @contextmanager
-def worker_process(settings: Settings, log: Path, **env: str) -> Iterator[subprocess.Popen[bytes]]:
+def worker_process(
+    settings: Settings, log: Path, *, verbose: bool = True, **env: str
+) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "-v", "worker"],
+            [sys.executable, "-m", "worker.cli", *(["-v"] if verbose else []), "worker"],
             cwd=ROOT, env=worker_env(settings, **env), stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
         try:
@@ -422,6 +424,22 @@ async def test_a_worker_serving_metrics_outlives_a_redis_restart_with_one_browse
     # Stopped right after m-before ended, Redis may have cut that job's last bookkeeping: the
     # job had ended, so it is not handed on to run again (it was, once, announced "queued").
     assert not [line for line in lines if "runs again" in line["msg"]], lines
+
+
+async def test_a_worker_serving_metrics_on_any_free_port_says_which(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # FORMWORK_METRICS_PORT=0: the first line said "metrics on http://127.0.0.1:0/metrics" and
+    # the bound port was logged at INFO only, which a worker run without -v does not print.
+    own = settings.model_copy(update={"metrics_port": 0})
+    log = tmp_path / "worker.log"
+    with worker_process(own, log, verbose=False):
+        await _until_logged(log, '/metrics"')
+        text = log.read_text()
+        assert ":0/metrics" not in text, text
+        [line] = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+        port = int(line["msg"].rsplit(":", 1)[1].removesuffix("/metrics"))
+        assert await asyncio.to_thread(_scrape, port) == 200
 
 
 async def _until_blocked(admin: Redis) -> dict[str, str]:

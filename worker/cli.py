@@ -324,11 +324,11 @@ def _worker(args: argparse.Namespace) -> int:
         SecretStore(settings.secrets_file)  # read again at startup; refused here in one line
     except FormworkError as exc:
         raise UsageError(exc.message) from None
-    metrics = (
-        f", metrics on http://{settings.metrics_host}:{settings.metrics_port}/metrics"
-        if settings.metrics_port
-        else ""
-    )
+    metrics = ""
+    if settings.metrics_port:
+        metrics = f", metrics on http://{settings.metrics_host}:{settings.metrics_port}/metrics"
+    elif settings.metrics_port == 0:  # it said port 0; the port is only known once bound
+        metrics = f", metrics on a free port of {settings.metrics_host} (logged once bound)"
     wait_s = 1.0
     taken = TakenJobs()  # one process: what each worker it builds took, handed back on
     while True:

@@ -302,7 +302,10 @@ class Monitor:
             raise MetricsPortUnavailable(host, port, exc) from exc
         sockets = cast("Any", site._server).sockets  # aiohttp has no public bound-port accessor
         self.port = int(sockets[0].getsockname()[1])
-        log.info("metrics on http://%s:%s/metrics", host, self.port)
+        # Asked for any free port, the operator learns which only from this line: said at a
+        # level a worker run without -v prints.
+        said = log.warning if port == 0 else log.info
+        said("metrics on http://%s:%s/metrics", host, self.port)
         return self.port
 
     async def close(self) -> None:
