@@ -17,6 +17,7 @@ from arq import Worker
 from arq.jobs import Job
 from redis.asyncio import Redis
 
+from worker import queue as queue_module
 from worker.browser import BrowserHost
 from worker.client import FormworkClient
 from worker.contract import (
@@ -41,9 +42,10 @@ from worker.queue import (
 from worker.settings import Settings
 from worker.webhooks import SIGNATURE_HEADER, verify_signature
 
-from .conftest import CREDIT_INPUTS, SCRIPTS, SELECTORS, Site
+from .conftest import CREDIT_INPUTS, SCRIPTS, SELECTORS, Site, own_redis
 from .test_webhooks import SECRET as WEBHOOK_SECRET
 from .test_webhooks import receiver
+from .test_worker_process import until_blocked
 
 
 def credit_job(site: Site, job_id: str, **overrides: Any) -> BrowserJob:
@@ -218,6 +220,50 @@ async def test_a_job_whose_artifacts_folder_cannot_be_made_ends_with_a_storage_e
     assert "could not make the job's folder" in report.error.message
     assert report.artifacts is None  # nothing was kept, and the report says so
     assert billing.credits() == []
+
+
+@pytest.mark.timeout(120)
+async def test_a_job_that_ended_and_then_lost_redis_keeps_its_ending(
+    billing: Site,
+    settings: Settings,
+    browser_host: BrowserHost,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Redis drops the connection a job's bookkeeping writes on, just after the job said it
+    # succeeded. It was handed on as interrupted: a `queued` event after its last word, and
+    # a second delivery. (Only the moment is chosen here; the drop is Redis's own.)
+    forget = queue_module._forget_kept
+
+    async def cut_short(state: Any, job_id: str) -> None:
+        await admin.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")
+        write = asyncio.ensure_future(forget(state, job_id))
+        try:
+            blocked = await until_blocked(admin)
+            await admin.client_kill_filter(_id=blocked["id"])
+        finally:
+            await admin.execute_command("CLIENT", "UNPAUSE")
+        await write
+
+    monkeypatch.setattr(queue_module, "_forget_kept", cut_short)
+    async with own_redis(tmp_path) as server:
+        admin = Redis(port=server.port)
+        own = settings.model_copy(update={"redis_url": server.url})
+        async with (
+            FormworkClient(own.redis_url, key_prefix=own.key_prefix) as client,
+            running_worker(own, browser_host),
+        ):
+            handle = await client.enqueue(credit_job(billing, "q-ended"))
+            report = await handle.wait(60)
+        # The whole stream, also what follows the last word (a watcher stops reading there).
+        stream = await admin.xrange(Keys(own.key_prefix).events(handle.job_id))
+        await admin.aclose()
+    events = [JobEvent.model_validate_json(fields[b"event"]) for _, fields in stream]
+    assert report.status == JobStatus.succeeded, report.error
+    assert (events[-1].kind, events[-1].status) == (EventKind.job, "succeeded")
+    assert [e.status for e in events if e.kind == EventKind.job].count("queued") == 1
+    assert report.interruptions == []
+    assert len(billing.credits()) == 1
 
 
 async def test_malformed_payloads_are_rejected_and_the_worker_keeps_serving(

@@ -380,7 +380,7 @@ async def test_a_job_whose_redis_connection_drops_mid_write_goes_on_in_a_fresh_r
                 # Writes wait while Redis is paused: the job's next one is in flight when its
                 # connection is cut.
                 await admin.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")
-                blocked = await _until_blocked(admin)
+                blocked = await until_blocked(admin)
                 await admin.client_kill_filter(_id=blocked["id"])
                 await admin.execute_command("CLIENT", "UNPAUSE")
                 report = await handle.wait(90)
@@ -442,7 +442,7 @@ async def test_a_worker_serving_metrics_on_any_free_port_says_which(
         assert await asyncio.to_thread(_scrape, port) == 200
 
 
-async def _until_blocked(admin: Redis) -> dict[str, str]:
+async def until_blocked(admin: Redis) -> dict[str, str]:
     """A connection of the job's that waits on a paused Redis to write (not the site slot's
     lease renewal, a script that tolerates a lost connection). Another process's connection:
     it can only be polled."""
