@@ -376,6 +376,63 @@ async def test_a_secret_the_page_itself_shows_is_masked_before_it_is_painted(
         assert _flat(crop) == (element != "plain"), element
 
 
+async def test_a_secret_the_page_shows_inside_a_shadow_root_is_masked_too(
+    runtime: Runtime, fixture_secrets: dict[str, str], tmp_path: Path
+) -> None:
+    # Web components (a portal built on Lightning, Shoelace, ...) render in shadow roots,
+    # which an observer of the document does not see into: an error banner there repeating
+    # the password was painted, and captured, as it was.
+    password = fixture_secrets["billing_password"]
+    username = fixture_secrets["billing_username"]
+    script = echo_mask_script([password, username])
+    assert script is not None
+    assert runtime.browser.browser is not None
+    context = await runtime.browser.browser.new_context(viewport={"width": 800, "height": 400})
+    try:
+        await context.add_init_script(script)
+        page = await context.new_page()
+        await page.set_content(
+            "<style>x-banner, x-field { display: block }</style>"
+            '<x-banner id="open"></x-banner><x-banner id="closed"></x-banner>'
+            '<x-field id="field"></x-field><div id="declared"><template shadowrootmode="open">'
+            f'<p style="font: 20px sans-serif">Refused: {password}</p></template></div>'
+            '<x-banner id="plain"></x-banner>'
+        )
+        await page.evaluate(
+            """([password, username]) => {
+              const banner = (id, mode, text) => {
+                const root = document.getElementById(id).attachShadow({ mode });
+                const p = document.createElement("p");
+                p.style.font = "20px sans-serif";
+                root.appendChild(p);
+                p.textContent = text;  // filled in after it is shown, as a late error is
+              };
+              banner("open", "open", `Password ${password} refused`);
+              banner("closed", "closed", `Unknown user ${username}`);
+              banner("plain", "open", "Nothing secret here at all");
+              const root = document.getElementById("field").attachShadow({ mode: "open" });
+              root.innerHTML = '<input style="font: 20px sans-serif" size="30">';
+              root.querySelector("input").setAttribute("value", username);
+            }""",
+            [password, username],
+        )
+        shot = tmp_path / "page.png"
+        await page.screenshot(path=shot)
+        boxes = {
+            i: await page.locator(f"#{i}").bounding_box()
+            for i in ("open", "closed", "declared", "plain")
+        }
+        boxes["field"] = await page.locator("#field input").bounding_box()  # CSS pierces
+        # The parser made the declarative one a shadow root (not an inert template).
+        assert await page.evaluate("document.getElementById('declared').shadowRoot !== null")
+    finally:
+        await context.close()
+    for element, box in boxes.items():
+        assert box is not None and box["height"] > 0, element
+        crop = _masked_crop(shot, box)
+        assert _flat(crop) == (element != "plain"), element
+
+
 async def test_refused_credentials_hand_off_at_once_with_the_sign_in_masked(
     billing: Site, runtime: Runtime, fixture_secrets: dict[str, str]
 ) -> None:

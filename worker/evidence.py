@@ -91,8 +91,10 @@ def echo_mask_script(values: Iterable[str]) -> str | None:
     mask style, no frame — capture or trace — holds the value. The page gets each value's
     length and two rolling hashes, never the value: a frame of any allowlisted host may run
     this. A text node holding a value masks its element (an error banner becomes one dark
-    box); a field holding one is masked like a typed secret field. A value split across
-    elements, or set by a script through `.value` with no input event, is not seen.
+    box); a field holding one is masked like a typed secret field. Shadow roots are watched
+    too — closed ones included, since this runs before the page's scripts can attach one — and
+    a text node at the top of a shadow root masks its host. A value split across elements, or
+    set by a script through `.value` with no input event, is not seen.
     """
     wanted = sorted(
         {
@@ -131,6 +133,8 @@ def echo_mask_script(values: Iterable[str]) -> str | None:
     }}
     return false;
   }};
+  // The element a text node paints in: at the top of a shadow root, the root's host.
+  const holder = (node) => node.parentElement || (node.parentNode && node.parentNode.host) || null;
   const mask = (el) => {{
     if (!el || el.hasAttribute(ATTR)) return;
     ({_MARK_JS})([el]);
@@ -142,29 +146,53 @@ def echo_mask_script(values: Iterable[str]) -> str | None:
       if (holds(el.value) || holds(el.placeholder)) mask(el);
     }}
   }};
+  const element = (el) => {{
+    field(el);
+    const shadow = shadows.get(el) || el.shadowRoot;  // closed roots only from attachShadow
+    if (shadow) {{ watch(shadow); tree(shadow); }}
+  }};
   const tree = (root) => {{
     if (root.nodeType === Node.TEXT_NODE) {{
-      if (holds(root.data)) mask(root.parentElement);
+      if (holds(root.data)) mask(holder(root));
       return;
     }}
-    if (root.nodeType !== Node.ELEMENT_NODE) return;
-    field(root);
+    if (root.nodeType === Node.ELEMENT_NODE) element(root);
+    else if (root.nodeType !== Node.DOCUMENT_FRAGMENT_NODE) return;
     const walk = document.createTreeWalker(root, NodeFilter.SHOW_TEXT | NodeFilter.SHOW_ELEMENT);
     for (let n = walk.nextNode(); n; n = walk.nextNode()) {{
-      if (n.nodeType === Node.TEXT_NODE) {{ if (holds(n.data)) mask(n.parentElement); }}
-      else field(n);
+      if (n.nodeType === Node.TEXT_NODE) {{ if (holds(n.data)) mask(holder(n)); }}
+      else element(n);
     }}
   }};
-  new MutationObserver((records) => {{
+  const observer = new MutationObserver((records) => {{
     for (const r of records) {{
-      if (r.type === "characterData") {{ if (holds(r.target.data)) mask(r.target.parentElement); }}
+      if (r.type === "characterData") {{ if (holds(r.target.data)) mask(holder(r.target)); }}
       else if (r.type === "attributes") field(r.target);
       else for (const n of r.addedNodes) tree(n);
     }}
-  }}).observe(document, {{ subtree: true, childList: true, characterData: true,
-                          attributes: true, attributeFilter: ["value", "placeholder"] }});
+  }});
+  const onInput = (e) => e.target instanceof Element && field(e.target);
+  // An observer of the document does not see into shadow roots, nor does an input listener
+  // there hear a field inside one: each root is watched as it is attached (or first found,
+  // for one the parser made from a declarative <template>).
+  const watched = new WeakSet();
+  const watch = (root) => {{
+    if (watched.has(root)) return;
+    watched.add(root);
+    observer.observe(root, {{ subtree: true, childList: true, characterData: true,
+                             attributes: true, attributeFilter: ["value", "placeholder"] }});
+    root.addEventListener("input", onInput, true);
+  }};
+  const shadows = new WeakMap();
+  const attachShadow = Element.prototype.attachShadow;
+  Element.prototype.attachShadow = function (init) {{
+    const root = attachShadow.call(this, init);
+    shadows.set(this, root);
+    watch(root);
+    return root;
+  }};
+  watch(document);
   if (document.documentElement) tree(document.documentElement);
-  document.addEventListener("input", (e) => e.target instanceof Element && field(e.target), true);
 }})();
 """
 
