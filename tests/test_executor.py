@@ -353,20 +353,26 @@ async def test_a_secret_the_page_itself_shows_is_masked_before_it_is_painted(
             f'<p id="echo" style="font: 20px sans-serif">Denied: password {password} refused</p>'
             f'<input id="name" value="{username}" style="font: 20px sans-serif" size="30">'
             '<p id="plain" style="font: 20px sans-serif">Nothing secret here at all</p>'
+            '<input id="scripted" style="font: 20px sans-serif" size="30">'
+            '<textarea id="notes" style="font: 20px sans-serif" cols="30" rows="1"></textarea>'
         )
         await page.evaluate(
-            """(text) => {
+            """([text, username, password]) => {
               const p = document.createElement("p");
               p.id = "later"; p.style.font = "20px sans-serif"; p.textContent = text;
               document.body.appendChild(p);
+              // Set by the page's script, with no input event (a "remember me" filling in):
+              // neither an attribute nor a node changes, so no observer hears of it.
+              document.getElementById("scripted").value = username;
+              document.getElementById("notes").value = `pw: ${password}`;
             }""",
-            f"Hello {username}, try again",
+            [f"Hello {username}, try again", username, password],
         )
         shot = tmp_path / "page.png"
         await page.screenshot(path=shot)
         boxes = {
             i: await page.locator(f"#{i}").bounding_box()
-            for i in ("echo", "name", "later", "plain")
+            for i in ("echo", "name", "later", "plain", "scripted", "notes")
         }
     finally:
         await context.close()

@@ -93,8 +93,8 @@ def echo_mask_script(values: Iterable[str]) -> str | None:
     this. A text node holding a value masks its element (an error banner becomes one dark
     box); a field holding one is masked like a typed secret field. Shadow roots are watched
     too — closed ones included, since this runs before the page's scripts can attach one — and
-    a text node at the top of a shadow root masks its host. A value split across elements, or
-    set by a script through `.value` with no input event, is not seen.
+    a text node at the top of a shadow root masks its host. A field's `.value` set by a
+    script is seen by the setter. A value split across elements is not seen.
     """
     wanted = sorted(
         {
@@ -191,6 +191,19 @@ def echo_mask_script(values: Iterable[str]) -> str | None:
     watch(root);
     return root;
   }};
+  // A script that sets a field's `.value` changes no attribute and sends no event: the
+  // setter itself tells. (Playwright's own typing goes through the browser's input, and its
+  // scripts run in a world of their own: neither passes here.)
+  for (const proto of [HTMLInputElement.prototype, HTMLTextAreaElement.prototype]) {{
+    const value = Object.getOwnPropertyDescriptor(proto, "value");
+    Object.defineProperty(proto, "value", {{
+      ...value,
+      set(v) {{
+        value.set.call(this, v);
+        field(this);
+      }},
+    }});
+  }}
   watch(document);
   if (document.documentElement) tree(document.documentElement);
 }})();
