@@ -336,6 +336,9 @@ def _flat(image: Image.Image) -> bool:
     return max(ImageStat.Stat(image.convert("L")).stddev) < 4
 
 
+ELEMENTS = ("echo", "name", "later", "plain", "scripted", "notes", "split", "whole", "whole-name")
+
+
 async def test_a_secret_the_page_itself_shows_is_masked_before_it_is_painted(
     runtime: Runtime, fixture_secrets: dict[str, str], tmp_path: Path
 ) -> None:
@@ -354,6 +357,12 @@ async def test_a_secret_the_page_itself_shows_is_masked_before_it_is_painted(
             f'<input id="name" value="{username}" style="font: 20px sans-serif" size="30">'
             '<p id="plain" style="font: 20px sans-serif">Nothing secret here at all</p>'
             '<input id="scripted" style="font: 20px sans-serif" size="30">'
+            # Split across elements, one with a colour of its own that inheritance cannot hide.
+            f'<p id="split" style="font: 20px sans-serif">Denied: {password[:3]}'
+            f'<b style="color: #c00">{password[3:]}</b></p>'
+            # Whole in one element: that element is masked, not the paragraph around it.
+            f'<p id="whole" style="font: 20px sans-serif">Signed in as <span id="whole-name">'
+            f"{username}</span>, welcome back to the console</p>"
             '<textarea id="notes" style="font: 20px sans-serif" cols="30" rows="1"></textarea>'
         )
         await page.evaluate(
@@ -370,16 +379,13 @@ async def test_a_secret_the_page_itself_shows_is_masked_before_it_is_painted(
         )
         shot = tmp_path / "page.png"
         await page.screenshot(path=shot)
-        boxes = {
-            i: await page.locator(f"#{i}").bounding_box()
-            for i in ("echo", "name", "later", "plain", "scripted", "notes")
-        }
+        boxes = {i: await page.locator(f"#{i}").bounding_box() for i in ELEMENTS}
     finally:
         await context.close()
     for element, box in boxes.items():
         assert box is not None
         crop = _masked_crop(shot, box)
-        assert _flat(crop) == (element != "plain"), element
+        assert _flat(crop) == (element not in ("plain", "whole")), element
 
 
 async def test_a_secret_the_page_shows_inside_a_shadow_root_is_masked_too(

@@ -72,6 +72,9 @@ _MARK_JS = f"""
 # Two 32-bit rolling hashes (bases 31 and 131) of a value's UTF-16 code units, as JavaScript's
 # Math.imul computes them: what `echo_mask_script` looks for instead of the value itself.
 _HASH_BASES = (31, 131)
+# The longest text of an element read whole for a value split across its children: reading an
+# element's text costs its length, and every element around a changed node is read.
+_ACROSS_LIMIT = 4096
 
 
 def _rolling_hash(value: str, base: int) -> int:
@@ -94,7 +97,8 @@ def echo_mask_script(values: Iterable[str]) -> str | None:
     box); a field holding one is masked like a typed secret field. Shadow roots are watched
     too — closed ones included, since this runs before the page's scripts can attach one — and
     a text node at the top of a shadow root masks its host. A field's `.value` set by a
-    script is seen by the setter. A value split across elements is not seen.
+    script is seen by the setter. A value split across elements masks the smallest element
+    whose text holds it, if that text is short (`_ACROSS_LIMIT`).
     """
     wanted = sorted(
         {
@@ -151,25 +155,50 @@ def echo_mask_script(values: Iterable[str]) -> str | None:
     const shadow = shadows.get(el) || el.shadowRoot;  // closed roots only from attachShadow
     if (shadow) {{ watch(shadow); tree(shadow); }}
   }};
-  const tree = (root) => {{
-    if (root.nodeType === Node.TEXT_NODE) {{
-      if (holds(root.data)) mask(holder(root));
-      return;
+  // Text nodes of this batch that hold no value by themselves, for `across` to look at once
+  // every node has been looked at alone (so a value whole in one node masks that node only).
+  const unmatched = [];
+  const text = (node) => {{
+    if (holds(node.data)) mask(holder(node));
+    else if (node.data) unmatched.push(node);
+  }};
+  // A value split across elements (`pass<b>word</b>`): the smallest element around such a
+  // node whose whole text holds it is masked, with everything in it (a child's own colour
+  // would show through). Only elements of up to {_ACROSS_LIMIT} characters of text are read,
+  // each once a batch; one that holds a masked element already is that element's match.
+  const across = () => {{
+    const seen = new Set();
+    for (const node of unmatched.splice(0)) {{
+      for (let at = node.parentElement; at && !seen.has(at); at = at.parentElement) {{
+        seen.add(at);
+        if (at.hasAttribute(ATTR) || at.querySelector("[" + ATTR + "]")) break;
+        const all = at.textContent;
+        if (all.length > {_ACROSS_LIMIT}) break;
+        if (holds(all)) {{
+          mask(at);
+          for (const inner of at.querySelectorAll("*")) mask(inner);
+          break;
+        }}
+      }}
     }}
+  }};
+  const tree = (root) => {{
+    if (root.nodeType === Node.TEXT_NODE) return text(root);
     if (root.nodeType === Node.ELEMENT_NODE) element(root);
     else if (root.nodeType !== Node.DOCUMENT_FRAGMENT_NODE) return;
     const walk = document.createTreeWalker(root, NodeFilter.SHOW_TEXT | NodeFilter.SHOW_ELEMENT);
     for (let n = walk.nextNode(); n; n = walk.nextNode()) {{
-      if (n.nodeType === Node.TEXT_NODE) {{ if (holds(n.data)) mask(holder(n)); }}
+      if (n.nodeType === Node.TEXT_NODE) text(n);
       else element(n);
     }}
   }};
   const observer = new MutationObserver((records) => {{
     for (const r of records) {{
-      if (r.type === "characterData") {{ if (holds(r.target.data)) mask(holder(r.target)); }}
+      if (r.type === "characterData") text(r.target);
       else if (r.type === "attributes") field(r.target);
       else for (const n of r.addedNodes) tree(n);
     }}
+    across();
   }});
   const onInput = (e) => e.target instanceof Element && field(e.target);
   // An observer of the document does not see into shadow roots, nor does an input listener
@@ -206,6 +235,7 @@ def echo_mask_script(values: Iterable[str]) -> str | None:
   }}
   watch(document);
   if (document.documentElement) tree(document.documentElement);
+  across();
 }})();
 """
 
