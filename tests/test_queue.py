@@ -624,6 +624,39 @@ async def test_a_raw_enqueue_with_a_taken_idempotency_key_is_refused_not_run(
     assert (again.job_id, again.created) == ("q-idem-a", False)
 
 
+async def test_a_rejected_job_gives_its_idempotency_key_back_for_the_corrected_job(
+    billing: Site, client: FormworkClient, worker: Worker, settings: Settings
+) -> None:
+    # A job refused before any browser work did nothing on the site for its key to guard. The
+    # key stayed the refused job's for 7 days: the corrected job, sent with the same key, came
+    # back as that refused job, and was never run. (Stripe's keys behave the same way: a
+    # request that fails validation saves no result under its key.)
+    refused = {
+        "q-bad-amount": credit_job(billing, "q-bad-amount", inputs={"amount": "900.00"}),
+        "q-bad-script": credit_job(billing, "q-bad-script").model_copy(
+            update={"script": "billing/no_such_script"}
+        ),
+    }
+    for job_id, job in refused.items():
+        handle = await client.enqueue(job.model_copy(update={"idempotency_key": "K-FIX-1"}))
+        assert (await handle.wait(30)).status == JobStatus.rejected, job_id
+    fixed = await client.enqueue(credit_job(billing, "q-fixed", idempotency_key="K-FIX-1"))
+    assert (fixed.job_id, fixed.created) == ("q-fixed", True)
+    assert (await fixed.wait(60)).status == JobStatus.succeeded
+    # The key now guards the job that ran.
+    again = await client.enqueue(credit_job(billing, "q-again", idempotency_key="K-FIX-1"))
+    assert (again.job_id, again.created) == ("q-fixed", False)
+    assert len(billing.credits()) == 1
+    # Sent the raw way, a duplicate is refused, and that refusal leaves the key where it is.
+    job = credit_job(billing, "q-raw-dup", idempotency_key="K-FIX-1")
+    await raw_enqueue(settings, "q-raw-dup", raw_envelope(job.model_dump(mode="json")))
+    duplicate = await client.handle("q-raw-dup").wait(30)
+    assert duplicate.error is not None and duplicate.error.field == "idempotency_key"
+    again = await client.enqueue(credit_job(billing, "q-again-2", idempotency_key="K-FIX-1"))
+    assert (again.job_id, again.created) == ("q-fixed", False)
+    assert len(billing.credits()) == 1
+
+
 async def test_a_secret_in_the_correlation_or_the_idempotency_key_is_refused_and_not_kept(
     billing: Site,
     client: FormworkClient,

@@ -29,7 +29,7 @@ from redis.exceptions import RedisError
 
 from worker.contract import JobStatus
 from worker.events import JobEvents
-from worker.keys import ARQ_IN_PROGRESS_PREFIX, Keys
+from worker.keys import ARQ_IN_PROGRESS_PREFIX, Keys, drop_if_holds
 
 log = logging.getLogger("formwork.queue")
 
@@ -38,14 +38,6 @@ log = logging.getLogger("formwork.queue")
 _MAKE_OURS = """
 if redis.call('GET', KEYS[1]) == '1' then
   return redis.call('SET', KEYS[1], ARGV[1], 'XX', 'KEEPTTL') and 1 or 0
-end
-return 0
-"""
-
-# KEYS: the mark. ARGV: the token. Compare-and-delete.
-_DROP_IF_OURS = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
 end
 return 0
 """
@@ -83,10 +75,9 @@ class TakenJobs:
     async def hand_back(self, redis: Redis, keys: Keys) -> list[str]:
         """Connected again: put back on the queue each job this worker took and could not see
         through, unless another worker has it now. Returns the ids handed back."""
-        drop: Any = redis.register_script(_DROP_IF_OURS)
         handed = []
         for job_id in sorted(self.unfinished):
-            if await drop(keys=[ARQ_IN_PROGRESS_PREFIX + job_id], args=[self.token]):
+            if await drop_if_holds(redis, ARQ_IN_PROGRESS_PREFIX + job_id, self.token):
                 handed.append(job_id)
                 await _say_queued(redis, keys, job_id)
             self.unfinished.discard(job_id)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
+
+from redis.asyncio import Redis
 
 DEFAULT_PREFIX = "formwork"
 ARQ_JOB_PREFIX = "arq:job:"  # arq.constants.job_key_prefix: the plain-Redis wire protocol uses it
@@ -32,6 +34,22 @@ def job_of(arq_id: str) -> str:
     """The job an arq id is about: the id itself for a job, its job's for a message."""
     found = _MESSAGE_ID.match(arq_id)
     return found.group("job") if found else arq_id
+
+
+# KEYS: the key. ARGV: the value it must hold. Compare-and-delete.
+_DROP_IF_HOLDS = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+async def drop_if_holds(redis: Redis, key: str, value: str) -> bool:
+    """Delete `key` if it still holds `value`, in one step: a key that names its owner (a job
+    holding an idempotency key, a worker holding arq's mark) is let go only by that owner."""
+    script: Any = redis.register_script(_DROP_IF_HOLDS)
+    return bool(await script(keys=[key], args=[value]))
 
 
 RECORD_TTL_S = 7 * 24 * 3600  # job records, de-duplication keys and event streams

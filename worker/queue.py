@@ -83,6 +83,7 @@ from worker.keys import (
     JOB_FUNCTION,
     RECORD_TTL_S,
     Keys,
+    drop_if_holds,
     job_of,
     message_id,
 )
@@ -463,6 +464,8 @@ async def execute(
         if isinstance(key, str) and state.runtime.secrets.carried_in({"key": key}):
             # The client's enqueue took the key under its own name: a name holding a secret.
             await redis.delete(keys.idempotency(key))
+        elif isinstance(key, str):
+            await _give_key_back(state, job_id, key)
         # A correlation carrying a secret is not written to the report either; any other
         # refusal (a duplicate's, a secret in the key) keeps the orchestrator's correlation.
         in_correlation = (exc.field or "").split(".")[0] == "correlation"
@@ -590,6 +593,14 @@ async def _own_idempotency_key(state: WorkerState, job: BrowserJob) -> None:
             "duplicate of it and was not run",
             field="idempotency_key",
         )
+
+
+async def _give_key_back(state: WorkerState, job_id: str, key: str) -> None:
+    """A job refused before any browser work did nothing on the site for its idempotency key
+    to guard: the key is let go, so the corrected job can be sent with it (as Stripe does with
+    a request that fails validation). A key another job holds (this one its duplicate) stays."""
+    if await drop_if_holds(state.redis, state.keys.idempotency(key), job_id):
+        log.info("job %s: rejected; its idempotency key is free again", job_id)
 
 
 def _attach_webhook(state: WorkerState, events: JobEvents, job: BrowserJob) -> None:
@@ -731,6 +742,8 @@ async def _run_tracked(
                 sent=(await RedisCommitJournal.open(redis, keys, job_id)).previously_sent,
             )
         settled = report
+        if report.status == JobStatus.rejected and job.idempotency_key is not None:
+            await _give_key_back(state, job_id, job.idempotency_key)
         await _count_drift(redis, keys, job.site, report)
         await _after_run(state, job_id, report)
         return report
