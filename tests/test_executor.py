@@ -647,3 +647,17 @@ async def test_the_job_timeout_after_a_confirmed_commit_says_the_effect_exists(
         "over the job timeout of 20s (after submit was confirmed by the site: its effect "
         "exists, and running the job again would repeat it)"
     )
+
+
+async def test_trailing_zeros_past_places_are_typed_as_the_site_takes_them(
+    billing: Site, runtime: Runtime
+) -> None:
+    # `places: 2` counts the digits that matter, so intake took "15.000"; it was typed as
+    # written, the site refused three decimals, and the job asked the customer about a value
+    # that was right.
+    report = await run_job(credit_job(billing, amount="15.000"), runtime)
+
+    assert report.status == JobStatus.succeeded, report.error
+    assert [c["amount"] for c in billing.credits()] == ["15.00"]
+    amount = next(s for s in report.steps if s.id == "amount")
+    assert amount.entered == "15.00"

@@ -16,7 +16,7 @@ import hashlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import Context, Decimal
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -116,6 +116,24 @@ def _positional(value: Decimal) -> Decimal:
     return Decimal(format(value, "f"))
 
 
+def _to_places(places: int) -> Any:
+    """Drop the trailing zeros past `places` from a value (`15.000` with `places: 2` is
+    `15.00`): `places` counts digits that matter, as pydantic's `decimal_places` does, but the
+    value is typed into the form as written, and a site that takes cents refuses `15.000`
+    after the form is filled, asking the customer about a value that was right."""
+
+    def quantize(value: Decimal) -> Decimal:
+        _, digits, exponent = value.as_tuple()
+        if isinstance(exponent, int) and exponent < -places:
+            # Only zeros go (`decimal_places` held), so the result has fewer digits than the
+            # value: a precision that holds the value holds it (the default 28 may not).
+            exact = Context(prec=max(len(digits), 28))
+            return value.quantize(Decimal(1).scaleb(-places), context=exact)
+        return value
+
+    return quantize
+
+
 class InputSpec(_Strict):
     """One typed input of a script."""
 
@@ -213,6 +231,7 @@ class InputSpec(_Strict):
                 Field(ge=self.min, le=self.max, allow_inf_nan=False, decimal_places=self.places),
                 BeforeValidator(_plain_decimal),
                 AfterValidator(_positional),
+                *([] if self.places is None else [AfterValidator(_to_places(self.places))]),
             ]
         if self.type == InputType.int:
             return Annotated[int, Field(ge=self.min, le=self.max)]
