@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 from arq import Worker
 from arq.jobs import Job
+from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from worker import queue as queue_module
@@ -655,6 +656,25 @@ async def test_a_rejected_job_gives_its_idempotency_key_back_for_the_corrected_j
     again = await client.enqueue(credit_job(billing, "q-again-2", idempotency_key="K-FIX-1"))
     assert (again.job_id, again.created) == ("q-fixed", False)
     assert len(billing.credits()) == 1
+
+
+async def test_a_blank_idempotency_key_is_refused_and_holds_nothing_against_later_jobs(
+    billing: Site, client: FormworkClient, worker: Worker, settings: Settings
+) -> None:
+    # "" is a missing key in many orchestrators' languages. The worker took it as a key, so
+    # every later job sent with it was refused as a duplicate of the first, for 7 days.
+    for job_id in ("q-blank-a", "q-blank-b"):
+        payload = credit_job(billing, job_id).model_dump(mode="json", exclude_none=True)
+        await raw_enqueue(settings, job_id, raw_envelope({**payload, "idempotency_key": ""}))
+        report = await client.handle(job_id).wait(60)
+        assert report.status == JobStatus.rejected
+        assert report.error is not None and report.error.field == "idempotency_key"
+        assert "must not be blank: leave it out" in report.error.message
+    assert billing.credits() == []
+    assert not await client.redis.exists(Keys(settings.key_prefix).idempotency(""))
+    # The client cannot send one either: the job does not validate.
+    with pytest.raises(ValidationError, match="must not be blank"):
+        credit_job(billing, "q-blank-c", idempotency_key=" ")
 
 
 async def test_a_secret_in_the_correlation_or_the_idempotency_key_is_refused_and_not_kept(

@@ -154,7 +154,8 @@ class BrowserJob(_Model):
         default=None,
         max_length=200,
         description="The orchestrator's reference for the effect (e.g. its ticket id); "
-        "the same key is never executed twice.",
+        "the same key is never executed twice. Not blank: leave it out for no key.",
+        json_schema_extra={"pattern": "\\S"},
     )
     # Aware only: a naive one, compared with the worker's clock, failed the job as an internal
     # error of the worker's (TypeError), and which instant it meant would be a guess.
@@ -206,6 +207,16 @@ class BrowserJob(_Model):
     def _script_ref(cls, value: str) -> str:
         if not SCRIPT_REF.match(value):
             raise ValueError("must look like 'site/name' or 'site/name@version'")
+        return value
+
+    @field_validator("idempotency_key")
+    @classmethod
+    def _idempotency_key(cls, value: str | None) -> str | None:
+        # A blank key is a missing one in many orchestrators' languages (Go's zero string):
+        # taken as a key, it made every job sent with it a duplicate of the first, refused for
+        # the key's 7 days; the Python client meanwhile took it for no key and said `created`.
+        if value is not None and not value.strip():
+            raise ValueError("must not be blank: leave it out (or null) for a job with no key")
         return value
 
     @field_validator("site_url")
