@@ -661,3 +661,22 @@ async def test_trailing_zeros_past_places_are_typed_as_the_site_takes_them(
     assert [c["amount"] for c in billing.credits()] == ["15.00"]
     amount = next(s for s in report.steps if s.id == "amount")
     assert amount.entered == "15.00"
+
+
+async def test_a_control_character_in_an_input_is_refused_before_the_browser(
+    billing: Site, runtime: Runtime
+) -> None:
+    # A NUL in the reason reached the site as U+FFFD and the job said it succeeded; an escape
+    # sequence was stored as sent, for the site to show its own staff.
+    for reason, shown in (("abc\x00def", "U+0000 at position 3"), ("ok \x1b[2J", "U+001B")):
+        report = await run_job(credit_job(billing, reason=reason), runtime)
+
+        assert report.status == JobStatus.rejected
+        assert report.error is not None and report.error.code == FailureCode.input_invalid
+        assert report.error.field == "inputs.reason"
+        assert f"input 'reason': holds a control character ({shown}" in report.error.message
+    assert billing.state()["requests"] == 0 and billing.credits() == []
+    # Tabs and line breaks are text.
+    report = await run_job(credit_job(billing, reason="first\tsecond"), runtime)
+    assert report.status == JobStatus.succeeded, report.error
+    assert [c["reason"] for c in billing.credits()] == ["first\tsecond"]

@@ -134,6 +134,23 @@ def _to_places(places: int) -> Any:
     return quantize
 
 
+# C0 controls and DEL, but tab and line breaks: no form value means them. A NUL reached the
+# site as U+FFFD (the job said it succeeded, the site kept another text); the others are
+# corruption or terminal escapes, which the site would store and show to its own staff.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _no_control(value: str) -> str:
+    found = _CONTROL.search(value)
+    if found is not None:
+        # The character and where, never the value: the input may be a secret.
+        raise ValueError(
+            f"holds a control character (U+{ord(found.group()):04X} at position "
+            f"{found.start()}) that a form field cannot take"
+        )
+    return value
+
+
 class InputSpec(_Strict):
     """One typed input of a script."""
 
@@ -222,6 +239,7 @@ class InputSpec(_Strict):
                 StringConstraints(
                     pattern=self.pattern, min_length=self.min_length, max_length=self.max_length
                 ),
+                AfterValidator(_no_control),
             ]
         if self.type == InputType.decimal:
             return Annotated[
