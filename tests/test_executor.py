@@ -14,6 +14,7 @@ import pytest
 from PIL import Image, ImageChops, ImageStat
 from playwright.async_api import BrowserContext
 from playwright.async_api import Error as PlaywrightError
+from pydantic import TypeAdapter, ValidationError
 
 from worker.actions import PageActions
 from worker.artifacts import LocalArtifacts
@@ -29,7 +30,7 @@ from worker.contract import (
 from worker.errors import BrowserLost
 from worker.evidence import echo_mask_script
 from worker.executor import NullListener, ResumePoint, Runtime, fail_internally, run_job
-from worker.script import PlannedStep, ScriptStore
+from worker.script import InputSpec, InputType, PlannedStep, ScriptStore
 from worker.secretstore import SecretStore
 
 from .conftest import CREDIT_INPUTS, SCRIPTS, SECRETS_FILE, SELECTORS, Site
@@ -680,3 +681,23 @@ async def test_a_control_character_in_an_input_is_refused_before_the_browser(
     report = await run_job(credit_job(billing, reason="first\tsecond"), runtime)
     assert report.status == JobStatus.succeeded, report.error
     assert [c["reason"] for c in billing.credits()] == ["first\tsecond"]
+
+
+async def test_a_number_written_with_an_underscore_is_refused_not_read_as_digits(
+    billing: Site, runtime: Runtime
+) -> None:
+    # Python's Decimal reads "1_5" as 15: a typo in a person's corrected inputs issued a
+    # credit of 15.
+    report = await run_job(credit_job(billing, amount="1_5"), runtime)
+
+    assert report.status == JobStatus.rejected
+    assert report.error is not None and report.error.field == "inputs.amount"
+    assert report.error.message == (
+        "inputs rejected by billing/issue_credit@1: input 'amount': a number is written in "
+        "plain digits, without '_' (got '1_5')"
+    )
+    assert billing.state()["requests"] == 0 and billing.credits() == []
+    count = TypeAdapter(InputSpec(type=InputType.int).annotation())
+    with pytest.raises(ValidationError, match="without '_'"):
+        count.validate_python("1_000")
+    assert count.validate_python("1000") == 1000

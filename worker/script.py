@@ -105,6 +105,15 @@ def _plain_decimal(value: Any) -> Any:
     return value
 
 
+def _no_separator(value: Any) -> Any:
+    """Refuse a number written with `_` (`1_5`): Python's parsers read it as 15, a value nobody
+    wrote — more likely a typo or a mangled reference than digit grouping, and a person's
+    `retry_with_inputs` of "1_5" issued a credit of 15."""
+    if isinstance(value, str) and "_" in value:
+        raise ValueError("a number is written in plain digits, without '_'")
+    return value
+
+
 _EXPONENT = re.compile(r"^\s*[+-]?(\d+\.?\d*|\.\d+)e[+-]?\d+\s*$", re.IGNORECASE)
 
 
@@ -248,11 +257,12 @@ class InputSpec(_Strict):
                 # only after the form is filled, and then the job asks the customer.
                 Field(ge=self.min, le=self.max, allow_inf_nan=False, decimal_places=self.places),
                 BeforeValidator(_plain_decimal),
+                BeforeValidator(_no_separator),
                 AfterValidator(_positional),
                 *([] if self.places is None else [AfterValidator(_to_places(self.places))]),
             ]
         if self.type == InputType.int:
-            return Annotated[int, Field(ge=self.min, le=self.max)]
+            return Annotated[int, Field(ge=self.min, le=self.max), BeforeValidator(_no_separator)]
         if self.type == InputType.bool:
             return bool
         assert self.values is not None
