@@ -129,6 +129,22 @@ def test_wizard_validates_each_step(browser: Browser, base_url: str) -> None:
     assert len(state(base_url)["refunds"]) == 1
 
 
+def test_a_receipt_up_to_the_limit_is_taken_and_a_bigger_one_refused_by_the_form(
+    browser: Browser,
+) -> None:
+    # aiohttp's own 1 MiB body limit answered a bare 413 to any receipt over 1 MiB, though the
+    # form says it takes 5 MB.
+    reason = browser.post(f"/orders/{ORDER}/refund/drafts", {"sku": "MUG-RED"})
+    form = {"reason": "damaged", "reference": "T-5001"}
+    over = ("big.png", "image/png", b"\0" * (5 * 1024 * 1024 + 1))
+    refused = browser.post_multipart(reason.path, form, {"receipt": over})
+    errors = {e.attrs["data-field"]: e.clean_text for e in refused.find(class_="field-error")}
+    assert errors == {"receipt": "The receipt must be at most 5 MB"}
+    limit = ("big.png", "image/png", b"\0" * (5 * 1024 * 1024))
+    review = browser.post_multipart(reason.path, form, {"receipt": limit})
+    assert review.text_of("review-receipt") == "big.png"
+
+
 def test_widget_needs_no_console_session(base_url: str) -> None:
     widget = Browser(base_url, "orders").get("/provider/widget?draft=D-0001&amount=1.00&parent=x")
     assert widget.status == 200
