@@ -51,7 +51,13 @@ from worker.script import (
 )
 from worker.selectors import Candidate, Resolved, WaitState, combined, resolve, wait_any
 from worker.templating import references, render
-from worker.uploads import UploadRefused, read_upload
+from worker.uploads import (
+    INLINE_UPLOAD_BYTES,
+    UploadRefused,
+    discard_staged,
+    read_upload,
+    stage_upload,
+)
 
 log = logging.getLogger("formwork.actions")
 
@@ -88,6 +94,7 @@ class PageActions:
     probing: bool = False  # running the verify_effect probe: what it reads is verified by it
     entered: dict[str, str] = field(default_factory=dict)  # element -> value, secrets masked
     uploads: Path | None = None  # the only directory upload steps may take files from
+    staged: Path | None = None  # the job's private copies of what it uploads (stage_upload)
     dialogs: list[DialogSeen] = field(default_factory=list)  # since the last take_dialogs()
     dialog: DialogSpec | None = None  # how the running step answers a dialog
     unexpected_dialog: DialogSeen | None = None
@@ -314,9 +321,19 @@ class PageActions:
             raise StepError(FailureCode.script_error, str(exc)) from exc
         found = await self.find(step.upload.target, frame, timeout_ms, state="attached")
         self.entered[step.upload.target] = file.name
-        payload = FilePayload(name=file.name, mimeType=file.mime_type, buffer=file.content)
-        await found.locator.set_input_files(payload, timeout=timeout_ms)
+        har = self.job.har if self.job.har is not None else self.loaded.script.har
+        if har or len(file.content) <= INLINE_UPLOAD_BYTES:
+            payload = FilePayload(name=file.name, mimeType=file.mime_type, buffer=file.content)
+            await found.locator.set_input_files(payload, timeout=timeout_ms)
+        else:
+            self.staged, copy = await asyncio.to_thread(stage_upload, file, self.staged)
+            await found.locator.set_input_files(copy, timeout=timeout_ms)
         return found.matched
+
+    async def discard_uploads(self) -> None:
+        """Remove the job's upload copies: its page will send no form any more."""
+        await asyncio.to_thread(discard_staged, self.staged)
+        self.staged = None
 
     async def extract(
         self, planned: PlannedStep, step: ExtractStep, timeout_ms: float, *, probe: bool = False

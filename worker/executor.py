@@ -197,6 +197,7 @@ async def run_job(
         context = job_page.context
         downloads = Downloads(runtime.artifacts.downloads_dir(job.job_id))
         downloads.watch(job_page.page)
+        actions: PageActions | None = None
         try:
             guard = Guard(hosts)
             if job_page.hosts != guard.hosts:
@@ -249,6 +250,8 @@ async def run_job(
                 raise BrowserLost(lost.message) from exc
             raise
         finally:
+            if actions is not None:
+                await actions.discard_uploads()
             if har is None:
                 # Nothing in the report waits for the close: it goes on in the background.
                 runtime.browser.release(job_page)

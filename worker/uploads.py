@@ -6,17 +6,27 @@ The orchestrator stages attachments (a customer's receipt) in the uploads direct
 as an input. That path is confined: empty, absolute, drive-letter or backslash paths and `..`
 are refused outright, and after resolving symlinks the file must still lie inside the
 directory. Only a regular file of at most `MAX_UPLOAD_BYTES` is sent, and the bytes sent are the
-bytes checked (read here and handed to the browser, which never opens a path itself).
+bytes checked: read here, and handed to the page as bytes or, for a big file, as a private
+copy of the job's (`stage_upload`) — never the staged file, which may change after the check.
 """
 
 from __future__ import annotations
 
 import mimetypes
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 # Generous for a receipt or a screenshot; a bound so a job cannot make a worker read a disk.
 MAX_UPLOAD_BYTES = 25 * 1024 * 1024
+
+
+# Up to this size (or when the job records a HAR) a file goes to the page as bytes, through
+# Playwright's protocol at about a second per MB: the request body Chromium reports then holds
+# them, which a HAR and `replay --from-har` match on. A file the page reads from disk is left
+# out of that body. Above it, the page gets a private copy on disk (`stage_upload`).
+INLINE_UPLOAD_BYTES = 1024 * 1024
 
 
 class UploadRefused(ValueError):
@@ -75,3 +85,25 @@ def read_upload(uploads_dir: Path | None, name: str) -> UploadFile:
         raise UploadRefused(f"upload file {name!r} is larger than {MAX_UPLOAD_BYTES} bytes")
     mime_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     return UploadFile(name=path.name, mime_type=mime_type, content=content)
+
+
+def stage_upload(file: UploadFile, folder: Path | None) -> tuple[Path, Path]:
+    """Write `file`'s checked bytes to `<folder>/<name>`, making `folder` (private) when it is
+    None; returns the folder and the copy (blocking: run it in a thread).
+
+    For a file over `INLINE_UPLOAD_BYTES` the browser is given this path rather than the
+    bytes: bytes go through Playwright's protocol as base64 at about a second per MB, so a file
+    of a few MB outlasted the step's timeout and one near `MAX_UPLOAD_BYTES` never went up.
+    Chromium reads the copy when the form is sent, so it lives until the job ends
+    (`discard_staged`)."""
+    if folder is None:
+        folder = Path(tempfile.mkdtemp(prefix="formwork-upload-"))  # 0700: the worker's own
+    target = folder / file.name
+    target.write_bytes(file.content)
+    return folder, target
+
+
+def discard_staged(folder: Path | None) -> None:
+    """Remove a job's private upload copies (blocking)."""
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
