@@ -169,6 +169,26 @@ async def test_a_receipt_outside_the_uploads_directory_is_rejected_before_the_br
     assert orders.state()["requests"] == 0
 
 
+async def test_an_empty_receipt_is_rejected_before_the_browser(
+    orders: Site, runtime: Runtime, tmp_path: Path
+) -> None:
+    # A 0-byte file (staged while still being written, a failed copy) went up, the site took
+    # it, and the job reported a refund whose receipt was nothing.
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    (uploads / "empty.png").write_bytes(b"")
+
+    report = await run_job(
+        refund_job(orders, receipt="empty.png"), dataclasses.replace(runtime, uploads=uploads)
+    )
+
+    assert report.status == JobStatus.rejected
+    assert report.error is not None and report.error.code == FailureCode.input_invalid
+    assert report.error.field == "inputs.receipt"
+    assert "upload file 'empty.png' is empty (0 bytes)" in report.error.message
+    assert orders.state()["requests"] == 0 and orders.refunds() == []
+
+
 async def test_refund_through_the_queue_uses_the_workers_uploads_directory(
     orders: Site, client: FormworkClient, worker: Worker
 ) -> None:

@@ -62,7 +62,7 @@ def relative_upload(name: str) -> PurePosixPath:
 
 def upload_path(uploads_dir: Path | None, name: str) -> Path:
     """The real file `name` names inside `uploads_dir`, symlinks resolved; UploadRefused when
-    it is not a regular file there or is too big."""
+    it is not a regular file there, is empty or too big."""
     if uploads_dir is None:
         raise UploadRefused("this worker has no uploads directory (FORMWORK_UPLOADS_DIR)")
     relative = relative_upload(name)
@@ -72,8 +72,13 @@ def upload_path(uploads_dir: Path | None, name: str) -> Path:
         raise UploadRefused(f"upload file {name!r} leads outside the uploads directory")
     if not path.is_file():
         raise UploadRefused(f"upload file {name!r} is not a file in the uploads directory")
-    if path.stat().st_size > MAX_UPLOAD_BYTES:
+    size = path.stat().st_size
+    if size > MAX_UPLOAD_BYTES:
         raise UploadRefused(f"upload file {name!r} is larger than {MAX_UPLOAD_BYTES} bytes")
+    if size == 0:
+        # No attachment is empty: a file staged while still being written, or a failed copy.
+        # A site that takes it anyway (the orders site does) keeps a refund with no receipt.
+        raise UploadRefused(f"upload file {name!r} is empty (0 bytes): is it staged whole?")
     return path
 
 
@@ -83,6 +88,8 @@ def read_upload(uploads_dir: Path | None, name: str) -> UploadFile:
     content = path.read_bytes()
     if len(content) > MAX_UPLOAD_BYTES:  # grew since the check
         raise UploadRefused(f"upload file {name!r} is larger than {MAX_UPLOAD_BYTES} bytes")
+    if not content:  # emptied since the check
+        raise UploadRefused(f"upload file {name!r} is empty (0 bytes): is it staged whole?")
     mime_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     return UploadFile(name=path.name, mime_type=mime_type, content=content)
 
