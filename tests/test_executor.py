@@ -701,3 +701,35 @@ async def test_a_number_written_with_an_underscore_is_refused_not_read_as_digits
     with pytest.raises(ValidationError, match="without '_'"):
         count.validate_python("1_000")
     assert count.validate_python("1000") == 1000
+
+
+async def test_a_fill_the_field_cuts_short_is_refused_before_the_commit(
+    billing: Site, runtime: Runtime, tmp_path: Path
+) -> None:
+    # The script takes references of 60 characters, the site's field only 40 (`maxlength`):
+    # Playwright typed what fit, the site kept a cut reference, and the job said it
+    # succeeded, its report claiming the whole value was entered.
+    scripts = tmp_path / "scripts"
+    shutil.copytree(SCRIPTS, scripts)
+    source = (scripts / "billing" / "issue_credit.yaml").read_text()
+    (scripts / "billing" / "issue_credit.yaml").write_text(source.replace("{1,40}", "{1,60}"))
+    store = ScriptStore(scripts, SELECTORS)
+    reference = "T-" + "9" * 48
+
+    report = await run_job(
+        credit_job(billing, reference=reference), dataclasses.replace(runtime, scripts=store)
+    )
+
+    assert report.status == JobStatus.needs_customer_input
+    assert report.error is not None and report.error.step_id == "reference"
+    assert report.error.code == FailureCode.validation_rejected
+    assert report.error.message == (
+        "fill of credit.reference: the field kept 40 of the value's 50 characters (its "
+        "maxlength is 40): the site would get another value than the one given"
+    )
+    assert report.error.evidence == "credit.reference takes at most 40 characters"
+    assert billing.credits() == []
+    # Line breaks and trimmed ends are how browsers keep text, not a cut.
+    report = await run_job(credit_job(billing, reason=" two\r\nlines "), runtime)
+    assert report.status == JobStatus.succeeded, report.error
+    assert [c["reason"] for c in billing.credits()] == ["two lines"]

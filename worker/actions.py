@@ -243,6 +243,8 @@ class PageActions:
             if found.matched.index:
                 # A fallback candidate is only trusted when the field really took the value.
                 await self._holds(expect(found.locator).to_have_value(value, timeout=timeout_ms))
+            elif not secret:
+                await self._took_whole(found.locator, step.fill.target, value, timeout_ms)
             return found.matched
         if isinstance(step, SelectStep):
             found = await self.find(step.select.target, frame, timeout_ms)
@@ -482,6 +484,22 @@ class PageActions:
         return found.matched
 
     @staticmethod
+    async def _took_whole(locator: Locator, target: str, value: str, timeout_ms: float) -> None:
+        """StepError(validation_rejected) when the field holds less or other than `value`:
+        a `maxlength` cuts a fill short without a word (Playwright types what fits), and the
+        site then keeps the cut value while the step said it entered the whole."""
+        held = await locator.evaluate(_FIELD_VALUE_JS, timeout=timeout_ms)
+        if held is None or _took(value, held[0]):
+            return
+        limit = f" (its maxlength is {held[1]})" if held[1] else ""
+        raise StepError(
+            FailureCode.validation_rejected,
+            f"fill of {target}: the field kept {len(held[0])} of the value's {len(value)} "
+            f"characters{limit}: the site would get another value than the one given",
+            evidence=f"{target} takes at most {held[1]} characters" if held[1] else None,
+        )
+
+    @staticmethod
     async def _holds(check: Any, message: str | None = None) -> None:
         """Await a Playwright assertion or wait, turning its failure into expectation_failed."""
         try:
@@ -516,3 +534,17 @@ def _extracted(raw: str, pattern: str | None, name: str, target: str) -> str:
             evidence=text[:200],
         )
     return match.group(1) if match.groups() else match.group(0)
+
+
+# The value a filled element holds and its maxlength; null for an element with no value
+# (a contenteditable), which has nothing to compare.
+_FIELD_VALUE_JS = """(el) => ('value' in el && typeof el.value === 'string')
+  ? [el.value, el.getAttribute('maxlength')] : null"""
+
+
+def _took(value: str, held: str) -> bool:
+    """Whether a field holding `held` took `value` whole, as browsers keep text: line breaks
+    normalised (a textarea keeps `\\n`, a one-line input makes each a space) and the ends
+    trimmed (an email field trims; so do the sites)."""
+    lines = re.sub(r"\r\n?", "\n", value)
+    return held.strip() in (lines.strip(), lines.replace("\n", " ").strip())
