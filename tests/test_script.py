@@ -386,6 +386,16 @@ def test_a_decimal_in_exponent_notation_is_refused_and_a_json_number_is_taken(
     assert render("{{ inputs.a }}", {"inputs": {"a": Decimal("0.00000015")}}) == "0.00000015"
 
 
+def test_negative_zero_is_typed_as_zero(tree: Path) -> None:
+    # With a minimum of 0, "-0.00" (or JSON's -0.0) was taken and typed with its minus sign.
+    header = HEADER.format(name="zero").replace("steps:", '  x: {type: decimal, min: "0"}\nsteps:')
+    write(tree, "zero", header + '  - {id: go, goto: "/{{ inputs.account_id }}/{{ inputs.x }}"}\n')
+    loaded = ScriptStore(tree / "scripts", tree / "selectors").load("billing/zero")
+    for written, typed in (("-0.00", "0.00"), (-0.0, "0.0"), ("-0", "0"), ("0.5", "0.5")):
+        inputs = loaded.validate_inputs({"account_id": "AC-10231", "x": written})
+        assert render("{{ inputs.x }}", {"inputs": inputs}) == typed
+
+
 def test_a_rejected_value_is_echoed_in_part_with_its_length(script_store: ScriptStore) -> None:
     # The message is copied into events, reports and webhooks: a 5000-character value (or
     # name) would be copied whole into each.

@@ -121,7 +121,10 @@ def _positional(value: Decimal) -> Decimal:
     """Positional digits for a value that came as a number with an exponent (a JSON number
     like 1e21 is a float, then `Decimal('1E+21')`): the value is typed into a form, and sites
     refuse exponent notation (blaming the customer). Values below 1E-6 still print as
-    exponents; `render` formats them."""
+    exponents; `render` formats them. Negative zero (`-0`, JSON's `-0.0`) is zero: typed as
+    written it is a minus sign that a form refuses, or a site keeps as a negative amount."""
+    if value.is_zero():
+        value = abs(value)
     return Decimal(format(value, "f"))
 
 
