@@ -123,3 +123,18 @@ async def test_a_job_whose_fields_would_be_guessed_is_rejected_before_any_browse
     # Ground truth: one credit, of 15, from the one job that ran; none from the refused ones.
     [credit] = billing.credits()
     assert credit["amount"] == "15.00"
+
+
+async def test_a_site_url_with_an_uppercase_scheme_is_the_same_site(
+    billing: Site, client: FormworkClient, worker: Worker, settings: Settings
+) -> None:
+    # A scheme is case-insensitive; "HTTP://…" was refused as "must be an absolute http(s)
+    # URL", which it is.
+    url = "HTTP" + billing.url.removeprefix("http") + "/"
+    job = {"job_id": "c-upper", "script": "billing/issue_credit", "inputs": CREDIT_INPUTS}
+    await enqueue_raw(settings, {**job, "site_url": url})
+
+    last = await asyncio.wait_for(settled(client, "c-upper"), 60)
+    assert last.status == JobStatus.succeeded, last.report and last.report.error
+    [credit] = billing.credits()
+    assert credit["reference"] == CREDIT_INPUTS["reference"]

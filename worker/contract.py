@@ -222,13 +222,18 @@ class BrowserJob(_Model):
     @field_validator("site_url")
     @classmethod
     def _site_url(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+        if value is not None and not re.match(r"^https?://[^/\s]+", value, re.IGNORECASE):
             raise ValueError("must be an absolute http(s) URL")
         if value is not None and "@" in urlsplit(value).netloc:
             # `http://name@host`: a user name (or name:password) before the host, which a
             # reader takes for the host; sign-in credentials come from the worker's secrets.
             raise ValueError("must not carry a user name or password before its host ('…@')")
-        return value.rstrip("/") if value else value
+        if value is None:
+            return value
+        # A scheme is case-insensitive (`HTTP://`, as some URL builders write it): refused as
+        # "not an absolute http(s) URL", which it is. Lowercased for whatever joins paths to it.
+        scheme, rest = value.split("://", 1)
+        return f"{scheme.lower()}://{rest}".rstrip("/")
 
     @property
     def script_name(self) -> str:
