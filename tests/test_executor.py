@@ -16,7 +16,7 @@ from playwright.async_api import BrowserContext
 from playwright.async_api import Error as PlaywrightError
 from pydantic import TypeAdapter, ValidationError
 
-from worker.actions import PageActions
+from worker.actions import PageActions, _cut_short
 from worker.artifacts import LocalArtifacts
 from worker.contract import (
     BrowserJob,
@@ -701,6 +701,18 @@ async def test_a_number_written_with_an_underscore_is_refused_not_read_as_digits
     with pytest.raises(ValidationError, match="without '_'"):
         count.validate_python("1_000")
     assert count.validate_python("1000") == 1000
+
+
+def test_a_field_that_reformats_its_value_is_not_a_cut() -> None:
+    # Only a field that kept the start of the value was cut short; one whose own script
+    # formats what it is given (an amount shown as money, a name upper-cased) is left to the
+    # step's postconditions, or every such field would fail its fill.
+    assert _cut_short("T-" + "9" * 48, "T-" + "9" * 38)
+    assert _cut_short("hello", "")
+    assert not _cut_short("15", "$15.00")
+    assert not _cut_short("smith", "SMITH")
+    assert not _cut_short(" two\r\nlines ", "two lines")
+    assert not _cut_short("two\nlines", "two\nlines")
 
 
 async def test_a_fill_the_field_cuts_short_is_refused_before_the_commit(

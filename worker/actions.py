@@ -485,11 +485,13 @@ class PageActions:
 
     @staticmethod
     async def _took_whole(locator: Locator, target: str, value: str, timeout_ms: float) -> None:
-        """StepError(validation_rejected) when the field holds less or other than `value`:
-        a `maxlength` cuts a fill short without a word (Playwright types what fits), and the
-        site then keeps the cut value while the step said it entered the whole."""
+        """StepError(validation_rejected) when the field kept only the start of `value`: a
+        `maxlength` cuts a fill short without a word (Playwright types what fits), and the
+        site then keeps the cut value while the step said it entered the whole. A field whose
+        own script reformats what it is given (`15` shown as `$15.00`) is not a cut: what the
+        site makes of it is for the step's postconditions to judge."""
         held = await locator.evaluate(_FIELD_VALUE_JS, timeout=timeout_ms)
-        if held is None or _took(value, held[0]):
+        if held is None or not _cut_short(value, held[0]):
             return
         limit = f" (its maxlength is {held[1]})" if held[1] else ""
         raise StepError(
@@ -542,9 +544,13 @@ _FIELD_VALUE_JS = """(el) => ('value' in el && typeof el.value === 'string')
   ? [el.value, el.getAttribute('maxlength')] : null"""
 
 
-def _took(value: str, held: str) -> bool:
-    """Whether a field holding `held` took `value` whole, as browsers keep text: line breaks
-    normalised (a textarea keeps `\\n`, a one-line input makes each a space) and the ends
-    trimmed (an email field trims; so do the sites)."""
+def _cut_short(value: str, held: str) -> bool:
+    """Whether a field holding `held` kept only the start of `value`, as browsers keep text:
+    line breaks normalised (a textarea keeps `\\n`, a one-line input makes each a space) and
+    the ends trimmed (an email field trims; so do the sites)."""
     lines = re.sub(r"\r\n?", "\n", value)
-    return held.strip() in (lines.strip(), lines.replace("\n", " ").strip())
+    kept = held.strip()
+    return any(
+        len(kept) < len(whole) and whole.startswith(kept)
+        for whole in (lines.strip(), lines.replace("\n", " ").strip())
+    )
