@@ -256,6 +256,54 @@ def test_rules_and_alternates_are_checked_at_load_time(tree: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("rest", "message"),
+    [
+        (
+            "alternates:\n  by_hand:\n    - {id: pay, click: confirm.submit, commit: true}\n"
+            "verify_effect: {opt_out: the site refuses a second credit itself}\n",
+            "detour.yaml:10: alternates > by_hand[0] (step 'pay'): commit: true is not allowed "
+            "in alternate path 'by_hand'",
+        ),
+        (
+            "alternates:\n  by_hand:\n    - {id: sub, use: billing/pay}\n"
+            "verify_effect: {opt_out: the site refuses a second credit itself}\n",
+            "pay.yaml:5: steps[0] (step 'send'): commit: true is not allowed in alternate path "
+            "'by_hand'",
+        ),
+        (
+            "alternates:\n  by_hand:\n    - {id: open, goto: /accounts/AC-10231/credits/new}\n"
+            "verify_effect:\n  steps:\n    - {id: pay, click: confirm.submit, commit: true}\n"
+            "  present: {visible: credit.confirmation}\n",
+            "detour.yaml:13: verify_effect > steps[0] (step 'pay'): commit: true is not allowed "
+            "in verify_effect",
+        ),
+        (
+            "alternates:\n  by_hand:\n"
+            "    - {id: open, click: account.issue_credit, alternate: by_hand}\n",
+            "detour.yaml:10: alternates > by_hand[0] (step 'open'): alternate 'by_hand' is not "
+            "allowed in alternate path 'by_hand'",
+        ),
+    ],
+)
+def test_a_commit_or_an_alternate_on_a_detour_is_refused_at_load(
+    tree: Path, rest: str, message: str
+) -> None:
+    """Alternate paths and the probe are detours the executor does not journal, probe, gate or
+    recover: a commit there (a `retry_step` would send it again) or an alternate (never taken)
+    must not load."""
+    write(
+        tree, "pay",
+        "name: billing/pay\nversion: 1\nsite: billing\nsteps:\n"
+        "  - {id: send, click: confirm.submit, commit: true}\n"
+        "verify_effect: {opt_out: a test flow}\n",
+    )  # fmt: skip
+    message_seen = load_broken(
+        tree, "detour", "  - {id: go, click: account.issue_credit, alternate: by_hand}\n" + rest
+    )
+    assert message in message_seen
+
+
+@pytest.mark.parametrize(
     ("steps", "message"),
     [
         (

@@ -1146,6 +1146,8 @@ class ScriptStore:
         _check_plan(registry, plan, extra=extra)
         own = [*plan, *probe, *present, *(p for path in alternates.values() for p in path)]
         _check_commits(root, own)
+        _check_detours({f"alternate path {n!r}": path for n, path in alternates.items()})
+        _check_detours({"verify_effect": [p for p in probe if p.id != "verify.recover"]})
         _check_secrets(registry, [*own, *relogin], root)
         _check_inputs_used(root, registry, own)
         for index, element in enumerate(script.dynamic):
@@ -1457,6 +1459,28 @@ def _check_secrets(registry: SiteRegistry, planned: list[PlannedStep], root: Fra
     if shown is not None:
         where = _field_where(root.path, ("effect",))
         raise ScriptInvalid(f"{where}: {shown} flows into the effect told to customers")
+
+
+def _check_detours(detours: dict[str, list[PlannedStep]]) -> None:
+    """Alternate paths and the probe's steps are detours: a failure there ends the detour, and
+    only a step of the script's own `steps:` is journalled before it is sent, probed when its
+    answer is lost and held at an approval gate. A commit on a detour would be sent again by a
+    `retry_step` decision on the step that took it; an alternate on one is never taken."""
+    for detour, steps in detours.items():
+        for each in steps:
+            if each.step.commit:
+                raise ScriptInvalid(
+                    f"{_where(each)}: commit: true is not allowed in {detour}: a commit step "
+                    "must be in the script's own steps, where its answer is verified and it is "
+                    "never sent twice"
+                )
+            rules = [each.step.alternate, *(r.alternate for r in each.step.on_failure.values())]
+            taken = next((name for name in rules if name is not None), None)
+            if taken is not None:
+                raise ScriptInvalid(
+                    f"{_where(each)}: alternate {taken!r} is not allowed in {detour}: a step "
+                    "there that fails ends the detour, it takes no alternate path of its own"
+                )
 
 
 def _check_commits(root: Frame, planned: list[PlannedStep]) -> None:
