@@ -323,6 +323,13 @@ def test_a_commit_or_an_alternate_on_a_detour_is_refused_at_load(
             "- {id: a, expect: {text: {target: credit.confirmation_number, matches: '(x'}}}\n",
             "> matches: not a valid regular expression: missing )",
         ),
+        # An output keeps one value: a second group would be dropped without a word.
+        (
+            "- {id: a, extract: {n: {target: credit.confirmation_number,"
+            " pattern: '(CN)-([0-9]+)'}}}\n",
+            "steps[0] (step 'a') > extract > n > pattern: has 2 groups, and an output keeps one",
+        ),
+        ("- {id: a, extract: {}}\n", "steps[0] (step 'a') > extract: names no output"),
     ],
 )
 def test_dialogs_and_uploads_are_checked_at_load_time(tree: Path, steps: str, message: str) -> None:

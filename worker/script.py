@@ -571,11 +571,23 @@ class ExpectStep(_Step):
         return self.expect.targets()
 
 
+def _one_group(value: str) -> str:
+    """An extract keeps one value: a pattern's only group, or its whole match. With more groups
+    it would keep the first and drop the rest without a word."""
+    groups = re.compile(value).groups
+    if groups > 1:
+        raise ValueError(
+            f"has {groups} groups, and an output keeps one: make the others non-capturing (?:...)"
+        )
+    return value
+
+
 class ExtractSpec(_Strict):
     target: TargetName
     attribute: str | None = None
-    pattern: Regex | None = Field(
-        default=None, description="A regular expression; its first group (or match) is kept."
+    pattern: Annotated[Regex, AfterValidator(_one_group)] | None = Field(
+        default=None,
+        description="A regular expression; its group (at most one), else its match, is kept.",
     )
 
 
@@ -598,6 +610,13 @@ class ExtractStep(_Step):
     @classmethod
     def _shorthand(cls, data: Any) -> Any:
         return _extract_shorthand(data)
+
+    @field_validator("extract")
+    @classmethod
+    def _some_output(cls, value: dict[str, ExtractSpec]) -> dict[str, ExtractSpec]:
+        if not value:
+            raise ValueError("names no output: give at least one `name: element`")
+        return value
 
     def targets(self) -> list[str]:
         return [spec.target for spec in self.extract.values()]
