@@ -138,7 +138,9 @@ def test_field_error_names_the_field(tree: Path) -> None:
     message = load_broken(
         tree, "typo", "  - {id: r, expect: {visible: credit.amount}, klick: credit.review}\n"
     )
-    assert "typo.yaml:7: steps[0] (step 'r') > klick: Extra inputs are not permitted" in message
+    assert "typo.yaml:7: steps[0] (step 'r') > klick: unknown key (did you mean 'click'?)" in (
+        message
+    )
     message = load_broken(tree, "no_action", "  - {id: r, fil: {target: credit.amount}}\n")
     assert "step 'r'): a step needs exactly one action: goto, fill" in message
     assert "'fil' is not an action (did you mean 'fill'?)" in message

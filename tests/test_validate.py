@@ -206,7 +206,7 @@ def test_a_rollout_fails_when_a_version_it_routes_to_does_not_load(
     code, out = validate(tree, capsys)
     assert code == 1
     assert "FAIL  " + str(rollout) in out
-    assert "canary v2 does not load" in out and "clik: Extra inputs are not permitted" in out
+    assert "canary v2 does not load" in out and "clik: unknown key (did you mean 'click'?)" in out
 
 
 def test_a_missing_or_empty_scripts_directory_fails_the_gate(
@@ -351,7 +351,7 @@ def test_an_unknown_top_level_key_is_named_on_its_own_line(
     )
     code, out = validate(tree, capsys)
     assert code == 1
-    assert f"{typo}:4: input: Extra inputs are not permitted" in out
+    assert f"{typo}:4: input: unknown key (did you mean 'inputs'?)" in out
 
 
 def test_an_input_default_that_is_not_of_its_type_fails_validate(

@@ -5,8 +5,9 @@ Scripts and selector registries are written by people; a typo must point at the 
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -155,8 +156,38 @@ def _without_tags(data: Any, loc: tuple[int | str, ...]) -> tuple[int | str, ...
     return tuple(kept)
 
 
+def _keys(model: type[BaseModel]) -> set[str]:
+    """Every key a file validated as `model` may hold anywhere: what a misspelt key is near."""
+    keys: set[str] = set()
+    pending: list[Any] = [model]
+    seen: set[int] = set()
+    while pending:
+        kind = pending.pop()
+        if id(kind) in seen:
+            continue
+        seen.add(id(kind))
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            for name, info in kind.model_fields.items():
+                keys.add(info.alias or name)
+                pending.append(info.annotation)
+        else:
+            pending.extend(get_args(kind))
+    return keys
+
+
+def _unknown_key(key: object, model: type[BaseModel] | None) -> str:
+    """pydantic's "Extra inputs are not permitted" says `inputs`, a word scripts use for
+    something else: say it is an unknown key, and which known one it looks like."""
+    near = difflib.get_close_matches(str(key), sorted(_keys(model)), n=1) if model else []
+    return "unknown key" + (f" (did you mean {near[0]!r}?)" if near else "")
+
+
 def format_validation_error(
-    path: Path, data: Any, node: yaml.Node | None, error: ValidationError
+    path: Path,
+    data: Any,
+    node: yaml.Node | None,
+    error: ValidationError,
+    model: type[BaseModel] | None = None,
 ) -> str:
     lines: list[str] = []
     for item in error.errors():
@@ -166,6 +197,8 @@ def format_validation_error(
             loc = (*loc, *cause.loc)
         # Our own validators' words, without pydantic's `Value error, ` before them.
         message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden" and loc:
+            message = _unknown_key(loc[-1], model)
         if item["type"] == "missing" and loc:
             # Said of what holds it: a step without an id is `steps[3]: 'id' is required`,
             # not `steps[3] > fill > id`, as if id were inside fill.
@@ -208,4 +241,4 @@ def load_model(path: Path, model: type[M], text: str | None = None) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ScriptInvalid(format_validation_error(path, data, node, exc)) from exc
+        raise ScriptInvalid(format_validation_error(path, data, node, exc, model)) from exc
