@@ -547,7 +547,7 @@ def test_a_script_file_must_sit_in_the_scripts_layout(tmp_path: Path) -> None:
     shutil.copy(tmp_path / "broken.yaml", tree / "scripts" / "billing" / "broken.yaml")
     broken = formwork("run", str(tree / "scripts" / "billing" / "broken.yaml"), tmp_path=tmp_path)
     assert broken.returncode == 2
-    assert "broken.yaml: not valid YAML" in broken.stdout, broken.stdout + broken.stderr
+    assert "broken.yaml:2: not valid YAML" in broken.stdout, broken.stdout + broken.stderr
 
 
 def test_a_secrets_file_that_is_not_there_is_said_to_be_missing(tmp_path: Path) -> None:

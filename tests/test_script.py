@@ -171,10 +171,23 @@ def test_subflow_cycle_is_refused(tree: Path) -> None:
     assert "cycle" in message
 
 
-def test_not_yaml_is_refused(tree: Path) -> None:
+def test_not_yaml_is_refused_in_one_line_at_its_place(tree: Path) -> None:
     write(tree, "broken", "name: [unclosed\n")
-    with pytest.raises(ScriptInvalid, match=r"broken\.yaml: not valid YAML"):
+    with pytest.raises(ScriptInvalid, match=r"broken\.yaml:2: not valid YAML"):
         ScriptStore(tree / "scripts", tree / "selectors").load("billing/broken")
+    # A flow mapping left open: the line YAML stopped on, and the line the mapping began on,
+    # in one line (PyYAML's own text spans six, quoting the file with carets).
+    write(
+        tree, "unclosed",
+        "name: billing/unclosed\nversion: 1\nsite: billing\nsteps:\n"
+        "  - {id: a, goto: /accounts\n  - {id: b, goto: /}\n",
+    )  # fmt: skip
+    with pytest.raises(ScriptInvalid) as info:
+        ScriptStore(tree / "scripts", tree / "selectors").load("billing/unclosed")
+    assert info.value.message.endswith(
+        "unclosed.yaml:6: not valid YAML: expected ',' or '}', but got '{' (column 5), "
+        "while parsing a flow mapping that starts on line 5"
+    )
 
 
 def test_a_script_that_is_not_utf8_is_refused_by_name(tree: Path) -> None:

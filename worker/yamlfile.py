@@ -57,11 +57,27 @@ def read_yaml(path: Path, text: str | None = None) -> tuple[Any, yaml.Node | Non
         if node is not None:
             _refuse_duplicate_keys(path, node)
         data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as exc:
+        raise ScriptInvalid(_syntax_error(path, exc)) from exc
     except yaml.YAMLError as exc:
         raise ScriptInvalid(f"{path}: not valid YAML: {exc}") from exc
     finally:
         loader.dispose()
     return data, node
+
+
+def _syntax_error(path: Path, exc: yaml.MarkedYAMLError) -> str:
+    """One line at the place YAML stopped: PyYAML's own text spans six, quoting the file's
+    lines with a caret under each, which a report or a CI log shows as a ragged block."""
+    mark = exc.problem_mark or exc.context_mark
+    where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+    problem = exc.problem or exc.context or "cannot be parsed"
+    if mark is not None:
+        problem += f" (column {mark.column + 1})"
+    context = exc.context_mark
+    if exc.context and exc.problem and context is not None:
+        problem += f", {exc.context} that starts on line {context.line + 1}"
+    return f"{where}: not valid YAML: {problem}"
 
 
 def _refuse_duplicate_keys(path: Path, root: yaml.Node) -> None:
