@@ -271,6 +271,45 @@ def test_rules_and_alternates_are_checked_at_load_time(tree: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("when", "message"),
+    [
+        # Never true, never false: a job would wait for approval every time (fails closed).
+        (
+            "inputs.account_id > 100",
+            "approval.when compares 'inputs.account_id' with 100: a string input never holds "
+            "a value of type int",
+        ),
+        # A typo of a choice: the gate would never close.
+        (
+            "inputs.tier == 'gold' or inputs.tier in ['silvr']",
+            "approval.when compares 'inputs.tier' with 'silvr': it is not one of the enum's "
+            "values ('gold', 'silver')",
+        ),
+        ("inputs.big == 'yes'", "a bool input never holds a value of type str"),
+    ],
+)
+def test_an_approval_condition_that_cannot_mean_what_it_says_is_refused_at_load(
+    tree: Path, when: str, message: str
+) -> None:
+    write(
+        tree, "gated",
+        "name: billing/gated\nversion: 1\nsite: billing\ninputs:\n"
+        "  account_id: {type: string}\n"
+        "  tier: {type: enum, values: [gold, silver]}\n"
+        "  big: {type: bool}\n"
+        "steps:\n"
+        '  - {id: open, goto: "/accounts/{{ inputs.account_id }}"}\n'
+        f"  - {{id: pay, click: confirm.submit, commit: true, approval: {{when: \"{when}\", "
+        "role: billing, risk: x}}\n"
+        "verify_effect: {opt_out: a test flow}\n",
+    )  # fmt: skip
+    with pytest.raises(ScriptInvalid) as info:
+        ScriptStore(tree / "scripts", tree / "selectors").load("billing/gated")
+    assert "gated.yaml:10: steps[1] (step 'pay')" in info.value.message
+    assert message in info.value.message
+
+
+@pytest.mark.parametrize(
     ("rest", "message"),
     [
         (

@@ -46,6 +46,7 @@ from worker.selectors import SiteRegistry, WaitState, load_registry
 from worker.templating import (
     Reference,
     TemplateError,
+    condition_comparisons,
     condition_references,
     references,
     render,
@@ -186,6 +187,30 @@ class InputSpec(_Strict):
     )
     values: list[str] | None = Field(default=None, description="The choices of an enum input.")
     secret: bool = Field(default=False, description="Masked in screenshots, reports and logs.")
+
+    def comparable_with(self, literal: Any) -> str | None:
+        """Why a condition comparing this input with `literal` is wrong whatever the job's
+        value, or None. A type that cannot be compared makes the condition unjudgeable (every
+        job waits for approval); an enum value that is not one of its values never matches."""
+        if literal is None:  # an optional input left out
+            return None
+        numeric = isinstance(literal, int | float) and not isinstance(literal, bool)
+        fits = {
+            InputType.string: isinstance(literal, str),
+            InputType.enum: isinstance(literal, str),
+            InputType.decimal: numeric,
+            InputType.int: numeric,
+            InputType.bool: isinstance(literal, bool),
+        }[self.type]
+        if not fits:
+            return (
+                f"a {self.type} input never holds a value of type {type(literal).__name__}, so "
+                "this comparison is wrong for every job (one that orders them cannot be judged, "
+                "and every job waits for approval)"
+            )
+        if self.type == InputType.enum and self.values and literal not in self.values:
+            return f"it is not one of the enum's values ({', '.join(map(repr, self.values))})"
+        return None
 
     @model_validator(mode="after")
     def _consistent(self) -> InputSpec:
@@ -832,6 +857,16 @@ class Script(_Strict):
                             f"step {step.id!r}: approval.when uses 'inputs.{ref.name}', "
                             "which is not a declared input",
                         )
+                for comparison in condition_comparisons(step.approval.when):
+                    spec = self.inputs[comparison.name]
+                    for literal in comparison.literals:
+                        problem = spec.comparable_with(literal)
+                        if problem is not None:
+                            raise At(
+                                at,
+                                f"step {step.id!r}: approval.when compares "
+                                f"'inputs.{comparison.name}' with {literal!r}: {problem}",
+                            )
             names = {step.alternate} | {r.alternate for r in step.on_failure.values()}
             for name in names - {None}:
                 if name not in self.alternates:

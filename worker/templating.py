@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import lru_cache
+from itertools import pairwise
 from typing import Any, Literal
 
 from jinja2 import StrictUndefined, TemplateSyntaxError, nodes
@@ -159,6 +160,40 @@ def condition_references(source: str) -> list[Reference]:
     if not found:
         raise TemplateError(f"bad condition {source!r}: it must depend on an input")
     return found
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """`inputs.name <op> literal` (either way round) in a condition; `literals` holds the one
+    literal, or each item of a list or tuple (`inputs.reason in ['damaged', 'lost']`)."""
+
+    name: str
+    literals: tuple[Any, ...]
+
+
+def condition_comparisons(source: str) -> list[Comparison]:
+    """Each direct comparison of an input with literals in a condition that
+    `condition_references` accepted: what load time can check against the input's type."""
+    expression = _env.parse("{{ (" + source + ") }}").body[0]
+    found: list[Comparison] = []
+    for compare in expression.find_all(nodes.Compare):
+        operands = [compare.expr, *(operand.expr for operand in compare.ops)]
+        for left, right in pairwise(operands):
+            for one, other in ((left, right), (right, left)):
+                literals = _literals(other)
+                if isinstance(one, nodes.Getattr) and literals is not None:
+                    found.append(Comparison(one.attr, literals))
+    return found
+
+
+def _literals(node: nodes.Node) -> tuple[Any, ...] | None:
+    if isinstance(node, nodes.Const):
+        return (node.value,)
+    if isinstance(node, nodes.List | nodes.Tuple) and all(
+        isinstance(item, nodes.Const) for item in node.items
+    ):
+        return tuple(item.value for item in node.items if isinstance(item, nodes.Const))
+    return None
 
 
 @lru_cache(maxsize=256)
