@@ -148,6 +148,24 @@ def test_field_error_names_the_field(tree: Path) -> None:
     assert "a step has exactly one action; this one has goto and click" in message
 
 
+def test_a_value_of_the_wrong_shape_says_what_was_expected_in_the_file_s_words(
+    tree: Path,
+) -> None:
+    """Not pydantic's "a valid dictionary or instance of PressSpec": no script names a class."""
+    message = load_broken(tree, "shape", "  - {id: k, press: Enter}\n")
+    assert "shape.yaml:7: steps[0] (step 'k') > press: expected a mapping (key, target), " in (
+        message
+    )
+    assert message.endswith("not the text 'Enter'")
+    message = load_broken(tree, "shape2", "  - {id: r, expect: {text: Ready}}\n")
+    assert (
+        "> expect > text: expected a mapping (target, equals, contains, matches), not the text "
+        "'Ready'" in message
+    )
+    message = load_broken(tree, "shape3", "  - {id: s, use: billing/login, with: [a]}\n")
+    assert "steps[0] (step 's') > with: expected a mapping, not a list" in message
+
+
 def test_duplicate_keys_and_a_quoted_version_are_refused(tree: Path) -> None:
     # YAML itself keeps the last of two equal keys without a word.
     write(tree, "twice", HEADER.format(name="twice") + "  - {id: a, goto: /, goto: /x}\n")

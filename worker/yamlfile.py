@@ -172,9 +172,9 @@ def _without_tags(data: Any, loc: tuple[int | str, ...]) -> tuple[int | str, ...
     return tuple(kept)
 
 
-def _keys(model: type[BaseModel]) -> set[str]:
-    """Every key a file validated as `model` may hold anywhere: what a misspelt key is near."""
-    keys: set[str] = set()
+def _models(model: type[BaseModel]) -> list[type[BaseModel]]:
+    """`model` and every model its fields hold, at any depth."""
+    found: list[type[BaseModel]] = []
     pending: list[Any] = [model]
     seen: set[int] = set()
     while pending:
@@ -183,12 +183,28 @@ def _keys(model: type[BaseModel]) -> set[str]:
             continue
         seen.add(id(kind))
         if isinstance(kind, type) and issubclass(kind, BaseModel):
-            for name, info in kind.model_fields.items():
-                keys.add(info.alias or name)
-                pending.append(info.annotation)
+            found.append(kind)
+            pending.extend(info.annotation for info in kind.model_fields.values())
         else:
             pending.extend(get_args(kind))
-    return keys
+    return found
+
+
+def _fields(kind: type[BaseModel]) -> list[str]:
+    """The keys a mapping for `kind` is written with (`with`, not `with_`); `action`, the
+    tag every step model carries, is not one."""
+    return [info.alias or name for name, info in kind.model_fields.items() if name != "action"]
+
+
+def _keys(model: type[BaseModel]) -> set[str]:
+    """Every key a file validated as `model` may hold anywhere: what a misspelt key is near."""
+    return {key for kind in _models(model) for key in _fields(kind)}
+
+
+def _mapping_of(class_name: object, model: type[BaseModel] | None) -> str:
+    """`a mapping (target, key)`: pydantic names the class, which no file mentions."""
+    kind = next((k for k in _models(model) if k.__name__ == class_name), None) if model else None
+    return f"a mapping ({', '.join(_fields(kind))})" if kind is not None else "a mapping"
 
 
 def _unknown_key(key: object, model: type[BaseModel] | None) -> str:
@@ -196,6 +212,24 @@ def _unknown_key(key: object, model: type[BaseModel] | None) -> str:
     something else: say it is an unknown key, and which known one it looks like."""
     near = difflib.get_close_matches(str(key), sorted(_keys(model)), n=1) if model else []
     return "unknown key" + (f" (did you mean {near[0]!r}?)" if near else "")
+
+
+def _kind_of(value: Any) -> str:
+    """`the text 'Enter'`, `a list`: what was written instead, in YAML's words."""
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return f"the text {shown!r}"
+    if value is None:
+        return "nothing (an empty value)"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, int | float):
+        return f"the number {value}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
 
 
 def format_validation_error(
@@ -215,6 +249,13 @@ def format_validation_error(
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden" and loc:
             message = _unknown_key(loc[-1], model)
+        elif item["type"] in ("model_type", "model_attributes_type"):
+            # pydantic names our classes ("instance of PressSpec"), which no script mentions.
+            shape = _mapping_of(item.get("ctx", {}).get("class_name"), model)
+            message = f"expected {shape}, not {_kind_of(item['input'])}"
+        elif item["type"] in ("dict_type", "list_type"):
+            shape = "a mapping" if item["type"] == "dict_type" else "a list"
+            message = f"expected {shape}, not {_kind_of(item['input'])}"
         if item["type"] == "missing" and loc:
             # Said of what holds it: a step without an id is `steps[3]: 'id' is required`,
             # not `steps[3] > fill > id`, as if id were inside fill.
