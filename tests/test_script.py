@@ -246,6 +246,23 @@ def test_templates_render_only_references() -> None:
             references(bad)
 
 
+def test_a_secret_declared_and_never_used_is_refused_at_load(tree: Path) -> None:
+    """A worker refuses every job whose declared secrets it lacks: one no step uses would
+    refuse jobs for nothing."""
+    write(
+        tree, "leftover",
+        "name: billing/leftover\nversion: 1\nsite: billing\n"
+        "secrets: [billing_password, billing_api_token]\n"
+        "steps:\n"
+        '  - {id: pw, fill: {target: login.password, value: "{{ secrets.billing_password }}"}}\n',
+    )  # fmt: skip
+    with pytest.raises(ScriptInvalid) as info:
+        ScriptStore(tree / "scripts", tree / "selectors").load("billing/leftover")
+    assert "leftover.yaml:4: secrets[1]: secret 'billing_api_token' is declared but no step " in (
+        info.value.message
+    )
+
+
 def test_commit_step_without_a_probe_is_refused_unless_opted_out(tree: Path) -> None:
     message = load_broken(tree, "no_probe", "  - {id: pay, click: confirm.submit, commit: true}\n")
     assert "verify_effect" in message

@@ -33,13 +33,15 @@ def validate(
 
 
 def script(name: str, step: str, *, inputs: str = "", extra: str = "") -> str:
-    """A billing script whose step under test is on line 9 (line 8 uses `account_id`)."""
+    """A billing script whose step under test is on line 9 (line 8 uses `account_id`); it
+    declares the secret only when it uses it (a secret no step uses does not load)."""
+    secrets = "[billing_password]" if "secrets." in step + extra else "[]"
     return (
         textwrap.dedent(f"""\
             name: billing/{name}
             version: 1
             site: billing
-            secrets: [billing_password]
+            secrets: {secrets}
             inputs:
               account_id: {{type: string}}
             steps:

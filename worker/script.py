@@ -1426,7 +1426,8 @@ def _use_where(planned: PlannedStep) -> str:
 
 def _check_inputs_used(root: Frame, registry: SiteRegistry, planned: list[PlannedStep]) -> None:
     """Every declared input is used somewhere: a step, a selector, a sub-flow binding, an
-    approval condition or the effect. An unused one is usually a typo on either side."""
+    approval condition or the effect; every declared secret by a step or a sub-flow binding.
+    An unused one is usually a typo on either side."""
     used: set[str] = set()
     sources = [root.script.effect] if root.script.effect else []
     for each in planned:
@@ -1437,12 +1438,22 @@ def _check_inputs_used(root: Frame, registry: SiteRegistry, planned: list[Planne
                 used.update(ref.name for ref in condition_references(approval.when))
         elif each.frame.parent is root:
             sources += list(each.frame.bindings.values())
+    secrets: set[str] = set()
     for source in sources:
         used.update(ref.name for ref in references(source) if ref.namespace == "inputs")
+        secrets.update(ref.name for ref in references(source) if ref.namespace == "secrets")
     for name in root.script.inputs:
         if name not in used:
             where = _field_where(root.path, ("inputs", name))
             raise ScriptInvalid(f"{where}: input {name!r} is declared but no step uses it")
+    # A worker refuses a job whose declared secrets it lacks, used or not.
+    for index, name in enumerate(root.script.secrets):
+        if name not in secrets:
+            where = _field_where(root.path, ("secrets", index))
+            raise ScriptInvalid(
+                f"{where}: secret {name!r} is declared but no step uses it (every job would "
+                "be refused on a worker that does not have it)"
+            )
 
 
 def is_secret_reference(ref: Reference, script: Script) -> bool:
