@@ -450,6 +450,17 @@ def test_registry_roles_and_empty_selectors_are_checked_at_load(tree: Path) -> N
         ),
         ('{css: "#account-name"}', '{css: ""}', "an empty selector matches nothing"),
         ('"h1.server-error"]', '"h1.server-error", " "]', "an empty selector matches nothing"),
+        # A blank label is as empty: it waited out the step, then handed off as if the site
+        # had changed.
+        (
+            "{label: Amount}",
+            '{label: ""}',
+            "billing.yaml:31: elements > credit.amount[0] > label: an empty selector matches "
+            "nothing",
+        ),
+        ("{label: Reason}", "{text: ' '}", "credit.reason[0] > text: an empty selector"),
+        # Said as what it is, not as "got none" of the kinds.
+        ("{role: heading, name: Billing console}", "{name: Billing console}", "'name' only goes"),
     ):
         registry.write_text(original.replace(old, new))
         with pytest.raises(ScriptInvalid) as info:

@@ -74,18 +74,20 @@ class Candidate(BaseModel):
             raise ValueError(f"{role!r} is not an ARIA role{hint}")
         return role
 
-    @field_validator("css", "frame")
+    # A blank label or text is as empty as a blank css: it matches nothing on the page, so the
+    # step would wait out its timeout and hand off as if the site had changed.
+    @field_validator(*_KINDS, "frame")
     @classmethod
     def _selector(cls, value: str | None) -> str | None:
         return None if value is None else _not_blank(value)
 
     @model_validator(mode="after")
     def _one_kind(self) -> Candidate:
+        if self.name is not None and self.role is None:
+            raise ValueError("'name' only goes with 'role'")
         given = [kind for kind in _KINDS if getattr(self, kind) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of {', '.join(_KINDS)} (got {given or 'none'})")
-        if self.name is not None and self.role is None:
-            raise ValueError("'name' only goes with 'role'")
         for kind in (*_KINDS, "name", "frame"):
             value = getattr(self, kind)
             if isinstance(value, str) and "{{" in value:
