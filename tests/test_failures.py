@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,9 +26,10 @@ from worker.executor import Runtime, run_job
 from worker.failures import PageState, classify, translate_playwright_error
 from worker.policy import DEFAULT_RULES, Rule, retry_wait_s, rule_for
 from worker.queue import running_worker
+from worker.script import ScriptStore
 from worker.settings import Settings
 
-from .conftest import CREDIT_INPUTS, Site
+from .conftest import CREDIT_INPUTS, SCRIPTS, SELECTORS, Site
 
 
 def credit_job(site: Site, **inputs: str) -> BrowserJob:
@@ -177,6 +180,41 @@ async def test_commit_then_drop_without_the_credit_is_redone_exactly_once(
         "confirmation_number": True,
         "billing/issue_credit": True,
     }
+
+
+async def test_commit_redone_from_a_sub_flow_step_starts_at_that_sub_flow(
+    billing: Site, runtime: Runtime, tmp_path: Path
+) -> None:
+    """`retry_from` naming a `use:` step loaded, then ended the job in a traceback when the
+    probe found no credit: a `use` step has no plan entry of its own."""
+    shutil.copytree(SCRIPTS, tmp_path / "scripts")
+    shutil.copytree(SELECTORS, tmp_path / "selectors")
+    folder = tmp_path / "scripts" / "billing"
+    (folder / "open_account.yaml").write_text(
+        "name: billing/open_account\nversion: 1\nsite: billing\n"
+        "inputs:\n  account_id: {type: string}\nsteps:\n"
+        '  - {id: go, goto: "/accounts/{{ inputs.account_id }}",'
+        " expect: {visible: account.header}}\n"
+    )
+    credit = folder / "issue_credit.yaml"
+    credit.write_text(
+        credit.read_text().replace(
+            '{id: open_account, goto: "/accounts/{{ inputs.account_id }}", '
+            "expect: {visible: account.header}}",
+            "{id: open_account, use: billing/open_account, "
+            'with: {account_id: "{{ inputs.account_id }}"}}',
+        )
+    )
+    runtime.scripts = ScriptStore(tmp_path / "scripts", tmp_path / "selectors")
+    billing.faults(commit_drop={"create": False, "mode": "error", "status": 502})
+
+    report = await run_job(credit_job(billing), runtime)
+
+    assert report.status == JobStatus.succeeded, report.error
+    assert fired(report) == [("submit", "verify_effect"), ("submit", "retry_from")]
+    assert "redoing from step 'open_account.go'" in report.rules_fired[-1].reason
+    assert step(report, "open_account.go").attempts == 2
+    assert len(billing.credits()) == 1
 
 
 async def test_commit_whose_answer_never_comes_is_probed_not_resent(

@@ -1358,14 +1358,14 @@ class _Run:
         tries = self.commit_tries.get(planned.id, 1)
         if outcome == "absent" and tries < COMMIT_TRIES:
             self.commit_tries[planned.id] = tries + 1
-            restart = planned.step.retry_from or planned.id
+            start = self.loaded.retry_start(planned)
+            restart = self.loaded.plan[start].id
             self.fire(
                 planned.id,
                 failure.code,
                 "retry_from",
                 f"the site does not show the effect: redoing from step {restart!r}",
             )
-            start = self.loaded.index_of(restart)
             back_to = self.step_report(restart).url_before
             if back_to and await self.detour_failed(back_to):
                 self.end(JobStatus.paused_for_handoff, failure)

@@ -922,6 +922,19 @@ class LoadedScript:
     def index_of(self, step_id: str) -> int:
         return next(i for i, planned in enumerate(self.plan) if planned.id == step_id)
 
+    def retry_start(self, commit: PlannedStep) -> int:
+        """The plan index a commit step whose effect is absent is redone from: its `retry_from`
+        (else itself), a step of the flow it is written in. Plan ids are qualified
+        (`submit.open` for step `open` of the flow used by step `submit`), and a `use` step is
+        redone from its sub-flow's first step: it has no plan entry of its own."""
+        prefix = commit.id.removesuffix(commit.step.id)
+        target = prefix + (commit.step.retry_from or commit.step.id)
+        return next(
+            i
+            for i, planned in enumerate(self.plan)
+            if planned.id == target or planned.id.startswith(f"{target}.")
+        )
+
     def secret_names(self) -> set[str]:
         """The secrets the job's own steps may use: its plan, its probe, its alternates."""
         own = [*self.plan, *self.probe, *(p for path in self.alternates.values() for p in path)]
