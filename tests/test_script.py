@@ -305,6 +305,34 @@ def test_rules_and_alternates_are_checked_at_load_time(tree: Path) -> None:
     assert "verify_effect > opt_out: String should have at least 1 character" in message
 
 
+def test_an_alternate_a_registry_or_sub_flow_rule_names_must_be_in_the_script(
+    tree: Path,
+) -> None:
+    """The executor takes an alternate path from the job's script, whoever wrote the rule:
+    one it lacks passed `formwork validate`, then a KeyError traceback ended the job."""
+    registry = tree / "selectors" / "billing.yaml"
+    original = registry.read_text()
+    registry.write_text(
+        original + "on_failure:\n  selector_not_found: {action: alternate, alternate: by_url}\n"
+    )
+    with pytest.raises(ScriptInvalid) as info:
+        ScriptStore(tree / "scripts", tree / "selectors").load("billing/issue_credit")
+    assert (
+        "billing.yaml:54: on_failure > selector_not_found: alternate path 'by_url' is not in "
+        "billing/issue_credit" in info.value.message
+    )
+    registry.write_text(original)
+    write(
+        tree, "open_form",
+        "name: billing/open_form\nversion: 1\nsite: billing\nsteps:\n"
+        "  - {id: go, click: account.issue_credit, alternate: by_url}\n"
+        "alternates:\n  by_url:\n    - {id: go, goto: /accounts/AC-10231/credits/new}\n",
+    )  # fmt: skip
+    message = load_broken(tree, "caller", "  - {id: form, use: billing/open_form}\n")
+    assert "open_form.yaml:5: steps[0] (step 'go'): alternate path 'by_url' is not in " in message
+    assert "caller.yaml:7: steps[0] (step 'form')" in message
+
+
 @pytest.mark.parametrize(
     ("when", "message"),
     [

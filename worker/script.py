@@ -1214,6 +1214,7 @@ class ScriptStore:
         own = [*plan, *probe, *present, *(p for path in alternates.values() for p in path)]
         _check_commits(root, own)
         _check_detours({f"alternate path {n!r}": path for n, path in alternates.items()})
+        _check_alternates_exist(root, registry, self.selectors_dir, plan)
         _check_detours({"verify_effect": [p for p in probe if p.id != "verify.recover"]})
         _check_secrets(registry, [*own, *relogin], root)
         _check_inputs_used(root, registry, own)
@@ -1558,6 +1559,33 @@ def _check_detours(detours: dict[str, list[PlannedStep]]) -> None:
                 raise ScriptInvalid(
                     f"{_where(each)}: alternate {taken!r} is not allowed in {detour}: a step "
                     "there that fails ends the detour, it takes no alternate path of its own"
+                )
+
+
+def _check_alternates_exist(
+    root: Frame, registry: SiteRegistry, selectors_dir: Path, plan: list[PlannedStep]
+) -> None:
+    """Every alternate path a failure rule may take is one of the job's script: the executor
+    looks it up there, whichever file wrote the rule. The script's own steps and rules are
+    checked with the script; the registry's rules and a sub-flow's are checked here."""
+    have = root.script.alternates
+    for code, rule in registry.on_failure.items():
+        if rule.alternate is not None and rule.alternate not in have:
+            where = _field_where(selectors_dir / f"{registry.site}.yaml", ("on_failure", code))
+            raise ScriptInvalid(
+                f"{where}: alternate path {rule.alternate!r} is not in {root.script.name} "
+                f"({root.path}): a registry rule applies to every script of the site"
+            )
+    for each in plan:
+        if each.frame is root:
+            continue
+        rules = [*each.step.on_failure.values(), *each.frame.script.on_failure.values()]
+        for name in [each.step.alternate, *(r.alternate for r in rules)]:
+            if name is not None and name not in have:
+                raise ScriptInvalid(
+                    f"{_where(each)}: alternate path {name!r} is not in {root.script.name} "
+                    f"(used at {_use_where(each)}): a sub-flow's step takes the alternate "
+                    "paths of the script that runs it"
                 )
 
 
