@@ -282,6 +282,16 @@ def test_rules_and_alternates_are_checked_at_load_time(tree: Path) -> None:
         tree, "bad_alt", "  - {id: go, click: account.issue_credit, alternate: nowhere}\n"
     )
     assert "no alternate path 'nowhere'" in message
+    # Said once, at the field's own line: not `steps[0] (step 'pay'): step 'pay': retry_from`.
+    message = load_broken(
+        tree,
+        "bad_retry",
+        "  - id: pay\n    click: confirm.submit\n    commit: true\n    retry_from: opne\n"
+        "verify_effect: {opt_out: a test flow}\n",
+    )
+    assert message.endswith(
+        "bad_retry.yaml:10: steps[0] (step 'pay') > retry_from: 'opne' is not an earlier step"
+    )
     message = load_broken(
         tree, "bad_rule", "  - {id: go, click: account.issue_credit, on_failure: {timeout: redo}}\n"
     )
@@ -339,13 +349,13 @@ def test_an_alternate_a_registry_or_sub_flow_rule_names_must_be_in_the_script(
         # Never true, never false: a job would wait for approval every time (fails closed).
         (
             "inputs.account_id > 100",
-            "approval.when compares 'inputs.account_id' with 100: a string input never holds "
+            "approval > when: compares 'inputs.account_id' with 100: a string input never holds "
             "a value of type int",
         ),
         # A typo of a choice: the gate would never close.
         (
             "inputs.tier == 'gold' or inputs.tier in ['silvr']",
-            "approval.when compares 'inputs.tier' with 'silvr': it is not one of the enum's "
+            "approval > when: compares 'inputs.tier' with 'silvr': it is not one of the enum's "
             "values ('gold', 'silver')",
         ),
         ("inputs.big == 'yes'", "a bool input never holds a value of type str"),
@@ -425,7 +435,7 @@ def test_a_commit_or_an_alternate_on_a_detour_is_refused_at_load(
     [
         (
             '- {id: a, fill: {target: credit.amount, value: "1"}, dialog: accept}\n',
-            "dialog only goes with click or press",
+            "steps[0] (step 'a') > dialog: only goes with click or press",
         ),
         ("- {id: a, click: credit.review, dialog: {action: accept, message: '('}}\n", "regular"),
         ("- {id: a, upload: {target: credit.amount, file: /etc/passwd}}\n", "relative path"),

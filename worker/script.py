@@ -839,38 +839,36 @@ class Script(_Strict):
             if step.id in seen:
                 raise At(at, f"step id {step.id!r} is used twice")
             seen.add(step.id)
+            # Said at the field itself: the location already names the step.
             if step.retry_from is not None and step.retry_from not in seen:
-                raise At(
-                    at, f"step {step.id!r}: retry_from {step.retry_from!r} is not an earlier step"
-                )
+                raise At((*at, "retry_from"), f"{step.retry_from!r} is not an earlier step")
             if step.retry_from is not None and not step.commit:
-                raise At(at, f"step {step.id!r}: retry_from only goes with commit: true")
+                raise At((*at, "retry_from"), "only goes with commit: true")
             if step.approval is not None and not step.commit:
-                raise At(at, f"step {step.id!r}: approval only goes with commit: true")
+                raise At((*at, "approval"), "only goes with commit: true")
             if step.dialog is not None and step.action not in ("click", "press"):
-                raise At(at, f"step {step.id!r}: dialog only goes with click or press")
+                raise At((*at, "dialog"), "only goes with click or press")
             if step.approval is not None and step.approval.when is not None:
+                when = (*at, "approval", "when")
                 for ref in condition_references(step.approval.when):
                     if ref.name not in self.inputs:
-                        raise At(
-                            at,
-                            f"step {step.id!r}: approval.when uses 'inputs.{ref.name}', "
-                            "which is not a declared input",
-                        )
+                        raise At(when, f"uses 'inputs.{ref.name}', which is not a declared input")
                 for comparison in condition_comparisons(step.approval.when):
                     spec = self.inputs[comparison.name]
                     for literal in comparison.literals:
                         problem = spec.comparable_with(literal)
                         if problem is not None:
                             raise At(
-                                at,
-                                f"step {step.id!r}: approval.when compares "
-                                f"'inputs.{comparison.name}' with {literal!r}: {problem}",
+                                when,
+                                f"compares 'inputs.{comparison.name}' with {literal!r}: {problem}",
                             )
-            names = {step.alternate} | {r.alternate for r in step.on_failure.values()}
-            for name in names - {None}:
-                if name not in self.alternates:
-                    raise At(at, f"step {step.id!r}: no alternate path {name!r}")
+            if step.alternate is not None and step.alternate not in self.alternates:
+                raise At((*at, "alternate"), f"no alternate path {step.alternate!r}")
+            for code, rule in step.on_failure.items():
+                if rule.alternate is not None and rule.alternate not in self.alternates:
+                    raise At(
+                        (*at, "on_failure", code.value), f"no alternate path {rule.alternate!r}"
+                    )
         for code, rule in self.on_failure.items():
             if rule.alternate is not None and rule.alternate not in self.alternates:
                 raise At(("on_failure", code.value), f"no alternate path {rule.alternate!r}")
