@@ -76,6 +76,11 @@ def test_missing_target_names_the_step_and_registry(tree: Path) -> None:
     assert "bad_target.yaml:7" in message
     assert "step 'press_it'" in message
     assert "'credit.nonexistent' is not in selectors/billing.yaml" in message
+    # A misspelt element says which one it looks like.
+    message = load_broken(tree, "typo_target", "  - {id: go, click: credit.reveiw}\n")
+    assert message.endswith(
+        "target 'credit.reveiw' is not in selectors/billing.yaml (did you mean 'credit.review'?)"
+    )
 
 
 def test_an_allowed_host_that_is_not_a_bare_host_names_file_line_and_value(tree: Path) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from decimal import Context, Decimal
 from enum import StrEnum
@@ -1222,6 +1222,7 @@ class ScriptStore:
                 where = _field_where(path, ("dynamic", index))
                 raise ScriptInvalid(
                     f"{where}: {element!r} is not in selectors/{registry.site}.yaml"
+                    + _near(element, registry.elements)
                 )
             if not any(c.css for c in candidates):
                 where = _field_where(path, ("dynamic", index))
@@ -1364,7 +1365,10 @@ def _check_plan(
 
         for target in step.targets() + (step.expect.targets() if step.expect else []):
             if target not in registry.elements:
-                fail(f"target {target!r} is not in selectors/{registry.site}.yaml")
+                fail(
+                    f"target {target!r} is not in selectors/{registry.site}.yaml"
+                    + _near(target, registry.elements)
+                )
         for label, source in _sources(step, registry):
             # A selector is written in the registry: say so, or the step looks at fault.
             within = f"{label} in selectors/{registry.site}.yaml: " if label in selectors else ""
@@ -1422,6 +1426,12 @@ def _undeclared(ref: Reference, script: Script, produced: set[str]) -> str | Non
     if ref.namespace == "outputs" and ref.name not in produced:
         return f"'{{{{ outputs.{ref.name} }}}}' is not extracted by an earlier step"
     return None
+
+
+def _near(name: str, known: Iterable[str]) -> str:
+    """` (did you mean 'reply.status'?)` for a misspelt element name, else nothing."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _field_where(path: Path, loc: tuple[int | str, ...]) -> str:
