@@ -317,7 +317,7 @@ def test_rules_and_alternates_are_checked_at_load_time(tree: Path) -> None:
         "no_reason",
         '  - {id: pay, click: confirm.submit, commit: true}\nverify_effect: {opt_out: "  "}\n',
     )
-    assert "verify_effect > opt_out: String should have at least 1 character" in message
+    assert "verify_effect > opt_out: is blank: say why the commit steps need no probe" in message
 
 
 def test_an_alternate_a_registry_or_sub_flow_rule_names_must_be_in_the_script(

@@ -772,6 +772,14 @@ class VerifyEffect(_Strict):
     def _shorthand(cls, data: Any) -> Any:
         return _extract_shorthand(data)
 
+    @field_validator("opt_out", mode="before")
+    @classmethod
+    def _a_reason(cls, value: Any) -> Any:
+        # pydantic's own words for "  " were "should have at least 1 character": it has two.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is blank: say why the commit steps need no probe")
+        return value
+
     @model_validator(mode="after")
     def _probe_or_opt_out(self) -> VerifyEffect:
         if self.opt_out is None and (not self.steps or self.present is None):
