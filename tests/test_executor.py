@@ -745,3 +745,58 @@ async def test_a_fill_the_field_cuts_short_is_refused_before_the_commit(
     report = await run_job(credit_job(billing, reason=" two\r\nlines "), runtime)
     assert report.status == JobStatus.succeeded, report.error
     assert [c["reason"] for c in billing.credits()] == ["two lines"]
+# Signs in with an agent's own name and password (secret inputs), then reads the sign-in
+# name back from the form the site shows again after refusing the password.
+READ_BACK_SCRIPT = """\
+name: billing/read_back
+version: 1
+site: billing
+inputs:
+  agent_user: {type: string, secret: true}
+  agent_pw: {type: string, secret: true}
+steps:
+  - {id: open, goto: /login, expect: {visible: login.form}}
+  - {id: user, fill: {target: login.username, value: "{{ inputs.agent_user }}"}}
+  - {id: pw, fill: {target: login.password, value: "{{ inputs.agent_pw }}"}}
+  - {id: sign_in, click: login.submit, expect: {visible: login.form}}
+  - id: read_back
+    extract:
+      shown: {target: login.username, attribute: value}
+      named: {target: login.username, attribute: value, pattern: "[a-z]+-bot"}
+"""
+
+
+def _read_back_runtime(runtime: Runtime, tmp_path: Path) -> Runtime:
+    scripts = tmp_path / "scripts"
+    shutil.copytree(SCRIPTS, scripts)
+    (scripts / "billing" / "read_back.yaml").write_text(READ_BACK_SCRIPT)
+    empty = tmp_path / "secrets.yaml"
+    empty.write_text("{}\n")
+    return dataclasses.replace(
+        runtime, scripts=ScriptStore(scripts, SELECTORS), secrets=SecretStore(empty, environ={})
+    )
+
+
+async def test_an_output_the_page_reads_back_as_a_secret_is_redacted(
+    billing: Site, runtime: Runtime, tmp_path: Path
+) -> None:
+    # The output and its claim carried the agent's sign-in name in the clear (report.json,
+    # audit.json, events): text read from the page was redacted in failures, never in outputs.
+    runtime = _read_back_runtime(runtime, tmp_path)
+    user = "agent-smith-bot"
+    inputs = {"agent_user": user, "agent_pw": "not-the-pw-93"}
+    job = BrowserJob(
+        job_id="read-back", script="billing/read_back", inputs=inputs, site_url=billing.url
+    )
+    report = await run_job(job, runtime)
+
+    assert billing.state()["failed_logins"] == 1  # the site did show the name again
+    assert report.outputs.get("shown") == "***"
+    assert [c.value for c in report.claims if c.name == "shown"] == ["***"]
+    # A pattern sees the redacted text too: it cannot carve the secret out as an output.
+    assert "named" not in report.outputs
+    assert report.error is not None and user not in report.error.model_dump_json()
+    assert user not in report.model_dump_json()
+    for file in runtime.artifacts.root.rglob("*"):
+        if file.is_file():
+            assert user.encode() not in file.read_bytes(), file

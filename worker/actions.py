@@ -49,6 +49,7 @@ from worker.script import (
     is_secret_reference,
     validate_inputs,
 )
+from worker.secretstore import Redactor
 from worker.selectors import Candidate, Resolved, WaitState, combined, resolve, wait_any
 from worker.templating import references, render
 from worker.uploads import (
@@ -104,8 +105,13 @@ class PageActions:
     # The failure detectors showing before the current click or key press (see `check`).
     showing_before: frozenset[str] = frozenset()
     _redacting: bool = False
+    # Every secret this job may type (configured, and inputs declared secret): text read from
+    # the page passes through it before it becomes an output, a claim or evidence.
+    redact: Redactor = field(init=False)
 
     def __post_init__(self) -> None:
+        secret_inputs = self.loaded.secret_inputs(self.inputs).values()
+        self.redact = Redactor([*self.secrets.values(), *secret_inputs])
         self.page.on("response", self._on_response)
         self.page.on("framenavigated", self._on_navigated)
         # With a listener, Playwright no longer dismisses dialogs itself: this one must answer
@@ -349,7 +355,11 @@ class PageActions:
                 if spec.attribute
                 else await found.locator.inner_text(timeout=timeout_ms)
             )
-            value = _extracted(raw or "", spec.pattern, name, spec.target)
+            # Redacted before the pattern sees it: a page that echoes a secret (a sign-in name
+            # filled back into its field, a banner repeating it) must not make it an output,
+            # which travels in the clear in reports, claims, checkpoints and later steps.
+            text = self.redact(raw) or ""
+            value = _extracted(text, spec.pattern, name, spec.target)
             self.outputs[name] = value
             verified = (
                 Verification.probe
@@ -361,7 +371,8 @@ class PageActions:
             self.extracted[name] = Extracted(
                 value=value,
                 step_id=planned.id,
-                source=f"{spec.target} ({found.matched.candidate}) on {self.page.url}",
+                source=self.redact(f"{spec.target} ({found.matched.candidate}) on {self.page.url}")
+                or "",
                 verified=verified,
             )
         return matched

@@ -554,8 +554,7 @@ class _Run:
     state_heard: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
-        secret_inputs = self.loaded.secret_inputs(self.actions.inputs).values()
-        self.redact = Redactor([*self.actions.secrets.values(), *secret_inputs])
+        self.redact = self.actions.redact
         elements = self.loaded.registry.elements
         self.dynamic_css = [
             c.css
