@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import shutil
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -800,3 +801,28 @@ async def test_an_output_the_page_reads_back_as_a_secret_is_redacted(
     for file in runtime.artifacts.root.rglob("*"):
         if file.is_file():
             assert user.encode() not in file.read_bytes(), file
+
+
+async def test_a_url_the_site_redirects_to_with_a_typed_secret_is_redacted(
+    billing: Site, runtime: Runtime, tmp_path: Path
+) -> None:
+    # A refused sign-in redirected to `/login?failed=1&username=<name typed>`: the step's URL
+    # (and the next attempt's url_before) kept the sign-in name, form-encoded, in the report,
+    # its events and audit.json.
+    user, password = "agent smith@billing", "not-the-pw-93"
+    secrets = tmp_path / "secrets.yaml"
+    secrets.write_text(f"billing_username: {user}\nbilling_password: {password}\n")
+    runtime = dataclasses.replace(runtime, secrets=SecretStore(secrets, environ={}))
+    billing.faults(signin_refused_redirect=True)
+    report = await run_job(credit_job(billing), runtime)
+
+    assert billing.state()["failed_logins"] == 1
+    assert report.error is not None and report.error.code == FailureCode.credentials_rejected
+    submit = next(s for s in report.steps if s.id == "login.submit")
+    assert submit.url is not None and submit.url.endswith("/login?failed=1&username=***")
+    forms = [user, urllib.parse.quote(user), urllib.parse.quote_plus(user)]
+    assert not [f for f in forms if f in report.model_dump_json()]
+    for file in runtime.artifacts.root.rglob("*"):
+        if file.is_file():
+            data = file.read_bytes()
+            assert not [f for f in forms if f.encode() in data], file

@@ -570,6 +570,12 @@ class _Run:
     def page(self) -> Page:
         return self.actions.page
 
+    def here(self) -> str:
+        """The page's URL as a report may keep it: a site may redirect to a URL that carries a
+        value typed into it (`/login?failed=1&username=...`). A step that goes back to a
+        redacted URL cannot get there again; that is the price of never storing the value."""
+        return self.redact(self.page.url) or ""
+
     def step_report(self, step_id: str) -> StepReport:
         return next(s for s in self.report.steps if s.id == step_id)
 
@@ -819,7 +825,7 @@ class _Run:
                 last_step=plan[next_index - 1].id,
                 next_step=plan[next_index].id if next_index < len(plan) else None,
                 outputs=dict(self.actions.outputs),
-                url=self.page.url,
+                url=self.here(),
                 report=self.report,
                 storage_state=state,
             )
@@ -889,7 +895,7 @@ class _Run:
             approval,
             fields=self.form_fields(),
             screenshot=shot,
-            url=self.page.url,
+            url=self.here(),
         )
 
     async def stop_before_commit(self, planned: PlannedStep, report: StepReport) -> None:
@@ -898,7 +904,7 @@ class _Run:
         self.report.would_submit = WouldSubmit(
             step_id=planned.id,
             fields=self.form_fields(),
-            url=self.page.url,
+            url=self.here(),
             screenshot=shot,
         )
         report.recovered_by = "dry_run: not sent"
@@ -1026,7 +1032,7 @@ class _Run:
         report.commit = step.commit
         report.started_at = report.started_at or now()
         if report.attempts == 1:
-            report.url_before = self.page.url
+            report.url_before = self.here()
         report.failure = None
         at, started = now(), time.perf_counter()
         await self.listener.step_changed(self.report, report)
@@ -1099,7 +1105,7 @@ class _Run:
             seen.model_copy(update={"message": self.redact(seen.message) or ""})
             for seen in actions.take_dialogs()
         ]
-        report.url = self.page.url
+        report.url = self.here()
         shot = None
         if failure is None or failure.code != FailureCode.browser_crashed:
             # Both only read the page: measuring what the annotations need while the browser
@@ -1287,7 +1293,7 @@ class _Run:
 
     async def restore_page(self, index: int, planned: PlannedStep, report: StepReport) -> None:
         """Before a retry: back to the step's page, and redo what had been done on it."""
-        if isinstance(planned.step, GotoStep) or report.url_before in (None, self.page.url):
+        if isinstance(planned.step, GotoStep) or report.url_before in (None, self.here()):
             return
         start = self.page_start(index)
         failure = None

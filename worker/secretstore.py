@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from urllib.parse import unquote, unquote_plus
+from urllib.parse import quote, quote_plus, unquote, unquote_plus
 
 import yaml
 
@@ -158,7 +158,10 @@ class Redactor:
         self._values.update(v for v in values if len(v) >= 4)
         if self._values:
             ordered = sorted(self._values, key=len, reverse=True)
-            whole = [re.escape(v) for v in ordered]
+            # Also as a URL carries it (a query a site redirected to, a path): percent-encoded,
+            # with `/` kept or not, and with `+` for spaces as forms send it.
+            forms = {f for v in ordered for f in (v, quote(v, safe=""), quote(v), quote_plus(v))}
+            whole = [re.escape(f) for f in sorted(forms, key=len, reverse=True)]
             # A library that shortens what it logs (arq cuts a job's arguments at 80
             # characters) may cut a value short: its head, up to the ellipsis, is masked too.
             heads = [_head(v) for v in ordered]
