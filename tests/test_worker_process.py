@@ -20,9 +20,12 @@ from redis.asyncio import Redis
 
 from worker.client import FormworkClient
 from worker.contract import BrowserJob, EventKind, JobStatus
+from worker.envelope import envelope
+from worker.keys import Keys
 from worker.settings import Settings
 
 from .conftest import CREDIT_INPUTS, ROOT, SCRIPTS, Site, own_redis, worker_env
+from .test_checkpoint import credit_as_script
 
 
 @contextmanager
@@ -485,3 +488,44 @@ async def _until_logged(log: Path, text: str) -> None:
             if text in await asyncio.to_thread(log.read_text, errors="replace"):
                 return
             await asyncio.sleep(0.05)
+
+
+async def test_secret_inputs_never_reach_the_workers_log(
+    billing: Site, client: FormworkClient, settings: Settings, tmp_path: Path,
+    fixture_secrets: dict[str, str],
+) -> None:  # fmt: skip
+    # An orchestrator in another language writes the envelope itself, inputs first: arq's
+    # line for the job's start (`-v`) showed its first 80 characters, the agent's password
+    # among them, which the log's redactor (configured secrets only) did not know.
+    scripts = tmp_path / "scripts"
+    shutil.copytree(SCRIPTS, scripts)
+    credit_as_script(scripts)
+    own = tmp_path / "secrets.yaml"
+    own.write_text("billing_username: service-bot\nbilling_password: not-the-agents-0000\n")
+    settings = settings.model_copy(update={"scripts_dir": scripts, "secrets_file": own})
+    user, password = fixture_secrets["billing_username"], fixture_secrets["billing_password"]
+    payload = {
+        "inputs": {"agent_pw": password, "agent_user": user, **CREDIT_INPUTS},
+        "job_id": "p-own",
+        "script": "billing/credit_as",
+        "site_url": billing.url,
+    }
+    log = tmp_path / "w.log"
+    with worker_process(settings, log):
+        async with Redis.from_url(settings.redis_url) as redis:
+            await redis.set("arq:job:p-own", envelope(payload))
+            await redis.zadd(Keys(settings.key_prefix).queue, {"p-own": 1})
+            report = await client.handle("p-own").wait(90)
+            # arq drops the payload (which carries the password) once it is done with the job;
+            # the worker is killed when this block ends, so not before that.
+            async with asyncio.timeout(30):
+                while True:  # another process's write: it can only be polled
+                    if not await redis.exists("arq:job:p-own"):
+                        break
+                    await asyncio.sleep(0.05)
+
+    assert report.status == JobStatus.succeeded, report.error
+    assert len(billing.credits()) == 1
+    text = log.read_text()
+    assert "p-own:browser_job" in text  # the line is there, naming the job
+    assert password[:6] not in text and user not in text

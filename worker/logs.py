@@ -15,7 +15,7 @@ import contextvars
 import json
 import logging
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal, cast
 
 from worker.secretstore import Redactor
 
@@ -36,6 +36,10 @@ def bind_job(job: str, site_name: str, script_name: str) -> None:
     step_id.set(None)
 
 
+# arq's line for a job it starts: `<waited>s → <id>:browser_job(<the payload, cut at 80>)`.
+ARQ_JOB_START = "%6.2fs → %s(%s)%s"
+
+
 class Redacting(logging.Filter):
     """Replaces secret values in a record's message and traceback before any handler sees it."""
 
@@ -44,6 +48,17 @@ class Redacting(logging.Filter):
         self.redactor = redactor
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if (
+            record.name == "arq.worker"
+            and record.msg == ARQ_JOB_START
+            and len(record.args or ()) == 4
+        ):
+            # The payload's inputs include those a script declares `secret: true`: the worker
+            # learns which they are only once it has loaded the script, after arq wrote this
+            # line, and an orchestrator may put them first, whole, inside the 80 characters.
+            # The job id says which job it is; the payload is in Redis and in the report.
+            waited, ref, _payload, extra = cast("tuple[Any, ...]", record.args)
+            record.args = (waited, ref, "…", extra)
         message = record.getMessage()
         record.msg, record.args = self.redactor(message) or "", None
         if record.exc_info:
