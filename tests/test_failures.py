@@ -27,6 +27,7 @@ from worker.failures import PageState, classify, translate_playwright_error
 from worker.policy import DEFAULT_RULES, Rule, retry_wait_s, rule_for
 from worker.queue import running_worker
 from worker.script import ScriptStore
+from worker.secretstore import MASK, Redactor
 from worker.settings import Settings
 
 from .conftest import CREDIT_INPUTS, SCRIPTS, SELECTORS, Site
@@ -381,3 +382,16 @@ async def test_a_step_that_times_out_on_a_slow_next_page_ends_at_its_timeout(
     assert [a.failure.code for a in review.attempt_log if a.failure] == [FailureCode.timeout] * 3
     assert all(a.duration_ms < 30_000 for a in review.attempt_log), review.attempt_log
     assert billing.credits() == []
+
+
+@pytest.mark.parametrize("before", [485, 490, 495])
+def test_a_secret_the_evidence_limit_cuts_is_masked_up_to_the_cut(before: int) -> None:
+    # Evidence is cut at 500 characters before it is redacted: a secret the cut fell inside
+    # kept its head (`Zq9-SEC`) in the failure, the handoff request and the report.
+    secret = "Zq9-SECRET-7781"
+    banner = "x" * before + f" {secret} was refused"
+    _, evidence = classify(FailureCode.timeout, PageState(error_banners=[banner]))
+    assert evidence is not None and secret[:3] in evidence  # the cut falls inside the secret
+    redacted = Redactor([secret])(evidence)
+    assert redacted is not None and redacted.endswith(MASK)
+    assert secret[:2] not in redacted.split()[-1]

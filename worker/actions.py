@@ -544,7 +544,7 @@ def _extracted(raw: str, pattern: str | None, name: str, target: str) -> str:
         raise StepError(
             FailureCode.expectation_failed,
             f"output {name!r}: {target} text does not match {pattern!r}",
-            evidence=text[:200],
+            evidence=text if len(text) <= 200 else text[:199] + "…",  # see failures._evidence
         )
     return match.group(1) if match.groups() else match.group(0)
 

@@ -83,7 +83,11 @@ def classify(code: FailureCode, state: PageState) -> tuple[FailureCode, str | No
 
 def _evidence(texts: list[str]) -> str | None:
     joined = " | ".join(t for t in (" ".join(t.split()) for t in texts) if t)
-    return joined[:_EVIDENCE_LIMIT] or None
+    if len(joined) > _EVIDENCE_LIMIT:
+        # Cut with an ellipsis: the evidence is redacted after this, and a secret the cut falls
+        # inside is only recognised by its head running into `…` (see `Redactor`).
+        return joined[: _EVIDENCE_LIMIT - 1] + "…"
+    return joined or None
 
 
 # One round trip for all detectors: which selectors match a visible element, and its text.
