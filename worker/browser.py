@@ -82,6 +82,9 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
     "--disable-dev-shm-usage",
+    # WebRTC's STUN and TURN go over UDP, which the allowlist's proxy rules (worker/guard.py)
+    # do not cover: a page could send packets to any address. Only through the proxy, it can't.
+    "--webrtc-ip-handling-policy=disable_non_proxied_udp",
     "--disable-features=" + ",".join(PLAYWRIGHT_DISABLED_FEATURES + FORMWORK_DISABLED_FEATURES),
 ]
 VIEWPORT = {"width": 1280, "height": 800}
