@@ -34,6 +34,7 @@ from worker.replay import (
     table,
 )
 from worker.script import ScriptStore
+from worker.secretstore import SecretStore
 from worker.selectors import load_registry
 
 from .conftest import CREDIT_INPUTS, ROOT, SCRIPTS, SECRETS_FILE, SELECTORS, Site
@@ -371,6 +372,30 @@ async def offline(bundle: Path, runtime: Runtime, out: Path, **kwargs: bool) -> 
             [bundle], runtime, site_url=None, out_dir=out, from_har=True, **kwargs
         )
     return result
+
+
+async def test_a_secret_the_site_echoes_html_escaped_is_scrubbed_from_the_har(
+    billing: Site, runtime: Runtime, tmp_path: Path
+) -> None:
+    # The sign-in form, shown again after a refused password, holds the name typed as the
+    # page's HTML writes it (`o&#39;neil&amp;co-bot`): the HAR's page bodies kept it, as only
+    # the raw and URL-encoded forms were scrubbed.
+    user = "o'neil&co-bot"
+    secrets = tmp_path / "secrets.yaml"
+    secrets.write_text(f'billing_username: "{user}"\nbilling_password: not-the-pw-93\n')
+    runtime = replace(runtime, secrets=SecretStore(secrets, environ={}))
+    job = BrowserJob(
+        job_id="har-echo", script="billing/issue_credit", inputs=CREDIT_INPUTS,
+        site_url=billing.url, har=True,
+    )  # fmt: skip
+    report = await run_job(job, runtime)
+    assert report.error is not None and report.error.code == FailureCode.credentials_rejected
+    assert report.artifacts is not None and report.artifacts.har is not None
+    assert billing.state()["failed_logins"] == 1
+
+    har = (runtime.artifacts.root / report.artifacts.har).read_text()
+    assert "o&#39;neil&amp;co-bot" not in har and "neil" not in har
+    assert "formwork-secret-billing-username" in har
 
 
 @pytest.mark.parametrize("bundle", GOLDENS)

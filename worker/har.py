@@ -7,7 +7,7 @@ is scrubbed before anything else reads it:
 - credentials in headers (`Authorization`, `Cookie`, `Set-Cookie`, API-key headers) are
   replaced by `[scrubbed]`, and cookie lists emptied;
 - every secret value the job used — in URLs, form bodies, headers, page bodies, also
-  URL-encoded — is replaced by a stable placeholder, `formwork-secret-<name>`.
+  URL-, JSON- or HTML-escaped — is replaced by a stable placeholder, `formwork-secret-<name>`.
 
 Replay from a HAR (`formwork replay --from-har`) fills secret fields with the same
 placeholders, so the recorded sign-in request matches the replayed one byte for byte, and no
@@ -24,10 +24,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, quote_plus, urldefrag
+from urllib.parse import urldefrag
 
 from worker.errors import RecordingInvalid
-from worker.secretstore import ENV_PREFIX
+from worker.secretstore import ENV_PREFIX, text_forms
 
 HAR_FILE = "network.har"
 SCRUBBED = "[scrubbed]"
@@ -61,7 +61,8 @@ def scrub(path: Path, secrets: Mapping[str, str]) -> int:
     for name, value in secrets.items():
         if len(value) < 4:
             continue  # too short to replace without mangling ordinary text
-        for form in {value, quote_plus(value), quote(value, safe="")}:
+        # HTML-escaped too: a page that echoes a typed value (`o&#39;neil`) holds it so.
+        for form in text_forms(value):
             replacements.append((form, placeholder(name)))
     replacements.sort(key=lambda pair: len(pair[0]), reverse=True)
     entries = har.get("log", {}).get("entries", [])

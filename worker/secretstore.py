@@ -9,6 +9,8 @@ to the queue) never handles credentials.
 from __future__ import annotations
 
 import base64
+import html
+import json
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -100,6 +102,24 @@ class SecretStore:
         )
 
 
+def text_forms(value: str) -> set[str]:
+    """`value` as text may carry it: as it is, percent-encoded (a URL, a form body; `/` kept
+    or not, `+` for spaces), JSON-escaped, and HTML-escaped (a page echoing it back, the way
+    Jinja's `&#39;` and Python's `&#x27;` write it)."""
+    escaped = html.escape(value)
+    return {
+        value,
+        quote(value, safe=""),
+        quote(value),
+        quote_plus(value),
+        json.dumps(value)[1:-1],
+        json.dumps(value, ensure_ascii=False)[1:-1],
+        escaped,
+        escaped.replace("&#x27;", "&#39;").replace("&quot;", "&#34;"),
+        html.escape(value, quote=False),
+    }
+
+
 # Shorter base64 runs than this are too likely to occur by chance in ordinary text.
 BASE64_MIN = 8
 
@@ -158,9 +178,8 @@ class Redactor:
         self._values.update(v for v in values if len(v) >= 4)
         if self._values:
             ordered = sorted(self._values, key=len, reverse=True)
-            # Also as a URL carries it (a query a site redirected to, a path): percent-encoded,
-            # with `/` kept or not, and with `+` for spaces as forms send it.
-            forms = {f for v in ordered for f in (v, quote(v, safe=""), quote(v), quote_plus(v))}
+            # Also as a URL, a JSON document or a page carries it (see `text_forms`).
+            forms = {f for v in ordered for f in text_forms(v)}
             whole = [re.escape(f) for f in sorted(forms, key=len, reverse=True)]
             # A library that shortens what it logs (arq cuts a job's arguments at 80
             # characters) may cut a value short: its head, up to the ellipsis, is masked too.

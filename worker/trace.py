@@ -7,26 +7,24 @@ screencast, the console. Two things in it could hold a secret, and both are deal
   shows what the browser painted, and the browser never paints a secret (`worker.evidence`).
 - The call log records the parameters of each call, and a `fill` of a secret field has the
   secret as its `value`. After recording, every entry of the zip is rewritten with each secret
-  value (and its URL- and JSON-escaped forms) replaced by `***`. That also covers a secret a
+  value (and its URL-, JSON- and HTML-escaped forms) replaced by `***`. That also covers a secret a
   page echoed into a console message or a network log.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import zipfile
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from urllib.parse import quote, quote_plus
 
 from playwright.async_api import BrowserContext
 from playwright.async_api import Error as PlaywrightError
 
 from worker.contract import TraceMode
-from worker.secretstore import MASK
+from worker.secretstore import MASK, text_forms
 
 log = logging.getLogger("formwork.trace")
 
@@ -60,10 +58,10 @@ async def job_trace(
 
 
 def secret_forms(secrets: Iterable[str]) -> list[bytes]:
-    """Each secret as it may appear in a trace: raw, JSON-escaped, URL-encoded."""
+    """Each secret as it may appear in a trace: raw, JSON-, URL- and HTML-escaped."""
     forms: set[str] = set()
     for value in secrets:
-        forms.update({value, json.dumps(value)[1:-1], quote(value, safe=""), quote_plus(value)})
+        forms.update(text_forms(value))
     # Longest first: a secret that contains another is replaced whole.
     return sorted((f.encode() for f in forms if f), key=len, reverse=True)
 
