@@ -826,3 +826,33 @@ async def test_a_url_the_site_redirects_to_with_a_typed_secret_is_redacted(
         if file.is_file():
             data = file.read_bytes()
             assert not [f for f in forms if f.encode() in data], file
+
+
+async def test_a_secret_input_sent_again_in_a_field_shown_in_the_clear_is_refused(
+    billing: Site, runtime: Runtime, tmp_path: Path
+) -> None:
+    # Only the input declared secret was masked: the same password sent as the reference
+    # (or in the correlation) was typed into the credit form and kept in the report's inputs,
+    # `entered`, events and audit.json, as the orchestrator's own ids are.
+    scripts = tmp_path / "scripts"
+    shutil.copytree(SCRIPTS, scripts)
+    credit_as_script(scripts)
+    runtime = dataclasses.replace(runtime, scripts=ScriptStore(scripts, SELECTORS))
+    password = "Pw-9931-zz"
+    own = {**CREDIT_INPUTS, "agent_user": "agent-smith", "agent_pw": password}
+
+    def job(job_id: str, **fields: Any) -> BrowserJob:
+        return BrowserJob(
+            job_id=job_id, script="billing/credit_as", site_url=billing.url,
+            **{"inputs": own, **fields},
+        )  # fmt: skip
+
+    as_reference = await run_job(job("again-1", inputs={**own, "reference": password}), runtime)
+    in_correlation = await run_job(job("again-2", correlation={"note": f"pw {password}"}), runtime)
+
+    for report, field in ((as_reference, "inputs.reference"), (in_correlation, "correlation.note")):
+        assert report.status == JobStatus.rejected
+        assert report.error is not None and report.error.code == FailureCode.job_invalid
+        assert report.error.field == field
+        assert password not in report.model_dump_json()
+    assert billing.state()["requests"] == 0  # refused before any browser work

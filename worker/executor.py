@@ -69,7 +69,7 @@ from worker.script import (
     ScreenshotStep,
     ScriptStore,
 )
-from worker.secretstore import Redactor, SecretStore
+from worker.secretstore import ENV_PREFIX, Redactor, SecretStore
 from worker.templating import TemplateError, holds, references, render
 from worker.trace import job_trace
 
@@ -168,8 +168,12 @@ async def run_job(
     except RejectedError as exc:
         if resume is not None:
             return await _held_at_intake(job, resume, exc, runtime, listener, started)
+        # As the queue does (worker.queue.execute): a correlation refused for carrying a
+        # secret is not written back into the report that refuses it.
+        in_correlation = (exc.field or "").split(".")[0] == "correlation"
+        correlation = {} if in_correlation else job.correlation
         return await reject(
-            job.job_id, job.script_name, exc, runtime, listener, correlation=job.correlation
+            job.job_id, job.script_name, exc, runtime, listener, correlation=correlation
         )
 
     if resume is not None:
@@ -449,6 +453,19 @@ def refuse_carried(secrets: SecretStore, job: BrowserJob) -> None:
     secrets.refuse_carried({k: v for k, v in named.items() if v is not None}, "")
 
 
+def refuse_secret_inputs_carried(secret_inputs: dict[str, str], job: BrowserJob) -> None:
+    """JobInvalid when a value given as an input declared `secret: true` is also sent where
+    it is shown in the clear: another input (a report's `inputs`, the `entered` of a fill),
+    the correlation, the idempotency key or an address. Only the secret input is masked."""
+    if not secret_inputs:
+        return
+    # The same checks as for configured secrets (plain, percent-encoded, base64), with these
+    # values as the only "configured" ones.
+    values = {f"{ENV_PREFIX}{i}": v for i, v in enumerate(secret_inputs.values())}
+    shown = {k: v for k, v in job.inputs.items() if k not in secret_inputs}
+    refuse_carried(SecretStore(None, environ=values), job.model_copy(update={"inputs": shown}))
+
+
 def intake(
     job: BrowserJob, runtime: Runtime, version: int | None = None
 ) -> tuple[LoadedScript, dict[str, Any], dict[str, str]]:
@@ -481,6 +498,7 @@ def intake(
                 field="site_url",
             )
     refuse_carried(runtime.secrets, job)
+    refuse_secret_inputs_carried(loaded.secret_inputs(inputs), job)
     if job.deadline is not None and job.deadline <= now():
         raise RejectedError(
             f"deadline {job.deadline.isoformat()} passed before the job started",
