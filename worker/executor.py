@@ -203,7 +203,9 @@ async def run_job(
         downloads.watch(job_page.page)
         actions: PageActions | None = None
         try:
-            guard = Guard(hosts)
+            guard = Guard(
+                hosts, Redactor([*secrets.values(), *loaded.secret_inputs(inputs).values()])
+            )
             if job_page.hosts != guard.hosts:
                 # The allowlist is the context's proxy (worker.guard): never drive one without.
                 raise RuntimeError(f"job page made for hosts {job_page.hosts}, not {guard.hosts}")

@@ -35,6 +35,8 @@ from urllib.parse import urlsplit
 
 from playwright.async_api import BrowserContext, Page, ProxySettings, Request, WebSocket
 
+from worker.secretstore import Redactor
+
 log = logging.getLogger("formwork.guard")
 
 
@@ -78,8 +80,11 @@ class Guard:
     """Writes down a context's requests to hosts outside the allowlist (refused by the
     context's proxy, see `proxy_for`)."""
 
-    def __init__(self, hosts: Iterable[str]) -> None:
+    def __init__(self, hosts: Iterable[str], redact: Redactor | None = None) -> None:
         self.hosts = frozenset(hosts)
+        # The job's secrets, inputs declared secret among them (the log's own redactor knows
+        # only the configured ones): a page may try to send a typed value out as a host name.
+        self.redact = redact or Redactor()
         self.pattern = outside(self.hosts)
         self.blocked: list[str] = []
         self._taken = 0
@@ -105,7 +110,8 @@ class Guard:
         self.blocked.append(f"{kind} {url}")
         # The host only: the URL itself may carry what the page tried to send out; the step's
         # failure keeps it, redacted.
-        log.warning("blocked a request to %s, outside the allowlist", urlsplit(url).hostname)
+        host = self.redact(urlsplit(url).hostname)
+        log.warning("blocked a request to %s, outside the allowlist", host)
 
     def take(self) -> list[str]:
         """What was blocked since the last call: each attempt is reported once, by the step

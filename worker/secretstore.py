@@ -184,7 +184,11 @@ class Redactor:
             # A library that shortens what it logs (arq cuts a job's arguments at 80
             # characters) may cut a value short: its head, up to the ellipsis, is masked too.
             heads = [_head(v) for v in ordered]
-            self._pattern = re.compile("|".join([*whole, f"(?:{'|'.join(heads)})(?:…|\\.\\.\\.)"]))
+            # Any case: a host name holds what a page put in it in lower case (a page that
+            # sends a typed value out as `<value>.example` is refused, and reported by URL).
+            self._pattern = re.compile(
+                "|".join([*whole, f"(?:{'|'.join(heads)})(?:…|\\.\\.\\.)"]), re.IGNORECASE
+            )
 
     @property
     def values(self) -> frozenset[str]:
