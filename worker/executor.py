@@ -199,13 +199,14 @@ async def run_job(
             resume.storage_state if resume else None, record_har=har, hosts=hosts
         )
         context = job_page.context
-        downloads = Downloads(runtime.artifacts.downloads_dir(job.job_id))
+        # What the page sends out or names may hold a typed secret, inputs declared secret
+        # among them (the log's own redactor knows only the configured ones).
+        redact = Redactor([*secrets.values(), *loaded.secret_inputs(inputs).values()])
+        downloads = Downloads(runtime.artifacts.downloads_dir(job.job_id), redact)
         downloads.watch(job_page.page)
         actions: PageActions | None = None
         try:
-            guard = Guard(
-                hosts, Redactor([*secrets.values(), *loaded.secret_inputs(inputs).values()])
-            )
+            guard = Guard(hosts, redact)
             if job_page.hosts != guard.hosts:
                 # The allowlist is the context's proxy (worker.guard): never drive one without.
                 raise RuntimeError(f"job page made for hosts {job_page.hosts}, not {guard.hosts}")
