@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import zipfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,7 +23,7 @@ import pytest
 from aiohttp import web
 
 from worker.browser import BrowserHost
-from worker.contract import BrowserJob, JobStatus, StepStatus
+from worker.contract import BrowserJob, JobStatus, StepStatus, TraceMode
 from worker.executor import Runtime, run_job
 from worker.script import ScriptStore
 
@@ -152,6 +153,11 @@ async def trap() -> AsyncIterator[Trap]:
     await runner.cleanup()
 
 
+def trap_runtime_root(runtime: Runtime) -> Path:
+    root: Path = runtime.artifacts.root  # type: ignore[attr-defined]
+    return root
+
+
 @pytest.fixture
 def trap_runtime(runtime: Runtime, tmp_path: Path) -> Runtime:
     scripts, selectors = tmp_path / "scripts", tmp_path / "selectors"
@@ -203,8 +209,9 @@ async def test_a_secret_a_page_sends_out_in_a_host_name_is_redacted_from_the_rep
     # case, and `Pw-9931-ZZ` was looked for as it is: the report kept `pw-9931-zz`.
     password = "Pw-9931-ZZ"
     job = BrowserJob(
-        job_id="trap-exfil", script="trap/exfil", site_url=trap.url, inputs={"pw": password}
-    )
+        job_id="trap-exfil", script="trap/exfil", site_url=trap.url, inputs={"pw": password},
+        trace=TraceMode.always, har=True,
+    )  # fmt: skip
     report = await run_job(job, trap_runtime)
 
     assert trap.stolen == []
@@ -212,6 +219,15 @@ async def test_a_secret_a_page_sends_out_in_a_host_name_is_redacted_from_the_rep
     assert f"***.localhost:{trap.port}/stolen?via=exfil" in (report.error.evidence or "")
     assert password.lower() not in report.model_dump_json().lower()
     assert password.lower() not in caplog.text.lower()
+    for file in await asyncio.to_thread(lambda: list(trap_runtime_root(trap_runtime).rglob("*"))):
+        if file.suffix == ".zip":
+            with zipfile.ZipFile(file) as trace:
+                data = b"".join(trace.read(name) for name in trace.namelist())
+        elif file.is_file():
+            data = file.read_bytes()
+        else:
+            continue
+        assert password.lower().encode() not in data.lower(), file
 
 
 async def test_a_download_named_after_a_typed_secret_is_kept_under_a_masked_name(

@@ -57,14 +57,15 @@ def placeholder_environ(names: set[str]) -> dict[str, str]:
 def scrub(path: Path, secrets: Mapping[str, str]) -> int:
     """Scrub the HAR at `path` in place; returns how many entries it holds."""
     har = json.loads(path.read_text(encoding="utf-8"))
-    replacements: list[tuple[str, str]] = []
+    replacements: list[tuple[re.Pattern[str], str]] = []
     for name, value in secrets.items():
         if len(value) < 4:
             continue  # too short to replace without mangling ordinary text
         # HTML-escaped too: a page that echoes a typed value (`o&#39;neil`) holds it so.
         for form in text_forms(value):
-            replacements.append((form, placeholder(name)))
-    replacements.sort(key=lambda pair: len(pair[0]), reverse=True)
+            # Any case: a host name holds a value a page put in it in lower case.
+            replacements.append((re.compile(re.escape(form), re.IGNORECASE), placeholder(name)))
+    replacements.sort(key=lambda pair: len(pair[0].pattern), reverse=True)
     entries = har.get("log", {}).get("entries", [])
     for entry in entries:
         for side in ("request", "response"):
@@ -89,13 +90,13 @@ def _is_text(mime: str) -> bool:
     return any(kind in mime for kind in _TEXT_TYPES)
 
 
-def _replace(text: str, replacements: list[tuple[str, str]]) -> str:
+def _replace(text: str, replacements: list[tuple[re.Pattern[str], str]]) -> str:
     for value, substitute in replacements:
-        text = text.replace(value, substitute)
+        text = value.sub(substitute, text)
     return text
 
 
-def _walk(node: Any, replacements: list[tuple[str, str]]) -> Any:
+def _walk(node: Any, replacements: list[tuple[re.Pattern[str], str]]) -> Any:
     if isinstance(node, str):
         return _replace(node, replacements)
     if isinstance(node, list):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import zipfile
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -57,13 +58,15 @@ async def job_trace(
             log.warning("trace not saved: %s", exc.message)
 
 
-def secret_forms(secrets: Iterable[str]) -> list[bytes]:
+def secret_forms(secrets: Iterable[str]) -> list[re.Pattern[bytes]]:
     """Each secret as it may appear in a trace: raw, JSON-, URL- and HTML-escaped."""
     forms: set[str] = set()
     for value in secrets:
         forms.update(text_forms(value))
-    # Longest first: a secret that contains another is replaced whole.
-    return sorted((f.encode() for f in forms if f), key=len, reverse=True)
+    # Longest first: a secret that contains another is replaced whole. Any case: a host name
+    # holds a value a page put in it in lower case.
+    ordered = sorted((f.encode() for f in forms if f), key=len, reverse=True)
+    return [re.compile(re.escape(f), re.IGNORECASE) for f in ordered]
 
 
 def scrub(path: Path, secrets: Iterable[str]) -> None:
@@ -76,7 +79,7 @@ def scrub(path: Path, secrets: Iterable[str]) -> None:
         for info in source.infolist():
             data = source.read(info)
             for form in forms:
-                data = data.replace(form, MASK.encode())
+                data = form.sub(MASK.encode(), data)
             out.writestr(info, data)
     tmp.chmod(0o600)
     tmp.replace(path)
