@@ -366,6 +366,8 @@ async def test_a_secret_the_page_itself_shows_is_masked_before_it_is_painted(
             f'<p id="whole" style="font: 20px sans-serif">Signed in as <span id="whole-name">'
             f"{username}</span>, welcome back to the console</p>"
             '<textarea id="notes" style="font: 20px sans-serif" cols="30" rows="1"></textarea>'
+            # Shown in capitals by the site: it was painted as it is.
+            f'<p id="upper" style="font: 20px sans-serif">Signed in as {username.upper()}</p>'
         )
         await page.evaluate(
             """([text, username, password]) => {
@@ -435,6 +437,7 @@ async def test_a_secret_the_page_shows_inside_a_shadow_root_is_masked_too(
         boxes = {
             i: await page.locator(f"#{i}").bounding_box()
             for i in ("open", "closed", "declared", "plain")
+            for i in ("echo", "name", "later", "plain", "upper")
         }
         boxes["field"] = await page.locator("#field input").bounding_box()  # CSS pierces
         # The parser made the declarative one a shadow root (not an inert template).

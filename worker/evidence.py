@@ -98,12 +98,15 @@ def echo_mask_script(values: Iterable[str]) -> str | None:
     too — closed ones included, since this runs before the page's scripts can attach one — and
     a text node at the top of a shadow root masks its host. A field's `.value` set by a
     script is seen by the setter. A value split across elements masks the smallest element
-    whose text holds it, if that text is short (`_ACROSS_LIMIT`).
+    whose text holds it, if that text is short (`_ACROSS_LIMIT`). Any case is seen.
     """
+    # Compared in lower case: a site may show a sign-in name in capitals (`FORMWORK-BOT`);
+    # the text redactor matches any case too.
+    lowered = {v.lower() for v in values}
     wanted = sorted(
         {
             (len(v.encode("utf-16-le")) // 2, *(_rolling_hash(v, b) for b in _HASH_BASES))
-            for v in values
+            for v in lowered
         }
     )
     if not wanted:
@@ -119,8 +122,9 @@ def echo_mask_script(values: Iterable[str]) -> str | None:
   }};
   const specs = {json.dumps(wanted)}.map(([n, a, b]) =>
     ({{ n, a, b, p1: power({b1}, n - 1), p2: power({b2}, n - 1) }}));
-  const holds = (text) => {{
-    if (!text) return false;
+  const holds = (shown) => {{
+    if (!shown) return false;
+    const text = shown.toLowerCase();
     for (const s of specs) {{
       let a = 0, b = 0;
       for (let i = 0; i < text.length; i++) {{
