@@ -257,3 +257,32 @@ async def test_a_real_job_ends_at_a_slow_receiver_without_waiting_for_it(
     assert JobReport.model_validate(last["report"]) == report
     # Ground truth from the site: the credit was issued once.
     assert len(billing.credits()) == 1
+
+
+async def test_a_receiver_that_redirects_is_never_followed_elsewhere() -> None:
+    # FORMWORK_WEBHOOK_HOSTS names the receiver; a 307 from it (an open redirect on that host)
+    # sent every event — reports, signature and all — on to whatever it named.
+    stolen: list[str] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        if request.path.startswith("/stolen"):
+            stolen.append(request.path)
+            return web.Response(status=200)
+        port = request.url.port
+        raise web.HTTPTemporaryRedirect(f"http://localhost:{port}/stolen")
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
+    try:
+        async with aiohttp.ClientSession() as http:
+            sender = await send_run(
+                http, url, "redirected", events("redirected", 1, 1, JobStatus.succeeded), 5
+            )
+            await sender.wait()
+    finally:
+        await runner.cleanup()
+    assert stolen == []

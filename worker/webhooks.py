@@ -242,13 +242,16 @@ class WebhookSender:
                     SIGNATURE_HEADER: sign(self.secret, event.body),
                 }
                 timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+                # Never followed: a redirect (a 307 keeps the POST, its body and signature)
+                # would send the job's reports to a host FORMWORK_WEBHOOK_HOSTS does not list.
                 async with self.session.post(
-                    self.url, data=event.body, headers=headers, timeout=timeout
-                ) as response:
+                    self.url, data=event.body, headers=headers, timeout=timeout,
+                    allow_redirects=False,
+                ) as response:  # fmt: skip
                     if response.status >= 500 or response.status == 429:
                         raise DeliveryFailed(f"HTTP {response.status}")
-                    if response.status >= 400:
-                        # A 4xx will not get better by retrying; log it and move on.
+                    if response.status >= 300:
+                        # A 3xx or 4xx will not get better by retrying; log it and move on.
                         log.warning("job %s: webhook answered %s", self.job_id, response.status)
 
 
