@@ -859,3 +859,25 @@ async def test_a_secret_input_sent_again_in_a_field_shown_in_the_clear_is_refuse
         assert report.error.field == field
         assert password not in report.model_dump_json()
     assert billing.state()["requests"] == 0  # refused before any browser work
+
+
+async def test_a_script_name_carrying_a_secret_is_refused_without_repeating_it(
+    runtime: Runtime,
+) -> None:
+    # A token is often letters, digits and `_`, as a script name is: `billing/<token>` was
+    # refused as an unknown script, the name (the token) kept in the report's `script`, its
+    # error message, its events, audit.json and the metrics' `script` label.
+    token = "tok_4417_abcd"
+    runtime = dataclasses.replace(
+        runtime, secrets=SecretStore(None, environ={"FORMWORK_SECRET_API_TOKEN": token})
+    )
+    job = BrowserJob(job_id="named-1", script=f"billing/{token}", inputs={})
+    report = await run_job(job, runtime)
+
+    assert report.status == JobStatus.rejected
+    assert report.error is not None and report.error.code == FailureCode.job_invalid
+    assert report.error.field == "script"
+    assert token not in report.model_dump_json()
+    for file in runtime.artifacts.root.rglob("*"):
+        if file.is_file():
+            assert token.encode() not in file.read_bytes(), file

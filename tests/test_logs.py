@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import io
 import json
 import logging
@@ -45,3 +46,26 @@ def test_only_a_head_that_runs_into_an_ellipsis_is_masked() -> None:
     assert redact("Zq9-SE...") == MASK
     # Ordinary text that shares a head with a secret, with nothing cut, stays as it is.
     assert redact("Zq9 and Zq-other; data… ok") == "Zq9 and Zq-other; data… ok"
+
+
+def test_a_secret_in_the_job_fields_of_a_line_is_masked() -> None:
+    # A job refused for carrying a secret in its script name (or id) is logged about with
+    # them bound: every JSON line's `script` (and `job_id`) field carried it.
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(logs.Redacting(Redactor([SECRET])))
+    handler.setFormatter(logs.JsonFormatter())
+    logger = logging.getLogger("formwork.test-fields")
+    logger.addHandler(handler)
+    logger.propagate = False
+
+    def line() -> None:
+        logs.bind_job(f"job-{SECRET}", "billing", f"billing/{SECRET}")
+        logger.warning("job rejected")
+
+    try:
+        contextvars.copy_context().run(line)
+    finally:
+        logger.removeHandler(handler)
+    fields = json.loads(stream.getvalue())
+    assert (fields["job_id"], fields["script"]) == (f"job-{MASK}", f"billing/{MASK}")

@@ -161,6 +161,7 @@ async def run_job(
         report.error = Failure(code=FailureCode.cancelled, message=reason)
         return await _finish(report, started, runtime, listener)
     try:
+        refuse_carried(runtime.secrets, job)  # before routing, which names the script
         chosen = await route(
             job, runtime.scripts, runtime.rollouts, resume.report if resume else None
         )
@@ -168,13 +169,12 @@ async def run_job(
     except RejectedError as exc:
         if resume is not None:
             return await _held_at_intake(job, resume, exc, runtime, listener, started)
-        # As the queue does (worker.queue.execute): a correlation refused for carrying a
-        # secret is not written back into the report that refuses it.
-        in_correlation = (exc.field or "").split(".")[0] == "correlation"
-        correlation = {} if in_correlation else job.correlation
-        return await reject(
-            job.job_id, job.script_name, exc, runtime, listener, correlation=correlation
-        )
+        # As the queue does (worker.queue.execute): a correlation (or script) refused for
+        # carrying a secret is not written back into the report that refuses it.
+        field = (exc.field or "").split(".")[0]
+        correlation = {} if field == "correlation" else job.correlation
+        script = "" if field == "script" else job.script_name
+        return await reject(job.job_id, script, exc, runtime, listener, correlation=correlation)
 
     if resume is not None:
         report = resume.report
@@ -443,12 +443,15 @@ def _after_confirmed_commit(report: JobReport, failure: Failure) -> Failure:
 
 def refuse_carried(secrets: SecretStore, job: BrowserJob) -> None:
     """JobInvalid when anything the job was sent with carries a configured secret's value:
-    its id (a folder, a key, in every event), inputs, correlation, idempotency key, site and
-    webhook addresses — each is stored and shown in the clear."""
+    its id (a folder, a key, in every event), script, inputs, correlation, idempotency key,
+    site and webhook addresses — each is stored and shown in the clear."""
     secrets.refuse_carried({"job_id": job.job_id}, "")
     secrets.refuse_carried(job.inputs)
     secrets.refuse_carried(job.correlation, "correlation")
     named = {
+        # A script name is letters, digits and `_`, as many a token is: it names the job's
+        # folder in reports, events, metrics labels and the unknown-script error.
+        "script": job.script,
         "idempotency_key": job.idempotency_key,
         "site_url": job.site_url,
         "webhook.url": job.webhook.url if job.webhook is not None else None,

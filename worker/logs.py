@@ -66,7 +66,9 @@ class Redacting(logging.Filter):
             text = logging.Formatter().formatException(record.exc_info)
             record.exc_text, record.exc_info = self.redactor(text), None
         for name, var in _FIELDS.items():
-            setattr(record, name, var.get())
+            # Redacted like the message: a job refused for carrying a secret in its id or
+            # script name is logged about with that id and name bound.
+            setattr(record, name, self.redactor(var.get()))
         return True
 
 
