@@ -161,6 +161,18 @@ def test_bad_login_is_refused_and_counted(base_url: str) -> None:
     assert (snapshot["logins"], snapshot["failed_logins"]) == (0, 1)
 
 
+def test_a_refused_sign_in_can_redirect_with_the_name_typed(base_url: str) -> None:
+    # The signin_refused_redirect fault: a portal that answers every POST with a redirect,
+    # the name typed carried in the query and shown again in the form.
+    set_faults(base_url, signin_refused_redirect=True)
+    browser = Browser(base_url, "billing")
+    page = browser.post("/login", {"username": "agent smith", "password": "wrong"})
+    assert page.path == "/login?failed=1&username=agent+smith"
+    assert page.one(class_="alert alert-danger").clean_text == "Invalid username or password."
+    assert page.one("input", id="username").attrs["value"] == "agent smith"
+    assert state(base_url)["failed_logins"] == 1
+
+
 def test_login_never_redirects_off_site(base_url: str) -> None:
     page = Browser(base_url, "billing").login(next_path="//evil.example/steal")
     assert page.path == "/"
