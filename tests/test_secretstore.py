@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import base64
 import re
+import unicodedata
 from urllib.parse import quote, quote_plus
 
 import pytest
 
 from worker.errors import JobInvalid
-from worker.secretstore import SecretStore
+from worker.secretstore import MASK, Redactor, SecretStore, text_forms
 
 PASSWORD = "s3cr3t/Pa ss+w0rd!"
 STORE = SecretStore(environ={"FORMWORK_SECRET_BILLING_PASSWORD": PASSWORD})
@@ -66,3 +67,15 @@ def test_a_name_that_is_the_secret_is_refused_without_being_named() -> None:
     assert info.value.field == "correlation"
     assert info.value.message.startswith("a name in correlation carries the value of a")
     assert PASSWORD not in info.value.message
+
+
+def test_a_secret_shown_in_another_unicode_form_or_case_is_redacted() -> None:
+    # `José` typed composed, shown by a site that stores it decomposed (`e` + U+0301), or in
+    # capitals: text forms the redactor (and the HAR and trace scrubbers) look for.
+    secret = unicodedata.normalize("NFC", "José-bot-77")
+    decomposed = unicodedata.normalize("NFD", secret)
+    assert decomposed != secret
+    redact = Redactor([secret])
+    assert redact(f"Welcome back, {decomposed}!") == f"Welcome back, {MASK}!"
+    assert redact(f"SIGNED IN AS {secret.upper()}") == f"SIGNED IN AS {MASK}"
+    assert decomposed in text_forms(secret)

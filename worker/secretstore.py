@@ -13,6 +13,7 @@ import html
 import json
 import os
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from urllib.parse import quote, quote_plus, unquote, unquote_plus
@@ -103,12 +104,15 @@ class SecretStore:
 
 
 def text_forms(value: str) -> set[str]:
-    """`value` as text may carry it: as it is, percent-encoded (a URL, a form body; `/` kept
-    or not, `+` for spaces), JSON-escaped, and HTML-escaped (a page echoing it back, the way
-    Jinja's `&#39;` and Python's `&#x27;` write it)."""
+    """`value` as text may carry it: as it is (Unicode composed or not), percent-encoded (a
+    URL, a form body; `/` kept or not, `+` for spaces), JSON-escaped, and HTML-escaped (a page
+    echoing it back, the way Jinja's `&#39;` and Python's `&#x27;` write it)."""
     escaped = html.escape(value)
     return {
         value,
+        # Composed or decomposed (`é` or `e` + U+0301): a site may store and show either.
+        unicodedata.normalize("NFC", value),
+        unicodedata.normalize("NFD", value),
         quote(value, safe=""),
         quote(value),
         quote_plus(value),
