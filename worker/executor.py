@@ -173,7 +173,10 @@ async def run_job(
         # carrying a secret is not written back into the report that refuses it.
         field = (exc.field or "").split(".")[0]
         correlation = {} if field == "correlation" else job.correlation
-        script = "" if field == "script" else job.script_name
+        # Only a name that carries a secret goes: an unknown script is refused under its name
+        # too (field `script`), and is counted and shown under it.
+        carried = runtime.secrets.carried_in({"script": job.script}) is not None
+        script = "" if carried else job.script_name
         return await reject(job.job_id, script, exc, runtime, listener, correlation=correlation)
 
     if resume is not None:
