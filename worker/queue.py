@@ -460,7 +460,8 @@ async def execute(
         await _own_idempotency_key(state, job)
     except RejectedError as exc:
         script = payload.get("script") if isinstance(payload, dict) else None
-        script = None if exc.field == "script" else script  # it carries a secret
+        if isinstance(script, str) and state.runtime.secrets.carried_in({"script": script}):
+            script = None  # not written back into the report that refuses it
         key = payload.get("idempotency_key") if isinstance(payload, dict) else None
         if isinstance(key, str) and state.runtime.secrets.carried_in({"key": key}):
             # The client's enqueue took the key under its own name: a name holding a secret.
