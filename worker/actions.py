@@ -250,7 +250,7 @@ class PageActions:
                 # A fallback candidate is only trusted when the field really took the value.
                 await self._holds(expect(found.locator).to_have_value(value, timeout=timeout_ms))
             elif not secret:
-                await self._took_whole(found.locator, step.fill.target, value, timeout_ms)
+                await self._took_whole(found.locator, step.fill.target, value)
             return found.matched
         if isinstance(step, SelectStep):
             found = await self.find(step.select.target, frame, timeout_ms)
@@ -495,13 +495,15 @@ class PageActions:
         return found.matched
 
     @staticmethod
-    async def _took_whole(locator: Locator, target: str, value: str, timeout_ms: float) -> None:
+    async def _took_whole(locator: Locator, target: str, value: str) -> None:
         """StepError(validation_rejected) when the field kept only the start of `value`: a
         `maxlength` cuts a fill short without a word (Playwright types what fits), and the
         site then keeps the cut value while the step said it entered the whole. A field whose
         own script reformats what it is given (`15` shown as `$15.00`) is not a cut: what the
         site makes of it is for the step's postconditions to judge."""
-        held = await locator.evaluate(_FIELD_VALUE_JS, timeout=timeout_ms)
+        # One round trip: `evaluate` on a locator is three (find, evaluate, let go), and the
+        # field was just filled, so there is nothing to wait for.
+        held = await locator.evaluate_all(_FIELD_VALUE_JS)
         if held is None or not _cut_short(value, held[0]):
             return
         limit = f" (its maxlength is {held[1]})" if held[1] else ""
@@ -551,7 +553,7 @@ def _extracted(raw: str, pattern: str | None, name: str, target: str) -> str:
 
 # The value a filled element holds and its maxlength; null for an element with no value
 # (a contenteditable), which has nothing to compare.
-_FIELD_VALUE_JS = """(el) => ('value' in el && typeof el.value === 'string')
+_FIELD_VALUE_JS = """([el]) => (el && 'value' in el && typeof el.value === 'string')
   ? [el.value, el.getAttribute('maxlength')] : null"""
 
 
