@@ -367,6 +367,8 @@ def test_a_setting_with_a_bad_value_is_named_in_one_line_without_a_traceback(
         ("FORMWORK_STATE_KEY", "cli-short-key", "FORMWORK_STATE_KEY: String should have at least"),
         ("REDIS_URL", "foo://:cli-pw-63@h/0", "REDIS_URL='foo://:***@h/0': a Redis URL starts"),
         ("FORMWORK_LOG_FORMAT", "xml", "FORMWORK_LOG_FORMAT='xml': should be json or text"),
+        # Read by nothing, it left every command on the default Redis without a word.
+        ("FORMWORK_REDIS_URL", "redis://h/3", "FORMWORK_REDIS_URL is not read: the queue's"),
     ):
         result = formwork("stats", tmp_path=tmp_path, env={**base, variable: value})
         assert result.returncode == 2, (variable, result.stderr)

@@ -149,6 +149,13 @@ class Settings(BaseModel):
             "metrics_host": "FORMWORK_METRICS_HOST",
             "browser_recycle_jobs": "FORMWORK_BROWSER_RECYCLE_JOBS",
         }
+        if env.get("FORMWORK_REDIS_URL"):
+            # Every other setting is FORMWORK_*, so this is the name people guess; read by
+            # nothing, it left the worker on the default Redis without a word.
+            raise SettingsInvalid(
+                "FORMWORK_REDIS_URL is not read: the queue's Redis is REDIS_URL "
+                "(the name arq reads too)"
+            )
         values: dict[str, object] = {f: env[v] for f, v in names.items() if env.get(v)}
         if env.get("FORMWORK_WEBHOOK_HOSTS"):
             values["webhook_hosts"] = [h.strip() for h in env["FORMWORK_WEBHOOK_HOSTS"].split(",")]
