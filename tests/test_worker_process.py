@@ -424,9 +424,10 @@ async def test_a_worker_serving_metrics_outlives_a_redis_restart_with_one_browse
     lines = [json.loads(line) for line in log.read_text().splitlines() if "lost Redis" in line]
     [lost, *_] = [line for line in lines if line["logger"] == "formwork.worker"]
     assert lost["level"] == "error", lost
-    # Stopped right after m-before ended, Redis may have cut that job's last bookkeeping: the
-    # job had ended, so it is not handed on to run again (it was, once, announced "queued").
-    assert not [line for line in lines if "runs again" in line["msg"]], lines
+    # Whether m-before, stopped right after it ended, is handed on depends on whether Redis
+    # went while the worker still awaited the reply to its last word (then it cannot know the
+    # word landed, and handing on is the safe side): a race, left to the deterministic
+    # test_a_job_that_ended_and_then_lost_redis_keeps_its_ending.
 
 
 async def test_a_worker_serving_metrics_on_any_free_port_says_which(
