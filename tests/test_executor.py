@@ -8,12 +8,13 @@ import json
 import logging
 import shutil
 import urllib.parse
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image, ImageChops, ImageStat
-from playwright.async_api import BrowserContext
+from playwright.async_api import BrowserContext, Page
 from playwright.async_api import Error as PlaywrightError
 from pydantic import TypeAdapter, ValidationError
 
@@ -338,6 +339,20 @@ def _flat(image: Image.Image) -> bool:
     return max(ImageStat.Stat(image.convert("L")).stddev) < 4
 
 
+@contextlib.asynccontextmanager
+async def echo_masked_page(runtime: Runtime, values: list[str]) -> AsyncIterator[Page]:
+    """A page of its own with the echo mask for `values` installed before any script runs."""
+    script = echo_mask_script(values)
+    assert script is not None and not any(value in script for value in values)
+    assert runtime.browser.browser is not None
+    context = await runtime.browser.browser.new_context(viewport={"width": 800, "height": 400})
+    try:
+        await context.add_init_script(script)
+        yield await context.new_page()
+    finally:
+        await context.close()
+
+
 # What the page below shows: the plain paragraph and the one around a masked name stay as
 # they are; every other element holds a secret, and is painted masked.
 ELEMENTS = (
@@ -359,13 +374,7 @@ async def test_a_secret_the_page_itself_shows_is_masked_before_it_is_painted(
 ) -> None:
     password = fixture_secrets["billing_password"]
     username = fixture_secrets["billing_username"]
-    script = echo_mask_script([password, username])
-    assert script is not None and password not in script and username not in script
-    assert runtime.browser.browser is not None
-    context = await runtime.browser.browser.new_context(viewport={"width": 800, "height": 400})
-    try:
-        await context.add_init_script(script)
-        page = await context.new_page()
+    async with echo_masked_page(runtime, [password, username]) as page:
         # Served, then added by the page's own script later, as an error banner would be.
         await page.set_content(
             f'<p id="echo" style="font: 20px sans-serif">Denied: password {password} refused</p>'
@@ -397,8 +406,6 @@ async def test_a_secret_the_page_itself_shows_is_masked_before_it_is_painted(
         shot = tmp_path / "page.png"
         await page.screenshot(path=shot)
         boxes = {i: await page.locator(f"#{i}").bounding_box() for i in ELEMENTS}
-    finally:
-        await context.close()
     for element, box in boxes.items():
         assert box is not None
         crop = _masked_crop(shot, box)
@@ -413,13 +420,7 @@ async def test_a_secret_the_page_shows_inside_a_shadow_root_is_masked_too(
     # the password was painted, and captured, as it was.
     password = fixture_secrets["billing_password"]
     username = fixture_secrets["billing_username"]
-    script = echo_mask_script([password, username])
-    assert script is not None
-    assert runtime.browser.browser is not None
-    context = await runtime.browser.browser.new_context(viewport={"width": 800, "height": 400})
-    try:
-        await context.add_init_script(script)
-        page = await context.new_page()
+    async with echo_masked_page(runtime, [password, username]) as page:
         await page.set_content(
             "<style>x-banner, x-field { display: block }</style>"
             '<x-banner id="open"></x-banner><x-banner id="closed"></x-banner>'
@@ -454,8 +455,6 @@ async def test_a_secret_the_page_shows_inside_a_shadow_root_is_masked_too(
         boxes["field"] = await page.locator("#field input").bounding_box()  # CSS pierces
         # The parser made the declarative one a shadow root (not an inert template).
         assert await page.evaluate("document.getElementById('declared').shadowRoot !== null")
-    finally:
-        await context.close()
     for element, box in boxes.items():
         assert box is not None and box["height"] > 0, element
         crop = _masked_crop(shot, box)
