@@ -56,7 +56,7 @@ from worker.guard import Guard
 from worker.handoff import approval_request, handoff_request
 from worker.har import scrub
 from worker.policy import Rule, retry_wait_s, rule_for
-from worker.rollout import Rollouts, route
+from worker.rollout import Rollouts, Route, route
 from worker.script import (
     PAUSE_TIMEOUT_S,
     ClickStep,
@@ -160,6 +160,7 @@ async def run_job(
         report.status = JobStatus.cancelled
         report.error = Failure(code=FailureCode.cancelled, message=reason)
         return await _finish(report, started, runtime, listener)
+    chosen: Route | None = None
     try:
         refuse_carried(runtime.secrets, job)  # before routing, which names the script
         chosen = await route(
@@ -177,7 +178,14 @@ async def run_job(
         # too (field `script`), and is counted and shown under it.
         carried = runtime.secrets.carried_in({"script": job.script}) is not None
         script = "" if carried else job.script_name
-        return await reject(job.job_id, script, exc, runtime, listener, correlation=correlation)
+        # Routed, it is refused by a version of its own (a canary's inputs may differ from
+        # stable's): the report, stats and metrics name it, as they do every run's.
+        # Never a version no file has (a pin to @9): the label would be the payload's to pick.
+        if carried or exc.code == FailureCode.script_not_found:
+            chosen = None
+        return await reject(
+            job.job_id, script, exc, runtime, listener, correlation=correlation, route=chosen
+        )
 
     if resume is not None:
         report = resume.report
@@ -289,13 +297,17 @@ async def reject(
     listener: RunListener | None = None,
     *,
     correlation: dict[str, str] | None = None,
+    route: Route | None = None,
 ) -> JobReport:
-    """The report of a job refused before any browser work."""
+    """The report of a job refused before any browser work; `route`: the script version it
+    was routed to, when it got that far."""
     log.info("job %s rejected: %s", job_id, error.code)
     report = JobReport(
         job_id=job_id,
         status=JobStatus.rejected,
         script=script,
+        script_version=route.version if route is not None else None,
+        routing=route.routing if route is not None else None,
         correlation=correlation or {},
         started_at=now(),
         artifacts=runtime.artifacts.describe(job_id),
