@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import shutil
+import unicodedata
 import urllib.parse
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -459,6 +460,29 @@ async def test_a_secret_the_page_shows_inside_a_shadow_root_is_masked_too(
         assert box is not None and box["height"] > 0, element
         crop = _masked_crop(shot, box)
         assert _flat(crop) == (element != "plain"), element
+
+
+async def test_a_secret_the_page_shows_in_another_form_is_masked_too(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    # Typed composed, a value may be stored and shown decomposed (`e` + U+0301), or shown
+    # percent-encoded in an address the page prints: the same characters to a reader.
+    secret = "Zürich-café-7741"
+    decomposed = unicodedata.normalize("NFD", secret)
+    assert decomposed != secret
+    async with echo_masked_page(runtime, [secret]) as page:
+        await page.set_content(
+            f'<p id="decomposed" style="font: 20px sans-serif">Hello {decomposed}</p>'
+            f'<p id="encoded" style="font: 20px sans-serif">/u/{urllib.parse.quote(secret)}</p>'
+            '<p id="plain" style="font: 20px sans-serif">Nothing secret here at all</p>'
+        )
+        shot = tmp_path / "page.png"
+        await page.screenshot(path=shot)
+        ids = ("decomposed", "encoded", "plain")
+        boxes = {i: await page.locator(f"#{i}").bounding_box() for i in ids}
+    for element, box in boxes.items():
+        assert box is not None
+        assert _flat(_masked_crop(shot, box)) == (element != "plain"), element
 
 
 async def test_refused_credentials_hand_off_at_once_with_the_sign_in_masked(

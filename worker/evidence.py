@@ -28,6 +28,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 from worker.annotate import LADDER
 from worker.contract import Box, FailureCode
 from worker.errors import StepError
+from worker.secretstore import text_forms
 
 IMAGE_SUFFIX = ".jpg"
 # The evidence ladder's first rung: a capture with nothing to draw on it is kept as it is.
@@ -98,11 +99,13 @@ def echo_mask_script(values: Iterable[str]) -> str | None:
     too — closed ones included, since this runs before the page's scripts can attach one — and
     a text node at the top of a shadow root masks its host. A field's `.value` set by a
     script is seen by the setter. A value split across elements masks the smallest element
-    whose text holds it, if that text is short (`_ACROSS_LIMIT`). Any case is seen.
+    whose text holds it, if that text is short (`_ACROSS_LIMIT`). Any case is seen, and the
+    forms the text redactor knows (`text_forms`: composed or decomposed, percent-, JSON- or
+    HTML-escaped), since a site may show a value in any of them.
     """
     # Compared in lower case: a site may show a sign-in name in capitals (`FORMWORK-BOT`);
     # the text redactor matches any case too.
-    lowered = {v.lower() for v in values}
+    lowered = {form.lower() for v in values for form in text_forms(v)}
     wanted = sorted(
         {
             (len(v.encode("utf-16-le")) // 2, *(_rolling_hash(v, b) for b in _HASH_BASES))
