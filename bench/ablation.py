@@ -11,6 +11,8 @@ wall time and in CPU of the whole process tree.
   evidence early    evidence images encoded as each step ends (off: all at the end)
   detectors         the failure detectors read before a click that expects something
   measure           the acted element's and the dynamic regions' boxes for the annotations
+  echo mask         the in-page observer that masks a secret the site itself shows
+                    (worker.evidence.echo_mask_script), on every document of a secret job
   screenshots       every capture (off: none taken; the audit trail's whole cost)
 
 Switching a part off is for measuring only: several are what make Formwork safe.
@@ -78,6 +80,10 @@ async def _no_boxes(*args: Any, **kwargs: Any) -> tuple[None, list[Any]]:
     return None, []
 
 
+def _no_script(values: Any) -> None:
+    return None  # no in-page observer for the secrets the site itself shows
+
+
 # name -> (label, what to patch while the part is off)
 PARTS: dict[str, tuple[str, Callable[[], Any]]] = {
     "guard": ("allowlist guard", _no_guard),
@@ -90,6 +96,10 @@ PARTS: dict[str, tuple[str, Callable[[], Any]]] = {
         lambda: mock.patch.object(PageActions, "_showing_before", _no_detectors),
     ),
     "measure": ("measure", lambda: mock.patch.object(worker.executor, "measure", _no_boxes)),
+    "echoes": (
+        "echo mask",
+        lambda: mock.patch.object(worker.executor, "echo_mask_script", _no_script),
+    ),
     "screenshots": (
         "screenshots",
         lambda: mock.patch.object(worker.executor._Run, "screenshot", _nothing),
