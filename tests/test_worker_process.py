@@ -252,6 +252,66 @@ async def test_worker_killed_after_a_commit_step_resumes_from_its_checkpoint(
     assert claim.verified  # read on the confirmed page by the first run, kept by the second
 
 
+@pytest.mark.timeout(240)
+async def test_a_killed_worker_s_job_is_taken_over_long_before_its_mark_expires(
+    billing: Site, client: FormworkClient, settings: Settings, tmp_path: Path
+) -> None:
+    # arq hands a dead worker's job on only once its in-progress mark expires: the job
+    # timeout + 10 s, 10 minutes by default, the job's record at `running` all the while.
+    # The dead worker's lease runs out in 20 s, and a live worker takes its jobs over.
+    billing.faults(latency_ms=200)
+    settings = settings.model_copy(update={"job_timeout_s": 900})
+    handle = await client.enqueue(job(billing, "p-gone", "T-14"))
+    with worker_process(settings, tmp_path / "w1.log") as first:
+        async for _, event in handle.events():
+            if event.step is not None and event.step.id == "amount":
+                break
+        with worker_process(settings, tmp_path / "w2.log") as second:
+            first.kill()
+            await asyncio.to_thread(first.wait, 30)
+            # Far inside the mark's 910 s: only a takeover gets the job run again.
+            report = await handle.wait(90)
+            assert second.poll() is None
+    assert report.status == JobStatus.succeeded, report.error
+    assert len(billing.credits()) == 1
+    assert report.outputs["confirmation_number"] == billing.credits()[0]["confirmation"]
+    [interruption] = report.interruptions
+    assert interruption.run == 2 and interruption.last_checkpoint is not None
+    assert billing.state()["logins"] == 1  # in the session the checkpoint kept
+    said = [e.message async for _, e in handle.events(follow=False)]
+    assert "its worker stopped answering mid-job; it will run again" in said
+
+
+@pytest.mark.timeout(240)
+async def test_a_stalled_worker_whose_job_was_taken_over_stops_without_sending_it_again(
+    billing: Site, client: FormworkClient, settings: Settings, tmp_path: Path
+) -> None:
+    # A worker frozen past its lease (a paused VM; SIGSTOP here) is taken for dead, and its
+    # job goes on elsewhere. When it wakes, its run must stop: going on, it would send the
+    # commit the other run sent, and write over the job's end.
+    billing.faults(latency_ms=200)
+    settings = settings.model_copy(update={"job_timeout_s": 900})
+    handle = await client.enqueue(job(billing, "p-stall", "T-15"))
+    log = tmp_path / "w1.log"
+    with worker_process(settings, log) as first:
+        async for _, event in handle.events():
+            if event.step is not None and event.step.id == "amount":
+                break
+        first.send_signal(signal.SIGSTOP)
+        try:
+            with worker_process(settings, tmp_path / "w2.log"):
+                report = await handle.wait(90)
+        finally:
+            first.send_signal(signal.SIGCONT)
+        assert report.status == JobStatus.succeeded, report.error
+        await _until_logged(log, "taken over by another worker; this run stops here")
+        assert "lease lapsed" in log.read_text(errors="replace")
+        assert first.poll() is None  # the worker itself goes on serving
+    assert len(billing.credits()) == 1
+    assert [i.run for i in report.interruptions] == [2]
+    assert await client.handle(handle.job_id).status() == JobStatus.succeeded
+
+
 async def _until_created(billing: Site) -> None:
     # The site is another thread behind HTTP: its ground truth can only be polled.
     while not billing.credits():  # noqa: ASYNC110

@@ -10,6 +10,7 @@
     │   └── RecordingInvalid       a recording bundle cannot be read or replayed (job_invalid)
     ├── StepError                  a step failed on the page (`.code` says how)
     ├── BrowserLost                the job's page or browser died mid-run (browser_crashed)
+    ├── TakenOver                  another worker took the job over (this worker's lease lapsed)
     └── ArtifactError              the artifact store failed, or has no such object (storage_error)
         └── ArtifactUnreadable     the object is there but cannot be read (a corrupt audit.json)
 
@@ -80,6 +81,15 @@ class BrowserLost(FormworkError):
     a fresh run that goes on from its last checkpoint in a new context."""
 
     code = FailureCode.browser_crashed
+
+
+class TakenOver(FormworkError):
+    """Another worker took this job over while this one ran it: this worker's lease lapsed (a
+    paused VM, a stalled process) and it was taken for dead (`worker.handback`). Raised before
+    a commit would be sent; the run stops there and writes nothing more, since the job's
+    record is the other run's now. Never in a report."""
+
+    code = FailureCode.cancelled
 
 
 class StepError(FormworkError):

@@ -14,10 +14,20 @@ whether the mark exists). When the same process connects again, it drops the mar
 hold its token — compare-and-delete, so a job another worker took over meanwhile keeps that
 worker's mark — and the job is due again at once, to go on from its last checkpoint. A job
 whose run is still going (it could not be stopped) is not handed back.
+
+A worker process that dies (SIGKILL, OOM, a lost machine) cannot hand anything back, and its
+jobs waited out arq's mark too. So each worker process also holds a lease (`Keys.worker_lease`,
+`LEASE_MS`, renewed every `RENEW_S`) and lists the jobs it runs in `Keys.taken`; every worker,
+as it renews its own lease, takes over the jobs of a worker whose lease is gone: it drops their
+marks (compare-and-delete on the dead worker's token) and the jobs are due again at once, to
+go on from their last checkpoints on whichever worker takes them. A worker that was only
+stalled (a paused VM) and comes back finds its jobs taken: the fence on the commit journal
+(`queue.RedisCommitJournal`) stops its run before it could send a commit a second time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import uuid
@@ -29,17 +39,47 @@ from redis.exceptions import RedisError
 
 from worker.contract import JobStatus
 from worker.events import JobEvents
-from worker.keys import ARQ_IN_PROGRESS_PREFIX, Keys, drop_if_holds
+from worker.keys import ARQ_IN_PROGRESS_PREFIX, Keys, drop_if_holds, job_of
 
 log = logging.getLogger("formwork.queue")
 
-# KEYS: the mark. ARGV: the token. Only a mark arq set a moment ago (it holds arq's `1`) is
-# made ours: a mark that is already another worker's is left alone. KEEPTTL: arq's expiry stays.
+# A worker process not heard from for this long is gone, and its jobs are taken over. Long
+# beside a renewal (a busy event loop is late by a second or two, not by fifteen), short beside
+# arq's mark (the job timeout + 10 s: 10 minutes by default).
+LEASE_MS = 20_000
+RENEW_S = 5.0
+
+# KEYS: the mark, the taken hash. ARGV: the token, the job id. Only a mark arq set a moment ago
+# (it holds arq's `1`) is made ours: a mark that is already another worker's is left alone.
+# KEEPTTL: arq's expiry stays.
 _MAKE_OURS = """
 if redis.call('GET', KEYS[1]) == '1' then
-  return redis.call('SET', KEYS[1], ARGV[1], 'XX', 'KEEPTTL') and 1 or 0
+  redis.call('SET', KEYS[1], ARGV[1], 'XX', 'KEEPTTL')
+  redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
+  return 1
 end
 return 0
+"""
+
+# KEYS: the taken hash. ARGV: the job id, the token. The entry goes only if it is still ours.
+_FORGET = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
+"""
+
+# KEYS: the taken hash, the job's mark. ARGV: the job id, the dead worker's token. 1: the mark
+# was the dead worker's and is dropped (the job is due again); 2: only its entry was left (the
+# job had ended, or another worker has it); 0: the entry is no longer the dead worker's.
+_TAKE_OVER = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+if redis.call('GET', KEYS[2]) == ARGV[2] then
+  redis.call('DEL', KEYS[2])
+  return 1
+end
+return 2
 """
 
 
@@ -50,16 +90,23 @@ class TakenJobs:
 
     token: str = field(default_factory=lambda: f"formwork:{uuid.uuid4().hex}")
     unfinished: set[str] = field(default_factory=set)
+    leased: bool = False  # the lease was set once and not released since
+    lost: set[str] = field(default_factory=set)  # runs stopped: their job was taken over
 
-    async def take(self, redis: Redis, job_id: str) -> None:
-        """Called as arq starts `job_id` on this worker: remember it and make its mark ours."""
+    async def take(self, redis: Redis, keys: Keys, job_id: str) -> None:
+        """Called as arq starts `job_id` on this worker: remember it, make its mark ours and
+        list it under this worker (`Keys.taken`)."""
         self.unfinished.add(job_id)
         script: Any = redis.register_script(_MAKE_OURS)
-        await script(keys=[ARQ_IN_PROGRESS_PREFIX + job_id], args=[self.token])
+        await script(keys=[ARQ_IN_PROGRESS_PREFIX + job_id, keys.taken], args=[self.token, job_id])
 
-    def seen_through(self, job_id: str) -> None:
+    async def seen_through(self, redis: Redis, keys: Keys, job_id: str) -> None:
         """arq wrote the job's end (or it went back on the queue): nothing to hand back."""
         self.unfinished.discard(job_id)
+        # Left behind if this fails, the entry is dropped by `keep_lease` (or, once this
+        # worker is gone, by the worker that finds it dead).
+        with contextlib.suppress(RedisError):
+            await _forget(redis, keys, job_id, self.token)
 
     def still_running(self, job_ids: set[str]) -> None:
         """These runs could not be stopped: a hand-back would run the job twice at once.
@@ -79,12 +126,90 @@ class TakenJobs:
         for job_id in sorted(self.unfinished):
             if await drop_if_holds(redis, ARQ_IN_PROGRESS_PREFIX + job_id, self.token):
                 handed.append(job_id)
-                await _say_queued(redis, keys, job_id)
+                await _say_queued(redis, keys, job_id, _LOST_REDIS)
+            await _forget(redis, keys, job_id, self.token)
             self.unfinished.discard(job_id)
         return handed
 
+    async def keep_lease(self, redis: Redis, keys: Keys) -> None:
+        """Renew this worker's lease every RENEW_S, and each time take over the jobs of
+        workers whose lease is gone. Runs until cancelled; a Redis error waits for the next
+        round (losing Redis for good is the worker's to notice)."""
+        while True:
+            try:
+                await self.renew(redis, keys)
+                await take_over_dead(redis, keys, self)
+            except RedisError:
+                pass  # the next round tries again; the worker notices a Redis gone for good
+            except Exception:
+                # Never the end of the loop: a lease not renewed has this live worker's jobs
+                # taken over by the others.
+                log.exception("renewing this worker's lease failed; trying again")
+            await asyncio.sleep(RENEW_S)
 
-async def _say_queued(redis: Redis, keys: Keys, job_id: str) -> None:
+    async def renew(self, redis: Redis, keys: Keys) -> None:
+        lapsed = await cast(
+            "Any", redis.set(keys.worker_lease(self.token), "1", px=LEASE_MS, get=True)
+        )
+        if lapsed is None and self.leased:
+            # Not renewed for LEASE_MS while this process lived (a paused VM, a stalled
+            # loop): other workers may have taken its jobs over. The commit fence stops a
+            # run of them before it sends a commit again.
+            log.error(
+                "this worker's lease lapsed (not renewed for %d s): its jobs may have been "
+                "taken over by other workers",
+                LEASE_MS // 1000,
+            )
+        self.leased = True
+
+    async def release(self, redis: Redis, keys: Keys) -> None:
+        """A clean stop: arq has put this worker's jobs back on the queue itself."""
+        self.leased = False
+        with contextlib.suppress(RedisError):
+            await redis.delete(keys.worker_lease(self.token))
+
+
+async def take_over_dead(redis: Redis, keys: Keys, own: TakenJobs) -> list[str]:
+    """Drop the marks of jobs whose worker's lease is gone, so they are due again at once; and
+    this worker's own entries for jobs it no longer runs. Returns the ids taken over."""
+    raw = await cast("Any", redis.hgetall(keys.taken))
+    listed = {job.decode(): token.decode() for job, token in raw.items()}
+    for job_id, token in listed.items():
+        if token == own.token and job_id not in own.unfinished:
+            await _forget(redis, keys, job_id, token)  # its end was written, its entry not
+    others = sorted({t for t in listed.values() if t != own.token})
+    if not others:
+        return []
+    async with redis.pipeline(transaction=False) as pipe:
+        for token in others:
+            pipe.exists(keys.worker_lease(token))
+        alive = await pipe.execute()
+    dead = {token for token, live in zip(others, alive, strict=True) if not live}
+    taken = []
+    script: Any = redis.register_script(_TAKE_OVER)
+    for job_id, token in sorted(listed.items()):
+        if token not in dead:
+            continue
+        if (
+            await script(keys=[keys.taken, ARQ_IN_PROGRESS_PREFIX + job_id], args=[job_id, token])
+            == 1
+        ):
+            taken.append(job_id)
+            await _say_queued(redis, keys, job_id, _WORKER_GONE)
+    return taken
+
+
+async def _forget(redis: Redis, keys: Keys, job_id: str, token: str) -> None:
+    script: Any = redis.register_script(_FORGET)
+    await script(keys=[keys.taken], args=[job_id, token])
+
+
+_LOST_REDIS = "this worker lost Redis while running it"
+_WORKER_GONE = "the worker running it stopped answering"
+
+
+async def _say_queued(redis: Redis, keys: Keys, arq_id: str, why: str) -> None:
+    job_id = job_of(arq_id)  # a decision's message runs under an id of its own
     status = await cast("Any", redis.hget(keys.job(job_id), "status"))
     if status is not None and JobStatus(status.decode()).settled:
         # It ended and said so; arq had not written that down. Its next delivery answers
@@ -92,10 +217,12 @@ async def _say_queued(redis: Redis, keys: Keys, job_id: str) -> None:
         log.info("job %s: handed back to the queue to record its end", job_id)
         return
     log.warning(
-        "job %s: handed back to the queue (this worker lost Redis while running it); "
-        "it goes on from its last checkpoint",
-        job_id,
+        "job %s: handed back to the queue (%s); it goes on from its last checkpoint", job_id, why
     )
+    message = {
+        _LOST_REDIS: "lost Redis mid-job; it will run again",
+        _WORKER_GONE: "its worker stopped answering mid-job; it will run again",
+    }[why]
     with contextlib.suppress(RedisError):
         events = await JobEvents.open(redis, keys, job_id)
-        await events.job(JobStatus.queued, message="lost Redis mid-job; it will run again")
+        await events.job(JobStatus.queued, message=message)

@@ -96,6 +96,16 @@ class Keys:
         decision about a pause drops it (`queue.claim_pause`)."""
         return f"{self.prefix}:abort:{job_id}"
 
+    @property
+    def taken(self) -> str:
+        """Hash: job id -> the token of the worker process running it (`worker.handback`)."""
+        return f"{self.prefix}:taken"
+
+    def worker_lease(self, token: str) -> str:
+        """String with a short expiry, renewed while the worker process with `token` lives: a
+        job whose worker has none is taken over (`worker.handback`)."""
+        return f"{self.prefix}:worker:{token}"
+
     def site_slots(self, site: str) -> str:
         """Sorted set: lease id -> lease expiry (ms), the per-site concurrency semaphore."""
         return f"{self.prefix}:site:{site}:slots"

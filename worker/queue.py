@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -59,7 +60,7 @@ from worker.contract import (
     Verification,
 )
 from worker.envelope import MALFORMED, MALFORMED_FIELD, MAX_TRIES, dumps, envelope, loads
-from worker.errors import ArtifactError, BrowserLost, JobInvalid, RejectedError
+from worker.errors import ArtifactError, BrowserLost, JobInvalid, RejectedError, TakenOver
 from worker.events import EventListener, JobEvents
 from worker.executor import (
     ResumePoint,
@@ -343,6 +344,10 @@ async def request_abort(redis: Redis, keys: Keys, job_id: str, reason: str) -> s
 
 # ---------------------------------------------------------------- the worker
 
+# The arq job id the current run is under: the job's own id, or a decision message's (whose
+# arq mark is the run's, not the job's).
+queue_entry: ContextVar[str | None] = ContextVar("formwork_queue_entry", default=None)
+
 
 @dataclass
 class WorkerState:
@@ -357,6 +362,9 @@ class WorkerState:
     monitor: Monitor
     cipher: StateCipher | None = None
     owns_browser: bool = True
+    # `formwork worker`'s (and build_worker's): the jobs this process runs, under its lease.
+    taken: TakenJobs | None = None
+    lease: asyncio.Task[None] | None = None
 
     def checkpoints(self, job_id: str, outbox: Outbox | None = None) -> RedisCheckpoints:
         return RedisCheckpoints(self.redis, self.keys, job_id, self.cipher, outbox)
@@ -402,7 +410,11 @@ async def startup(ctx: dict[str, Any]) -> None:
         await ctx["formwork"].monitor.serve(settings.metrics_host, settings.metrics_port)
     taken: TakenJobs | None = ctx.get("taken")
     if taken is not None:
+        state = ctx["formwork"]
+        state.taken = taken
         await taken.hand_back(redis, keys)  # what this process held when it lost Redis
+        await taken.renew(redis, keys)  # leased before arq hands it a job
+        state.lease = asyncio.create_task(taken.keep_lease(redis, keys))
     log.info("worker ready: max_jobs=%s queue=%s", settings.max_jobs, keys.queue)
 
 
@@ -411,6 +423,12 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     state: WorkerState | None = ctx.pop("formwork", None)
     if state is None:
         return
+    if state.lease is not None:
+        state.lease.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await state.lease
+    if state.taken is not None:
+        await state.taken.release(state.redis, state.keys)
     await drain_webhooks()  # deliveries still pending get their last seconds, then go
     await state.http.close()
     await state.monitor.close()
@@ -421,7 +439,11 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 async def browser_job(ctx: dict[str, Any], payload: Any) -> dict[str, Any]:
     """The arq job function: run one BrowserJob; return its report as JSON-able data."""
     state: WorkerState = ctx["formwork"]
-    report = await execute(state, str(ctx["job_id"]), payload, run=int(ctx.get("job_try") or 1))
+    queue_entry.set(str(ctx["job_id"]))
+    try:
+        report = await execute(state, str(ctx["job_id"]), payload, run=int(ctx.get("job_try") or 1))
+    except TakenOver:
+        return {}  # the job is another worker's now: nothing of this run is written
     # Every path (run, reject, resume, expiry) ends here; counted once per settling.
     await state.monitor.settled(report)
     return report.model_dump(mode="json") if report is not None else {}
@@ -701,8 +723,19 @@ async def _run_tracked(
     latest = _Latest(_OutcomeCounter(listener, state.runtime.rollouts))
     listener = latest
 
+    token = state.taken.token if state.taken is not None else None
+    # arq's mark is the queue entry's: a resume runs under its decision message's id.
+    entry = queue_entry.get() or job_id
+
     async def stop_check() -> str | None:
-        reason = await redis.get(keys.abort(job_id))
+        # Between steps: an abort, or (in the same round trip) a job taken over by another
+        # worker while this one stalled. The run stops before its next step writes anything.
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.get(keys.abort(job_id))
+            pipe.get(ARQ_IN_PROGRESS_PREFIX + entry)
+            reason, mark = await pipe.execute()
+        if token is not None and mark not in (token.encode(), b"1"):
+            raise TakenOver(f"job {job_id} was taken over by another worker")
         return f"aborted: {_abort_reason(state, reason)}" if reason is not None else None
 
     def gate(loaded: LoadedScript) -> contextlib.AbstractAsyncContextManager[None]:
@@ -710,7 +743,7 @@ async def _run_tracked(
 
     settled: JobReport | None = None  # the run's report, once announced: then only bookkeeping
     try:
-        journal = await RedisCommitJournal.open(redis, keys, job_id)
+        journal = await RedisCommitJournal.open(redis, keys, job_id, token, entry)
         if run > MAX_TRIES:
             report = await _give_up(state, job, listener, resume, journal.previously_sent, run)
             await _after_run(state, job_id, report)
@@ -758,6 +791,11 @@ async def _run_tracked(
         return settled
     except BrowserLost as exc:
         raise await _hand_on(job_id, events, "the browser crashed", exc) from exc
+    except TakenOver:
+        log.error("job %s: taken over by another worker; this run stops here", job_id)
+        if state.taken is not None:
+            state.taken.lost.add(job_id)  # arq must not write this run's end over the other's
+        raise
     except Exception as exc:
         # A bug or an unexpected failure of ours: the job still ends with a report and a
         # terminal event, so no orchestrator waits forever on a job stuck at "running".
@@ -1238,24 +1276,61 @@ async def execute_expire(
     return await _settle(state, report, events)
 
 
-class RedisCommitJournal:
-    """Commit steps ever sent for a job, kept in its record (`commit:<step id>` fields)."""
+# KEYS: the job's arq mark, its record. ARGV: the run's worker token, the field, the time. The
+# commit is noted, and may be sent, only while the mark is this worker's (or arq's own `1`,
+# before it was made ours): a mark that is gone or another's means the job was taken over.
+_NOTE_COMMIT = """
+local mark = redis.call('GET', KEYS[1])
+if mark ~= ARGV[1] and mark ~= '1' then return 0 end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+return 1
+"""
 
-    def __init__(self, redis: Redis, keys: Keys, job_id: str, previously_sent: set[str]) -> None:
+
+class RedisCommitJournal:
+    """Commit steps ever sent for a job, kept in its record (`commit:<step id>` fields). With
+    the run's worker `token`, it is also the fence against a second run of the job: a worker
+    whose job was taken over (`worker.handback`) is refused before its commit goes out."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        job_id: str,
+        previously_sent: set[str],
+        token: str | None = None,
+        entry: str | None = None,
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.job_id = job_id
         self.previously_sent = previously_sent
+        self.token = token
+        self.entry = entry or job_id  # the queue entry the run is under (arq's mark's)
 
     @classmethod
-    async def open(cls, redis: Redis, keys: Keys, job_id: str) -> RedisCommitJournal:
+    async def open(
+        cls,
+        redis: Redis,
+        keys: Keys,
+        job_id: str,
+        token: str | None = None,
+        entry: str | None = None,
+    ) -> RedisCommitJournal:
         fields = await cast("Any", redis.hkeys(keys.job(job_id)))
         sent = {f.decode().removeprefix("commit:") for f in fields if f.startswith(b"commit:")}
-        return cls(redis, keys, job_id, sent)
+        return cls(redis, keys, job_id, sent, token, entry)
 
     async def sent(self, step_id: str) -> None:
         at_ms = str(int(time.time() * 1000))
-        await cast("Any", self.redis.hset(self.keys.job(self.job_id), f"commit:{step_id}", at_ms))
+        record, field = self.keys.job(self.job_id), f"commit:{step_id}"
+        if self.token is None:  # arq's own Worker: no token, no takeover either
+            await cast("Any", self.redis.hset(record, field, at_ms))
+            return
+        note: Any = self.redis.register_script(_NOTE_COMMIT)
+        mark = ARQ_IN_PROGRESS_PREFIX + self.entry
+        if not await note(keys=[mark, record], args=[self.token, field, at_ms]):
+            raise TakenOver(f"job {self.job_id} was taken over before its commit {step_id}")
 
 
 def _parse(job_id: str, payload: Any) -> BrowserJob:
@@ -1306,9 +1381,10 @@ class _Worker(Worker):
     """arq's Worker, minding queue entries it would choke on before it reads them, and
     remembering the jobs it takes until their end is written (`worker.handback`)."""
 
-    def __init__(self, *args: Any, taken: TakenJobs, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, taken: TakenJobs, keys: Keys, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.taken = taken
+        self.keys = keys
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         if job_ids:
@@ -1333,9 +1409,18 @@ class _Worker(Worker):
         await super().start_jobs(readable)
 
     async def run_job(self, job_id: str, score: int) -> None:
-        await self.taken.take(self.pool, job_id)
+        await self.taken.take(self.pool, self.keys, job_id)
         await self._run_job(job_id, score)
-        self.taken.seen_through(job_id)  # not reached when writing its end failed
+        # Not reached when writing its end failed.
+        await self.taken.seen_through(self.pool, self.keys, job_id)
+
+    async def finish_job(self, job_id: str, *args: Any, **kwargs: Any) -> None:
+        if job_id in self.taken.lost:
+            # Taken over: arq's end for this run would drop the other worker's mark and take
+            # the job off the queue under it.
+            self.taken.lost.discard(job_id)
+            return
+        await super().finish_job(job_id, *args, **kwargs)
 
     def lost_redis(self) -> None:
         """Redis went away under this worker: runs that are still going (their page is gone
@@ -1394,6 +1479,7 @@ def build_worker(
         on_job_start=on_job_start,
         ctx={"settings": settings, "browser": browser, "taken": taken},
         taken=taken,
+        keys=keys,
         burst=burst,
         handle_signals=handle_signals,
         max_jobs=settings.max_jobs,
