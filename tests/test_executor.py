@@ -273,6 +273,46 @@ async def test_missing_link_takes_the_alternate_path(
     assert len(billing.credits()) == 1
 
 
+async def test_a_sub_flow_takes_its_own_alternate_path(
+    billing: Site, runtime: Runtime, tmp_path: Path
+) -> None:
+    """A sub-flow's `alternates:` are its own: the rules it writes take them. They were
+    dropped, and the job's script had to declare the same path for the sub-flow to load."""
+    store = broken_tree(tmp_path, "account.issue_credit", '[{css: "a#gone"}]')
+    folder = store.scripts_dir / "billing"
+    (folder / "open_form.yaml").write_text(
+        "name: billing/open_form\nversion: 1\nsite: billing\ntimeout_ms: 1500\n"
+        "inputs:\n  account_id: {type: string}\nsteps:\n"
+        "  - {id: go, click: account.issue_credit, expect: {visible: credit.form}, "
+        "alternate: by_url}\n"
+        "alternates:\n  by_url:\n"
+        '    - {id: open, goto: "/accounts/{{ inputs.account_id }}/credits/new"}\n'
+    )
+    script = folder / "issue_credit.yaml"
+    text = script.read_text()
+    start = text.index("  - {id: open_form,")
+    text = (
+        text[:start]
+        + "  - {id: open_form, use: billing/open_form, "
+        + 'with: {account_id: "{{ inputs.account_id }}"}}'
+        + text[text.index("\n", start) :]
+    )
+    start = text.index("alternates:")
+    script.write_text(text[:start] + text[text.index("# Did the credit", start) :])
+    runtime.scripts = store
+
+    report = await run_job(credit_job(billing), runtime)
+
+    assert report.status == JobStatus.succeeded, report.error
+    go = next(s for s in report.steps if s.id == "open_form.go")
+    assert go.status == StepStatus.failed
+    assert go.recovered_by == "alternate:by_url"
+    ids = [s.id for s in report.steps]
+    assert ids[ids.index("open_form.go") + 1] == "open_form.go.by_url.open"
+    assert [(r.step_id, r.action) for r in report.rules_fired] == [("open_form.go", "alternate")]
+    assert len(billing.credits()) == 1
+
+
 async def test_site_validation_error_is_reported_with_the_page_text(
     billing: Site, runtime: Runtime
 ) -> None:

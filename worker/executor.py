@@ -1307,8 +1307,10 @@ class _Run:
             self.fire(
                 planned.id, code, RuleAction.alternate, f"taking alternate path {rule.alternate!r}"
             )
+            key = self.loaded.alternate_key(planned, code, rule.alternate)
+            drop = key.removesuffix(rule.alternate)  # a sub-flow's steps' prefix, not repeated
             if await self.run_subplan(
-                self.loaded.alternates[rule.alternate], planned.id, rule.alternate
+                self.loaded.alternates[key], planned.id, rule.alternate, drop or None
             ):
                 report.recovered_by = f"alternate:{rule.alternate}"
                 return index + 1

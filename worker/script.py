@@ -894,6 +894,7 @@ class Frame:
     path: Path
     bindings: dict[str, str] = field(default_factory=dict)  # sub-flow input -> parent template
     parent: Frame | None = None
+    prefix: str = ""  # its steps' plan ids start with it: `login.` for the flow step `login` uses
 
 
 @dataclass(frozen=True)
@@ -917,6 +918,8 @@ class LoadedScript:
     registry: SiteRegistry
     plan: list[PlannedStep]
     digest: str
+    # By qualified name: the script's own as written (`form_by_url`), a sub-flow's under its
+    # steps' prefix (`login.by_url` for path `by_url` of the flow step `login` uses).
     alternates: dict[str, list[PlannedStep]] = field(default_factory=dict)
     probe: list[PlannedStep] = field(default_factory=list)  # verify_effect's steps
     relogin: list[PlannedStep] = field(default_factory=list)  # the site's login flow
@@ -940,6 +943,17 @@ class LoadedScript:
             for i, planned in enumerate(self.plan)
             if planned.id == target or planned.id.startswith(f"{target}.")
         )
+
+    def alternate_key(self, planned: PlannedStep, code: FailureCode, name: str) -> str:
+        """The key in `alternates` of path `name`, named by the rule for `code` of `planned`:
+        a rule written in the step's own flow (the step's `alternate:` or `on_failure:`, its
+        flow's `on_failure:`) takes that flow's path; the job script's and the registry's
+        rules take the job script's."""
+        step, flow = planned.step, planned.frame.script
+        upper = (self.script.on_failure, self.registry.on_failure)
+        if code in step.on_failure or code in flow.on_failure or not any(code in r for r in upper):
+            return planned.frame.prefix + name
+        return name
 
     def secret_names(self) -> set[str]:
         """The secrets the job's own steps may use: its plan, its probe, its alternates."""
@@ -1180,11 +1194,12 @@ class ScriptStore:
         digest.update(path.read_bytes())
         root = Frame(script, path)
         stack = [script.name]
-        plan = list(self._flatten(script.steps, root, "", stack, digest))
-        alternates = {
-            name: list(self._flatten(steps, root, "", stack, digest, ("alternates", name)))
-            for name, steps in script.alternates.items()
-        }
+        alternates: dict[str, list[PlannedStep]] = {}
+        plan = list(self._flatten(script.steps, root, "", stack, digest, found=alternates))
+        for name, steps in script.alternates.items():
+            alternates[name] = list(
+                self._flatten(steps, root, "", stack, digest, ("alternates", name))
+            )
         effect = script.verify_effect
         probe = list(
             self._flatten(
@@ -1220,7 +1235,7 @@ class ScriptStore:
         own = [*plan, *probe, *present, *(p for path in alternates.values() for p in path)]
         _check_commits(root, own)
         _check_detours({f"alternate path {n!r}": path for n, path in alternates.items()})
-        _check_alternates_exist(root, registry, self.selectors_dir, plan)
+        _check_alternates_exist(root, registry, self.selectors_dir)
         _check_detours({"verify_effect": [p for p in probe if p.id != "verify.recover"]})
         _check_secrets(registry, [*own, *relogin], root)
         _check_inputs_used(root, registry, own)
@@ -1254,7 +1269,10 @@ class ScriptStore:
         stack: list[str],
         digest: Any,
         section: tuple[int | str, ...] = ("steps",),
+        found: dict[str, list[PlannedStep]] | None = None,
     ) -> Iterator[PlannedStep]:
+        """The steps as planned. A sub-flow's alternate paths go into `found` under their
+        qualified names; a detour (`found` None) takes no alternate path, so it needs none."""
         script, path = frame.script, frame.path
         for index, step in enumerate(steps):
             loc = (*section, index)
@@ -1282,11 +1300,19 @@ class ScriptStore:
                 raise ScriptInvalid(f"{where}: with: {flow.name} has no input(s) {unknown}")
             if missing:
                 raise ScriptInvalid(f"{where}: with: {flow.name} needs input(s) {missing}")
-            child = Frame(flow, flow_path, dict(step.with_), frame)
+            inner = f"{prefix}{step.id}."
+            child = Frame(flow, flow_path, dict(step.with_), frame, inner)
             digest.update(flow_path.read_bytes())
             yield from self._flatten(
-                flow.steps, child, f"{prefix}{step.id}.", [*stack, flow_name], digest
+                flow.steps, child, inner, [*stack, flow_name], digest, found=found
             )
+            if found is not None:
+                for name, detour in flow.alternates.items():
+                    found[inner + name] = list(
+                        self._flatten(
+                            detour, child, inner, [*stack, flow_name], digest, ("alternates", name)
+                        )
+                    )
             # The `use` step's own expectation applies once the whole sub-flow has run.
             if step.expect is not None:
                 yield PlannedStep(
@@ -1578,12 +1604,10 @@ def _check_detours(detours: dict[str, list[PlannedStep]]) -> None:
                 )
 
 
-def _check_alternates_exist(
-    root: Frame, registry: SiteRegistry, selectors_dir: Path, plan: list[PlannedStep]
-) -> None:
-    """Every alternate path a failure rule may take is one of the job's script: the executor
-    looks it up there, whichever file wrote the rule. The script's own steps and rules are
-    checked with the script; the registry's rules and a sub-flow's are checked here."""
+def _check_alternates_exist(root: Frame, registry: SiteRegistry, selectors_dir: Path) -> None:
+    """Every alternate path a registry rule may take is one of the job's script: the executor
+    looks it up there. The rules a script or sub-flow writes itself take its own paths, and
+    are checked with it; the registry's rules are checked here."""
     have = root.script.alternates
     for code, rule in registry.on_failure.items():
         if rule.alternate is not None and rule.alternate not in have:
@@ -1592,17 +1616,6 @@ def _check_alternates_exist(
                 f"{where}: alternate path {rule.alternate!r} is not in {root.script.name} "
                 f"({root.path}): a registry rule applies to every script of the site"
             )
-    for each in plan:
-        if each.frame is root:
-            continue
-        rules = [*each.step.on_failure.values(), *each.frame.script.on_failure.values()]
-        for name in [each.step.alternate, *(r.alternate for r in rules)]:
-            if name is not None and name not in have:
-                raise ScriptInvalid(
-                    f"{_where(each)}: alternate path {name!r} is not in {root.script.name} "
-                    f"(used at {_use_where(each)}): a sub-flow's step takes the alternate "
-                    "paths of the script that runs it"
-                )
 
 
 def _check_commits(root: Frame, planned: list[PlannedStep]) -> None:
