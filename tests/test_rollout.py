@@ -319,6 +319,26 @@ def test_a_rollout_that_cannot_mean_what_it_says_is_refused(
         RolloutConfig.model_validate(config)
 
 
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"stable": 1, "canary": 1, "percent": 10}, ":2: canary: must differ from 'stable'"),
+        ({"stable": 1, "percent": 10}, ":2: percent: needs a 'canary'"),
+        ({"stable": 1, "canary": 2}, ":2: canary: 'canary' needs a 'percent' above 0"),
+        ({"stable": 1, "canary": 2, "percent": 0}, ":3: percent: 'canary' needs a 'percent'"),
+    ],
+)
+def test_a_rollout_whose_fields_disagree_says_at_the_field_s_line(
+    tree: Path, config: dict[str, object], message: str
+) -> None:
+    # These named line 1, whichever line the field was on.
+    write_rollout(tree, **config)
+    path = tree / "scripts" / "billing" / "issue_credit.rollout.yaml"
+    with pytest.raises(ScriptInvalid) as refused:
+        load_rollout(ScriptStore(tree / "scripts", tree / "selectors"), NAME)
+    assert refused.value.message.startswith(f"{path}{message}")
+
+
 def test_a_rollout_naming_a_version_that_does_not_exist_says_on_which_line(tree: Path) -> None:
     # Every other rollout error names its line; this one named only the file.
     write_rollout(tree, stable=1, canary=3, percent=10)

@@ -56,7 +56,7 @@ from worker.errors import ScriptInvalid, ScriptNotFound
 from worker.events import announce
 from worker.keys import Keys
 from worker.script import ScriptStore
-from worker.yamlfile import line_of, load_model, read_text, read_yaml
+from worker.yamlfile import At, line_of, load_model, read_text, read_yaml
 
 ROLLOUT_SUFFIX = ".rollout.yaml"
 
@@ -157,14 +157,14 @@ class RolloutConfig(BaseModel):
 
     @model_validator(mode="after")
     def _canary(self) -> RolloutConfig:
+        # Said at the field's own line (At), as every other error in the file is.
         if self.canary == self.stable:
-            raise ValueError("'canary' must differ from 'stable'")
+            raise At(("canary",), "must differ from 'stable'")
         if self.canary is None and self.percent:
-            raise ValueError("'percent' needs a 'canary'")
+            raise At(("percent",), "needs a 'canary'")
         if self.canary is not None and not self.percent:
-            raise ValueError(
-                "'canary' needs a 'percent' above 0: without one no job runs the canary"
-            )
+            field = "percent" if "percent" in self.model_fields_set else "canary"
+            raise At((field,), "'canary' needs a 'percent' above 0: without one no job runs it")
         return self
 
 
