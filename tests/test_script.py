@@ -15,6 +15,7 @@ from worker.script import ScriptStore
 from worker.templating import TemplateError, references, render
 
 from .conftest import CREDIT_INPUTS, SCRIPTS, SELECTORS
+from .test_checkpoint import credit_as_script
 
 
 @pytest.fixture
@@ -240,6 +241,30 @@ def test_inputs_are_typed_and_checked(script_store: ScriptStore) -> None:
     assert "input 'amount'" in message and "less than or equal to 500" in message
     assert "input 'x': not declared by the script" in message
     assert info.value.field == "inputs.account_id"
+
+
+def test_a_misspelt_input_name_says_which_one_it_looks_like(
+    script_store: ScriptStore, tmp_path: Path
+) -> None:
+    loaded = script_store.load("billing/issue_credit")
+    inputs = {k: v for k, v in CREDIT_INPUTS.items() if k != "amount"}
+    with pytest.raises(InputInvalid) as info:
+        loaded.validate_inputs({**inputs, "amout": "15.00"})
+    assert "input 'amout': not declared by the script (did you mean 'amount'?) (got '15.00')" in (
+        info.value.message
+    )
+    assert "input 'amount': Field required" in info.value.message
+    # A value sent under a misspelt secret input's name is not echoed.
+    scripts = tmp_path / "scripts"
+    shutil.copytree(SCRIPTS, scripts)
+    credit_as_script(scripts)
+    loaded = ScriptStore(scripts, SELECTORS).load("billing/credit_as")
+    with pytest.raises(InputInvalid) as info:
+        loaded.validate_inputs({**CREDIT_INPUTS, "agent_user": "a", "agent_pv": "hunter2-pw"})
+    assert "input 'agent_pv': not declared by the script (did you mean 'agent_pw'?);" in (
+        info.value.message + ";"
+    )
+    assert "hunter2" not in info.value.message
 
 
 def test_templates_render_only_references() -> None:

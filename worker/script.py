@@ -1050,11 +1050,15 @@ def validate_inputs(script: Script, raw: dict[str, Any]) -> dict[str, Any]:
         for item in exc.errors():
             name = ".".join(str(p) for p in item["loc"]) or "(inputs)"
             first_field = first_field or name
-            secret = name in script.inputs and script.inputs[name].secret
-            # Never echo a secret input's value back in an error.
+            msg = item["msg"].removeprefix("Value error, ")
+            meant = name
+            if item["type"] == "extra_forbidden":
+                meant = _closest(name, script.inputs) or name
+                msg = "not declared by the script" + _near(name, script.inputs)
+            # Never echo a secret input's value back in an error, nor one sent under a
+            # misspelling of a secret input's name.
+            secret = meant in script.inputs and script.inputs[meant].secret
             shown = "" if secret or item["type"] == "missing" else f" (got {_echo(item['input'])})"
-            msg = "not declared by the script" if item["type"] == "extra_forbidden" else item["msg"]
-            msg = msg.removeprefix("Value error, ")
             problems.append(f"input {_echo(name)}: {msg}{shown}")
         raise InputInvalid(
             f"inputs rejected by {script.name}@{script.version}: " + "; ".join(problems),
@@ -1462,10 +1466,16 @@ def _undeclared(ref: Reference, script: Script, produced: set[str]) -> str | Non
     return None
 
 
-def _near(name: str, known: Iterable[str]) -> str:
-    """` (did you mean 'reply.status'?)` for a misspelt element name, else nothing."""
+def _closest(name: str, known: Iterable[str]) -> str | None:
+    """The known name a misspelt `name` looks like, if any."""
     close = difflib.get_close_matches(name, list(known), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    return close[0] if close else None
+
+
+def _near(name: str, known: Iterable[str]) -> str:
+    """` (did you mean 'reply.status'?)` for a misspelt name, else nothing."""
+    close = _closest(name, known)
+    return f" (did you mean {close!r}?)" if close else ""
 
 
 def _field_where(path: Path, loc: tuple[int | str, ...]) -> str:
