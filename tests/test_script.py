@@ -376,6 +376,66 @@ def test_an_alternate_a_registry_rule_names_must_be_in_the_script(tree: Path) ->
     assert [p.id for p in loaded.alternates["form.by_url"]] == ["form.go"]
 
 
+def test_an_alternate_path_no_rule_takes_is_refused_at_load(tree: Path) -> None:
+    """A path declared for a failure and named by nothing loaded, and was never taken."""
+    rest = "alternates:\n  by_url:\n    - {id: go, goto: /accounts/AC-10231/credits/new}\n"
+    message = load_broken(tree, "unused", "  - {id: go, click: account.issue_credit}\n" + rest)
+    assert message.endswith(
+        "unused.yaml:9: alternates > by_url: alternate path 'by_url' is taken by no rule: name "
+        "it where a step may fail (`alternate: by_url` on the step, or an on_failure rule "
+        "`{action: alternate, alternate: by_url}`), or remove it"
+    )
+    # A sub-flow's own, said in its own file.
+    write(
+        tree, "open_form",
+        "name: billing/open_form\nversion: 1\nsite: billing\nsteps:\n"
+        "  - {id: go, click: account.issue_credit}\n" + rest,
+    )  # fmt: skip
+    message = load_broken(tree, "caller", "  - {id: form, use: billing/open_form}\n")
+    assert "open_form.yaml:7: alternates > by_url: alternate path 'by_url' is taken by no rule" in (
+        message
+    )
+    # Named by a rule of the script, or of the registry, it loads.
+    write(
+        tree, "open_form",
+        "name: billing/open_form\nversion: 1\nsite: billing\nsteps:\n"
+        "  - {id: go, click: account.issue_credit}\n"
+        "on_failure: {selector_not_found: {action: alternate, alternate: by_url}}\n" + rest,
+    )  # fmt: skip
+    write(
+        tree, "caller",
+        "name: billing/caller\nversion: 1\nsite: billing\nsteps:\n"
+        "  - {id: form, use: billing/open_form}\n",
+    )  # fmt: skip
+    ScriptStore(tree / "scripts", tree / "selectors").load("billing/caller")
+    registry = tree / "selectors" / "billing.yaml"
+    registry.write_text(
+        registry.read_text()
+        + "on_failure:\n  selector_not_found: {action: alternate, alternate: form_by_url}\n"
+    )
+    text = (tree / "scripts" / "billing" / "issue_credit.yaml").read_text()
+    (tree / "scripts" / "billing" / "issue_credit.yaml").write_text(
+        text.replace(", alternate: form_by_url}", "}")
+    )
+    ScriptStore(tree / "scripts", tree / "selectors").load("billing/issue_credit")
+
+
+def test_an_empty_failure_detector_list_is_refused_at_load(tree: Path) -> None:
+    """`validation_error: []` read as if the site's errors were looked for; none ever were."""
+    registry = tree / "selectors" / "billing.yaml"
+    text = registry.read_text()
+    registry.write_text(
+        text.replace('validation_error: [".field-error", "p.error-text"]', "validation_error: []")
+    )
+    with pytest.raises(ScriptInvalid) as info:
+        ScriptStore(tree / "scripts", tree / "selectors").load("billing/issue_credit")
+    assert info.value.message.endswith(
+        "billing.yaml:46: detectors > validation_error: an empty list detects nothing: list the "
+        "CSS selectors of how the site shows it, or leave 'validation_error' out if the site "
+        "never does"
+    )
+
+
 @pytest.mark.parametrize(
     ("when", "message"),
     [

@@ -1240,6 +1240,7 @@ class ScriptStore:
         _check_commits(root, own)
         _check_detours({f"alternate path {n!r}": path for n, path in alternates.items()})
         _check_alternates_exist(root, registry, self.selectors_dir)
+        _check_alternates_taken([root, *(p.frame for p in [*plan, *extra])], registry)
         _check_detours({"verify_effect": [p for p in probe if p.id != "verify.recover"]})
         _check_secrets(registry, [*own, *relogin], root)
         _check_inputs_used(root, registry, own)
@@ -1626,6 +1627,31 @@ def _check_alternates_exist(root: Frame, registry: SiteRegistry, selectors_dir: 
                 f"{where}: alternate path {rule.alternate!r} is not in {root.script.name} "
                 f"({root.path}): a registry rule applies to every script of the site"
             )
+
+
+def _check_alternates_taken(frames: list[Frame], registry: SiteRegistry) -> None:
+    """Every alternate path a script or sub-flow declares is named by a rule that may take
+    it: its own steps' and rules, or the registry's. One nothing names is a path its author
+    believes is there for a failure, and no failure ever takes it (a typo on either side)."""
+    seen: set[int] = set()
+    for frame in frames:
+        if id(frame) in seen:
+            continue
+        seen.add(id(frame))
+        script = frame.script
+        rules = [*script.on_failure.values(), *registry.on_failure.values()]
+        named = {r.alternate for r in rules}
+        for step in script.steps:
+            named.add(step.alternate)
+            named.update(r.alternate for r in step.on_failure.values())
+        for name in script.alternates:
+            if name not in named:
+                where = _field_where(frame.path, ("alternates", name))
+                raise ScriptInvalid(
+                    f"{where}: alternate path {name!r} is taken by no rule: name it where a "
+                    f"step may fail (`alternate: {name}` on the step, or an on_failure rule "
+                    f"`{{action: alternate, alternate: {name}}}`), or remove it"
+                )
 
 
 def _check_commits(root: Frame, planned: list[PlannedStep]) -> None:

@@ -29,6 +29,7 @@ from pydantic import (
     ConfigDict,
     Field,
     HttpUrl,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -167,6 +168,17 @@ class Detectors(BaseModel):
     validation_error: list[CssSelector] = Field(default_factory=list)
     login_page: list[CssSelector] = Field(default_factory=list)
     error_banner: list[CssSelector] = Field(default_factory=list)
+
+    @field_validator("validation_error", "login_page", "error_banner")
+    @classmethod
+    def _not_empty(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        if not value:
+            # Written out, it reads as if the site's trouble were looked for.
+            raise ValueError(
+                "an empty list detects nothing: list the CSS selectors of how the site shows "
+                f"it, or leave '{info.field_name}' out if the site never does"
+            )
+        return value
 
     @property
     def selectors(self) -> list[str]:
