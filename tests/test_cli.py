@@ -756,6 +756,14 @@ async def test_outputs_a_person_supplies_must_be_ones_the_script_extracts(
             "it extracts: confirmation_number; nothing was sent"
         ) in refused.stderr
         assert (await read_pause(client.redis, client.keys, "cli-typo")).waiting
+        # So is a value the script's pattern would never keep.
+        bare = ["resume", "cli-typo", "mark_done", "--output", "confirmation_number=7"]
+        refused = await asyncio.to_thread(formwork, *bare, tmp_path=tmp_path, env=env)
+        assert refused.returncode == 2, refused.stderr
+        assert (
+            "output 'confirmation_number': '7' is not what pattern 'CN-[0-9]+' keeps: "
+            "billing/issue_credit@1 would never extract it; nothing was sent"
+        ) in refused.stderr
 
         # Sent around the command, the worker refuses it; the job still waits.
         last = await handle.last_event_id()

@@ -648,6 +648,49 @@ async def test_a_pause_before_the_commit_claims_no_effect_until_a_person_marks_i
     assert effect.value == "credit of 15.00 issued to AC-10231, confirmation CN-4242"
 
 
+async def test_outputs_a_person_supplies_must_be_values_the_script_could_extract(
+    billing: Site, client: FormworkClient, browser_host: BrowserHost, settings: Settings,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    # mark_done and skip_step outputs were checked by name only: a confirmation number
+    # without its `CN-` (which the script's pattern never keeps) was claimed and handed on.
+    settings = settings.model_copy(update={"scripts_dir": stuck_at_the_account(tmp_path)})
+    job = BrowserJob(
+        job_id="m-shape", script="billing/issue_credit", inputs=CREDIT_INPUTS, site_url=billing.url
+    )
+    async with running_worker(settings, browser_host):
+        handle = await client.enqueue(job)
+        paused = await handle.wait(60)
+        assert paused.status == JobStatus.paused_for_handoff, paused.error
+        for decision, value, why in [
+            ("mark_done", "4242", "'4242' is not what pattern 'CN-[0-9]+' keeps"),
+            ("skip_step", "CN-4242x", "'CN-4242x' is not what pattern 'CN-[0-9]+' keeps"),
+            ("mark_done", "CN-4242\n", "'CN-4242\\n' has white space an extracted text never"),
+        ]:
+            last = await handle.last_event_id()
+            wrong = ResumeDecision(
+                decision=decision, outputs={"confirmation_number": value}, by="ops"
+            )
+            assert await client.resume("m-shape", wrong)
+            still = await handle.wait(30, after=last)
+            assert still.status == JobStatus.paused_for_handoff
+            assert (still.decisions[-1].note or "").startswith(
+                f"refused: output 'confirmation_number': {why}"
+            ), still.decisions[-1].note
+            assert (await read_pause(client.redis, client.keys, "m-shape")).waiting
+        # Nothing was lost: a value the site would show is taken.
+        last = await handle.last_event_id()
+        done = ResumeDecision(
+            decision="mark_done", outputs={"confirmation_number": "CN-4242"}, by="ops"
+        )
+        assert await client.resume("m-shape", done)
+        report = await handle.wait(30, after=last)
+
+    assert report.status == JobStatus.succeeded, report.error
+    assert report.outputs == {"confirmation_number": "CN-4242"}
+    assert billing.credits() == []
+
+
 def stuck_at_the_account(tmp_path: Path) -> Path:
     """The scripts, with billing/issue_credit's account page never showing what it expects:
     every job stops there, long before its commit, and hands off."""

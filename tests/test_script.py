@@ -267,6 +267,24 @@ def test_a_misspelt_input_name_says_which_one_it_looks_like(
     assert "hunter2" not in info.value.message
 
 
+def test_a_supplied_output_is_judged_as_its_extraction_would_keep_it(tree: Path) -> None:
+    text = (tree / "scripts" / "billing" / "issue_credit.yaml").read_text()
+    (tree / "scripts" / "billing" / "issue_credit.yaml").write_text(
+        text.replace('pattern: "CN-[0-9]+"', 'pattern: "Number: (CN-[0-9]+)"')
+    )
+    loaded = ScriptStore(tree / "scripts", tree / "selectors").load("billing/issue_credit")
+    # A pattern whose group keeps part of a match (its label aside) takes the part alone:
+    # the value need not match the whole pattern. It was refused, every value with it.
+    assert loaded.refused_outputs({"confirmation_number": "CN-7"}) is None
+    refused = loaded.refused_outputs({"confirmation_number": "Number: CN-7"})
+    assert refused == (
+        "output 'confirmation_number': 'Number: CN-7' is not what pattern "
+        "'Number: (CN-[0-9]+)' keeps: billing/issue_credit@1 would never extract it"
+    )
+    refused = loaded.refused_outputs({"confirmation_number": " CN-7"})
+    assert refused is not None and "' CN-7' has white space" in refused
+
+
 def test_templates_render_only_references() -> None:
     context = {"inputs": {"a": Decimal("15.00")}, "secrets": {}, "outputs": {}}
     assert render("/accounts/{{ inputs.a }}", context) == "/accounts/15.00"

@@ -727,7 +727,7 @@ def _check_new_values(report: JobReport | None, decision: ResumeDecision) -> Non
         )
         return
     why = _refused_inputs(loaded.script, report.inputs, decision.inputs)
-    why = why or loaded.unknown_outputs(decision.outputs)
+    why = why or loaded.refused_outputs(decision.outputs)
     if why is not None:
         raise UsageError(f"{why}; nothing was sent")
 

@@ -1180,9 +1180,9 @@ def _refusal(
         version = report.script_version or job.script_version  # the one it started on
         if decision.outputs:
             loaded = state.runtime.scripts.load(job.script_name, version)
-            unknown = loaded.unknown_outputs(decision.outputs)
-            if unknown is not None:
-                return unknown
+            refused = loaded.refused_outputs(decision.outputs)
+            if refused is not None:
+                return refused
         if decision.decision != Decision.mark_done:  # nothing runs for mark_done
             intake(job, state.runtime, version)
     except RejectedError as exc:

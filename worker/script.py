@@ -981,15 +981,33 @@ class LoadedScript:
             names += self.script.verify_effect.extract
         return list(dict.fromkeys(names))
 
-    def unknown_outputs(self, given: dict[str, str]) -> str | None:
+    def output_specs(self) -> dict[str, list[ExtractSpec]]:
+        """How each output is extracted, by name: every extraction of it (its plan, its
+        alternates, its probe)."""
+        own = [*self.plan, *(p for path in self.alternates.values() for p in path), *self.probe]
+        specs: dict[str, list[ExtractSpec]] = {}
+        for planned in own:
+            if isinstance(planned.step, ExtractStep):
+                for name, spec in planned.step.extract.items():
+                    specs.setdefault(name, []).append(spec)
+        return specs
+
+    def refused_outputs(self, given: dict[str, str]) -> str | None:
         """Why outputs a person supplies (skip_step, mark_done) are refused, or None: each
-        must be one the script extracts, or the job would claim a value nothing reads."""
-        unknown = sorted(set(given) - set(self.output_names()))
-        if not unknown:
-            return None
-        known = ", ".join(self.output_names()) or "nothing"
+        must be one the script extracts, or the job would claim a value nothing reads; and a
+        value its extraction could give, or the orchestrator would be told one the site
+        never shows (a confirmation number without its `CN-`)."""
         ref = f"{self.name}@{self.script.version}"
-        return f"output {unknown[0]!r} is not one {ref} extracts; it extracts: {known}"
+        unknown = sorted(set(given) - set(self.output_names()))
+        if unknown:
+            known = ", ".join(self.output_names()) or "nothing"
+            return f"output {unknown[0]!r} is not one {ref} extracts; it extracts: {known}"
+        specs = self.output_specs()
+        for name, value in sorted(given.items()):
+            why = [why for spec in specs.get(name, []) if (why := _refused_value(value, spec))]
+            if len(why) == len(specs.get(name, [])) and why:
+                return f"output {name!r}: {_echo(value)} {why[0]}: {ref} would never extract it"
+        return None
 
     def secret_inputs(self, inputs: dict[str, Any]) -> dict[str, str]:
         """The values of inputs declared `secret: true`, by name."""
@@ -1019,6 +1037,27 @@ class LoadedScript:
             k: ("***" if k in specs and specs[k].secret else _jsonable(v))
             for k, v in inputs.items()
         }
+
+
+def _refused_value(value: str, spec: ExtractSpec) -> str | None:
+    """Why `value` is not one extracting with `spec` can give, or None. An extraction keeps
+    the page's text with its white space collapsed, then what its pattern keeps of it: read
+    as the page's text, a value it can give is given back whole."""
+    text = " ".join(value.split())
+    if text != value:
+        return "has white space an extracted text never has (line breaks, runs, at its ends)"
+    if spec.pattern is None:
+        return None
+    match = re.search(spec.pattern, text)
+    grouped = re.compile(spec.pattern).groups > 0
+    if match is None and grouped:
+        # Its group keeps part of a match (`Confirmation: (CN-[0-9]+)`): the value alone
+        # need not match the whole, and no text around it can be made up to tell.
+        return None
+    kept = None if match is None else match.group(1) if grouped else match.group(0)
+    if kept != value:
+        return f"is not what pattern {spec.pattern!r} keeps"
+    return None
 
 
 def _jsonable(value: Any) -> Any:
