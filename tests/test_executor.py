@@ -762,6 +762,34 @@ async def test_a_control_character_in_an_input_is_refused_before_the_browser(
     assert [c["reason"] for c in billing.credits()] == ["first\tsecond"]
 
 
+@pytest.mark.parametrize(
+    ("written", "named"),
+    [
+        ("\u0661\u0665", "'\u0661' (U+0661 ARABIC-INDIC DIGIT ONE) at position 0"),
+        ("\uff11\uff15.00", "'\uff11' (U+FF11 FULLWIDTH DIGIT ONE) at position 0"),
+        ("1\u0665", "'\u0665' (U+0665 ARABIC-INDIC DIGIT FIVE) at position 1"),
+    ],
+)
+async def test_a_number_in_other_digits_is_refused_not_read_as_ascii(
+    billing: Site, runtime: Runtime, written: str, named: str
+) -> None:
+    # Python's Decimal reads Arabic-Indic (U+0661 U+0665) and fullwidth digits as 15: the
+    # job ran and typed "15" into the form, a text its sender never wrote.
+    report = await run_job(credit_job(billing, amount=written), runtime)
+
+    assert report.status == JobStatus.rejected
+    assert report.error is not None and report.error.field == "inputs.amount"
+    assert report.error.message == (
+        "inputs rejected by billing/issue_credit@1: input 'amount': a number is written in "
+        f"ASCII digits (0-9): {named} is not one (got {written!r})"
+    )
+    assert billing.state()["requests"] == 0 and billing.credits() == []
+    count = TypeAdapter(InputSpec(type=InputType.int).annotation())
+    with pytest.raises(ValidationError, match=r"ASCII digits \(0-9\): '\uff11'"):
+        count.validate_python("\uff11\uff15")
+    assert count.validate_python(" 15 ") == 15
+
+
 async def test_a_number_written_with_an_underscore_is_refused_not_read_as_digits(
     billing: Site, runtime: Runtime
 ) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import re
+import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from decimal import Context, Decimal
@@ -115,6 +116,21 @@ def _no_separator(value: Any) -> Any:
     return value
 
 
+def _ascii_digits(value: Any) -> Any:
+    """Refuse a number written with other digits (Arabic-Indic, fullwidth): Python's Decimal
+    reads them as ASCII ones, and the form would be typed `15`, a text nobody sent, to a site
+    that never expected the characters that were."""
+    if isinstance(value, str):
+        for index, char in enumerate(value):
+            if not char.isascii() and not char.isspace():
+                raise ValueError(
+                    f"a number is written in ASCII digits (0-9): {char!r} "
+                    f"(U+{ord(char):04X} {unicodedata.name(char, 'unnamed')}) at position "
+                    f"{index} is not one"
+                )
+    return value
+
+
 _EXPONENT = re.compile(r"^\s*[+-]?(\d+\.?\d*|\.\d+)e[+-]?\d+\s*$", re.IGNORECASE)
 
 
@@ -174,8 +190,12 @@ class InputSpec(_Strict):
     pattern: str | None = None
     min_length: int | None = Field(default=None, ge=0)
     max_length: int | None = Field(default=None, ge=0)
-    min: Annotated[Decimal | None, BeforeValidator(_plain_decimal)] = None
-    max: Annotated[Decimal | None, BeforeValidator(_plain_decimal)] = None
+    min: Annotated[
+        Decimal | None, BeforeValidator(_plain_decimal), BeforeValidator(_ascii_digits)
+    ] = None
+    max: Annotated[
+        Decimal | None, BeforeValidator(_plain_decimal), BeforeValidator(_ascii_digits)
+    ] = None
     # Strict: YAML's `places: true` would otherwise be 1. Beyond 28 places a Decimal is not
     # exact anyway (its default precision).
     places: int | None = Field(
@@ -286,11 +306,17 @@ class InputSpec(_Strict):
                 Field(ge=self.min, le=self.max, allow_inf_nan=False, decimal_places=self.places),
                 BeforeValidator(_plain_decimal),
                 BeforeValidator(_no_separator),
+                BeforeValidator(_ascii_digits),
                 AfterValidator(_positional),
                 *([] if self.places is None else [AfterValidator(_to_places(self.places))]),
             ]
         if self.type == InputType.int:
-            return Annotated[int, Field(ge=self.min, le=self.max), BeforeValidator(_no_separator)]
+            return Annotated[
+                int,
+                Field(ge=self.min, le=self.max),
+                BeforeValidator(_no_separator),
+                BeforeValidator(_ascii_digits),
+            ]
         if self.type == InputType.bool:
             return bool
         assert self.values is not None
