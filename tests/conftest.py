@@ -44,6 +44,28 @@ CREDIT_INPUTS = {
 }
 
 
+def credit_as_script(scripts: Path) -> None:
+    """billing/credit_as: issue_credit signing in with the agent's own name and password,
+    given as inputs declared `secret: true`."""
+    source = (scripts / "billing" / "issue_credit.yaml").read_text()
+    source = source.replace("name: billing/issue_credit", "name: billing/credit_as")
+    source = source.replace(
+        "inputs:\n",
+        "inputs:\n"
+        "  agent_user: {type: string, secret: true}\n"
+        "  agent_pw: {type: string, secret: true}\n",
+        1,
+    )
+    source = source.replace(
+        "  - {id: login, use: billing/login}\n",
+        "  - {id: open_login, goto: /login, expect: {visible: login.form}}\n"
+        '  - {id: agent_user, fill: {target: login.username, value: "{{ inputs.agent_user }}"}}\n'
+        '  - {id: agent_pw, fill: {target: login.password, value: "{{ inputs.agent_pw }}"}}\n'
+        "  - {id: sign_in, click: login.submit, expect: {visible: dashboard.header}}\n",
+    )
+    (scripts / "billing" / "credit_as.yaml").write_text(source)
+
+
 class Site:
     """A running fixture site plus its ground truth, as a test sees it."""
 

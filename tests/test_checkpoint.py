@@ -19,7 +19,7 @@ from worker.keys import Keys
 from worker.queue import running_worker
 from worker.settings import Settings
 
-from .conftest import CREDIT_INPUTS, SCRIPTS, Site
+from .conftest import CREDIT_INPUTS, SCRIPTS, Site, credit_as_script
 from .test_handoff import paused_job
 
 
@@ -67,28 +67,6 @@ async def test_a_paused_job_leaves_a_checkpoint_with_its_session_sealed(
 def test_a_short_state_key_is_refused() -> None:
     with pytest.raises(ValueError, match="at least 16"):
         StateCipher("short")
-
-
-def credit_as_script(scripts: Path) -> None:
-    """billing/credit_as: issue_credit signing in with the agent's own name and password,
-    given as inputs declared `secret: true`."""
-    source = (scripts / "billing" / "issue_credit.yaml").read_text()
-    source = source.replace("name: billing/issue_credit", "name: billing/credit_as")
-    source = source.replace(
-        "inputs:\n",
-        "inputs:\n"
-        "  agent_user: {type: string, secret: true}\n"
-        "  agent_pw: {type: string, secret: true}\n",
-        1,
-    )
-    source = source.replace(
-        "  - {id: login, use: billing/login}\n",
-        "  - {id: open_login, goto: /login, expect: {visible: login.form}}\n"
-        '  - {id: agent_user, fill: {target: login.username, value: "{{ inputs.agent_user }}"}}\n'
-        '  - {id: agent_pw, fill: {target: login.password, value: "{{ inputs.agent_pw }}"}}\n'
-        "  - {id: sign_in, click: login.submit, expect: {visible: dashboard.header}}\n",
-    )
-    (scripts / "billing" / "credit_as.yaml").write_text(source)
 
 
 async def test_secret_inputs_kept_for_a_resume_are_sealed_and_dropped_when_the_job_ends(

@@ -36,8 +36,7 @@ from worker.executor import NullListener, ResumePoint, Runtime, fail_internally,
 from worker.script import InputSpec, InputType, PlannedStep, ScriptStore
 from worker.secretstore import SecretStore
 
-from .conftest import CREDIT_INPUTS, SCRIPTS, SECRETS_FILE, SELECTORS, Site
-from .test_checkpoint import credit_as_script
+from .conftest import CREDIT_INPUTS, SCRIPTS, SECRETS_FILE, SELECTORS, Site, credit_as_script
 
 
 def credit_job(site: Site, job_id: str = "job-1", **inputs: str) -> BrowserJob:

@@ -35,7 +35,9 @@ from worker.queue import (
 )
 from worker.settings import Settings
 
-from .conftest import CREDIT_INPUTS, SCRIPTS, Site
+from .conftest import CREDIT_INPUTS, SCRIPTS, Site, credit_as_script
+from .test_cli import formwork
+from .test_worker_process import worker_process
 
 
 async def paused_job(billing: Site, client: FormworkClient, job_id: str) -> JobReport:
@@ -341,6 +343,71 @@ async def test_decisions_sent_around_the_client_are_refused_and_free_the_pause(
     events = [e async for _, e in handle.events(follow=False)]
     for text in [done.model_dump_json(), *(e.model_dump_json() for e in events)]:
         assert secret not in text
+
+
+async def test_a_secret_input_pasted_into_a_decision_is_redacted_everywhere(
+    billing: Site, client: FormworkClient, settings: Settings, tmp_path: Path,
+    fixture_secrets: dict[str, str],
+) -> None:  # fmt: skip
+    # The job signs in with the agent's own name and password, inputs declared secret; the
+    # approver pastes them into `formwork resume`'s note, reason and name. Only configured
+    # secrets were checked there: the note went into the report, its events, the audit
+    # record and the rejection's error in the clear.
+    scripts = tmp_path / "scripts"
+    shutil.copytree(SCRIPTS, scripts)
+    credit_as_script(scripts)
+    own = tmp_path / "secrets.yaml"  # the worker's own service account: other values
+    own.write_text("billing_username: service-bot\nbilling_password: not-the-agents-0000\n")
+    settings = settings.model_copy(update={"scripts_dir": scripts, "secrets_file": own})
+    user, password = fixture_secrets["billing_username"], fixture_secrets["billing_password"]
+    inputs = {**CREDIT_INPUTS, "amount": "150.00", "agent_user": user, "agent_pw": password}
+    env = {**settings.to_env(), "FORMWORK_SECRETS_FILE": str(own)}
+    said: list[str] = []
+    with worker_process(settings, tmp_path / "worker.log"):
+        handles = {}
+        for job_id in ("s-approve", "s-reject"):
+            job = BrowserJob(
+                job_id=job_id, script="billing/credit_as", inputs=inputs, site_url=billing.url
+            )
+            handles[job_id] = await client.enqueue(job)
+            paused = await handles[job_id].wait(90)
+            assert paused.status == JobStatus.awaiting_approval, paused.error
+        last = {job_id: await handle.last_event_id() for job_id, handle in handles.items()}
+        for job_id, decision, note in (
+            ("s-approve", "approve", f"checked with {user}, pw {password}"),
+            ("s-reject", "reject", f"the customer typed {password} into the reason"),
+        ):
+            sent = await asyncio.to_thread(
+                formwork, "resume", job_id, decision, "--note", note, "--by", f"{user} (lead)",
+                "--watch", tmp_path=tmp_path, env=env,
+            )  # fmt: skip
+            said += [sent.stdout, sent.stderr]
+            assert f"{decision} sent for {job_id}" in sent.stdout, sent.stderr
+        approved = await handles["s-approve"].wait(90, after=last["s-approve"])
+        rejected = await handles["s-reject"].wait(90, after=last["s-reject"])
+    assert approved.status == JobStatus.succeeded, approved.error
+    assert rejected.status == JobStatus.rejected_by_approver, rejected.error
+    assert len(billing.credits()) == 1
+    # Kept, as every other recorded text is: redacted, not refused.
+    assert [(d.by, d.note) for d in approved.decisions] == [
+        ("*** (lead)", "checked with ***, pw ***")
+    ]
+    assert [(d.by, d.note) for d in rejected.decisions] == [
+        ("*** (lead)", "the customer typed *** into the reason")
+    ]
+    assert rejected.error is not None
+    assert rejected.error.message == "reject by *** (lead): the customer typed *** into the reason"
+    texts = [*said, (tmp_path / "worker.log").read_text()]
+    for report in (approved, rejected):
+        handle = handles[report.job_id]
+        texts += [report.model_dump_json()]
+        texts += [e.model_dump_json() async for _, e in handle.events(follow=False)]
+        assert report.artifacts is not None and report.artifacts.audit is not None
+        audit = (settings.artifacts_dir / report.artifacts.audit).read_text()
+        assert "*** (lead)" in audit  # the decision is in the audit record, redacted
+        texts += [audit, (settings.artifacts_dir / report.artifacts.report).read_text()]
+    for text in texts:
+        assert password not in text and user not in text
 
 
 @pytest.mark.parametrize(

@@ -24,8 +24,7 @@ from worker.envelope import envelope
 from worker.keys import Keys
 from worker.settings import Settings
 
-from .conftest import CREDIT_INPUTS, ROOT, SCRIPTS, Site, own_redis, worker_env
-from .test_checkpoint import credit_as_script
+from .conftest import CREDIT_INPUTS, ROOT, SCRIPTS, Site, credit_as_script, own_redis, worker_env
 
 
 @contextmanager

@@ -92,7 +92,7 @@ from worker.metrics import Monitor
 from worker.outbox import Outbox
 from worker.rollout import Rollouts
 from worker.script import LoadedScript, ScriptStore
-from worker.secretstore import SecretStore
+from worker.secretstore import Redactor, SecretStore
 from worker.settings import Settings
 from worker.webhooks import WebhookSender, check_target
 from worker.webhooks import drain as drain_webhooks
@@ -1039,6 +1039,8 @@ async def execute_resume(
         why = None
     else:
         decision, why = _read_decision(state, message.decision, handoff)
+    if decision is not None:
+        decision = _recordable(state, job, decision)
     if why is not None:
         if decision is not None:
             record = DecisionRecord(
@@ -1112,6 +1114,24 @@ def _unread(state: WorkerState, sent: dict[str, Any]) -> ResumeDecision | None:
     elif state.runtime.secrets.carried_in({"by": by}) is not None:
         by = "(withheld)"
     return ResumeDecision(decision=Decision(kind), by=by)
+
+
+def _recordable(state: WorkerState, job: BrowserJob, decision: ResumeDecision) -> ResumeDecision:
+    """`decision` with its note and name redacted of the job's secret inputs (those it was
+    sent with, and those the decision corrects), as everything else the job records is: a
+    person may paste a customer's password into a note. A configured secret there has already
+    been refused or withheld (`_read_decision`); the redactor knows those too."""
+    secret = _secret_inputs(state, job)
+    typed = [
+        str(value)
+        for given in (job.inputs, decision.inputs)
+        for name, value in given.items()
+        if name in secret
+    ]
+    redact = Redactor([*state.runtime.secrets.values(), *typed])
+    return decision.model_copy(
+        update={"note": redact(decision.note), "by": redact(decision.by) or decision.by}
+    )
 
 
 def _read_decision(
