@@ -8,12 +8,17 @@ are refused outright, and after resolving symlinks the file must still lie insid
 directory. Only a regular file of at most `MAX_UPLOAD_BYTES` is sent, and the bytes sent are the
 bytes checked: read here, and handed to the page as bytes or, for a big file, as a private
 copy of the job's (`stage_upload`) — never the staged file, which may change after the check.
+The file checked is the file read: it is opened one path component at a time from the
+directory, none of them followed if it became a symlink since the check (`O_NOFOLLOW`), and the
+open file itself is judged again (`fstat`).
 """
 
 from __future__ import annotations
 
 import mimetypes
+import os
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -63,6 +68,11 @@ def relative_upload(name: str) -> PurePosixPath:
 def upload_path(uploads_dir: Path | None, name: str) -> Path:
     """The real file `name` names inside `uploads_dir`, symlinks resolved; UploadRefused when
     it is not a regular file there, is empty or too big."""
+    return _checked(uploads_dir, name)[1]
+
+
+def _checked(uploads_dir: Path | None, name: str) -> tuple[Path, Path]:
+    """The uploads directory and the file `name` names in it, both resolved (`upload_path`)."""
     if uploads_dir is None:
         raise UploadRefused("this worker has no uploads directory (FORMWORK_UPLOADS_DIR)")
     relative = relative_upload(name)
@@ -72,24 +82,53 @@ def upload_path(uploads_dir: Path | None, name: str) -> Path:
         raise UploadRefused(f"upload file {name!r} leads outside the uploads directory")
     if not path.is_file():
         raise UploadRefused(f"upload file {name!r} is not a file in the uploads directory")
-    size = path.stat().st_size
+    _check_size(name, path.stat().st_size)
+    return root, path
+
+
+def _check_size(name: str, size: int) -> None:
     if size > MAX_UPLOAD_BYTES:
         raise UploadRefused(f"upload file {name!r} is larger than {MAX_UPLOAD_BYTES} bytes")
     if size == 0:
         # No attachment is empty: a file staged while still being written, or a failed copy.
         # A site that takes it anyway (the orders site does) keeps a refund with no receipt.
         raise UploadRefused(f"upload file {name!r} is empty (0 bytes): is it staged whole?")
-    return path
+
+
+def _open_within(root: Path, relative: PurePosixPath) -> int:
+    """A file descriptor for `root / relative`, opened a component at a time from `root`
+    without following any symlink: a directory or the file swapped for one after the check
+    fails to open (ELOOP, or ENOTDIR) instead of leading out of `root`."""
+    directory = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in relative.parts[:-1]:
+            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=directory)
+            os.close(directory)
+            directory = inner
+        # O_NONBLOCK: a FIFO swapped in would block the open until a writer came; it opens at
+        # once and is refused as no regular file. A regular file's reads ignore the flag.
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+        return os.open(relative.parts[-1], flags, dir_fd=directory)
+    finally:
+        os.close(directory)
 
 
 def read_upload(uploads_dir: Path | None, name: str) -> UploadFile:
     """Check and read `name` (blocking: run it in a thread)."""
-    path = upload_path(uploads_dir, name)
-    content = path.read_bytes()
-    if len(content) > MAX_UPLOAD_BYTES:  # grew since the check
-        raise UploadRefused(f"upload file {name!r} is larger than {MAX_UPLOAD_BYTES} bytes")
-    if not content:  # emptied since the check
-        raise UploadRefused(f"upload file {name!r} is empty (0 bytes): is it staged whole?")
+    root, path = _checked(uploads_dir, name)
+    try:
+        fd = _open_within(root, PurePosixPath(path.relative_to(root).as_posix()))
+    except OSError as exc:
+        # Resolved, it held no symlink a moment ago: one is there now, or the file is gone.
+        raise UploadRefused(
+            f"upload file {name!r} changed after it was checked ({exc.strerror}): refused"
+        ) from None
+    with open(fd, "rb") as opened:
+        if not stat.S_ISREG(os.fstat(opened.fileno()).st_mode):
+            raise UploadRefused(f"upload file {name!r} is not a file in the uploads directory")
+        # At most one byte over the limit: a file that grows as it is read is not read whole.
+        content = opened.read(MAX_UPLOAD_BYTES + 1)
+    _check_size(name, len(content))  # grew or was emptied since the check
     mime_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     return UploadFile(name=path.name, mime_type=mime_type, content=content)
 
