@@ -661,3 +661,120 @@ async def test_tab_reaches_each_step_and_enter_enlarges_the_focused_one(
     await page.keyboard.press("j")
     await expect(current).to_have_attribute("data-index", "4")
     assert await page.evaluate(focused_step) == "4"
+
+
+RLO = "\u202e"  # RIGHT-TO-LEFT OVERRIDE: what follows it reads right to left
+
+
+def _overridden(record: dict[str, Any]) -> int:
+    """Put RLO into every text of `record` that may hold it and still be a valid record: every
+    string and every mapping key (what the site, the orchestrator, an operator or a registry
+    wrote), leaving enums, dates, the job's folder and the worker's own words (a digest, an
+    action's name) as they are. Returns how many."""
+    done = 0
+
+    def visit(node: Any, top: bool) -> None:
+        nonlocal done
+        items = list(node.items()) if isinstance(node, dict) else list(enumerate(node))
+        for key, value in items:
+            if top and key in ("path", "evidence"):  # where the store finds the job, and keys
+                if key == "evidence":
+                    for ev in value.values():
+                        visit(ev, False)
+                continue
+            if isinstance(value, dict | list):
+                visit(value, False)
+                if isinstance(node, dict) and isinstance(key, str) and try_set(node, key, None):
+                    done += 1  # the key itself
+            elif key in ("script_digest", "action"):
+                continue
+            elif isinstance(value, str) and try_set(node, key, f"{RLO}{value} 0.51"):
+                done += 1
+
+    def try_set(node: Any, key: Any, value: str | None) -> bool:
+        """Set node[key] to `value` (None: put RLO into the key itself), unless the record
+        would no longer validate."""
+        before = dict(node) if isinstance(node, dict) else list(node)
+        if value is None:  # the key, in its place
+            renamed = {(RLO + k if k == key else k): v for k, v in before.items()}
+            node.clear()
+            node.update(renamed)
+        else:
+            node[key] = value
+        try:
+            AuditRecord.model_validate(record)
+        except ValueError:
+            node.clear()
+            if isinstance(node, dict):
+                node.update(before)
+            else:
+                node.extend(before)
+            return False
+        return True
+
+    visit(record, True)
+    return done
+
+
+# Every text node that holds a bidi control lies in an isolating element of its own.
+NOT_ISOLATED = """() => {
+  const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+  const found = [], loose = [];
+  for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+    if (!/[\\u202a-\\u202e\\u2066-\\u2069]/.test(node.data)) continue;
+    found.push(node.data);
+    const around = node.parentElement.closest("bdi, [dir=auto]");
+    if (!around || around.textContent !== node.data) loose.push(node.data);
+  }
+  return [found.length, loose];
+}"""
+
+
+async def test_text_with_bidi_controls_is_isolated_from_the_page_around_it(
+    audited: LocalArtifacts, page: Page, tmp_path: Path
+) -> None:
+    # A site's error text, an operator's note, a URL or a selector name holding U+202E
+    # reordered the page around it: `Refund 15.00 to AC-1` could read as an amount of 51.00
+    # or another reference. Each such value now sits in a <bdi> of its own.
+    store = LocalArtifacts(tmp_path / "artifacts")
+    asked = audited.find_audit("ui-ask")
+    day = asked.path.split("/")[0]
+    shutil.copytree(audited.root / asked.path, store.root / asked.path)
+    record = json.loads((store.root / asked.path / "audit.json").read_text())
+    report = record["report"]
+    handoff = report["handoff"]
+    report["decisions"] = [
+        {"decision": "retry_step", "step_id": "review", "by": "lead", "at": report["ended_at"],
+         "note": "customer agrees", "inputs_changed": ["amount"], "request": handoff},
+    ]  # fmt: skip
+    report["would_submit"] = {"step_id": "submit", "fields": {"credit.amount": "15.00"},
+                              "url": "http://billing.test/review"}  # fmt: skip
+    drifted = audited.find_audit("ui-drift").report.steps
+    report["steps"][0]["drift"] = next(s.drift for s in drifted if s.drift).model_dump()
+    report["correlation"]["ticket"] = "ZD-1"
+    assert _overridden(record) > 60
+    (store.root / asked.path / "audit.json").write_text(json.dumps(record))
+    overridden = store.find_audit(asked.job_id)
+    assert overridden.report.error is not None and RLO in overridden.report.error.message
+
+    runner, host, port = await serve_ui(store)
+    export = tmp_path / "export.html"
+    export.write_text(export_html(store, overridden))
+    try:
+        for url in (
+            f"http://{host}:{port}/",
+            f"http://{host}:{port}/jobs/{asked.path}",
+            export.as_uri(),
+        ):
+            await page.goto(url)
+            found, loose = await page.evaluate(NOT_ISOLATED)
+            assert found > (3 if url.endswith("/") else 40), url
+            assert loose == [], url
+        # An unreadable record's page says why, the reason isolated as well.
+        (store.root / asked.path / "audit.json").write_text(f'{{"job_id": "{RLO}x"')
+        await page.goto(f"http://{host}:{port}/jobs/{day}/{asked.path.split('/')[1]}")
+        await expect(page.locator("#unreadable")).to_be_visible()
+        found, loose = await page.evaluate(NOT_ISOLATED)
+        assert loose == []
+    finally:
+        await runner.cleanup()

@@ -7,6 +7,11 @@ request and decisions.
 `formwork audit export JOB` renders the same job page into one HTML file with its stylesheet,
 script and images inlined (data URIs), to attach to a ticket. Nothing is fetched from outside:
 the machines that review evidence are often offline, and a CDN would see what is reviewed.
+
+Every text the pages show from a site, an orchestrator, an operator or a registry (error texts,
+notes, URLs, selector names, values) is rendered in a `<bdi>` of its own: a value holding a
+bidirectional control (U+202E RIGHT-TO-LEFT OVERRIDE, an isolate left open) reorders only
+itself, never the sentence, the amount or the reference around it.
 """
 
 from __future__ import annotations
@@ -93,7 +98,7 @@ class JobRow:
     script: str
     script_version: int | None
     references: tuple[str, ...]  # what search looks in
-    shown_references: str  # the orchestrator's ids and the customer's reference
+    shown_references: tuple[str, ...]  # the orchestrator's ids and the customer's reference
     started_at: datetime | None
     written_at: datetime
     duration_ms: float | None
@@ -116,7 +121,7 @@ class JobRow:
             script=record.script,
             script_version=record.script_version,
             references=tuple(record.references),
-            shown_references=", ".join(dict.fromkeys(v for v in shown if v)),  # each once
+            shown_references=tuple(dict.fromkeys(v for v in shown if v)),  # each once
             started_at=record.started_at,
             written_at=record.written_at,
             duration_ms=record.duration_ms,
