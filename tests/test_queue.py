@@ -30,7 +30,7 @@ from worker.contract import (
     ResumeDecision,
     StepStatus,
 )
-from worker.keys import ARQ_JOB_PREFIX, JOB_FUNCTION, Keys, job_of, message_id
+from worker.keys import ARQ_JOB_PREFIX, JOB_FUNCTION, RECORD_TTL_S, Keys, job_of, message_id
 from worker.queue import (
     DECISION_FIELD,
     PauseClaim,
@@ -803,6 +803,31 @@ async def test_a_decision_message_that_does_not_say_its_pause_gives_the_pause_ba
     report = await handle.wait(60, after=last)
     assert report.status == JobStatus.succeeded, report.error
     assert len(billing.credits()) == 1
+
+
+async def test_an_abort_flag_set_by_hand_for_no_running_job_expires(
+    client: FormworkClient, settings: Settings, browser_host: BrowserHost
+) -> None:
+    # The wire protocol's `SET formwork:abort:<id> <reason>`, for a job that ended or never
+    # was (a mistyped id): read by nothing, it stayed in Redis for ever.
+    redis: Redis = client.redis
+    keys = client.keys
+    await redis.set(keys.abort("q-no-such-job"), "wrong account")
+    await redis.set(keys.abort("q-own-expiry"), "customer withdrew", ex=100)
+    elsewhere = Keys(settings.key_prefix + "x").abort("q-no-such-job")  # another deployment's
+    await redis.set(elsewhere, "theirs")
+    try:
+        async with running_worker(settings, browser_host):
+            async with asyncio.timeout(30):
+                while await redis.ttl(keys.abort("q-no-such-job")) < 0:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)  # the worker's sweep, at its start
+        assert RECORD_TTL_S - 60 < await redis.ttl(keys.abort("q-no-such-job")) <= RECORD_TTL_S
+        assert 0 < await redis.ttl(keys.abort("q-own-expiry")) <= 100  # kept its own
+        assert await redis.ttl(elsewhere) == -1  # not this worker's prefix
+    finally:
+        await redis.delete(elsewhere)
+    # A prefix's glob characters match only themselves.
+    assert Keys("a*b[1]").aborts == "a\\*b\\[1\\]:abort:*"
 
 
 async def test_a_job_queued_the_raw_way_is_seen_and_aborted_before_a_worker_takes_it(

@@ -93,7 +93,9 @@ class Keys:
 
     def abort(self, job_id: str) -> str:
         """String: a reason, set to stop a queued or running job between steps. Taking a
-        decision about a pause drops it (`queue.claim_pause`)."""
+        decision about a pause drops it (`queue.claim_pause`). It expires after RECORD_TTL_S:
+        set so by `queue.request_abort`, and by the workers' sweep when set by hand without
+        one (`queue.expire_abort_flags`)."""
         return f"{self.prefix}:abort:{job_id}"
 
     @property
@@ -105,6 +107,11 @@ class Keys:
         """String with a short expiry, renewed while the worker process with `token` lives: a
         job whose worker has none is taken over (`worker.handback`)."""
         return f"{self.prefix}:worker:{token}"
+
+    @property
+    def aborts(self) -> str:
+        """A SCAN pattern matching every `abort` key (and only those) under this prefix."""
+        return re.sub(r"([*?\[\]\\])", r"\\\1", self.prefix) + ":abort:*"
 
     def site_slots(self, site: str) -> str:
         """Sorted set: lease id -> lease expiry (ms), the per-site concurrency semaphore."""

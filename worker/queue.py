@@ -342,6 +342,53 @@ async def request_abort(redis: Redis, keys: Keys, job_id: str, reason: str) -> s
     return result.decode() if isinstance(result, bytes) else str(result)
 
 
+# How often each worker gives abort flags set by hand an expiry (and once when it starts).
+ABORT_SWEEP_S = 3600
+
+# KEYS: abort flags. ARGV: the expiry. Gives each one that has none the expiry, in one step
+# (a flag set again meanwhile by `request_abort` has its own, and keeps it).
+_EXPIRE_UNSET = """
+local given = 0
+for _, key in ipairs(KEYS) do
+  if redis.call('TTL', key) == -1 then
+    redis.call('EXPIRE', key, ARGV[1])
+    given = given + 1
+  end
+end
+return given
+"""
+
+
+async def expire_abort_flags(redis: Redis, keys: Keys) -> int:
+    """Give every abort flag that has no expiry — one set by hand (`SET` without `EX`, the
+    wire protocol's way) — the one `request_abort` gives its own (RECORD_TTL_S); returns how
+    many. A flag for a job no worker will run (it ended, or never was: a mistyped id) is read
+    by nothing and was kept for ever."""
+    script: Any = redis.register_script(_EXPIRE_UNSET)
+    given, batch = 0, []
+    async for key in redis.scan_iter(match=keys.aborts, count=1000):
+        batch.append(key)
+        if len(batch) == 500:
+            given += int(await script(keys=batch, args=[RECORD_TTL_S]))
+            batch = []
+    if batch:
+        given += int(await script(keys=batch, args=[RECORD_TTL_S]))
+    return given
+
+
+async def _sweep_abort_flags(redis: Redis, keys: Keys) -> None:
+    """`expire_abort_flags` now and every ABORT_SWEEP_S, for as long as the worker runs."""
+    while True:
+        try:
+            given = await expire_abort_flags(redis, keys)
+        except RedisError as exc:  # a lost Redis is the worker's to handle: try next time
+            log.warning("abort flags not swept: %s", exc)
+        else:
+            if given:
+                log.info("%d abort flag(s) set without an expiry given %d s", given, RECORD_TTL_S)
+        await asyncio.sleep(ABORT_SWEEP_S)
+
+
 # ---------------------------------------------------------------- the worker
 
 # The arq job id the current run is under: the job's own id, or a decision message's (whose
@@ -365,6 +412,7 @@ class WorkerState:
     # `formwork worker`'s (and build_worker's): the jobs this process runs, under its lease.
     taken: TakenJobs | None = None
     lease: asyncio.Task[None] | None = None
+    sweeper: asyncio.Task[None] | None = None  # `_sweep_abort_flags`, until shutdown
 
     def checkpoints(self, job_id: str, outbox: Outbox | None = None) -> RedisCheckpoints:
         return RedisCheckpoints(self.redis, self.keys, job_id, self.cipher, outbox)
@@ -415,6 +463,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         await taken.hand_back(redis, keys)  # what this process held when it lost Redis
         await taken.renew(redis, keys)  # leased before arq hands it a job
         state.lease = asyncio.create_task(taken.keep_lease(redis, keys))
+    ctx["formwork"].sweeper = asyncio.create_task(_sweep_abort_flags(redis, keys))
     log.info("worker ready: max_jobs=%s queue=%s", settings.max_jobs, keys.queue)
 
 
@@ -429,6 +478,10 @@ async def shutdown(ctx: dict[str, Any]) -> None:
             await state.lease
     if state.taken is not None:
         await state.taken.release(state.redis, state.keys)
+    if state.sweeper is not None:
+        state.sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await state.sweeper
     await drain_webhooks()  # deliveries still pending get their last seconds, then go
     await state.http.close()
     await state.monitor.close()
@@ -964,7 +1017,8 @@ async def _count_drift(redis: Redis, keys: Keys, site: str, report: JobReport) -
 
 async def _forget_kept(state: WorkerState, job_id: str) -> None:
     # An ended job will not resume: its session and its secret inputs (sealed or not) have no
-    # reason to outlive it, nor has an abort request (one set the raw way has no expiry).
+    # reason to outlive it, nor has an abort request (one set the raw way may have no expiry
+    # until the next sweep gives it one).
     keys = state.keys
     async with state.redis.pipeline(transaction=False) as pipe:
         pipe.hdel(keys.job(job_id), CHECKPOINT_FIELD, JOB_FIELD)
