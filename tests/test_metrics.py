@@ -12,7 +12,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import aiohttp
 import pytest
@@ -227,6 +228,33 @@ async def test_a_metrics_failure_never_fails_the_job(settings: Settings) -> None
     finally:
         await dead.aclose()
     assert monitor.metrics.registry.get_sample_value("formwork_metrics_errors_total") == 1
+
+
+async def test_counts_go_on_in_the_metrics_of_a_worker_built_again(settings: Settings) -> None:
+    # `formwork worker` builds a new worker, with a new Redis connection and a new Chromium,
+    # each time it connects again after losing Redis: its counters started again at 0 (a
+    # process restart, to Prometheus) and the last Chromium's restarts were forgotten.
+    # (Reading these needs no Redis: the clients are never connected.)
+    keys = Keys(settings.key_prefix)
+    first = Redis.from_url("redis://127.0.0.1:1/0")
+    crashed = SimpleNamespace(launches=4, recycles=1)  # 2 restarts after a crash, 1 recycle
+    monitor = Monitor(first, keys, cast("BrowserHost", crashed))
+    monitor.metrics.observe(outcome_of(report(JobStatus.succeeded, [], ended_at=at(5))))
+    again = Redis.from_url("redis://127.0.0.1:1/0")
+    fresh = SimpleNamespace(launches=1, recycles=0)
+    monitor = Monitor(again, keys, cast("BrowserHost", fresh), metrics=monitor.metrics)
+    monitor.metrics.observe(outcome_of(report(JobStatus.succeeded, [], ended_at=at(6))))
+    get = monitor.metrics.registry.get_sample_value
+    labels = {"site": "billing", "script": "billing/issue_credit", "version": "1"}
+    assert get("formwork_jobs_total", {**labels, "status": "succeeded"}) == 2
+    assert get("formwork_browser_restarts_total") == 2
+    assert get("formwork_browser_recycles_total") == 1
+    fresh.launches = 2  # the new Chromium crashed once
+    assert get("formwork_browser_restarts_total") == 3
+    monitor.metrics.attach(again, keys, cast("BrowserHost", fresh))  # the same one: once
+    assert get("formwork_browser_restarts_total") == 3
+    await first.aclose()
+    await again.aclose()
 
 
 async def test_a_scrape_while_redis_is_down_still_serves_what_the_worker_counted(

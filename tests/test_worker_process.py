@@ -16,11 +16,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from arq.jobs import Job
+from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from worker.client import FormworkClient
 from worker.contract import BrowserJob, EventKind, JobStatus
-from worker.envelope import envelope
+from worker.envelope import envelope, loads
 from worker.keys import Keys
 from worker.settings import Settings
 
@@ -386,6 +388,29 @@ def _drivers_under(root: int) -> int:
     return count
 
 
+def _counted(port: int) -> dict[str, float]:
+    """What the worker's /metrics says it has counted: jobs started and succeeded, and
+    Chromium restarts."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    found = {"started": 0.0, "succeeded": 0.0, "restarts": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "formwork_jobs_started_total":
+                found["started"] += sample.value
+            elif sample.name == "formwork_jobs_total" and sample.labels["status"] == "succeeded":
+                found["succeeded"] += sample.value
+            elif sample.name == "formwork_browser_restarts_total":
+                found["restarts"] += sample.value
+    return found
+
+
+async def _seen_through(client: FormworkClient, job_id: str) -> None:
+    """Once arq has written the job's result: its settling is counted, and its run is done."""
+    run = Job(job_id, client.redis, _queue_name=client.keys.queue, _deserializer=loads)
+    await run.result(timeout=30, poll_delay=0.02)
+
+
 def _scrape(port: int) -> int:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         status: int = response.status
@@ -453,12 +478,14 @@ async def test_a_job_whose_redis_connection_drops_mid_write_goes_on_in_a_fresh_r
 
 
 @pytest.mark.timeout(120)
-async def test_a_worker_serving_metrics_outlives_a_redis_restart_with_one_browser(
+async def test_a_worker_serving_metrics_outlives_a_redis_restart_with_one_browser_counting_on(
     billing: Site, settings: Settings, tmp_path: Path
 ) -> None:
     # arq's close gives up at its first Redis call, before the worker's shutdown hook: the
     # next attempt found its own metrics port still held and exited (a worker with metrics
-    # did not survive a Redis restart), and each attempt left a Chromium behind.
+    # did not survive a Redis restart), and each attempt left a Chromium behind. Then its
+    # counters started again at 0 in the same process, which Prometheus reads as a restart
+    # (what was counted since the last scrape is lost to `rate()`).
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -469,13 +496,20 @@ async def test_a_worker_serving_metrics_outlives_a_redis_restart_with_one_browse
             with worker_process(own, log) as proc:
                 handle = await client.enqueue(job(billing, "m-before", "T-M1"))
                 assert (await handle.wait(60)).status == JobStatus.succeeded
+                await _seen_through(client, "m-before")  # its end is written: none to hand on
+                before = await asyncio.to_thread(_counted, port)
+                assert before == {"started": 1, "succeeded": 1, "restarts": 0}
                 await server.stop()
                 await _until_logged(log, "lost Redis")
                 await server.start()
                 handle = await client.enqueue(job(billing, "m-after", "T-M2"))
                 report = await handle.wait(90)
+                await _seen_through(client, "m-after")
                 assert proc.poll() is None, log.read_text()  # the same process, still serving
                 assert await asyncio.to_thread(_scrape, port) == 200
+                # Counted on, not from 0: the counts restart with the process only.
+                after = await asyncio.to_thread(_counted, port)
+                assert after == {"started": 2, "succeeded": 2, "restarts": 0}
                 assert _drivers_under(proc.pid) == 1
     assert report.status == JobStatus.succeeded, report.error
     assert "is in use" not in log.read_text()

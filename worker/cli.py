@@ -310,7 +310,7 @@ async def _run(args: argparse.Namespace) -> int:
 
 def _worker(args: argparse.Namespace) -> int:
     from worker.handback import TakenJobs
-    from worker.metrics import MetricsPortUnavailable
+    from worker.metrics import MetricsPortUnavailable, WorkerMetrics
     from worker.queue import build_worker, shutdown
 
     settings = Settings.from_env(
@@ -331,8 +331,9 @@ def _worker(args: argparse.Namespace) -> int:
         metrics = f", metrics on a free port of {settings.metrics_host} (logged once bound)"
     wait_s = 1.0
     taken = TakenJobs()  # one process: what each worker it builds took, handed back on
+    counts: WorkerMetrics | None = None  # and its metrics, whose counts go on (`WorkerMetrics`)
     while True:
-        worker = build_worker(settings, burst=args.burst, taken=taken)
+        worker = build_worker(settings, burst=args.burst, taken=taken, metrics=counts)
         print(
             f"formwork worker: queue {worker.queue_name} on {shown_url(settings.redis_url)}, "
             f"max {settings.max_jobs} jobs{metrics}",
@@ -353,6 +354,7 @@ def _worker(args: argparse.Namespace) -> int:
             # would find its own port taken and a Chromium would be left per attempt.
             worker.loop.run_until_complete(shutdown(worker.ctx))
             worker.lost_redis()
+            counts = worker.ctx.get("metrics") or counts  # none if it never started
             # A log line like every other (JSON for workers), so alerting on level sees it.
             logging.getLogger("formwork.worker").error(
                 "lost Redis (%s: %s); connecting again in %.0f s", type(exc).__name__, exc, wait_s

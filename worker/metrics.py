@@ -62,7 +62,12 @@ STEP_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class WorkerMetrics:
-    """The Prometheus side: counters fed by `observe`, live values read at scrape time."""
+    """The Prometheus side: counters fed by `observe`, live values read at scrape time.
+
+    One per worker process: a Prometheus counter starts again at 0 only when its process does
+    (`rate()` takes any drop for a restart, and loses what was counted since the last scrape).
+    `formwork worker` builds a new arq worker each time it connects again after losing Redis,
+    and hands it the same metrics (`attach`), so the counts go on."""
 
     def __init__(self, redis: Redis, keys: Keys, browser: BrowserHost | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -126,6 +131,11 @@ class WorkerMetrics:
             registry=r,
         )
 
+    def attach(self, redis: Redis, keys: Keys, browser: BrowserHost | None) -> None:
+        """Read the live values through this connection and browser from now on: those of a
+        worker built again after losing Redis. Every count goes on from where it was."""
+        self.live.attach(redis, keys, browser)
+
     def observe(self, o: JobOutcome) -> None:
         job = (o.site, o.script, o.version)
         if o.started:
@@ -157,6 +167,22 @@ class _Live(Collector):
         self.rss = 0
         self.ready: int | None = 0  # None: Redis did not answer this scrape
         self.waiting: int | None = 0
+        # Restarts and recycles of the Chromiums this process had before `browser`.
+        self.restarts_before = self.recycles_before = 0
+
+    def attach(self, redis: Redis, keys: Keys, browser: BrowserHost | None) -> None:
+        if browser is not self.browser:  # a new Chromium: the old one's counts stay counted
+            restarts, recycles = self._browser_counts()
+            self.restarts_before += restarts
+            self.recycles_before += recycles
+        self.redis, self.keys, self.browser = redis, keys, browser
+
+    def _browser_counts(self) -> tuple[int, int]:
+        """The current browser's restarts and recycles."""
+        if self.browser is None:
+            return 0, 0
+        recycles = self.browser.recycles
+        return max(self.browser.launches - 1 - recycles, 0), recycles
 
     async def refresh(self) -> None:
         self.rss = await asyncio.to_thread(tree_rss, os.getpid())
@@ -179,19 +205,18 @@ class _Live(Collector):
                 "Jobs paused for a person or the customer (all workers).",
                 value=self.waiting,
             )
-        launches = self.browser.launches if self.browser is not None else 0
-        recycles = self.browser.recycles if self.browser is not None else 0
+        restarts, recycles = self._browser_counts()
         yield CounterMetricFamily(
             "formwork_browser_restarts",
             "Chromium relaunches after the first launch (a crash or a lost connection; "
             "planned recycles are counted apart).",
-            value=max(launches - 1 - recycles, 0),
+            value=self.restarts_before + restarts,
         )
         yield CounterMetricFamily(
             "formwork_browser_recycles",
             "Planned switches to a new Playwright driver and Chromium "
             "(FORMWORK_BROWSER_RECYCLE_JOBS).",
-            value=recycles,
+            value=self.recycles_before + recycles,
         )
         yield GaugeMetricFamily(
             "formwork_worker_memory_bytes",
@@ -261,9 +286,14 @@ class Monitor:
         browser: BrowserHost | None = None,
         *,
         scripts: ScriptStore | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.stats = JobStats(redis, keys)
-        self.metrics = WorkerMetrics(redis, keys, browser)
+        if metrics is None:
+            metrics = WorkerMetrics(redis, keys, browser)
+        else:  # this process's, from before it lost Redis: its counts go on
+            metrics.attach(redis, keys, browser)
+        self.metrics = metrics
         self.known = _exists_in(scripts) if scripts is not None else None
         self._server: web.AppRunner | None = None
         self.port: int | None = None

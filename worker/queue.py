@@ -88,7 +88,7 @@ from worker.keys import (
     job_of,
     message_id,
 )
-from worker.metrics import Monitor
+from worker.metrics import Monitor, WorkerMetrics
 from worker.outbox import Outbox
 from worker.rollout import Rollouts
 from worker.script import LoadedScript, ScriptStore
@@ -446,7 +446,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         ),
         capacity=SiteCapacity(redis, keys),
         http=aiohttp.ClientSession(),
-        monitor=Monitor(redis, keys, browser, scripts=scripts),
+        monitor=Monitor(redis, keys, browser, scripts=scripts, metrics=ctx.get("metrics")),
         cipher=StateCipher(settings.state_key) if settings.state_key else None,
         owns_browser=owns_browser,
     )
@@ -454,6 +454,8 @@ async def startup(ctx: dict[str, Any]) -> None:
         log.warning(
             "FORMWORK_STATE_KEY is not set: checkpoints keep no session; resumed jobs sign in again"
         )
+    # Kept for the worker `formwork worker` builds after losing Redis (`build_worker`).
+    ctx["metrics"] = ctx["formwork"].monitor.metrics
     if settings.metrics_port is not None:
         await ctx["formwork"].monitor.serve(settings.metrics_host, settings.metrics_port)
     taken: TakenJobs | None = ctx.get("taken")
@@ -1539,9 +1541,11 @@ def build_worker(
     burst: bool = False,
     handle_signals: bool = True,
     taken: TakenJobs | None = None,
+    metrics: WorkerMetrics | None = None,
 ) -> _Worker:
     """An arq Worker for `settings` (tests pass a shared browser and handle_signals=False).
-    `formwork worker` passes the same `taken` to each worker it builds after losing Redis."""
+    `formwork worker` passes the same `taken`, and the previous worker's `metrics` (its
+    `ctx["metrics"]`, once started), to each worker it builds after losing Redis."""
     keys = Keys(settings.key_prefix)
     taken = taken or TakenJobs()
     return _Worker(
@@ -1551,7 +1555,7 @@ def build_worker(
         on_startup=startup,
         on_shutdown=shutdown,
         on_job_start=on_job_start,
-        ctx={"settings": settings, "browser": browser, "taken": taken},
+        ctx={"settings": settings, "browser": browser, "taken": taken, "metrics": metrics},
         taken=taken,
         keys=keys,
         burst=burst,
