@@ -410,6 +410,46 @@ async def test_a_secret_input_pasted_into_a_decision_is_redacted_everywhere(
         assert password not in text and user not in text
 
 
+async def test_a_secret_input_in_the_reason_of_an_abort_is_redacted(
+    billing: Site, client: FormworkClient, settings: Settings, tmp_path: Path,
+    browser_host: BrowserHost, fixture_secrets: dict[str, str],
+) -> None:  # fmt: skip
+    # `formwork abort --reason` on a running job: the reason became the job's error as it was.
+    scripts = tmp_path / "scripts"
+    shutil.copytree(SCRIPTS, scripts)
+    credit_as_script(scripts)
+    own = tmp_path / "secrets.yaml"
+    own.write_text("billing_username: service-bot\nbilling_password: not-the-agents-0000\n")
+    settings = settings.model_copy(update={"scripts_dir": scripts, "secrets_file": own})
+    user, password = fixture_secrets["billing_username"], fixture_secrets["billing_password"]
+    inputs = {**CREDIT_INPUTS, "agent_user": user, "agent_pw": password}
+    billing.faults(latency_ms=150)  # slow enough that the abort lands mid-job
+    job = BrowserJob(
+        job_id="s-abort", script="billing/credit_as", inputs=inputs, site_url=billing.url
+    )
+    async with running_worker(settings, browser_host):
+        handle = await client.enqueue(job)
+        async for _, event in handle.events():
+            if event.step is not None and event.step.id == "open_account":
+                reason = f"the customer read out {password} on the phone"
+                assert await client.abort("s-abort", reason, by="agent")
+                break
+        report = await handle.wait(60)
+    assert report.status == JobStatus.cancelled
+    assert report.error is not None
+    assert report.error.message == "aborted: the customer read out *** on the phone"
+    assert billing.credits() == []
+    assert report.artifacts is not None and report.artifacts.audit is not None
+    texts = [
+        report.model_dump_json(),
+        (settings.artifacts_dir / report.artifacts.audit).read_text(),
+        (settings.artifacts_dir / report.artifacts.report).read_text(),
+        *[e.model_dump_json() async for _, e in handle.events(follow=False)],
+    ]
+    for text in texts:
+        assert password not in text
+
+
 @pytest.mark.parametrize(
     "claimed_by", [None, "resume", "expire"], ids=["no-decision", "claim-only", "expiry-cut-short"]
 )

@@ -791,7 +791,10 @@ async def _run_tracked(
             reason, mark = await pipe.execute()
         if token is not None and mark not in (token.encode(), b"1"):
             raise TakenOver(f"job {job_id} was taken over by another worker")
-        return f"aborted: {_abort_reason(state, reason)}" if reason is not None else None
+        if reason is None:
+            return None
+        # Recorded as the job's error: redacted like a decision's note.
+        return _redactor(state, job)(f"aborted: {_abort_reason(state, reason)}")
 
     def gate(loaded: LoadedScript) -> contextlib.AbstractAsyncContextManager[None]:
         return state.capacity.slot(loaded.script.site, loaded.registry.limits)
@@ -1172,19 +1175,25 @@ def _unread(state: WorkerState, sent: dict[str, Any]) -> ResumeDecision | None:
     return ResumeDecision(decision=Decision(kind), by=by)
 
 
+def _redactor(state: WorkerState, job: BrowserJob, *more: dict[str, Any]) -> Redactor:
+    """Every secret `job` may carry: the configured ones, and the values of its inputs
+    declared secret (and of those in `more`: corrected inputs)."""
+    secret = _secret_inputs(state, job)
+    typed = [
+        str(value)
+        for given in (job.inputs, *more)
+        for name, value in given.items()
+        if name in secret
+    ]
+    return Redactor([*state.runtime.secrets.values(), *typed])
+
+
 def _recordable(state: WorkerState, job: BrowserJob, decision: ResumeDecision) -> ResumeDecision:
     """`decision` with its note and name redacted of the job's secret inputs (those it was
     sent with, and those the decision corrects), as everything else the job records is: a
     person may paste a customer's password into a note. A configured secret there has already
     been refused or withheld (`_read_decision`); the redactor knows those too."""
-    secret = _secret_inputs(state, job)
-    typed = [
-        str(value)
-        for given in (job.inputs, decision.inputs)
-        for name, value in given.items()
-        if name in secret
-    ]
-    redact = Redactor([*state.runtime.secrets.values(), *typed])
+    redact = _redactor(state, job, decision.inputs)
     return decision.model_copy(
         update={"note": redact(decision.note), "by": redact(decision.by) or decision.by}
     )
