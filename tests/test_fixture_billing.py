@@ -429,7 +429,7 @@ def test_concurrent_visitors_are_counted_distinctly(base_url: str) -> None:
     [
         b"not json",
         b'{"latency": 100}',
-        b'{"fail": [{"path_contains": "/", "status": 404}]}',
+        b'{"fail": [{"path_contains": "/", "status": 302}]}',
         b'{"skin": "v3"}',
         b'{"commit_drop": {"mode": "explode"}}',
     ],

@@ -11,9 +11,10 @@ import asyncio
 import contextlib
 import logging
 import re
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 from playwright.async_api import Dialog, FilePayload, Locator, Page, Response, expect
@@ -65,6 +66,13 @@ log = logging.getLogger("formwork.actions")
 # After a side effect, how long the expected page may still take once a detector showed up on
 # a page that was already there before the action (the old page, still on screen).
 _STALE_GRACE_MS = 2_000
+# After an action's navigation landed on an HTTP error page: how long its document may take to
+# be read (its detectors, the evidence), and how long a postcondition that the error page
+# itself satisfies (a search's "no such record" served as a 404) still has to hold.
+_LANDING_LOAD_MS = 5_000
+_LANDING_LOOK_S = 0.25
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -104,6 +112,13 @@ class PageActions:
     _navigations_at_start: int = 0  # of the current step
     # The failure detectors showing before the current click or key press (see `check`).
     showing_before: frozenset[str] = frozenset()
+    # Where the current step's action led the page when it led nowhere good: an HTTP error
+    # document (`expectation_failed`, left to `classify` to read its status and page). Set by
+    # the page's own events, so a postcondition stops waiting at once (see `_unless_landed`)
+    # at no cost to a step that went well.
+    landing: StepError | None = None
+    _landed: asyncio.Event = field(default_factory=asyncio.Event)
+    _error_document: str | None = None  # an error response whose document is not shown yet
     _redacting: bool = False
     # Every secret this job may type (configured, and inputs declared secret): text read from
     # the page passes through it before it becomes an output, a claim or evidence.
@@ -122,11 +137,25 @@ class PageActions:
         self.responses += 1
         # The status of the page's own document tells a 502 page from a changed form.
         if response.request.is_navigation_request() and response.frame == self.page.main_frame:
-            self.document_status = response.status
+            self.document_status = status = response.status
+            request = response.request
+            self._error_document = (
+                f"{request.method} {urlsplit(request.url).path} answered HTTP {status}"
+                if status >= 400
+                else None
+            )
 
     def _on_navigated(self, frame: Any) -> None:
         if frame == self.page.main_frame:
             self.navigations += 1
+            # Committed: the error page is the one showing now, and it can be read.
+            if self._error_document is not None:
+                self._land(FailureCode.expectation_failed, f"the page {self._error_document}")
+                self._error_document = None
+
+    def _land(self, code: FailureCode, message: str) -> None:
+        self.landing = StepError(code, message)
+        self._landed.set()
 
     async def _on_dialog(self, dialog: Dialog) -> None:
         """Answer as the running step declared; any other dialog is dismissed — never accepted:
@@ -212,6 +241,8 @@ class PageActions:
         self._first_found = None
         self.showing_before = frozenset()
         self._navigations_at_start = self.navigations
+        self.landing = None
+        self._landed.clear()
         matched = await self._perform(planned, timeout_ms)
         self._no_unexpected_dialog()
         return matched
@@ -414,24 +445,14 @@ class PageActions:
         not showing before the action (the old page may still be on screen for a moment).
         """
         what = "postcondition" if postcondition else "expectation"
+        waiting = self._holding(
+            expectation, frame, timeout_ms, navigations_before, detectors_before
+        )
         try:
-            if expectation.visible is not None and navigations_before is not None:
-                matched = await self._race(
-                    expectation.visible, frame, timeout_ms, navigations_before, detectors_before
-                )
-            elif expectation.visible is not None:
-                matched = (await self.find(expectation.visible, frame, timeout_ms)).matched
-            elif expectation.hidden is not None:
-                matched = (await self.find(expectation.hidden, frame, timeout_ms, "hidden")).matched
-            elif expectation.text is not None:
-                matched = await self._text(expectation, frame, timeout_ms)
+            if navigations_before is not None:
+                matched = await self._unless_landed(waiting)
             else:
-                assert expectation.url is not None
-                await self._holds(
-                    self.page.wait_for_url(re.compile(expectation.url), timeout=timeout_ms),
-                    f"URL {self.page.url} does not match {expectation.url!r}",
-                )
-                matched = None
+                matched = await waiting
         except StepError as exc:
             if exc.code not in (FailureCode.selector_not_found, FailureCode.expectation_failed):
                 raise
@@ -441,6 +462,57 @@ class PageActions:
         self._no_unexpected_dialog()
         self.confirmed_url = self.page.url
         return matched
+
+    async def _holding(
+        self,
+        expectation: Expectation,
+        frame: Frame,
+        timeout_ms: float,
+        navigations_before: int | None,
+        detectors_before: frozenset[str],
+    ) -> MatchedSelector | None:
+        """Wait until `expectation` holds (see `check`)."""
+        if expectation.visible is not None and navigations_before is not None:
+            return await self._race(
+                expectation.visible, frame, timeout_ms, navigations_before, detectors_before
+            )
+        if expectation.visible is not None:
+            return (await self.find(expectation.visible, frame, timeout_ms)).matched
+        if expectation.hidden is not None:
+            return (await self.find(expectation.hidden, frame, timeout_ms, "hidden")).matched
+        if expectation.text is not None:
+            return await self._text(expectation, frame, timeout_ms)
+        assert expectation.url is not None
+        await self._holds(
+            self.page.wait_for_url(re.compile(expectation.url), timeout=timeout_ms),
+            f"URL {self.page.url} does not match {expectation.url!r}",
+        )
+        return None
+
+    async def _unless_landed(self, waiting: Awaitable[T]) -> T:
+        """`waiting` (a postcondition after a click or key press), unless the action's
+        navigation lands on an HTTP error page first: then the step fails at once (`landing`),
+        instead of when the postcondition times out."""
+        holds = asyncio.ensure_future(waiting)
+        landed = asyncio.ensure_future(self._landed.wait())
+        try:
+            await asyncio.wait((holds, landed), return_when=asyncio.FIRST_COMPLETED)
+            if not holds.done() and self.landing is not None:
+                with contextlib.suppress(PlaywrightError):
+                    await self.page.wait_for_load_state(
+                        "domcontentloaded", timeout=_LANDING_LOAD_MS
+                    )
+                await asyncio.wait((holds,), timeout=_LANDING_LOOK_S)
+        finally:
+            landed.cancel()
+            if not holds.done():
+                holds.cancel()
+        await asyncio.wait((holds,))
+        if self.landing is None or (not holds.cancelled() and holds.exception() is None):
+            return holds.result()  # the postcondition held (or failed on its own)
+        if not holds.cancelled():
+            holds.exception()  # retrieved: the landing says more than a postcondition's miss
+        raise self.landing
 
     async def _race(
         self,
@@ -528,6 +600,8 @@ class PageActions:
     async def side_effect_check(self) -> None:
         """After a click or key press with no postcondition: trouble the page shows is a
         failure, not a success."""
+        if self.landing is not None:
+            raise self.landing
         detectors = self.loaded.registry.detectors
         validation = await detectors_seen(self.page, detectors.validation_error)
         if validation:

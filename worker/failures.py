@@ -64,6 +64,22 @@ class PageState:
     error_banners: list[str] = field(default_factory=list)
 
 
+def status_code(status: int) -> FailureCode:
+    """The code an HTTP error status of the page's own document means.
+
+    5xx is the site failing (`server_error`), and so is 429, the site refusing load for now:
+    both are worth another try after a wait. 408 is a request the site gave up waiting for
+    (`timeout`). Any other 4xx (a record gone: 404, 410; access refused: 401, 403 without a
+    sign-in form) is a page the script does not know: `unexpected_page`. A 401 or 403 that
+    shows the sign-in form is `auth_expired`, as any login page is (see `classify`).
+    """
+    if status >= 500 or status == 429:
+        return FailureCode.server_error
+    if status == 408:
+        return FailureCode.timeout
+    return FailureCode.unexpected_page
+
+
 def classify(code: FailureCode, state: PageState) -> tuple[FailureCode, str | None]:
     """Refine a vague failure code by what the page shows; return (code, evidence)."""
     if code not in _VAGUE:
@@ -72,10 +88,14 @@ def classify(code: FailureCode, state: PageState) -> tuple[FailureCode, str | No
         # The form's own error ("Invalid username or password") says more than where it is.
         where = f"redirected to a login page ({state.url})"
         return FailureCode.auth_expired, _evidence(state.error_banners) or where
-    if state.status is not None and state.status >= 500:
-        return FailureCode.server_error, _evidence(state.error_banners) or f"HTTP {state.status}"
+    status = state.status
+    if status is not None and status >= 500:
+        return status_code(status), _evidence(state.error_banners) or f"HTTP {status}"
     if state.validation_errors:
+        # Before other 4xx: a form refused with 400 or 422 shows its field errors.
         return FailureCode.validation_rejected, _evidence(state.validation_errors)
+    if status is not None and status >= 400:
+        return status_code(status), _evidence(state.error_banners) or f"HTTP {status}"
     if state.error_banners:
         return code, _evidence(state.error_banners)
     return code, None
