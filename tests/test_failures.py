@@ -391,6 +391,50 @@ async def test_a_commit_that_lands_on_a_gateway_error_page_is_probed_at_once_nev
     assert len(billing.credits()) == 1
 
 
+async def test_a_submit_whose_connection_is_reset_is_a_network_error_retried_once(
+    billing: Site, runtime: Runtime
+) -> None:
+    # The review page's POST gets no answer at all: the connection is dropped (RST).
+    billing.faults(fail=[{"path_contains": "/credits/review", "method": "POST", "mode": "reset"}])
+    job = credit_job(billing).model_copy(update={"step_timeout_ms": _LONG_STEP_MS})
+    report = await run_job(job, runtime)
+
+    assert report.status == JobStatus.succeeded, report.error
+    review = step(report, "review")
+    first = review.attempt_log[0]
+    assert first.failure is not None and first.failure.code == FailureCode.network_error
+    assert "ERR_CONNECTION_RESET" in first.failure.message, first.failure
+    assert first.duration_ms < _AT_ONCE_MS, review.attempt_log
+    assert review.attempts == 2 and fired(report) == [("review", "retry")]
+    assert billing.state()["faults"]["fail"][0]["times"] == 0  # the reset happened
+    assert len(billing.credits()) == 1
+
+
+@pytest.mark.parametrize("create", [True, False])
+async def test_a_commit_whose_connection_is_reset_is_probed_never_sent_twice(
+    billing: Site, runtime: Runtime, create: bool
+) -> None:
+    # The commit's connection drops with (or without) the credit made: the probe decides.
+    billing.faults(commit_drop={"create": create, "mode": "reset"})
+    job = credit_job(billing).model_copy(update={"step_timeout_ms": _LONG_STEP_MS})
+    report = await run_job(job, runtime)
+
+    assert report.status == JobStatus.succeeded, report.error
+    submit = step(report, "submit")
+    first = submit.attempt_log[0]
+    assert first.failure is not None and first.failure.code == FailureCode.outcome_unknown
+    assert "network_error" in first.failure.message, first.failure
+    assert first.duration_ms < _AT_ONCE_MS, submit.attempt_log
+    if create:
+        assert fired(report) == [("submit", "verify_effect")]
+        assert submit.attempts == 1 and submit.verified == Verification.probe
+    else:
+        assert fired(report) == [("submit", "verify_effect"), ("submit", "retry_from")]
+        assert submit.attempts == 2
+    assert billing.state()["faults"]["commit_drop"]["times"] == 0
+    assert len(billing.credits()) == 1
+
+
 async def test_dry_run_fills_the_form_and_submits_nothing(billing: Site, runtime: Runtime) -> None:
     job = credit_job(billing).model_copy(update={"dry_run": True})
     report = await run_job(job, runtime)

@@ -7,6 +7,7 @@ the HTML contract and fault behaviour the browser-driven worker tests rely on.
 from __future__ import annotations
 
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -309,6 +310,50 @@ def test_fail_fault_fires_n_times_then_recovers(browser: Browser, base_url: str)
     assert browser.get(f"/accounts/{ACCOUNT}").status == 200
     _, faults = control(base_url, "GET", "/_fixture/faults")
     assert faults["fail"][0]["times"] == 0
+
+
+def test_fail_fault_answers_a_4xx_or_a_gateways_bare_page(browser: Browser, base_url: str) -> None:
+    rules = [
+        {"path_contains": f"/accounts/{ACCOUNT}", "method": "GET", "status": 404},
+        {"path_contains": f"/accounts/{ACCOUNT}", "status": 502, "page": "gateway"},
+    ]
+    set_faults(base_url, fail=rules)
+    site_page = browser.get(f"/accounts/{ACCOUNT}")
+    assert site_page.status == 404
+    assert site_page.one("h1", class_="server-error").clean_text == "404 Not Found"
+    gateway = browser.get(f"/accounts/{ACCOUNT}")
+    assert gateway.status == 502
+    assert (
+        "nginx" in gateway.body
+        and "alert" not in gateway.body
+        and "server-error" not in gateway.body
+    )
+    assert browser.get(f"/accounts/{ACCOUNT}").status == 200
+
+
+def test_reset_fault_drops_the_connection_without_an_answer(
+    browser: Browser, base_url: str
+) -> None:
+    rule = {"path_contains": f"/accounts/{ACCOUNT}", "method": "GET", "mode": "reset"}
+    set_faults(base_url, fail=[rule])
+    for _ in range(2):  # the request, and the same again at once: a browser's own resend
+        with pytest.raises((ConnectionError, urllib.error.URLError)):
+            browser.get(f"/accounts/{ACCOUNT}")
+    assert browser.get("/").status == 200  # another page: the reset is over
+    assert browser.get(f"/accounts/{ACCOUNT}").status == 200
+    assert state(base_url)["faults"]["fail"][0]["times"] == 0
+
+
+def test_commit_drop_reset_records_the_credit_and_answers_nothing(
+    browser: Browser, base_url: str
+) -> None:
+    set_faults(base_url, commit_drop={"create": True, "mode": "reset"})
+    with pytest.raises((ConnectionError, urllib.error.URLError)):
+        submit_credit(browser)
+    hidden = {**CREDIT, "amount": "15.00"}
+    with pytest.raises((ConnectionError, urllib.error.URLError)):  # resent at once: dropped
+        browser.post(f"/accounts/{ACCOUNT}/credits", hidden)
+    assert len(state(base_url)["credits"]) == 1
 
 
 def test_commit_drop_with_create_records_the_credit(browser: Browser, base_url: str) -> None:

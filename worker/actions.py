@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urljoin, urlsplit
 
-from playwright.async_api import Dialog, FilePayload, Locator, Page, Response, expect
+from playwright.async_api import Dialog, FilePayload, Locator, Page, Request, Response, expect
 from playwright.async_api import Error as PlaywrightError
 
 from worker.contract import (
@@ -71,6 +71,15 @@ _STALE_GRACE_MS = 2_000
 # itself satisfies (a search's "no such record" served as a 404) still has to hold.
 _LANDING_LOAD_MS = 5_000
 _LANDING_LOOK_S = 0.25
+# A navigation's failure that says the site gave no answer (see `_on_request_failed`).
+_NO_ANSWER = (
+    "ERR_CONNECTION_",
+    "ERR_EMPTY_RESPONSE",
+    "ERR_TIMED_OUT",
+    "ERR_ADDRESS_UNREACHABLE",
+    "ERR_NETWORK_",
+    "ERR_INTERNET_DISCONNECTED",
+)
 
 T = TypeVar("T")
 
@@ -113,9 +122,10 @@ class PageActions:
     # The failure detectors showing before the current click or key press (see `check`).
     showing_before: frozenset[str] = frozenset()
     # Where the current step's action led the page when it led nowhere good: an HTTP error
-    # document (`expectation_failed`, left to `classify` to read its status and page). Set by
-    # the page's own events, so a postcondition stops waiting at once (see `_unless_landed`)
-    # at no cost to a step that went well.
+    # document (`expectation_failed`, left to `classify` to read its status and page) or a
+    # navigation that got no answer (`network_error`). Set by the page's own events, so a
+    # postcondition stops waiting at once (see `_unless_landed`) at no cost to a step that
+    # went well.
     landing: StepError | None = None
     _landed: asyncio.Event = field(default_factory=asyncio.Event)
     _error_document: str | None = None  # an error response whose document is not shown yet
@@ -129,6 +139,7 @@ class PageActions:
         self.redact = Redactor([*self.secrets.values(), *secret_inputs])
         self.page.on("response", self._on_response)
         self.page.on("framenavigated", self._on_navigated)
+        self.page.on("requestfailed", self._on_request_failed)
         # With a listener, Playwright no longer dismisses dialogs itself: this one must answer
         # every dialog, or the page (and the job) would wait forever.
         self.page.on("dialog", self._on_dialog)
@@ -152,6 +163,18 @@ class PageActions:
             if self._error_document is not None:
                 self._land(FailureCode.expectation_failed, f"the page {self._error_document}")
                 self._error_document = None
+
+    def _on_request_failed(self, request: Request) -> None:
+        if not request.is_navigation_request() or request.frame != self.page.main_frame:
+            return
+        failure = request.failure or ""
+        # Only the site not answering: not a navigation stopped (`ERR_ABORTED`: Esc,
+        # `Page.stopLoading`, another navigation), refused by the allowlist's proxy (the guard
+        # reports it) or aborted by a route (`ERR_FAILED`: replay's request the HAR lacks).
+        if not any(marker in failure for marker in _NO_ANSWER):
+            return
+        where = f"{request.method} {urlsplit(request.url).path}"
+        self._land(FailureCode.network_error, f"{where} got no answer from the site ({failure})")
 
     def _land(self, code: FailureCode, message: str) -> None:
         self.landing = StepError(code, message)
@@ -491,13 +514,14 @@ class PageActions:
 
     async def _unless_landed(self, waiting: Awaitable[T]) -> T:
         """`waiting` (a postcondition after a click or key press), unless the action's
-        navigation lands on an HTTP error page first: then the step fails at once (`landing`),
-        instead of when the postcondition times out."""
+        navigation lands on an HTTP error page or gets no answer first: then the step fails at
+        once (`landing`), instead of when the postcondition times out."""
         holds = asyncio.ensure_future(waiting)
         landed = asyncio.ensure_future(self._landed.wait())
         try:
             await asyncio.wait((holds, landed), return_when=asyncio.FIRST_COMPLETED)
-            if not holds.done() and self.landing is not None:
+            landing = self.landing
+            if not holds.done() and landing and landing.code != FailureCode.network_error:
                 with contextlib.suppress(PlaywrightError):
                     await self.page.wait_for_load_state(
                         "domcontentloaded", timeout=_LANDING_LOAD_MS
