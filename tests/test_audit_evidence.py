@@ -15,6 +15,7 @@ from worker.annotate import (
     Encoded,
     Mark,
     content_name,
+    fit_capture,
     prepare,
     render,
 )
@@ -203,6 +204,50 @@ def test_images_are_fitted_into_the_job_budget() -> None:
     assert (tight.quality, tight.scale) != (80, 1.0)
     impossible = render(shots, budget_bytes=1000)
     assert impossible.over_budget and len(impossible.images) == 3  # kept anyway
+
+
+def test_a_capture_is_fitted_by_quality_never_by_size() -> None:
+    noisy = io.BytesIO()
+    Image.effect_noise((1280, 800), 80).convert("RGB").save(noisy, "JPEG", quality=80)
+    raw = noisy.getvalue()
+    assert fit_capture(raw, len(raw)) is raw
+    smaller = fit_capture(raw, len(raw) - 1)
+    assert smaller is not None and len(smaller) < len(raw)
+    with Image.open(io.BytesIO(smaller)) as image:
+        assert image.size == (1280, 800)  # the step's box is measured at full size
+    assert fit_capture(raw, 1000) is None
+    assert fit_capture(raw, 0) is None
+
+
+async def test_screenshots_as_captured_obey_the_job_budget_too(
+    billing: Site, runtime: Runtime, tmp_path: Path
+) -> None:
+    # The annotated set had a budget; the captures beside it (`NN-<step>.jpg`) had none.
+    roomy = await run_job(credit_job(billing, "raw-roomy"), runtime)
+    folder = runtime.artifacts.root / (roomy.artifacts.path if roomy.artifacts else "")
+    sizes = sorted(p.stat().st_size for p in folder.glob("*.jpg"))
+    assert len(sizes) == len(roomy.steps)
+    # Room for the first few captures as taken, and some at a lower quality; not for all.
+    budget = sum(sizes[:3]) + sizes[0] // 2
+    tight = LocalArtifacts(tmp_path / "tight", image_budget=budget)
+    runtime.artifacts = tight
+    billing.reset()
+    report = await run_job(credit_job(billing, "raw-tight"), runtime)
+
+    assert report.status == JobStatus.succeeded, report.error
+    assert len(billing.credits()) == 1  # the evidence budget changes nothing on the site
+    assert report.artifacts is not None
+    captures = list((tight.root / report.artifacts.path).glob("*.jpg"))
+    assert captures and sum(p.stat().st_size for p in captures) <= budget
+    shots = [s.screenshot for s in report.steps]
+    assert shots[0] is not None and None in shots  # kept while they fit, then no more
+    assert len(captures) == len([s for s in shots if s is not None])
+    # Every capture kept is a whole screenshot, and has its evidence image.
+    record = audit_of(runtime, "raw-tight")
+    for shot in filter(None, shots):
+        with Image.open(tight.root / shot) as image:
+            assert image.size == (1280, 800)
+        assert shot in record.evidence
 
 
 async def test_an_element_in_an_iframe_is_boxed_where_the_page_shows_it(

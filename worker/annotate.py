@@ -162,6 +162,23 @@ def prepare(raw: bytes, mark: Mark, fmt: ImageFormat = "webp") -> Encoded:
 _JPEG_START = b"\xff\xd8\xff"
 
 
+def fit_capture(raw: bytes, allowance: int) -> bytes | None:
+    """A JPEG capture within `allowance` bytes: as it is when it fits, else encoded again at
+    the ladder's lower qualities (never smaller: a step's box is measured on the page at full
+    size) until it does. None when even the lowest quality does not fit."""
+    if len(raw) <= allowance:
+        return raw
+    if allowance <= 0:
+        return None
+    with Image.open(io.BytesIO(raw)) as opened:
+        image = opened.convert("RGB")
+    for quality in sorted({quality for quality, _ in LADDER[1:]}, reverse=True):
+        data = _encode(image, "jpeg", quality)
+        if len(data) <= allowance:
+            return data
+    return None
+
+
 def _as_captured(raw: bytes) -> Encoded:
     """A capture with nothing to draw on it (a step that navigated away from its element) is
     its own evidence image: the browser already encoded it as JPEG at the first rung's quality

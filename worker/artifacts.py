@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from worker.annotate import Encoded, ImageFormat, Mark, prepare, render
+from worker.annotate import Encoded, ImageFormat, Mark, fit_capture, prepare, render
 from worker.audit import AuditRecord, Evidence, ImageBudget, screenshot_marks
 from worker.contract import Artifacts, JobReport
 from worker.errors import ArtifactError, ArtifactUnreadable
@@ -61,8 +61,9 @@ _IMAGES = ThreadPoolExecutor(max_workers=2, thread_name_prefix="formwork-evidenc
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 # Per job, annotated images and thumbnails together: about 60 steps of a form-heavy site at
-# JPEG q80, or three times that in WebP.
+# JPEG q80, or three times that in WebP. The screenshots as captured obey it on their own.
 DEFAULT_IMAGE_BUDGET = 3_000_000
+_CAPTURES = {".jpg", ".png", ".webp"}  # a job's screenshots as captured, beside its records
 _TYPES = {".json": "application/json", ".jpg": "image/jpeg", ".webp": "image/webp",
           ".zip": "application/zip", ".png": "image/png"}  # fmt: skip
 
@@ -121,6 +122,8 @@ class ArtifactStore(ABC):
         self._paths: dict[str, str] = {}
         # Evidence encoded while the job still runs (`prepare`), by screenshot path.
         self._prepared: dict[str, tuple[Mark, asyncio.Future[Encoded]]] = {}
+        # Bytes of the screenshots kept as captured, by job (`keep_capture`).
+        self._captured: dict[str, int] = {}
 
     # ------------------------------------------------------------ what back ends differ in
     # Blocking calls: the async methods below run them in a thread.
@@ -209,6 +212,29 @@ class ArtifactStore(ABC):
         name = f"{index:02d}-{safe_id(step_id)}{suffix}"
         return self._spooled(job_id) / name, f"{self.job_path(job_id)}/{name}"
 
+    async def keep_capture(self, job_id: str, path: Path, data: bytes) -> bool:
+        """Write a step's screenshot as captured (`path`, from `step_image`) within the job's
+        image budget: as it is while it fits, at a lower JPEG quality when only that fits,
+        not at all (False) once nothing does — a job cannot write evidence without end."""
+        used = self._captured.get(job_id)
+        if used is None:  # a run that took the job over: the captures of the runs before
+            used = sum(
+                p.stat().st_size
+                for p in path.parent.iterdir()
+                if p.suffix in _CAPTURES and p.is_file()
+            )
+        allowance = self.image_budget - used
+        kept: bytes | None = data
+        if len(data) > allowance:
+            loop = asyncio.get_running_loop()
+            kept = await loop.run_in_executor(_IMAGES, fit_capture, data, allowance)
+        self._captured[job_id] = used
+        if kept is None:
+            return False
+        await asyncio.to_thread(_write_private, path, kept)
+        self._captured[job_id] = used + len(kept)
+        return True
+
     def trace_file(self, job_id: str) -> Path:
         """Where to record a trace of this run of the job (a resumed job has one per run)."""
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
@@ -257,6 +283,7 @@ class ArtifactStore(ABC):
         not turn it into a failure. The loss is logged.
         """
         marks = screenshot_marks(report)
+        self._captured.pop(report.job_id, None)
         job = f"{self.job_path(report.job_id)}/"
         ready: dict[str, Encoded] = {}
         for source in [s for s in self._prepared if s.startswith(job)]:

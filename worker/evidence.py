@@ -14,12 +14,10 @@ speed): a step's evidence costs one round trip instead of Playwright's screensho
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import json
 from collections.abc import Iterable
-from pathlib import Path
 
 from playwright.async_api import CDPSession, FloatRect, Locator, Page
 from playwright.async_api import Error as PlaywrightError
@@ -254,8 +252,8 @@ async def mark_secret(field: Locator, timeout_ms: float) -> None:
         await field.evaluate(f"(el) => ({_MARK_JS})([el])", timeout=timeout_ms)
 
 
-async def capture(page: Page, cdp: CDPSession, path: Path, *, full_page: bool = False) -> None:
-    """Screenshot `page` to `path` as JPEG."""
+async def capture(page: Page, cdp: CDPSession, *, full_page: bool = False) -> bytes:
+    """Screenshot `page` as JPEG (the artifact store keeps it, within the job's budget)."""
     # A screenshot taken while a click's navigation is still committing fails with "Unable to
     # capture screenshot": wait for the load, and once more if the capture still loses the race.
     try:
@@ -278,13 +276,7 @@ async def capture(page: Page, cdp: CDPSession, path: Path, *, full_page: bool = 
                     data = base64.b64decode(shot["data"])
     except PlaywrightError as exc:
         raise StepError(FailureCode.browser_crashed, f"screenshot failed: {exc.message}") from exc
-    await asyncio.to_thread(_write_private, path, data)
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    # Evidence may show customer data: readable by the worker's user only.
-    path.touch(mode=0o600)
-    path.write_bytes(data)
+    return data
 
 
 async def _settle(page: Page) -> None:

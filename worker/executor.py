@@ -1268,9 +1268,18 @@ class _Run:
             self.job.job_id, self.shots, step_id, IMAGE_SUFFIX
         )
         try:
-            await capture(self.page, self.cdp, path, full_page=full_page)
+            data = await capture(self.page, self.cdp, full_page=full_page)
         except StepError as exc:
             log.warning("job %s step %s: %s", self.job.job_id, step_id, exc.message)
+            return None
+        if not await self.runtime.artifacts.keep_capture(self.job.job_id, path, data):
+            log.warning(
+                "job %s step %s: screenshot not kept: the job's captures are at their budget "
+                "(%s bytes)",
+                self.job.job_id,
+                step_id,
+                self.runtime.artifacts.image_budget,
+            )
             return None
         return rel
 
