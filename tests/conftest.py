@@ -66,6 +66,18 @@ def credit_as_script(scripts: Path) -> None:
     (scripts / "billing" / "credit_as.yaml").write_text(source)
 
 
+def signing_in_as_the_agent(settings: Settings, tmp_path: Path) -> Settings:
+    """`settings` with billing/credit_as among the scripts, on a worker whose own service
+    account is another (`service-bot`): the agent's name and password, the ones the fixture
+    accepts, are known to the job only as its inputs declared secret."""
+    scripts = tmp_path / "scripts"
+    shutil.copytree(SCRIPTS, scripts)
+    credit_as_script(scripts)
+    own = tmp_path / "secrets.yaml"
+    own.write_text("billing_username: service-bot\nbilling_password: not-the-agents-0000\n")
+    return settings.model_copy(update={"scripts_dir": scripts, "secrets_file": own})
+
+
 class Site:
     """A running fixture site plus its ground truth, as a test sees it."""
 

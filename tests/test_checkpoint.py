@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from worker.keys import Keys
 from worker.queue import running_worker
 from worker.settings import Settings
 
-from .conftest import CREDIT_INPUTS, SCRIPTS, Site, credit_as_script
+from .conftest import CREDIT_INPUTS, Site, signing_in_as_the_agent
 from .test_handoff import paused_job
 
 
@@ -75,14 +74,9 @@ async def test_secret_inputs_kept_for_a_resume_are_sealed_and_dropped_when_the_j
 ) -> None:  # fmt: skip
     # A job waiting for approval keeps what a resume needs, on any worker: the job itself
     # among it. Its secret inputs are sealed under the workers' key, and gone once it ends.
-    scripts = tmp_path / "scripts"
-    shutil.copytree(SCRIPTS, scripts)
-    credit_as_script(scripts)
     # The agent's own sign-in is the one the fixture accepts; the worker's service account
     # (which a job may never carry) is another.
-    own = tmp_path / "secrets.yaml"
-    own.write_text("billing_username: service-bot\nbilling_password: not-the-agents-0000\n")
-    settings = settings.model_copy(update={"scripts_dir": scripts, "secrets_file": own})
+    settings = signing_in_as_the_agent(settings, tmp_path)
     user, password = fixture_secrets["billing_username"], fixture_secrets["billing_password"]
     inputs = {**CREDIT_INPUTS, "amount": "150.00", "agent_user": user, "agent_pw": password}
     keys = Keys(settings.key_prefix)

@@ -35,7 +35,7 @@ from worker.queue import (
 )
 from worker.settings import Settings
 
-from .conftest import CREDIT_INPUTS, SCRIPTS, Site, credit_as_script
+from .conftest import CREDIT_INPUTS, SCRIPTS, Site, signing_in_as_the_agent
 from .test_cli import formwork
 from .test_worker_process import worker_process
 
@@ -353,15 +353,10 @@ async def test_a_secret_input_pasted_into_a_decision_is_redacted_everywhere(
     # approver pastes them into `formwork resume`'s note, reason and name. Only configured
     # secrets were checked there: the note went into the report, its events, the audit
     # record and the rejection's error in the clear.
-    scripts = tmp_path / "scripts"
-    shutil.copytree(SCRIPTS, scripts)
-    credit_as_script(scripts)
-    own = tmp_path / "secrets.yaml"  # the worker's own service account: other values
-    own.write_text("billing_username: service-bot\nbilling_password: not-the-agents-0000\n")
-    settings = settings.model_copy(update={"scripts_dir": scripts, "secrets_file": own})
+    settings = signing_in_as_the_agent(settings, tmp_path)
     user, password = fixture_secrets["billing_username"], fixture_secrets["billing_password"]
     inputs = {**CREDIT_INPUTS, "amount": "150.00", "agent_user": user, "agent_pw": password}
-    env = {**settings.to_env(), "FORMWORK_SECRETS_FILE": str(own)}
+    env = {**settings.to_env(), "FORMWORK_SECRETS_FILE": str(settings.secrets_file)}
     said: list[str] = []
     with worker_process(settings, tmp_path / "worker.log"):
         handles = {}
@@ -415,12 +410,7 @@ async def test_a_secret_input_in_the_reason_of_an_abort_is_redacted(
     browser_host: BrowserHost, fixture_secrets: dict[str, str],
 ) -> None:  # fmt: skip
     # `formwork abort --reason` on a running job: the reason became the job's error as it was.
-    scripts = tmp_path / "scripts"
-    shutil.copytree(SCRIPTS, scripts)
-    credit_as_script(scripts)
-    own = tmp_path / "secrets.yaml"
-    own.write_text("billing_username: service-bot\nbilling_password: not-the-agents-0000\n")
-    settings = settings.model_copy(update={"scripts_dir": scripts, "secrets_file": own})
+    settings = signing_in_as_the_agent(settings, tmp_path)
     user, password = fixture_secrets["billing_username"], fixture_secrets["billing_password"]
     inputs = {**CREDIT_INPUTS, "agent_user": user, "agent_pw": password}
     billing.faults(latency_ms=150)  # slow enough that the abort lands mid-job

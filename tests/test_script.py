@@ -14,8 +14,7 @@ from worker.errors import InputInvalid, ScriptInvalid, ScriptNotFound
 from worker.script import ScriptStore
 from worker.templating import TemplateError, references, render
 
-from .conftest import CREDIT_INPUTS, SCRIPTS, SELECTORS
-from .test_checkpoint import credit_as_script
+from .conftest import CREDIT_INPUTS, SCRIPTS, SELECTORS, credit_as_script
 
 
 @pytest.fixture

@@ -26,7 +26,15 @@ from worker.envelope import envelope, loads
 from worker.keys import Keys
 from worker.settings import Settings
 
-from .conftest import CREDIT_INPUTS, ROOT, SCRIPTS, Site, credit_as_script, own_redis, worker_env
+from .conftest import (
+    CREDIT_INPUTS,
+    ROOT,
+    SCRIPTS,
+    Site,
+    own_redis,
+    signing_in_as_the_agent,
+    worker_env,
+)
 
 
 @contextmanager
@@ -591,12 +599,7 @@ async def test_secret_inputs_never_reach_the_workers_log(
     # An orchestrator in another language writes the envelope itself, inputs first: arq's
     # line for the job's start (`-v`) showed its first 80 characters, the agent's password
     # among them, which the log's redactor (configured secrets only) did not know.
-    scripts = tmp_path / "scripts"
-    shutil.copytree(SCRIPTS, scripts)
-    credit_as_script(scripts)
-    own = tmp_path / "secrets.yaml"
-    own.write_text("billing_username: service-bot\nbilling_password: not-the-agents-0000\n")
-    settings = settings.model_copy(update={"scripts_dir": scripts, "secrets_file": own})
+    settings = signing_in_as_the_agent(settings, tmp_path)
     user, password = fixture_secrets["billing_username"], fixture_secrets["billing_password"]
     payload = {
         "inputs": {"agent_pw": password, "agent_user": user, **CREDIT_INPUTS},
