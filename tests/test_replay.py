@@ -12,6 +12,7 @@ import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import replace
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from worker.replay import (
     on_this_machine,
     replay_all,
     table,
+    write_html,
 )
 from worker.script import ScriptStore
 from worker.secretstore import SecretStore
@@ -722,6 +724,45 @@ async def test_an_unreadable_golden_screenshot_is_a_regression_and_the_replay_go
     }
     assert broken.verdict == Verdict.regression
     assert fine.verdict == Verdict.same, (problems(fine), fine.unmatched)
+
+
+class _BidiCheck(HTMLParser):
+    """Every text holding a bidi control, and where in the page it stands."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open: list[str] = []
+        self.found: list[tuple[str, bool]] = []  # (text, inside a <bdi>)
+
+    def handle_starttag(self, tag: str, attrs: Any) -> None:
+        if tag not in ("img", "br", "meta", "link", "input"):
+            self.open.append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        while self.open and self.open.pop() != tag:
+            pass
+
+    def handle_data(self, data: str) -> None:
+        if any(c in data for c in "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"):
+            self.found.append((data, "bdi" in self.open))
+
+
+async def test_site_text_with_bidi_controls_is_isolated_in_the_replay_report(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    # A failure message quotes the site, a drift names a selector, an unmatched request its
+    # URL: a U+202E among them reordered the report around it, as it did the review UI's.
+    bundle = damaged(tmp_path, "bundle")
+    result = await offline(bundle, runtime, tmp_path / "out")
+    flip = "\u202eCN-100001 refused\u202c"
+    result.problems.append(f"the site said {flip}")
+    result.unmatched.append(f"GET /credits?ref={flip}")
+    result.steps[0].problems.append(f"page showed {flip}")
+    (tmp_path / "html").mkdir()
+    check = _BidiCheck()
+    check.feed(write_html([result], tmp_path / "html", 0.01).read_text())
+    assert len(check.found) == 3
+    assert all(inside for _, inside in check.found), check.found
 
 
 async def test_a_missing_golden_screenshot_is_a_regression_in_every_report(
