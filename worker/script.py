@@ -11,11 +11,10 @@ load time naming the file, line, step and field — never half-way through a cus
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import re
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Context, Decimal
 from enum import StrEnum
@@ -54,7 +53,15 @@ from worker.templating import (
     sole_reference,
 )
 from worker.uploads import UploadRefused, relative_upload, upload_path
-from worker.yamlfile import At, describe_loc, line_of, load_model, read_yaml
+from worker.yamlfile import (
+    At,
+    closest,
+    describe_loc,
+    did_you_mean,
+    line_of,
+    load_model,
+    read_yaml,
+)
 
 # How long a paused job waits for a decision, unless its script or job says otherwise.
 PAUSE_TIMEOUT_S = 24 * 3600
@@ -737,11 +744,7 @@ def _one_action(data: Any) -> Any:
     known = {*_Step.model_fields, *ACTIONS, "expect", "action"}
     actions = (*ACTIONS, "expect")
     unknown = [str(key) for key in data if key not in known]
-    hints = [
-        f"{key!r} is not an action" + (f" (did you mean {near[0]!r}?)" if near else "")
-        for key in unknown
-        for near in [difflib.get_close_matches(key, actions, n=1)]
-    ]
+    hints = [f"{key!r} is not an action" + did_you_mean(key, actions) for key in unknown]
     raise ValueError(
         "a step needs exactly one action: "
         + ", ".join(actions)
@@ -1118,8 +1121,8 @@ def validate_inputs(script: Script, raw: dict[str, Any]) -> dict[str, Any]:
             msg = item["msg"].removeprefix("Value error, ")
             meant = name
             if item["type"] == "extra_forbidden":
-                meant = _closest(name, script.inputs) or name
-                msg = "not declared by the script" + _near(name, script.inputs)
+                meant = closest(name, script.inputs) or name
+                msg = "not declared by the script" + did_you_mean(name, script.inputs)
             # Never echo a secret input's value back in an error, nor one sent under a
             # misspelling of a secret input's name.
             secret = meant in script.inputs and script.inputs[meant].secret
@@ -1315,7 +1318,7 @@ class ScriptStore:
                 where = _field_where(path, ("dynamic", index))
                 raise ScriptInvalid(
                     f"{where}: {element!r} is not in selectors/{registry.site}.yaml"
-                    + _near(element, registry.elements)
+                    + did_you_mean(element, registry.elements)
                 )
             if not any(c.css for c in candidates):
                 where = _field_where(path, ("dynamic", index))
@@ -1471,7 +1474,7 @@ def _check_plan(
             if target not in registry.elements:
                 fail(
                     f"target {target!r} is not in selectors/{registry.site}.yaml"
-                    + _near(target, registry.elements)
+                    + did_you_mean(target, registry.elements)
                 )
         for label, source in _sources(step, registry):
             # A selector is written in the registry: say so, or the step looks at fault.
@@ -1530,18 +1533,6 @@ def _undeclared(ref: Reference, script: Script, produced: set[str]) -> str | Non
     if ref.namespace == "outputs" and ref.name not in produced:
         return f"'{{{{ outputs.{ref.name} }}}}' is not extracted by an earlier step"
     return None
-
-
-def _closest(name: str, known: Iterable[str]) -> str | None:
-    """The known name a misspelt `name` looks like, if any."""
-    close = difflib.get_close_matches(name, list(known), n=1)
-    return close[0] if close else None
-
-
-def _near(name: str, known: Iterable[str]) -> str:
-    """` (did you mean 'reply.status'?)` for a misspelt name, else nothing."""
-    close = _closest(name, known)
-    return f" (did you mean {close!r}?)" if close else ""
 
 
 def _field_where(path: Path, loc: tuple[int | str, ...]) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import difflib
 import ipaddress
 import re
 import typing
@@ -38,7 +37,7 @@ from worker.contract import FailureCode, MatchedSelector
 from worker.errors import ScriptInvalid, StepError
 from worker.policy import Rule
 from worker.templating import TemplateError, references, render
-from worker.yamlfile import At, load_model
+from worker.yamlfile import At, closest, load_model
 
 ELEMENT_NAME = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$"
 _KINDS = ("role", "label", "placeholder", "test_id", "text", "css")
@@ -70,8 +69,8 @@ class Candidate(BaseModel):
     def _aria_role(cls, role: str | None) -> str | None:
         # A typo would match nothing, wait out the step and look like a changed site.
         if role is not None and "{{" not in role and role not in ARIA_ROLES:
-            near = difflib.get_close_matches(role, ARIA_ROLES, n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
+            near = closest(role, ARIA_ROLES)
+            hint = f"; did you mean {near!r}?" if near else ""
             raise ValueError(f"{role!r} is not an ARIA role{hint}")
         return role
 

@@ -6,6 +6,7 @@ Scripts and selector registries are written by people; a typo must point at the 
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar, get_args
 
@@ -207,11 +208,23 @@ def _mapping_of(class_name: object, model: type[BaseModel] | None) -> str:
     return f"a mapping ({', '.join(_fields(kind))})" if kind is not None else "a mapping"
 
 
+def closest(name: str, known: Iterable[str]) -> str | None:
+    """The known name a misspelt `name` looks like, if any: every "did you mean" in a load
+    error (keys, actions, elements, inputs, ARIA roles) asks this."""
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return close[0] if close else None
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """` (did you mean 'reply.status'?)` for a misspelt `name`, else nothing."""
+    close = closest(name, known)
+    return f" (did you mean {close!r}?)" if close else ""
+
+
 def _unknown_key(key: object, model: type[BaseModel] | None) -> str:
     """pydantic's "Extra inputs are not permitted" says `inputs`, a word scripts use for
     something else: say it is an unknown key, and which known one it looks like."""
-    near = difflib.get_close_matches(str(key), sorted(_keys(model)), n=1) if model else []
-    return "unknown key" + (f" (did you mean {near[0]!r}?)" if near else "")
+    return "unknown key" + (did_you_mean(str(key), _keys(model)) if model else "")
 
 
 def _kind_of(value: Any) -> str:
