@@ -204,11 +204,15 @@ async def _forget(redis: Redis, keys: Keys, job_id: str, token: str) -> None:
     await script(keys=[keys.taken], args=[job_id, token])
 
 
-_LOST_REDIS = "this worker lost Redis while running it"
-_WORKER_GONE = "the worker running it stopped answering"
+# Why a job went back on the queue: (for the log, for the job's `queued` event).
+_LOST_REDIS = ("this worker lost Redis while running it", "lost Redis mid-job; it will run again")
+_WORKER_GONE = (
+    "the worker running it stopped answering",
+    "its worker stopped answering mid-job; it will run again",
+)
 
 
-async def _say_queued(redis: Redis, keys: Keys, arq_id: str, why: str) -> None:
+async def _say_queued(redis: Redis, keys: Keys, arq_id: str, why: tuple[str, str]) -> None:
     job_id = job_of(arq_id)  # a decision's message runs under an id of its own
     status = await cast("Any", redis.hget(keys.job(job_id), "status"))
     if status is not None and JobStatus(status.decode()).settled:
@@ -216,13 +220,12 @@ async def _say_queued(redis: Redis, keys: Keys, arq_id: str, why: str) -> None:
         # with the stored report: nothing to announce.
         log.info("job %s: handed back to the queue to record its end", job_id)
         return
+    logged, message = why
     log.warning(
-        "job %s: handed back to the queue (%s); it goes on from its last checkpoint", job_id, why
+        "job %s: handed back to the queue (%s); it goes on from its last checkpoint",
+        job_id,
+        logged,
     )
-    message = {
-        _LOST_REDIS: "lost Redis mid-job; it will run again",
-        _WORKER_GONE: "its worker stopped answering mid-job; it will run again",
-    }[why]
     with contextlib.suppress(RedisError):
         events = await JobEvents.open(redis, keys, job_id)
         await events.job(JobStatus.queued, message=message)

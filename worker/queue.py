@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, cast
@@ -411,8 +411,8 @@ class WorkerState:
     owns_browser: bool = True
     # `formwork worker`'s (and build_worker's): the jobs this process runs, under its lease.
     taken: TakenJobs | None = None
-    lease: asyncio.Task[None] | None = None
-    sweeper: asyncio.Task[None] | None = None  # `_sweep_abort_flags`, until shutdown
+    # Loops that run beside the jobs until shutdown: the lease's, the abort flags' sweep.
+    background: list[asyncio.Task[None]] = field(default_factory=list)
 
     def checkpoints(self, job_id: str, outbox: Outbox | None = None) -> RedisCheckpoints:
         return RedisCheckpoints(self.redis, self.keys, job_id, self.cipher, outbox)
@@ -464,8 +464,8 @@ async def startup(ctx: dict[str, Any]) -> None:
         state.taken = taken
         await taken.hand_back(redis, keys)  # what this process held when it lost Redis
         await taken.renew(redis, keys)  # leased before arq hands it a job
-        state.lease = asyncio.create_task(taken.keep_lease(redis, keys))
-    ctx["formwork"].sweeper = asyncio.create_task(_sweep_abort_flags(redis, keys))
+        state.background.append(asyncio.create_task(taken.keep_lease(redis, keys)))
+    ctx["formwork"].background.append(asyncio.create_task(_sweep_abort_flags(redis, keys)))
     log.info("worker ready: max_jobs=%s queue=%s", settings.max_jobs, keys.queue)
 
 
@@ -474,16 +474,12 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     state: WorkerState | None = ctx.pop("formwork", None)
     if state is None:
         return
-    if state.lease is not None:
-        state.lease.cancel()
+    for task in state.background:
+        task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await state.lease
+            await task
     if state.taken is not None:
         await state.taken.release(state.redis, state.keys)
-    if state.sweeper is not None:
-        state.sweeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await state.sweeper
     await drain_webhooks()  # deliveries still pending get their last seconds, then go
     await state.http.close()
     await state.monitor.close()
