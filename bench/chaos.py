@@ -53,6 +53,16 @@ FAULTS: list[tuple[str, dict[str, Any], int]] = [
     ("drop_created", {"commit_drop": {"create": True, "mode": "error", "status": 502}}, 3),
     ("drop_not_created", {"commit_drop": {"create": False, "mode": "error", "status": 502}}, 3),
     ("hang_created", {"commit_drop": {"create": True, "mode": "hang", "hang_ms": 8000}}, 1),
+    ("reset_created", {"commit_drop": {"create": True, "mode": "reset"}}, 2),
+    ("reset_not_created", {"commit_drop": {"create": False, "mode": "reset"}}, 1),
+    (
+        "gateway_502_created",
+        {"commit_drop": {"create": True, "mode": "error", "status": 502, "page": "gateway"}},
+        1,
+    ),
+    ("review_reset", {"fail": [{"path_contains": "/credits/review", "mode": "reset"}]}, 1),
+    ("review_429", {"fail": [{"path_contains": "/credits/review", "status": 429}]}, 1),
+    ("review_408", {"fail": [{"path_contains": "/credits/review", "status": 408}]}, 1),
     ("session_expiry", {"session_expiry_times": 1}, 2),  # after_requests drawn per job
     ("skin_v2", {"skin": "v2"}, 2),
     ("reject_amount", {}, 1),  # reject_value drawn per job

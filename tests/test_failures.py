@@ -405,6 +405,7 @@ async def test_a_submit_whose_connection_is_reset_is_a_network_error_retried_onc
     assert first.failure is not None and first.failure.code == FailureCode.network_error
     assert "ERR_CONNECTION_RESET" in first.failure.message, first.failure
     assert first.duration_ms < _AT_ONCE_MS, review.attempt_log
+    assert first.screenshot is not None, "the attempt that got no answer has no evidence"
     assert review.attempts == 2 and fired(report) == [("review", "retry")]
     assert billing.state()["faults"]["fail"][0]["times"] == 0  # the reset happened
     assert len(billing.credits()) == 1
@@ -425,7 +426,11 @@ async def test_a_commit_whose_connection_is_reset_is_probed_never_sent_twice(
     assert first.failure is not None and first.failure.code == FailureCode.outcome_unknown
     assert "network_error" in first.failure.message, first.failure
     assert first.duration_ms < _AT_ONCE_MS, submit.attempt_log
+    # The evidence of the reset is what the browser showed for it: its error page, captured
+    # once that page had replaced the form (before, the capture raced the swap and was lost).
+    assert first.screenshot is not None, "the commit that got no answer has no evidence"
     if create:
+        assert submit.url.startswith("chrome-error://"), submit.url
         assert fired(report) == [("submit", "verify_effect")]
         assert submit.attempts == 1 and submit.verified == Verification.probe
     else:

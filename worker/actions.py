@@ -80,6 +80,11 @@ _NO_ANSWER = (
     "ERR_NETWORK_",
     "ERR_INTERNET_DISCONNECTED",
 )
+# Such a navigation fails at once, but Chromium's error page commits only ~10-100 ms later, and
+# until then the page can be neither read nor captured ("Not attached to an active page"): the
+# step fails when the error page shows, or after this long if none does.
+_NO_ANSWER_COMMIT_S = 1.0
+_ERROR_PAGE = "chrome-error://"
 
 T = TypeVar("T")
 
@@ -129,6 +134,8 @@ class PageActions:
     landing: StepError | None = None
     _landed: asyncio.Event = field(default_factory=asyncio.Event)
     _error_document: str | None = None  # an error response whose document is not shown yet
+    _no_answer: str | None = None  # a navigation that got no answer, its error page not shown yet
+    _no_answer_timer: asyncio.TimerHandle | None = None
     _redacting: bool = False
     # Every secret this job may type (configured, and inputs declared secret): text read from
     # the page passes through it before it becomes an output, a claim or evidence.
@@ -163,6 +170,7 @@ class PageActions:
             if self._error_document is not None:
                 self._land(FailureCode.expectation_failed, f"the page {self._error_document}")
                 self._error_document = None
+            self._land_no_answer()
 
     def _on_request_failed(self, request: Request) -> None:
         if not request.is_navigation_request() or request.frame != self.page.main_frame:
@@ -174,7 +182,25 @@ class PageActions:
         if not any(marker in failure for marker in _NO_ANSWER):
             return
         where = f"{request.method} {urlsplit(request.url).path}"
-        self._land(FailureCode.network_error, f"{where} got no answer from the site ({failure})")
+        self._forget_no_answer()
+        self._no_answer = f"{where} got no answer from the site ({failure})"
+        if self.page.main_frame.url.startswith(_ERROR_PAGE):
+            self._land_no_answer()  # its error page was quicker than this event
+        else:
+            loop = asyncio.get_running_loop()
+            self._no_answer_timer = loop.call_later(_NO_ANSWER_COMMIT_S, self._land_no_answer)
+
+    def _land_no_answer(self) -> None:
+        message = self._no_answer
+        self._forget_no_answer()
+        if message is not None:
+            self._land(FailureCode.network_error, message)
+
+    def _forget_no_answer(self) -> None:
+        self._no_answer = None
+        if self._no_answer_timer is not None:
+            self._no_answer_timer.cancel()
+            self._no_answer_timer = None
 
     def _land(self, code: FailureCode, message: str) -> None:
         self.landing = StepError(code, message)
@@ -266,6 +292,7 @@ class PageActions:
         self._navigations_at_start = self.navigations
         self.landing = None
         self._landed.clear()
+        self._forget_no_answer()
         matched = await self._perform(planned, timeout_ms)
         self._no_unexpected_dialog()
         return matched

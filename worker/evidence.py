@@ -21,7 +21,12 @@ from collections.abc import Iterable
 
 from playwright.async_api import CDPSession, FloatRect, Locator, Page
 from playwright.async_api import Error as PlaywrightError
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
 
 from worker.annotate import LADDER
 from worker.contract import Box, FailureCode
@@ -255,10 +260,13 @@ async def mark_secret(field: Locator, timeout_ms: float) -> None:
 async def capture(page: Page, cdp: CDPSession, *, full_page: bool = False) -> bytes:
     """Screenshot `page` as JPEG (the artifact store keeps it, within the job's budget)."""
     # A screenshot taken while a click's navigation is still committing fails with "Unable to
-    # capture screenshot": wait for the load, and once more if the capture still loses the race.
+    # capture screenshot" (or "Not attached to an active page" while Chromium swaps in an error
+    # page): wait for the load, and try again a little later if the capture still loses the
+    # race — at once, it would lose it again (three tries within 3 ms were seen to).
     try:
         async for attempt in AsyncRetrying(
             stop=stop_after_attempt(3),
+            wait=wait_exponential(multiplier=0.05, max=0.4),
             retry=retry_if_exception_type(PlaywrightError),
             reraise=True,
         ):
