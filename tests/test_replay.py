@@ -828,3 +828,45 @@ async def test_a_script_that_types_something_else_is_a_regression(
     }
     [credit] = billing.credits()
     assert credit["reason"] == "refund damaged item per policy"  # what the replay caught
+
+
+async def test_export_never_replaces_a_folder_that_is_not_a_bundle(
+    billing: Site,
+    runtime: Runtime,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # `--out DIR` named an existing folder of other work: the export removed it whole to put
+    # the bundle there; `--out .` ended in a traceback.
+    job = BrowserJob(
+        job_id="rec-out", script="billing/issue_credit", inputs=CREDIT_INPUTS, site_url=billing.url
+    )
+    report = await run_job(job, runtime)
+    assert report.artifacts is not None
+    saved = tmp_path / "report.json"
+    saved.write_text(report.model_dump_json())
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("three days of notes")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("kept")
+    monkeypatch.chdir(work)
+    export = ["recording", "export", "rec-out", "--report", str(saved), "--scripts-dir",
+              str(SCRIPTS), "--selectors-dir", str(SELECTORS), "--out"]  # fmt: skip
+    folder = "a folder without a recording.json"
+    for out, what in ((work, folder), (Path("."), folder), (a_file, "a file")):
+        code = await asyncio.to_thread(main, [*export, str(out)])
+        [said] = capsys.readouterr().err.splitlines()
+        assert code == 2
+        assert said == (
+            f"formwork: {out.resolve()} is {what}, not a recording bundle: not replaced "
+            "(name a new or empty folder, or an earlier bundle)"
+        )
+        assert (work / "notes.txt").read_text() == "three days of notes"
+        assert a_file.read_text() == "kept"
+    # An earlier bundle, or an empty folder, is what it may replace.
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "empty", tmp_path / "empty", tmp_path / "new"):
+        assert await asyncio.to_thread(main, [*export, str(out)]) == 0
+        assert load(out).job_id == "rec-out"

@@ -1041,11 +1041,11 @@ async def _recording_export(args: argparse.Namespace) -> int:
     try:
         store = ScriptStore(settings.scripts_dir, settings.selectors_dir)
         recording = from_report(report, store.load(report.script, report.script_version))
+        out = args.out or Path("recordings") / report.job_id
+        export(recording, Path(report.artifacts.root), out)
     except FormworkError as exc:
         print(f"formwork: {exc.message}", file=sys.stderr)
         return 2
-    out = args.out or Path("recordings") / report.job_id
-    export(recording, Path(report.artifacts.root), out)
     print(f"recording of {report.job_id} ({recording.script_ref}, {report.status}): {out}/")
     return 0
 

@@ -155,7 +155,17 @@ def from_report(report: JobReport, loaded: LoadedScript) -> Recording:
 
 
 def export(recording: Recording, artifacts_root: Path, bundle: Path) -> Path:
-    """Write `recording` as a bundle, copying its screenshots in; replaces an old bundle."""
+    """Write `recording` as a bundle, copying its screenshots in; replaces an old bundle, and
+    nothing else: `RecordingInvalid` when `bundle` is a file or a folder holding other things."""
+    bundle = bundle.resolve()  # `.` has no name to stage the new bundle beside
+    if bundle.exists() and not is_bundle(bundle):
+        # The old bundle is removed whole: a folder of anything else (`--out .`, `--out ~`)
+        # went with it.
+        what = "a file" if not bundle.is_dir() else f"a folder without a {RECORDING_FILE}"
+        raise RecordingInvalid(
+            f"{bundle} is {what}, not a recording bundle: not replaced "
+            "(name a new or empty folder, or an earlier bundle)"
+        )
     staged = bundle.with_name(bundle.name + ".tmp")
     shutil.rmtree(staged, ignore_errors=True)
     (staged / "steps").mkdir(parents=True)
@@ -178,6 +188,13 @@ def export(recording: Recording, artifacts_root: Path, bundle: Path) -> Path:
     shutil.rmtree(bundle, ignore_errors=True)
     staged.rename(bundle)
     return bundle
+
+
+def is_bundle(folder: Path) -> bool:
+    """Whether `folder` may be replaced by a bundle: an earlier bundle, or empty."""
+    return folder.is_dir() and (
+        (folder / RECORDING_FILE).is_file() or next(folder.iterdir(), None) is None
+    )
 
 
 def load(bundle: Path) -> Recording:
