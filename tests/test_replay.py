@@ -870,3 +870,24 @@ async def test_export_never_replaces_a_folder_that_is_not_a_bundle(
     for out in (tmp_path / "empty", tmp_path / "empty", tmp_path / "new"):
         assert await asyncio.to_thread(main, [*export, str(out)]) == 0
         assert load(out).job_id == "rec-out"
+
+
+async def test_a_bundle_named_by_its_recording_json_replays_as_its_folder(
+    billing: Site, runtime: Runtime, tmp_path: Path
+) -> None:
+    # `formwork replay recordings/*/recording.json`: every screenshot was looked for under
+    # the file (`recording.json/steps/…`), each step a regression for a golden image "missing";
+    # from its HAR, the replay was refused for a HAR "not a directory".
+    result = await run(GOLDEN / "recording.json", runtime, billing, tmp_path / "site")
+    assert result.verdict == Verdict.same, problems(result)
+    assert result.bundle == GOLDEN and all(s.pixel_ratio is not None for s in result.steps)
+    assert "billing-issue_credit" in table([result])
+
+    copy = damaged(tmp_path, "copy")
+    before = load(copy)
+    result = await offline(copy / "recording.json", runtime, tmp_path / "har", update_golden=True)
+    assert result.verdict == Verdict.same, (problems(result), result.problems, result.unmatched)
+    updated = load(copy)  # --update rewrote the bundle folder, screenshots and all
+    assert updated.recorded_at > before.recorded_at
+    assert all((copy / s.screenshot).is_file() for s in updated.steps if s.screenshot)
+    assert not (copy / "recording.json.tmp").exists()

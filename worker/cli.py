@@ -1319,7 +1319,9 @@ def build_parser() -> argparse.ArgumentParser:
     replay = sub.add_parser(
         "replay", help="run recordings again against a fixture site and compare step by step"
     )
-    replay.add_argument("bundles", nargs="+", help="recording bundle directories")
+    replay.add_argument(
+        "bundles", nargs="+", help="recording bundles (their folders, or their recording.json)"
+    )
     replay.add_argument("--site-url", help="base URL of the fixture site")
     replay.add_argument(
         "--from-har", action="store_true",

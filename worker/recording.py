@@ -190,6 +190,11 @@ def export(recording: Recording, artifacts_root: Path, bundle: Path) -> Path:
     return bundle
 
 
+def bundle_of(path: Path) -> Path:
+    """The bundle `path` names: the folder itself, or the folder of the recording.json named."""
+    return path.parent if path.name == RECORDING_FILE and path.is_file() else path
+
+
 def is_bundle(folder: Path) -> bool:
     """Whether `folder` may be replaced by a bundle: an earlier bundle, or empty."""
     return folder.is_dir() and (

@@ -71,6 +71,7 @@ from worker.recording import (
     SECRET_REF,
     RecordedStep,
     Recording,
+    bundle_of,
     export,
     from_report,
     load,
@@ -709,6 +710,9 @@ async def replay_all(
             "--from-har and --site-url conflict: a HAR replay serves each recording's site "
             "from its network.har, at the address it was recorded on; give one of them"
         )
+    # Its screenshots and HAR are found beside its recording.json, and `--update` rewrites
+    # the folder: a bundle named by that file (`recordings/*/recording.json`) is its folder.
+    bundles = [bundle_of(bundle) for bundle in bundles]
     recordings = [_checked(bundle, runtime, script_version, from_har) for bundle in bundles]
     if not from_har and site_url is not None:
         await reachable(site_url)
