@@ -891,3 +891,32 @@ async def test_a_bundle_named_by_its_recording_json_replays_as_its_folder(
     assert updated.recorded_at > before.recorded_at
     assert all((copy / s.screenshot).is_file() for s in updated.steps if s.screenshot)
     assert not (copy / "recording.json.tmp").exists()
+
+
+async def test_a_replay_runs_the_stable_version_whatever_the_canary_split(
+    billing: Site, runtime: Runtime, tmp_path: Path
+) -> None:
+    # A replay's job id is new each time, and the rollout routed it like any job: with a
+    # canary named, the same command ran v1 or v2 by the draw, passing or failing with it.
+    scripts = tmp_path / "scripts"
+    shutil.copytree(SCRIPTS, scripts)
+    folder = scripts / "billing"
+    text = (folder / "issue_credit.yaml").read_text()
+    v2 = text.replace("version: 1", "version: 2", 1).replace(
+        'value: "{{ inputs.reason }}"', 'value: "refund {{ inputs.reason }}"'
+    )
+    (folder / "issue_credit@2.yaml").write_text(v2)
+    # Every unpinned job draws the canary: yet v1 is the version the script stands at.
+    (folder / "issue_credit.rollout.yaml").write_text("stable: 1\ncanary: 2\npercent: 100\n")
+    split = replace(runtime, scripts=ScriptStore(scripts, SELECTORS))
+
+    stable = await run(GOLDEN, split, billing, tmp_path / "stable")
+    assert stable.report.script_version == 1 and stable.verdict == Verdict.same
+    assert f"{'same':<10} succeeded (v1)" in table([stable])
+    assert [c["reason"] for c in billing.credits()] == ["damaged item"]
+    # The canary is replayed by naming it, and its change is caught.
+    [canary] = await replay_all(
+        [GOLDEN], split, site_url=billing.url, out_dir=tmp_path / "canary", script_version=2
+    )
+    assert canary.report.script_version == 2 and canary.verdict == Verdict.regression
+    assert problems(canary) == {"reason": ["entered 'damaged item' -> 'refund damaged item'"]}

@@ -78,6 +78,7 @@ from worker.recording import (
     outputs_by_step,
     url_path,
 )
+from worker.rollout import stable_version
 from worker.secretstore import SecretStore
 from worker.selectors import Candidate
 
@@ -137,10 +138,18 @@ class ReplayResult:
         return max(verdicts, key=lambda v: v.rank, default=Verdict.same)
 
 
+def replayed_version(recording: Recording, runtime: Runtime, version: int | None) -> int:
+    """The version a replay runs: the one given, else the script's stable one. Never left to
+    the rollout: the job id is new each replay, so a canary's share of replays ran the canary,
+    and the same command passed or failed by the draw."""
+    return version if version is not None else stable_version(runtime.scripts, recording.script)
+
+
 def job_for(
     recording: Recording, runtime: Runtime, site_url: str | None, version: int | None
 ) -> BrowserJob:
-    """The recorded job, to run again: secret inputs come from this worker's secret store."""
+    """The recorded job, to run again (`replayed_version`): secret inputs come from this
+    worker's secret store."""
     inputs: dict[str, Any] = {}
     for name, value in recording.inputs.items():
         if isinstance(value, dict) and SECRET_REF in value:
@@ -148,7 +157,7 @@ def job_for(
             inputs[name] = runtime.secrets.resolve({ref}, script=recording.script)[ref]
         else:
             inputs[name] = value
-    script = recording.script if version is None else f"{recording.script}@{version}"
+    script = f"{recording.script}@{replayed_version(recording, runtime, version)}"
     return BrowserJob(
         job_id=f"replay-{recording.job_id}-{uuid.uuid4().hex[:6]}"[:128],
         script=script,
@@ -616,7 +625,9 @@ def table(results: list[ReplayResult]) -> str:
     lines = [f"{'recording':<36} {'step':<30} {'verdict':<10} detail"]
     for result in results:
         name = result.bundle.name
-        lines.append(f"{name:<36} {'(job)':<30} {result.verdict:<10} {result.report.status}")
+        version = result.report.script_version
+        ran = f"{result.report.status}" + (f" (v{version})" if version is not None else "")
+        lines.append(f"{name:<36} {'(job)':<30} {result.verdict:<10} {ran}")
         for problem in result.problems:
             lines.append(f"{'':<36} {'(job)':<30} {'regression':<10} {problem}")
         for request in result.unmatched:
@@ -761,7 +772,7 @@ def _checked(bundle: Path, runtime: Runtime, version: int | None, from_har: bool
             raise RecordingInvalid(f"{bundle}: recorded without a HAR (run the job with har: true)")
         HarReplay.load(bundle / recording.har)  # its errors name the file
     try:
-        runtime.scripts.load(recording.script, version)
+        runtime.scripts.load(recording.script, replayed_version(recording, runtime, version))
         if from_har:
             runtime.scripts.load(recording.script, recording.script_version)  # as `offline`
         else:

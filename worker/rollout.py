@@ -275,6 +275,18 @@ def choose(name: str, job_id: str, split: Split) -> Route:
     return Route(split.stable, Routing.stable)
 
 
+def stable_version(scripts: ScriptStore, name: str) -> int:
+    """The version every unpinned job runs but a canary's share: the rollout file's stable,
+    or without one the highest."""
+    config = load_rollout(scripts, name)
+    if config is not None:
+        return config.stable
+    versions = scripts.versions(name)
+    if not versions:
+        raise ScriptNotFound(f"no script {name!r} under {scripts.scripts_dir}", field="script")
+    return max(versions)
+
+
 def file_route(job: BrowserJob, scripts: ScriptStore, override: RolloutOverride | None) -> Route:
     """The route of `job` from its script's rollout file (and the override, if any)."""
     if job.script_version is not None:
