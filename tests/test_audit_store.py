@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -329,6 +330,36 @@ async def test_prune_keeps_a_job_still_waiting_for_a_decision(
     evidence = report.handoff.evidence.screenshot
     assert evidence is not None and store.get(evidence)
     assert store.find_audit("still-waiting").status == JobStatus.awaiting_approval
+
+
+async def test_prune_keeps_a_waiting_job_whose_audit_record_cannot_be_read(
+    billing: Site, runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A paused job whose audit.json was cut short, or never written (the store failed as the
+    # job paused), was taken for one that no longer waits: its report, which says it does,
+    # went with the day, and the evidence the person deciding looks at with it.
+    store = runtime.artifacts
+    assert isinstance(store, LocalArtifacts)
+    job = BrowserJob(job_id="waits-cut", script="billing/issue_credit", site_url=billing.url,
+                     inputs={**CREDIT_INPUTS, "amount": "150.00"})  # fmt: skip
+    report = await run_job(job, runtime)
+    assert report.status == JobStatus.awaiting_approval and report.artifacts is not None
+    cut = store.root / report.artifacts.path
+    day = report.artifacts.path.split("/")[0]
+    lost = store.root / day / "waits-lost"
+    await asyncio.to_thread(shutil.copytree, cut, lost)
+    (lost / "audit.json").unlink()
+    record = (cut / "audit.json").read_text()
+    (cut / "audit.json").write_text(record[: len(record) // 2])
+    store.put(f"{day}/done-job/report.json", b"{}")
+    later = datetime.fromisoformat(day).replace(tzinfo=UTC) + timedelta(days=40)
+
+    assert store.prune(timedelta(days=30), now=later) == [f"{day}/done-job"]
+    for kept in (cut, lost):
+        assert f"keeping {day}/{kept.name}, which is awaiting_approval" in caplog.text
+        assert (kept / "report.json").is_file()
+    assert report.handoff is not None and report.handoff.evidence.screenshot is not None
+    assert store.get(report.handoff.evidence.screenshot)
 
 
 async def test_a_store_that_cannot_be_read_is_said_in_one_line_not_a_traceback(

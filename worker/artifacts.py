@@ -42,7 +42,7 @@ from pydantic import ValidationError
 
 from worker.annotate import Encoded, ImageFormat, Mark, fit_capture, prepare, render
 from worker.audit import AuditRecord, Evidence, ImageBudget, screenshot_marks
-from worker.contract import Artifacts, JobReport
+from worker.contract import Artifacts, JobReport, JobStatus
 from worker.errors import ArtifactError, ArtifactUnreadable
 from worker.har import HAR_FILE
 from worker.settings import Settings
@@ -465,10 +465,22 @@ class ArtifactStore(ABC):
         try:
             status = self.audit(path).status
         except ArtifactError:
-            return False  # no record (or none readable): nothing says it is waiting
+            # Its record cut short, or never written (the store failed as the job paused):
+            # the report, written before it, says the same.
+            reported = self._reported_status(path)
+            if reported is None:
+                return False  # nothing readable says it is waiting
+            status = reported
         if status.paused:
             log.warning("prune: keeping %s, which is %s (waiting for a decision)", path, status)
         return status.paused
+
+    def _reported_status(self, path: str) -> JobStatus | None:
+        """The status in the report of the job at `path`, if it has one that reads."""
+        try:
+            return JobReport.model_validate_json(self.get(f"{path}/report.json")).status
+        except (ArtifactError, ValidationError):
+            return None
 
     def _jobs_in(self, day: str, keys: Sequence[str]) -> list[str]:
         """The paths of the jobs in `day`, whose keys are `keys`."""
