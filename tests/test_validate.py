@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from worker.cli import main
+from worker.contract import BrowserJob, JobStatus
+from worker.executor import Runtime, run_job
+from worker.script import ScriptStore
 
-from .conftest import SCRIPTS, SELECTORS
+from .conftest import CREDIT_INPUTS, SCRIPTS, SELECTORS, Site
 
 
 @pytest.fixture
@@ -237,6 +242,32 @@ def test_yaml_files_the_loader_never_reads_are_reported(
     assert "the extension must be .yaml (other.yaml)" in out
     assert f"{scripts}/stray.yaml: not read: scripts are {scripts}/<site>/<name>.yaml" in out
     assert "2 invalid" in out
+
+
+async def test_a_rollout_file_named_for_a_version_is_not_read_and_fails_no_job(
+    tree: Path, runtime: Runtime, billing: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `issue_credit@2.rollout.yaml` matched the glob of the script's versions: every job of
+    # billing/issue_credit was rejected (script_invalid, 'name' is required…), while validate
+    # said `ok billing/issue_credit@1` and blamed the real rollout file for the stray one.
+    scripts = tree / "scripts"
+    stray = scripts / "billing" / "issue_credit@2.rollout.yaml"
+    stray.write_text("stable: 1\n")
+    code, out = await asyncio.to_thread(validate, tree, capsys)
+    assert code == 1 and "1 invalid" in out
+    assert (
+        f"FAIL  {stray}\n      {stray}: not read: scripts are {scripts}/<site>/<name>.yaml; "
+        "a rollout file is one per script, issue_credit.rollout.yaml, whose stable: and "
+        "canary: name the versions\n"
+    ) in out
+    assert "ok    billing/issue_credit rollout: stable v1" in out
+
+    store = ScriptStore(scripts, tree / "selectors")
+    job = BrowserJob(job_id="stray-rollout", script="billing/issue_credit",
+                     inputs=CREDIT_INPUTS, site_url=billing.url)  # fmt: skip
+    report = await run_job(job, replace(runtime, scripts=store))
+    assert report.status == JobStatus.succeeded, report.error
+    assert report.script_version == 1 and len(billing.credits()) == 1
 
 
 def test_an_error_is_printed_once_under_the_file_it_is_in(

@@ -49,7 +49,7 @@ from worker.rollout import (
     rollout_files,
     script_of,
 )
-from worker.script import Script, ScriptStore, input_model, misplaced
+from worker.script import ROLLOUT_SUFFIX, Script, ScriptStore, input_model, misplaced
 from worker.secretstore import SecretStore
 from worker.selectors import SiteRegistry, load_registry
 from worker.settings import Settings, SettingsInvalid, shown_url
@@ -833,7 +833,7 @@ def _validate(args: argparse.Namespace) -> int:
         raise UsageError(f"no scripts directory {scripts_dir}")
     store = ScriptStore(scripts_dir, settings.selectors_dir)
     rollouts = rollout_files(scripts_dir)
-    scripts = sorted(set(scripts_dir.glob("*/*.yaml")) - set(rollouts))
+    scripts = sorted(p for p in scripts_dir.glob("*/*.yaml") if not p.name.endswith(ROLLOUT_SUFFIX))
     outcomes: list[tuple[Path, str, bool]] = [(p, why, False) for p, why in misplaced(scripts_dir)]
     if not scripts and not outcomes:
         raise UsageError(f"no scripts under {scripts_dir} (a script is <site>/<name>.yaml)")

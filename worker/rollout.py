@@ -55,10 +55,8 @@ from worker.contract import (
 from worker.errors import ScriptInvalid, ScriptNotFound
 from worker.events import announce
 from worker.keys import Keys
-from worker.script import ScriptStore
+from worker.script import ROLLOUT_SUFFIX, ScriptStore
 from worker.yamlfile import At, line_of, load_model, read_text, read_yaml
-
-ROLLOUT_SUFFIX = ".rollout.yaml"
 
 # What counts against a script version: the worker, the browser or the page did not do what
 # the script expected. Every other code is a business outcome or a refusal at intake (see
@@ -552,7 +550,8 @@ class Rollouts:
 
 
 def rollout_files(scripts_dir: Path) -> list[Path]:
-    return sorted(scripts_dir.glob(f"*/*{ROLLOUT_SUFFIX}"))
+    """Every script's rollout file (one named for a version is `misplaced`: nothing reads it)."""
+    return sorted(p for p in scripts_dir.glob(f"*/*{ROLLOUT_SUFFIX}") if "@" not in p.name)
 
 
 def script_of(path: Path) -> str:

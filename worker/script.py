@@ -1148,6 +1148,10 @@ def _echo(value: Any) -> str:
     return f"{text[:ECHO_CHARS]!r}… ({len(text)} characters)"
 
 
+# A script's rollout file, beside its versions (worker/rollout.py); never a version itself.
+ROLLOUT_SUFFIX = ".rollout.yaml"
+
+
 def misplaced(scripts_dir: Path) -> list[tuple[Path, str]]:
     """YAML files under `scripts_dir` that no lookup ever reads, each with why: a mistyped
     extension or folder would otherwise pass validation unread."""
@@ -1160,6 +1164,12 @@ def misplaced(scripts_dir: Path) -> list[tuple[Path, str]]:
             why = f"the extension must be .yaml ({path.stem}.yaml)"
         elif len(parts) != 2:
             why = "it must be in its site's folder, one level down"
+        elif path.name.endswith(ROLLOUT_SUFFIX) and "@" in path.name:
+            short = path.name.partition("@")[0]
+            why = (
+                f"a rollout file is one per script, {short}{ROLLOUT_SUFFIX}, whose stable: and "
+                "canary: name the versions"
+            )
         else:
             continue
         found.append(
@@ -1191,6 +1201,10 @@ class ScriptStore:
         folder = self.scripts_dir / site
         found: dict[int, Path] = {}
         for path in sorted([*folder.glob(f"{short}.yaml"), *folder.glob(f"{short}@*.yaml")]):
+            if path.name.endswith(ROLLOUT_SUFFIX):
+                # `<name>@2.rollout.yaml` is no version: read as one, it failed every job of
+                # the script (`formwork validate` says where rollout files go).
+                continue
             version = self._version_of(path)
             if version is None:
                 load_model(path, Script)  # raises, naming the file, line and field
