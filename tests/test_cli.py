@@ -314,6 +314,32 @@ def test_audit_prune_says_the_age_as_given_and_which_days_it_came_to(tmp_path: P
     assert bad.returncode == 2 and "not '1x'" in bad.stderr
 
 
+def test_audit_prune_refuses_an_age_in_minutes_or_beyond_the_calendar(tmp_path: Path) -> None:
+    # `--older-than 2m`, meant as two months, was two minutes: every day before today's went.
+    # An age past year 1 ended in a traceback (OverflowError), and removed nothing.
+    root = tmp_path / "artifacts"
+    yesterday = (datetime.now(UTC) - timedelta(days=1)).date().isoformat()
+    for day in ("2020-01-01", yesterday):
+        (root / day / "a-job").mkdir(parents=True)
+        (root / day / "a-job" / "report.json").write_text("{}")
+    for age, why in (
+        ("2m", "an age is in hours, days or weeks (36h, 30d, 2w), not '2m': m would be "
+               "minutes, not months"),
+        ("99999999d", "'99999999d' is longer than any span"),
+        ("9999999999d", "'9999999999d' is longer than any span"),
+    ):  # fmt: skip
+        pruned = formwork("audit", "prune", "--older-than", age, tmp_path=tmp_path)
+        assert pruned.returncode == 2, pruned.stdout + pruned.stderr
+        [said] = [line for line in pruned.stderr.splitlines() if ": error: " in line]
+        assert said == f"formwork audit prune: error: argument --older-than: {why}"
+        assert "Traceback" not in pruned.stderr
+        assert (root / "2020-01-01" / "a-job" / "report.json").is_file()
+        assert (root / yesterday / "a-job" / "report.json").is_file()
+    kept = formwork("audit", "prune", "--older-than", "36h", tmp_path=tmp_path)
+    assert kept.returncode == 0 and "removed 2020-01-01/a-job" in kept.stdout
+    assert (root / yesterday / "a-job" / "report.json").is_file()
+
+
 async def test_abort_of_a_paused_job_says_it_ends_now(
     billing: Site, tmp_path: Path, settings: Settings, worker: Worker
 ) -> None:

@@ -378,6 +378,8 @@ def _window(text: str) -> timedelta:
         return parse_window(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
+    except OverflowError:  # more days than a timedelta holds
+        raise argparse.ArgumentTypeError(f"{text!r} is longer than any span") from None
 
 
 def _stats_window(text: str) -> timedelta:
@@ -1116,8 +1118,20 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def parse_age(text: str) -> timedelta:
-    """`30d`, `12h`, `2w` -> a timedelta (the same spelling as `stats --last`)."""
-    return _window(text)
+    """`30d`, `12h`, `2w` -> a timedelta (the same spelling as `stats --last`), but never in
+    minutes, and not reaching back past the calendar's first day."""
+    # Read as two months, `2m` (two minutes) removed every day before today's.
+    if text.strip().endswith("m"):
+        raise argparse.ArgumentTypeError(
+            f"an age is in hours, days or weeks (36h, 30d, 2w), not {text!r}: "
+            "m would be minutes, not months"
+        )
+    age = _window(text)
+    try:
+        prune_cutoff(age)
+    except OverflowError:
+        raise argparse.ArgumentTypeError(f"{text!r} is longer than any span") from None
+    return age
 
 
 def _age_as_typed(text: str) -> str:
