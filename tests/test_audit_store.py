@@ -27,6 +27,7 @@ from worker.client import FormworkClient
 from worker.contract import BrowserJob, JobStatus
 from worker.executor import Runtime, run_job
 from worker.queue import running_worker
+from worker.recording import load
 from worker.script import ScriptStore
 from worker.secretstore import SecretStore
 from worker.settings import Settings
@@ -105,6 +106,57 @@ async def test_a_job_lands_in_s3_in_the_same_layout_as_on_disk(
     elsewhere = S3Artifacts("evidence", tmp_path / "other", prefix="prod/eu", client=s3_client)
     assert elsewhere.describe("s3-1").path == f"{day}/s3-1"
     assert [a.job_id for a in elsewhere.audits()] == ["s3-1"]
+
+
+async def test_a_recording_exports_from_a_bucket_with_every_screenshot(
+    billing: Site,
+    browser_host: BrowserHost,
+    s3_endpoint: str,
+    s3_client: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The export read the report's root as a directory: from s3://… it found no file, wrote a
+    # bundle without a screenshot or its HAR, and said it had made the recording. Replayed, that
+    # golden checked nothing visual at all.
+    for name, value in {"AWS_ACCESS_KEY_ID": "formwork-test", "AWS_SECRET_ACCESS_KEY":
+                        "formwork-test", "AWS_DEFAULT_REGION": "us-east-1",
+                        "FORMWORK_S3_ENDPOINT": s3_endpoint}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    store = S3Artifacts("evidence", tmp_path / "spool", prefix="prod", client=s3_client)
+    job = BrowserJob(job_id="s3-rec", script="billing/issue_credit", inputs=CREDIT_INPUTS,
+                     site_url=billing.url, har=True)  # fmt: skip
+    report = await run_job(job, runtime_with(store, browser_host))
+    assert report.status == JobStatus.succeeded and report.artifacts is not None
+    saved = tmp_path / "report.json"
+    saved.write_text(report.model_dump_json())
+    export = ["recording", "export", "s3-rec", "--report", str(saved), "--scripts-dir",
+              str(SCRIPTS), "--selectors-dir", str(SELECTORS), "--out"]  # fmt: skip
+
+    bundle = tmp_path / "bundle"
+    assert await asyncio.to_thread(main, [*export, str(bundle)]) == 0
+    recorded = load(bundle)
+    assert recorded.har is not None and (bundle / recorded.har).is_file()
+    for step, ran in zip(recorded.steps, report.steps, strict=True):
+        assert step.screenshot is not None and ran.screenshot is not None, step.id
+        assert (bundle / step.screenshot).read_bytes() == store.get(ran.screenshot)
+
+    # A screenshot gone from the bucket: said, and no golden that checks less is written.
+    lost = report.steps[6].screenshot
+    assert lost is not None
+    s3_client.delete_object(Bucket="evidence", Key=f"prod/{lost}")
+    capsys.readouterr()
+    assert await asyncio.to_thread(main, [*export, str(tmp_path / "partial")]) == 2
+    err = capsys.readouterr().err  # moto's own request log is on it too
+    [said] = [line for line in err.splitlines() if line.startswith("formwork:")]
+    assert said.startswith(
+        f"formwork: cannot copy step {report.steps[6].id}'s screenshot from s3://evidence/prod/ "
+        f"(no artifact '{lost}' in s3://evidence/prod/: "
+    )
+    assert said.endswith("no bundle written, since a golden without it would check less than "
+                         "the job did")  # fmt: skip
+    assert not (tmp_path / "partial").exists()
 
 
 async def test_handoff_names_evidence_in_a_bucket_by_its_url(

@@ -214,7 +214,7 @@ async def test_a_recorded_box_shows_a_step_acting_elsewhere_when_its_candidate_i
     )
     report = await run_job(job, runtime)
     loaded = runtime.scripts.load(report.script, report.script_version)
-    bundle = export(from_report(report, loaded), runtime.artifacts.root, tmp_path / "rec-box")
+    bundle = export(from_report(report, loaded), runtime.artifacts, tmp_path / "rec-box")
     data = json.loads((bundle / "recording.json").read_text())
     [reason] = [step for step in data["steps"] if step["id"] == "reason"]
     assert reason["matched"]["box"] is not None
@@ -290,7 +290,7 @@ async def test_update_makes_the_new_run_the_golden(
     )
     report = await run_job(job, runtime)
     loaded = runtime.scripts.load(report.script, report.script_version)
-    bundle = export(from_report(report, loaded), runtime.artifacts.root, tmp_path / "rec-1")
+    bundle = export(from_report(report, loaded), runtime.artifacts, tmp_path / "rec-1")
     recorded = load(bundle)
     assert recorded.inputs == CREDIT_INPUTS and recorded.dynamic_outputs == ["confirmation_number"]
     assert all((bundle / s.screenshot).is_file() for s in recorded.steps if s.screenshot)
@@ -337,7 +337,7 @@ async def test_a_recorded_har_replays_billing_offline_with_no_secret_in_it(
     assert report.status == JobStatus.succeeded and report.artifacts is not None
     assert report.artifacts.har is not None
     loaded = runtime.scripts.load(report.script, report.script_version)
-    bundle = export(from_report(report, loaded), runtime.artifacts.root, tmp_path / "har-1")
+    bundle = export(from_report(report, loaded), runtime.artifacts, tmp_path / "har-1")
     har = (bundle / "network.har").read_text()
     for value in fixture_secrets.values():
         assert value not in har

@@ -24,7 +24,14 @@ from playwright.async_api import Error as PlaywrightError
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from worker.artifacts import ArtifactStore, LocalArtifacts, prune_cutoff, safe_id, store_for
+from worker.artifacts import (
+    ArtifactStore,
+    LocalArtifacts,
+    open_store,
+    prune_cutoff,
+    safe_id,
+    store_for,
+)
 from worker.browser import BrowserHost, find_chromium
 from worker.contract import (
     SCRIPT_REF,
@@ -1044,12 +1051,20 @@ async def _recording_export(args: argparse.Namespace) -> int:
         store = ScriptStore(settings.scripts_dir, settings.selectors_dir)
         recording = from_report(report, store.load(report.script, report.script_version))
         out = args.out or Path("recordings") / report.job_id
-        export(recording, Path(report.artifacts.root), out)
+        export(recording, _report_store(settings, report.artifacts.root), out)
     except FormworkError as exc:
         print(f"formwork: {exc.message}", file=sys.stderr)
         return 2
     print(f"recording of {report.job_id} ({recording.script_ref}, {report.status}): {out}/")
     return 0
+
+
+def _report_store(settings: Settings, root: str) -> ArtifactStore:
+    """The store a report's artifacts are in: its bucket (this worker's S3 endpoint), or its
+    directory."""
+    if root.startswith("s3://"):
+        return open_store(settings.artifacts_dir, root, endpoint_url=settings.s3_endpoint_url)
+    return LocalArtifacts(Path(root))
 
 
 def _stored_report(settings: Settings, job_id: str) -> JobReport | None:

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import shutil
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from worker.artifacts import ArtifactStore
 from worker.contract import Box, JobReport, JobStatus, MatchedSelector, StepStatus
-from worker.errors import RecordingInvalid
+from worker.errors import ArtifactError, RecordingInvalid
 from worker.har import HAR_FILE
 from worker.script import ExtractStep, LoadedScript
 
@@ -154,9 +155,12 @@ def from_report(report: JobReport, loaded: LoadedScript) -> Recording:
     )
 
 
-def export(recording: Recording, artifacts_root: Path, bundle: Path) -> Path:
-    """Write `recording` as a bundle, copying its screenshots in; replaces an old bundle, and
-    nothing else: `RecordingInvalid` when `bundle` is a file or a folder holding other things."""
+def export(recording: Recording, store: ArtifactStore, bundle: Path) -> Path:
+    """Write `recording` as a bundle, copying its screenshots and HAR in from `store` (the
+    job's, on disk or in a bucket); replaces an old bundle, and nothing else.
+    `RecordingInvalid` when `bundle` is a file or a folder holding other things, or when a
+    file the recording names is not in the store: a golden without a step's screenshot would
+    skip that step's visual check for good."""
     bundle = bundle.resolve()  # `.` has no name to stage the new bundle beside
     if bundle.exists() and not is_bundle(bundle):
         # The old bundle is removed whole: a folder of anything else (`--out .`, `--out ~`)
@@ -166,28 +170,39 @@ def export(recording: Recording, artifacts_root: Path, bundle: Path) -> Path:
             f"{bundle} is {what}, not a recording bundle: not replaced "
             "(name a new or empty folder, or an earlier bundle)"
         )
-    staged = bundle.with_name(bundle.name + ".tmp")
-    shutil.rmtree(staged, ignore_errors=True)
-    (staged / "steps").mkdir(parents=True)
+    files: dict[str, bytes] = {}
     steps = []
     for index, step in enumerate(recording.steps, 1):
         shot = None
         if step.screenshot is not None:
-            source = artifacts_root / step.screenshot
-            if source.is_file():
-                shot = f"steps/{index:02d}-{step.id}{source.suffix}"
-                shutil.copyfile(source, staged / shot)
+            shot = f"steps/{index:02d}-{step.id}{PurePosixPath(step.screenshot).suffix}"
+            files[shot] = _copied(store, step.screenshot, f"step {step.id}'s screenshot")
         steps.append(step.model_copy(update={"screenshot": shot}))
     har = None
-    if recording.har is not None and (artifacts_root / recording.har).is_file():
+    if recording.har is not None:
         har = HAR_FILE
-        shutil.copyfile(artifacts_root / recording.har, staged / HAR_FILE)
+        files[HAR_FILE] = _copied(store, recording.har, "the job's HAR")
     final = recording.model_copy(update={"steps": steps, "har": har})
-    (staged / RECORDING_FILE).write_text(final.model_dump_json(indent=2) + "\n")
+    files[RECORDING_FILE] = (final.model_dump_json(indent=2) + "\n").encode()
+    staged = bundle.with_name(bundle.name + ".tmp")
+    shutil.rmtree(staged, ignore_errors=True)
+    (staged / "steps").mkdir(parents=True)
+    for name, data in files.items():
+        (staged / name).write_bytes(data)
     # Swap whole: a reader never sees half a bundle, and `--update` is all or nothing.
     shutil.rmtree(bundle, ignore_errors=True)
     staged.rename(bundle)
     return bundle
+
+
+def _copied(store: ArtifactStore, key: str, what: str) -> bytes:
+    try:
+        return store.get(key)
+    except ArtifactError as exc:
+        raise RecordingInvalid(
+            f"cannot copy {what} from {store.location} ({exc.message}): no bundle written, "
+            "since a golden without it would check less than the job did"
+        ) from exc
 
 
 def bundle_of(path: Path) -> Path:

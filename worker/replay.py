@@ -696,7 +696,7 @@ def update(result: ReplayResult, runtime: Runtime) -> Path:
         # answers, made worse (a redirect it followed shows as an aborted request, one it
         # had no answer for as a failure). The site's own traffic stays the golden's.
         shutil.copyfile(result.bundle / result.recording.har, root / fresh.har)
-    return export(golden, root, result.bundle)
+    return export(golden, runtime.artifacts, result.bundle)
 
 
 async def replay_all(
