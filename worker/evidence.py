@@ -14,6 +14,7 @@ speed): a step's evidence costs one round trip instead of Playwright's screensho
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -38,6 +39,9 @@ IMAGE_SUFFIX = ".jpg"
 JPEG_QUALITY = LADDER[0][0]
 MASK_COLOR = "#1f1f1f"
 SETTLE_TIMEOUT_MS = 5_000
+# A capture takes ~25-50 ms; Chromium may also never answer one (a page whose load was stopped
+# before it painted): past this, the step goes on without its picture rather than hang the job.
+CAPTURE_TIMEOUT_S = 10.0
 SECRET_ATTRIBUTE = "data-formwork-secret"
 _IFRAME_BOX_TIMEOUT_MS = 1_000
 
@@ -277,13 +281,18 @@ async def capture(page: Page, cdp: CDPSession, *, full_page: bool = False) -> by
                         type="jpeg", quality=JPEG_QUALITY, full_page=True, timeout=SETTLE_TIMEOUT_MS
                     )
                 else:
-                    shot = await cdp.send(
-                        "Page.captureScreenshot",
-                        {"format": "jpeg", "quality": JPEG_QUALITY, "optimizeForSpeed": True},
-                    )
+                    async with asyncio.timeout(CAPTURE_TIMEOUT_S):
+                        shot = await cdp.send(
+                            "Page.captureScreenshot",
+                            {"format": "jpeg", "quality": JPEG_QUALITY, "optimizeForSpeed": True},
+                        )
                     data = base64.b64decode(shot["data"])
     except PlaywrightError as exc:
         raise StepError(FailureCode.browser_crashed, f"screenshot failed: {exc.message}") from exc
+    except TimeoutError as exc:
+        raise StepError(
+            FailureCode.timeout, f"screenshot failed: no picture within {CAPTURE_TIMEOUT_S:.0f} s"
+        ) from exc
     return data
 
 

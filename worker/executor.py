@@ -1239,7 +1239,10 @@ class _Run:
         code, evidence = error.code, error.evidence
         # A step that timed out may have left a page loading (a click whose next page is slow
         # to come): reading the page would wait for it, well past the step's timeout.
-        if stop_loading or code == FailureCode.timeout:
+        # Not after a navigation that got no answer: nothing is pending, and stopping would
+        # stop Chromium's error page from loading, which then never paints (a capture of it
+        # hung, unanswered).
+        if (stop_loading and code != FailureCode.network_error) or code == FailureCode.timeout:
             # A sent commit whose answer is still pending: stop waiting for it (as a person
             # would press Esc), so the evidence can be taken and the probe can navigate —
             # anything run in the page blocks until that navigation ends. The site has the
