@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+import zipfile
 from collections.abc import Iterator
 from dataclasses import replace
 from html.parser import HTMLParser
@@ -20,7 +21,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from worker.cli import main
-from worker.contract import BrowserJob, FailureCode, JobStatus, StepStatus
+from worker.contract import BrowserJob, FailureCode, JobStatus, StepStatus, TraceMode
 from worker.errors import FormworkError, RecordingInvalid
 from worker.executor import Runtime, run_job
 from worker.har import SCRUBBED, Answer, HarReplay, Unanswered
@@ -398,6 +399,37 @@ async def test_a_secret_the_site_echoes_html_escaped_is_scrubbed_from_the_har(
     har = (runtime.artifacts.root / report.artifacts.har).read_text()
     assert "o&#39;neil&amp;co-bot" not in har and "neil" not in har
     assert "formwork-secret-billing-username" in har
+
+
+async def test_a_secret_too_short_to_scrub_from_text_is_scrubbed_where_it_was_typed(
+    billing: Site, runtime: Runtime, tmp_path: Path
+) -> None:
+    # A three-character secret (a CVV, a PIN) is too short to replace in text without
+    # mangling it, so nothing replaced it: the sign-in body in the HAR and the fill in the
+    # trace held it as typed.
+    pin = "x9!"
+    secrets = tmp_path / "secrets.yaml"
+    secrets.write_text(f'billing_username: pin-bot\nbilling_password: "{pin}"\n')
+    runtime = replace(runtime, secrets=SecretStore(secrets, environ={}))
+    job = BrowserJob(
+        job_id="har-short", script="billing/issue_credit", inputs=CREDIT_INPUTS,
+        site_url=billing.url, har=True, trace=TraceMode.always,
+    )  # fmt: skip
+    report = await run_job(job, runtime)
+    assert report.error is not None and report.error.code == FailureCode.credentials_rejected
+    assert report.artifacts is not None and report.artifacts.har is not None
+
+    har = json.loads((runtime.artifacts.root / report.artifacts.har).read_text())
+    [sign_in] = [e["request"] for e in har["log"]["entries"] if e["request"]["method"] == "POST"]
+    body = sign_in["postData"]["text"]
+    assert body.endswith("&password=formwork-secret-billing-password"), body
+    assert all(p["value"] != pin for p in sign_in["postData"].get("params", []))
+    [record] = [runtime.artifacts.find_audit("har-short")]
+    [trace] = record.traces
+    with zipfile.ZipFile(runtime.artifacts.root / trace) as archive:
+        logs = b"".join(archive.read(n) for n in archive.namelist() if n.endswith(".trace"))
+    assert pin.encode() not in logs
+    assert b'"value":"***"' in logs  # the fill that typed it is still there, masked
 
 
 @pytest.mark.parametrize("bundle", GOLDENS)

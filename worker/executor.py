@@ -249,7 +249,8 @@ async def run_job(
                 context,
                 job.trace or loaded.script.trace,
                 runtime.artifacts.trace_file(job.job_id),
-                run.redact.values,
+                # Every value, short ones too: the trace finds those where they stand whole.
+                [*secrets.values(), *loaded.secret_inputs(inputs).values()],
                 failed=lambda: report.status != JobStatus.succeeded,
             ):
                 if resume is not None:

@@ -8,6 +8,9 @@ is scrubbed before anything else reads it:
   replaced by `[scrubbed]`, and cookie lists emptied;
 - every secret value the job used — in URLs, form bodies, headers, page bodies, also
   URL-, JSON- or HTML-escaped — is replaced by a stable placeholder, `formwork-secret-<name>`.
+  A value under four characters (a CVV, a PIN) would match inside ordinary text; it is
+  replaced where a typed value stands whole in a request: a query or form parameter's value,
+  a JSON body's string.
 
 Replay from a HAR (`formwork replay --from-har`) fills secret fields with the same
 placeholders, so the recorded sign-in request matches the replayed one byte for byte, and no
@@ -24,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urldefrag
+from urllib.parse import unquote_plus, urldefrag
 
 from worker.errors import RecordingInvalid
 from worker.secretstore import ENV_PREFIX, text_forms
@@ -58,9 +61,12 @@ def scrub(path: Path, secrets: Mapping[str, str]) -> int:
     """Scrub the HAR at `path` in place; returns how many entries it holds."""
     har = json.loads(path.read_text(encoding="utf-8"))
     replacements: list[tuple[re.Pattern[str], str]] = []
+    # Too short to replace in text without mangling ordinary words and numbers: these are
+    # replaced only where they stand whole (`_scrub_fields`).
+    short = {value: placeholder(name) for name, value in secrets.items() if 0 < len(value) < 4}
     for name, value in secrets.items():
         if len(value) < 4:
-            continue  # too short to replace without mangling ordinary text
+            continue
         # HTML-escaped too: a page that echoes a typed value (`o&#39;neil`) holds it so.
         for form in text_forms(value):
             # Any case: a host name holds a value a page put in it in lower case.
@@ -68,6 +74,8 @@ def scrub(path: Path, secrets: Mapping[str, str]) -> int:
     replacements.sort(key=lambda pair: len(pair[0].pattern), reverse=True)
     entries = har.get("log", {}).get("entries", [])
     for entry in entries:
+        if short:
+            _scrub_fields(entry.get("request", {}), short)
         for side in ("request", "response"):
             message = entry.get(side, {})
             message["cookies"] = []
@@ -84,6 +92,50 @@ def scrub(path: Path, secrets: Mapping[str, str]) -> int:
     tmp.chmod(0o600)
     tmp.replace(path)
     return len(entries)
+
+
+def _scrub_fields(request: dict[str, Any], short: Mapping[str, str]) -> None:
+    """Replace a short secret where a typed value stands whole in `request`: a parameter of its
+    URL or urlencoded body (as it is, or in the HAR's parsed lists) or a string of its JSON
+    body. Every other byte stays as recorded, so a replayed request still matches it."""
+    url = str(request.get("url", ""))
+    if "?" in url:
+        head, _, query = url.partition("?")
+        request["url"] = f"{head}?{_form_with(query, short)}"
+    post = request.get("postData")
+    params = [*request.get("queryString", [])]
+    if isinstance(post, dict):
+        params += post.get("params") or []
+        text, mime = post.get("text"), str(post.get("mimeType", ""))
+        if isinstance(text, str) and "x-www-form-urlencoded" in mime:
+            post["text"] = _form_with(text, short)
+        elif isinstance(text, str) and "json" in mime:
+            post["text"] = _JSON_STRING.sub(lambda m: _json_string_with(m[0], short), text)
+    for param in params:
+        if isinstance(param, dict) and param.get("value") in short:
+            param["value"] = short[param["value"]]
+
+
+# A JSON string literal, escapes included.
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def _json_string_with(literal: str, short: Mapping[str, str]) -> str:
+    try:
+        value = json.loads(literal)
+    except ValueError:
+        return literal
+    return json.dumps(short[value]) if value in short else literal
+
+
+def _form_with(form: str, short: Mapping[str, str]) -> str:
+    """`form` (`a=1&b=2`) with each value that decodes to a short secret replaced."""
+    pairs = form.split("&")
+    for index, pair in enumerate(pairs):
+        name, equals, value = pair.partition("=")
+        if equals and unquote_plus(value) in short:
+            pairs[index] = f"{name}={short[unquote_plus(value)]}"
+    return "&".join(pairs)
 
 
 def _is_text(mime: str) -> bool:

@@ -8,12 +8,16 @@ screencast, the console. Two things in it could hold a secret, and both are deal
 - The call log records the parameters of each call, and a `fill` of a secret field has the
   secret as its `value`. After recording, every entry of the zip is rewritten with each secret
   value (and its URL-, JSON- and HTML-escaped forms) replaced by `***`. That also covers a secret a
-  page echoed into a console message or a network log.
+  page echoed into a console message or a network log. A value under four characters (a CVV,
+  a PIN) would match inside ordinary text and numbers, and in the screencast's bytes; it is
+  replaced where it stands whole in the trace's call and event logs: a string that is the
+  value (the `value` of the `fill` that typed it), or quotes it (the call log's `fill("…")`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import zipfile
@@ -69,10 +73,17 @@ def secret_forms(secrets: Iterable[str]) -> list[re.Pattern[bytes]]:
     return [re.compile(re.escape(f), re.IGNORECASE) for f in ordered]
 
 
+# A JSON string literal, escapes included; the logs of a trace are JSON, one event a line.
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_LOGS = (".trace", ".network", ".stacks")
+
+
 def scrub(path: Path, secrets: Iterable[str]) -> None:
     """Rewrite the trace zip at `path` with every form of every secret replaced by `***`."""
-    forms = secret_forms(secrets)
-    if not forms:
+    values = set(secrets)
+    short = {value for value in values if 0 < len(value) < 4}
+    forms = secret_forms(values - short)
+    if not forms and not short:
         return
     tmp = path.with_suffix(".scrubbing")
     with zipfile.ZipFile(path) as source, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as out:
@@ -80,6 +91,25 @@ def scrub(path: Path, secrets: Iterable[str]) -> None:
             data = source.read(info)
             for form in forms:
                 data = form.sub(MASK.encode(), data)
+            if short and info.filename.endswith(_LOGS):
+                data = _JSON_STRING.sub(lambda m: _masked_if_short(m[0], short), data)
             out.writestr(info, data)
     tmp.chmod(0o600)
     tmp.replace(path)
+
+
+def _masked_if_short(literal: bytes, short: set[str]) -> bytes:
+    """`literal` masked if it is a short secret, or quotes one whole: the call log's line for
+    a fill says `fill("<value>")`."""
+    try:
+        value = json.loads(literal)
+    except ValueError:
+        return literal
+    if not isinstance(value, str):
+        return literal
+    if value in short:
+        return json.dumps(MASK).encode()
+    masked = value
+    for secret in short:
+        masked = masked.replace(json.dumps(secret), json.dumps(MASK))
+    return literal if masked == value else json.dumps(masked).encode()
