@@ -345,6 +345,35 @@ async def test_decisions_sent_around_the_client_are_refused_and_free_the_pause(
         assert secret not in text
 
 
+@pytest.mark.parametrize("sent", ["retry_step", None, ["retry_step"]], ids=["name", "null", "list"])
+async def test_a_decision_that_is_not_an_object_is_refused_and_the_pause_announced_again(
+    billing: Site, client: FormworkClient, worker: Worker, sent: object
+) -> None:
+    # A client of the wire protocol claims the pause and sends `"decision": "retry_step"`, the
+    # decision's name where its object belongs. The message was refused before it was read:
+    # its claim dropped in silence, no event, and the orchestrator waited for a job that was
+    # waiting for it.
+    job_id = f"h-bare-{type(sent).__name__}"
+    await paused_job(billing, client, job_id)
+    handle = client.handle(job_id)
+    pause = await read_pause(client.redis, client.keys, job_id)
+    last = await handle.last_event_id()
+    token = message_id(job_id, "resume", pause.seq)
+    body = {"resume": job_id, "pause": pause.seq, "decision": sent}
+    claimed = await claim_pause(client.redis, client.keys, job_id, pause.seq, token, body)
+    assert claimed == PauseClaim.claimed
+
+    report = await handle.wait(30, after=last)
+    assert report.status == JobStatus.needs_customer_input
+    again = await read_pause(client.redis, client.keys, job_id)
+    assert again.waiting and again.seq > pause.seq  # announced again, free for the next one
+    if isinstance(sent, str):
+        [record] = report.decisions
+        assert record.decision == sent
+        assert (record.note or "").startswith("refused: invalid decision: decision: Input should")
+    assert billing.credits() == []
+
+
 async def test_a_secret_input_pasted_into_a_decision_is_redacted_everywhere(
     billing: Site, client: FormworkClient, settings: Settings, tmp_path: Path,
     fixture_secrets: dict[str, str],

@@ -114,7 +114,10 @@ class ResumeMessage(BaseModel):
     resume: str
     # The pause decided about: the job's event `seq` when it was claimed (`claim_pause`).
     pause: int | None = None
-    decision: dict[str, Any]
+    # Any JSON here: one that is not a ResumeDecision object (a bare `"approve"`) is refused by
+    # `_read_decision` like any other bad decision, the pause announced again with why; refused
+    # here, its claim was dropped without a word, and the orchestrator waited for nothing.
+    decision: Any
 
 
 class ExpireMessage(BaseModel):
@@ -1156,10 +1159,15 @@ async def execute_resume(
     return await _run_tracked(state, job, events, listener, resume=point)
 
 
-def _unread(state: WorkerState, sent: dict[str, Any]) -> ResumeDecision | None:
+def _unread(state: WorkerState, sent: Any) -> ResumeDecision | None:
     """What the record of a refused decision can say of one that does not validate (an
-    `approve` carrying inputs, say): its kind and who sent it. Without it the refusal was only
-    in the worker's log, and the orchestrator saw the pause announced again with no reason."""
+    `approve` carrying inputs, say, or a bare `"approve"`): its kind and who sent it. Without it
+    the refusal was only in the worker's log, and the orchestrator saw the pause announced
+    again with no reason."""
+    if isinstance(sent, str):
+        sent = {"decision": sent}
+    if not isinstance(sent, dict):
+        return None
     kind = sent.get("decision")
     if not isinstance(kind, str) or kind not in set(Decision):
         return None
@@ -1196,7 +1204,7 @@ def _recordable(state: WorkerState, job: BrowserJob, decision: ResumeDecision) -
 
 
 def _read_decision(
-    state: WorkerState, sent: dict[str, Any], handoff: HandoffRequest
+    state: WorkerState, sent: Any, handoff: HandoffRequest
 ) -> tuple[ResumeDecision | None, str | None]:
     """The decision a message carries, and why it cannot be carried out at all (None when it
     can be tried). The client checks all this before it claims a pause; a message sent around
