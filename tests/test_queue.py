@@ -629,6 +629,39 @@ async def test_a_raw_enqueue_with_a_taken_idempotency_key_is_refused_not_run(
     assert (again.job_id, again.created) == ("q-idem-a", False)
 
 
+async def test_a_raw_duplicate_is_refused_to_its_own_webhook_too(
+    billing: Site, client: FormworkClient, settings: Settings, browser_host: BrowserHost
+) -> None:
+    # An orchestrator that follows its jobs by webhook sends a second job with a key the
+    # first holds. Its refusal was written to the stream only: the webhook heard nothing,
+    # and the orchestrator waited for ever for a job that would never run.
+    signed = settings.model_copy(update={"webhook_secret": WEBHOOK_SECRET})
+    async with (
+        receiver(lambda event, attempt: (0.0, 204)) as hook,
+        running_worker(signed, browser_host),
+    ):
+        for job_id in ("q-idem-hook-a", "q-idem-hook-b"):
+            job = credit_job(
+                billing,
+                job_id,
+                idempotency_key="K-RAW-HOOK",
+                webhook={"url": f"{hook.url}/{job_id}"},
+            )
+            await raw_enqueue(settings, job_id, raw_envelope(job.model_dump(mode="json")))
+            await client.handle(job_id).wait(60)
+        both = {"q-idem-hook-a", "q-idem-hook-b"}
+        async with asyncio.timeout(30):
+            while {e["job_id"] for e in hook.hits if e.get("report")} != both:
+                hook.settled.clear()
+                await hook.settled.wait()
+
+    refused = [e for e in hook.hits if e["job_id"] == "q-idem-hook-b"]
+    assert [(e["seq"], e["status"]) for e in refused] == [(1, "rejected")]
+    assert refused[0]["report"]["error"]["field"] == "idempotency_key"
+    assert "belongs to job q-idem-hook-a" in refused[0]["report"]["error"]["message"]
+    assert len(billing.credits()) == 1  # ground truth: the duplicate did nothing
+
+
 async def test_a_rejected_job_gives_its_idempotency_key_back_for_the_corrected_job(
     billing: Site, client: FormworkClient, worker: Worker, settings: Settings
 ) -> None:

@@ -533,6 +533,10 @@ async def execute(
             check_target(
                 job.webhook.url, state.settings.webhook_secret, state.settings.webhook_hosts
             )
+        logs.bind_job(job.job_id, job.site, job.script_name)  # webhook lines name the job too
+        # From here on the webhook hears the job, its refusal as a duplicate included: a
+        # receiver that hears nothing waits for ever for a job that will never run.
+        _attach_webhook(state, events, job)
         await _own_idempotency_key(state, job)
     except RejectedError as exc:
         script = payload.get("script") if isinstance(payload, dict) else None
@@ -547,17 +551,22 @@ async def execute(
         # A correlation carrying a secret is not written to the report either; any other
         # refusal (a duplicate's, a secret in the key) keeps the orchestrator's correlation.
         in_correlation = (exc.field or "").split(".")[0] == "correlation"
-        return await reject(
-            job_id,
-            str(script or ""),
-            exc,
-            state.runtime,
-            listener,
-            correlation={} if in_correlation else _correlation(payload),
-        )
-
-    logs.bind_job(job.job_id, job.site, job.script_name)  # webhook lines name the job too
-    _attach_webhook(state, events, job)
+        try:
+            return await reject(
+                job_id,
+                str(script or ""),
+                exc,
+                state.runtime,
+                listener,
+                correlation={} if in_correlation else _correlation(payload),
+            )
+        finally:
+            if events.webhook is not None:
+                await events.webhook.close()
+    except BaseException:
+        if events.webhook is not None:  # Redis lost, say: a later run has a sender of its own
+            await events.webhook.close()
+        raise
 
     # Kept for a later resume on any worker, whoever enqueued the job; secret inputs sealed.
     kept = keep_job(job, _secret_inputs(state, job), state.cipher)
