@@ -30,6 +30,21 @@ def test_a_jobs_boolean_fields_take_booleans_only(field: str, value: Any) -> Non
     assert error["loc"] == (field,) and error["msg"] == "Input should be a valid boolean"
 
 
+@pytest.mark.parametrize("field", ["pause_timeout_s", "step_timeout_ms"])
+@pytest.mark.parametrize(("value", "kind"), [(True, "a boolean"), ("100", "a string")])
+def test_a_jobs_integer_fields_take_numbers_only(field: str, value: Any, kind: str) -> None:
+    # `"pause_timeout_s": true` was a pause of 1 s: the approval never had a chance.
+    with pytest.raises(ValidationError) as info:
+        BrowserJob.model_validate_json(
+            json.dumps({"job_id": "j", "script": "billing/issue_credit", field: value})
+        )
+    [error] = info.value.errors()
+    assert error["loc"] == (field,) and error["msg"].endswith(f"must be a whole number, not {kind}")
+    # A whole number written as a float (some encoders write every number so) is that number.
+    job = {"job_id": "j", "script": "billing/issue_credit", field: 120.0}
+    assert getattr(BrowserJob.model_validate_json(json.dumps(job)), field) == 120
+
+
 def test_the_schema_of_a_jobs_boolean_fields_says_boolean() -> None:
     fields = contract_schemas()["BrowserJob"]["properties"]
     assert fields["dry_run"]["type"] == "boolean"
@@ -91,6 +106,17 @@ async def test_a_job_whose_fields_would_be_guessed_is_rejected_before_any_browse
             {**job, "deadline": "2099-01-01T00:00:00"},
             "job_invalid",
             "deadline: Input should have timezone info",
+        ),
+        # A pause of `true` seconds was a pause of 1 s: expired before anyone could approve.
+        "c-pause-true": (
+            {**job, "inputs": {**CREDIT_INPUTS, "amount": "150.00"}, "pause_timeout_s": True},
+            "job_invalid",
+            "pause_timeout_s: Value error, must be a whole number, not a boolean",
+        ),
+        "c-step-text": (
+            {**job, "step_timeout_ms": "5000"},
+            "job_invalid",
+            "step_timeout_ms: Value error, must be a whole number, not a string",
         ),
         "c-exponent": (
             {**job, "inputs": {**CREDIT_INPUTS, "amount": "1e1"}},

@@ -209,6 +209,17 @@ class BrowserJob(_Model):
             raise ValueError("must look like 'site/name' or 'site/name@version'")
         return value
 
+    @field_validator("pause_timeout_s", "step_timeout_ms", mode="before")
+    @classmethod
+    def _a_number(cls, value: Any) -> Any:
+        # Lax pydantic took `true` for 1 (a pause that expired a second after it began, a 1 ms
+        # step timeout) and `"100"` for 100. A whole float (`100.0`, as some JSON encoders write
+        # every number) is still the number it says.
+        if isinstance(value, bool | str):
+            kind = "a boolean" if isinstance(value, bool) else "a string"
+            raise ValueError(f"must be a whole number, not {kind}")
+        return value
+
     @field_validator("idempotency_key")
     @classmethod
     def _idempotency_key(cls, value: str | None) -> str | None:
