@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from worker.client import FormworkClient
-from worker.contract import BrowserJob, EventKind, JobStatus
+from worker.contract import BrowserJob, EventKind, JobStatus, WebhookTarget
 from worker.envelope import envelope, loads
 from worker.keys import Keys
 from worker.settings import Settings
@@ -35,6 +35,8 @@ from .conftest import (
     signing_in_as_the_agent,
     worker_env,
 )
+from .test_webhooks import SECRET as WEBHOOK_SECRET
+from .test_webhooks import receiver
 
 
 @contextmanager
@@ -289,6 +291,43 @@ async def test_a_killed_worker_s_job_is_taken_over_long_before_its_mark_expires(
     assert billing.state()["logins"] == 1  # in the session the checkpoint kept
     said = [e.message async for _, e in handle.events(follow=False)]
     assert "its worker stopped answering mid-job; it will run again" in said
+
+
+@pytest.mark.timeout(240)
+async def test_the_webhook_hears_that_a_dead_worker_s_job_was_taken_over(
+    billing: Site, client: FormworkClient, settings: Settings, tmp_path: Path
+) -> None:
+    # The live worker announces the dead one's job `queued` ("its worker stopped answering").
+    # That event went to the job's stream only: its webhook heard the dead run's events, then
+    # a `running` out of nowhere, one `seq` further on.
+    billing.faults(latency_ms=200)
+    settings = settings.model_copy(update={"job_timeout_s": 900})
+    signed = {"FORMWORK_WEBHOOK_SECRET": WEBHOOK_SECRET}
+    async with receiver(lambda event, attempt: (0.0, 204)) as hook:
+        webhook = WebhookTarget(url=hook.url)
+        handle = await client.enqueue(
+            job(billing, "p-gone-hook", "T-16").model_copy(update={"webhook": webhook})
+        )
+        with worker_process(settings, tmp_path / "w1.log", **signed) as first:
+            async for _, event in handle.events():
+                if event.step is not None and event.step.id == "amount":
+                    break
+            with worker_process(settings, tmp_path / "w2.log", **signed):
+                first.kill()
+                await asyncio.to_thread(first.wait, 30)
+                report = await handle.wait(90)
+                assert report.status == JobStatus.succeeded, report.error
+                async with asyncio.timeout(30):
+                    while not (hook.delivered and hook.delivered[-1].get("report")):
+                        hook.settled.clear()
+                        await hook.settled.wait()
+
+    assert len(billing.credits()) == 1
+    said = [(e["status"], e.get("message")) for e in hook.delivered if e["kind"] == "job"]
+    gone = ("queued", "its worker stopped answering mid-job; it will run again")
+    assert said == [("running", None), gone, ("running", None), ("succeeded", None)]
+    seqs = [e["seq"] for e in hook.delivered]
+    assert seqs == sorted(set(seqs))  # in order, each once
 
 
 @pytest.mark.timeout(240)

@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -83,6 +84,11 @@ return 2
 """
 
 
+# Gives the events of a job this worker announces `queued` the job's webhook, if it has one:
+# the job's record and the worker's HTTP session are the queue's (`queue.startup` sets it).
+WebhookOf = Callable[[JobEvents], Awaitable[None]]
+
+
 @dataclass
 class TakenJobs:
     """The jobs one worker process took and arq has not yet seen through; lives across the
@@ -92,6 +98,7 @@ class TakenJobs:
     unfinished: set[str] = field(default_factory=set)
     leased: bool = False  # the lease was set once and not released since
     lost: set[str] = field(default_factory=set)  # runs stopped: their job was taken over
+    webhook_of: WebhookOf | None = None
 
     async def take(self, redis: Redis, keys: Keys, job_id: str) -> None:
         """Called as arq starts `job_id` on this worker: remember it, make its mark ours and
@@ -126,7 +133,7 @@ class TakenJobs:
         for job_id in sorted(self.unfinished):
             if await drop_if_holds(redis, ARQ_IN_PROGRESS_PREFIX + job_id, self.token):
                 handed.append(job_id)
-                await _say_queued(redis, keys, job_id, _LOST_REDIS)
+                await _say_queued(redis, keys, job_id, _LOST_REDIS, self.webhook_of)
             await _forget(redis, keys, job_id, self.token)
             self.unfinished.discard(job_id)
         return handed
@@ -195,7 +202,7 @@ async def take_over_dead(redis: Redis, keys: Keys, own: TakenJobs) -> list[str]:
             == 1
         ):
             taken.append(job_id)
-            await _say_queued(redis, keys, job_id, _WORKER_GONE)
+            await _say_queued(redis, keys, job_id, _WORKER_GONE, own.webhook_of)
     return taken
 
 
@@ -212,7 +219,13 @@ _WORKER_GONE = (
 )
 
 
-async def _say_queued(redis: Redis, keys: Keys, arq_id: str, why: tuple[str, str]) -> None:
+async def _say_queued(
+    redis: Redis,
+    keys: Keys,
+    arq_id: str,
+    why: tuple[str, str],
+    webhook_of: WebhookOf | None = None,
+) -> None:
     job_id = job_of(arq_id)  # a decision's message runs under an id of its own
     status = await cast("Any", redis.hget(keys.job(job_id), "status"))
     if status is not None and JobStatus(status.decode()).settled:
@@ -228,4 +241,13 @@ async def _say_queued(redis: Redis, keys: Keys, arq_id: str, why: tuple[str, str
     )
     with contextlib.suppress(RedisError):
         events = await JobEvents.open(redis, keys, job_id)
-        await events.job(JobStatus.queued, message=message)
+        if webhook_of is not None:
+            # Every event reaches the job's webhook, whichever worker announces it: this one
+            # too, or the receiver's next event after the dead run's was a `running` from
+            # nowhere, one `seq` further on.
+            await webhook_of(events)
+        try:
+            await events.job(JobStatus.queued, message=message)
+        finally:
+            if events.webhook is not None:
+                await events.webhook.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -465,6 +466,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     if taken is not None:
         state = ctx["formwork"]
         state.taken = taken
+        taken.webhook_of = functools.partial(_attach_kept_webhook, state)
         await taken.hand_back(redis, keys)  # what this process held when it lost Redis
         await taken.renew(redis, keys)  # leased before arq hands it a job
         state.background.append(asyncio.create_task(taken.keep_lease(redis, keys)))
@@ -697,6 +699,20 @@ def _attach_webhook(state: WorkerState, events: JobEvents, job: BrowserJob) -> N
         events.webhook = WebhookSender(
             state.http, job.webhook.url, state.settings.webhook_secret, job.job_id
         )
+
+
+async def _attach_kept_webhook(state: WorkerState, events: JobEvents) -> None:
+    """The webhook of a job this worker announces without running it (`queued`, taken over
+    from a dead worker or handed back after losing Redis), from the job its record keeps."""
+    raw = await cast("Any", state.redis.hget(state.keys.job(events.job_id), JOB_FIELD))
+    if raw is None:
+        return
+    try:
+        job = BrowserJob.model_validate_json(raw)
+    except ValidationError:  # kept by a worker of another contract: the event still goes out
+        log.warning("job %s: its kept job cannot be read; no webhook for this event", events.job_id)
+        return
+    _attach_webhook(state, events, job)
 
 
 async def _settle(
