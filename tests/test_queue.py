@@ -799,6 +799,39 @@ async def test_a_decision_queued_under_another_id_gives_its_pause_back(
     assert len(billing.credits()) == 1
 
 
+@pytest.mark.parametrize("about", ["q-other-b", None, 7], ids=["another", "null", "number"])
+async def test_a_decision_whose_message_names_another_job_gives_its_pause_back(
+    billing: Site, client: FormworkClient, worker: Worker, about: object
+) -> None:
+    # A client of the wire protocol claims job A's pause and queues the message under A's
+    # message id, as README says, but its body names job B (or no job). The worker refused
+    # the message and looked for the claim on B: A kept it, deaf to every decision sent
+    # again (`decided`) until its deadline expired the job.
+    job_a = f"q-other-a-{type(about).__name__}"
+    handle = await client.enqueue(credit_job(billing, job_a, inputs={"amount": "150.00"}))
+    assert (await handle.wait(60)).status == JobStatus.awaiting_approval
+    pause = int(await client.redis.hget(client.keys.job(job_a), "seq") or 0)  # type: ignore[misc]
+    token = message_id(job_a, "resume", pause)
+    body = {"resume": about, "pause": pause, "decision": {"decision": "approve"}}
+    claimed = await claim_pause(client.redis, client.keys, job_a, pause, token, body)
+    assert claimed == PauseClaim.claimed
+    run = Job(token, client.redis, _queue_name=client.keys.queue, _deserializer=loads)
+    with pytest.raises(Exception, match=r"not queued as one|rejected"):
+        await run.result(timeout=30, poll_delay=0.01)
+    record = client.keys.job(job_a)
+    assert await client.redis.hget(record, DECISION_FIELD) is None  # type: ignore[misc]
+    assert await handle.status() == JobStatus.awaiting_approval
+    assert billing.credits() == []
+
+    last = await handle.last_event_id()
+    assert await client.decide(job_a, ResumeDecision(decision="approve", by="lead")) == (
+        PauseClaim.claimed
+    )
+    report = await handle.wait(60, after=last)
+    assert report.status == JobStatus.succeeded, report.error
+    assert len(billing.credits()) == 1
+
+
 @pytest.mark.parametrize(
     ("name", "sent"),
     [

@@ -613,6 +613,21 @@ async def _release_claim(state: WorkerState, arq_id: str, payload: Any) -> None:
     if not isinstance(payload, dict):
         return
     about, pause = payload.get("resume"), payload.get("pause")
+    own = job_of(arq_id)
+    if own != arq_id and about != own:
+        # Queued under job A's message id (the pause the client claimed is A's), its body
+        # names another job or none: the claim it holds is A's, and A waited for it until its
+        # deadline, a decision sent again refused as `decided`.
+        if await _drop_own_claim(state, own, arq_id):
+            log.warning(
+                "job %s: decision message %s is about %r, not this job; its claim on the "
+                "pause is dropped, and the job waits for a decision again",
+                own,
+                arq_id,
+                about,
+            )
+            await _abort_if_requested(state, own)
+        return
     if not isinstance(about, str):
         return
     if not isinstance(pause, int):
