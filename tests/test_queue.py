@@ -629,6 +629,38 @@ async def test_a_raw_enqueue_with_a_taken_idempotency_key_is_refused_not_run(
     assert (again.job_id, again.created) == ("q-idem-a", False)
 
 
+async def test_a_payload_refused_before_it_is_read_is_refused_to_its_webhook_too(
+    billing: Site, client: FormworkClient, settings: Settings, browser_host: BrowserHost
+) -> None:
+    # An orchestrator in another language misspells a field, or sends a string for a boolean:
+    # the job is refused as it should be, but only on its stream. One that follows its jobs
+    # by webhook heard nothing, and waited for ever for a job that would never run.
+    signed = settings.model_copy(update={"webhook_secret": WEBHOOK_SECRET})
+    sent = {
+        "q-bad-typo": ({"input": CREDIT_INPUTS}, "input"),
+        "q-bad-type": ({"inputs": CREDIT_INPUTS, "dry_run": "yes"}, "dry_run"),
+        "q-bad-id": ({"inputs": CREDIT_INPUTS, "job_id": "q-bad-other"}, "job_id"),
+    }
+    async with (
+        receiver(lambda event, attempt: (0.0, 204)) as hook,
+        running_worker(signed, browser_host),
+    ):
+        for job_id, (fields, _) in sent.items():
+            payload = {"job_id": job_id, "script": "billing/issue_credit", **fields}
+            payload["webhook"] = {"url": f"{hook.url}/{job_id}"}
+            await raw_enqueue(settings, job_id, raw_envelope(payload))
+        async with asyncio.timeout(30):
+            while {e["job_id"] for e in hook.hits} != set(sent):
+                hook.settled.clear()
+                await hook.settled.wait()
+
+    for job_id, (_, field) in sent.items():
+        [event] = [e for e in hook.hits if e["job_id"] == job_id]
+        assert (event["seq"], event["status"]) == (1, "rejected"), job_id
+        assert event["report"]["error"]["field"] == field, job_id
+    assert billing.state()["requests"] == 0
+
+
 async def test_a_raw_duplicate_is_refused_to_its_own_webhook_too(
     billing: Site, client: FormworkClient, settings: Settings, browser_host: BrowserHost
 ) -> None:

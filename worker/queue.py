@@ -59,6 +59,7 @@ from worker.contract import (
     ResumeDecision,
     StepReport,
     Verification,
+    WebhookTarget,
 )
 from worker.envelope import MALFORMED, MALFORMED_FIELD, MAX_TRIES, dumps, envelope, loads
 from worker.errors import ArtifactError, BrowserLost, JobInvalid, RejectedError, TakenOver
@@ -553,6 +554,8 @@ async def execute(
         # A correlation carrying a secret is not written to the report either; any other
         # refusal (a duplicate's, a secret in the key) keeps the orchestrator's correlation.
         in_correlation = (exc.field or "").split(".")[0] == "correlation"
+        if events.webhook is None:
+            _attach_payload_webhook(state, events, payload)
         try:
             return await reject(
                 job_id,
@@ -705,6 +708,23 @@ async def _give_key_back(state: WorkerState, job_id: str, key: str) -> None:
     a request that fails validation). A key another job holds (this one its duplicate) stays."""
     if await drop_if_holds(state.redis, state.keys.idempotency(key), job_id):
         log.info("job %s: rejected; its idempotency key is free again", job_id)
+
+
+def _attach_payload_webhook(state: WorkerState, events: JobEvents, payload: Any) -> None:
+    """A payload refused before it was read as a job (a misspelt field, a value of the wrong
+    type) still says where its orchestrator listens: the refusal goes there too, or an
+    orchestrator that follows its jobs by webhook waited for ever for a job that never ran.
+    Not when the webhook itself is at fault, nor when the payload carries a secret."""
+    hook = payload.get("webhook") if isinstance(payload, dict) else None
+    try:
+        target = WebhookTarget.model_validate(hook)
+        check_target(target.url, state.settings.webhook_secret, state.settings.webhook_hosts)
+    except (ValidationError, JobInvalid):
+        return
+    if state.runtime.secrets.carried_in(payload) is None and state.settings.webhook_secret:
+        events.webhook = WebhookSender(
+            state.http, target.url, state.settings.webhook_secret, events.job_id
+        )
 
 
 def _attach_webhook(state: WorkerState, events: JobEvents, job: BrowserJob) -> None:
