@@ -864,6 +864,40 @@ async def test_a_decision_whose_message_names_another_job_gives_its_pause_back(
     assert len(billing.credits()) == 1
 
 
+async def test_a_decision_whose_envelope_cannot_be_read_gives_its_pause_back(
+    billing: Site, client: FormworkClient, worker: Worker
+) -> None:
+    # A client of the wire protocol claims the pause as README says and queues its message in
+    # an envelope without `et`. The worker took it for a job named after the message (and
+    # refused it): the claim stayed, the job deaf to every decision sent again (`decided`).
+    job_id = "q-bad-envelope"
+    handle = await client.enqueue(credit_job(billing, job_id, inputs={"amount": "150.00"}))
+    assert (await handle.wait(60)).status == JobStatus.awaiting_approval
+    record = client.keys.job(job_id)
+    pause = int(await client.redis.hget(record, "seq") or 0)  # type: ignore[misc]
+    token = message_id(job_id, "resume", pause)
+    body = resume_message(job_id, pause, ResumeDecision(decision="approve"))
+    unreadable = {"t": 1, "f": JOB_FUNCTION, "a": [body], "k": {}}  # no `et`
+    await client.redis.hset(record, DECISION_FIELD, f"{pause}|{token}")  # type: ignore[misc]
+    await raw_enqueue_as(client, token, json.dumps(unreadable).encode())
+    refused = await client.handle(token).wait(30)  # refused, as the job it is not
+    assert refused.error is not None and "missing ['et']" in refused.error.message
+    assert await client.redis.hget(record, DECISION_FIELD) is None  # type: ignore[misc]
+    assert await handle.status() == JobStatus.awaiting_approval
+
+    last = await handle.last_event_id()
+    decision = ResumeDecision(decision="approve", by="lead")
+    assert await client.decide(job_id, decision) == PauseClaim.claimed
+    report = await handle.wait(60, after=last)
+    assert report.status == JobStatus.succeeded, report.error
+    assert len(billing.credits()) == 1
+
+
+async def raw_enqueue_as(client: FormworkClient, arq_id: str, data: bytes) -> None:
+    await client.redis.set(ARQ_JOB_PREFIX + arq_id, data)
+    await client.redis.zadd(client.keys.queue, {arq_id: int(time.time() * 1000)})
+
+
 @pytest.mark.parametrize(
     ("name", "sent"),
     [

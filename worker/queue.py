@@ -514,6 +514,10 @@ async def execute(
     except JobInvalid:
         await _release_claim(state, job_id, payload)
         raise
+    if message is None and job_of(job_id) != job_id:
+        # Queued under a decision's id, and no decision (an envelope arq cannot read: its
+        # `et` left out, say): the claim it holds goes, as any unreadable decision's does.
+        await _release_claim(state, job_id, payload)
     if isinstance(message, ResumeMessage):
         return await execute_resume(state, message, job_id, run=run)
     if isinstance(message, ExpireMessage):
