@@ -984,6 +984,30 @@ async def test_a_job_queued_the_raw_way_is_seen_and_aborted_before_a_worker_take
     assert await redis.exists(client.keys.abort("q-raw-later")) == 0
 
 
+async def test_an_abort_reason_set_by_hand_is_kept_as_long_as_a_note_not_whole(
+    billing: Site, client: FormworkClient, worker: Worker, settings: Settings
+) -> None:
+    # `SET formwork:abort:<id> <reason>` holds whatever its setter wrote. A 1 MB reason went
+    # whole into the report's error, the event's message (so twice per event), the job's
+    # record and both event streams.
+    payload = credit_job(billing, "q-abort-long").model_dump(mode="json", exclude_none=True)
+    later = int(time.time() * 1000) + 3_600_000
+    await raw_enqueue(settings, "q-abort-long", raw_envelope(payload), score=later)
+    reason = "wrong account " + "x" * 1_000_000
+    await client.redis.set(client.keys.abort("q-abort-long"), reason, ex=RECORD_TTL_S)
+    await client.redis.zadd(client.keys.queue, {"q-abort-long": int(time.time() * 1000)})
+
+    report = await client.handle("q-abort-long").wait(60)
+    assert report.status == JobStatus.cancelled
+    assert report.error is not None
+    message = report.error.message
+    assert message.startswith("aborted: wrong account xxx") and message.endswith("…")
+    assert len(message) == len("aborted: ") + 2000
+    [(_, fields)] = await client.redis.xrange(client.keys.events("q-abort-long"))
+    assert len(fields[b"event"]) < 10_000
+    assert billing.state()["requests"] == 0
+
+
 @pytest.mark.timeout(90)
 async def test_a_job_over_its_timeout_on_a_hanging_page_ends_failed_with_its_steps(
     billing: Site, client: FormworkClient, settings: Settings, browser_host: BrowserHost

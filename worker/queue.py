@@ -61,7 +61,15 @@ from worker.contract import (
     Verification,
     WebhookTarget,
 )
-from worker.envelope import MALFORMED, MALFORMED_FIELD, MAX_TRIES, dumps, envelope, loads
+from worker.envelope import (
+    MALFORMED,
+    MALFORMED_FIELD,
+    MAX_PAYLOAD_BYTES,
+    MAX_TRIES,
+    dumps,
+    envelope,
+    loads,
+)
 from worker.errors import ArtifactError, BrowserLost, JobInvalid, RejectedError, TakenOver
 from worker.events import EventListener, JobEvents
 from worker.executor import (
@@ -274,9 +282,14 @@ def resume_message(job_id: str, pause: int, decision: ResumeDecision) -> dict[st
     return {"resume": job_id, "pause": pause, "decision": decision.model_dump(mode="json")}
 
 
+# As long as a decision's note may be. An abort flag set by hand holds whatever its setter
+# wrote: a 2 MB reason went whole into the report, both event streams and the webhook.
+ABORT_REASON_CHARS = 2000
+
+
 def abort_decision(reason: str, by: str) -> ResumeDecision:
     """The `abort` decision an abort request becomes (a note holds at most 2000 characters)."""
-    return ResumeDecision(decision=Decision.abort, by=by, note=reason[:2000])
+    return ResumeDecision(decision=Decision.abort, by=by, note=reason[:ABORT_REASON_CHARS])
 
 
 WITHHELD = "(withheld: it carries the value of a configured secret)"
@@ -284,9 +297,12 @@ WITHHELD = "(withheld: it carries the value of a configured secret)"
 
 def _abort_reason(state: WorkerState, raw: bytes) -> str:
     """An abort request's reason as it may be shown: an abort is carried out whatever its
-    reason says, but a reason holding a secret is never stored or announced."""
-    reason = raw.decode(errors="replace")
-    return WITHHELD if state.runtime.secrets.carried_in({"reason": reason}) else reason
+    reason says, but a reason holding a secret is never stored or announced; a long one is cut
+    to ABORT_REASON_CHARS (after the secret check, so a secret cut in half is still found)."""
+    reason = raw[:MAX_PAYLOAD_BYTES].decode(errors="replace")
+    if state.runtime.secrets.carried_in({"reason": reason}):
+        return WITHHELD
+    return reason if len(reason) <= ABORT_REASON_CHARS else reason[: ABORT_REASON_CHARS - 1] + "…"
 
 
 async def claim_decision(
