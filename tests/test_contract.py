@@ -164,3 +164,31 @@ async def test_a_site_url_with_an_uppercase_scheme_is_the_same_site(
     assert last.status == JobStatus.succeeded, last.report and last.report.error
     [credit] = billing.credits()
     assert credit["reference"] == CREDIT_INPUTS["reference"]
+
+
+async def test_a_job_id_shaped_like_a_decision_message_s_is_refused(
+    billing: Site, client: FormworkClient, worker: Worker, settings: Settings
+) -> None:
+    # `c-order.resume3` is the queue's id of the third decision about job `c-order`: a job
+    # under it shared that entry, and its refusal, events and claims were read as c-order's.
+    job = {"script": "billing/issue_credit", "inputs": CREDIT_INPUTS, "site_url": billing.url}
+    with pytest.raises(ValidationError, match=r"must not end in '\.resume<N>'"):
+        BrowserJob.model_validate({**job, "job_id": "c-order.resume3"})
+    await enqueue_raw(settings, {**job, "job_id": "c-order.expire1"})
+
+    last = await asyncio.wait_for(settled(client, "c-order.expire1"), 60)
+    assert last.status == JobStatus.rejected
+    assert last.report is not None and last.report.error is not None
+    assert last.report.error.code == "job_invalid"
+    assert "job_id: Value error, must not end in" in last.report.error.message
+    assert await client.handle("c-order").status() is None  # nothing said about another job
+    assert billing.credits() == []
+    # `.resumes`, `.expired`: ordinary ids.
+    assert BrowserJob.model_validate({**job, "job_id": "c-order.resumes"}).job_id
+
+
+def test_a_webhook_url_with_an_uppercase_scheme_is_taken() -> None:
+    # A scheme is case-insensitive; "HTTPS://…" was refused as not matching '^https?://'.
+    job = {"job_id": "j", "script": "billing/issue_credit"}
+    hook = BrowserJob.model_validate({**job, "webhook": {"url": "HTTPS://hooks.example/in"}})
+    assert hook.webhook is not None and hook.webhook.url == "HTTPS://hooks.example/in"

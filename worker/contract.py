@@ -26,6 +26,9 @@ CONTRACT_VERSION = 1
 # A script reference is `site/name` with an optional pinned version: `billing/issue_credit@3`.
 SCRIPT_REF = re.compile(r"^(?P<name>[a-z0-9_]+/[a-z0-9_]+)(?:@(?P<version>[0-9]+))?$")
 JOB_ID = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+# The arq ids of a job's own messages: `<job_id>.resume<N>` (a decision), `<job_id>.expire<N>`
+# (a pause's deadline); see worker.keys.message_id. No job may have one.
+MESSAGE_ID = r"^(?P<job>.+)\.(?:resume|expire)\d+$"
 
 
 class _Model(BaseModel):
@@ -220,6 +223,19 @@ class BrowserJob(_Model):
             raise ValueError(f"must be a whole number, not {kind}")
         return value
 
+    @field_validator("job_id")
+    @classmethod
+    def _not_a_message_id(cls, value: str) -> str:
+        # Such an id is the queue's name for another job's decision (`order.resume3` is the
+        # third decision about job `order`): the two would share one arq entry, and the job's
+        # events and claims were read as job `order`'s.
+        if re.match(MESSAGE_ID, value):
+            raise ValueError(
+                "must not end in '.resume<N>' or '.expire<N>': those are the ids of a job's "
+                "decision and expiry messages"
+            )
+        return value
+
     @field_validator("idempotency_key")
     @classmethod
     def _idempotency_key(cls, value: str | None) -> str | None:
@@ -266,7 +282,8 @@ class BrowserJob(_Model):
 class WebhookTarget(_Model):
     """Where to POST this job's events, signed with the worker's webhook secret."""
 
-    url: str = Field(pattern=r"^https?://[^/\s]+")
+    # Any case: a scheme is case-insensitive (RFC 3986), and `HTTPS://` is how some write it.
+    url: str = Field(pattern=r"^(?i:https?)://[^/\s]+")
 
 
 class Box(_Model):

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from redis.asyncio import Redis
 
+from worker.contract import MESSAGE_ID
+
 DEFAULT_PREFIX = "formwork"
 ARQ_JOB_PREFIX = "arq:job:"  # arq.constants.job_key_prefix: the plain-Redis wire protocol uses it
 ARQ_IN_PROGRESS_PREFIX = "arq:in-progress:"  # arq.constants.in_progress_key_prefix
@@ -21,7 +23,7 @@ ARQ_RETRY_PREFIX = "arq:retry:"  # arq.constants.retry_key_prefix: a job's try c
 JOB_FUNCTION = "browser_job"  # the arq function name a raw enqueuer writes into the payload
 
 MessageKind = Literal["resume", "expire"]
-_MESSAGE_ID = re.compile(r"^(?P<job>.+)\.(?:resume|expire)\d+$")
+_MESSAGE_ID = re.compile(MESSAGE_ID)
 
 
 def message_id(job_id: str, kind: MessageKind, number: int) -> str:
