@@ -931,3 +931,19 @@ async def test_watch_says_so_when_the_jobs_record_is_gone(
         "formwork: job cli-gone has no record any more (it expired, or Redis lost its data): "
         "how it ended is not known here"
     ]
+
+
+def test_a_worker_started_from_settings_gets_every_one_of_them() -> None:
+    # `Settings.to_env()` starts `formwork worker` processes (tests, benchmarks); it left the
+    # webhook secret and hosts out, so such a worker refused every job with a webhook.
+    every = Settings(
+        redis_url="redis://127.0.0.1:6379/7", max_jobs=3, artifacts_dir=Path("/tmp/a"),
+        artifacts_url="s3://bucket/p", s3_endpoint_url="http://127.0.0.1:9000",
+        scripts_dir=Path("/tmp/s"), selectors_dir=Path("/tmp/r"), uploads_dir=Path("/tmp/u"),
+        secrets_file=Path("/tmp/secrets.yaml"), chromium="/usr/bin/chromium",
+        poll_delay_s=0.5, shutdown_grace_s=7, job_timeout_s=99, key_prefix="p-1",
+        webhook_secret="hook-secret-1", webhook_hosts=["hooks.example", "127.0.0.1"],
+        state_key="k" * 32, metrics_port=9101, metrics_host="0.0.0.0", browser_recycle_jobs=5,
+    )  # fmt: skip
+    assert set(every.model_dump(exclude_defaults=True)) == set(Settings.model_fields)
+    assert Settings.from_env(every.to_env()) == every

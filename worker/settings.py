@@ -123,6 +123,10 @@ class Settings(BaseModel):
         if self.metrics_port is not None:
             env["FORMWORK_METRICS_PORT"] = str(self.metrics_port)
             env["FORMWORK_METRICS_HOST"] = self.metrics_host
+        if self.webhook_secret is not None:
+            env["FORMWORK_WEBHOOK_SECRET"] = self.webhook_secret
+        if self.webhook_hosts is not None:
+            env["FORMWORK_WEBHOOK_HOSTS"] = ",".join(self.webhook_hosts)
         return env
 
     @classmethod
