@@ -952,3 +952,18 @@ async def test_a_replay_runs_the_stable_version_whatever_the_canary_split(
     )
     assert canary.report.script_version == 2 and canary.verdict == Verdict.regression
     assert problems(canary) == {"reason": ["entered 'damaged item' -> 'refund damaged item'"]}
+
+
+def test_a_bundle_in_another_format_is_refused_naming_it(tmp_path: Path) -> None:
+    # `format` was read and never checked: a later layout was judged as this one's.
+    bundle = tmp_path / "later"
+    shutil.copytree(GOLDEN, bundle)
+    data = json.loads((bundle / "recording.json").read_text())
+    (bundle / "recording.json").write_text(json.dumps({**data, "format": 2}))
+    with pytest.raises(RecordingInvalid) as info:
+        load(bundle)
+    assert "recording.json: not a recording" in info.value.message
+    assert "format 2 is a later Formwork's bundle layout; this worker reads format 1" in (
+        info.value.message
+    )
+    assert load(GOLDEN).format == 1

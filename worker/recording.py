@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from worker.artifacts import ArtifactStore
 from worker.contract import Box, JobReport, JobStatus, MatchedSelector, StepStatus
@@ -77,6 +77,19 @@ class Recording(_Model):
         return (
             self.script if self.script_version is None else f"{self.script}@{self.script_version}"
         )
+
+    @field_validator("format")
+    @classmethod
+    def _readable(cls, value: int) -> int:
+        # A bundle another Formwork wrote in a later layout was read as this one, field by
+        # field, and judged by what this worker made of it.
+        if value != RECORDING_FORMAT:
+            newer = "a later Formwork's" if value > RECORDING_FORMAT else "an unknown"
+            raise ValueError(
+                f"format {value} is {newer} bundle layout; this worker reads format "
+                f"{RECORDING_FORMAT}"
+            )
+        return value
 
 
 def dynamic_outputs(loaded: LoadedScript) -> list[str]:
