@@ -406,6 +406,33 @@ def test_a_setting_with_a_bad_value_is_named_in_one_line_without_a_traceback(
     assert result.stderr == "formwork: --max-jobs=0: Input should be greater than or equal to 1\n"
 
 
+def test_a_redis_url_that_cannot_be_read_is_named_in_one_line_by_commands_and_workers(
+    tmp_path: Path, settings: Settings
+) -> None:
+    # Each ended every command (and the worker) in a traceback from urllib, redis-py or arq;
+    # a database that is not a number was database 0 to the commands but stopped the worker.
+    for url, shown, why in (
+        ("redis://:cli-pw-88@127.0.0.1:abc/12", "redis://:***@127.0.0.1:abc/12",
+         "the port is a number from 0 to 65535"),
+        ("redis://127.0.0.1:99999/12", "redis://127.0.0.1:99999/12",
+         "the port is a number from 0 to 65535"),
+        ("redis://127.0.0.1:6379/abc", "redis://127.0.0.1:6379/abc",
+         "the database is a number (redis://host:6379/0), not 'abc'"),
+        ("redis://127.0.0.1:6379/12?colour=red", "redis://127.0.0.1:6379/12?colour=red",
+         "colour in its query is no Redis setting"),
+        ("redis://127.0.0.1:6379/12?socket_timeout=soon",
+         "redis://127.0.0.1:6379/12?socket_timeout=soon",
+         "invalid value for 'socket_timeout' in connection URL"),
+        ("redis://:cli-pw-88@[::1/12", "redis://:***@[::1/12", "not a URL: invalid IPv6 URL"),
+    ):  # fmt: skip
+        said = f"formwork: REDIS_URL={shown!r}: {why}\n"
+        for args in (["stats"], ["status", "cli-x"], ["worker", "--burst"]):
+            result = formwork(*args, tmp_path=tmp_path, env=worker_env(settings, REDIS_URL=url))
+            assert result.returncode == 2, (url, args, result.stderr)
+            assert result.stderr == said, (args, result.stderr)
+            assert "cli-pw-88" not in result.stdout + result.stderr
+
+
 def test_commands_say_in_one_line_that_redis_cannot_be_reached(tmp_path: Path) -> None:
     # Every command that reads Redis printed redis-py's traceback when nothing answered.
     with socket.socket() as probe:

@@ -9,12 +9,16 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from redis.asyncio import ConnectionPool
 
 
 def shown_url(url: str) -> str:
     """`url` as it may be printed or logged: a password in it (`redis://:pw@host`, or a
     `?password=` query) becomes `***`."""
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # not a URL (`redis://:pw@[::1/0`): mask whatever stands before an @
+        return re.sub(r"(//[^/:@]*):[^/@]*@", r"\1:***@", url)
     head, sep, query = url.partition("?")
     if parts.password is not None:
         user, _, host = parts.netloc.rpartition("@")
@@ -24,6 +28,34 @@ def shown_url(url: str) -> str:
         hidden = [(k, "***" if k.lower() == "password" else v) for k, v in pairs]
         query = urllib.parse.urlencode(hidden, safe="*/")
     return head + sep + query
+
+
+def _redis_url_problem(url: str) -> str | None:
+    """What makes a Redis URL unusable, or None. Read by arq (workers) and redis-py (commands,
+    the client) alike, such a URL ended every command in a traceback; and a database that is
+    not a number (`/abc`) was database 0 to redis-py but stopped arq's worker."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:  # an unclosed [ of an IPv6 address
+        return f"not a URL: {str(exc)[:1].lower()}{str(exc)[1:]}"
+    try:
+        parts.port  # noqa: B018 - parsed on access: `:abc` or `:99999` raises here
+    except ValueError:
+        return "the port is a number from 0 to 65535"
+    query = urllib.parse.parse_qs(parts.query)
+    db = query["db"][0] if query.get("db") else parts.path.removeprefix("/")
+    if parts.scheme != "unix" and db and not (db.isascii() and db.isdigit()):
+        return f"the database is a number (redis://host:6379/0), not {db!r}"
+    try:
+        # Made, not connected (no I/O): the query's settings are checked as a command reads them.
+        pool = ConnectionPool.from_url(url)
+        pool.connection_class(**pool.connection_kwargs)
+    except TypeError as exc:
+        name = re.search(r"argument '(\w+)'", str(exc))
+        return f"{name[1] if name else 'a parameter'} in its query is no Redis setting"
+    except ValueError as exc:
+        return str(exc).rstrip(".").replace("Invalid", "invalid", 1)
+    return None
 
 
 class SettingsInvalid(ValueError):
@@ -82,10 +114,13 @@ class Settings(BaseModel):
 
     @field_validator("redis_url")
     @classmethod
-    def _redis_scheme(cls, url: str) -> str:
+    def _redis_url(cls, url: str) -> str:
         scheme = url.partition("://")[0] if "://" in url else ""
         if scheme not in REDIS_SCHEMES:
             raise ValueError("a Redis URL starts with redis://, rediss:// or unix://")
+        problem = _redis_url_problem(url)
+        if problem is not None:
+            raise ValueError(problem)
         return url
 
     @field_validator("artifacts_url")
