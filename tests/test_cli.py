@@ -340,6 +340,21 @@ def test_audit_prune_refuses_an_age_in_minutes_or_beyond_the_calendar(tmp_path: 
     assert (root / yesterday / "a-job" / "report.json").is_file()
 
 
+def test_windows_past_any_date_are_said_in_one_line(
+    tmp_path: Path, settings: Settings
+) -> None:
+    # Each ended in an OverflowError traceback: a number too large for a timedelta. (An age
+    # past the calendar for `audit prune` is refused: see the test above.)
+    env = {"REDIS_URL": settings.redis_url, "FORMWORK_KEY_PREFIX": settings.key_prefix}
+    for args, said in (
+        (["stats", "--last", "99999999999999w"], "at most 8d, not '99999999999999w'"),
+        (["insights", "--last", "99999999999d"], "at most 7d, not '99999999999d'"),
+    ):
+        result = formwork(*args, tmp_path=tmp_path, env=env)
+        assert result.returncode == 2, (args, result.stderr)
+        assert said in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
 async def test_abort_of_a_paused_job_says_it_ends_now(
     billing: Site, tmp_path: Path, settings: Settings, worker: Worker
 ) -> None:

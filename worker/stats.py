@@ -250,4 +250,9 @@ def parse_window(text: str) -> timedelta:
     number, unit = text.strip()[:-1], text.strip()[-1:]
     if unit not in units or not number.isdigit() or int(number) <= 0:
         raise ValueError(f"a window looks like 30m, 1h, 7d or 2w, not {text!r}")
-    return timedelta(**{units[unit]: int(number)})
+    try:
+        return timedelta(**{units[unit]: int(number)})
+    except OverflowError:
+        # Longer than any span a date can hold: callers bound a window (or an age) themselves,
+        # and say so; this one is past every bound.
+        return timedelta.max
