@@ -905,6 +905,38 @@ async def test_operator_commands_say_in_one_line_when_redis_does_not_answer(
         assert "not-shown-pw" not in run.stderr
 
 
+async def test_operator_commands_give_up_on_a_redis_that_takes_the_connection_but_never_answers(
+    tmp_path: Path, settings: Settings
+) -> None:
+    # A listener that never answers (a stopped server, a port forwarded nowhere) and TLS
+    # spoken to a plain Redis (rediss://) each held every command for ever.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        tls = settings.redis_url.replace("redis://", "rediss://", 1)
+        urls = {
+            f"redis://:not-shown-pw@127.0.0.1:{port}/12": f"Timeout reading from 127.0.0.1:{port}",
+            tls: "Timeout connecting to server",
+        }
+        commands = [["status", "j"], ["handoffs"], ["stats"], ["watch", "j"]]
+
+        def command(url: str, args: list[str]) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "worker.cli", *args], cwd=ROOT, capture_output=True,
+                text=True, timeout=45, check=False, env={**os.environ, "REDIS_URL": url},
+            )  # fmt: skip
+
+        runs = await asyncio.gather(
+            *(asyncio.to_thread(command, url, args) for url in urls for args in commands)
+        )
+    said = [(url, why) for url, why in urls.items() for _ in commands]
+    for (url, why), run in zip(said, runs, strict=True):
+        assert run.returncode == 1, (url, run.args, run.stderr)
+        shown = url.replace(":not-shown-pw@", ":***@")
+        assert run.stderr == f"formwork: Redis at {shown}: {why}\n", run.stderr
+
+
 async def test_a_decision_sent_without_by_names_the_login_it_came_from(
     billing: Site, tmp_path: Path, settings: Settings, worker: Worker
 ) -> None:

@@ -70,6 +70,8 @@ _MARK = {
 }
 
 if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
     from worker.client import JobHandle
     from worker.queue import PauseClaim
 
@@ -370,12 +372,31 @@ def _worker(args: argparse.Namespace) -> int:
             wait_s = min(wait_s * 2, 30.0)
 
 
+# How long a command waits for Redis to connect or answer one call. Unbounded, a host that
+# drops packets held a command ~2 minutes, and one that takes the connection but never answers
+# (rediss:// to a plain Redis, a stopped server) held it for ever.
+REDIS_TIMEOUT_S = 10.0
+
+
 def _client() -> Any:
     """The orchestrator client, configured from the environment like a worker."""
     from worker.client import FormworkClient
 
     settings = Settings.from_env()
-    return FormworkClient(settings.redis_url, key_prefix=settings.key_prefix)
+    return FormworkClient(
+        settings.redis_url, key_prefix=settings.key_prefix, timeout_s=REDIS_TIMEOUT_S
+    )
+
+
+def _redis(settings: Settings) -> Redis:
+    """A connection to the queue's Redis for a command, waiting on it no longer than
+    `REDIS_TIMEOUT_S` at a time."""
+    from redis.asyncio import Redis
+
+    redis: Redis = Redis.from_url(
+        settings.redis_url, socket_connect_timeout=REDIS_TIMEOUT_S, socket_timeout=REDIS_TIMEOUT_S
+    )
+    return redis
 
 
 def _window(text: str) -> timedelta:
@@ -417,13 +438,11 @@ def _insights_window(text: str) -> timedelta:
 
 
 async def _stats(args: argparse.Namespace) -> int:
-    from redis.asyncio import Redis
-
     from worker.keys import Keys
     from worker.stats import JobStats, render
 
     settings = Settings.from_env()
-    redis = Redis.from_url(settings.redis_url)
+    redis = _redis(settings)
     try:
         stats = await JobStats(redis, Keys(settings.key_prefix)).read(args.last)
     finally:
@@ -435,15 +454,13 @@ async def _stats(args: argparse.Namespace) -> int:
 async def _insights(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from redis.asyncio import Redis
-
     from worker.insights import load_reports, render, summarize
     from worker.keys import Keys
 
     settings = Settings.from_env()
     until = datetime.now(UTC)
     since = until - args.last
-    redis = Redis.from_url(settings.redis_url)
+    redis = _redis(settings)
     try:
         reports = await load_reports(
             redis, Keys(settings.key_prefix), since, site=args.site, script=args.script
@@ -977,13 +994,11 @@ def _loads(store: ScriptStore, name: str, version: int, role: str) -> None:
 
 
 async def _rollout(args: argparse.Namespace) -> int:
-    from redis.asyncio import Redis
-
     from worker.keys import Keys
 
     settings = Settings.from_env(scripts_dir=args.scripts_dir, selectors_dir=args.selectors_dir)
     store = ScriptStore(settings.scripts_dir, settings.selectors_dir)
-    redis = Redis.from_url(settings.redis_url)
+    redis = _redis(settings)
     rollouts = Rollouts(redis, Keys(settings.key_prefix), store)
     try:
         if args.rollout_command == "status":

@@ -150,9 +150,18 @@ class FormworkClient:
     documented in the README."""
 
     def __init__(
-        self, redis_url: str = "redis://127.0.0.1:6379/0", *, key_prefix: str = "formwork"
+        self,
+        redis_url: str = "redis://127.0.0.1:6379/0",
+        *,
+        key_prefix: str = "formwork",
+        timeout_s: float | None = None,
     ) -> None:
-        self.redis = Redis.from_url(redis_url)
+        """`timeout_s`: how long connecting, or any one call, may take before it fails with
+        redis's `TimeoutError` (None: as long as the system waits; following a job's events
+        blocks 1 s a call, so it needs more than that)."""
+        self.redis = Redis.from_url(
+            redis_url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
+        )
         self.keys = Keys(key_prefix)
         self._enqueue: Any = self.redis.register_script(_ENQUEUE)
 
