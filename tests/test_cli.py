@@ -937,6 +937,39 @@ async def test_operator_commands_give_up_on_a_redis_that_takes_the_connection_bu
         assert run.stderr == f"formwork: Redis at {shown}: {why}\n", run.stderr
 
 
+async def test_a_job_record_this_version_cannot_read_is_said_in_one_line(
+    tmp_path: Path, settings: Settings, client: FormworkClient
+) -> None:
+    # A report with a field this version does not know (a newer worker's, in a rolling
+    # upgrade), or a status it does not know, ended every command on that job in pydantic's
+    # traceback.
+    newer = JobReport(job_id="cli-newer", status=JobStatus.succeeded, script="billing/issue_credit")
+    report = {**json.loads(newer.model_dump_json()), "carbon_grams": 3}
+    await client.redis.hset(
+        client.keys.job("cli-newer"), mapping={"status": "succeeded", "report": json.dumps(report)}
+    )
+    await client.redis.hset(client.keys.job("cli-odd"), mapping={"status": "hibernating"})
+    env = {"REDIS_URL": settings.redis_url, "FORMWORK_KEY_PREFIX": settings.key_prefix}
+    commands = [["status", "cli-newer"], ["status", "cli-newer", "--json"], ["watch", "cli-newer"],
+                ["handoff", "cli-newer"], ["abort", "cli-newer"], ["resume", "cli-newer", "abort"],
+                ["status", "cli-odd"]]  # fmt: skip
+    runs = await asyncio.gather(
+        *(asyncio.to_thread(formwork, *args, tmp_path=tmp_path, env=env) for args in commands)
+    )
+    for args, run in zip(commands, runs, strict=True):
+        assert run.returncode == 1, (args, run.stderr)
+        why = (
+            "status: Input should be 'queued', 'running'"
+            if args[1] == "cli-odd"
+            else "JobReport: carbon_grams: Extra inputs are not permitted"
+        )
+        assert run.stderr.startswith(
+            f"formwork: job {args[1]}'s record in Redis cannot be read ({why}"
+        ), (args, run.stderr)
+        assert run.stderr.endswith("was it written by another version of Formwork?\n")
+        assert len(run.stderr.splitlines()) == 1, run.stderr
+
+
 async def test_a_decision_sent_without_by_names_the_login_it_came_from(
     billing: Site, tmp_path: Path, settings: Settings, worker: Worker
 ) -> None:

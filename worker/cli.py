@@ -1523,6 +1523,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         # not starting at all (a mistyped FORMWORK_CHROMIUM, a missing library).
         print(f"formwork: Chromium: {exc.message.splitlines()[0]}", file=sys.stderr)
         return 1
+    except ValidationError as exc:
+        # A record read back from Redis that this version cannot read (every value the command
+        # line gives is checked where it is read): a worker of another version wrote it, with
+        # a status or a field this one does not know, or a person edited it.
+        job_id = getattr(args, "job_id", None)
+        whose = f"job {job_id}'s record" if job_id else "a record"
+        print(
+            f"formwork: {whose} in Redis cannot be read ({exc.title}: "
+            f"{_problems(exc).removeprefix('(all): ')}); "
+            "was it written by another version of Formwork?",
+            file=sys.stderr,
+        )
+        return 1
     except RedisError as exc:
         # Down, unreachable, or refusing this password: said once, not as redis-py's traceback.
         where = shown_url(Settings.from_env().redis_url)

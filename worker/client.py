@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, cast
 
+from pydantic import ConfigDict, TypeAdapter
 from redis.asyncio import Redis
 
 from worker.backlog import backlog
@@ -68,6 +69,7 @@ ARQ_JOB_TTL_MS = 24 * 3600 * 1000  # arq's own default expiry for a queued job
 # How often a decision or an abort is judged again when the job changed under it: each retry
 # follows an event of the job's, so a few are plenty.
 _ATTEMPTS = 3
+_STATUS = TypeAdapter(JobStatus, config=ConfigDict(title="status"))
 
 
 class JobHandle:
@@ -89,7 +91,9 @@ class JobHandle:
             # Queued the raw way (the wire protocol): no record until a worker takes it.
             queued = await self.client.redis.exists(ARQ_JOB_PREFIX + self.job_id)
             return JobStatus.queued if queued else None
-        return JobStatus(value.decode())
+        # A status this version does not know (written by a newer worker) fails as a report
+        # it cannot read does: a pydantic ValidationError (a ValueError, as before).
+        return _STATUS.validate_python(value.decode())
 
     async def report(self) -> JobReport | None:
         value = await cast(
