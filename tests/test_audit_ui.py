@@ -4,6 +4,7 @@ a job page stepped through by keyboard, the one-file export — and no secret an
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import zipfile
@@ -314,6 +315,41 @@ async def test_export_is_one_offline_file_without_secrets(
     for where, text in places.items():
         for secret in secrets:
             assert secret not in text, where
+
+
+async def test_an_empty_list_says_where_it_looked_and_a_file_is_no_artifacts_directory(
+    page: Page, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A mistyped --artifacts (or FORMWORK_ARTIFACTS_DIR) served "0 of 0 jobs, No jobs match."
+    # as if the store had none, and a file there was served, exported from and pruned alike.
+    (tmp_path / "empty").mkdir()
+    for root, said in (
+        (
+            tmp_path / "mistyped",
+            f"No jobs in {tmp_path / 'mistyped'} (there is no such directory).",
+        ),
+        (tmp_path / "empty", f"No jobs in {tmp_path / 'empty'}."),
+    ):
+        runner, host, port = await serve_ui(LocalArtifacts(root))
+        try:
+            await page.goto(f"http://{host}:{port}/")
+            await expect(page.locator("p.empty")).to_have_text(said)
+        finally:
+            await runner.cleanup()
+    assert not (tmp_path / "mistyped").exists()
+    a_file = tmp_path / "report.json"
+    a_file.write_text("{}")
+    handlers = logging.getLogger().handlers[:]
+    try:
+        for args in (["serve", "--port", "0"], ["export", "j"], ["prune", "--older-than", "1d"]):
+            assert main(["audit", *args, "--artifacts", str(a_file)]) == 2
+            err = capsys.readouterr().err
+            said = f"formwork: --artifacts={str(a_file)!r}: a file, not the artifacts directory\n"
+            assert err == said
+    finally:
+        # main() points the root logger at this test's captured stderr, closed once it ends.
+        logging.getLogger().handlers[:] = handlers
+    assert a_file.read_text() == "{}"
 
 
 async def test_an_unreadable_audit_record_is_said_in_the_list_the_page_and_the_export(

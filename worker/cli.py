@@ -1174,11 +1174,17 @@ def _audit_store(args: argparse.Namespace) -> ArtifactStore:
         settings = Settings.from_env(
             artifacts_dir=args.artifacts, artifacts_url=args.store, s3_endpoint_url=args.s3_endpoint
         )
-        return store_for(settings)
+        store = store_for(settings)
     except ValidationError as exc:  # --store ftp://…: a wrong command line
         raise UsageError(_problems(exc)) from exc
     except ArtifactError as exc:
         raise UsageError(exc.message) from exc
+    root = settings.artifacts_dir
+    if isinstance(store, LocalArtifacts) and root.exists() and not root.is_dir():
+        # A mistyped path read as a store with no jobs: an empty list, nothing pruned.
+        option = "--artifacts" if args.artifacts is not None else "FORMWORK_ARTIFACTS_DIR"
+        raise UsageError(f"{option}={str(root)!r}: a file, not the artifacts directory")
+    return store
 
 
 def _audit_prune(args: argparse.Namespace) -> int:

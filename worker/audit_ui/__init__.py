@@ -30,7 +30,7 @@ from urllib.parse import urlencode
 from aiohttp import web
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from worker.artifacts import ArtifactStore, content_type
+from worker.artifacts import ArtifactStore, LocalArtifacts, content_type
 from worker.audit import AuditRecord
 from worker.contract import JobStatus, StepStatus
 from worker.errors import ArtifactError, ArtifactUnreadable
@@ -272,6 +272,8 @@ def build_app(store: ArtifactStore, *, page_size: int = PAGE_SIZE) -> web.Applic
             scripts=sorted({r.script for r in rows}),
             days=sorted({r.path.split("/")[0] for r in rows}, reverse=True),
             unreadable=unreadable,
+            location=store.location,
+            missing=isinstance(store, LocalArtifacts) and not store.root.is_dir(),
         )
         return web.Response(text=html, content_type="text/html")
 
