@@ -277,6 +277,25 @@ async def test_a_scrape_while_redis_is_down_still_serves_what_the_worker_counted
     assert "formwork_queue_depth" not in families and "formwork_jobs_waiting" not in families
 
 
+async def test_a_queue_entry_that_is_not_utf8_is_counted_and_the_scrape_is_served(
+    settings: Settings,
+) -> None:
+    # A queue entry written by hand with an id that is not UTF-8 (one the worker takes off
+    # the queue when it next polls, which a worker with every slot busy does not) made every
+    # scrape a 500 while it was there: the backlog decoded each id to name its in-progress key.
+    redis = Redis.from_url(settings.redis_url)
+    keys = Keys(settings.key_prefix)
+    try:
+        await redis.zadd(keys.queue, {b"\xff\xfenot-utf8": 1, b"fine": 2})
+        monitor = Monitor(redis, keys)
+        text = (await monitor.metrics.exposition()).decode()
+    finally:
+        await redis.aclose()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["formwork_queue_depth"].samples[0].value == 2
+    assert families["formwork_jobs_waiting"].samples[0].value == 0
+
+
 # ---------------------------------------------------------------- real jobs through a worker
 
 

@@ -19,7 +19,10 @@ async def backlog(redis: Redis, keys: Keys) -> int:
     due: list[bytes | str] = await redis.zrangebyscore(keys.queue, "-inf", int(time.time() * 1000))
     if not due:
         return 0
-    names = [job_id.decode() if isinstance(job_id, bytes) else job_id for job_id in due]
-    taken: int = await redis.exists(*(ARQ_IN_PROGRESS_PREFIX + name for name in names))
+    # Keys as bytes, never decoded: an id written by hand need not be UTF-8 (the worker takes
+    # such an entry off the queue only when it next polls), and a decode failed every scrape.
+    prefix = ARQ_IN_PROGRESS_PREFIX.encode()
+    names = [job_id if isinstance(job_id, bytes) else job_id.encode() for job_id in due]
+    taken: int = await redis.exists(*(prefix + name for name in names))
     # Two reads, not one transaction: a job taken in between is counted as taken. A gauge.
     return max(len(due) - taken, 0)
