@@ -314,6 +314,18 @@ def test_audit_prune_says_the_age_as_given_and_which_days_it_came_to(tmp_path: P
     assert bad.returncode == 2 and "not '1x'" in bad.stderr
 
 
+def test_windows_and_ages_are_written_in_ascii_digits(tmp_path: Path, settings: Settings) -> None:
+    # A superscript 2 was refused in Python's words (invalid literal for int()), and an
+    # Arabic-Indic or a fullwidth 1 read as 1h and 1d: a window nobody typed.
+    env = {"REDIS_URL": settings.redis_url, "FORMWORK_KEY_PREFIX": settings.key_prefix}
+    for args in (["stats", "--last"], ["insights", "--last"], ["audit", "prune", "--older-than"]):
+        for given in ("\u00b2h", "\u0661h", "\uff11d"):
+            result = formwork(*args, given, tmp_path=tmp_path, env=env)
+            assert result.returncode == 2, (args, given, result.stdout)
+            said = f"a window looks like 30m, 1h, 7d or 2w, not {given!r}"
+            assert result.stderr.endswith(f"{said}\n"), result.stderr
+
+
 def test_audit_prune_refuses_an_age_in_minutes_or_beyond_the_calendar(tmp_path: Path) -> None:
     # `--older-than 2m`, meant as two months, was two minutes: every day before today's went.
     # An age past year 1 ended in a traceback (OverflowError), and removed nothing.

@@ -248,7 +248,9 @@ def parse_window(text: str) -> timedelta:
     """`30m`, `1h`, `7d`, `2w` -> a timedelta."""
     units = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
     number, unit = text.strip()[:-1], text.strip()[-1:]
-    if unit not in units or not number.isdigit() or int(number) <= 0:
+    # ASCII digits only: str.isdigit() passes a superscript two (int() then fails in Python's
+    # own words) and an Arabic-Indic or fullwidth one (read as 1): a window nobody typed.
+    if unit not in units or not (number.isascii() and number.isdigit()) or int(number) <= 0:
         raise ValueError(f"a window looks like 30m, 1h, 7d or 2w, not {text!r}")
     try:
         return timedelta(**{units[unit]: int(number)})
