@@ -548,6 +548,25 @@ def test_a_worker_whose_metrics_port_is_taken_says_so_and_exits(
     assert "lost Redis" not in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_metrics_host_that_is_no_address_here_is_named_as_the_setting(
+    tmp_path: Path, settings: Settings
+) -> None:
+    # It said "metrics port N on 192.0.2.1 cannot be listened on: error while attempting to
+    # bind on address ('192.0.2.1', N): cannot assign requested address", naming no setting.
+    result = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "worker", "--metrics-port", "0"], cwd=ROOT,
+        env=worker_env(settings, FORMWORK_METRICS_HOST="192.0.2.1"), capture_output=True,
+        text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.endswith(
+        "formwork: metrics port 0 on 192.0.2.1 cannot be listened on: "
+        "FORMWORK_METRICS_HOST='192.0.2.1' is no address of this machine "
+        "(Cannot assign requested address)\n"
+    ), result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_a_worker_never_prints_the_redis_password(tmp_path: Path, settings: Settings) -> None:
     # Its first line names the queue and the Redis it serves: it printed REDIS_URL whole,
     # password and all, into whatever collects the worker's output.

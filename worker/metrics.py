@@ -15,6 +15,7 @@ import asyncio
 import errno
 import logging
 import os
+import socket
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -49,6 +50,15 @@ class MetricsPortUnavailable(Exception):
     def __init__(self, host: str, port: int, cause: OSError) -> None:
         if cause.errno == errno.EADDRINUSE:
             why = "is in use (another process listens on it)"
+        elif isinstance(cause, socket.gaierror) or cause.errno == errno.EADDRNOTAVAIL:
+            # The host is what is wrong, not the port: name the setting a person changes.
+            # asyncio's bind error repeats the address in its strerror; a lookup's errno is <0.
+            code = cause.errno or 0
+            said = os.strerror(code) if code > 0 else (cause.strerror or str(cause))
+            why = (
+                f"cannot be listened on: FORMWORK_METRICS_HOST={host!r} is no address of this "
+                f"machine ({said})"
+            )
         else:
             why = f"cannot be listened on: {cause.strerror or cause}"
         super().__init__(f"metrics port {port} on {host} {why}")
