@@ -314,6 +314,24 @@ def test_audit_prune_says_the_age_as_given_and_which_days_it_came_to(tmp_path: P
     assert bad.returncode == 2 and "not '1x'" in bad.stderr
 
 
+def test_recording_export_to_a_place_that_cannot_be_written_is_one_line(
+    billing: Site, tmp_path: Path
+) -> None:
+    # Under a file (or anywhere read-only), the export ended in a traceback.
+    ran = formwork(
+        "run", "billing/issue_credit", "--site-url", billing.url, "--job-id", "cli-rec-out",
+        *RUN_INPUTS, tmp_path=tmp_path,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    (tmp_path / "a-file").write_text("kept")
+    blocked = tmp_path / "a-file" / "bundle"
+    result = formwork("recording", "export", "cli-rec-out", "--out", str(blocked),
+                      tmp_path=tmp_path)  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == f"formwork: cannot write recording to {blocked}: Not a directory\n"
+    assert (tmp_path / "a-file").read_text() == "kept"
+
+
 def test_windows_and_ages_are_written_in_ascii_digits(tmp_path: Path, settings: Settings) -> None:
     # A superscript 2 was refused in Python's words (invalid literal for int()), and an
     # Arabic-Indic or a fullwidth 1 read as 1h and 1d: a window nobody typed.

@@ -1070,6 +1070,8 @@ async def _recording_export(args: argparse.Namespace) -> int:
     except FormworkError as exc:
         print(f"formwork: {exc.message}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a place that cannot be written (under a file, read-only)
+        raise CommandFailed(f"cannot write recording to {out}: {_why(exc)}") from exc
     print(f"recording of {report.job_id} ({recording.script_ref}, {report.status}): {out}/")
     return 0
 
