@@ -370,9 +370,7 @@ def test_audit_prune_refuses_an_age_in_minutes_or_beyond_the_calendar(tmp_path: 
     assert (root / yesterday / "a-job" / "report.json").is_file()
 
 
-def test_windows_past_any_date_are_said_in_one_line(
-    tmp_path: Path, settings: Settings
-) -> None:
+def test_windows_past_any_date_are_said_in_one_line(tmp_path: Path, settings: Settings) -> None:
     # Each ended in an OverflowError traceback: a number too large for a timedelta. (An age
     # past the calendar for `audit prune` is refused: see the test above.)
     env = {"REDIS_URL": settings.redis_url, "FORMWORK_KEY_PREFIX": settings.key_prefix}
