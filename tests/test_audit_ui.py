@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from playwright.async_api import Page, expect
@@ -814,3 +815,15 @@ async def test_text_with_bidi_controls_is_isolated_from_the_page_around_it(
         assert loose == []
     finally:
         await runner.cleanup()
+
+
+async def test_files_are_served_as_their_name_says_never_sniffed(
+    ui: str, audited: LocalArtifacts
+) -> None:
+    # A file the site put in the evidence could be read by a browser as HTML if it looked so.
+    record = audited.find_audit("ui-ok")
+    key = f"{record.path}/audit.json"
+    async with aiohttp.ClientSession() as session, session.get(f"{ui}/files/{key}") as answer:
+        assert answer.status == 200
+        assert answer.headers["X-Content-Type-Options"] == "nosniff"
+        assert answer.headers["Cache-Control"] == "no-store"

@@ -30,10 +30,18 @@ from worker.contract import (
     StepReport,
     StepStatus,
 )
+from worker.errors import JobInvalid
 from worker.keys import Keys
 from worker.queue import loads, running_worker
 from worker.settings import Settings
-from worker.webhooks import ATTEMPTS, SIGNATURE_HEADER, WebhookSender, drain, verify_signature
+from worker.webhooks import (
+    ATTEMPTS,
+    SIGNATURE_HEADER,
+    WebhookSender,
+    check_target,
+    drain,
+    verify_signature,
+)
 
 from .conftest import CREDIT_INPUTS, Site
 
@@ -286,3 +294,13 @@ async def test_a_receiver_that_redirects_is_never_followed_elsewhere() -> None:
     finally:
         await runner.cleanup()
     assert stolen == []
+
+
+def test_webhook_hosts_are_compared_in_any_case() -> None:
+    # A URL's host is read in lower case: `Hooks.Example.com` in FORMWORK_WEBHOOK_HOSTS never
+    # matched it, and every job with a webhook there was refused.
+    settings = Settings.from_env({"FORMWORK_WEBHOOK_HOSTS": " Hooks.Example.com ,127.0.0.1"})
+    assert settings.webhook_hosts == ["hooks.example.com", "127.0.0.1"]
+    check_target("https://HOOKS.example.com/in", "secret", settings.webhook_hosts)
+    with pytest.raises(JobInvalid, match=r"'other\.example' is not in FORMWORK_WEBHOOK_HOSTS"):
+        check_target("https://other.example/in", "secret", settings.webhook_hosts)

@@ -123,6 +123,13 @@ class Settings(BaseModel):
             raise ValueError(problem)
         return url
 
+    @field_validator("webhook_hosts")
+    @classmethod
+    def _host_names(cls, hosts: list[str] | None) -> list[str] | None:
+        # A URL's host is compared in lower case (`urlsplit(...).hostname`): `Hooks.Example.com`
+        # in the list never matched, and every job with a webhook there was refused.
+        return None if hosts is None else [host.strip().lower() for host in hosts]
+
     @field_validator("artifacts_url")
     @classmethod
     def _s3_url(cls, url: str | None) -> str | None:

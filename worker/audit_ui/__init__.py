@@ -310,6 +310,9 @@ def build_app(store: ArtifactStore, *, page_size: int = PAGE_SIZE) -> web.Applic
         # Evidence shows customer data: never cached, never framed, nothing loaded from outside.
         response.headers["Cache-Control"] = "no-store"
         response.headers["X-Frame-Options"] = "DENY"
+        # A file a site put in the evidence (a download, a page saved as text) is served as
+        # the type its name says, never as what a browser sniffs in it (HTML, say).
+        response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["Content-Security-Policy"] = (
             "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'"
         )
