@@ -1101,3 +1101,24 @@ def test_a_worker_started_from_settings_gets_every_one_of_them() -> None:
     )  # fmt: skip
     assert set(every.model_dump(exclude_defaults=True)) == set(Settings.model_fields)
     assert Settings.from_env(every.to_env()) == every
+
+
+def test_make_setup_s_redis_check_says_a_bad_url_or_refused_password_in_one_line() -> None:
+    # `python -m worker.localredis` (make setup) ended a malformed URL in a traceback, and for a
+    # local URL with a password the local Redis refused, started a second redis-server that
+    # could not bind, waited 10 s and said nothing answers.
+    url = os.environ.get("FORMWORK_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+    with_password = url.replace("redis://", "redis://:not-the-password@", 1)
+    for given, said in (
+        ("redis://127.0.0.1:abc/0", "REDIS_URL='redis://127.0.0.1:abc/0': the port is a number"),
+        ("http://127.0.0.1:6379/0", "a Redis URL starts with redis://, rediss:// or unix://"),
+        (with_password, "but refuses this connection: AUTH <password> called without"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "worker.localredis", given],
+            cwd=ROOT, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert result.returncode == 1, (given, result.stdout, result.stderr)
+        assert said in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert "not-the-password" not in result.stderr
+        assert "started" not in result.stdout + result.stderr

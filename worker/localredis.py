@@ -13,26 +13,38 @@ import time
 from urllib.parse import urlsplit
 
 import redis
+from pydantic import ValidationError
 
-from worker.settings import shown_url
+from worker.settings import Settings, shown_url
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 START_TIMEOUT_S = 10.0
 
 
 def answers(url: str) -> bool:
+    """Whether a Redis answers at `url`; SystemExit when one answers but refuses the URL's
+    credentials (starting another on its port would only fail to bind, and say nothing)."""
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
         try:
             return bool(client.ping())
         finally:
             client.close()
+    except (redis.AuthenticationError, redis.ResponseError) as exc:
+        raise SystemExit(
+            f"redis: a Redis answers at {shown_url(url)} but refuses this connection: {exc}"
+        ) from None
     except (redis.ConnectionError, redis.TimeoutError, OSError):
         return False
 
 
 def ensure(url: str) -> str:
     """Return a line saying what was found or started; raise SystemExit when impossible."""
+    try:
+        Settings(redis_url=url)  # the worker's own checks, said the same way, in one line
+    except ValidationError as exc:
+        why = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+        raise SystemExit(f"redis: REDIS_URL={shown_url(url)!r}: {why}") from None
     if answers(url):
         return f"redis: answering at {shown_url(url)}"
     parts = urlsplit(url)
