@@ -818,7 +818,7 @@ async def test_control_characters_from_the_site_never_reach_the_terminal(
 ) -> None:
     # The site's error text went to the operator's terminal as it was: an escape sequence
     # in it recoloured, moved the cursor or retitled the window; CR overwrote the line.
-    said = "Refused \x1b[2J\x1b]0;pwned\x07 \r\u202eevil\u202c \x9b1m"
+    said = "Refused \x1b[2J\x1b]0;pwned\x07 \r\u202eevil\u202c \x9b1m\nnext line"
     env = {"REDIS_URL": settings.redis_url, "FORMWORK_KEY_PREFIX": settings.key_prefix}
     async with FormworkClient(settings.redis_url, key_prefix=settings.key_prefix) as client:
         billing.faults(reject_value=[{"field": "amount", "value": "15.00", "message": said}])
@@ -842,6 +842,9 @@ async def test_control_characters_from_the_site_never_reach_the_terminal(
         for raw in ("\x1b", "\x07", "\r", "\u202e", "\x9b"):
             assert raw not in text, (shown.args, raw)
     assert "Refused \\u001b[2J\\u001b]0;pwned\\u0007" in runs[1].stdout
+    # A line break in the site's text does not break the list's columns: one row per job.
+    [row] = [line for line in runs[0].stdout.splitlines() if line.startswith("cli-esc")]
+    assert row.endswith('next line"'), runs[0].stdout
     # --json is still JSON, and means the same text.
     assert json.loads(runs[4].stdout)["evidence"]["page_text"] == report.handoff.evidence.page_text
 
