@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import shutil
+from itertools import groupby
 from pathlib import Path
 
 from PIL import Image, ImageFilter, ImageStat
@@ -204,6 +205,33 @@ def test_images_are_fitted_into_the_job_budget() -> None:
     assert (tight.quality, tight.scale) != (80, 1.0)
     impossible = render(shots, budget_bytes=1000)
     assert impossible.over_budget and len(impossible.images) == 3  # kept anyway
+
+
+def test_labels_keep_their_size_when_the_evidence_is_scaled_down() -> None:
+    # Labels and the failure tag were drawn at full size and scaled with the page: at the
+    # ladder's last rung (0.5) a label was ~7 px high, barely legible.
+    blank = io.BytesIO()
+    Image.new("RGB", (1280, 800), (255, 255, 255)).save(blank, "JPEG")
+    box = Box(x=200, y=400, width=300, height=40)
+    mark = Mark(box=box, label="credit.amount", failure=FailureCode.validation_rejected)
+    rendered = render([(blank.getvalue(), mark)], budget_bytes=1)
+    assert rendered.over_budget and rendered.scale == 0.5
+    shot = Image.open(io.BytesIO(rendered.images[0].image)).convert("RGB")
+    assert shot.size == (640, 400)
+    drawn = rendered.images[0].box
+    assert drawn is not None and (drawn.x, drawn.y) == (100, 200)
+
+    def run_of(color: tuple[int, int, int], x: int, rows: range) -> int:
+        return max(
+            (len(list(group)) for hit, group in groupby(rows, lambda y: close(
+                shot.getpixel((x, y)), color)) if hit),
+            default=0,
+        )  # fmt: skip
+
+    # The label sits above the box, the failure tag in the bottom left corner: each is as tall
+    # as at full size (text of 14 px, padded), not half of it.
+    assert run_of(BOX_COLOR, 97 + 2, range(150, 197)) >= 18
+    assert run_of(FAIL_COLOR, 8 + 2, range(330, 392)) >= 18
 
 
 def test_a_capture_is_fitted_by_quality_never_by_size() -> None:

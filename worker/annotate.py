@@ -78,12 +78,15 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
-def annotate(raw: bytes, mark: Mark) -> Image.Image:
-    """The screenshot with the element's box and label drawn, and a failure framed in red."""
-    image = _decoded(raw)
+def annotate(raw: bytes, mark: Mark, scale: float = 1.0) -> Image.Image:
+    """The screenshot (at `scale`) with the element's box and label drawn, and a failure framed
+    in red. Drawn after scaling, so lines and labels keep their size at every rung of the
+    ladder: drawn first and scaled with the page, a label was ~7 px high at the last rung."""
+    image = _scaled(_decoded(raw), scale)
     draw = ImageDraw.Draw(image)
-    if mark.box is not None:
-        b = mark.box
+    box = _scaled_box(mark.box, scale)
+    if box is not None:
+        b = box
         # Drawn just outside the element, so the element itself stays readable.
         left, top = b.x - BOX_WIDTH, b.y - BOX_WIDTH
         right, bottom = b.x + b.width + BOX_WIDTH - 1, b.y + b.height + BOX_WIDTH - 1
@@ -204,6 +207,12 @@ def _thumbnail(image: Image.Image, fmt: ImageFormat) -> tuple[bytes, str]:
     return data, content_name(data, fmt)
 
 
+def _scaled_box(box: Box | None, scale: float) -> Box | None:
+    if box is None or scale == 1.0:
+        return box
+    return Box(x=box.x * scale, y=box.y * scale, width=box.width * scale, height=box.height * scale)
+
+
 def _encoded(
     image: Image.Image,
     mark: Mark,
@@ -213,14 +222,10 @@ def _encoded(
     thumb: bytes,
     thumb_name: str,
 ) -> Encoded:
-    sized = _scaled(image, scale)
-    data = _encode(sized, fmt, quality)
-    box = mark.box
-    if box is not None and scale != 1.0:
-        box = Box(
-            x=box.x * scale, y=box.y * scale, width=box.width * scale, height=box.height * scale
-        )
-    return Encoded(data, content_name(data, fmt), thumb, thumb_name, sized.width, sized.height, box)
+    """`image`, annotated at `scale` already (`annotate`), encoded at `quality`."""
+    data = _encode(image, fmt, quality)
+    box = _scaled_box(mark.box, scale)
+    return Encoded(data, content_name(data, fmt), thumb, thumb_name, image.width, image.height, box)
 
 
 def _stored_bytes(images: list[Encoded]) -> int:
@@ -254,16 +259,18 @@ def render(
     quality, scale = LADDER[0]
     if total <= budget_bytes:
         return Rendered(first, quality, scale, total, False)
-    drawn = [(annotate(raw, mark), mark) for raw, mark in shots]
+    drawn: dict[float, list[Image.Image]] = {}  # per scale, drawn when a rung first needs it
     for rung, (quality, scale) in enumerate(LADDER[1:], start=1):
         last = rung == len(LADDER) - 1
         images: list[Encoded] = []
-        for (image, mark), enc in zip(drawn, first, strict=True):
+        if scale not in drawn:
+            drawn[scale] = [annotate(raw, mark, scale) for raw, mark in shots]
+        for image, (_, mark), enc in zip(drawn[scale], shots, first, strict=True):
             thumb, thumb_name = enc.thumbnail, enc.thumbnail_name
             images.append(_encoded(image, mark, fmt, quality, scale, thumb, thumb_name))
             if not last and _stored_bytes(images) > budget_bytes:
                 break  # this rung is already over: on to the next
         total = _stored_bytes(images)
-        if len(images) == len(drawn) and (last or total <= budget_bytes):
+        if len(images) == len(shots) and (last or total <= budget_bytes):
             return Rendered(images, quality, scale, total, total > budget_bytes)
     raise AssertionError("the last rung always returns")
