@@ -37,6 +37,7 @@ from worker.queue import (
     claim_pause,
     enqueue_message,
     loads,
+    redis_settings,
     resume_message,
     running_worker,
 )
@@ -1087,3 +1088,25 @@ async def test_a_decision_about_a_job_that_does_not_exist_is_ignored_without_an_
     assert await run.result(timeout=30, poll_delay=0.01) == {}
     assert "decision q-nobody.resume2 about unknown job 'q-nobody': ignored" in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def test_a_worker_connects_with_the_redis_url_s_settings_as_the_commands_do(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # arq's from_dsn reads `db` alone: `rediss://…?ssl_cert_reqs=none` (a managed Redis with
+    # its own CA) worked for every command and was refused by every worker.
+    url = (
+        "rediss://:pw@redis.example:6380/3?ssl_cert_reqs=none&ssl_ca_certs=/etc/ca.pem"
+        "&ssl_check_hostname=false&socket_connect_timeout=2.5&health_check_interval=30"
+    )
+    with caplog.at_level(logging.WARNING, logger="formwork.queue"):
+        given = redis_settings(url)
+    assert (given.host, given.port, given.database, given.ssl, given.password) == (
+        "redis.example", 6380, 3, True, "pw",
+    )  # fmt: skip
+    assert (given.ssl_cert_reqs, given.ssl_ca_certs, given.ssl_check_hostname) == (
+        "none", "/etc/ca.pem", False,
+    )  # fmt: skip
+    assert given.conn_timeout == 3
+    assert "health_check_interval= is not used by workers" in caplog.text
+    assert "pw" not in caplog.text

@@ -14,13 +14,15 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, cast
+from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 from arq import Worker
@@ -1644,7 +1646,7 @@ def build_worker(
     return _Worker(
         functions=[func(browser_job, name=JOB_FUNCTION)],
         queue_name=keys.queue,
-        redis_settings=RedisSettings.from_dsn(settings.redis_url),
+        redis_settings=redis_settings(settings.redis_url),
         on_startup=startup,
         on_shutdown=shutdown,
         on_job_start=on_job_start,
@@ -1666,6 +1668,36 @@ def build_worker(
     )
 
 
+# REDIS_URL's query settings that arq's own `RedisSettings.from_dsn` drops (it reads `db` only),
+# by the name of arq's field: without them a worker connected unlike the commands, which read
+# the URL with redis-py (a `rediss://…?ssl_cert_reqs=none` the commands used, workers refused).
+_ARQ_QUERY: dict[str, tuple[str, Callable[[str], object]]] = {
+    "ssl_cert_reqs": ("ssl_cert_reqs", str),
+    "ssl_ca_certs": ("ssl_ca_certs", str),
+    "ssl_certfile": ("ssl_certfile", str),
+    "ssl_keyfile": ("ssl_keyfile", str),
+    "ssl_check_hostname": (
+        "ssl_check_hostname",
+        lambda v: v.upper() not in ("", "0", "F", "FALSE", "N", "NO"),  # as redis-py reads it
+    ),
+    "socket_connect_timeout": ("conn_timeout", lambda v: max(1, math.ceil(float(v)))),
+}
+
+
+def redis_settings(url: str) -> RedisSettings:
+    """arq's connection settings for `url`, with the query settings it has a field for; any
+    other (bar `db`) is said once in the log, as this worker does not use it."""
+    found = RedisSettings.from_dsn(url)
+    extra: dict[str, Any] = {}
+    for name, values in parse_qs(urlsplit(url).query).items():
+        if name in _ARQ_QUERY:
+            field_name, read = _ARQ_QUERY[name]
+            extra[field_name] = read(values[-1])
+        elif name != "db":
+            log.warning("REDIS_URL: %s= is not used by workers (arq has no such setting)", name)
+    return replace(found, **extra)
+
+
 class WorkerSettings:
     """For `arq worker.queue.WorkerSettings`: the worker configured from the environment, but
     run by arq's own `Worker`, without `_Worker`'s guards against entries arq cannot read."""
@@ -1673,7 +1705,7 @@ class WorkerSettings:
     _settings = Settings.from_env()
     functions = (func(browser_job, name=JOB_FUNCTION),)
     queue_name = Keys(_settings.key_prefix).queue
-    redis_settings = RedisSettings.from_dsn(_settings.redis_url)
+    redis_settings = redis_settings(_settings.redis_url)
     on_startup = startup
     on_shutdown = shutdown
     on_job_start = on_job_start
