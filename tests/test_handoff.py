@@ -330,7 +330,11 @@ async def test_decisions_sent_around_the_client_are_refused_and_free_the_pause(
     assert [d.decision for d in report.decisions] == [
         "abort", "approve", *["retry_with_inputs"] * 2
     ]  # fmt: skip
-    assert [d.by for d in report.decisions][2:] == ["(withheld)", "(withheld)"]
+    # Only what carries the secret is withheld: the name beside a note that held it stays.
+    assert [d.by for d in report.decisions][2:] == [
+        ResumeDecision(decision="abort").by,
+        "(withheld)",
+    ]
 
     # An abort is carried out whatever its note says; the note is not kept.
     last = await handle.last_event_id()
@@ -339,6 +343,7 @@ async def test_decisions_sent_around_the_client_are_refused_and_free_the_pause(
     done = await handle.wait(30, after=last)
     assert done.status == JobStatus.cancelled
     assert done.error is not None and "(withheld: it carries the value" in done.error.message
+    assert done.decisions[-1].by == "agent", done.decisions[-1]
     assert billing.credits() == []
     events = [e async for _, e in handle.events(follow=False)]
     for text in [done.model_dump_json(), *(e.model_dump_json() for e in events)]:

@@ -1301,12 +1301,21 @@ def _read_decision(
     if decision.decision not in handoff.allowed_decisions:
         allowed = ", ".join(handoff.allowed_decisions)
         return decision, f"{decision.decision} is not a decision this pause takes ({allowed})"
-    carried = state.runtime.secrets.carried_in({"note": decision.note or "", "by": decision.by})
+    secrets = state.runtime.secrets
+    in_note = secrets.carried_in({"note": decision.note or ""})
+    in_by = secrets.carried_in({"by": decision.by})
+    carried = in_note or in_by
     if carried is not None:
-        # Its note and name are shown to every operator and orchestrator: never stored. An
+        # Its note and name are shown to every operator and orchestrator: never stored (only
+        # the one that carries it: an operator's name stays beside a note withheld). An
         # abort is still carried out (stopping must always be possible); any other decision
         # is refused, to be sent again without it.
-        withheld = decision.model_copy(update={"by": "(withheld)", "note": WITHHELD})
+        withheld = decision.model_copy(
+            update={
+                "by": "(withheld)" if in_by else decision.by,
+                "note": WITHHELD if in_note else decision.note,
+            }
+        )
         if decision.decision == Decision.abort:
             return withheld, None
         return withheld, f"its {carried} carries the value of a configured secret"
