@@ -1099,6 +1099,8 @@ def test_a_worker_connects_with_the_redis_url_s_settings_as_the_commands_do(
         "rediss://:pw@redis.example:6380/3?ssl_cert_reqs=none&ssl_ca_certs=/etc/ca.pem"
         "&ssl_check_hostname=false&socket_connect_timeout=2.5&health_check_interval=30"
     )
+    # A password in the query, as redis-py takes it too, was dropped: no AUTH at all.
+    assert redis_settings("redis://h:6379/0?password=q-secret").password == "q-secret"
     with caplog.at_level(logging.WARNING, logger="formwork.queue"):
         given = redis_settings(url)
     assert (given.host, given.port, given.database, given.ssl, given.password) == (

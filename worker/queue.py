@@ -1681,6 +1681,8 @@ def build_worker(
 # by the name of arq's field: without them a worker connected unlike the commands, which read
 # the URL with redis-py (a `rediss://…?ssl_cert_reqs=none` the commands used, workers refused).
 _ARQ_QUERY: dict[str, tuple[str, Callable[[str], object]]] = {
+    "username": ("username", str),
+    "password": ("password", str),
     "ssl_cert_reqs": ("ssl_cert_reqs", str),
     "ssl_ca_certs": ("ssl_ca_certs", str),
     "ssl_certfile": ("ssl_certfile", str),
@@ -1695,7 +1697,7 @@ _ARQ_QUERY: dict[str, tuple[str, Callable[[str], object]]] = {
 
 def redis_settings(url: str) -> RedisSettings:
     """arq's connection settings for `url`, with the query settings it has a field for; any
-    other (bar `db`) is said once in the log, as this worker does not use it."""
+    other (bar `db`) is named in the log (never its value), as workers do not use it."""
     found = RedisSettings.from_dsn(url)
     extra: dict[str, Any] = {}
     for name, values in parse_qs(urlsplit(url).query).items():
