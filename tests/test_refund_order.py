@@ -244,3 +244,19 @@ async def test_a_receipt_of_the_largest_size_the_site_takes_goes_up_in_a_moment(
     assert refund["receipt"]["content_type"] == "image/png"
     # The job's private copy is gone with the job.
     assert upload_copies() == []
+
+
+async def test_a_form_posted_to_its_own_address_is_filled_again_after_a_502(
+    orders: Site, runtime: Runtime
+) -> None:
+    # The reason step posts to the address it was read from: the 502 page had the form's URL,
+    # so the retry took it for the form and clicked for a button the error page does not have.
+    orders.faults(fail=[{"path_contains": "/reason", "method": "POST", "status": 502}])
+    report = await run_job(refund_job(orders), runtime)
+
+    assert report.status == JobStatus.succeeded, report.error
+    assert step(report, "reason_next").attempts == 2
+    assert [r.action for r in report.rules_fired] == ["retry"]
+    (refund,) = orders.refunds()
+    assert (refund["reason"], refund["reference"]) == ("damaged", "T-5001")
+    assert refund["receipt"]["filename"] == RECEIPT

@@ -1040,6 +1040,7 @@ class _Run:
                 f"trying again in {wait_s:.2f}s",
             )
 
+        navigations = self.actions.navigations
         try:
             async for attempt in AsyncRetrying(
                 stop=give_up,
@@ -1050,7 +1051,9 @@ class _Run:
             ):
                 with attempt:
                     if attempt.retry_state.attempt_number > 1 and index is not None:
-                        await self.restore_page(index, planned, report)
+                        navigated = self.actions.navigations != navigations
+                        await self.restore_page(index, planned, report, navigated=navigated)
+                    navigations = self.actions.navigations
                     await self.attempt(planned, report)
         except _AttemptFailed as exc:
             if self.handed_over(exc.failure):
@@ -1345,9 +1348,17 @@ class _Run:
             start -= 1
         return start
 
-    async def restore_page(self, index: int, planned: PlannedStep, report: StepReport) -> None:
-        """Before a retry: back to the step's page, and redo what had been done on it."""
-        if isinstance(planned.step, GotoStep) or report.url_before in (None, self.here()):
+    async def restore_page(
+        self, index: int, planned: PlannedStep, report: StepReport, *, navigated: bool
+    ) -> None:
+        """Before a retry: back to the step's page, and redo what had been done on it.
+
+        `navigated`: the failed attempt loaded another document. A form posted to its own
+        address answers there too (a 502 page at the form's URL): the URL alone does not say
+        that the form is still showing."""
+        if isinstance(planned.step, GotoStep) or report.url_before is None:
+            return
+        if report.url_before == self.here() and not navigated:
             return
         start = self.page_start(index)
         failure = None
