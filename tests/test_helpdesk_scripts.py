@@ -3,7 +3,11 @@ helpdesk fixture's ground truth."""
 
 from __future__ import annotations
 
-from worker.contract import BrowserJob, JobStatus, Verification
+import logging
+
+import pytest
+
+from worker.contract import BrowserJob, FailureCode, JobStatus, Verification
 from worker.executor import Runtime, run_job
 
 from .conftest import Site
@@ -80,3 +84,20 @@ async def test_ticket_context_extracts_the_fields(helpdesk: Site, runtime: Runti
     }
     assert all(c.verified for c in report.claims)  # read where a postcondition held
     assert not any(s.commit for s in report.steps)
+
+
+async def test_a_page_that_got_no_answer_is_read_once_its_error_page_shows(
+    helpdesk: Site, runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    # page.goto fails as soon as the connection drops, but Chromium's error page commits only
+    # after that: read at once, the page was torn down under the reader.
+    helpdesk.faults(fail=[{"path_contains": "/tickets/HD-", "method": "GET", "mode": "reset"}])
+    with caplog.at_level(logging.WARNING, logger="formwork"):
+        report = await run_job(reply_job(helpdesk), runtime)
+
+    assert report.error is not None and report.error.code == FailureCode.network_error
+    assert report.error.step_id == "open_ticket"
+    unread = [r.getMessage() for r in caplog.records if "could not observe" in r.getMessage()]
+    assert unread == []
+    assert next(s for s in report.steps if s.id == "open_ticket").screenshot
+    assert our_replies(helpdesk) == []

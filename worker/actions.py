@@ -133,6 +133,7 @@ class PageActions:
     # went well.
     landing: StepError | None = None
     _landed: asyncio.Event = field(default_factory=asyncio.Event)
+    _committed: asyncio.Event = field(default_factory=asyncio.Event)  # a main-frame navigation
     _error_document: str | None = None  # an error response whose document is not shown yet
     _no_answer: str | None = None  # a navigation that got no answer, its error page not shown yet
     _no_answer_timer: asyncio.TimerHandle | None = None
@@ -166,6 +167,7 @@ class PageActions:
     def _on_navigated(self, frame: Any) -> None:
         if frame == self.page.main_frame:
             self.navigations += 1
+            self._committed.set()
             # Committed: the error page is the one showing now, and it can be read.
             if self._error_document is not None:
                 self._land(FailureCode.expectation_failed, f"the page {self._error_document}")
@@ -468,7 +470,19 @@ class PageActions:
                 FailureCode.navigation_blocked,
                 f"{host!r} is not an allowed host of site {self.loaded.registry.site}",
             )
-        response = await self.page.goto(target, timeout=timeout_ms, wait_until="load")
+        self._committed.clear()
+        try:
+            response = await self.page.goto(target, timeout=timeout_ms, wait_until="load")
+        except PlaywrightError as exc:
+            if any(marker in exc.message for marker in _NO_ANSWER):
+                # goto fails the moment the site does not answer, before Chromium's error page
+                # commits and loads: read then, that page replaces the one being read. (A retry
+                # starts on the last error page: its address says nothing.)
+                with contextlib.suppress(TimeoutError, PlaywrightError):
+                    async with asyncio.timeout(_NO_ANSWER_COMMIT_S):
+                        await self._committed.wait()
+                        await self.page.wait_for_load_state("load")
+            raise
         if response is not None and response.status >= 400:
             code = (
                 FailureCode.server_error
