@@ -87,6 +87,14 @@ def test_classification_reads_the_page_state() -> None:
     assert classify(vague, PageState(status=429))[0] == FailureCode.server_error
     assert classify(vague, PageState(status=408))[0] == FailureCode.timeout
     assert classify(vague, PageState(status=403))[0] == FailureCode.unexpected_page
+    # A call of the page's own answered 5xx or 429: the site failing, whatever the page drew.
+    failed_call = PageState(status=200, call="GET /api/orders", call_status=503)
+    assert classify(vague, failed_call) == (
+        FailureCode.server_error,
+        "GET /api/orders answered HTTP 503",
+    )
+    drawn = PageState(call="GET /api/orders", call_status=429, error_banners=["Search failed"])
+    assert classify(vague, drawn) == (FailureCode.server_error, "Search failed")
     assert classify(vague, PageState(status=401, login_page=True))[0] == FailureCode.auth_expired
     refused = PageState(status=422, validation_errors=["Amount is required"])
     assert classify(vague, refused) == (FailureCode.validation_rejected, "Amount is required")

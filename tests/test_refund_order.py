@@ -260,3 +260,21 @@ async def test_a_form_posted_to_its_own_address_is_filled_again_after_a_502(
     (refund,) = orders.refunds()
     assert (refund["reason"], refund["reference"]) == ("damaged", "T-5001")
     assert refund["receipt"]["filename"] == RECEIPT
+
+
+async def test_a_search_or_payment_call_answered_503_is_retried_not_handed_to_a_person(
+    orders: Site, runtime: Runtime
+) -> None:
+    # The page's own fetch() failed, once: the page showed "Search failed" (or nothing at all,
+    # in the provider's widget), and the job waited for a person over a passing hiccup.
+    for path in ("/api/orders", "/provider/authorize"):
+        orders.reset()
+        orders.faults(fail=[{"path_contains": path, "status": 503}])
+        job = refund_job(orders, job_id=f"refund-{path[1:4]}")
+        report = await run_job(job.model_copy(update={"step_timeout_ms": 3000}), runtime)
+
+        assert report.status == JobStatus.succeeded, (path, report.error)
+        (fired,) = report.rules_fired
+        assert (fired.code, fired.action) == (FailureCode.server_error, "retry")
+        assert step(report, fired.step_id).attempts == 2
+        assert len(orders.refunds()) == 1

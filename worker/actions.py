@@ -134,6 +134,9 @@ class PageActions:
     landing: StepError | None = None
     _landed: asyncio.Event = field(default_factory=asyncio.Event)
     _committed: asyncio.Event = field(default_factory=asyncio.Event)  # a main-frame navigation
+    # A call the page made during this step (fetch, XHR) that the site answered with a 5xx or
+    # 429: what a page that drew "Search failed" (or nothing) after a click is showing.
+    call_failure: tuple[str, int] | None = None
     _error_document: str | None = None  # an error response whose document is not shown yet
     _no_answer: str | None = None  # a navigation that got no answer, its error page not shown yet
     _no_answer_timer: asyncio.TimerHandle | None = None
@@ -154,6 +157,9 @@ class PageActions:
 
     def _on_response(self, response: Response) -> None:
         self.responses += 1
+        request, status = response.request, response.status
+        if request.resource_type in ("fetch", "xhr") and (status >= 500 or status == 429):
+            self.call_failure = (f"{request.method} {urlsplit(request.url).path}", status)
         # The status of the page's own document tells a 502 page from a changed form.
         if response.request.is_navigation_request() and response.frame == self.page.main_frame:
             self.document_status = status = response.status
@@ -295,6 +301,7 @@ class PageActions:
         self.landing = None
         self._landed.clear()
         self._forget_no_answer()
+        self.call_failure = None
         matched = await self._perform(planned, timeout_ms)
         self._no_unexpected_dialog()
         return matched

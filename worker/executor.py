@@ -1256,7 +1256,10 @@ class _Run:
         if code != FailureCode.browser_crashed:
             try:
                 state = await observe_page(
-                    self.page, self.loaded.registry.detectors, self.actions.document_status
+                    self.page,
+                    self.loaded.registry.detectors,
+                    self.actions.document_status,
+                    self.actions.call_failure,
                 )
                 code, seen = classify(code, state)
                 evidence = evidence or seen

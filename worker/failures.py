@@ -62,6 +62,10 @@ class PageState:
     login_page: bool = False
     validation_errors: list[str] = field(default_factory=list)
     error_banners: list[str] = field(default_factory=list)
+    # A call of the page's own (fetch, XHR) during the step the site answered with a 5xx or
+    # 429, and that status: the page may draw that failure any way it likes, or not at all.
+    call: str = ""
+    call_status: int | None = None
 
 
 def status_code(status: int) -> FailureCode:
@@ -96,6 +100,9 @@ def classify(code: FailureCode, state: PageState) -> tuple[FailureCode, str | No
         return FailureCode.validation_rejected, _evidence(state.validation_errors)
     if status is not None and status >= 400:
         return status_code(status), _evidence(state.error_banners) or f"HTTP {status}"
+    if state.call_status is not None:
+        answered = f"{state.call} answered HTTP {state.call_status}"
+        return status_code(state.call_status), _evidence(state.error_banners) or answered
     if state.error_banners:
         return code, _evidence(state.error_banners)
     return code, None
@@ -162,7 +169,12 @@ async def detectors_seen(page: Page, selectors: list[str]) -> set[str]:
     return set(found)
 
 
-async def observe_page(page: Page, detectors: Detectors, status: int | None) -> PageState:
+async def observe_page(
+    page: Page,
+    detectors: Detectors,
+    status: int | None,
+    call_failure: tuple[str, int] | None = None,
+) -> PageState:
     """Read the detectors off the live page (the thin shell around `classify`)."""
     found = await _detect(page, detectors.selectors)
     found.pop(_INVALID, None)  # said before the click (detectors_seen); the step failed anyway
@@ -176,4 +188,6 @@ async def observe_page(page: Page, detectors: Detectors, status: int | None) -> 
         login_page=any(selector in found for selector in detectors.login_page),
         validation_errors=texts(detectors.validation_error),
         error_banners=texts(detectors.error_banner),
+        call=call_failure[0] if call_failure else "",
+        call_status=call_failure[1] if call_failure else None,
     )
