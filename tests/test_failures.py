@@ -95,6 +95,13 @@ def test_classification_reads_the_page_state() -> None:
     )
     drawn = PageState(call="GET /api/orders", call_status=429, error_banners=["Search failed"])
     assert classify(vague, drawn) == (FailureCode.server_error, "Search failed")
+    # A frame of the page (a provider's widget) got no answer: not a redesign, the network.
+    widget = "a frame's GET /provider/widget got no answer from the site (net::ERR_X)"
+    missing = FailureCode.selector_not_found
+    assert classify(missing, PageState(frame_no_answer=widget)) == (
+        FailureCode.network_error,
+        widget,
+    )
     assert classify(vague, PageState(status=401, login_page=True))[0] == FailureCode.auth_expired
     refused = PageState(status=422, validation_errors=["Amount is required"])
     assert classify(vague, refused) == (FailureCode.validation_rejected, "Amount is required")

@@ -278,3 +278,25 @@ async def test_a_search_or_payment_call_answered_503_is_retried_not_handed_to_a_
         assert (fired.code, fired.action) == (FailureCode.server_error, "retry")
         assert step(report, fired.step_id).attempts == 2
         assert len(orders.refunds()) == 1
+
+
+async def test_a_payment_widget_that_got_no_answer_is_loaded_again_not_handed_to_a_person(
+    orders: Site, runtime: Runtime
+) -> None:
+    # The review page came, its provider's iframe did not (the connection was reset): the
+    # method was looked for in Chromium's error page inside the frame, and the job waited for a
+    # person as if the widget had been redesigned.
+    orders.faults(fail=[{"path_contains": "/provider/widget", "mode": "reset"}])
+    job = refund_job(orders).model_copy(update={"step_timeout_ms": 3000})
+    report = await run_job(job, runtime)
+
+    assert report.status == JobStatus.succeeded, report.error
+    (fired,) = report.rules_fired
+    assert (fired.step_id, fired.code, fired.action) == (
+        "method",
+        FailureCode.network_error,
+        "retry",
+    )
+    assert step(report, "method").attempts == 2
+    (refund,) = orders.refunds()
+    assert refund["method"] == "store_credit"

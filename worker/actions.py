@@ -137,6 +137,9 @@ class PageActions:
     # A call the page made during this step (fetch, XHR) that the site answered with a 5xx or
     # 429: what a page that drew "Search failed" (or nothing) after a click is showing.
     call_failure: tuple[str, int] | None = None
+    # A frame of the page showing (a provider's widget) whose document got no answer: what
+    # a step looking into it meets is Chromium's error page, until the page is loaded again.
+    frame_no_answer: str | None = None
     _error_document: str | None = None  # an error response whose document is not shown yet
     _no_answer: str | None = None  # a navigation that got no answer, its error page not shown yet
     _no_answer_timer: asyncio.TimerHandle | None = None
@@ -174,6 +177,7 @@ class PageActions:
         if frame == self.page.main_frame:
             self.navigations += 1
             self._committed.set()
+            self.frame_no_answer = None  # a new document, with new frames
             # Committed: the error page is the one showing now, and it can be read.
             if self._error_document is not None:
                 self._land(FailureCode.expectation_failed, f"the page {self._error_document}")
@@ -181,7 +185,7 @@ class PageActions:
             self._land_no_answer()
 
     def _on_request_failed(self, request: Request) -> None:
-        if not request.is_navigation_request() or request.frame != self.page.main_frame:
+        if not request.is_navigation_request():
             return
         failure = request.failure or ""
         # Only the site not answering: not a navigation stopped (`ERR_ABORTED`: Esc,
@@ -190,6 +194,9 @@ class PageActions:
         if not any(marker in failure for marker in _NO_ANSWER):
             return
         where = f"{request.method} {urlsplit(request.url).path}"
+        if request.frame != self.page.main_frame:
+            self.frame_no_answer = f"a frame's {where} got no answer from the site ({failure})"
+            return
         self._forget_no_answer()
         self._no_answer = f"{where} got no answer from the site ({failure})"
         if self.page.main_frame.url.startswith(_ERROR_PAGE):

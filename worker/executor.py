@@ -1051,7 +1051,11 @@ class _Run:
             ):
                 with attempt:
                     if attempt.retry_state.attempt_number > 1 and index is not None:
-                        navigated = self.actions.navigations != navigations
+                        # A frame that got no answer comes back only with its page.
+                        navigated = (
+                            self.actions.navigations != navigations
+                            or self.actions.frame_no_answer is not None
+                        )
                         await self.restore_page(index, planned, report, navigated=navigated)
                     navigations = self.actions.navigations
                     await self.attempt(planned, report)
@@ -1260,6 +1264,7 @@ class _Run:
                     self.loaded.registry.detectors,
                     self.actions.document_status,
                     self.actions.call_failure,
+                    self.actions.frame_no_answer,
                 )
                 code, seen = classify(code, state)
                 evidence = evidence or seen
@@ -1356,9 +1361,9 @@ class _Run:
     ) -> None:
         """Before a retry: back to the step's page, and redo what had been done on it.
 
-        `navigated`: the failed attempt loaded another document. A form posted to its own
-        address answers there too (a 502 page at the form's URL): the URL alone does not say
-        that the form is still showing."""
+        `navigated`: the failed attempt loaded another document (or a frame of the page got
+        no answer). A form posted to its own address answers there too (a 502 page at the
+        form's URL): the URL alone does not say that the form is still showing."""
         if isinstance(planned.step, GotoStep) or report.url_before is None:
             return
         if report.url_before == self.here() and not navigated:

@@ -66,6 +66,8 @@ class PageState:
     # 429, and that status: the page may draw that failure any way it likes, or not at all.
     call: str = ""
     call_status: int | None = None
+    # A frame of the page (a provider's widget) whose document got no answer, said how.
+    frame_no_answer: str = ""
 
 
 def status_code(status: int) -> FailureCode:
@@ -103,6 +105,8 @@ def classify(code: FailureCode, state: PageState) -> tuple[FailureCode, str | No
     if state.call_status is not None:
         answered = f"{state.call} answered HTTP {state.call_status}"
         return status_code(state.call_status), _evidence(state.error_banners) or answered
+    if state.frame_no_answer:
+        return FailureCode.network_error, state.frame_no_answer
     if state.error_banners:
         return code, _evidence(state.error_banners)
     return code, None
@@ -174,6 +178,7 @@ async def observe_page(
     detectors: Detectors,
     status: int | None,
     call_failure: tuple[str, int] | None = None,
+    frame_no_answer: str | None = None,
 ) -> PageState:
     """Read the detectors off the live page (the thin shell around `classify`)."""
     found = await _detect(page, detectors.selectors)
@@ -190,4 +195,5 @@ async def observe_page(
         error_banners=texts(detectors.error_banner),
         call=call_failure[0] if call_failure else "",
         call_status=call_failure[1] if call_failure else None,
+        frame_no_answer=frame_no_answer or "",
     )
