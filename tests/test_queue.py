@@ -8,6 +8,8 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +48,19 @@ from worker.webhooks import SIGNATURE_HEADER, verify_signature
 
 from .conftest import CREDIT_INPUTS, SCRIPTS, SELECTORS, Site, own_redis
 from .test_webhooks import SECRET as WEBHOOK_SECRET
-from .test_webhooks import receiver
+from .test_webhooks import Receiver, receiver
 from .test_worker_process import until_blocked
+
+
+@asynccontextmanager
+async def hooked_worker(settings: Settings, browser_host: BrowserHost) -> AsyncIterator[Receiver]:
+    """A worker that signs webhooks, and a receiver that takes every delivery at once."""
+    signed = settings.model_copy(update={"webhook_secret": WEBHOOK_SECRET})
+    async with (
+        receiver(lambda event, attempt: (0.0, 204)) as hook,
+        running_worker(signed, browser_host),
+    ):
+        yield hook
 
 
 def credit_job(site: Site, job_id: str, **overrides: Any) -> BrowserJob:
@@ -636,16 +649,12 @@ async def test_a_payload_refused_before_it_is_read_is_refused_to_its_webhook_too
     # An orchestrator in another language misspells a field, or sends a string for a boolean:
     # the job is refused as it should be, but only on its stream. One that follows its jobs
     # by webhook heard nothing, and waited for ever for a job that would never run.
-    signed = settings.model_copy(update={"webhook_secret": WEBHOOK_SECRET})
     sent = {
         "q-bad-typo": ({"input": CREDIT_INPUTS}, "input"),
         "q-bad-type": ({"inputs": CREDIT_INPUTS, "dry_run": "yes"}, "dry_run"),
         "q-bad-id": ({"inputs": CREDIT_INPUTS, "job_id": "q-bad-other"}, "job_id"),
     }
-    async with (
-        receiver(lambda event, attempt: (0.0, 204)) as hook,
-        running_worker(signed, browser_host),
-    ):
+    async with hooked_worker(settings, browser_host) as hook:
         for job_id, (fields, _) in sent.items():
             payload = {"job_id": job_id, "script": "billing/issue_credit", **fields}
             payload["webhook"] = {"url": f"{hook.url}/{job_id}"}
@@ -668,11 +677,7 @@ async def test_a_raw_duplicate_is_refused_to_its_own_webhook_too(
     # An orchestrator that follows its jobs by webhook sends a second job with a key the
     # first holds. Its refusal was written to the stream only: the webhook heard nothing,
     # and the orchestrator waited for ever for a job that would never run.
-    signed = settings.model_copy(update={"webhook_secret": WEBHOOK_SECRET})
-    async with (
-        receiver(lambda event, attempt: (0.0, 204)) as hook,
-        running_worker(signed, browser_host),
-    ):
+    async with hooked_worker(settings, browser_host) as hook:
         for job_id in ("q-idem-hook-a", "q-idem-hook-b"):
             job = credit_job(
                 billing,
@@ -776,11 +781,7 @@ async def test_webhook_follows_the_job_through_a_decision_to_its_end(
 ) -> None:
     # A large credit waits for approval; the approval is carried out by whichever worker takes
     # it. The webhook hears every event, the pause's and the decision's, to the report.
-    signed = settings.model_copy(update={"webhook_secret": WEBHOOK_SECRET})
-    async with (
-        receiver(lambda event, attempt: (0.0, 204)) as hook,
-        running_worker(signed, browser_host),
-    ):
+    async with hooked_worker(settings, browser_host) as hook:
         job = credit_job(
             billing, "q-hook-decided", inputs={"amount": "150.00"}, webhook={"url": hook.url}
         )
