@@ -870,8 +870,8 @@ async def test_outputs_a_person_supplies_must_be_ones_the_script_extracts(
         refused = await asyncio.to_thread(formwork, *typo, tmp_path=tmp_path, env=env)
         assert refused.returncode == 2, refused.stderr
         assert (
-            "output 'confirmation_nmber' is not one billing/issue_credit@1 extracts; "
-            "it extracts: confirmation_number; nothing was sent"
+            "output 'confirmation_nmber' is not one billing/issue_credit@1 extracts (did you "
+            "mean 'confirmation_number'?); it extracts: confirmation_number; nothing was sent"
         ) in refused.stderr
         assert (await read_pause(client.redis, client.keys, "cli-typo")).waiting
         # So is a value the script's pattern would never keep.

@@ -1030,7 +1030,8 @@ class LoadedScript:
         unknown = sorted(set(given) - set(self.output_names()))
         if unknown:
             known = ", ".join(self.output_names()) or "nothing"
-            return f"output {unknown[0]!r} is not one {ref} extracts; it extracts: {known}"
+            hint = did_you_mean(unknown[0], self.output_names())
+            return f"output {unknown[0]!r} is not one {ref} extracts{hint}; it extracts: {known}"
         specs = self.output_specs()
         for name, value in sorted(given.items()):
             why = [why for spec in specs.get(name, []) if (why := _refused_value(value, spec))]
