@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from pydantic import ValidationError
 from worker.artifacts import LocalArtifacts
 from worker.audit_ui import export_html
 from worker.browser import BrowserHost
-from worker.client import FormworkClient
+from worker.client import FormworkClient, JobHandle
 from worker.contract import (
     BrowserJob,
     EventKind,
@@ -722,14 +724,12 @@ async def test_skip_step_goes_on_from_the_next_step_without_redoing_the_skipped_
 ) -> None:  # fmt: skip
     # The account page opens but never shows what the script expects: a person looks, says
     # the page is right, and skips the step. The job goes on from the next step, on that page.
-    settings = settings.model_copy(update={"scripts_dir": stuck_at_the_account(tmp_path)})
-    job = BrowserJob(
-        job_id="s-skip", script="billing/issue_credit", inputs=CREDIT_INPUTS, site_url=billing.url
-    )
-    async with running_worker(settings, browser_host):
-        handle = await client.enqueue(job)
-        paused = await handle.wait(60)
-        assert paused.status == JobStatus.paused_for_handoff, paused.error
+    async with paused_at_the_account(
+        billing, client, browser_host, settings, tmp_path, "s-skip"
+    ) as (
+        handle,
+        paused,
+    ):
         assert paused.handoff is not None and paused.handoff.step_id == "open_account"
         assert "account.header" in (paused.handoff.detail or "")
         tries = next(s.attempts for s in paused.steps if s.id == "open_account")
@@ -754,14 +754,12 @@ async def test_a_pause_before_the_commit_claims_no_effect_until_a_person_marks_i
     # The job stops at the account page, long before its commit: nothing was sent, so the
     # report claims no effect (an unverified "credit … issued" would read as if it had been).
     # A person issues the credit by hand and says so: then the effect is claimed, as theirs.
-    settings = settings.model_copy(update={"scripts_dir": stuck_at_the_account(tmp_path)})
-    job = BrowserJob(
-        job_id="m-early", script="billing/issue_credit", inputs=CREDIT_INPUTS, site_url=billing.url
-    )
-    async with running_worker(settings, browser_host):
-        handle = await client.enqueue(job)
-        paused = await handle.wait(60)
-        assert paused.status == JobStatus.paused_for_handoff, paused.error
+    async with paused_at_the_account(
+        billing, client, browser_host, settings, tmp_path, "m-early"
+    ) as (
+        handle,
+        paused,
+    ):
         assert paused.handoff is not None and "mark_done" in paused.handoff.allowed_decisions
         assert [c for c in paused.claims if c.kind == "effect"] == []
         last = await handle.last_event_id()
@@ -785,14 +783,12 @@ async def test_outputs_a_person_supplies_must_be_values_the_script_could_extract
 ) -> None:  # fmt: skip
     # mark_done and skip_step outputs were checked by name only: a confirmation number
     # without its `CN-` (which the script's pattern never keeps) was claimed and handed on.
-    settings = settings.model_copy(update={"scripts_dir": stuck_at_the_account(tmp_path)})
-    job = BrowserJob(
-        job_id="m-shape", script="billing/issue_credit", inputs=CREDIT_INPUTS, site_url=billing.url
-    )
-    async with running_worker(settings, browser_host):
-        handle = await client.enqueue(job)
-        paused = await handle.wait(60)
-        assert paused.status == JobStatus.paused_for_handoff, paused.error
+    async with paused_at_the_account(
+        billing, client, browser_host, settings, tmp_path, "m-shape"
+    ) as (
+        handle,
+        _,
+    ):
         for decision, value, why in [
             ("mark_done", "4242", "'4242' is not what pattern 'CN-[0-9]+' keeps"),
             ("skip_step", "CN-4242x", "'CN-4242x' is not what pattern 'CN-[0-9]+' keeps"),
@@ -835,6 +831,24 @@ def stuck_at_the_account(tmp_path: Path) -> Path:
         )
     )
     return scripts
+
+
+@asynccontextmanager
+async def paused_at_the_account(
+    billing: Site, client: FormworkClient, browser_host: BrowserHost, settings: Settings,
+    tmp_path: Path, job_id: str,
+) -> AsyncIterator[tuple[JobHandle, JobReport]]:  # fmt: skip
+    """A credit job paused for a person at the account page (its script copied under
+    `tmp_path`, `stuck_at_the_account`), and a worker running to carry out what is decided."""
+    settings = settings.model_copy(update={"scripts_dir": stuck_at_the_account(tmp_path)})
+    job = BrowserJob(
+        job_id=job_id, script="billing/issue_credit", inputs=CREDIT_INPUTS, site_url=billing.url
+    )
+    async with running_worker(settings, browser_host):
+        handle = await client.enqueue(job)
+        paused = await handle.wait(60)
+        assert paused.status == JobStatus.paused_for_handoff, paused.error
+        yield handle, paused
 
 
 def copy_scripts(tmp_path: Path) -> Path:
