@@ -98,11 +98,12 @@ class JobEvents:
 
         # A step's events go out in order while the job goes on; the job's own status changes
         # are written before it does (an orchestrator acts on them).
-        self.outbox.put(writes)
+        # The webhook hears of the event once it was written (or the write failed: Redis gone
+        # is no reason to keep a receiver in the dark), never of one a fence refused.
+        webhook = self.webhook
+        self.outbox.put(writes, None if webhook is None else lambda: webhook.send(data))
         if kind == EventKind.job:
             await self.outbox.flush()
-        if self.webhook is not None:
-            self.webhook.send(data)
         return event
 
     async def job(

@@ -101,7 +101,7 @@ from worker.keys import (
     message_id,
 )
 from worker.metrics import Monitor, WorkerMetrics
-from worker.outbox import Outbox
+from worker.outbox import Fence, Outbox
 from worker.rollout import Rollouts
 from worker.script import LoadedScript, ScriptStore
 from worker.secretstore import Redactor, SecretStore
@@ -862,6 +862,10 @@ async def _run_tracked(
     token = state.taken.token if state.taken is not None else None
     # arq's mark is the queue entry's: a resume runs under its decision message's id.
     entry = queue_entry.get() or job_id
+    if token is not None:
+        # From here on, the run writes its steps' events and checkpoints only while the job is
+        # still its own (a stalled run woken after a takeover writes nothing).
+        events.outbox.fence = Fence(job_id, ARQ_IN_PROGRESS_PREFIX + entry, token)
 
     async def stop_check() -> str | None:
         # Between steps: an abort, or (in the same round trip) a job taken over by another
