@@ -70,6 +70,7 @@ from worker.script import (
     ScriptStore,
 )
 from worker.secretstore import ENV_PREFIX, Redactor, SecretStore
+from worker.sendonce import sent_once
 from worker.templating import TemplateError, holds, references, render
 from worker.trace import job_trace
 
@@ -105,6 +106,9 @@ class Runtime:
     uploads: Path | None = None  # the only directory upload steps may take files from
     # Routes unpinned jobs with the rollout state in Redis; without it, by the rollout file.
     rollouts: Rollouts | None = None
+    # A commit's requests are sent by Playwright, never resent (`worker.sendonce`); off where
+    # nothing reaches a site (a replay answered from its HAR).
+    send_once: bool = True
 
 
 class CommitJournal(Protocol):
@@ -1101,7 +1105,11 @@ class _Run:
         failure: Failure | None = None
         full_page = False
         try:
-            report.selector = await actions.perform(planned, timeout_ms)
+            async with contextlib.AsyncExitStack() as once:
+                if step.commit and self.runtime.send_once and self.context is not None:
+                    hosts = self.guard.hosts if self.guard is not None else None
+                    await once.enter_async_context(sent_once(self.context, hosts, timeout_ms))
+                report.selector = await actions.perform(planned, timeout_ms)
             report.entered = actions.entered_by(planned)
             report.drift = self._drift(report.selector)
             report.verified = Verification.none

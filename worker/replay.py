@@ -317,7 +317,8 @@ def offline(
         await context.route("**/*", lambda route: _serve(route, har, unmatched))
 
     secrets = SecretStore(None, environ=placeholder_environ(names))
-    return replace(runtime, secrets=secrets, context_setup=serve_from_har), recording.site_origin
+    runtime = replace(runtime, secrets=secrets, context_setup=serve_from_har, send_once=False)
+    return runtime, recording.site_origin
 
 
 async def _serve(route: Route, har: HarReplay, unmatched: list[str]) -> None:
