@@ -51,6 +51,9 @@ from worker.settings import Settings  # noqa: E402
 REDIS_URL = os.environ.get("FORMWORK_BENCH_REDIS_URL", "redis://127.0.0.1:6379/8")
 
 Fault = tuple[str, dict[str, Any], int]
+# The commit faults that drop a connection run against a site that answers the browser's own
+# resend, as a real one does: the fixtures drop it by default (see fixtures/portal/faults.py).
+_REAL: dict[str, Any] = {"answer_resends": True}
 
 # name -> the fault body; weights favour the dangerous ones.
 BILLING_FAULTS: list[Fault] = [
@@ -65,8 +68,9 @@ BILLING_FAULTS: list[Fault] = [
     ("drop_created", {"commit_drop": {"create": True, "mode": "error", "status": 502}}, 3),
     ("drop_not_created", {"commit_drop": {"create": False, "mode": "error", "status": 502}}, 3),
     ("hang_created", {"commit_drop": {"create": True, "mode": "hang", "hang_ms": 8000}}, 1),
-    ("reset_created", {"commit_drop": {"create": True, "mode": "reset"}}, 2),
-    ("reset_not_created", {"commit_drop": {"create": False, "mode": "reset"}}, 1),
+    # A real site answers the browser's own resend of a dropped request (`answer_resends`).
+    ("reset_created", {"commit_drop": {"create": True, "mode": "reset"}, **_REAL}, 2),
+    ("reset_not_created", {"commit_drop": {"create": False, "mode": "reset"}, **_REAL}, 1),
     (
         "gateway_502_created",
         {"commit_drop": {"create": True, "mode": "error", "status": 502, "page": "gateway"}},
@@ -88,11 +92,15 @@ def _commit_faults(commit: str) -> list[Fault]:
         ("drop_created", {"commit_drop": {**drop, "create": True, "status": 502}}, 3),
         ("drop_not_created", {"commit_drop": {**drop, "create": False, "status": 502}}, 3),
         ("hang_created", {"commit_drop": {**drop, "mode": "hang", "hang_ms": 8000}}, 1),
-        ("reset_created", {"commit_drop": {**drop, "mode": "reset"}}, 2),
-        ("reset_not_created", {"commit_drop": {**drop, "create": False, "mode": "reset"}}, 1),
+        ("reset_created", {"commit_drop": {**drop, "mode": "reset"}, **_REAL}, 2),
+        (
+            "reset_not_created",
+            {"commit_drop": {**drop, "create": False, "mode": "reset"}, **_REAL},
+            1,
+        ),
         ("gateway_502_created", {"commit_drop": {**drop, "page": "gateway"}}, 1),
         ("commit_503_before", {"fail": [{"path_contains": commit, "status": 503}]}, 1),
-        ("commit_reset_before", {"fail": [{"path_contains": commit, "mode": "reset"}]}, 1),
+        ("commit_reset_before", {"fail": [{"path_contains": commit, "mode": "reset"}], **_REAL}, 1),
     ]
 
 
