@@ -9,6 +9,7 @@ import re
 import shutil
 import zipfile
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -827,3 +828,61 @@ async def test_files_are_served_as_their_name_says_never_sniffed(
         assert answer.status == 200
         assert answer.headers["X-Content-Type-Options"] == "nosniff"
         assert answer.headers["Cache-Control"] == "no-store"
+
+
+async def test_a_job_whose_audit_record_was_never_written_is_listed_from_its_report(
+    billing_server: FixtureServer,
+    browser_host: BrowserHost,
+    page: Page,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The store fails as the job's evidence is drawn (its images/ folder cannot be made): the
+    # report is kept, the audit record is not. The job was in no list, its page answered 404,
+    # and its export said "no artifact …/audit.json" as if the job id were wrong.
+    store, runtime, site = fresh_billing(billing_server, browser_host, tmp_path)
+    folder = store.root / datetime.now(UTC).date().isoformat() / "ui-norecord"
+    folder.mkdir(parents=True)
+    (folder / "images").write_text("not a folder")
+    rule = {"field": "amount", "value": "15.00", "message": "Credits over 10.00 need approval"}
+    site.faults(reject_value=[rule])
+    job = BrowserJob(
+        job_id="ui-norecord", script="billing/issue_credit", inputs=CREDIT_INPUTS,
+        site_url=site.url, correlation={"ticket": "ZD-lost"},
+    )  # fmt: skip
+    report = await run_job(job, runtime)
+    assert report.status == JobStatus.needs_customer_input
+    assert (folder / "report.json").is_file() and not (folder / "audit.json").exists()
+
+    runner, host, port = await serve_ui(store)
+    try:
+        await page.goto(f"http://{host}:{port}/?q=ZD-lost")
+        await shows_jobs(page, "ui-norecord")
+        row = page.locator("tr.job-row", has_text="ui-norecord")
+        await expect(row.locator(".pill")).to_have_text("needs customer input")
+        await expect(row).to_contain_text("no audit record")
+        await row.get_by_role("link", name="ui-norecord").click()
+        await expect(page.locator("#no-record h2")).to_have_text(
+            "No audit record: shown from the job's report"
+        )
+        await expect(page.locator("#handoff")).to_contain_text("Credits over 10.00 need approval")
+        # The failed step's screenshot, as captured, loads.
+        failed = page.locator("article.detail:not([hidden])")
+        await expect(failed.locator("h2.step-title")).to_contain_text("review")
+        shot = failed.locator("img.shot")
+        await expect(shot).to_be_visible()
+        assert await shot.evaluate("img => img.complete && img.naturalWidth > 0")
+        await page.get_by_role("link", name="report.json").click()
+        await expect(page.locator("body")).to_contain_text('"job_id": "ui-norecord"')
+    finally:
+        await runner.cleanup()
+        site.reset()
+
+    out = tmp_path / "norecord.html"
+    code = main(
+        ["audit", "export", "ui-norecord", "--artifacts", str(store.root), "--out", str(out)]
+    )
+    assert code == 0, capsys.readouterr().err
+    exported = out.read_text()
+    assert "No audit record: shown from the job" in exported
+    assert exported.count("data:image/") >= 1  # the captures, inlined

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from worker.annotate import Encoded, ImageFormat, Mark, fit_capture, prepare, render
-from worker.audit import AuditRecord, Evidence, ImageBudget, screenshot_marks
+from worker.audit import AuditRecord, Evidence, ImageBudget, screenshot_marks, stand_in_record
 from worker.contract import Artifacts, JobReport, JobStatus
 from worker.errors import ArtifactError, ArtifactUnreadable
 from worker.har import HAR_FILE
@@ -401,12 +401,54 @@ class ArtifactStore(ABC):
 
     def audit_paths(self) -> list[str]:
         """The path (`<day>/<job_id>`) of every job with an audit record, newest day first."""
-        return [
-            key.removesuffix("/audit.json")
-            for day in sorted(self.days(), reverse=True)
-            for key in self.keys(f"{day}/")
-            if key.count("/") == 2 and key.endswith("/audit.json")
-        ]
+        return [path for path, audited in self.job_paths() if audited]
+
+    def job_paths(self) -> list[tuple[str, bool]]:
+        """(path, whether it has an audit record) of every job with an audit record or a
+        report, newest day first. A job can have a report and no record: the record is
+        written after the report, and the store failed between the two (a full disk) or
+        rendering its evidence did."""
+        found = []
+        for day in sorted(self.days(), reverse=True):
+            files: dict[str, set[str]] = {}
+            for key in self.keys(f"{day}/"):
+                if key.count("/") == 2:
+                    path, _, name = key.rpartition("/")
+                    files.setdefault(path, set()).add(name)
+            found += [
+                (path, "audit.json" in names)
+                for path, names in files.items()
+                if names & {"audit.json", "report.json"}
+            ]
+        return found
+
+    def report(self, path: str) -> JobReport:
+        """The report of the job at `path`; ArtifactUnreadable, saying what is wrong, when the
+        file is there but is not a report."""
+        key = f"{path}/report.json"
+        raw = self.get(key)
+        try:
+            return JobReport.model_validate_json(raw)
+        except ValidationError as exc:
+            raise ArtifactUnreadable(
+                f"{key} is not a readable report: {exc.errors()[0]['msg']}"
+            ) from exc
+
+    def review_record(self, path: str) -> tuple[AuditRecord, bool]:
+        """What a reviewer is shown of the job at `path`, and whether it is its audit record:
+        a job whose `audit.json` was never written is shown from its `report.json` (see
+        `stand_in_record`). ArtifactError when neither is there; ArtifactUnreadable when the
+        audit record is there but cannot be read (its report is not put in its place: what is
+        wrong with the record must be said)."""
+        try:
+            return self.audit(path), True
+        except ArtifactUnreadable:
+            raise
+        except ArtifactError:
+            if f"{path}/report.json" not in self.keys(f"{path}/"):
+                raise
+        report = self.report(path)
+        return stand_in_record(report, path), False
 
     def audits(self) -> list[AuditRecord]:
         """Every job's audit record, newest day first. Unreadable ones are skipped (logged)."""
@@ -423,6 +465,13 @@ class ArtifactStore(ABC):
         if path is None:
             raise ArtifactError(f"no audit record for job {job_id!r} in {self.location}")
         return self.audit(path)
+
+    def find_review(self, job_id: str) -> tuple[AuditRecord, bool]:
+        """`review_record` of the job `job_id`."""
+        path = self.find_job(job_id)
+        if path is None:
+            raise ArtifactError(f"no audit record for job {job_id!r} in {self.location}")
+        return self.review_record(path)
 
     def prune(
         self, older_than: timedelta, *, now: datetime | None = None, dry_run: bool = False
@@ -478,8 +527,8 @@ class ArtifactStore(ABC):
     def _reported_status(self, path: str) -> JobStatus | None:
         """The status in the report of the job at `path`, if it has one that reads."""
         try:
-            return JobReport.model_validate_json(self.get(f"{path}/report.json")).status
-        except (ArtifactError, ValidationError):
+            return self.report(path).status
+        except ArtifactError:
             return None
 
     def _jobs_in(self, day: str, keys: Sequence[str]) -> list[str]:

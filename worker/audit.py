@@ -9,7 +9,7 @@ than what the orchestrator was told.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -80,6 +80,27 @@ class AuditRecord(_Model):
         values = [self.job_id, *self.report.correlation.values()]
         values += [str(v) for v in self.report.inputs.values() if v != "***"]
         return values
+
+
+def stand_in_record(report: JobReport, path: str) -> AuditRecord:
+    """The audit record shown for a job whose `audit.json` was never written (the store
+    failed between the report and the record, or rendering the evidence did): the report as
+    the orchestrator was given it, with no annotated evidence — its screenshots are shown as
+    captured. Never written anywhere: it stands in for the record on a page only."""
+    return AuditRecord(
+        job_id=report.job_id,
+        status=report.status,
+        site=report.script.split("/", 1)[0],
+        script=report.script,
+        script_version=report.script_version,
+        script_digest=report.script_digest,
+        path=path,
+        started_at=report.started_at,
+        ended_at=report.ended_at,
+        duration_ms=report.duration_ms,
+        written_at=report.ended_at or report.started_at or datetime.fromtimestamp(0, UTC),
+        report=report,
+    )
 
 
 def label_of(step: StepReport) -> str | None:

@@ -1211,14 +1211,15 @@ def _audit_export(args: argparse.Namespace) -> int:
 
     store = _audit_store(args)
     try:
-        record = store.find_audit(args.job_id)
+        # A job whose audit record was never written is exported from its report.
+        record, audited = store.find_review(args.job_id)
     except ArtifactUnreadable as exc:  # the job is there, its record is not readable
         raise CommandFailed(exc.message) from exc
     except FormworkError as exc:  # no such job's record: a wrong command line
         print(f"formwork: {exc.message}", file=sys.stderr)
         return 2
     out = Path(args.out or f"audit-{safe_id(record.job_id)}.html")
-    page = export_html(store, record)
+    page = export_html(store, record, audited=audited)
     try:
         out.write_text(page, encoding="utf-8")
         out.chmod(0o600)  # evidence may show customer data

@@ -107,9 +107,10 @@ class JobRow:
     error: str | None
     drifted: int  # steps that fell back from their primary selector: the registry needs a fix
     thumbnail: str | None  # of the screen an operator looks at first (see `_first_look`)
+    audited: bool = True  # False: shown from its report, its audit record never written
 
     @classmethod
-    def of(cls, record: AuditRecord) -> JobRow:
+    def of(cls, record: AuditRecord, *, audited: bool = True) -> JobRow:
         report = record.report
         shown = [*report.correlation.values(), str(report.inputs.get("reference", ""))]
         look = _first_look(record)
@@ -130,6 +131,7 @@ class JobRow:
             error=report.error.code if report.error else None,
             drifted=sum(1 for s in report.steps if s.drift is not None),
             thumbnail=record.evidence[look].thumbnail if look in record.evidence else None,
+            audited=audited,
         )
 
 
@@ -160,16 +162,18 @@ class JobIndex:
         not be read, by path: a job the list leaves out must be said, not just logged
         (blocking: run it in a thread)."""
         rows, final, unreadable = [], {}, {}
-        for path in self.store.audit_paths():
-            row = self._final.get(path)
+        for path, audited in self.store.job_paths():
+            row = self._final.get(path) if audited else None
             if row is None:
                 try:
-                    row = JobRow.of(self.store.audit(path))
+                    record, audited = self.store.review_record(path)
+                    row = JobRow.of(record, audited=audited)
                 except ArtifactError as exc:
-                    log.warning("skipping %s/audit.json: %s", path, exc.message)
+                    log.warning("skipping %s: %s", path, exc.message)
                     unreadable[path] = exc.message
                     continue
-            if row.status.terminal:
+            # A job shown from its report is read again: its audit record may yet come.
+            if row.status.terminal and row.audited:
                 final[path] = row
             rows.append(row)
         self._final = final
@@ -223,17 +227,27 @@ def _page_number(raw: str | None, pages: int) -> int:
     return max(1, min(number, pages))
 
 
-def _page(record: AuditRecord, src: Callable[[str], str | None], *, inline: bool) -> str:
-    """The job page; `src(key)` is where an artifact is read from, None when it is gone."""
-    context: dict[str, Any] = {"r": record, "report": record.report, "src": src, "inline": inline}
+def _page(
+    record: AuditRecord,
+    src: Callable[[str], str | None],
+    *,
+    inline: bool,
+    audited: bool = True,
+) -> str:
+    """The job page; `src(key)` is where an artifact is read from, None when it is gone;
+    `audited` False for a job shown from its report (`stand_in_record`)."""
+    context: dict[str, Any] = {
+        "r": record, "report": record.report, "src": src, "inline": inline, "audited": audited,
+    }  # fmt: skip
     if inline:
         context["css"] = (STATIC / "audit.css").read_text()
         context["js"] = (STATIC / "audit.js").read_text()
     return _env.get_template("job.html").render(**context)
 
 
-def export_html(store: ArtifactStore, record: AuditRecord) -> str:
-    """The job page as one self-contained HTML file: styles, script and images inlined."""
+def export_html(store: ArtifactStore, record: AuditRecord, *, audited: bool = True) -> str:
+    """The job page as one self-contained HTML file: styles, script and images inlined
+    (`audited` False for a record that stands in for one never written)."""
 
     def data_uri(key: str) -> str | None:
         try:
@@ -242,7 +256,7 @@ def export_html(store: ArtifactStore, record: AuditRecord) -> str:
             return None  # the page says it is missing
         return f"data:{content_type(key)};base64,{base64.b64encode(data).decode()}"
 
-    return _page(record, data_uri, inline=True)
+    return _page(record, data_uri, inline=True, audited=audited)
 
 
 def build_app(store: ArtifactStore, *, page_size: int = PAGE_SIZE) -> web.Application:
@@ -280,21 +294,27 @@ def build_app(store: ArtifactStore, *, page_size: int = PAGE_SIZE) -> web.Applic
     async def job(request: web.Request) -> web.Response:
         path = f"{request.match_info['day']}/{request.match_info['job']}"
         try:
-            record = await asyncio.to_thread(store.audit, path)
+            record, audited = await asyncio.to_thread(store.review_record, path)
         except ArtifactUnreadable as exc:
             # Said on a page of its own, with the report it was made from if that is there.
             keys = await asyncio.to_thread(store.keys, f"{path}/")
             html = _env.get_template("unreadable.html").render(
                 path=path,
                 why=exc.message,
+                audited=f"{path}/audit.json" in keys,  # else its report is what does not read
                 report=f"/files/{path}/report.json" if f"{path}/report.json" in keys else None,
             )
             return web.Response(text=html, content_type="text/html")
         except ArtifactError as exc:
-            raise web.HTTPNotFound(text=f"no audit record at {path}") from exc
+            raise web.HTTPNotFound(text=f"no audit record or report at {path}") from exc
         # What is there now: a file deleted since the record was written is said to be gone.
         present = set(await asyncio.to_thread(store.keys, f"{path}/"))
-        html = _page(record, lambda key: f"/files/{key}" if key in present else None, inline=False)
+        html = _page(
+            record,
+            lambda key: f"/files/{key}" if key in present else None,
+            inline=False,
+            audited=audited,
+        )
         return web.Response(text=html, content_type="text/html")
 
     async def files(request: web.Request) -> web.Response:
