@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import shutil
+import socket
 import zipfile
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -22,14 +23,19 @@ from fixtures import FixtureServer
 from worker.artifacts import ArtifactStore, LocalArtifacts
 from worker.audit import AuditRecord
 from worker.audit_ui import JobIndex, build_app, export_html
+from worker.audit_ui.live import LiveState
 from worker.browser import BrowserHost
 from worker.cli import main
-from worker.contract import BrowserJob, JobStatus, TraceMode
+from worker.client import FormworkClient
+from worker.contract import BrowserJob, EventKind, JobStatus, ResumeDecision, TraceMode
 from worker.executor import Runtime, run_job
+from worker.queue import PauseClaim, running_worker
 from worker.script import ScriptStore
 from worker.secretstore import SecretStore
+from worker.settings import Settings
 
 from .conftest import CREDIT_INPUTS, SCRIPTS, SECRETS_FILE, SELECTORS, Site
+from .test_handoff import paused_job
 
 
 @pytest.fixture(scope="module")
@@ -886,3 +892,82 @@ async def test_a_job_whose_audit_record_was_never_written_is_listed_from_its_rep
     exported = out.read_text()
     assert "No audit record: shown from the job" in exported
     assert exported.count("data:image/") >= 1  # the captures, inlined
+
+
+async def test_a_decided_job_shows_its_decision_waiting_then_its_run_then_its_end(
+    billing: Site,
+    client: FormworkClient,
+    settings: Settings,
+    browser_host: BrowserHost,
+    page: Page,
+) -> None:
+    # The UI read audit.json alone, written at the pause and at the end: a job whose decision
+    # waited for a worker, and then its run, were listed as still waiting for a person, its
+    # request an open question, until the job settled again.
+    async with running_worker(settings, browser_host):
+        paused = await paused_job(billing, client, "ui-live")
+    assert paused.artifacts is not None
+    decision = ResumeDecision(decision="retry_with_inputs", inputs={"amount": "9.00"}, by="ops")
+    handle = client.handle("ui-live")
+    last = await handle.last_event_id()
+    assert await client.decide("ui-live", decision) == PauseClaim.claimed  # no worker is up
+
+    store = LocalArtifacts(settings.artifacts_dir)
+    queue = FormworkClient(settings.redis_url, key_prefix=settings.key_prefix)
+    runner, host, port = await serve_ui(store, live=LiveState(queue, settings.redis_url))
+    pill = page.locator("tr.job-row", has_text="ui-live").locator(".pill")
+    try:
+        await page.goto(f"http://{host}:{port}/")
+        await expect(pill).to_have_text("decision sent")
+        await page.get_by_role("link", name="ui-live").click()
+        await expect(page).to_have_url(re.compile(f"/jobs/{paused.artifacts.path}"))
+        await expect(page.locator("#job-status")).to_have_text("decision sent")
+        await expect(page.locator("#handoff h2")).to_have_text(
+            "Handoff: decision sent, waiting for a worker"
+        )
+        job_page = f"http://{host}:{port}/jobs/{paused.artifacts.path}"  # no #step: a reload
+
+        billing.faults(latency_ms=1500)  # the resumed run takes seconds: time to look at it
+        async with running_worker(settings, browser_host):
+            async for _, event in handle.events(after=last):
+                if event.kind == EventKind.job and event.status == JobStatus.running:
+                    break
+            await page.goto(job_page)
+            await expect(page.locator("#job-status")).to_have_text("running")
+            await expect(page.locator("#handoff h2")).to_have_text(
+                "Handoff answered: the job is running"
+            )
+            await page.goto(f"http://{host}:{port}/")
+            await expect(pill).to_have_text("running")
+            report = await handle.wait(60, after=last)
+        assert report.status == JobStatus.succeeded, report.error
+        await page.goto(f"http://{host}:{port}/")
+        await expect(pill).to_have_text("succeeded")
+        await page.goto(job_page)
+        await expect(page.locator("#job-status")).to_have_text("succeeded")
+        await expect(page.locator("#handoff")).to_have_count(0)  # answered: in the decisions
+        await expect(page.locator("#decisions")).to_contain_text("retry_with_inputs by ops")
+    finally:
+        await runner.cleanup()
+        await queue.close()
+
+
+async def test_a_queue_that_does_not_answer_is_said_and_the_records_shown_as_they_stood(
+    audited: LocalArtifacts, page: Page
+) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"redis://127.0.0.1:{probe.getsockname()[1]}/0"
+    queue = FormworkClient(url, timeout_s=2)
+    runner, host, port = await serve_ui(audited, live=LiveState(queue, url))
+    try:
+        await page.goto(f"http://{host}:{port}/")
+        await expect(page.locator("#live-unknown")).to_contain_text(
+            f"the queue's Redis at {url} did not answer"
+        )
+        await expect(page.locator("tr.job-row", has_text="ui-ask").locator(".pill")).to_have_text(
+            "needs customer input"
+        )
+    finally:
+        await runner.cleanup()
+        await queue.close()

@@ -1231,8 +1231,14 @@ def _audit_export(args: argparse.Namespace) -> int:
 
 def _audit_serve(args: argparse.Namespace) -> int:
     from worker.audit_ui import serve
+    from worker.audit_ui.live import LiveState
 
     store = _audit_store(args)
+    live = None
+    if not args.no_redis:
+        # A paused job's record says nothing of a decision sent since, or of its run after
+        # it: the queue's Redis does (a page says so when it cannot be asked).
+        live = LiveState(_client(), Settings.from_env().redis_url)
     print(f"formwork audit: http://{args.host}:{args.port}/ ({store.location})", flush=True)
     if not _loopback(args.host):
         print(
@@ -1243,7 +1249,7 @@ def _audit_serve(args: argparse.Namespace) -> int:
         )
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how it is meant to stop
         try:
-            asyncio.run(serve(store, args.host, args.port))
+            asyncio.run(serve(store, args.host, args.port, live))
         except OSError as exc:
             raise CommandFailed(_cannot_listen(args.host, args.port, exc)) from exc
     return 0
@@ -1277,6 +1283,12 @@ def _add_audit(sub: Any) -> None:
     serve = audit_sub.add_parser("serve", parents=[where], help="read-only review UI (local)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=_port, default=8840)
+    serve.add_argument(
+        "--no-redis",
+        action="store_true",
+        help="read the store alone, not the queue's Redis (REDIS_URL): a paused job is shown "
+        "as its record last stood, not as decided or running again",
+    )
     serve.set_defaults(handler=_audit_serve)
 
     export = audit_sub.add_parser(

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 from aiohttp import web
@@ -34,6 +35,9 @@ from worker.artifacts import ArtifactStore, LocalArtifacts, content_type
 from worker.audit import AuditRecord
 from worker.contract import JobStatus, StepStatus
 from worker.errors import ArtifactError, ArtifactUnreadable
+
+if TYPE_CHECKING:  # the queue's modules are imported by `formwork audit serve` alone
+    from worker.audit_ui.live import JobNow, Live, LiveState
 
 __all__ = ["PAGE_SIZE", "JobIndex", "JobRow", "build_app", "export_html", "filter_rows", "serve"]
 
@@ -108,6 +112,17 @@ class JobRow:
     drifted: int  # steps that fell back from their primary selector: the registry needs a fix
     thumbnail: str | None  # of the screen an operator looks at first (see `_first_look`)
     audited: bool = True  # False: shown from its report, its audit record never written
+    # From the queue (`live.py`), for a job its record shows paused: `status` is then the
+    # queue's (running again after a decision), and `decided` a decision waits for a worker.
+    decided: bool = False
+    recorded: JobStatus | None = None  # the record's status, when the queue's differs
+
+    def now(self, job: JobNow | None) -> JobRow:
+        """This row as the queue holds the job now (`job`: None when it cannot say)."""
+        if job is None:
+            return self
+        recorded = self.status if job.status != self.status else None
+        return dataclasses.replace(self, status=job.status, decided=job.decided, recorded=recorded)
 
     @classmethod
     def of(cls, record: AuditRecord, *, audited: bool = True) -> JobRow:
@@ -233,11 +248,17 @@ def _page(
     *,
     inline: bool,
     audited: bool = True,
+    now: JobNow | None = None,
+    live_unknown: str | None = None,
 ) -> str:
     """The job page; `src(key)` is where an artifact is read from, None when it is gone;
-    `audited` False for a job shown from its report (`stand_in_record`)."""
+    `audited` False for a job shown from its report (`stand_in_record`); `now`, the job as
+    the queue holds it when that is not as its record says (`live.py`)."""
+    if now is not None and now.status == record.status and not now.decided:
+        now = None  # as recorded: nothing to add
     context: dict[str, Any] = {
         "r": record, "report": record.report, "src": src, "inline": inline, "audited": audited,
+        "now": now, "live_unknown": live_unknown,
     }  # fmt: skip
     if inline:
         context["css"] = (STATIC / "audit.css").read_text()
@@ -259,15 +280,26 @@ def export_html(store: ArtifactStore, record: AuditRecord, *, audited: bool = Tr
     return _page(record, data_uri, inline=True, audited=audited)
 
 
-def build_app(store: ArtifactStore, *, page_size: int = PAGE_SIZE) -> web.Application:
-    """The read-only review app over `store`, listing `page_size` jobs a page."""
+def build_app(
+    store: ArtifactStore, *, page_size: int = PAGE_SIZE, live: LiveState | None = None
+) -> web.Application:
+    """The read-only review app over `store`, listing `page_size` jobs a page; with `live`,
+    a job its record shows paused is shown as the queue holds it now (a decision sent, the
+    job running again)."""
     index = JobIndex(store)
+
+    async def live_of(job_ids: list[str]) -> Live | None:
+        return await live.of(job_ids) if live is not None else None
 
     async def jobs(request: web.Request) -> web.Response:
         try:
             rows, unreadable = await asyncio.to_thread(index.scan)
         except ArtifactError as exc:  # the bucket unreachable, its credentials refused
             raise web.HTTPServiceUnavailable(text=f"cannot list the jobs: {exc.message}") from exc
+        # Only a job whose record is not final can have moved on since it was written.
+        now = await live_of([r.job_id for r in rows if not r.status.terminal])
+        if now is not None:
+            rows = [r.now(now.jobs.get(r.job_id)) for r in rows]
         filters = Filters.from_query(request.query)
         shown = filter_rows(rows, filters)
         pages = max(1, math.ceil(len(shown) / page_size))
@@ -286,6 +318,7 @@ def build_app(store: ArtifactStore, *, page_size: int = PAGE_SIZE) -> web.Applic
             scripts=sorted({r.script for r in rows}),
             days=sorted({r.path.split("/")[0] for r in rows}, reverse=True),
             unreadable=unreadable,
+            live_unknown=now.unknown if now is not None else None,
             location=store.location,
             missing=isinstance(store, LocalArtifacts) and not store.root.is_dir(),
         )
@@ -309,11 +342,14 @@ def build_app(store: ArtifactStore, *, page_size: int = PAGE_SIZE) -> web.Applic
             raise web.HTTPNotFound(text=f"no audit record or report at {path}") from exc
         # What is there now: a file deleted since the record was written is said to be gone.
         present = set(await asyncio.to_thread(store.keys, f"{path}/"))
+        now = None if record.status.terminal else await live_of([record.job_id])
         html = _page(
             record,
             lambda key: f"/files/{key}" if key in present else None,
             inline=False,
             audited=audited,
+            now=now.jobs.get(record.job_id) if now is not None else None,
+            live_unknown=now.unknown if now is not None else None,
         )
         return web.Response(text=html, content_type="text/html")
 
@@ -346,12 +382,14 @@ def build_app(store: ArtifactStore, *, page_size: int = PAGE_SIZE) -> web.Applic
     return app
 
 
-async def serve(store: ArtifactStore, host: str, port: int) -> None:
+async def serve(store: ArtifactStore, host: str, port: int, live: LiveState | None = None) -> None:
     """Serve the review UI until cancelled (Ctrl-C)."""
-    runner = web.AppRunner(build_app(store))
+    runner = web.AppRunner(build_app(store, live=live))
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
     try:
+        await web.TCPSite(runner, host, port).start()
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()
+        if live is not None:
+            await live.close()
