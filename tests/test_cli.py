@@ -383,11 +383,14 @@ def test_windows_past_any_date_are_said_in_one_line(tmp_path: Path, settings: Se
         assert said in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
-async def test_abort_of_a_paused_job_says_it_ends_now(
-    billing: Site, tmp_path: Path, settings: Settings, worker: Worker
+async def test_abort_of_a_paused_job_says_a_worker_ends_it_and_a_worker_does(
+    billing: Site, tmp_path: Path, settings: Settings, browser_host: BrowserHost
 ) -> None:
+    # It said "it ends cancelled now" while the abort was only a decision queued for a worker:
+    # with none up, the job stayed paused, and the operator had been told it had ended.
     async with FormworkClient(settings.redis_url, key_prefix=settings.key_prefix) as client:
-        handle = await paused_for_the_customer(billing, client, "cli-abort-paused")
+        async with running_worker(settings, browser_host):
+            handle = await paused_for_the_customer(billing, client, "cli-abort-paused")
         last = await handle.last_event_id()
         env = {"REDIS_URL": settings.redis_url, "FORMWORK_KEY_PREFIX": settings.key_prefix}
         aborted = await asyncio.to_thread(
@@ -395,9 +398,12 @@ async def test_abort_of_a_paused_job_says_it_ends_now(
         )
         assert aborted.returncode == 0, aborted.stderr
         assert aborted.stdout.strip() == (
-            "cli-abort-paused was needs_customer_input: it ends cancelled now"
+            "cli-abort-paused was needs_customer_input: abort sent; it ends cancelled when a "
+            "worker carries it out (formwork watch cli-abort-paused follows it)"
         )
-        report = await handle.wait(30, after=last)
+        assert await handle.status() == JobStatus.needs_customer_input  # no worker is up
+        async with running_worker(settings, browser_host):
+            report = await handle.wait(30, after=last)
         assert report.status == JobStatus.cancelled
         assert [s.id for s in report.steps if s.status == "succeeded"][:1] == ["login.open"]
         assert await client.paused() == []

@@ -607,7 +607,12 @@ async def _abort(args: argparse.Namespace) -> int:
                     "overrides it when a worker carries it out"
                 )
             elif status.paused:
-                print(f"{args.job_id} was {status}: it ends cancelled now")
+                # A decision queued, as `resume` sends one: it ends when a worker carries it
+                # out, and none may be up.
+                print(
+                    f"{args.job_id} was {status}: abort sent; it ends cancelled when a worker "
+                    f"carries it out (formwork watch {args.job_id} follows it)"
+                )
             else:
                 print(f"abort requested for {args.job_id}: it stops before its next step")
             return 0

@@ -235,8 +235,8 @@ class FormworkClient:
         self, job_id: str, reason: str = "aborted by the orchestrator", *, by: str = "unknown"
     ) -> bool:
         """Stop the job. A queued or running one stops between steps (or before it starts)
-        and ends `cancelled`; a paused one ends `cancelled` at once, as an `abort` decision
-        would. False if it already ended or is unknown."""
+        and ends `cancelled`; a paused one is sent an `abort` decision, and ends `cancelled`
+        when a worker carries it out. False if it already ended or is unknown."""
         for _ in range(_ATTEMPTS):
             flagged = await request_abort(self.redis, self.keys, job_id, reason)
             if flagged != "paused":
