@@ -22,6 +22,7 @@ from worker.contract import (
     StepStatus,
     Verification,
 )
+from worker.errors import ScriptInvalid
 from worker.executor import Runtime, run_job
 from worker.failures import PageState, classify, translate_playwright_error
 from worker.policy import DEFAULT_RULES, Rule, retry_wait_s, rule_for
@@ -209,6 +210,40 @@ async def test_commit_then_drop_without_the_credit_is_redone_exactly_once(
         "confirmation_number": True,
         "billing/issue_credit": True,
     }
+
+
+async def test_a_probe_step_called_recover_brings_the_page_before_looking_never_resent(
+    billing: Site, runtime: Runtime, tmp_path: Path
+) -> None:
+    """The executor told verify_effect's extract from the probe's steps by the id `recover`:
+    a probe step of that name was skipped, `present` was looked for on the 502 page, found
+    absent, and the credit was issued a second time (the job said succeeded)."""
+    shutil.copytree(SCRIPTS, tmp_path / "scripts")
+    shutil.copytree(SELECTORS, tmp_path / "selectors")
+    credit = tmp_path / "scripts" / "billing" / "issue_credit.yaml"
+    text = credit.read_text().replace("    - {id: open_account, goto:", "    - {id: recover, goto:")
+    # With an extract, the step's report would share the extract's name: refused at load.
+    credit.write_text(text)
+    with pytest.raises(ScriptInvalid) as info:
+        ScriptStore(tmp_path / "scripts", tmp_path / "selectors").load("billing/issue_credit")
+    assert "verify_effect > steps[0] (step 'recover') > id: 'recover' is the name of" in (
+        info.value.message
+    )
+    without_extract, _, _ = text.partition("  extract:\n    confirmation_number: {target: account")
+    credit.write_text(without_extract)
+    runtime.scripts = ScriptStore(tmp_path / "scripts", tmp_path / "selectors")
+    billing.faults(commit_drop={"create": True, "mode": "error", "status": 502})
+
+    report = await run_job(credit_job(billing), runtime)
+
+    # Found: not redone. (Without the extract, nothing reads the confirmation number off
+    # the credits list, so the step after the commit hands off; that is not at issue here.)
+    assert ("submit", "retry_from") not in fired(report)
+    assert fired(report)[0] == ("submit", "verify_effect")
+    assert step(report, "submit").attempts == 1
+    assert step(report, "submit").verified == Verification.probe
+    assert step(report, "submit.verify.recover").status == StepStatus.succeeded
+    assert len(billing.credits()) == 1
 
 
 async def test_commit_redone_from_a_sub_flow_step_starts_at_that_sub_flow(

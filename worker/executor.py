@@ -1470,8 +1470,7 @@ class _Run:
         """ "present", "absent" or "inconclusive"."""
         probe = self.loaded.script.verify_effect
         assert probe is not None and probe.present is not None
-        reach = [p for p in self.loaded.probe if p.id != "verify.recover"]
-        recover = [p for p in self.loaded.probe if p.id == "verify.recover"]
+        reach, recover = self.loaded.probe_reach, self.loaded.probe_recover
         self.actions.probing = True
         try:
             if not await self.run_subplan(reach, planned.id, "verify"):

@@ -815,6 +815,14 @@ class VerifyEffect(_Strict):
             raise ValueError("give 'steps' and 'present', or 'opt_out: <reason>'")
         if self.opt_out is not None and (self.steps or self.present is not None):
             raise ValueError("'opt_out' goes alone")
+        for index, step in enumerate(self.steps):
+            if step.id == "recover" and self.extract:
+                # Its report would be `<commit>.verify.recover`, the name the extract's is.
+                raise At(
+                    ("steps", index, "id"),
+                    "'recover' is the name of verify_effect's extract in step reports "
+                    "(<step>.verify.recover): call this step something else",
+                )
         return self
 
 
@@ -915,6 +923,10 @@ class Script(_Strict):
 # ---------------------------------------------------------------- the loaded plan
 
 
+# Where verify_effect's `extract` is written: the probe step made of it has this `loc`.
+RECOVER_LOC: tuple[int | str, ...] = ("verify_effect", "extract")
+
+
 @dataclass(frozen=True, eq=False)
 class Frame:
     """The namespace a step runs in: the top script, or a sub-flow called by a `use` step."""
@@ -956,6 +968,17 @@ class LoadedScript:
     @property
     def name(self) -> str:
         return self.script.name
+
+    @property
+    def probe_reach(self) -> list[PlannedStep]:
+        """The probe's own steps, which bring the page where the effect would show."""
+        return [p for p in self.probe if p.loc != RECOVER_LOC]
+
+    @property
+    def probe_recover(self) -> list[PlannedStep]:
+        """verify_effect's `extract`, run once `present` holds. Told apart by where it is
+        written, not by its id: a probe step may be called `recover` too."""
+        return [p for p in self.probe if p.loc == RECOVER_LOC]
 
     def index_of(self, step_id: str) -> int:
         return next(i for i, planned in enumerate(self.plan) if planned.id == step_id)
@@ -1301,7 +1324,7 @@ class ScriptStore:
         if effect is not None and effect.extract:
             # Kept apart from the probe's steps: it runs only once `present` holds.
             recover = ExtractStep(id="recover", extract=effect.extract)
-            probe.append(PlannedStep("verify.recover", recover, root, ("verify_effect", "extract")))
+            probe.append(PlannedStep("verify.recover", recover, root, RECOVER_LOC))
         relogin: list[PlannedStep] = []
         login_path = self.login_flow_path(registry)
         if login_path is not None:
@@ -1324,7 +1347,7 @@ class ScriptStore:
         _check_detours({f"alternate path {n!r}": path for n, path in alternates.items()})
         _check_alternates_exist(root, registry, self.selectors_dir)
         _check_alternates_taken([root, *(p.frame for p in [*plan, *extra])], registry)
-        _check_detours({"verify_effect": [p for p in probe if p.id != "verify.recover"]})
+        _check_detours({"verify_effect": [p for p in probe if p.loc != RECOVER_LOC]})
         _check_secrets(registry, [*own, *relogin], root)
         _check_inputs_used(root, registry, own)
         for index, element in enumerate(script.dynamic):
