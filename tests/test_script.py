@@ -617,6 +617,60 @@ def test_registry_roles_and_empty_selectors_are_checked_at_load(tree: Path) -> N
 
 
 @pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        # A fallback copied from the primary, its edit forgotten: the fallback meant is missing.
+        (
+            "{role: button, name: Find account}]",
+            "{role: button, name: Find account}, {css: '#find'},\n"
+            "                     {role: button, name: Find account, exact: true}]",
+            "billing.yaml:21: elements > lookup.submit[2]: the same candidate as [0] "
+            "(role=button[name='Find account'])",
+        ),
+        (
+            '["form#login"]',
+            '["form#login", "form#login"]',
+            "billing.yaml:47: detectors > login_page[1]: 'form#login' is already listed ([0])",
+        ),
+        # Validation wins over a banner: a banner listed as both asked the customer.
+        (
+            '[".alert-danger",',
+            '[".alert-danger", "p.error-text",',
+            "billing.yaml:48: detectors > error_banner[1]: 'p.error-text' is already a "
+            "validation_error detector (validation_error[1]): one selector cannot tell two "
+            "kinds of trouble apart",
+        ),
+        (
+            "[login.username, login.password]",
+            "[login.username, login.password, login.username]",
+            "billing.yaml:10: secret_elements[2]: 'login.username' is already listed ([0])",
+        ),
+        (
+            "[127.0.0.1, localhost]",
+            "[127.0.0.1, localhost, LOCALHOST]",
+            "billing.yaml:5: allowed_hosts[2]: 'localhost' is already listed ([1])",
+        ),
+    ],
+)
+def test_a_registry_entry_given_twice_is_refused_at_its_line(
+    tree: Path, old: str, new: str, message: str
+) -> None:
+    registry = tree / "selectors" / "billing.yaml"
+    text = registry.read_text()
+    assert old in text
+    registry.write_text(text.replace(old, new, 1))
+    with pytest.raises(ScriptInvalid) as info:
+        ScriptStore(tree / "scripts", tree / "selectors").load("billing/issue_credit")
+    assert info.value.message == f"{registry}:{message.split(':', 1)[1]}"
+    # One that differs (an inexact match of the same name) is a fallback of its own.
+    registry.write_text(
+        text.replace("{role: button, name: Find account}]", "{role: button, name: Find account},"
+                     " {role: button, name: Find account, exact: false}]")
+    )  # fmt: skip
+    ScriptStore(tree / "scripts", tree / "selectors").load("billing/issue_credit")
+
+
+@pytest.mark.parametrize(
     ("spec", "message"),
     [
         # Passed load before, then crashed building the input model at the first job.

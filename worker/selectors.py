@@ -179,6 +179,26 @@ class Detectors(BaseModel):
             )
         return value
 
+    @model_validator(mode="after")
+    def _each_once(self) -> Detectors:
+        # One selector listed twice is a copy whose edit was forgotten; under two kinds it
+        # says two things at once, and the page's trouble is classified by whichever wins.
+        first: dict[str, tuple[str, int]] = {}
+        for kind in ("validation_error", "login_page", "error_banner"):
+            for index, selector in enumerate(getattr(self, kind)):
+                if selector not in first:
+                    first[selector] = (kind, index)
+                    continue
+                other, at = first[selector]
+                if other == kind:
+                    raise At((kind, index), f"{selector!r} is already listed ([{at}])")
+                raise At(
+                    (kind, index),
+                    f"{selector!r} is already a {other} detector ({other}[{at}]): one selector "
+                    "cannot tell two kinds of trouble apart",
+                )
+        return self
+
     @property
     def selectors(self) -> list[str]:
         """Every detector, of every kind."""
@@ -246,6 +266,17 @@ class SiteRegistry(BaseModel):
                 )
             if not candidates:
                 raise At(("elements", name), f"element {name!r} has no candidates")
+            for index, candidate in enumerate(candidates):
+                # A fallback that repeats one before it can never be the one that matches: a
+                # copy whose edit was forgotten, and the fallback meant is missing.
+                if candidate in candidates[:index]:
+                    earlier = candidates.index(candidate)
+                    raise At(
+                        ("elements", name, index),
+                        f"the same candidate as [{earlier}] ({candidate.describe()})",
+                    )
+        _once(self.secret_elements, "secret_elements")
+        _once(self.allowed_hosts, "allowed_hosts")
         for index, name in enumerate(self.secret_elements):
             if name not in self.elements:
                 raise At(("secret_elements", index), f"{name!r} is not an element")
@@ -264,6 +295,14 @@ class SiteRegistry(BaseModel):
             raise StepError(
                 FailureCode.script_error, f"element {element!r} is not in the {self.site} registry"
             ) from None
+
+
+def _once(values: list[str], field: str) -> None:
+    """At naming the second of two equal entries of a list (`allowed_hosts` as normalised:
+    `LOCALHOST` is `localhost`)."""
+    for index, value in enumerate(values):
+        if value in values[:index]:
+            raise At((field, index), f"{value!r} is already listed ([{values.index(value)}])")
 
 
 def load_registry(selectors_dir: Path, site: str) -> SiteRegistry:
