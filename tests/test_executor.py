@@ -272,6 +272,30 @@ async def test_missing_link_takes_the_alternate_path(
     assert len(billing.credits()) == 1
 
 
+async def test_an_alternate_path_with_a_step_id_twice_is_refused_before_the_site_is_touched(
+    billing: Site, runtime: Runtime, tmp_path: Path
+) -> None:
+    """Its steps are reported as `open_form.form_by_url.<id>`: two of one id loaded, ran, and
+    left two report entries of one name (a lookup by id found the first)."""
+    runtime.scripts = broken_tree(tmp_path, "account.issue_credit", '[{css: "a#gone"}]')
+    credit = runtime.scripts.scripts_dir / "billing" / "issue_credit.yaml"
+    alternate = '    - {id: open, goto: "/accounts/{{ inputs.account_id }}/credits/new"'
+    text = credit.read_text()
+    assert alternate in text
+    first = '    - {id: open, goto: "/accounts/{{ inputs.account_id }}"}\n'
+    credit.write_text(text.replace(alternate, first + alternate))
+
+    report = await run_job(credit_job(billing), runtime)
+
+    assert report.status == JobStatus.rejected
+    assert report.error is not None and report.error.code == FailureCode.script_invalid
+    assert report.error.message == (
+        f"{credit}:40: alternates > form_by_url[1] (step 'open'): step id 'open' is used twice "
+        "(first at [0])"
+    )
+    assert billing.state()["requests"] == 0
+
+
 async def test_a_sub_flow_takes_its_own_alternate_path(
     billing: Site, runtime: Runtime, tmp_path: Path
 ) -> None:

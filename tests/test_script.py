@@ -189,6 +189,20 @@ def test_duplicate_step_ids_and_bad_subflow_are_refused(tree: Path) -> None:
     assert "step 'signin'" in message and "billing/no_such_flow" in message
 
 
+def test_a_step_id_twice_in_the_probe_s_steps_is_refused_at_its_line(tree: Path) -> None:
+    credit = tree / "scripts" / "billing" / "issue_credit.yaml"
+    probe = '    - {id: open_account, goto: "/accounts/{{ inputs.account_id }}", expect:'
+    text = credit.read_text()
+    assert probe in text
+    credit.write_text(text.replace(probe, '    - {id: open_account, goto: "/"}\n' + probe))
+    with pytest.raises(ScriptInvalid) as info:
+        ScriptStore(tree / "scripts", tree / "selectors").load("billing/issue_credit")
+    assert info.value.message == (
+        f"{credit}:44: verify_effect > steps[1] (step 'open_account'): step id 'open_account' "
+        "is used twice (first at [0])"
+    )
+
+
 def test_subflow_cycle_is_refused(tree: Path) -> None:
     message = load_broken(tree, "loop", "  - {id: again, use: billing/loop}\n")
     assert "cycle" in message

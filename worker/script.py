@@ -917,6 +917,20 @@ class Script(_Strict):
         for code, rule in self.on_failure.items():
             if rule.alternate is not None and rule.alternate not in self.alternates:
                 raise At(("on_failure", code.value), f"no alternate path {rule.alternate!r}")
+        # A detour's steps are reported as `<step>.<path>.<id>`: two of one id would be two
+        # entries of one name in the report, and a lookup by id finds the first.
+        detours = {("alternates", name): path for name, path in self.alternates.items()}
+        if self.verify_effect is not None:
+            detours[("verify_effect", "steps")] = self.verify_effect.steps
+        for section, steps in detours.items():
+            first: dict[str, int] = {}
+            for index, step in enumerate(steps):
+                if step.id in first:
+                    raise At(
+                        (*section, index),
+                        f"step id {step.id!r} is used twice (first at [{first[step.id]}])",
+                    )
+                first[step.id] = index
         return self
 
 
