@@ -296,6 +296,46 @@ async def test_an_alternate_path_with_a_step_id_twice_is_refused_before_the_site
     assert billing.state()["requests"] == 0
 
 
+@pytest.mark.parametrize(
+    ("step", "message"),
+    [
+        # Not rendered: it was looked for as written, and every job was handed to a person.
+        (
+            '{id: there, wait_for: {url: "/accounts/{{ inputs.account_id }}$"}}',
+            "steps[2] (step 'there') > wait_for > url: '/accounts/{{ inputs.account_id }}$' is "
+            "a regular expression searched in the page's URL, not a template",
+        ),
+        (
+            '{id: there, expect: {url: "/accounts/{{ inputs.account_id }}$"}}',
+            "steps[2] (step 'there') > expect > url: '/accounts/{{ inputs.account_id }}$' is a "
+            "regular expression",
+        ),
+        # Checked first when the step ran, after the sign-in: an internal error, pydantic's.
+        (
+            '{id: there, wait_for: {url: "/accounts/(["}}',
+            "steps[2] (step 'there') > wait_for > url: not a valid regular expression: "
+            "unterminated character set at position 11",
+        ),
+    ],
+)
+async def test_a_url_pattern_that_can_never_match_is_refused_before_the_site_is_touched(
+    billing: Site, runtime: Runtime, tmp_path: Path, step: str, message: str
+) -> None:
+    shutil.copytree(SCRIPTS, tmp_path / "scripts")
+    shutil.copytree(SELECTORS, tmp_path / "selectors")
+    credit = tmp_path / "scripts" / "billing" / "issue_credit.yaml"
+    opened = "expect: {visible: account.header}}\n"
+    credit.write_text(credit.read_text().replace(opened, f"{opened}  - {step}\n", 1))
+    runtime.scripts = ScriptStore(tmp_path / "scripts", tmp_path / "selectors")
+
+    report = await run_job(credit_job(billing), runtime)
+
+    assert report.status == JobStatus.rejected
+    assert report.error is not None and report.error.code == FailureCode.script_invalid
+    assert report.error.message.startswith(f"{credit}:17: {message}")
+    assert billing.state()["requests"] == 0
+
+
 async def test_a_sub_flow_takes_its_own_alternate_path(
     billing: Site, runtime: Runtime, tmp_path: Path
 ) -> None:
