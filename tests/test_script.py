@@ -868,6 +868,33 @@ def test_a_broken_login_flow_is_blamed_on_the_registry(tree: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("flow", "message"),
+    [
+        # Its elements lined up with this registry, so it loaded: a session that expired on
+        # the billing portal was signed in again with the order console's name and password.
+        (
+            "orders/login",
+            "login_flow: 'orders/login' is a script of site 'orders': a site signs in with "
+            "one of its own (billing/...)",
+        ),
+        ("billing/../../etc/x", "login_flow: String should match pattern"),
+    ],
+)
+def test_a_login_flow_of_another_site_or_not_a_script_name_is_refused_on_its_line(
+    tree: Path, flow: str, message: str
+) -> None:
+    registry = tree / "selectors" / "billing.yaml"
+    registry.write_text(
+        registry.read_text()
+        .replace("login_flow: billing/login", f"login_flow: {flow}")
+        .replace("  dashboard.header:", "  search.header: [{css: h1}]\n  dashboard.header:")
+    )
+    with pytest.raises(ScriptInvalid) as info:
+        ScriptStore(tree / "scripts", tree / "selectors").load("billing/issue_credit")
+    assert info.value.message.startswith(f"{registry}:7: {message}")
+
+
+@pytest.mark.parametrize(
     ("template", "message"),
     [
         (

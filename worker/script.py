@@ -1286,11 +1286,19 @@ class ScriptStore:
         """The file of the script `registry` signs in with (its highest version), if any."""
         if registry.login_flow is None:
             return None
+        # The registry is at fault, not a script that uses it: say where.
+        where = _field_where(self.selectors_dir / f"{registry.site}.yaml", ("login_flow",))
+        site = registry.login_flow.partition("/")[0]
+        if site != registry.site:
+            # Its steps were checked against this registry, and the first element it names
+            # that this site lacks was blamed on that script's line.
+            raise ScriptInvalid(
+                f"{where}: {registry.login_flow!r} is a script of site {site!r}: a site signs in "
+                f"with one of its own ({registry.site}/...)"
+            )
         try:
             return self.path_of(registry.login_flow)
         except ScriptNotFound as exc:
-            # The registry is at fault, not a script that uses it: say where.
-            where = _field_where(self.selectors_dir / f"{registry.site}.yaml", ("login_flow",))
             raise ScriptInvalid(f"{where}: {exc.message}") from exc
 
     def path_of(self, name: str, version: int | None = None) -> Path:

@@ -253,7 +253,10 @@ class SiteRegistry(BaseModel):
     detectors: Detectors = Field(default_factory=Detectors)
     limits: SiteLimits = Field(default_factory=SiteLimits)
     login_flow: str | None = Field(
-        default=None, description="The script that signs in; run again when a session expires."
+        default=None,
+        # A name (its newest version runs, as a sub-flow's), never a path to wander off with.
+        pattern=r"^[a-z0-9_]+/[a-z0-9_]+$",
+        description="The script that signs in; run again when a session expires.",
     )
     on_failure: dict[FailureCode, Rule] = Field(default_factory=dict)
 
