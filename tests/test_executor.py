@@ -336,6 +336,51 @@ async def test_a_url_pattern_that_can_never_match_is_refused_before_the_site_is_
     assert billing.state()["requests"] == 0
 
 
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        # Looked for as written: every job was handed to a person before its commit.
+        (
+            'contains: "{{ inputs.amount }}"',
+            'matches: "^{{ inputs.amount }}$"',
+            ":22: steps[7] (step 'confirm_amount') > expect > text > matches: "
+            "'^{{ inputs.amount }}$' is a regular expression, not a template",
+        ),
+        # After the commit: the credit was issued, and the confirmation never read.
+        (
+            'pattern: "CN-[0-9]+"}\n\nalternates',
+            'pattern: "{{ inputs.reference }}"}\n\nalternates',
+            ":33: steps[9] (step 'confirmation') > extract > confirmation_number > pattern: "
+            "'{{ inputs.reference }}' is a regular expression, not a template",
+        ),
+        (
+            "    commit: true\n",
+            "    commit: true\n"
+            "    dialog: {action: accept, message: 'Issue {{ inputs.amount }}'}\n",
+            ":28: steps[8] (step 'submit') > dialog > message: 'Issue {{ inputs.amount }}' is a "
+            "regular expression, not a template",
+        ),
+    ],
+)
+async def test_a_template_in_a_text_pattern_is_refused_before_the_site_is_touched(
+    billing: Site, runtime: Runtime, tmp_path: Path, old: str, new: str, message: str
+) -> None:
+    shutil.copytree(SCRIPTS, tmp_path / "scripts")
+    shutil.copytree(SELECTORS, tmp_path / "selectors")
+    credit = tmp_path / "scripts" / "billing" / "issue_credit.yaml"
+    text = credit.read_text()
+    assert old in text
+    credit.write_text(text.replace(old, new, 1))
+    runtime.scripts = ScriptStore(tmp_path / "scripts", tmp_path / "selectors")
+
+    report = await run_job(credit_job(billing), runtime)
+
+    assert report.status == JobStatus.rejected
+    assert report.error is not None and report.error.code == FailureCode.script_invalid
+    assert report.error.message.startswith(f"{credit}{message}")
+    assert billing.state()["requests"] == 0
+
+
 async def test_a_sub_flow_takes_its_own_alternate_path(
     billing: Site, runtime: Runtime, tmp_path: Path
 ) -> None:

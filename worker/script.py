@@ -76,8 +76,21 @@ def _regex(value: str) -> str:
     return value
 
 
+def _page_pattern(value: str) -> str:
+    """A pattern over the page's text (`matches:`, an extract's `pattern:`, a dialog's
+    `message:`) is a regular expression, never rendered: a `{{ inputs.x }}` in it was looked
+    for as written, and the expectation failed, the extract found nothing, on every job."""
+    if "{{" in value:
+        raise ValueError(
+            f"{value!r} is a regular expression, not a template: '{{{{' is looked for as "
+            "written (compare with a value by 'contains:' or 'equals:', which are templates; "
+            "a brace in a pattern is written \\{)"
+        )
+    return _regex(value)
+
+
 # Checked when the script loads: a bad pattern must not first show itself after a commit.
-Regex = Annotated[str, AfterValidator(_regex)]
+Regex = Annotated[str, AfterValidator(_page_pattern)]
 
 
 def _url_pattern(value: str) -> str:
@@ -440,12 +453,7 @@ class DialogSpec(_Strict):
     @field_validator("message")
     @classmethod
     def _pattern(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"not a valid regular expression: {exc}") from exc
-        return value
+        return None if value is None else _page_pattern(value)
 
 
 class _Step(_Strict):
