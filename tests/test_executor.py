@@ -381,6 +381,36 @@ async def test_a_template_in_a_text_pattern_is_refused_before_the_site_is_touche
     assert billing.state()["requests"] == 0
 
 
+async def test_an_alternate_on_a_step_that_finds_no_element_is_refused_before_the_site_is_touched(
+    billing: Site, runtime: Runtime, tmp_path: Path
+) -> None:
+    """`alternate:` is the rule for selector_not_found, which a goto never fails with: its
+    postcondition missing the account header was expectation_failed, the path was not taken,
+    and the job was handed to a person."""
+    shutil.copytree(SCRIPTS, tmp_path / "scripts")
+    shutil.copytree(SELECTORS, tmp_path / "selectors")
+    credit = tmp_path / "scripts" / "billing" / "issue_credit.yaml"
+    old = '{id: open_account, goto: "/accounts/{{ inputs.account_id }}", expect: {visible: '
+    text = credit.read_text()
+    assert old in text
+    new = "{id: open_account, alternate: form_by_url, timeout_ms: 2000, goto: /, expect: {visible: "
+    credit.write_text(text.replace(old, new, 1))
+    runtime.scripts = ScriptStore(tmp_path / "scripts", tmp_path / "selectors")
+
+    report = await run_job(credit_job(billing), runtime)
+
+    assert report.status == JobStatus.rejected
+    assert report.error is not None and report.error.code == FailureCode.script_invalid
+    assert report.error.message.startswith(
+        f"{credit}:16: steps[1] (step 'open_account') > alternate: is taken when the element a "
+        "step acts on is not found, and a goto step acts on none"
+    )
+    assert "`on_failure: {expectation_failed: {action: alternate, alternate: form_by_url}}`" in (
+        report.error.message
+    )
+    assert billing.state()["requests"] == 0
+
+
 async def test_a_sub_flow_takes_its_own_alternate_path(
     billing: Site, runtime: Runtime, tmp_path: Path
 ) -> None:

@@ -727,6 +727,12 @@ class UseStep(_Step):
         return list(self.with_.values())
 
 
+def _looks_for_an_element(step: _Step) -> bool:
+    """Whether the step's own action waits for an element, so that it can fail with
+    selector_not_found (an expect step's miss is expectation_failed, as a postcondition's)."""
+    return not isinstance(step, ExpectStep) and bool(step.targets())
+
+
 ACTIONS = (
     "goto",
     "fill",
@@ -931,6 +937,17 @@ class Script(_Strict):
                             )
             if step.alternate is not None and step.alternate not in self.alternates:
                 raise At((*at, "alternate"), f"no alternate path {step.alternate!r}")
+            if step.alternate is not None and not _looks_for_an_element(step):
+                # The shorthand is the rule for selector_not_found, which such a step never
+                # fails with: its path was loaded, counted as named, and never taken.
+                raise At(
+                    (*at, "alternate"),
+                    f"is taken when the element a step acts on is not found, and a "
+                    f"{step.action} step acts on none (a postcondition that fails is "
+                    "expectation_failed): name the path in a rule for the code it fails with, "
+                    f"`on_failure: {{expectation_failed: {{action: alternate, alternate: "
+                    f"{step.alternate}}}}}`",
+                )
             for code, rule in step.on_failure.items():
                 if rule.alternate is not None and rule.alternate not in self.alternates:
                     raise At(
