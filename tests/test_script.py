@@ -203,6 +203,49 @@ def test_a_step_id_twice_in_the_probe_s_steps_is_refused_at_its_line(tree: Path)
     )
 
 
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        (
+            "dynamic: [credit.confirmation_number,",
+            "dynamic: [credit.confirmation_number, credit.confirmation_number,",
+            "issue_credit.yaml:7: dynamic[1]: 'credit.confirmation_number' is already listed ([0])",
+        ),
+        (
+            "dynamic: [",
+            'redact: ["#account-name", "#account-balance", "#account-name"]\ndynamic: [',
+            "issue_credit.yaml:7: redact[2]: '#account-name' is already listed ([0])",
+        ),
+        (
+            "reason: {type: string, min_length: 1, max_length: 200}",
+            "reason: {type: enum, values: [damaged item, late, damaged item]}",
+            "issue_credit.yaml:12: inputs > reason > values[2]: 'damaged item' is already "
+            "listed ([0])",
+        ),
+    ],
+)
+def test_a_script_list_entry_given_twice_is_refused_at_its_line(
+    tree: Path, old: str, new: str, message: str
+) -> None:
+    credit = tree / "scripts" / "billing" / "issue_credit.yaml"
+    text = credit.read_text()
+    assert old in text
+    credit.write_text(text.replace(old, new, 1))
+    with pytest.raises(ScriptInvalid) as info:
+        ScriptStore(tree / "scripts", tree / "selectors").load("billing/issue_credit")
+    assert info.value.message.endswith(message)
+    login = tree / "scripts" / "billing" / "login.yaml"
+    credit.write_text(text)
+    login.write_text(
+        login.read_text().replace("billing_password]", "billing_password, billing_username]")
+    )
+    with pytest.raises(ScriptInvalid) as info:
+        ScriptStore(tree / "scripts", tree / "selectors").load("billing/issue_credit")
+    assert info.value.message.endswith(
+        "login.yaml:6: secrets[2]: 'billing_username' is already listed ([0])"
+    )
+
+
 def test_subflow_cycle_is_refused(tree: Path) -> None:
     message = load_broken(tree, "loop", "  - {id: again, use: billing/loop}\n")
     assert "cycle" in message

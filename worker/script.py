@@ -216,6 +216,14 @@ def _no_control(value: str) -> str:
     return value
 
 
+def _once(values: list[str], loc: tuple[int | str, ...]) -> None:
+    """At naming the second of two equal entries of a list: a copy whose edit was forgotten
+    (the entry meant is missing), as in a selector registry."""
+    for index, value in enumerate(values):
+        if value in values[:index]:
+            raise At((*loc, index), f"{value!r} is already listed ([{values.index(value)}])")
+
+
 class InputSpec(_Strict):
     """One typed input of a script."""
 
@@ -274,6 +282,7 @@ class InputSpec(_Strict):
             raise ValueError("an enum input needs 'values'")
         if self.values and self.type != InputType.enum:
             raise ValueError("'values' only goes with type 'enum'")
+        _once(self.values or [], ("values",))
         if (self.min is not None or self.max is not None) and self.type not in (
             InputType.decimal,
             InputType.int,
@@ -906,6 +915,8 @@ class Script(_Strict):
     def _unique_ids(self) -> Script:
         if not self.name.startswith(f"{self.site}/"):
             raise At(("name",), f"name {self.name!r} must start with its site '{self.site}/'")
+        for listed in ("secrets", "dynamic", "redact"):
+            _once(getattr(self, listed), (listed,))
         seen: set[str] = set()
         for index, step in enumerate(self.steps):
             at = ("steps", index)
