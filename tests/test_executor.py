@@ -663,6 +663,51 @@ async def test_a_secret_the_page_shows_in_another_form_is_masked_too(
         assert _flat(_masked_crop(shot, box)) == (element != "plain"), element
 
 
+async def test_a_secret_split_across_elements_in_a_long_text_is_masked_too(
+    runtime: Runtime, fixture_secrets: dict[str, str], tmp_path: Path
+) -> None:
+    # A long ticket thread, one element of many thousand characters, where the site's search
+    # highlights part of the password it repeats: the element is too long to read whole for
+    # every node in it, and the value was painted, and captured, as it was.
+    password = fixture_secrets["billing_password"]
+    filler = "Thanks for your patience while we look into this. " * 100  # 5,100 characters
+    box = "font: 20px sans-serif; height: 30px; overflow: hidden"
+    async with echo_masked_page(runtime, [password]) as page:
+        await page.set_content(
+            f'<div id="thread"><p id="served" style="{box}">Denied: {password[:3]}'
+            f'<mark style="color: #c00">{password[3:]}</mark> {filler}</p>'
+            f'<p id="plain" style="{box}">Nothing secret here. {filler}</p></div>'
+        )
+        # Added by the page's script later, its value across two nodes of a long element
+        # that already holds a masked one.
+        await page.evaluate(
+            """([head, tail, filler]) => {
+              const p = document.createElement("p");
+              p.id = "later";
+              p.style.cssText = "font: 20px sans-serif; height: 30px; overflow: hidden";
+              p.append(`Again: ${head}`);
+              const b = document.createElement("b");
+              b.style.color = "#00c";
+              b.textContent = tail;
+              p.append(b, ` ${filler}`);
+              document.getElementById("thread").appendChild(p);
+            }""",
+            [password[:5], password[5:], filler],
+        )
+        shot = tmp_path / "page.png"
+        await page.screenshot(path=shot)
+        long_enough = await page.evaluate(
+            "['served', 'later'].every((id) => document.getElementById(id).textContent.length"
+            " > 4096)"
+        )
+        ids = ("served", "plain", "later")
+        boxes = {i: await page.locator(f"#{i}").bounding_box() for i in ids}
+    assert long_enough
+    for element, found in boxes.items():
+        assert found is not None
+        assert _flat(_masked_crop(shot, found)) == (element != "plain"), element
+
+
 async def test_refused_credentials_hand_off_at_once_with_the_sign_in_masked(
     billing: Site, runtime: Runtime, fixture_secrets: dict[str, str]
 ) -> None:

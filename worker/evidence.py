@@ -81,7 +81,8 @@ _MARK_JS = f"""
 # Math.imul computes them: what `echo_mask_script` looks for instead of the value itself.
 _HASH_BASES = (31, 131)
 # The longest text of an element read whole for a value split across its children: reading an
-# element's text costs its length, and every element around a changed node is read.
+# element's text costs its length, and every element around a changed node is read. A longer
+# one is searched near each node instead (`nearby` in the script).
 _ACROSS_LIMIT = 4096
 
 
@@ -106,7 +107,8 @@ def echo_mask_script(values: Iterable[str]) -> str | None:
     too — closed ones included, since this runs before the page's scripts can attach one — and
     a text node at the top of a shadow root masks its host. A field's `.value` set by a
     script is seen by the setter. A value split across elements masks the smallest element
-    whose text holds it, if that text is short (`_ACROSS_LIMIT`). Any case is seen, and the
+    whose text holds it, with everything in it, however long that text is (past
+    `_ACROSS_LIMIT` characters, the text around each node is read). Any case is seen, and the
     forms the text redactor knows (`text_forms`: composed or decomposed, percent-, JSON- or
     HTML-escaped), since a site may show a value in any of them.
     """
@@ -132,8 +134,10 @@ def echo_mask_script(values: Iterable[str]) -> str | None:
   }};
   const specs = {json.dumps(wanted)}.map(([n, a, b]) =>
     ({{ n, a, b, p1: power({b1}, n - 1), p2: power({b2}, n - 1) }}));
-  const holds = (shown) => {{
-    if (!shown) return false;
+  // Where in `shown` a value starts and ends ([start, end)), the earliest-ending one first
+  // for each length looked for; null when it holds none.
+  const find = (shown) => {{
+    if (!shown) return null;
     const text = shown.toLowerCase();
     for (const s of specs) {{
       let a = 0, b = 0;
@@ -146,11 +150,16 @@ def echo_mask_script(values: Iterable[str]) -> str | None:
         }}
         a = (Math.imul(a, {b1}) + c) | 0;
         b = (Math.imul(b, {b2}) + c) | 0;
-        if (i >= s.n - 1 && a === s.a && b === s.b) return true;
+        if (i >= s.n - 1 && a === s.a && b === s.b) return [i + 1 - s.n, i + 1];
       }}
     }}
-    return false;
+    return null;
   }};
+  const holds = (shown) => find(shown) !== null;
+  // The longest value looked for: any value that runs into a text node lies within this many
+  // characters either side of it.
+  const LONGEST = Math.max(...specs.map((s) => s.n));
+  const AHEAD = Math.max(LONGEST, 2048);
   // The element a text node paints in: at the top of a shadow root, the root's host.
   const holder = (node) => node.parentElement || (node.parentNode && node.parentNode.host) || null;
   const mask = (el) => {{
@@ -176,24 +185,97 @@ def echo_mask_script(values: Iterable[str]) -> str | None:
     if (holds(node.data)) mask(holder(node));
     else if (node.data) unmatched.push(node);
   }};
+  // An element and everything in it (a child's own colour would show through the mask).
+  const maskAll = (el) => {{
+    mask(el);
+    for (const inner of el.querySelectorAll("*")) mask(inner);
+  }};
+  // A value split across the text nodes of an element too long to read whole (a long ticket
+  // thread with a search highlight in it): the text around `node` is read instead — the nodes
+  // `textContent` would join there, in its order, from LONGEST characters before it to
+  // AHEAD after — and the smallest element around each value found in it is masked, unless
+  // all of the value is in masked elements already. A node well inside the last window read
+  // (LONGEST characters of it either side) is not read again: a page's many nodes cost about
+  // one read of its text, not one per node.
+  let last = null;
+  const nearby = (node) => {{
+    const known = last && last.spans.get(node);
+    if (known && known[0] >= last.back && last.text.length - known[1] >= LONGEST) return;
+    const walk = document.createTreeWalker(node.getRootNode(), NodeFilter.SHOW_TEXT);
+    const nodes = [node];
+    let back = 0, ahead = 0;
+    walk.currentNode = node;
+    for (let n = walk.previousNode(); n && back < LONGEST; n = walk.previousNode()) {{
+      nodes.unshift(n);
+      back += n.data.length;
+    }}
+    walk.currentNode = node;
+    for (let n = walk.nextNode(); n && ahead < AHEAD; n = walk.nextNode()) {{
+      nodes.push(n);
+      ahead += n.data.length;
+    }}
+    const spans = new Map();
+    let at = 0;
+    for (const n of nodes) {{
+      spans.set(n, [at, at + n.data.length]);
+      at += n.data.length;
+    }}
+    const text = nodes.map((n) => n.data).join("");
+    last = {{ spans, back, text }};
+    for (let from = 0, found; (found = find(text.slice(from))); from += found[0] + 1) {{
+      const [start, end] = [from + found[0], from + found[1]];
+      const range = document.createRange();
+      let hidden = true;
+      for (const n of nodes) {{
+        const [first, next] = spans.get(n);
+        if (next > start && first < end) {{
+          // Clamped: lower case may be longer than the text (a rare letter), never shorter.
+          if (first <= start) range.setStart(n, Math.min(start - first, n.data.length));
+          if (next >= end) range.setEnd(n, Math.min(end - first, n.data.length));
+          const el = holder(n);
+          hidden = hidden && el !== null && el.closest("[" + ATTR + "]") !== null;
+        }}
+      }}
+      if (hidden) continue;
+      const common = range.commonAncestorContainer;
+      const el = common.nodeType === Node.ELEMENT_NODE ? common : common.host || holder(common);
+      if (el) maskAll(el);
+    }}
+  }};
   // A value split across elements (`pass<b>word</b>`): the smallest element around such a
-  // node whose whole text holds it is masked, with everything in it (a child's own colour
-  // would show through). Only elements of up to {_ACROSS_LIMIT} characters of text are read,
-  // each once a batch; one that holds a masked element already is that element's match.
+  // node whose whole text holds it is masked, with everything in it. Elements of up to
+  // {_ACROSS_LIMIT} characters of text are read whole, each once a batch (one that holds a
+  // masked element already is that element's match); past that, reading costs too much for
+  // every node around: the text near the node is read instead (`nearby`).
   const across = () => {{
-    const seen = new Set();
+    // Each element read this batch, and whether the walk up from it ended at a long one:
+    // then every node below it has its own nearby text read (a value crossing into it from
+    // outside is within LONGEST characters of that node, not of the first node looked at).
+    const seen = new Map();
+    last = null;  // the page may have changed since the last batch
     for (const node of unmatched.splice(0)) {{
-      for (let at = node.parentElement; at && !seen.has(at); at = at.parentElement) {{
-        seen.add(at);
-        if (at.hasAttribute(ATTR) || at.querySelector("[" + ATTR + "]")) break;
+      const path = [];
+      let long = false;
+      for (let at = node.parentElement; at; at = at.parentElement) {{
+        if (seen.has(at)) {{
+          long = seen.get(at);
+          break;
+        }}
+        path.push(at);
+        if (at.hasAttribute(ATTR)) break;
         const all = at.textContent;
-        if (all.length > {_ACROSS_LIMIT}) break;
+        if (all.length > {_ACROSS_LIMIT}) {{
+          long = true;
+          break;
+        }}
+        if (at.querySelector("[" + ATTR + "]")) break;
         if (holds(all)) {{
-          mask(at);
-          for (const inner of at.querySelectorAll("*")) mask(inner);
+          maskAll(at);
           break;
         }}
       }}
+      for (const at of path) seen.set(at, long);
+      if (long) nearby(node);
     }}
   }};
   const tree = (root) => {{
