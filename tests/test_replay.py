@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ from worker.cli import main
 from worker.contract import BrowserJob, FailureCode, JobStatus, StepStatus, TraceMode
 from worker.errors import FormworkError, RecordingInvalid
 from worker.executor import Runtime, run_job
-from worker.har import SCRUBBED, Answer, HarReplay, Unanswered
+from worker.har import SCRUBBED, Answer, HarReplay, Unanswered, placeholder, scrub
 from worker.recording import export, from_report, load
 from worker.replay import (
     ReplayResult,
@@ -37,7 +38,7 @@ from worker.replay import (
     write_html,
 )
 from worker.script import ScriptStore
-from worker.secretstore import SecretStore
+from worker.secretstore import SecretStore, base64_cores
 from worker.selectors import load_registry
 
 from .conftest import CREDIT_INPUTS, ROOT, SCRIPTS, SECRETS_FILE, SELECTORS, Site
@@ -399,6 +400,63 @@ async def test_a_secret_the_site_echoes_html_escaped_is_scrubbed_from_the_har(
     har = (runtime.artifacts.root / report.artifacts.har).read_text()
     assert "o&#39;neil&amp;co-bot" not in har and "neil" not in har
     assert "formwork-secret-billing-username" in har
+
+
+async def _sign_in_body_sent_in_base64(
+    billing: Site, runtime: Runtime, har: Path, user: str, password: str
+) -> str:
+    """The body a sign-in page that encodes credentials itself (a legacy single-page app)
+    posts, as Chromium recorded it in the HAR at `har`: `btoa(user:password)`, and the
+    password alone, unpadded as a token is."""
+    assert runtime.browser.browser is not None
+    context = await runtime.browser.browser.new_context(
+        record_har_path=str(har), record_har_content="embed"
+    )
+    try:
+        page = await context.new_page()
+        await page.goto(f"{billing.url}/login")
+        await page.evaluate(
+            """([user, password]) => fetch("/login", {
+              method: "POST", headers: {"Content-Type": "application/json"},
+              body: JSON.stringify({credentials: btoa(user + ":" + password),
+                                    token: btoa(password).replace(/=+$/, "")}),
+            }).then((answer) => answer.status)""",
+            [user, password],
+        )
+    finally:
+        await context.close()
+    return _posted(har)
+
+
+def _posted(har: Path) -> str:
+    """The body of the one POST the HAR at `har` holds."""
+    [sent] = [
+        e["request"]["postData"]["text"]
+        for e in json.loads(har.read_text())["log"]["entries"]
+        if e["request"]["method"] == "POST"
+    ]
+    return str(sent)
+
+
+async def test_a_secret_a_page_sends_in_base64_is_scrubbed_from_the_har(
+    billing: Site, runtime: Runtime, tmp_path: Path, fixture_secrets: dict[str, str]
+) -> None:
+    # No text form of a value matches its base64: the HAR kept the password (and the sign-in
+    # name before it) as the page encoded them, for anyone with the bundle to decode.
+    user, password = fixture_secrets["billing_username"], fixture_secrets["billing_password"]
+    har = tmp_path / "network.har"
+    sent = await _sign_in_body_sent_in_base64(billing, runtime, har, user, password)
+    assert base64.b64encode(password.encode()).decode().rstrip("=") in sent  # as the site got it
+
+    scrub(har, {"billing_username": user, "billing_password": password})
+    kept = _posted(har)
+    assert not any(core in kept for v in (user, password) for core in base64_cores(v.encode()))
+    # Encoded again with the placeholders: a replay, which fills those, sends the same bytes.
+    again = tmp_path / "replayed.har"
+    replayed = await _sign_in_body_sent_in_base64(
+        billing, runtime, again, placeholder("billing_username"), placeholder("billing_password")
+    )
+    assert kept == replayed
 
 
 async def test_a_secret_too_short_to_scrub_from_text_is_scrubbed_where_it_was_typed(

@@ -7,7 +7,10 @@ is scrubbed before anything else reads it:
 - credentials in headers (`Authorization`, `Cookie`, `Set-Cookie`, API-key headers) are
   replaced by `[scrubbed]`, and cookie lists emptied;
 - every secret value the job used — in URLs, form bodies, headers, page bodies, also
-  URL-, JSON- or HTML-escaped — is replaced by a stable placeholder, `formwork-secret-<name>`.
+  URL-, JSON- or HTML-escaped — is replaced by a stable placeholder, `formwork-secret-<name>`;
+  so is one in base64 (a sign-in page that posts `btoa(user + ":" + password)`, a token
+  naming the user): the run of base64 that holds it is decoded, the value replaced there, and
+  encoded again as it was, so a replay that encodes the placeholder sends the same bytes.
   A value under four characters (a CVV, a PIN) would match inside ordinary text; it is
   replaced where a typed value stands whole in a request: a query or form parameter's value,
   a JSON body's string.
@@ -30,7 +33,7 @@ from typing import Any
 from urllib.parse import unquote_plus, urldefrag
 
 from worker.errors import RecordingInvalid
-from worker.secretstore import ENV_PREFIX, text_forms
+from worker.secretstore import ENV_PREFIX, base64_cores, text_forms
 
 HAR_FILE = "network.har"
 SCRUBBED = "[scrubbed]"
@@ -72,6 +75,7 @@ def scrub(path: Path, secrets: Mapping[str, str]) -> int:
             # Any case: a host name holds a value a page put in it in lower case.
             replacements.append((re.compile(re.escape(form), re.IGNORECASE), placeholder(name)))
     replacements.sort(key=lambda pair: len(pair[0].pattern), reverse=True)
+    encoded = _Base64Secrets(secrets)
     entries = har.get("log", {}).get("entries", [])
     for entry in entries:
         if short:
@@ -85,8 +89,9 @@ def scrub(path: Path, secrets: Mapping[str, str]) -> int:
         content = entry.get("response", {}).get("content", {})
         if content.get("encoding") == "base64" and _is_text(content.get("mimeType", "")):
             text = base64.b64decode(content.get("text", "")).decode("utf-8", "replace")
-            content["text"] = base64.b64encode(_replace(text, replacements).encode()).decode()
-    scrubbed = _walk(har, replacements)
+            text = encoded(_replace(text, replacements))
+            content["text"] = base64.b64encode(text.encode()).decode()
+    scrubbed = _walk(har, replacements, encoded)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(scrubbed), encoding="utf-8")
     tmp.chmod(0o600)
@@ -148,14 +153,71 @@ def _replace(text: str, replacements: list[tuple[re.Pattern[str], str]]) -> str:
     return text
 
 
-def _walk(node: Any, replacements: list[tuple[re.Pattern[str], str]]) -> Any:
+def _walk(
+    node: Any, replacements: list[tuple[re.Pattern[str], str]], encoded: _Base64Secrets
+) -> Any:
     if isinstance(node, str):
-        return _replace(node, replacements)
+        return encoded(_replace(node, replacements))
     if isinstance(node, list):
-        return [_walk(item, replacements) for item in node]
+        return [_walk(item, replacements, encoded) for item in node]
     if isinstance(node, dict):
-        return {key: _walk(value, replacements) for key, value in node.items()}
+        return {key: _walk(value, replacements, encoded) for key, value in node.items()}
     return node
+
+
+# A run of base64 (either alphabet), with its padding.
+_BASE64_RUN = re.compile(r"[A-Za-z0-9+/_-]+={0,2}")
+
+
+class _Base64Secrets:
+    """Replaces secrets carried in base64 in a HAR's text: a body or URL may hold one encoded
+    (a JSON sign-in `{"auth": btoa(user + ":" + password)}`, a token whose payload names the
+    user), which no text form of the value matches.
+
+    A run of base64 holding a value's base64 (`secretstore.base64_cores`: at any alignment,
+    either alphabet) is decoded, the value replaced by its placeholder, and encoded again in
+    the run's alphabet and padding: a replay that fills the placeholder and encodes it sends
+    the very bytes recorded. A run that does not decode whole (a cut one) has the encoded
+    value itself replaced by the placeholder."""
+
+    def __init__(self, secrets: Mapping[str, str]) -> None:
+        # Shorter values have no base64 core of their own (see `base64_cores`).
+        self._found = [
+            (value.encode(), placeholder(name).encode(), tuple(base64_cores(value.encode())))
+            for name, value in secrets.items()
+            if len(value) >= 4
+        ]
+        self._found = [found for found in self._found if found[2]]
+
+    def __call__(self, text: str) -> str:
+        held = [found for found in self._found if any(core in text for core in found[2])]
+        if not held:
+            return text
+        return _BASE64_RUN.sub(lambda run: self._run(run[0], held), text)
+
+    def _run(self, run: str, held: list[tuple[bytes, bytes, tuple[str, ...]]]) -> str:
+        held = [found for found in held if any(core in run for core in found[2])]
+        if not held:
+            return run
+        body = run.rstrip("=")
+        urlsafe = "-" in body or "_" in body
+        try:
+            if urlsafe and ("+" in body or "/" in body):
+                raise ValueError("two alphabets")
+            padded = body + "=" * (-len(body) % 4)
+            raw = base64.b64decode(padded, altchars=b"-_" if urlsafe else None, validate=True)
+        except ValueError:
+            raw = None
+        if raw is not None and all(value in raw for value, _, _ in held):
+            for value, substitute, _ in held:
+                raw = raw.replace(value, substitute)
+            again = (base64.urlsafe_b64encode if urlsafe else base64.b64encode)(raw).decode()
+            # Unpadded only where the run evidently was (`btoa` pads; a JWT does not).
+            return again if run.endswith("=") or len(body) % 4 == 0 else again.rstrip("=")
+        for _, substitute, cores in held:
+            for core in sorted(cores, key=len, reverse=True):
+                run = run.replace(core, substitute.decode())
+        return run
 
 
 # ---------------------------------------------------------------- replay from a HAR

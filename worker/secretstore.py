@@ -66,7 +66,7 @@ class SecretStore:
         values = [v for v in self.values() if len(v) >= 4]
         if not values:
             return None
-        encoded = {core for v in values for core in _base64_cores(v.encode())}
+        encoded = {core for v in values for core in base64_cores(v.encode())}
 
         def holds(node: object) -> bool:
             if isinstance(node, str):
@@ -128,7 +128,7 @@ def text_forms(value: str) -> set[str]:
 BASE64_MIN = 8
 
 
-def _base64_cores(value: bytes) -> set[str]:
+def base64_cores(value: bytes) -> set[str]:
     """What base64 of any text holding `value` is sure to contain, wherever `value` starts.
 
     Base64 encodes 3 bytes as 4 characters, so the characters that depend on `value` alone
