@@ -23,10 +23,18 @@ from worker.browser import BrowserHost
 from worker.client import FormworkClient, JobHandle
 from worker.contract import BrowserJob, JobReport, JobStatus, ResumeDecision
 from worker.keys import ARQ_JOB_PREFIX
-from worker.queue import read_pause, running_worker
+from worker.queue import WITHHELD, read_pause, running_worker
 from worker.settings import Settings
 
-from .conftest import CREDIT_INPUTS, ROOT, SECRETS_FILE, Site, own_redis, worker_env
+from .conftest import (
+    CREDIT_INPUTS,
+    ROOT,
+    SECRETS_FILE,
+    Site,
+    _leaks_in_redis,
+    own_redis,
+    worker_env,
+)
 
 RUN_INPUTS = [
     "--input", "account_id=AC-10231", "--input", "amount=15.00",
@@ -1131,3 +1139,74 @@ def test_make_setup_s_redis_check_says_a_bad_url_or_refused_password_in_one_line
         assert said in result.stderr and "Traceback" not in result.stderr, result.stderr
         assert "not-the-password" not in result.stderr
         assert "started" not in result.stdout + result.stderr
+
+
+async def test_commands_never_write_a_configured_secret_into_redis(
+    billing: Site,
+    tmp_path: Path,
+    settings: Settings,
+    browser_host: BrowserHost,
+    fixture_secrets: dict[str, str],
+) -> None:
+    # A value carrying a secret the worker would refuse (an input) or withhold (an abort's
+    # reason, a decision's note) was written first: it sat in the job's envelope, the abort
+    # flag or the decision's message, in the clear, until a worker took it — a day, a week,
+    # while every worker was busy or down.
+    password = fixture_secrets["billing_password"]
+    env = {"REDIS_URL": settings.redis_url, "FORMWORK_KEY_PREFIX": settings.key_prefix}
+    inputs = [*RUN_INPUTS[:4], "--input", "reference=T-88812"]
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return formwork(*args, tmp_path=tmp_path, env=env)
+
+    async with FormworkClient(settings.redis_url, key_prefix=settings.key_prefix) as client:
+        async with running_worker(settings, browser_host):
+            paused = await paused_for_the_customer(billing, client, "cli-secret-paused")
+        # No worker from here on: what the commands write stays in Redis as they wrote it.
+        refused = await asyncio.to_thread(
+            cli, "enqueue", "billing/issue_credit", "--job-id", "cli-secret-sent",
+            "--site-url", billing.url, *inputs, "--input", f"reason=pw {password}",
+        )  # fmt: skip
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert "inputs.reason carries the value of a configured secret" in refused.stderr
+        assert "nothing was sent" in refused.stderr
+        assert await client.handle("cli-secret-sent").status() is None
+
+        queued = await asyncio.to_thread(
+            cli, "enqueue", "billing/issue_credit", "--job-id", "cli-secret-queued",
+            "--site-url", billing.url, *inputs, "--input", "reason=damaged item",
+        )  # fmt: skip
+        assert queued.returncode == 0, queued.stderr
+        aborted = await asyncio.to_thread(
+            cli, "abort", "cli-secret-queued", "--reason", f"customer said {password}"
+        )
+        assert aborted.returncode == 0, aborted.stderr
+        assert "its reason carries the value of a configured secret: withheld" in aborted.stderr
+        flag = await client.redis.get(client.keys.abort("cli-secret-queued"))
+        assert flag == WITHHELD.encode()
+
+        # A decision other than abort is refused, nothing sent; an abort goes, note withheld.
+        retried = await asyncio.to_thread(
+            cli, "resume", "cli-secret-paused", "retry_step", "--note", f"try {password}"
+        )
+        assert retried.returncode == 2, retried.stdout + retried.stderr
+        assert "its note carries the value of a configured secret; nothing was sent" in (
+            retried.stderr
+        )
+        assert not (await read_pause(client.redis, client.keys, "cli-secret-paused")).decided
+        last = await paused.last_event_id()
+        ended = await asyncio.to_thread(
+            cli, "resume", "cli-secret-paused", "abort", "--note", f"pw was {password}"
+        )
+        assert ended.returncode == 0, ended.stderr
+        assert (await read_pause(client.redis, client.keys, "cli-secret-paused")).decided
+
+        assert _leaks_in_redis(settings.redis_url, [password]) == []
+        # Workers carry both aborts out, with the reason and the note withheld.
+        async with running_worker(settings, browser_host):
+            report = await paused.wait(60, after=last)
+            cancelled = await client.handle("cli-secret-queued").wait(60)
+    assert report.status == JobStatus.cancelled
+    assert report.decisions[-1].note == WITHHELD
+    assert cancelled.status == JobStatus.cancelled and cancelled.error is not None
+    assert cancelled.error.message == f"aborted: {WITHHELD}"

@@ -47,7 +47,7 @@ from worker.contract import (
     contract_schemas,
 )
 from worker.errors import ArtifactError, ArtifactUnreadable, FormworkError, JobInvalid
-from worker.executor import Runtime, run_job
+from worker.executor import Runtime, refuse_carried, run_job
 from worker.rollout import (
     Rollouts,
     describe,
@@ -115,6 +115,58 @@ class _Printable:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
+
+
+def _secrets_here() -> SecretStore | None:
+    """The secrets a worker on this machine has (`FORMWORK_SECRET_*`, the secrets file), or
+    None where there are none or they cannot be read. A command checks what it sends against
+    them: a value carrying one, written to Redis, sits there in the clear until a worker takes
+    it (a day for a queued message, 7 for an abort flag) — and the worker only refuses it."""
+    try:
+        store = SecretStore(Settings.from_env().secrets_file)
+    except FormworkError:  # a secrets file that cannot be read: the worker checks, as before
+        return None
+    return store if store.values() else None
+
+
+def _sendable(decision: ResumeDecision, secrets: SecretStore | None) -> ResumeDecision:
+    """`decision` as the worker would carry it out, checked here against `secrets` so that no
+    configured secret is written to Redis: values carrying one are refused (UsageError); a
+    note or name carrying one withholds that field of an `abort` (stopping must always be
+    possible) and refuses any other decision, as the worker does."""
+    if secrets is None:
+        return decision
+    for values, kind in ((decision.inputs, "inputs"), (decision.outputs, "outputs")):
+        try:
+            secrets.refuse_carried(values, kind)
+        except JobInvalid as exc:
+            raise UsageError(f"{exc.message}; nothing was sent") from None
+    if decision.decision != Decision.abort:
+        for field, value in (("note", decision.note), ("name (--by)", decision.by)):
+            if value and secrets.carried_in({field: value}) is not None:
+                raise UsageError(
+                    f"its {field} carries the value of a configured secret; nothing was sent"
+                )
+    note, by = _withheld(decision.note, decision.by, secrets)
+    return decision.model_copy(update={"note": note, "by": by})
+
+
+def _withheld(
+    note: str | None, by: str, secrets: SecretStore | None, *, what: str = "note"
+) -> tuple[str | None, str]:
+    """(note, by) of an abort with either that carries a configured secret withheld, as the
+    worker records it (the abort itself goes ahead), and that said on stderr."""
+    from worker.queue import WITHHELD
+
+    if secrets is None:
+        return note, by
+    in_note = note is not None and secrets.carried_in({"note": note}) is not None
+    in_by = secrets.carried_in({"by": by}) is not None
+    for field, held in ((what, in_note), ("name", in_by)):
+        if held:
+            print(f"formwork: its {field} carries the value of a configured secret: withheld",
+                  file=sys.stderr)  # fmt: skip
+    return (WITHHELD if in_note else note), ("(withheld)" if in_by else by)
 
 
 def _operator() -> str:
@@ -501,6 +553,13 @@ async def _enqueue(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"formwork: invalid job: {_problems(exc)}", file=sys.stderr)
         return 2
+    secrets = _secrets_here()
+    try:
+        if secrets is not None:
+            refuse_carried(secrets, job)
+    except JobInvalid as exc:
+        print(f"formwork: invalid job: {exc.message}; nothing was sent", file=sys.stderr)
+        return 2
     async with _client() as client:
         try:
             handle = await client.enqueue(job)
@@ -593,6 +652,9 @@ async def _status(args: argparse.Namespace) -> int:
 async def _abort(args: argparse.Namespace) -> int:
     from worker.queue import read_pause
 
+    # Checked whole before it is written (a worker cuts a long one): a reason holding a
+    # secret would sit in the abort flag, or in the abort decision of a paused job.
+    reason, by = _withheld(args.reason, _operator(), _secrets_here(), what="reason")
     async with _client() as client:
         handle = client.handle(args.job_id)
         status = await handle.status()
@@ -600,7 +662,7 @@ async def _abort(args: argparse.Namespace) -> int:
             print(f"formwork: no job {args.job_id}", file=sys.stderr)
             return 2
         pending = (await read_pause(client.redis, client.keys, args.job_id)).decided
-        if await client.abort(args.job_id, args.reason, by=_operator()):
+        if await client.abort(args.job_id, reason or "", by=by):
             if status.paused and pending:
                 print(
                     f"{args.job_id} is {status} with a decision already taken: the abort "
@@ -722,6 +784,7 @@ async def _resume(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"formwork: invalid decision: {_problems(exc)}", file=sys.stderr)
         return 2
+    decision = _sendable(decision, _secrets_here())
     async with _client() as client:
         handle = client.handle(args.job_id)
         if decision.inputs or decision.outputs:
