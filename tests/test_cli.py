@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import json
 import os
@@ -14,6 +15,8 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+import redis
 from arq import Worker
 from playwright.async_api import expect
 
@@ -1210,3 +1213,56 @@ async def test_commands_never_write_a_configured_secret_into_redis(
     assert report.decisions[-1].note == WITHHELD
     assert cancelled.status == JobStatus.cancelled and cancelled.error is not None
     assert cancelled.error.message == f"aborted: {WITHHELD}"
+def _localredis(url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker.localredis", url],
+        cwd=ROOT, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+
+
+def test_make_setup_s_redis_check_starts_no_redis_that_could_not_answer_and_says_why() -> None:
+    # A port held by a server that is not Redis, or a rediss:// URL (a redis-server started
+    # here speaks no TLS), or a unix socket: `make setup` started a redis-server anyway (on
+    # TCP, or one that could not bind), waited 10 s and said it "started redis-server but
+    # nothing answers", blaming itself for another server.
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()  # takes connections (the kernel's backlog), never answers
+        port = other.getsockname()[1]
+        url = os.environ.get("FORMWORK_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+        for given, said in (
+            (
+                f"redis://127.0.0.1:{port}/0",
+                f"something listens on 127.0.0.1:{port} but does not answer as Redis",
+            ),
+            (
+                url.replace("redis://", "rediss://", 1),
+                "(a plain Redis there? then redis://); only redis:// URLs get a local "
+                "redis-server: it would not speak TLS",
+            ),
+            ("unix:///nowhere/redis.sock", "redis-server: start the one on that socket yourself"),
+        ):
+            result = _localredis(given)
+            assert result.returncode == 1, (given, result.stdout, result.stderr)
+            assert said in result.stderr, result.stderr
+            assert "started" not in result.stdout + result.stderr, result.stderr
+
+
+def test_make_setup_starts_a_local_redis_where_an_ipv6_loopback_url_looks_for_it() -> None:
+    # redis://[::1]:N/0 started a redis-server bound to 127.0.0.1 only: nothing answered at
+    # ::1, and the server was left running after the command gave up.
+    with socket.socket(socket.AF_INET6) as probe:
+        try:
+            probe.bind(("::1", 0))
+        except OSError:
+            pytest.skip("no IPv6 loopback here")
+        port = probe.getsockname()[1]
+    result = _localredis(f"redis://[::1]:{port}/0")
+    started = redis.Redis(host="::1", port=port)
+    try:
+        assert result.returncode == 0, (result.stdout, result.stderr)
+        assert f"started a local redis-server on port {port}" in result.stdout
+        assert started.ping()
+    finally:
+        with contextlib.suppress(redis.ConnectionError):
+            started.shutdown(nosave=True)

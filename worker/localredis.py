@@ -7,6 +7,7 @@ a managed Redis and never start one.
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -38,6 +39,15 @@ def answers(url: str) -> bool:
         return False
 
 
+def _listens(host: str, port: int) -> bool:
+    """Whether anything accepts a TCP connection at host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def ensure(url: str) -> str:
     """Return a line saying what was found or started; raise SystemExit when impossible."""
     try:
@@ -48,10 +58,29 @@ def ensure(url: str) -> str:
     if answers(url):
         return f"redis: answering at {shown_url(url)}"
     parts = urlsplit(url)
+    if parts.scheme == "unix":
+        raise SystemExit(
+            f"redis: nothing answers at {shown_url(url)}; only redis:// URLs get a local "
+            "redis-server: start the one on that socket yourself"
+        )
     host, port = parts.hostname or "127.0.0.1", parts.port or 6379
     if host not in LOCAL_HOSTS:
         raise SystemExit(
             f"redis: nothing answers at {shown_url(url)}, and it is not local to start it"
+        )
+    if parts.scheme == "rediss":
+        # A redis-server started here speaks no TLS: it would never answer this URL.
+        hint = " (a plain Redis there? then redis://)" if _listens(host, port) else ""
+        raise SystemExit(
+            f"redis: nothing answers at {shown_url(url)}{hint}; only redis:// URLs get a local "
+            "redis-server: it would not speak TLS"
+        )
+    if _listens(host, port):
+        # A second redis-server could not bind the port; starting one would only wait 10 s
+        # and blame itself.
+        raise SystemExit(
+            f"redis: something listens on {host}:{port} but does not answer as Redis at "
+            f"{shown_url(url)}: is REDIS_URL's port another server's?"
         )
     server = shutil.which("redis-server")
     if server is None:
@@ -62,7 +91,7 @@ def ensure(url: str) -> str:
             "--daemonize",
             "yes",
             "--bind",
-            "127.0.0.1",
+            "127.0.0.1" if host == "localhost" else host,  # where the URL will look for it
             "--port",
             str(port),
             "--save",
