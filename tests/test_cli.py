@@ -27,6 +27,9 @@ from worker.client import FormworkClient, JobHandle
 from worker.contract import BrowserJob, JobReport, JobStatus, ResumeDecision
 from worker.keys import ARQ_JOB_PREFIX
 from worker.queue import WITHHELD, read_pause, running_worker
+from worker.demo import DEMO_PREFIX
+from worker.keys import ARQ_JOB_PREFIX, Keys
+from worker.queue import read_pause, running_worker
 from worker.settings import Settings
 
 from .conftest import (
@@ -1266,3 +1269,33 @@ def test_make_setup_starts_a_local_redis_where_an_ipv6_loopback_url_looks_for_it
     finally:
         with contextlib.suppress(redis.ConnectionError):
             started.shutdown(nosave=True)
+
+
+def test_make_demo_says_at_once_that_its_worker_exited_and_leaves_no_job_behind(
+    redis_url: str, tmp_path: Path
+) -> None:
+    # A worker that cannot start (a Chromium that is not there) left `make demo` waiting 120 s
+    # for events that never came, then ending in two tracebacks; its job stayed queued for the
+    # next demo's worker, aimed at a fixture site long gone.
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "FORMWORK_CHROMIUM": str(tmp_path / "no-chromium-here"),
+        "FORMWORK_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "demo"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "no report: the demo's worker exited (code 1) before the job ended" in result.stdout
+    assert "no-chromium-here" in result.stderr  # the worker's own reason, said above
+    assert "Traceback" not in result.stderr, result.stderr
+    job_id = re.search(r"as job (demo-[0-9a-f]+)", result.stdout)
+    assert job_id is not None, result.stdout
+    flags = redis.Redis.from_url(redis_url)
+    try:
+        # The next demo's worker cancels it instead of running it.
+        assert flags.exists(Keys(DEMO_PREFIX).abort(job_id[1]))
+    finally:
+        flags.close()

@@ -8,6 +8,7 @@ arrives, then the report, the audit trail's location and the site's own ground t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -19,12 +20,13 @@ from pathlib import Path
 
 from fixtures import start_fixture
 from worker.cli import format_event, print_summary
-from worker.client import FormworkClient
+from worker.client import FormworkClient, JobHandle
 from worker.contract import BrowserJob, JobStatus
 from worker.localredis import ensure
 from worker.settings import Settings
 
 DEMO_PREFIX = "formwork-demo"
+FOLLOW_TIMEOUT_S = 120.0
 DEMO_INPUTS = {
     "account_id": "AC-10231",
     "amount": "15.00",
@@ -61,12 +63,17 @@ async def demo() -> int:
             async with FormworkClient(settings.redis_url, key_prefix=DEMO_PREFIX) as client:
                 handle = await client.enqueue(job)
                 print(f"enqueued {job.script} as job {handle.job_id}; events as they arrive:")
-                async with asyncio.timeout(120):
-                    async for event_id, event in handle.events():
-                        print(format_event(event_id, event), flush=True)
+                why_not = await _follow(handle, worker)
+                if why_not is not None:
+                    # Nothing runs it now; the next demo's worker would otherwise take it,
+                    # for a fixture site that is gone.
+                    await client.abort(handle.job_id, "the demo gave up on it", by="demo")
+                    print(f"no report: {why_not}")
+                    return 1
                 report = await handle.report()
         finally:
-            worker.send_signal(signal.SIGTERM)
+            if worker.returncode is None:
+                worker.send_signal(signal.SIGTERM)
             await asyncio.wait_for(worker.wait(), 60)
         if report is None:
             print("no report: the job did not finish")
@@ -80,6 +87,31 @@ async def demo() -> int:
         )
         print(f"  review it:   formwork audit serve   (or: formwork audit export {report.job_id})")
     return 0 if report.status == JobStatus.succeeded else 1
+
+
+async def _follow(handle: JobHandle, worker: asyncio.subprocess.Process) -> str | None:
+    """Print the job's events until it settles; or why it will not (its worker exited: a
+    Chromium that does not start, a setting it refuses, its error printed above)."""
+
+    async def events() -> None:
+        async for event_id, event in handle.events():
+            print(format_event(event_id, event), flush=True)
+
+    following = asyncio.create_task(events())
+    exited = asyncio.create_task(worker.wait())
+    done, _ = await asyncio.wait(
+        {following, exited}, timeout=FOLLOW_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+    )
+    for task in {following, exited} - done:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    if following in done:
+        following.result()  # a Redis error is the command's to say
+        return None
+    if exited in done:
+        return f"the demo's worker exited (code {exited.result()}) before the job ended"
+    return f"the job did not end within {FOLLOW_TIMEOUT_S:.0f} s"
 
 
 def _ground_truth(site_url: str) -> list[dict[str, str]]:
