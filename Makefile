@@ -9,18 +9,34 @@ REDIS_URL ?= redis://127.0.0.1:6379/0
 TEST_PROCESSES ?= 2
 export REDIS_URL
 
-.PHONY: setup system redis demo test lint format bench bench-browsers chaos clean
+.PHONY: setup venv system redis demo test lint format bench bench-browsers chaos clean
 
 setup: $(STAMP) system redis
 
 # The venv is rebuilt only when pyproject.toml changes.
 $(STAMP): pyproject.toml
-	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(MAKE) --no-print-directory venv VENV=$(VENV)
 	@echo "installing formwork and its dev tools into $(VENV)"
 	@( $(PY) -m pip install --disable-pip-version-check --upgrade pip \
 	  && $(PY) -m pip install --disable-pip-version-check -e '.[dev]' ) > $(VENV)/install.log 2>&1 \
 	  || { tail -n 30 $(VENV)/install.log; exit 1; }
 	@touch $(STAMP)
+
+# A venv whose python runs pip. Debian's python3 makes one only with python3-venv installed
+# (installed here when missing and we are root; otherwise say how); without it, `python3 -m
+# venv` leaves a venv with no pip behind, so one without pip is made again, not installed into.
+venv:
+	@if ! $(PY) -m pip --version >/dev/null 2>&1; then \
+	  if ! out=$$(python3 -m venv --clear $(VENV) 2>&1); then \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	      echo "installing python3-venv with apt-get"; \
+	      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null \
+	      && python3 -m venv --clear $(VENV) || exit 1; \
+	    else \
+	      echo "$$out" | tail -n 3; echo "missing: python3-venv. Run: sudo apt-get install -y python3-venv"; exit 1; \
+	    fi; \
+	  fi; \
+	fi
 
 # Debian's Chromium and Redis: installed when missing and we are root; otherwise say how.
 system:

@@ -1216,6 +1216,21 @@ async def test_commands_never_write_a_configured_secret_into_redis(
     assert report.decisions[-1].note == WITHHELD
     assert cancelled.status == JobStatus.cancelled and cancelled.error is not None
     assert cancelled.error.message == f"aborted: {WITHHELD}"
+def test_make_setup_makes_again_a_venv_left_without_pip(tmp_path: Path) -> None:
+    # Debian's `python3 -m venv` without python3-venv leaves a venv with a python and no pip.
+    # `make setup` took any venv with a python for a made one: after python3-venv was
+    # installed, every run failed on "No module named pip" until `make clean`.
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
+    result = subprocess.run(
+        ["make", "--no-print-directory", "venv", f"VENV={venv}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    pip = subprocess.run([venv / "bin" / "python", "-m", "pip", "--version"], capture_output=True)
+    assert pip.returncode == 0, pip.stderr
+
+
 def _localredis(url: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "worker.localredis", url],
