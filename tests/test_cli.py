@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -1071,6 +1072,33 @@ def test_audit_serve_beyond_this_machine_warns_that_it_has_no_sign_in(tmp_path: 
         f"0.0.0.0:{port} can read every job's evidence"
     )
     assert "no sign-in" not in local.stderr
+
+
+def test_audit_serve_names_the_url_it_listens_on_once_it_does(tmp_path: Path) -> None:
+    # It printed its URL before it listened: `--port 0` (any free port) gave
+    # http://127.0.0.1:0/, which nobody can open, and a port in use printed a URL (another
+    # server's) above the error saying it could not listen there.
+    with subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "audit", "serve", "--port", "0",
+         "--artifacts", str(tmp_path)],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    ) as server:  # fmt: skip
+        try:
+            assert server.stdout is not None
+            line = server.stdout.readline()  # blocks until it is said
+            url = re.search(r"^formwork audit: (http://127\.0\.0\.1:(\d+)/) ", line)
+            assert url is not None and url[2] != "0", line
+            with urllib.request.urlopen(url[1], timeout=30) as page:
+                assert page.status == 200
+        finally:
+            server.terminate()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        refused = formwork("audit", "serve", "--port", str(port), tmp_path=tmp_path)
+    assert refused.returncode == 1, refused.stderr
+    assert refused.stdout == "", refused.stdout
 
 
 async def test_watch_says_so_when_the_jobs_record_is_gone(

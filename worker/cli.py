@@ -1307,7 +1307,11 @@ def _audit_serve(args: argparse.Namespace) -> int:
         # A paused job's record says nothing of a decision sent since, or of its run after
         # it: the queue's Redis does (a page says so when it cannot be asked).
         live = LiveState(_client(), Settings.from_env().redis_url)
-    print(f"formwork audit: http://{args.host}:{args.port}/ ({store.location})", flush=True)
+
+    def listening(port: int) -> None:
+        # Said once it listens: a port in use gets the error alone, and port 0 the real one.
+        print(f"formwork audit: http://{args.host}:{port}/ ({store.location})", flush=True)
+
     if not _loopback(args.host):
         print(
             f"formwork audit: warning: the review UI has no sign-in; anyone who can reach "
@@ -1317,7 +1321,7 @@ def _audit_serve(args: argparse.Namespace) -> int:
         )
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how it is meant to stop
         try:
-            asyncio.run(serve(store, args.host, args.port, live))
+            asyncio.run(serve(store, args.host, args.port, live, listening))
         except OSError as exc:
             raise CommandFailed(_cannot_listen(args.host, args.port, exc)) from exc
     return 0

@@ -382,12 +382,21 @@ def build_app(
     return app
 
 
-async def serve(store: ArtifactStore, host: str, port: int, live: LiveState | None = None) -> None:
-    """Serve the review UI until cancelled (Ctrl-C)."""
+async def serve(
+    store: ArtifactStore,
+    host: str,
+    port: int,
+    live: LiveState | None = None,
+    listening: Callable[[int], None] | None = None,
+) -> None:
+    """Serve the review UI until cancelled (Ctrl-C); `listening` is given the bound port
+    (asked for port 0, the one the system chose) once it takes connections."""
     runner = web.AppRunner(build_app(store, live=live))
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
+        if listening is not None:
+            listening(int(runner.addresses[0][1]))
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()
