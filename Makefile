@@ -41,6 +41,9 @@ venv:
 # Debian's Chromium and Redis: installed when missing and we are root; otherwise say how.
 system:
 	@need=""; \
+	if [ -n "$$FORMWORK_CHROMIUM" ] && [ ! -x "$$FORMWORK_CHROMIUM" ]; then \
+	  echo "FORMWORK_CHROMIUM=$$FORMWORK_CHROMIUM is not an executable file: set it to a Chromium, or unset it for Debian's"; exit 1; \
+	fi; \
 	if [ -z "$$FORMWORK_CHROMIUM" ] && ! command -v chromium >/dev/null 2>&1; then need="$$need chromium"; fi; \
 	if ! command -v redis-server >/dev/null 2>&1; then need="$$need redis-server"; fi; \
 	if [ -n "$$need" ]; then \

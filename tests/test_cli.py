@@ -1259,6 +1259,19 @@ def test_make_setup_makes_again_a_venv_left_without_pip(tmp_path: Path) -> None:
     assert pip.returncode == 0, pip.stderr
 
 
+def test_make_setup_refuses_a_formwork_chromium_that_is_not_there(tmp_path: Path) -> None:
+    # A FORMWORK_CHROMIUM set made `make setup` skip its Chromium check whatever it named: a
+    # typo passed setup, and `make demo` went on to a worker that could not start.
+    missing = tmp_path / "chromium"
+    result = subprocess.run(
+        ["make", "--no-print-directory", "system"],
+        cwd=ROOT, env={**os.environ, "FORMWORK_CHROMIUM": str(missing)},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0, result.stdout
+    assert f"FORMWORK_CHROMIUM={missing} is not an executable file" in result.stdout
+
+
 def _localredis(url: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "worker.localredis", url],
