@@ -1272,6 +1272,30 @@ def test_make_setup_refuses_a_formwork_chromium_that_is_not_there(tmp_path: Path
     assert f"FORMWORK_CHROMIUM={missing} is not an executable file" in result.stdout
 
 
+def test_help_says_the_defaults_and_the_settings_an_option_overrides(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # `run --artifacts` said "default ./artifacts" where FORMWORK_ARTIFACTS_DIR applies, the
+    # servers' --port and --host said no default, and `validate` said it checks scripts only.
+    from worker.cli import main
+
+    for args, said in (
+        (["--help"], "load and check every selector registry, script and rollout file"),
+        (["run", "--help"], "(FORMWORK_ARTIFACTS_DIR, else ./artifacts)"),
+        (["run", "--help"], "YAML file of secret name: value (FORMWORK_SECRETS_FILE)"),
+        (["worker", "--help"], "(FORMWORK_ARTIFACTS_DIR, else ./artifacts)"),
+        (["worker", "--help"], "YAML file of secret name: value (FORMWORK_SECRETS_FILE)"),
+        (["fixtures", "serve", "--help"], "default 8811; 0: any free one"),
+        (["audit", "serve", "--help"], "default 8840; 0: any free one"),
+        (["audit", "serve", "--help"], "default 127.0.0.1 (this machine only)"),
+    ):
+        with pytest.raises(SystemExit) as done:
+            main(args)
+        assert done.value.code == 0
+        shown = " ".join(capsys.readouterr().out.split())  # as one line: argparse wraps it
+        assert said in shown, (args, shown)
+
+
 def _localredis(url: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "worker.localredis", url],

@@ -1353,8 +1353,8 @@ def _add_audit(sub: Any) -> None:
     where.add_argument("--s3-endpoint", help="endpoint of an S3-compatible server")
 
     serve = audit_sub.add_parser("serve", parents=[where], help="read-only review UI (local)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=_port, default=8840)
+    serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    serve.add_argument("--port", type=_port, default=8840, help="default 8840; 0: any free one")
     serve.add_argument(
         "--no-redis",
         action="store_true",
@@ -1417,8 +1417,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--job-id")
     run.add_argument("--json", action="store_true", help="print the report as JSON")
     run.add_argument("--har", action="store_true", help="record a scrubbed HAR of the traffic")
-    run.add_argument("--artifacts", type=Path, help="artifacts root (default ./artifacts)")
-    run.add_argument("--secrets-file", type=Path, help="YAML file of secret name: value")
+    run.add_argument(
+        "--artifacts", type=Path, help="artifacts root (FORMWORK_ARTIFACTS_DIR, else ./artifacts)"
+    )
+    run.add_argument(
+        "--secrets-file", type=Path, help="YAML file of secret name: value (FORMWORK_SECRETS_FILE)"
+    )
     run.add_argument("--scripts-dir", type=Path)
     run.add_argument("--selectors-dir", type=Path)
     run.set_defaults(handler=lambda a: asyncio.run(_run(a)))
@@ -1427,7 +1431,9 @@ def build_parser() -> argparse.ArgumentParser:
     schema.add_argument("--out", help="write one file per model into this directory")
     schema.set_defaults(handler=_schema)
 
-    validate = sub.add_parser("validate", help="load and check every script")
+    validate = sub.add_parser(
+        "validate", help="load and check every selector registry, script and rollout file"
+    )
     validate.add_argument("--scripts-dir", type=Path)
     validate.add_argument("--selectors-dir", type=Path)
     validate.add_argument(
@@ -1480,8 +1486,8 @@ def build_parser() -> argparse.ArgumentParser:
     fixtures_sub = fixtures.add_subparsers(dest="fixtures_command", required=True)
     serve = fixtures_sub.add_parser("serve", help="serve a fixture site in the foreground")
     serve.add_argument("site")
-    serve.add_argument("--port", type=_port, default=8811)
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=_port, default=8811, help="default 8811; 0: any free one")
+    serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1")
     serve.set_defaults(handler=_fixtures)
 
     worker = sub.add_parser("worker", help="run a queue worker (arq on Redis)")
@@ -1491,8 +1497,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="exit when the queue is empty (a paused job's deadline waits on it until decided)",
     )
-    worker.add_argument("--artifacts", type=Path)
-    worker.add_argument("--secrets-file", type=Path)
+    worker.add_argument(
+        "--artifacts", type=Path, help="artifacts root (FORMWORK_ARTIFACTS_DIR, else ./artifacts)"
+    )
+    worker.add_argument(
+        "--secrets-file", type=Path, help="YAML file of secret name: value (FORMWORK_SECRETS_FILE)"
+    )
     worker.add_argument(
         "--log-format", choices=["json", "text"],
         help="json lines (the default for workers) or text (FORMWORK_LOG_FORMAT)",
