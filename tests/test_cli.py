@@ -1303,11 +1303,18 @@ def _localredis(url: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def test_make_setup_s_redis_check_starts_no_redis_that_could_not_answer_and_says_why() -> None:
     # A port held by a server that is not Redis, or a rediss:// URL (a redis-server started
     # here speaks no TLS), or a unix socket: `make setup` started a redis-server anyway (on
     # TCP, or one that could not bind), waited 10 s and said it "started redis-server but
-    # nothing answers", blaming itself for another server.
+    # nothing answers", blaming itself for another server. A URL with a password got a
+    # server without one, was refused by it, and left it running.
     with socket.socket() as other:
         other.bind(("127.0.0.1", 0))
         other.listen()  # takes connections (the kernel's backlog), never answers
@@ -1324,11 +1331,16 @@ def test_make_setup_s_redis_check_starts_no_redis_that_could_not_answer_and_says
                 "redis-server: it would not speak TLS",
             ),
             ("unix:///nowhere/redis.sock", "redis-server: start the one on that socket yourself"),
+            (
+                f"redis://:hidden-pw@127.0.0.1:{_free_port()}/0",
+                "only a URL without a user or password gets a local redis-server",
+            ),
         ):
             result = _localredis(given)
             assert result.returncode == 1, (given, result.stdout, result.stderr)
             assert said in result.stderr, result.stderr
             assert "started" not in result.stdout + result.stderr, result.stderr
+            assert "hidden-pw" not in result.stderr
 
 
 def test_make_setup_starts_a_local_redis_where_an_ipv6_loopback_url_looks_for_it() -> None:

@@ -75,6 +75,13 @@ def ensure(url: str) -> str:
             f"redis: nothing answers at {shown_url(url)}{hint}; only redis:// URLs get a local "
             "redis-server: it would not speak TLS"
         )
+    if parts.password is not None or parts.username or "password=" in parts.query:
+        # A redis-server started here would have no such user or password: it would refuse
+        # the URL (and be left running), or take a password that belongs elsewhere.
+        raise SystemExit(
+            f"redis: nothing answers at {shown_url(url)}; only a URL without a user or "
+            "password gets a local redis-server"
+        )
     if _listens(host, port):
         # A second redis-server could not bind the port; starting one would only wait 10 s
         # and blame itself.
