@@ -26,11 +26,9 @@ from worker.audit_ui import export_html
 from worker.browser import BrowserHost
 from worker.client import FormworkClient, JobHandle
 from worker.contract import BrowserJob, JobReport, JobStatus, ResumeDecision
-from worker.keys import ARQ_JOB_PREFIX
-from worker.queue import WITHHELD, read_pause, running_worker
 from worker.demo import DEMO_PREFIX
 from worker.keys import ARQ_JOB_PREFIX, Keys
-from worker.queue import read_pause, running_worker
+from worker.queue import WITHHELD, read_pause, running_worker
 from worker.settings import Settings
 
 from .conftest import (
@@ -1244,6 +1242,8 @@ async def test_commands_never_write_a_configured_secret_into_redis(
     assert report.decisions[-1].note == WITHHELD
     assert cancelled.status == JobStatus.cancelled and cancelled.error is not None
     assert cancelled.error.message == f"aborted: {WITHHELD}"
+
+
 def test_make_setup_makes_again_a_venv_left_without_pip(tmp_path: Path) -> None:
     # Debian's `python3 -m venv` without python3-venv leaves a venv with a python and no pip.
     # `make setup` took any venv with a python for a made one: after python3-venv was
