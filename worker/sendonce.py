@@ -36,6 +36,7 @@ from worker.guard import outside
 log = logging.getLogger("formwork.sendonce")
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_background: set[asyncio.Task[None]] = set()  # routes waiting for their last answer
 
 
 @contextlib.asynccontextmanager
@@ -82,13 +83,24 @@ async def sent_once(
             await route.fulfill(response=response)
 
     await context.route("**/*", handler)
-    try:
-        yield
-    finally:
+
+    async def unroute() -> None:
         if pending:
             await asyncio.wait(set(pending))
         with contextlib.suppress(PlaywrightError):  # the context may be gone with its browser
             await context.unroute("**/*", handler)
+
+    try:
+        yield
+    finally:
+        if pending:
+            # A request still out (a hanging commit) keeps the route until its answer is in;
+            # the step does not wait for it: a job cut short (its timeout) must end now.
+            task = asyncio.create_task(unroute(), name="sendonce-unroute")
+            _background.add(task)
+            task.add_done_callback(_background.discard)
+        else:
+            await unroute()
 
 
 def _whole_body(request: Request) -> bool:
