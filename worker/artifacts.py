@@ -41,7 +41,14 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from worker.annotate import Encoded, ImageFormat, Mark, fit_capture, prepare, render
-from worker.audit import AuditRecord, Evidence, ImageBudget, screenshot_marks, stand_in_record
+from worker.audit import (
+    AuditRecord,
+    Evidence,
+    ImageBudget,
+    record_of,
+    screenshot_marks,
+    stand_in_record,
+)
 from worker.contract import Artifacts, JobReport, JobStatus
 from worker.errors import ArtifactError, ArtifactUnreadable
 from worker.har import HAR_FILE
@@ -338,19 +345,10 @@ class ArtifactStore(ABC):
             {k for k in self.keys(f"{path}/") if k.endswith(".zip")}
             | {p.relative_to(self.spool).as_posix() for p in self._spool_dir(path).glob("*.zip")}
         )
-        record = AuditRecord(
-            job_id=report.job_id,
-            status=report.status,
-            site=report.script.split("/", 1)[0],
-            script=report.script,
-            script_version=report.script_version,
-            script_digest=report.script_digest,
-            path=path,
-            started_at=report.started_at,
-            ended_at=report.ended_at,
-            duration_ms=report.duration_ms,
+        record = record_of(
+            report,
+            path,
             written_at=datetime.now(UTC),
-            report=report,
             evidence=evidence,
             traces=traces,
             images=ImageBudget(

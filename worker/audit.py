@@ -10,7 +10,7 @@ than what the orchestrator was told.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -87,6 +87,13 @@ def stand_in_record(report: JobReport, path: str) -> AuditRecord:
     failed between the report and the record, or rendering the evidence did): the report as
     the orchestrator was given it, with no annotated evidence — its screenshots are shown as
     captured. Never written anywhere: it stands in for the record on a page only."""
+    written_at = report.ended_at or report.started_at or datetime.fromtimestamp(0, UTC)
+    return record_of(report, path, written_at=written_at)
+
+
+def record_of(report: JobReport, path: str, *, written_at: datetime, **more: Any) -> AuditRecord:
+    """An audit record with what the job's report says of it; `more`: the other fields (the
+    evidence, the traces, the image budget) where the store has them."""
     return AuditRecord(
         job_id=report.job_id,
         status=report.status,
@@ -98,8 +105,9 @@ def stand_in_record(report: JobReport, path: str) -> AuditRecord:
         started_at=report.started_at,
         ended_at=report.ended_at,
         duration_ms=report.duration_ms,
-        written_at=report.ended_at or report.started_at or datetime.fromtimestamp(0, UTC),
+        written_at=written_at,
         report=report,
+        **more,
     )
 
 
